@@ -1,0 +1,100 @@
+"""Options and helpers shared by the commands that load a detector."""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+from ..images import is_image_path
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as one message, exit code 2, no traceback."""
+
+
+def add_model_options(parser: argparse.ArgumentParser, crops: tuple[str, ...] = ("center", "ten", "resize")) -> None:
+    from ..inference import PRECISIONS
+    from ..pretrained import DEFAULT_MODEL, list_pretrained
+
+    g = parser.add_argument_group("model")
+    g.add_argument(
+        "--model",
+        default=None,
+        metavar="NAME|DIR",
+        help=f"pretrained name ({', '.join(list_pretrained())}) or a checkpoint folder "
+        f"(config.json + model.safetensors). Default: {DEFAULT_MODEL}",
+    )
+    g.add_argument(
+        "--backbone",
+        metavar="SRC",
+        help="CLIP backbone: a name (ViT-L/14), a hub id, a save_pretrained folder or an "
+        "OpenAI-format file (ViT-L-14.pt). With --head, replaces --model; with --model, "
+        "overrides where its backbone is loaded from",
+    )
+    g.add_argument("--revision", help="hub revision of --backbone (commit, tag or branch)")
+    g.add_argument("--head", metavar="FILE|DIR", help="head weights: an official *_trainable.pth or a checkpoint folder")
+    g.add_argument(
+        "--crop",
+        choices=crops,
+        default=None,
+        help="center: the paper's test transform (no resize); resize: shorter side to 224 then "
+        "centre crop; ten: ten crops, sigmoid of the mean logit. Default: the model's own",
+    )
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    g.add_argument("--precision", choices=PRECISIONS, default=PRECISIONS[0], help="numeric precision of the encoder")
+
+
+def load_detector(args: argparse.Namespace):
+    """Build a Detector from the model options, turning known failures into CLIError."""
+    from ..checkpoints import CheckpointError
+    from ..inference import Detector
+    from ..pretrained import DEFAULT_MODEL, WeightsUnavailableError
+
+    kwargs = dict(device=args.device, precision=args.precision)
+    try:
+        if args.head:
+            if args.model:
+                raise CLIError("give either --model or --backbone/--head, not both")
+            if not args.backbone:
+                raise CLIError("--head needs --backbone (the CLIP encoder the head was trained on)")
+            return Detector.from_files(args.backbone, args.head, revision=args.revision, crop=args.crop or "center", **kwargs)
+        return Detector.from_pretrained(args.model or DEFAULT_MODEL, backbone=args.backbone, crop=args.crop, **kwargs)
+    except WeightsUnavailableError as e:
+        raise CLIError(str(e)) from None
+    except (CheckpointError, FileNotFoundError, KeyError, ValueError) as e:
+        raise CLIError(str(e).strip("'\"")) from None
+
+
+def expand_inputs(inputs: list[str]) -> Iterator[str]:
+    """Files as given; folders walked recursively for image files (sorted); globs expanded.
+    A path that matches nothing is yielded as is, so that it is reported as an error."""
+    for item in inputs:
+        path = Path(item).expanduser()
+        if path.is_dir():
+            for root, dirs, files in os.walk(path, followlinks=False):
+                dirs.sort()
+                for f in sorted(files):
+                    if is_image_path(f):
+                        yield str(Path(root) / f)
+        elif path.exists():
+            yield str(path)
+        elif glob.has_magic(item):
+            matches = sorted(glob.glob(os.path.expanduser(item), recursive=True))
+            if not matches:
+                yield item
+            for m in matches:
+                if Path(m).is_dir():
+                    yield from expand_inputs([m])
+                else:
+                    yield m
+        else:
+            yield item
+
+
+def fail(message: str) -> int:
+    print(f"rine: error: {message}", file=sys.stderr)
+    return 2

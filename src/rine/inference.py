@@ -1,0 +1,276 @@
+"""Scoring images: the `Detector` API.
+
+    detector = Detector.from_pretrained("rine-vitl14-4class")
+    for p in detector.predict(["a.jpg", "b.png"]):
+        print(p.path, p.prob_fake, p.error)
+
+Decoding and preprocessing run in a thread pool (Pillow releases the GIL while
+decoding) with a bounded number of images in flight, overlapped with the encoder.
+A file that cannot be read gives a Prediction with `error` set; the others are scored.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .backbones import load_backbone
+from .checkpoints import load_head, load_pretrained
+from .config import PreprocessConfig, RINEConfig
+from .images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image
+from .model import RINEModel
+from .preprocess import crop_views, normalize
+
+logger = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32",)
+
+ImageSource = str | Path | bytes | Image.Image
+
+
+@dataclass
+class Prediction:
+    """One image's result. `prob_fake` = sigmoid(logit); None when `error` is set.
+
+    block_contribution [blocks]: share of each encoder block in this image's pooled
+    feature (L1 norm of its importance-weighted projection, normalised to sum 1).
+    """
+
+    path: str
+    prob_fake: float | None = None
+    logit: float | None = None
+    is_fake: bool | None = None
+    error: str | None = None
+    block_contribution: list[float] | None = None
+
+    def to_dict(self, with_blocks: bool = False) -> dict[str, Any]:
+        d = asdict(self)
+        if not with_blocks:
+            d.pop("block_contribution")
+        return d
+
+
+def _name_of(source: ImageSource, index: int) -> str:
+    if isinstance(source, (str, Path)):
+        return str(source)
+    if isinstance(source, Image.Image) and getattr(source, "filename", ""):
+        return str(source.filename)
+    return f"<image {index}>"
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but no CUDA device is available")
+    return dev
+
+
+class Detector:
+    """A loaded RINE model plus its preprocessing: images in, probabilities out."""
+
+    def __init__(
+        self,
+        model: RINEModel,
+        config: RINEConfig,
+        device: str | torch.device | None = "cpu",
+        precision: str = "fp32",
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    ):
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        self.device = resolve_device(str(device) if device is not None else None)
+        self.model = model.to(self.device).eval()
+        self.config = config
+        self.precision = precision
+        self.max_pixels = max_pixels
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str = "rine-vitl14-4class",
+        *,
+        backbone: str | None = None,
+        crop: str | None = None,
+        **kwargs: Any,
+    ) -> Detector:
+        """A named pretrained model (downloaded on first use) or a checkpoint folder.
+
+        `backbone` overrides the backbone source of the config (e.g. a local folder or an
+        OpenAI-format file holding the same weights); `crop` overrides the preprocessing.
+        """
+        from .pretrained import PRETRAINED, WeightsUnavailableError, backbone_missing_message, resolve_pretrained
+
+        path = Path(name_or_path).expanduser()
+        if path.is_dir():
+            folder = path
+        elif name_or_path in PRETRAINED:
+            folder = resolve_pretrained(name_or_path)
+        else:
+            raise FileNotFoundError(
+                f"{name_or_path!r} is neither a checkpoint folder nor a known model "
+                f"({', '.join(sorted(PRETRAINED))})"
+            )
+        head, config = load_pretrained(folder)
+        source = backbone or config.backbone
+        try:
+            bb = load_backbone(source, None if backbone else config.backbone_revision)
+        except (OSError, ValueError) as e:
+            if backbone is None and not Path(source).exists():
+                raise WeightsUnavailableError(backbone_missing_message(name_or_path, source, e)) from None
+            raise
+        if crop:
+            config = replace(config, preprocess=replace(config.preprocess, crop=crop))
+        return cls(RINEModel(bb, head), config, **kwargs)
+
+    @classmethod
+    def from_files(
+        cls,
+        backbone: str,
+        head: str,
+        *,
+        revision: str | None = None,
+        crop: str = "center",
+        **kwargs: Any,
+    ) -> Detector:
+        """A backbone source (name, hub id, folder, OpenAI file) + a head (.pth or folder)."""
+        head_module, head_config = load_head(head)
+        bb = load_backbone(backbone, revision)
+        if head_config is not None:
+            config = replace(head_config, backbone=backbone, backbone_revision=revision)
+            config = replace(config, preprocess=replace(config.preprocess, crop=crop))
+        else:
+            config = RINEConfig(
+                backbone=backbone,
+                backbone_revision=revision,
+                head=head_module.config,
+                preprocess=PreprocessConfig(image_size=bb.image_size, crop=crop),
+                name=Path(head).stem,
+                meta={"head_source": str(head)},
+            )
+        return cls(RINEModel(bb, head_module), config, **kwargs)
+
+    # ------------------------------------------------------------------ info
+    @property
+    def threshold(self) -> float:
+        return self.config.threshold
+
+    def block_importance(self) -> list[float]:
+        """The TIE's learned importance of each block (mean over channels) -> [blocks]."""
+        with torch.no_grad():
+            return self.model.head.block_importance().cpu().tolist()
+
+    # ------------------------------------------------------------------ scoring
+    def _prepare(self, source: ImageSource) -> np.ndarray:
+        image = load_image(source, max_pixels=self.max_pixels)
+        return crop_views(image, self.config.preprocess)
+
+    @torch.no_grad()
+    def score_views(self, views_uint8: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 views [N, S, S, 3] -> (logits [N], block contribution [N, blocks]) on CPU."""
+        x = torch.as_tensor(views_uint8)
+        pixels = normalize(x, self.config.preprocess.mean, self.config.preprocess.std).to(self.device)
+        out = self.model(pixels)
+        contrib = out.contributions.abs().sum(dim=-1)  # [N, blocks]
+        contrib = contrib / contrib.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+        return out.logits.float().cpu(), contrib.float().cpu()
+
+    def _finish(self, names: list[str], arrays: list[np.ndarray]) -> list[Prediction]:
+        counts = [len(a) for a in arrays]
+        logits, contrib = self.score_views(np.concatenate(arrays))
+        preds, start = [], 0
+        for name, n in zip(names, counts, strict=True):
+            # Ten-crop: the probability is sigmoid of the MEAN logit, as the reference does.
+            logit = logits[start : start + n].mean()
+            prob = torch.sigmoid(logit).item()
+            preds.append(
+                Prediction(
+                    path=name,
+                    prob_fake=prob,
+                    logit=logit.item(),
+                    is_fake=prob >= self.threshold,
+                    block_contribution=contrib[start : start + n].mean(dim=0).tolist(),
+                )
+            )
+            start += n
+        return preds
+
+    def predict_iter(
+        self,
+        sources: Iterable[ImageSource],
+        batch_size: int = 16,
+        num_workers: int | None = None,
+        progress: bool = False,
+        total: int | None = None,
+    ) -> Iterator[Prediction]:
+        """Score a stream of images in input order; failures come back with `error` set."""
+        from tqdm.auto import tqdm
+
+        workers = num_workers or min(8, max(1, (os.cpu_count() or 2)))
+        max_in_flight = max(2 * batch_size, 2 * workers)
+        bar = tqdm(total=total, unit="img", disable=not progress, dynamic_ncols=True)
+        pending: deque[tuple[str, Future]] = deque()
+        batch_names: list[str] = []
+        batch_arrays: list[np.ndarray] = []
+        out_buffer: list[Prediction | None] = []  # keeps input order across errors
+
+        def flush() -> Iterator[Prediction]:
+            nonlocal out_buffer
+            scored = iter(self._finish(batch_names, batch_arrays)) if batch_arrays else iter(())
+            for item in out_buffer:
+                yield next(scored) if item is None else item
+            out_buffer = []
+            batch_names.clear()
+            batch_arrays.clear()
+
+        def drain_one() -> Iterator[Prediction]:
+            name, fut = pending.popleft()
+            try:
+                batch_arrays.append(fut.result())
+                batch_names.append(name)
+                out_buffer.append(None)
+            except ImageLoadError as e:
+                out_buffer.append(Prediction(path=name, error=str(e)))
+            except Exception as e:  # noqa: BLE001 - one bad file must not stop the batch
+                logger.debug("unexpected error on %s", name, exc_info=True)
+                out_buffer.append(Prediction(path=name, error=f"{type(e).__name__}: {e}".splitlines()[0]))
+            if len(batch_arrays) >= batch_size:
+                yield from flush()
+
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rine-decode") as pool:
+            try:
+                for i, source in enumerate(sources):
+                    pending.append((_name_of(source, i), pool.submit(self._prepare, source)))
+                    while len(pending) >= max_in_flight:
+                        for p in drain_one():
+                            bar.update(1)
+                            yield p
+                while pending:
+                    for p in drain_one():
+                        bar.update(1)
+                        yield p
+                for p in flush():
+                    bar.update(1)
+                    yield p
+            finally:
+                for _, fut in pending:
+                    fut.cancel()
+                bar.close()
+
+    def predict(self, sources: ImageSource | Sequence[ImageSource], batch_size: int = 16, **kwargs: Any) -> list[Prediction]:
+        """Score one image or a list of images (paths, bytes or PIL images)."""
+        if isinstance(sources, (str, Path, bytes, Image.Image)):
+            sources = [sources]
+        return list(self.predict_iter(sources, batch_size=batch_size, total=len(sources), **kwargs))

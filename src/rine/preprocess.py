@@ -1,0 +1,96 @@
+"""Test-time preprocessing without torchvision, bit-exact with the reference's transforms.
+
+center: torchvision `CenterCrop(224)` on the un-resized image (zero-pad if smaller;
+        top-left corner at `int(round((H-224)/2))`, `int(round((W-224)/2))`).
+resize: shorter side -> 224 (bicubic, as CLIP's own preprocessing), then center.
+ten:    torchvision `TenCrop(224)`: 4 corners + centre, then the same on the mirrored image.
+Then `/255` and `(x - mean) / std` in float32, in that order (ToTensor + Normalize).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .config import PreprocessConfig
+
+
+def pad_to_min_size(array: np.ndarray, size: int) -> np.ndarray:
+    """Zero-pad an HWC uint8 array to at least size x size, as torchvision's CenterCrop
+    does: the left/top pad is (size - dim) // 2, the rest goes right/bottom."""
+    h, w = array.shape[:2]
+    if h >= size and w >= size:
+        return array
+    pad_h, pad_w = max(size - h, 0), max(size - w, 0)
+    return np.pad(
+        array,
+        ((pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2), (0, 0)),
+        mode="constant",
+    )
+
+
+def center_crop_array(array: np.ndarray, size: int) -> np.ndarray:
+    """[H, W, C] -> [size, size, C]; torchvision's rounding of the corner (Python round)."""
+    array = pad_to_min_size(array, size)
+    h, w = array.shape[:2]
+    top = int(round((h - size) / 2.0))
+    left = int(round((w - size) / 2.0))
+    return array[top : top + size, left : left + size]
+
+
+def ten_crop_arrays(array: np.ndarray, size: int) -> list[np.ndarray]:
+    """torchvision TenCrop order: tl, tr, bl, br, center, then the same for the hflip."""
+    array = pad_to_min_size(array, size)
+
+    def five(a: np.ndarray) -> list[np.ndarray]:
+        h, w = a.shape[:2]
+        return [
+            a[:size, :size],
+            a[:size, w - size :],
+            a[h - size :, :size],
+            a[h - size :, w - size :],
+            center_crop_array(a, size),
+        ]
+
+    return five(array) + five(array[:, ::-1])
+
+
+def resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
+    """Shorter side -> `size` with bicubic resampling (CLIP's Resize(size, BICUBIC))."""
+    w, h = image.size
+    if min(w, h) == size:
+        return image
+    if w <= h:
+        new_w, new_h = size, int(size * h / w)
+    else:
+        new_w, new_h = int(size * w / h), size
+    return image.resize((new_w, new_h), Image.BICUBIC)
+
+
+def normalize(batch_uint8: torch.Tensor, mean, std) -> torch.Tensor:
+    """[N, H, W, 3] uint8 -> [N, 3, H, W] float32, `(x / 255 - mean) / std`."""
+    x = batch_uint8.permute(0, 3, 1, 2).float().div(255)
+    m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+    return (x - m) / s
+
+
+def crop_views(image: Image.Image, config: PreprocessConfig) -> np.ndarray:
+    """RGB image -> uint8 views [V, S, S, 3] (V = 10 for ten-crop, else 1)."""
+    size = config.image_size
+    if config.crop == "resize":
+        image = resize_shorter_side(image, size)
+    array = np.asarray(image, dtype=np.uint8)
+    if array.ndim != 3 or array.shape[2] != 3:
+        raise ValueError(f"expected an RGB image, got array of shape {array.shape}")
+    if config.crop == "ten":
+        views = ten_crop_arrays(array, size)
+    else:
+        views = [center_crop_array(array, size)]
+    return np.ascontiguousarray(np.stack(views))
+
+
+def preprocess(image: Image.Image, config: PreprocessConfig) -> torch.Tensor:
+    """RGB PIL image -> normalised views [V, 3, S, S] float32."""
+    return normalize(torch.from_numpy(crop_views(image, config)), config.mean, config.std)

@@ -1,0 +1,197 @@
+"""Named pretrained RINE detectors: where their weights come from and how they are cached.
+
+Provenance is kept apart from the architecture: each entry names a backbone from
+`backbones.BACKBONES` (downloaded from the Hugging Face Hub by `transformers`, so
+`HF_HOME`, `HF_HUB_OFFLINE` and `HF_ENDPOINT` apply) and an official head file from
+the reference repository, verified by its git blob id and converted once to our
+format under `$RINE_HOME/models/<name>/` (default `~/.cache/rine`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .checkpoints import CONFIG_NAME, WEIGHTS_NAME, git_blob_sha1, load_official_head, save_pretrained
+from .config import PreprocessConfig, RINEConfig
+
+logger = logging.getLogger(__name__)
+
+REFERENCE_COMMIT = "9b7fd5857cc205d0412be6aeee0d7611b95bd620"
+DEFAULT_HEAD_BASE_URL = f"https://raw.githubusercontent.com/mever-team/rine/{REFERENCE_COMMIT}/ckpt"
+
+
+@dataclass(frozen=True)
+class PretrainedSpec:
+    name: str
+    backbone: str
+    head_file: str
+    head_blob_sha1: str
+    description: str
+    crop: str = "center"
+    training: dict = field(default_factory=dict)
+
+
+PRETRAINED: dict[str, PretrainedSpec] = {
+    s.name: s
+    for s in [
+        PretrainedSpec(
+            "rine-vitl14-1class", "ViT-L/14", "model_1class_trainable.pth",
+            "802e8dce29925de10a8f4bfd96c4b627d0c0cdfe",
+            "ProGAN horse; nproj 4, proj_dim 1024, factor 0.1; paper mean ACC/AP 90.3/98.6",
+            training={"classes": ["horse"], "factor": 0.1},
+        ),
+        PretrainedSpec(
+            "rine-vitl14-2class", "ViT-L/14", "model_2class_trainable.pth",
+            "b8418b5884fd1fc1dba79bea91f41ab2341673d8",
+            "ProGAN chair, horse; nproj 4, proj_dim 128, factor 0.2; paper mean ACC/AP 87.7/98.7",
+            training={"classes": ["chair", "horse"], "factor": 0.2},
+        ),
+        PretrainedSpec(
+            "rine-vitl14-4class", "ViT-L/14", "model_4class_trainable.pth",
+            "bf5cd4053b5eaf64a0bd52cdb6bd0dbd9a8bc457",
+            "ProGAN car, cat, chair, horse; nproj 2, proj_dim 1024, factor 0.2; paper mean ACC/AP 91.5/98.8",
+            training={"classes": ["car", "cat", "chair", "horse"], "factor": 0.2},
+        ),
+        PretrainedSpec(
+            "rine-vitl14-ldm", "ViT-L/14", "model_ldm_trainable.pth",
+            "6b225b2aeae4f52e99a7fb675d8bcb736aea4a2e",
+            "latent-diffusion training set; nproj 4, proj_dim 1024; Synthbuster ten-crop ACC/AP 87.4/90.5",
+            crop="ten",
+            training={"dataset": "ldm"},
+        ),
+    ]
+}  # fmt: skip
+
+DEFAULT_MODEL = "rine-vitl14-4class"
+
+
+def list_pretrained() -> list[str]:
+    return sorted(PRETRAINED)
+
+
+def rine_home() -> Path:
+    """`$RINE_HOME`, else `$XDG_CACHE_HOME/rine`, else `~/.cache/rine`."""
+    if os.environ.get("RINE_HOME"):
+        return Path(os.environ["RINE_HOME"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "rine"
+
+
+def is_offline() -> bool:
+    truthy = {"1", "true", "yes", "on"}
+    return any(os.environ.get(v, "").lower() in truthy for v in ("RINE_OFFLINE", "HF_HUB_OFFLINE"))
+
+
+class WeightsUnavailableError(RuntimeError):
+    """Pretrained weights are neither cached nor downloadable; the message says what to do."""
+
+
+def _head_base_url() -> str:
+    return os.environ.get("RINE_HEAD_BASE_URL", DEFAULT_HEAD_BASE_URL).rstrip("/")
+
+
+def _download(url: str, dest: Path, expected_blob_sha1: str, timeout: float = 30.0) -> None:
+    """Download to a temp file beside `dest`, verify the git blob id, then rename atomically."""
+    from tqdm.auto import tqdm
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")
+    tmp = Path(tmp_name)
+    try:
+        request = urllib.request.Request(url, headers={"User-Agent": "rine"})
+        with urllib.request.urlopen(request, timeout=timeout) as response, os.fdopen(fd, "wb") as out:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name, leave=False) as bar:
+                while chunk := response.read(1 << 16):
+                    out.write(chunk)
+                    bar.update(len(chunk))
+        actual = git_blob_sha1(tmp)
+        if actual != expected_blob_sha1:
+            raise WeightsUnavailableError(
+                f"downloaded {url} but its git blob id is {actual}, expected {expected_blob_sha1}; "
+                "the file is corrupt or not the official one"
+            )
+        tmp.replace(dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _missing_message(spec: PretrainedSpec, what: list[str]) -> str:
+    from .backbones import BACKBONES
+
+    bb = BACKBONES[spec.backbone]
+    home = rine_home()
+    lines = [f"pretrained model {spec.name!r} is not available offline; missing:"]
+    lines += [f"  - {w}" for w in what]
+    lines += [
+        "To use local files instead:",
+        f"  rine detect --backbone /path/to/{bb.hub_id.split('/')[-1]} "
+        f"--head /path/to/{spec.head_file} IMAGES...",
+        f"  (backbone: a save_pretrained folder of {bb.hub_id} or OpenAI's ViT-L-14.pt;",
+        f"   head: {spec.head_file} from github.com/mever-team/rine/tree/main/ckpt)",
+        f"or put the head at {home / 'heads' / spec.head_file} (RINE_HOME={home}) and the backbone",
+        "in the Hugging Face cache (HF_HOME), then run again; RINE_HEAD_BASE_URL points at a mirror.",
+    ]
+    return "\n".join(lines)
+
+
+def resolve_pretrained(name: str) -> Path:
+    """Return the local checkpoint folder of a named model, downloading the head if needed.
+
+    The folder holds our format (config.json + model.safetensors). The backbone is not
+    downloaded here: `load_backbone` fetches it through the Hugging Face cache.
+    """
+    if name not in PRETRAINED:
+        raise KeyError(f"unknown pretrained model {name!r}; known: {', '.join(list_pretrained())}")
+    spec = PRETRAINED[name]
+    folder = rine_home() / "models" / name
+    if (folder / CONFIG_NAME).is_file() and (folder / WEIGHTS_NAME).is_file():
+        return folder
+    head_path = rine_home() / "heads" / spec.head_file
+    url = f"{_head_base_url()}/{spec.head_file}"
+    if not head_path.is_file():
+        if is_offline():
+            raise WeightsUnavailableError(
+                _missing_message(spec, [f"head {spec.head_file} (offline mode: RINE_OFFLINE/HF_HUB_OFFLINE set; source {url})"])
+            )
+        logger.info("downloading %s", url)
+        try:
+            _download(url, head_path, spec.head_blob_sha1)
+        except (urllib.error.URLError, OSError, TimeoutError) as e:
+            reason = getattr(e, "reason", e)
+            raise WeightsUnavailableError(
+                _missing_message(spec, [f"head {spec.head_file}: download from {url} failed ({reason})"])
+            ) from None
+    head = load_official_head(head_path, expected_blob_sha1=spec.head_blob_sha1)
+    from .backbones import BACKBONES
+
+    config = RINEConfig(
+        backbone=spec.backbone,
+        backbone_revision=BACKBONES[spec.backbone].revision,
+        head=head.config,
+        preprocess=PreprocessConfig(crop=spec.crop),
+        name=spec.name,
+        meta={"source": url, "head_blob_sha1": spec.head_blob_sha1, "description": spec.description, **spec.training},
+    )
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_pretrained(head, config, tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    return folder
+
+
+def backbone_missing_message(name: str, backbone: str, error: BaseException) -> str:
+    spec = PRETRAINED.get(name)
+    what = [f"backbone {backbone}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"]
+    if spec is None:
+        return "\n".join([f"backbone {backbone!r} could not be loaded:", *what,
+                          "Pass --backbone with a local save_pretrained folder or an OpenAI-format CLIP file."])
+    return _missing_message(spec, what)
