@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Install rine and what it needs on a fresh machine.
+#   bash scripts/setup.sh          # the package, for scoring images
+#   bash scripts/setup.sh --dev    # + test, server and browser-test dependencies
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# torch is pinned to the CPU wheel this project is built against; installed first so
+# that nothing later resolves a different (CUDA) build.
+python -m pip install --quiet "torch==2.13.0"
+if [[ "${1:-}" == "--dev" ]]; then
+  python -m pip install --quiet -e ".[dev]"
+  # Browser tests drive Debian's Chromium (Playwright's own browser download is not used).
+  if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [[ $(id -u) == 0 ]]; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) \
+      || echo "setup: could not install chromium; browser tests will be skipped" >&2
+  fi
+else
+  python -m pip install --quiet -e .
+fi
