@@ -1,0 +1,73 @@
+"""Preprocessing against hand-computed crops (torchvision semantics, no torchvision)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+from rine.config import CLIP_MEAN, CLIP_STD, PreprocessConfig
+from rine.preprocess import center_crop_array, crop_views, normalize, pad_to_min_size, ten_crop_arrays
+
+
+def grid(h, w):
+    """uint8 [h, w, 3] whose pixel (y, x) encodes its own coordinates."""
+    y, x = np.mgrid[0:h, 0:w]
+    return np.stack([y % 256, x % 256, (y * w + x) % 251], axis=-1).astype(np.uint8)
+
+
+def test_center_crop_corner_uses_python_round():
+    a = grid(301, 225)
+    crop = center_crop_array(a, 224)
+    # top = round(77 / 2) = round(38.5) = 38 (banker's rounding), left = round(0.5) = 0
+    assert crop.shape == (224, 224, 3)
+    assert crop[0, 0, 0] == 38 and crop[0, 0, 1] == 0
+    b = grid(227, 231)
+    # top = round(1.5) = 2, left = round(3.5) = 4
+    c = center_crop_array(b, 224)
+    assert (c[0, 0, 0], c[0, 0, 1]) == (2, 4)
+
+
+def test_small_images_are_zero_padded_like_torchvision():
+    a = grid(180, 200)  # H=180, W=200
+    padded = pad_to_min_size(a, 224)
+    assert padded.shape == (224, 224, 3)
+    # torchvision pads (224-200)//2 = 12 left, 12 right; (224-180)//2 = 22 top, 22 bottom
+    assert padded[:22].max() == 0 and padded[-22:].max() == 0
+    assert padded[:, :12].max() == 0 and padded[:, -12:].max() == 0
+    np.testing.assert_array_equal(padded[22:202, 12:212], a)
+    odd = pad_to_min_size(grid(223, 221), 224)  # 1 and 3 missing: 0/1 and 1/2 split
+    np.testing.assert_array_equal(odd[0:223, 1:222], grid(223, 221))
+    np.testing.assert_array_equal(center_crop_array(a, 224), padded)
+
+
+def test_ten_crop_order_and_flip():
+    a = grid(300, 260)
+    crops = ten_crop_arrays(a, 224)
+    assert len(crops) == 10
+    np.testing.assert_array_equal(crops[0], a[:224, :224])
+    np.testing.assert_array_equal(crops[1], a[:224, 36:])
+    np.testing.assert_array_equal(crops[2], a[76:, :224])
+    np.testing.assert_array_equal(crops[3], a[76:, 36:])
+    np.testing.assert_array_equal(crops[4], center_crop_array(a, 224))
+    flipped = a[:, ::-1]
+    np.testing.assert_array_equal(crops[5], flipped[:224, :224])
+    np.testing.assert_array_equal(crops[9], center_crop_array(flipped, 224))
+
+
+def test_normalize_is_totensor_then_normalize():
+    x = torch.tensor([[[[0, 128, 255]]]], dtype=torch.uint8)  # [1, 1, 1, 3]
+    out = normalize(x, CLIP_MEAN, CLIP_STD)
+    assert out.shape == (1, 3, 1, 1)
+    for c, v in enumerate([0, 128, 255]):
+        expected = (np.float32(v) / np.float32(255) - np.float32(CLIP_MEAN[c])) / np.float32(CLIP_STD[c])
+        assert out[0, c, 0, 0].item() == np.float32(expected)
+
+
+def test_resize_mode_resizes_shorter_side_then_crops():
+    img = Image.fromarray(grid(400, 600))
+    views = crop_views(img, PreprocessConfig(crop="resize"))
+    assert views.shape == (1, 224, 224, 3)
+    resized = np.asarray(img.resize((336, 224), Image.BICUBIC))
+    np.testing.assert_array_equal(views[0], center_crop_array(resized, 224))
+    assert crop_views(img, PreprocessConfig(crop="ten")).shape == (10, 224, 224, 3)
