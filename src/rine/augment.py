@@ -1,0 +1,135 @@
+"""Train-time augmentation of the reference ("Blur+JPEG(0.5)" of CNNDetection), seeded per image.
+
+    RGB image -> [p=0.5] Gaussian blur, sigma ~ U[0, 3], each channel
+              -> [p=0.5] JPEG re-encode, encoder ~ {OpenCV, PIL}, quality ~ {30, 100}
+              -> zero-pad to >= 224 (the reference cannot take smaller images)
+              -> random 224 crop -> [p=0.5] horizontal flip -> uint8 [224, 224, 3]
+
+Every random draw comes from a generator seeded by (seed, view, image index), so a view
+depends only on those three numbers: an interrupted extraction, a rerun and the
+end-to-end training loop all see the same pixels. `view` is the epoch when training
+straight from images, and the view slot (0..K-1) in a feature store.
+
+The reference blurs with scipy's `gaussian_filter` (kernel radius 4 sigma, mirror
+border, result written back into the uint8 array); scipy is not a dependency here, so
+OpenCV's `GaussianBlur` with the same radius and border stands in (values may differ by
+one grey level from scipy's).
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from PIL import Image
+
+from .preprocess import center_crop_array, pad_to_min_size
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Probabilities and ranges of the train transform (defaults: the reference's)."""
+
+    blur_prob: float = 0.5
+    blur_sigma: tuple[float, float] = (0.0, 3.0)
+    jpeg_prob: float = 0.5
+    jpeg_quality: tuple[int, ...] = (30, 100)
+    jpeg_methods: tuple[str, ...] = ("cv2", "pil")
+    crop_size: int = 224
+    flip_prob: float = 0.5
+
+    def transform_id(self) -> str:
+        """A string naming this transform exactly; stores refuse to mix different ones."""
+        fields = ",".join(f"{k}={v}" for k, v in asdict(self).items())
+        return f"train-augment/v1({fields})"
+
+
+def view_rng(seed: int, index: int, view: int) -> np.random.Generator:
+    """The generator of one image's view: depends on nothing but these three numbers."""
+    return np.random.default_rng([int(seed), int(view), int(index)])
+
+
+def gaussian_blur(array: np.ndarray, sigma: float) -> np.ndarray:
+    """Per-channel Gaussian blur of uint8 [H, W, 3] with scipy's kernel radius (4 sigma)."""
+    import cv2
+
+    if sigma <= 0:
+        return array  # scipy's filter with sigma 0 is the identity
+    radius = int(4.0 * sigma + 0.5)
+    k = 2 * radius + 1
+    return cv2.GaussianBlur(array, (k, k), sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_REFLECT)
+
+
+def jpeg(array: np.ndarray, quality: int, method: str) -> np.ndarray:
+    """Encode then decode uint8 RGB [H, W, 3] as JPEG with OpenCV or PIL."""
+    if method == "cv2":
+        import cv2
+
+        ok, buf = cv2.imencode(".jpg", np.ascontiguousarray(array[:, :, ::-1]), [int(cv2.IMWRITE_JPEG_QUALITY), int(quality)])
+        if not ok:
+            raise ValueError("OpenCV could not encode the image as JPEG")
+        return np.ascontiguousarray(cv2.imdecode(buf, cv2.IMREAD_COLOR)[:, :, ::-1])
+    if method == "pil":
+        out = io.BytesIO()
+        Image.fromarray(array).save(out, format="jpeg", quality=int(quality))
+        out.seek(0)
+        return np.asarray(Image.open(out).convert("RGB"), dtype=np.uint8)
+    raise ValueError(f"unknown JPEG method {method!r} (cv2 or pil)")
+
+
+def augment(image: Image.Image | np.ndarray, rng: np.random.Generator, config: AugmentConfig = AugmentConfig()) -> np.ndarray:
+    """RGB image -> one augmented training view, uint8 [crop, crop, 3].
+
+    The draws happen in a fixed order whatever the outcome of the coin flips, so that
+    changing one probability does not reshuffle the other draws.
+    """
+    array = np.array(image, dtype=np.uint8)  # a copy: the blur must not touch the caller's image
+    if array.ndim != 3 or array.shape[2] != 3:
+        raise ValueError(f"expected an RGB image, got array of shape {array.shape}")
+    blur_coin, sigma = rng.random(), rng.uniform(*config.blur_sigma)
+    jpeg_coin = rng.random()
+    method = config.jpeg_methods[rng.integers(len(config.jpeg_methods))]
+    quality = config.jpeg_quality[rng.integers(len(config.jpeg_quality))]
+    if blur_coin < config.blur_prob:
+        array = gaussian_blur(array, sigma)
+    if jpeg_coin < config.jpeg_prob:
+        array = jpeg(array, quality, method)
+    size = config.crop_size
+    array = pad_to_min_size(array, size)
+    h, w = array.shape[:2]
+    top = int(rng.integers(0, h - size + 1))
+    left = int(rng.integers(0, w - size + 1))
+    array = array[top : top + size, left : left + size]
+    if rng.random() < config.flip_prob:
+        array = array[:, ::-1]
+    return np.ascontiguousarray(array)
+
+
+class TrainAugment:
+    """`make_views` for `extract_features`: (image, item index, view index) -> uint8 [S, S, 3]."""
+
+    def __init__(self, seed: int = 0, config: AugmentConfig = AugmentConfig()):
+        self.seed = int(seed)
+        self.config = config
+
+    @property
+    def transform_id(self) -> str:
+        return self.config.transform_id()
+
+    def __call__(self, image: Image.Image, index: int, view: int) -> np.ndarray:
+        return augment(image, view_rng(self.seed, index, view), self.config)
+
+
+class CenterView:
+    """The reference's validation/test transform as a `make_views`: CenterCrop(size), zero pad."""
+
+    def __init__(self, size: int = 224):
+        self.size = int(size)
+
+    @property
+    def transform_id(self) -> str:
+        return f"center-crop/v1(size={self.size})"
+
+    def __call__(self, image: Image.Image, index: int, view: int) -> np.ndarray:
+        return np.ascontiguousarray(center_crop_array(np.asarray(image, dtype=np.uint8), self.size))

@@ -1,0 +1,104 @@
+"""`rine extract`: store the backbone taps of a dataset once, for cheap training and grids.
+
+Examples:
+  rine extract --root DATA --layout progan --split train --classes car,cat --backbone ViT-L/14 --out feats/train
+  rine extract --root DATA --layout progan --split val --classes car,cat --backbone ViT-L/14 --transform center --out feats/val
+  rine extract --root DATA/test/progan --layout folder --transform center --backbone ViT-L/14 --out feats/test-progan
+
+Training splits get the reference's train augmentation (one random view per image and
+--views slot, seeded by --seed); --transform center stores the test transform. Rerun the
+same command after an interruption (even kill -9): it continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .common import fail
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from ..datasets import LAYOUTS
+
+    p = sub.add_parser("extract", help="store backbone taps of a dataset (resumable)", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--root", required=True, help="dataset root folder")
+    p.add_argument("--layout", choices=LAYOUTS, default="progan", help="dataset layout (default progan)")
+    p.add_argument("--split", default=None, help="train, val (progan), train/valid (ldm); default train")
+    p.add_argument("--classes", default=None, help="comma-separated ProGAN classes (default: all present)")
+    p.add_argument("--backbone", required=True, metavar="SRC", help="CLIP backbone: name, hub id, folder or OpenAI file")
+    p.add_argument("--revision", default=None, help="hub revision of --backbone")
+    p.add_argument("--out", required=True, metavar="STORE", help="output store folder")
+    p.add_argument("--transform", choices=("train", "center"), default=None,
+                   help="train: the reference's augmentation; center: CenterCrop 224 (default: train for "
+                        "the train split, center otherwise)")  # fmt: skip
+    p.add_argument("--views", type=int, default=1, help="augmented views per image (one per epoch; default 1)")
+    p.add_argument("--seed", type=int, default=0, help="augmentation seed (default 0)")
+    p.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="stored precision (default float16)")
+    p.add_argument("--batch-size", type=int, default=32, help="views per encoder batch (default 32)")
+    p.add_argument("--shard-size", type=int, default=1024, help="images per shard (default 1024)")
+    p.add_argument("--workers", type=int, default=None, help="decoding threads (default: cores, up to 8)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32", help="encoder precision")
+    p.add_argument("--limit", type=int, default=None, help="only the first N images (smoke runs)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..augment import CenterView, TrainAugment
+    from ..backbones import load_backbone
+    from ..datasets import layout_items
+    from ..features import StoreError, extract_features
+
+    if args.views < 1 or args.batch_size < 1 or args.shard_size < 1:
+        return fail("--views, --batch-size and --shard-size must be at least 1")
+    split = args.split or "train"
+    classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
+    try:
+        items = layout_items(args.root, args.layout, split, classes)
+    except (FileNotFoundError, ValueError) as e:
+        return fail(str(e))
+    if args.limit is not None:
+        items = items[: args.limit]
+    if not items:
+        return fail("no images found")
+    transform = args.transform or ("train" if split == "train" else "center")
+    if transform == "center" and args.views != 1:
+        return fail("--views > 1 only makes sense with the train transform")
+    try:
+        backbone = load_backbone(args.backbone, args.revision)
+    except (FileNotFoundError, OSError, ValueError) as e:
+        return fail(f"cannot load backbone {args.backbone!r}: {e}")
+    from pathlib import Path
+
+    if Path(args.backbone).expanduser().exists():
+        # a local backbone is recorded absolute, so checkpoints trained on it load from anywhere
+        backbone.source = str(Path(args.backbone).expanduser().resolve())
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.precision]
+    backbone = backbone.to(_device(args.device), dtype=dtype)
+    make_views = TrainAugment(args.seed) if transform == "train" else CenterView(backbone.image_size)
+    try:
+        store = extract_features(
+            backbone, items, args.out, make_views, views=args.views, seed=args.seed, dtype=args.dtype,
+            batch_size=args.batch_size, shard_size=args.shard_size, num_workers=args.workers,
+            progress=not args.no_progress and sys.stderr.isatty(),
+            extra_meta={"layout": args.layout, "split": split, "classes": classes, "root": str(args.root),
+                        "precision": args.precision},
+        )  # fmt: skip
+    except StoreError as e:
+        return fail(str(e))
+    print(f"{args.out}: {len(store)} rows ({store.meta['n_items']} images x {store.n_views} views, "
+          f"{len(store.errors)} skipped)", file=sys.stderr)  # fmt: skip
+    return 1 if store.errors else 0

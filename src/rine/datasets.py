@@ -1,0 +1,104 @@
+"""Training layouts as ordered lists of `Item(path, label, set)`.
+
+progan:  ROOT/{train,val}/<class>/{0_real,1_fake}/*   (CNNDetection; set = class)
+ldm:     the latent-diffusion training set of grip-unina DMimageDetection, read as the
+         reference reads it: ROOT/latent_diffusion_trainingset/{train,valid}/
+         real_lsun.txt ("<class>_<file>" -> ROOT/train/<class>/0_real/<file>),
+         real_coco.txt ("<id>.jpg" -> ROOT/coco/train2014/COCO_train2014_<id>.jpg, else
+         val2014), and one folder of fakes per generator (set = the folder's name).
+folder:  any tree whose images sit in `0_real`/`1_fake` folders (set = the path above
+         them, "" at the top); test layouts of the evaluation issue fit this.
+
+Orders are sorted, so the same data always gives the same item indices (and views).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from .features import Item
+from .images import is_image_path
+
+logger = logging.getLogger(__name__)
+
+LAYOUTS = ("progan", "ldm", "folder")
+PROGAN_CLASSES = ("airplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+                  "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
+                  "train", "tvmonitor")  # fmt: skip
+LABEL_DIRS = {"0_real": 0, "1_fake": 1}
+
+
+def _images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and is_image_path(p))
+
+
+def progan_items(root: str | Path, split: str = "train", classes: Sequence[str] | None = None) -> list[Item]:
+    """ROOT/<split>/<class>/{0_real,1_fake}; classes None = every class folder present."""
+    base = Path(root).expanduser() / split
+    if not base.is_dir():
+        raise FileNotFoundError(f"{base} does not exist (expected ROOT/{split}/<class>/0_real|1_fake)")
+    names = sorted(classes) if classes else sorted(p.name for p in base.iterdir() if p.is_dir())
+    items = []
+    for name in names:
+        for label_dir, label in LABEL_DIRS.items():
+            folder = base / name / label_dir
+            if not folder.is_dir():
+                raise FileNotFoundError(f"{folder} does not exist (class {name!r}, split {split!r})")
+            items += [Item(str(p), label, name) for p in _images(folder)]
+    return items
+
+
+def ldm_items(root: str | Path, split: str = "train") -> list[Item]:
+    """The latent-diffusion training set (split "train" or "valid"; "val" is accepted)."""
+    root = Path(root).expanduser()
+    split = "valid" if split == "val" else split
+    base = root / "latent_diffusion_trainingset" / split
+    if not base.is_dir():
+        raise FileNotFoundError(f"{base} does not exist (expected the DMimageDetection latent-diffusion set)")
+    items = []
+    lsun = base / "real_lsun.txt"
+    if lsun.is_file():
+        for line in lsun.read_text(encoding="utf-8").split():
+            cls, _, name = line.partition("_")
+            items.append(Item(str(root / "train" / cls / "0_real" / name), 0, "lsun"))
+    coco = base / "real_coco.txt"
+    if coco.is_file():
+        for name in coco.read_text(encoding="utf-8").split():
+            path = root / "coco" / "train2014" / f"COCO_train2014_{name}"
+            if not path.exists():
+                path = root / "coco" / "val2014" / f"COCO_val2014_{name}"
+            items.append(Item(str(path), 0, "coco"))
+    for gen in sorted(p for p in base.iterdir() if p.is_dir()):
+        items += [Item(str(p), 1, gen.name) for p in _images(gen)]
+    return items
+
+
+def folder_items(root: str | Path) -> list[Item]:
+    """Every image under a `0_real` or `1_fake` folder anywhere below ROOT."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root} is not a folder")
+    items = []
+    for dirpath, dirs, _ in os.walk(root, followlinks=False):
+        dirs.sort()
+        here = Path(dirpath)
+        if here.name in LABEL_DIRS:
+            rel = here.parent.relative_to(root).as_posix()
+            items += [Item(str(p), LABEL_DIRS[here.name], "" if rel == "." else rel) for p in _images(here)]
+    if not items:
+        raise FileNotFoundError(f"no images in 0_real/1_fake folders under {root}")
+    return items
+
+
+def layout_items(root: str | Path, layout: str, split: str = "train", classes: Sequence[str] | None = None) -> list[Item]:
+    """Dispatch on the layout name (see the module docstring)."""
+    if layout == "progan":
+        return progan_items(root, split, classes)
+    if layout == "ldm":
+        return ldm_items(root, split)
+    if layout == "folder":
+        return folder_items(Path(root) / split if split and (Path(root) / split).is_dir() else root)
+    raise ValueError(f"unknown layout {layout!r}; choose from {', '.join(LAYOUTS)}")
