@@ -92,9 +92,18 @@ def _check_pixels(image: Image.Image, max_pixels: int | None) -> None:
         raise ImageLoadError(f"too many pixels: {w}x{h} = {w * h} > limit {max_pixels}")
 
 
+# Integer and float modes hold values beyond 0..255 that `convert("RGB")` clips rather
+# than scales: the result would be a wrong picture, so they are refused instead.
+_UNSUPPORTED_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
+
+
 def _to_rgb(image: Image.Image) -> Image.Image:
     if image.mode == "RGB":
         return image
+    if image.mode in _UNSUPPORTED_MODES:
+        raise ImageLoadError(
+            f"unsupported image mode {image.mode!r} (16-bit or float pixels); convert it to 8-bit RGB first"
+        )
     try:
         return image.convert("RGB")
     except (ValueError, OSError) as e:

@@ -76,6 +76,24 @@ def list_pretrained() -> list[str]:
     return sorted(PRETRAINED)
 
 
+def register_pretrained(spec: PretrainedSpec) -> None:
+    """Add a named model (e.g. a lab's own head published at `RINE_HEAD_BASE_URL`)."""
+    PRETRAINED[spec.name] = spec
+
+
+def backbone_is_cached(backbone: str) -> bool:
+    """Whether the Hugging Face cache already holds this registry backbone's config."""
+    from huggingface_hub import try_to_load_from_cache
+
+    from .backbones import BACKBONES
+
+    spec = BACKBONES.get(backbone)
+    if spec is None:
+        return False
+    found = try_to_load_from_cache(spec.hub_id, "config.json", revision=spec.revision)
+    return isinstance(found, str)
+
+
 def rine_home() -> Path:
     """`$RINE_HOME`, else `$XDG_CACHE_HOME/rine`, else `~/.cache/rine`."""
     if os.environ.get("RINE_HOME"):
@@ -128,7 +146,9 @@ def _missing_message(spec: PretrainedSpec, what: list[str]) -> str:
 
     bb = BACKBONES[spec.backbone]
     home = rine_home()
-    lines = [f"pretrained model {spec.name!r} is not available offline; missing:"]
+    if not any(w.startswith("backbone") for w in what) and not backbone_is_cached(spec.backbone):
+        what = [*what, f"backbone {bb.hub_id} at revision {bb.revision} (not in the Hugging Face cache, HF_HOME)"]
+    lines = [f"pretrained model {spec.name!r} could not be loaded; missing:"]
     lines += [f"  - {w}" for w in what]
     lines += [
         "To use local files instead:",

@@ -18,6 +18,7 @@ import json
 import sys
 from typing import TextIO
 
+from ..images import DEFAULT_MAX_PIXELS
 from .common import CLIError, add_model_options, expand_inputs, fail, load_detector
 
 FORMATS = ("table", "json", "jsonl", "csv")
@@ -41,6 +42,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--batch-size", type=int, default=16, help="images per encoder batch (default 16)")
     r.add_argument("--workers", type=int, default=None, help="decoding threads (default: one per core, up to 8)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.add_argument(
+        "--max-pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        help=f"refuse images with more pixels than this (default {DEFAULT_MAX_PIXELS:,}; protects memory)",
+    )
     p.set_defaults(func=run)
 
 
@@ -98,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
         detector = load_detector(args)
     except CLIError as e:
         return fail(str(e))
+    detector.max_pixels = args.max_pixels
     fmt = args.format or ("table" if sys.stdout.isatty() and not args.output else "jsonl")
     stream = open(args.output, "w", encoding="utf-8", newline="") if args.output else sys.stdout
     writer = _Writer(stream, fmt, args.blocks)

@@ -1,0 +1,173 @@
+"""End to end: `rine detect` on a tiny backbone, real image files and bad inputs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import zlib
+import numpy as np
+import pytest
+import torch
+from conftest import OFFICIAL, require_shared, write_image
+from PIL import Image
+
+from rine.cli import main
+from rine.images import load_image
+from rine.inference import Detector
+from rine.preprocess import preprocess
+
+
+@pytest.fixture(scope="module")
+def demo_images():
+    require_shared()
+    return [str(OFFICIAL / "real_aadlygmazf.jpg"), str(OFFICIAL / "fake_dalle_zzrybysskm.png")]
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_detect_demo_images_matches_a_manual_forward(capsys, tiny_checkpoint_dir, tiny_detector, demo_images):
+    code, out, err = run_cli(capsys, "detect", *demo_images, "--model", str(tiny_checkpoint_dir), "--format", "json")
+    assert code == 0, err
+    records = json.loads(out)
+    assert [r["path"] for r in records] == demo_images
+    pixels = torch.cat([preprocess(load_image(p), tiny_detector.config.preprocess) for p in demo_images])
+    with torch.no_grad():
+        logits = tiny_detector.model(pixels).logits
+    for r, logit in zip(records, logits, strict=True):
+        assert r["error"] is None
+        assert r["prob_fake"] == pytest.approx(torch.sigmoid(logit).item(), abs=1e-6)
+        assert r["is_fake"] == (r["prob_fake"] >= 0.5)
+
+
+def test_backbone_and_head_files(capsys, tmp_path, tiny_openai_file, tiny_checkpoint_dir, demo_images):
+    """--backbone OpenAI-format file + --head official-format .pth give the folder model's numbers."""
+    from rine.checkpoints import load_pretrained
+
+    head, _ = load_pretrained(tiny_checkpoint_dir)
+    pth = tmp_path / "head_trainable.pth"
+    torch.save(head.state_dict(), pth)
+    _, out_a, _ = run_cli(capsys, "detect", *demo_images, "--model", str(tiny_checkpoint_dir), "--format", "jsonl")
+    code, out_b, err = run_cli(
+        capsys, "detect", *demo_images, "--backbone", str(tiny_openai_file), "--head", str(pth), "--format", "jsonl"
+    )
+    assert code == 0, err
+    a = [json.loads(line) for line in out_a.splitlines()]
+    b = [json.loads(line) for line in out_b.splitlines()]
+    for ra, rb in zip(a, b, strict=True):
+        assert ra["prob_fake"] == pytest.approx(rb["prob_fake"], abs=1e-5)
+
+
+def test_folders_globs_csv_and_output_file(capsys, tmp_path, tiny_checkpoint_dir):
+    root = tmp_path / "photos"
+    write_image(root / "a" / "one.JPG", (240, 260), fmt="JPEG")
+    write_image(root / "a" / "b" / "two.v2.final.png", (300, 230))
+    write_image(root / "ünïcode ß.webp", (256, 256), fmt="WEBP")
+    (root / "notes.txt").write_text("not scanned: folders only yield image files")
+    write_image(tmp_path / "loose" / "x.png", (230, 230))
+    out_csv = tmp_path / "scores.csv"
+    code, _, err = run_cli(
+        capsys, "detect", str(root), str(tmp_path / "loose" / "*.png"),
+        "--model", str(tiny_checkpoint_dir), "--format", "csv", "--output", str(out_csv), "--batch-size", "2",
+    )  # fmt: skip
+    assert code == 0, err
+    rows = list(csv.DictReader(out_csv.open()))
+    names = sorted(r["path"].split("/")[-1] for r in rows)
+    assert names == sorted(["one.JPG", "two.v2.final.png", "ünïcode ß.webp", "x.png"])
+    assert all(0 <= float(r["prob_fake"]) <= 1 and r["error"] == "" for r in rows)
+
+
+def make_bad_files(folder):
+    folder.mkdir(parents=True, exist_ok=True)
+    good = write_image(folder / "good.jpg", (256, 256), fmt="JPEG")
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "text.jpg").write_text("this is not an image\n")
+    rng = np.random.default_rng(0)
+    (folder / "garbage.png").write_bytes(rng.integers(0, 256, 5000, dtype=np.uint8).tobytes())
+    data = good.read_bytes()
+    (folder / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    write_image(folder / "huge.png", (1200, 1100))  # refused by --max-pixels below
+    Image.fromarray(rng.integers(0, 65535, (240, 240), dtype=np.uint16)).save(folder / "sixteen_bit.png")
+    header = bytearray(write_image(folder / "tmp.png", (240, 240)).read_bytes())
+    (folder / "tmp.png").unlink()
+    header[16:24] = (100000).to_bytes(4, "big") * 2  # claims 100000 x 100000 pixels: a bomb
+    header[29:33] = zlib.crc32(bytes(header[12:29])).to_bytes(4, "big")  # valid IHDR checksum
+    (folder / "bomb.png").write_bytes(bytes(header))
+    write_image(folder / "also_good.png", (224, 224), mode="RGBA")
+    return folder
+
+
+def test_bad_files_get_error_records_and_the_rest_is_scored(capsys, tmp_path, tiny_checkpoint_dir):
+    folder = make_bad_files(tmp_path / "mixed")
+    missing = str(tmp_path / "does-not-exist.jpg")
+    code, out, err = run_cli(
+        capsys, "detect", str(folder), missing, "--model", str(tiny_checkpoint_dir),
+        "--format", "jsonl", "--max-pixels", "1000000", "--batch-size", "3",
+    )  # fmt: skip
+    assert code == 1
+    assert "Traceback" not in err and "could not be scored" in err
+    records = {r["path"].split("/")[-1]: r for r in map(json.loads, out.splitlines())}
+    assert set(records) == {
+        "good.jpg", "also_good.png", "empty.png", "text.jpg", "garbage.png", "truncated.jpg",
+        "huge.png", "sixteen_bit.png", "bomb.png", "does-not-exist.jpg",
+    }  # fmt: skip
+    expected_errors = {
+        "empty.png": "empty file",
+        "text.jpg": "not an image",
+        "garbage.png": "not an image",
+        "truncated.jpg": "truncated",
+        "huge.png": "too many pixels",
+        "sixteen_bit.png": "unsupported image mode",
+        "bomb.png": "too many pixels",
+        "does-not-exist.jpg": "no such file",
+    }
+    for name, fragment in expected_errors.items():
+        assert records[name]["prob_fake"] is None
+        assert fragment in records[name]["error"], (name, records[name]["error"])
+        assert "\n" not in records[name]["error"]
+    for name in ("good.jpg", "also_good.png"):
+        assert records[name]["error"] is None and 0 <= records[name]["prob_fake"] <= 1
+
+
+def test_ten_crop_is_sigmoid_of_mean_logit(capsys, tiny_checkpoint_dir, tiny_detector, demo_images):
+    code, out, _ = run_cli(capsys, "detect", demo_images[1], "--model", str(tiny_checkpoint_dir), "--crop", "ten", "--format", "json")
+    assert code == 0
+    from rine.config import PreprocessConfig
+
+    views = preprocess(load_image(demo_images[1]), PreprocessConfig(crop="ten"))
+    assert views.shape == (10, 3, 224, 224)
+    with torch.no_grad():
+        logits = tiny_detector.model(views).logits
+    assert json.loads(out)[0]["prob_fake"] == pytest.approx(torch.sigmoid(logits.mean()).item(), abs=1e-6)
+
+
+def test_missing_weights_stop_with_a_helpful_message(capsys, tmp_path, demo_images):
+    code, out, err = run_cli(capsys, "detect", demo_images[0])
+    assert code == 2 and out == ""
+    assert "model_4class_trainable.pth" in err and "--backbone" in err and "--head" in err
+    assert "Traceback" not in err
+
+
+def test_usage_errors(capsys, tmp_path, tiny_checkpoint_dir, demo_images):
+    code, _, err = run_cli(capsys, "detect", demo_images[0], "--head", str(tmp_path / "x.pth"))
+    assert code == 2 and "--backbone" in err
+    code, _, err = run_cli(capsys, "detect", demo_images[0], "--model", str(tmp_path / "nowhere"))
+    assert code == 2 and "nowhere" in err
+    with pytest.raises(SystemExit) as e:
+        main(["detect", "--help"])
+    assert e.value.code == 0
+    assert "--crop" in capsys.readouterr().out
+
+
+def test_python_api_predict_accepts_paths_and_pil(tiny_detector, tiny_checkpoint_dir, demo_images):
+    preds = tiny_detector.predict([demo_images[0], Image.open(demo_images[1])])
+    assert len(preds) == 2 and all(p.error is None for p in preds)
+    assert len(preds[0].block_contribution) == 3
+    assert sum(preds[0].block_contribution) == pytest.approx(1.0, abs=1e-5)
+    importance = tiny_detector.block_importance()
+    assert len(importance) == 3 and sum(importance) == pytest.approx(1.0, abs=1e-5)
+    again = Detector.from_pretrained(str(tiny_checkpoint_dir), device="cpu").predict(demo_images[0])
+    assert again[0].prob_fake == pytest.approx(preds[0].prob_fake, abs=1e-6)

@@ -1,0 +1,126 @@
+"""Named pretrained models: download, verification, caching and the offline message,
+against real HTTP on loopback (tests/loopback_hub.py), never a mock."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import OFFICIAL, REPO, require_shared
+from loopback_hub import LoopbackHub
+
+from rine.checkpoints import git_blob_sha1, load_pretrained
+from rine.pretrained import WeightsUnavailableError, resolve_pretrained
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # downloads allowed, but only from loopback
+    with LoopbackHub() as h:
+        yield h
+
+
+def test_head_download_verify_convert_and_cache(hub, monkeypatch):
+    require_shared()
+    hub.raw["ckpt/model_2class_trainable.pth"] = (OFFICIAL / "model_2class_trainable.pth").read_bytes()
+    monkeypatch.setenv("RINE_HEAD_BASE_URL", f"{hub.url}/raw/ckpt")
+    folder = resolve_pretrained("rine-vitl14-2class")
+    head, config = load_pretrained(folder)
+    assert config.name == "rine-vitl14-2class" and config.backbone == "ViT-L/14"
+    assert config.backbone_revision == "32bd64288804d66eefd0ccbe215aa642df71cc41"
+    assert config.meta["head_blob_sha1"] == "b8418b5884fd1fc1dba79bea91f41ab2341673d8"
+    official = torch.load(str(OFFICIAL / "model_2class_trainable.pth"), map_location="cpu", weights_only=True)
+    for k, v in official.items():
+        torch.testing.assert_close(head.state_dict()[k], v.float().cpu(), rtol=0, atol=0)
+    n_requests = len(hub.requests)
+    assert resolve_pretrained("rine-vitl14-2class") == folder
+    assert len(hub.requests) == n_requests  # second use: from the cache, no network
+
+
+def test_corrupt_download_is_rejected_and_not_kept(hub, monkeypatch, tmp_path):
+    hub.raw["ckpt/model_2class_trainable.pth"] = b"tampered bytes"
+    monkeypatch.setenv("RINE_HEAD_BASE_URL", f"{hub.url}/raw/ckpt")
+    with pytest.raises(WeightsUnavailableError, match="git blob id"):
+        resolve_pretrained("rine-vitl14-2class")
+    heads = tmp_path / "rine-home" / "heads"
+    assert not heads.exists() or list(heads.iterdir()) == []
+
+
+def test_unreachable_source_names_what_is_missing_and_the_local_way(hub, monkeypatch):
+    monkeypatch.setenv("RINE_HEAD_BASE_URL", f"{hub.url}/raw/nothing-here")
+    with pytest.raises(WeightsUnavailableError) as err:
+        resolve_pretrained("rine-vitl14-4class")
+    msg = str(err.value)
+    assert "model_4class_trainable.pth" in msg
+    assert "openai/clip-vit-large-patch14" in msg  # the backbone is not cached either
+    assert "--backbone" in msg and "--head" in msg and "RINE_HOME" in msg
+
+
+def test_offline_mode_does_not_touch_the_network(hub, monkeypatch):
+    monkeypatch.setenv("RINE_HEAD_BASE_URL", f"{hub.url}/raw/ckpt")
+    monkeypatch.setenv("RINE_OFFLINE", "1")
+    with pytest.raises(WeightsUnavailableError, match="offline"):
+        resolve_pretrained("rine-vitl14-1class")
+    assert hub.requests == []
+
+
+NAMED_FLOW = textwrap.dedent(
+    """
+    import json, sys
+    from rine.backbones import BACKBONES, BackboneSpec
+    from rine.pretrained import PretrainedSpec, register_pretrained
+    from rine.cli import main
+    cfg = json.loads(sys.argv[1])
+    BACKBONES["tiny"] = BackboneSpec("tiny", "tiny-org/tiny-clip", cfg["commit"], 64, 3, 32, 224)
+    register_pretrained(PretrainedSpec("rine-tiny", "tiny", "tiny_trainable.pth", cfg["blob"], "test model"))
+    sys.exit(main(["detect", *cfg["images"], "--model", "rine-tiny", "--format", "json", "--no-progress"]))
+    """
+)
+
+
+def test_named_model_downloads_backbone_and_head_then_works_offline(hub, tiny_backbone_dir, tmp_path):
+    """The whole first-use path in a fresh process: HF_ENDPOINT and the head URL on loopback."""
+    require_shared()
+    from rine.config import HeadConfig
+    from rine.head import RINEHead
+
+    torch.manual_seed(3)
+    head_file = tmp_path / "tiny_trainable.pth"
+    torch.save(RINEHead(HeadConfig(in_dim=64, n_blocks=3, nproj=1, proj_dim=16)).state_dict(), head_file)
+    hub.raw["ckpt/tiny_trainable.pth"] = head_file.read_bytes()
+    commit = hub.add_repo_folder("tiny-org/tiny-clip", tiny_backbone_dir)
+    images = [str(OFFICIAL / "real_aadlygmazf.jpg"), str(OFFICIAL / "fake_dalle_zzrybysskm.png")]
+    arg = json.dumps({"commit": commit, "blob": git_blob_sha1(head_file), "images": images})
+    env = dict(
+        os.environ,
+        HF_ENDPOINT=hub.url,
+        HF_HUB_OFFLINE="0",
+        HF_HUB_DISABLE_XET="1",
+        HF_HUB_DISABLE_TELEMETRY="1",
+        RINE_HEAD_BASE_URL=f"{hub.url}/raw/ckpt",
+        PYTHONPATH=str(REPO / "src"),
+    )
+
+    def run(**extra):
+        return subprocess.run(
+            [sys.executable, "-c", NAMED_FLOW, arg], env={**env, **extra}, capture_output=True, text=True, timeout=120
+        )
+
+    first = run()
+    assert first.returncode == 0, first.stderr
+    records = json.loads(first.stdout)
+    assert [r["path"] for r in records] == images
+    assert all(0.0 <= r["prob_fake"] <= 1.0 and r["error"] is None for r in records)
+    assert any("/resolve/" in r and "model.safetensors" in r for r in hub.requests)
+    assert any(r.endswith("/tiny_trainable.pth") for r in hub.requests)
+
+    # Second run: offline, the hub gone; everything comes from RINE_HOME and HF_HOME.
+    hub.server.shutdown()
+    second = run(HF_HUB_OFFLINE="1", RINE_OFFLINE="1")
+    assert second.returncode == 0, second.stderr
+    assert json.loads(second.stdout) == records
