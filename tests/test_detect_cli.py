@@ -5,16 +5,18 @@ from __future__ import annotations
 import csv
 import json
 import zlib
+
 import numpy as np
 import pytest
 import torch
-from conftest import OFFICIAL, require_shared, write_image
 from PIL import Image
 
 from rine.cli import main
 from rine.images import load_image
 from rine.inference import Detector
 from rine.preprocess import preprocess
+
+from conftest import OFFICIAL, require_shared, write_image
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from conftest import OFFICIAL, TINY, require_shared
 
 from rine.backbones import load_backbone
 from rine.checkpoints import (
@@ -22,6 +21,8 @@ from rine.checkpoints import (
 from rine.config import HeadConfig, RINEConfig
 from rine.head import RINEHead
 from rine.model import RINEModel
+
+from conftest import OFFICIAL, TINY, require_shared
 
 OFFICIAL_2CLASS_BLOB = "b8418b5884fd1fc1dba79bea91f41ab2341673d8"
 

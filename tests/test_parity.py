@@ -13,8 +13,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import PARITY, make_openai_visual_state, require_shared
-from openai_style_vit import reference_taps
 
 from rine.backbones import load_backbone, load_openai_clip_vision, read_state_dict
 from rine.checkpoints import head_from_state_dict, load_official_head
@@ -22,6 +20,9 @@ from rine.config import PreprocessConfig
 from rine.images import load_image
 from rine.model import RINEModel
 from rine.preprocess import preprocess
+
+from conftest import PARITY, make_openai_visual_state, require_shared
+from openai_style_vit import reference_taps
 
 ATOL = 1e-4
 

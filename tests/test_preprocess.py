@@ -7,7 +7,13 @@ import torch
 from PIL import Image
 
 from rine.config import CLIP_MEAN, CLIP_STD, PreprocessConfig
-from rine.preprocess import center_crop_array, crop_views, normalize, pad_to_min_size, ten_crop_arrays
+from rine.preprocess import (
+    center_crop_array,
+    crop_views,
+    normalize,
+    pad_to_min_size,
+    ten_crop_arrays,
+)
 
 
 def grid(h, w):

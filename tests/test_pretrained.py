@@ -11,11 +11,12 @@ import textwrap
 
 import pytest
 import torch
-from conftest import OFFICIAL, REPO, require_shared
-from loopback_hub import LoopbackHub
 
 from rine.checkpoints import git_blob_sha1, load_pretrained
 from rine.pretrained import WeightsUnavailableError, resolve_pretrained
+
+from conftest import OFFICIAL, REPO, require_shared
+from loopback_hub import LoopbackHub
 
 
 @pytest.fixture

@@ -18,7 +18,13 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .checkpoints import CONFIG_NAME, WEIGHTS_NAME, git_blob_sha1, load_official_head, save_pretrained
+from .checkpoints import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    git_blob_sha1,
+    load_official_head,
+    save_pretrained,
+)
 from .config import PreprocessConfig, RINEConfig
 
 logger = logging.getLogger(__name__)

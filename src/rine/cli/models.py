@@ -14,7 +14,7 @@ def run(args: argparse.Namespace) -> int:
     from ..backbones import BACKBONES
     from ..pretrained import PRETRAINED, rine_home
 
-    print("Pretrained detectors (downloaded on first use into RINE_HOME=%s):" % rine_home())
+    print(f"Pretrained detectors (downloaded on first use into RINE_HOME={rine_home()}):")
     for s in PRETRAINED.values():
         print(f"  {s.name:<20} backbone {s.backbone:<10} {s.description}")
     print("Backbones:")
