@@ -1,0 +1,145 @@
+"""`rine serve`: the HTTP API and web page on one machine.
+
+Examples:
+  rine serve                                   # http://127.0.0.1:8000, default model
+  rine serve --model ./my-checkpoint --port 9000
+  RINE_API_KEY=... rine serve --host 0.0.0.0 --api-key-env RINE_API_KEY
+
+The model loads in the background: /healthz answers at once, /readyz once the model
+is ready. Beyond loopback, set an API key (read from an environment variable, never
+from the command line, where any user could see it with `ps`).
+Needs the `serve` extra: pip install 'rine[serve]'.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+
+from .common import CLIError, add_model_options, fail, load_detector
+
+logger = logging.getLogger(__name__)
+MB = 1024 * 1024
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="run the HTTP API (POST /v1/detect) and the web page",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    n = p.add_argument_group("network")
+    n.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    n.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    n.add_argument("--api-key-env", metavar="NAME",
+                   help="require the header X-API-Key to equal the value of this environment variable")
+    n.add_argument("--no-access-log", action="store_true", help="do not log each request")
+    add_model_options(p)
+    lim = p.add_argument_group("limits")
+    lim.add_argument("--max-file-mb", type=float, default=20, help="largest image accepted, MB (default 20)")
+    lim.add_argument("--max-request-mb", type=float, default=64, help="largest request body, MB (default 64)")
+    lim.add_argument("--max-files", type=int, default=16, help="images per request (default 16)")
+    lim.add_argument("--max-pixels", type=int, default=40_000_000, help="pixels per image (default 40M)")
+    lim.add_argument("--memory-budget-mb", type=float, default=512,
+                     help="uploads held in memory by all requests together, MB; beyond it 503 (default 512)")
+    lim.add_argument("--max-concurrent", type=int, default=256, help="detect requests in progress; beyond it 503")
+    lim.add_argument("--timeout", type=float, default=60, help="seconds to score a request's images before 503")
+    b = p.add_argument_group("batching")
+    b.add_argument("--max-batch", type=int, default=32, help="views per encoder batch (an image is 1, or 10 with ten-crop)")
+    b.add_argument("--max-wait-ms", type=float, default=10, help="how long an idle encoder waits to fill a batch")
+    b.add_argument("--max-queue", type=int, default=256, help="images waiting for the encoder; beyond it 503")
+    b.add_argument("--decode-workers", type=int, default=None, help="image decoding threads (default: up to 2)")
+    p.set_defaults(func=run)
+
+
+def settings_from_args(args: argparse.Namespace):
+    """ServerSettings from the command line; CLIError for values that make no sense."""
+    from ..server.app import ServerSettings
+
+    api_key = None
+    if args.api_key_env:
+        api_key = os.environ.get(args.api_key_env)
+        if not api_key:
+            raise CLIError(f"--api-key-env {args.api_key_env}: that environment variable is unset or empty")
+    kwargs = dict(
+        max_file_bytes=int(args.max_file_mb * MB),
+        max_request_bytes=int(args.max_request_mb * MB),
+        max_files=args.max_files,
+        max_pixels=args.max_pixels,
+        memory_budget_bytes=int(args.memory_budget_mb * MB),
+        max_concurrent_requests=args.max_concurrent,
+        max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
+        max_queue=args.max_queue,
+        score_timeout_s=args.timeout,
+        api_key=api_key,
+    )
+    if args.decode_workers is not None:
+        kwargs["decode_workers"] = args.decode_workers
+    try:
+        return ServerSettings(**kwargs)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from ..server.app import create_app
+    except ImportError as e:
+        return fail(f"rine serve needs the serve extra ({e.name} is missing): pip install 'rine[serve]'")
+    if not 0 <= args.port <= 65535:
+        return fail("--port must be between 0 and 65535")
+    try:
+        settings = settings_from_args(args)
+    except CLIError as e:
+        return fail(str(e))
+    if args.head and args.model:
+        return fail("give either --model or --backbone/--head, not both")
+    if not _is_loopback(args.host) and settings.api_key is None:
+        logger.warning("listening on %s without an API key: anyone who can reach it can use it "
+                       "(see --api-key-env)", args.host)
+
+    load_failure: list[str] = []
+    server: uvicorn.Server | None = None
+
+    def on_load_error(e: BaseException) -> None:
+        load_failure.append(str(e))
+        if server is not None:
+            server.should_exit = True  # a server that can never be ready should not linger
+
+    app = create_app(settings=settings, detector_factory=lambda: load_detector(args), on_load_error=on_load_error)
+    config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        access_log=not args.no_access_log,
+        log_level="info" if args.verbose else "warning",
+        # A last line of defence against connection floods; the app's own limits answer first.
+        limit_concurrency=max(64, 4 * settings.max_concurrent_requests),
+        timeout_keep_alive=5,
+        server_header=False,
+    )
+    server = uvicorn.Server(config)
+    print(f"rine: serving on http://{_url_host(args.host)}:{args.port} (model loading in the background)", flush=True)
+    server.run()
+    if load_failure:
+        return fail(f"model failed to load: {load_failure[0]}")
+    return 0
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host

@@ -1,0 +1,9 @@
+"""HTTP service for RINE (`rine serve`): FastAPI app, cross-request batching, web page.
+
+Needs the `serve` extra (`pip install rine[serve]`): fastapi, uvicorn, python-multipart.
+"""
+
+from .app import ServerSettings, create_app
+from .batching import Batcher, Overloaded
+
+__all__ = ["Batcher", "Overloaded", "ServerSettings", "create_app"]
