@@ -1,0 +1,534 @@
+"""Running detectors over test sets: one backbone pass per (image, transform), any number of heads.
+
+    det = Detector.from_pretrained("rine-vitl14-4class")
+    sets = read_layout("ufd20", "data/test").sets
+    result = evaluate(det, sets, conditions=[Condition(), Condition("jpeg", seed=0)])
+    write_outputs(result, "runs/ufd20")
+
+Each image is decoded once; every transform (clean, or a robustness perturbation) turns it
+into uint8 views [V, S, S, 3]; the frozen backbone turns the views into taps
+[V, blocks, width] once; every head scores those taps. A head's probability for an image
+is sigmoid(mean of its views' logits) (ten-crop, as the reference). Unreadable images
+get an `error` record and are left out of the metrics (counted as `n_errors`).
+
+With `cache_dir`, taps are kept across runs in `rine.features` stores (one per test set
+and transform), so a second evaluation of other heads on the same data skips the backbone.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import PreprocessConfig, RINEConfig
+from .head import RINEHead
+from .images import ImageLoadError, load_image
+from .layouts import TestSet
+from .metrics import compute_metrics, mean_metrics
+from .perturb import QUIRKS, is_perturbed, robustness_image, transform_id
+from .preprocess import crop_views, normalize
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalHead:
+    """A named head to score with; `config` is its RINEConfig when known."""
+
+    name: str
+    head: RINEHead
+    config: RINEConfig | None = None
+
+
+@dataclass(frozen=True)
+class Condition:
+    """An evaluation transform: clean (`kind=None`) or a seeded robustness perturbation."""
+
+    kind: str | None = None
+    seed: int = 0
+    quirks: str = "none"
+    p: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.quirks not in QUIRKS:
+            raise ValueError(f"quirks must be one of {QUIRKS}")
+
+    @property
+    def id(self) -> str:
+        return transform_id(self.kind, self.seed, self.quirks, self.p)
+
+
+@dataclass
+class RunResult:
+    """One (head, condition): prediction records per set, then `metrics` {"sets", "mean"}."""
+
+    head: str
+    condition: Condition
+    records: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    block_importance: list[float] | None = None
+
+    @property
+    def name(self) -> str:
+        return self.head if self.condition.kind is None else f"{self.head}/{self.condition.id}"
+
+
+@dataclass
+class EvalResult:
+    runs: list[RunResult]
+    sets: list[str]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------- scoring
+def image_key(path: str, root: str | Path | None) -> str:
+    """The name an image is seeded by: its path relative to the data root when it lies
+    under it (so a moved dataset keeps its perturbations), else the path as given."""
+    if root is None:
+        return path
+    try:
+        rel = os.path.relpath(path, root)
+    except ValueError:  # another drive on Windows
+        return path
+    return path if rel.startswith("..") else Path(rel).as_posix()
+
+
+def make_views(
+    image, condition: Condition, key: str, preprocess: PreprocessConfig
+) -> tuple[np.ndarray, bool]:
+    """RGB PIL image -> (uint8 views [V, S, S, 3], whether it was perturbed)."""
+    hit = False
+    if condition.kind is not None:
+        image, hit = robustness_image(
+            image, condition.kind, condition.seed, key, condition.quirks, condition.p
+        )
+    return crop_views(image, preprocess), hit
+
+
+@torch.no_grad()
+def encode_views(detector, views: np.ndarray, batch_size: int) -> torch.Tensor:
+    """uint8 views [N, S, S, 3] -> taps [N, blocks, width] (float32, CPU) with the detector's
+    backbone. Uses `detector.encode_views` when the Detector provides one (faster paths)."""
+    fn = getattr(detector, "encode_views", None)
+    if fn is not None:
+        return torch.as_tensor(fn(views)).float().cpu()
+    backbone = detector.model.backbone
+    param = next(backbone.parameters())
+    pre = detector.config.preprocess
+    out = []
+    for i in range(0, len(views), batch_size):
+        pixels = normalize(
+            torch.from_numpy(np.ascontiguousarray(views[i : i + batch_size])), pre.mean, pre.std
+        )
+        out.append(backbone(pixels.to(param.device, param.dtype)).float().cpu())
+    return torch.cat(out) if out else torch.empty(0)
+
+
+@torch.no_grad()
+def head_logits(
+    head: RINEHead, taps: torch.Tensor, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """taps [N, blocks, width] -> logits [N] (float32, CPU)."""
+    return head.eval()(taps.to(device)).logits.float().cpu()
+
+
+def _image_records(
+    heads: Sequence[EvalHead], taps: torch.Tensor, counts: list[int], device
+) -> list[list[tuple[float, float]]]:
+    """Per head, per image: (logit, prob) with logit = mean over the image's views."""
+    out = []
+    for h in heads:
+        logits = head_logits(h.head, taps, device)  # [sum(counts)]
+        per, start = [], 0
+        for n in counts:
+            logit = logits[start : start + n].mean()  # ten-crop: mean of logits, then sigmoid
+            per.append((float(logit), float(torch.sigmoid(logit))))
+            start += n
+        out.append(per)
+    return out
+
+
+def _record(path: str, set_name: str, label: int, key: str) -> dict[str, Any]:
+    return {
+        "path": path,
+        "set": set_name,
+        "label": label,
+        "prob_fake": None,
+        "logit": None,
+        "error": None,
+        "key": key,
+    }
+
+
+def _score_set_live(
+    detector, heads, conditions, ts: TestSet, root, batch_size, num_workers, progress
+) -> list[list[list[dict]]]:
+    """-> records[condition][head][image] for one set, computing taps on the fly."""
+    from tqdm.auto import tqdm
+
+    pre = detector.config.preprocess
+    max_pixels = getattr(detector, "max_pixels", None)
+    n_c, n_h = len(conditions), len(heads)
+    records = [[[] for _ in heads] for _ in conditions]
+
+    def prepare(path: str, key: str):
+        image = load_image(path, max_pixels=max_pixels)
+        return [make_views(image, c, key, pre) for c in conditions]
+
+    batch: list[tuple[int, list]] = []  # (item index, [(views, hit)] per condition)
+    results: dict[int, Any] = {}
+
+    def flush() -> None:
+        if not batch:
+            return
+        counts = [len(v[0][0]) for _, v in batch]
+        for ci in range(n_c):
+            views = np.concatenate([v[ci][0] for _, v in batch])
+            taps = encode_views(detector, views, batch_size * max(1, max(counts)))
+            scored = _image_records(heads, taps, counts, detector.device)
+            for hi in range(n_h):
+                for (idx, v), (logit, prob) in zip(batch, scored[hi], strict=True):
+                    results[(ci, hi, idx)] = (logit, prob, v[ci][1])
+        batch.clear()
+
+    workers = num_workers or min(8, max(1, os.cpu_count() or 2))
+    max_in_flight = max(2 * batch_size, 2 * workers)
+    errors: dict[int, str] = {}
+    bar = tqdm(
+        total=len(ts.items), desc=ts.name, unit="img", disable=not progress, dynamic_ncols=True
+    )
+    keys = [image_key(p, root) for p, _ in ts.items]
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rine-eval") as pool:
+        pending: deque[tuple[int, Future]] = deque()
+
+        def drain() -> None:
+            idx, fut = pending.popleft()
+            try:
+                batch.append((idx, fut.result()))
+            except ImageLoadError as e:
+                errors[idx] = str(e)
+            except Exception as e:  # noqa: BLE001 - one bad file must not stop a benchmark
+                logger.debug("error on %s", ts.items[idx][0], exc_info=True)
+                errors[idx] = f"{type(e).__name__}: {e}".splitlines()[0]
+            bar.update(1)
+            if len(batch) >= batch_size:
+                flush()
+
+        try:
+            for idx, (path, _) in enumerate(ts.items):
+                pending.append((idx, pool.submit(prepare, path, keys[idx])))
+                while len(pending) >= max_in_flight:
+                    drain()
+            while pending:
+                drain()
+            flush()
+        finally:
+            for _, fut in pending:
+                fut.cancel()
+            bar.close()
+
+    for idx, (path, label) in enumerate(ts.items):
+        for ci in range(n_c):
+            for hi in range(n_h):
+                rec = _record(path, ts.name, label, keys[idx])
+                if idx in errors:
+                    rec["error"] = errors[idx]
+                else:
+                    logit, prob, hit = results[(ci, hi, idx)]
+                    rec.update(prob_fake=prob, logit=logit)
+                    if conditions[ci].kind is not None:
+                        rec["perturbed"] = hit
+                records[ci][hi].append(rec)
+    return records
+
+
+def _store_dir(
+    cache_dir: Path, detector, ts: TestSet, condition: Condition, items_sha: str
+) -> Path:
+    bb = detector.model.backbone
+    ident = json.dumps([str(bb.source), bb.revision, detector.config.preprocess.crop,
+                        detector.config.preprocess.image_size, condition.id, items_sha])  # fmt: skip
+    digest = hashlib.sha1(ident.encode()).hexdigest()[:12]
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", ts.name).strip("_") or "set"
+    return cache_dir / f"{safe}-{condition.id}-{digest}"
+
+
+def _score_set_cached(
+    detector,
+    heads,
+    conditions,
+    ts: TestSet,
+    root,
+    batch_size,
+    num_workers,
+    progress,
+    cache_dir: Path,
+    cache_dtype: str,
+) -> list[list[list[dict]]]:
+    """Like `_score_set_live`, with taps read from (or first written to) `rine.features` stores."""
+    from .features import Item, extract_features, items_sha1
+
+    pre = detector.config.preprocess
+    items = [Item(p, y, ts.name) for p, y in ts.items]
+    sha = items_sha1(items)
+    keys = [image_key(p, root) for p, _ in ts.items]
+    n_views = 10 if pre.crop == "ten" else 1
+    records = []
+    for cond in conditions:
+        hits: dict[int, bool] = {}
+
+        def views_of(image, item_index: int, view_index: int, cond=cond, hits=hits) -> np.ndarray:
+            # each view slot re-derives the same image (seeded by key), so slots are independent
+            views, hit = make_views(image, cond, keys[item_index], pre)
+            hits[item_index] = hit
+            return views[view_index]
+
+        store = extract_features(
+            detector.model.backbone, items, _store_dir(cache_dir, detector, ts, cond, sha), views_of,
+            transform_id=f"eval:{pre.crop}:{pre.image_size}:{cond.id}", views=n_views, seed=cond.seed,
+            dtype=cache_dtype, batch_size=batch_size, num_workers=num_workers, progress=progress,
+            max_pixels=getattr(detector, "max_pixels", None),
+        )  # fmt: skip
+        errors = dict(store.errors)
+        taps = torch.from_numpy(
+            np.asarray(store.taps[:], dtype=np.float32)
+        )  # [rows, blocks, width]
+        per_head = []
+        for h in heads:
+            logits = (
+                head_logits(h.head, taps, detector.device).numpy() if len(taps) else np.zeros(0)
+            )
+            sums = np.zeros(len(items))
+            np.add.at(sums, store.items, logits)
+            cnt = np.bincount(store.items, minlength=len(items))
+            recs = []
+            for idx, (path, label) in enumerate(ts.items):
+                rec = _record(path, ts.name, label, keys[idx])
+                if cnt[idx] == 0:
+                    rec["error"] = errors.get(path, "not in the feature store")
+                else:
+                    logit = float(sums[idx] / cnt[idx])
+                    rec.update(logit=logit, prob_fake=1.0 / (1.0 + math.exp(-logit)))
+                    if cond.kind is not None:
+                        rec["perturbed"] = is_perturbed(cond.seed, keys[idx], cond.p)
+                recs.append(rec)
+            per_head.append(recs)
+        records.append(per_head)
+    return records
+
+
+def evaluate(
+    detector,
+    sets: Sequence[TestSet],
+    *,
+    heads: Sequence[EvalHead] | None = None,
+    conditions: Sequence[Condition] | None = None,
+    root: str | Path | None = None,
+    batch_size: int = 16,
+    num_workers: int | None = None,
+    progress: bool = False,
+    threshold: float = 0.5,
+    cache_dir: str | Path | None = None,
+    cache_dtype: str = "float32",
+) -> EvalResult:
+    """Score every set under every condition with every head (default: the detector's own).
+
+    The backbone runs once per (image, condition); `root` is the data root images are
+    seeded by (see `image_key`). Metrics use `score > threshold` (0.5: the paper's ACC).
+    """
+    heads = (
+        list(heads)
+        if heads
+        else [EvalHead(detector.config.name or "model", detector.model.head, detector.config)]
+    )
+    conditions = list(conditions) if conditions else [Condition()]
+    backbone = detector.model.backbone
+    for h in heads:
+        cfg = h.head.config
+        if cfg.in_dim != backbone.width or (
+            cfg.blocks == "all" and cfg.n_blocks != backbone.n_blocks
+        ):
+            raise ValueError(
+                f"head {h.name!r} expects {cfg.n_blocks} blocks of width {cfg.in_dim}; the backbone "
+                f"has {backbone.n_blocks} of width {backbone.width}"
+            )
+        h.head.to(detector.device).eval()
+    runs = [RunResult(h.name, c) for c in conditions for h in heads]
+    for ts in sets:
+        if cache_dir is not None:
+            recs = _score_set_cached(detector, heads, conditions, ts, root, batch_size, num_workers, progress,
+                                     Path(cache_dir).expanduser(), cache_dtype)  # fmt: skip
+        else:
+            recs = _score_set_live(
+                detector, heads, conditions, ts, root, batch_size, num_workers, progress
+            )
+        for ci in range(len(conditions)):
+            for hi in range(len(heads)):
+                runs[ci * len(heads) + hi].records[ts.name] = recs[ci][hi]
+    for i, run in enumerate(runs):
+        hi = i % len(heads)
+        run.metrics = metrics_of(run.records, threshold)
+        with torch.no_grad():
+            run.block_importance = heads[hi].head.block_importance().float().cpu().tolist()
+    return EvalResult(runs, [ts.name for ts in sets])
+
+
+def metrics_of(records: dict[str, list[dict[str, Any]]], threshold: float = 0.5) -> dict[str, Any]:
+    """{"sets": {name: metrics}, "mean": {...}} from prediction records (errors excluded)."""
+    per_set = {}
+    for name, recs in records.items():
+        ok = [r for r in recs if r["error"] is None]
+        m = compute_metrics([r["label"] for r in ok], [r["prob_fake"] for r in ok], threshold)
+        m["n_errors"] = len(recs) - len(ok)
+        # counts on disk, readable or not: what the layout found
+        m["n_real_listed"] = sum(1 for r in recs if r["label"] == 0)
+        m["n_fake_listed"] = sum(1 for r in recs if r["label"] == 1)
+        per_set[name] = m
+    return {"sets": per_set, "mean": mean_metrics(per_set), "threshold": threshold}
+
+
+# ---------------------------------------------------------------------------- outputs
+TABLE_METRICS = ("acc", "ap", "auc", "acc_real", "acc_fake", "f1", "ece", "acc_best")
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f}"
+
+
+def paper_table_markdown(runs: Sequence[RunResult], sets: Sequence[str]) -> str:
+    """The paper's layout: one row per model, one column per test set, cells "ACC / AP" in %."""
+    head = ["model", *sets, "mean"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for run in runs:
+        cells = [run.name]
+        for s in [*sets, None]:
+            m = run.metrics["mean"] if s is None else run.metrics["sets"].get(s, {})
+            cells.append(f"{_pct(m.get('acc'))} / {_pct(m.get('ap'))}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n\nCells: ACC / AP in % (accuracy at 0.5, average precision).\n"
+
+
+def detail_table_markdown(run: RunResult) -> str:
+    """One row per set (and the mean): counts and every metric in %."""
+    cols = ["set", "n_real", "n_fake", "n_errors", *TABLE_METRICS]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    rows = [*run.metrics["sets"].items(), ("mean", run.metrics["mean"])]
+    for name, m in rows:
+        vals = [
+            name,
+            str(m.get("n_real", "")),
+            str(m.get("n_fake", "")),
+            str(m.get("n_errors", "")),
+        ]
+        vals += [_pct(m.get(k)) for k in TABLE_METRICS]
+        lines.append("| " + " | ".join(vals) + " |")
+    notes = [
+        f"- {name}: {'; '.join(m['notes'])}"
+        for name, m in run.metrics["sets"].items()
+        if m.get("notes")
+    ]
+    return "\n".join(lines) + "\n" + ("\nNotes:\n" + "\n".join(notes) + "\n" if notes else "")
+
+
+def write_paper_csv(path: Path, runs: Sequence[RunResult], sets: Sequence[str]) -> None:
+    """CSV of the paper's layout: model, then `<set> ACC`, `<set> AP` per set and the mean (in %)."""
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["model", *[f"{s} {k}" for s in [*sets, "mean"] for k in ("ACC", "AP")]])
+        for run in runs:
+            row = [run.name]
+            for s in [*sets, None]:
+                m = run.metrics["mean"] if s is None else run.metrics["sets"].get(s, {})
+                row += [_round(m.get("acc")), _round(m.get("ap"))]
+            w.writerow(row)
+
+
+def _round(v: float | None) -> str:
+    return "" if v is None else f"{100 * v:.2f}"
+
+
+def write_run(run: RunResult, folder: Path, meta: dict[str, Any], plots: bool = True) -> list[Path]:
+    """metrics.json, predictions.jsonl, table.md/csv, metrics.csv and plots of one run."""
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    metrics = {**run.metrics, "model": run.head, "condition": run.condition.id, "meta": meta}
+    (folder / "metrics.json").write_text(
+        json.dumps(metrics, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+    )
+    with open(folder / "predictions.jsonl", "w", encoding="utf-8") as f:
+        for recs in run.records.values():
+            for r in recs:
+                f.write(
+                    json.dumps({k: v for k, v in r.items() if k != "key"}, ensure_ascii=False)
+                    + "\n"
+                )
+    sets = list(run.records)
+    (folder / "table.md").write_text(
+        paper_table_markdown([run], sets) + "\n" + detail_table_markdown(run), encoding="utf-8"
+    )
+    write_paper_csv(folder / "table.csv", [run], sets)
+    with open(folder / "metrics.csv", "w", newline="", encoding="utf-8") as f:
+        cols = ["set", "n_real", "n_fake", "n_errors", *TABLE_METRICS]
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        for name, m in [*run.metrics["sets"].items(), ("mean", run.metrics["mean"])]:
+            w.writerow(
+                {"set": name, **{k: ("" if m.get(k) is None else m.get(k)) for k in cols[1:]}}
+            )
+    written += [
+        folder / n
+        for n in ("metrics.json", "predictions.jsonl", "table.md", "table.csv", "metrics.csv")
+    ]
+    if plots:
+        from .reports import plot_run
+
+        written += plot_run(run, folder)
+    return written
+
+
+def write_outputs(result: EvalResult, out_dir: str | Path, plots: bool = True) -> list[Path]:
+    """One run: its files directly in `out_dir`. Several runs (heads x conditions): one
+    folder per run (`<head>/<condition>`) plus `summary.md`/`summary.csv`/`summary.json`."""
+    out = Path(out_dir).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval_config.json").write_text(
+        json.dumps(result.meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+    )
+    if len(result.runs) == 1:
+        return write_run(result.runs[0], out, result.meta, plots)
+    written = []
+    for run in result.runs:
+        written += write_run(run, out / _safe(run.head) / run.condition.id, result.meta, plots)
+    (out / "summary.md").write_text(
+        paper_table_markdown(result.runs, result.sets), encoding="utf-8"
+    )
+    write_paper_csv(out / "summary.csv", result.runs, result.sets)
+    summary = {
+        run.name: {"mean": run.metrics["mean"], "sets": run.metrics["sets"]} for run in result.runs
+    }
+    (out / "summary.json").write_text(
+        json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+    )
+    if plots:
+        from .reports import plot_summary
+
+        written += plot_summary(result, out)
+    return written + [out / "summary.md", out / "summary.csv", out / "summary.json"]
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_.") or "model"

@@ -1,0 +1,344 @@
+"""Benchmark layouts on disk -> named test sets of (path, label), label 0 = real, 1 = fake.
+
+    sets = read_layout("ufd20", "data/test")      # [TestSet("progan", ...), ...]
+
+Readers (`LAYOUTS`): `ufd20` (CNNDetection + UniversalFakeDetect, the paper's 20 sets),
+`synthbuster` (nine generators + RAISE real images), `genimage` (GenImage's
+`<Generator>/<subdir>/{train,val}/{ai,nature}`), `folder` (any tree of real/fake
+leaf folders) and `manifest` (a CSV or JSONL list). Labels always come from folder
+NAMES, never from sorted order (sorting puts GenImage's `ai` before `nature`).
+
+A missing class folder or one without images is a `LayoutError` naming the path;
+a whole test set missing from a partially downloaded benchmark is a warning, and
+the set is listed in `LayoutResult.missing`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .images import is_image_path
+
+logger = logging.getLogger(__name__)
+
+REAL, FAKE = 0, 1
+REAL_NAMES = frozenset({"0_real", "real", "nature"})
+FAKE_NAMES = frozenset({"1_fake", "fake", "ai"})
+
+UFD20_SETS = (
+    "progan", "stylegan", "stylegan2", "biggan", "cyclegan", "stargan", "gaugan",
+    "deepfake", "seeingdark", "san", "crn", "imle",
+    "guided", "ldm_200", "ldm_200_cfg", "ldm_100",
+    "glide_100_27", "glide_50_27", "glide_100_10", "dalle",
+)  # fmt: skip
+# Diffusion sets share real folders (UniversalFakeDetect): guided uses ImageNet, the rest LAION.
+UFD20_DIFFUSION_REAL = {
+    "guided": "imagenet", "ldm_200": "laion", "ldm_200_cfg": "laion", "ldm_100": "laion",
+    "glide_100_27": "laion", "glide_50_27": "laion", "glide_100_10": "laion", "dalle": "laion",
+}  # fmt: skip
+SYNTHBUSTER_SETS = (
+    "dalle2", "dalle3", "stable-diffusion-1-3", "stable-diffusion-1-4", "stable-diffusion-2",
+    "stable-diffusion-xl", "glide", "firefly", "midjourney-v5",
+)  # fmt: skip
+SYNTHBUSTER_REAL_DIRS = ("RAISEpng", "real_RAISE_1k")
+
+
+class LayoutError(ValueError):
+    """The data root does not follow the layout; the message names the offending path."""
+
+
+@dataclass
+class TestSet:
+    """One test set: `items` are (path, label) pairs in a stable (sorted) order."""
+
+    __test__ = False  # not a pytest class, despite the name
+
+    name: str
+    items: list[tuple[str, int]]
+
+    @property
+    def n_real(self) -> int:
+        return sum(1 for _, y in self.items if y == REAL)
+
+    @property
+    def n_fake(self) -> int:
+        return sum(1 for _, y in self.items if y == FAKE)
+
+
+@dataclass
+class LayoutResult:
+    """The sets found under `root`; `missing` names the expected sets that were absent."""
+
+    layout: str
+    root: Path
+    sets: list[TestSet]
+    missing: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------- helpers
+def list_images(folder: Path) -> list[str]:
+    """Image files under `folder`, recursively, sorted; hidden files (`.x`, `._x`) skipped.
+    Symbolic links are followed (datasets are often linked in), each real folder once."""
+    out: list[str] = []
+    seen: set[str] = set()
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:  # a link cycle
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        out.extend(
+            str(Path(root) / f) for f in sorted(files) if not f.startswith(".") and is_image_path(f)
+        )
+    return out
+
+
+def _class_items(folder: Path, label: int) -> list[tuple[str, int]]:
+    if not folder.is_dir():
+        raise LayoutError(f"missing folder: {folder}")
+    paths = list_images(folder)
+    if not paths:
+        raise LayoutError(
+            f"no images in {folder} (expected {'real' if label == REAL else 'fake'} images)"
+        )
+    return [(p, label) for p in paths]
+
+
+def _real_fake(folder: Path) -> list[tuple[str, int]]:
+    """`folder/0_real` + `folder/1_fake`, or the same under each category subfolder."""
+    if (folder / "0_real").is_dir() or (folder / "1_fake").is_dir():
+        return _class_items(folder / "0_real", REAL) + _class_items(folder / "1_fake", FAKE)
+    categories = sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not categories:
+        raise LayoutError(
+            f"{folder} has neither 0_real/1_fake nor category subfolders holding them"
+        )
+    items: list[tuple[str, int]] = []
+    for cat in categories:
+        items += _class_items(cat / "0_real", REAL) + _class_items(cat / "1_fake", FAKE)
+    return items
+
+
+def _pick(wanted: list[str] | None, known: tuple[str, ...]) -> tuple[list[str], bool]:
+    if wanted is None:
+        return list(known), False
+    unknown = [w for w in wanted if w not in known]
+    if unknown:
+        raise LayoutError(f"unknown test set(s) {unknown}; this layout has: {', '.join(known)}")
+    return list(wanted), True
+
+
+def _missing(name: str, path: Path, explicit: bool, missing: list[str]) -> None:
+    if explicit:
+        raise LayoutError(f"test set {name!r}: missing folder {path}")
+    logger.warning("test set %s skipped: missing folder %s", name, path)
+    missing.append(name)
+
+
+def _nonempty(result: LayoutResult) -> LayoutResult:
+    if not result.sets:
+        raise LayoutError(f"no test set of layout {result.layout!r} found under {result.root}")
+    return result
+
+
+# ---------------------------------------------------------------------------- readers
+def read_ufd20(root: Path, sets: list[str] | None = None) -> LayoutResult:
+    """CNNDetection + UniversalFakeDetect test folder (the one holding progan/, ...,
+    diffusion_datasets/); a parent folder holding `test/` is accepted too."""
+    if not (root / "progan").exists() and (root / "test").is_dir():
+        root = root / "test"
+    names, explicit = _pick(sets, UFD20_SETS)
+    out, missing = [], []
+    for name in names:
+        if name in UFD20_DIFFUSION_REAL:
+            fake = root / "diffusion_datasets" / name
+            if not fake.is_dir():
+                _missing(name, fake, explicit, missing)
+                continue
+            real = root / "diffusion_datasets" / UFD20_DIFFUSION_REAL[name] / "0_real"
+            items = _class_items(real, REAL) + _class_items(fake / "1_fake", FAKE)
+        else:
+            folder = root / name
+            if not folder.is_dir():
+                _missing(name, folder, explicit, missing)
+                continue
+            items = _real_fake(folder)
+        out.append(TestSet(name, items))
+    return _nonempty(LayoutResult("ufd20", root, out, missing))
+
+
+def read_synthbuster(
+    root: Path, sets: list[str] | None = None, real_dir: str | Path | None = None
+) -> LayoutResult:
+    """Synthbuster generators under `root` (or `root/synthbuster`); real RAISE images from
+    `real_dir`, else the first of RAISEpng/ or real_RAISE_1k/ in `root` or its parent."""
+    gen_root = root / "synthbuster" if (root / "synthbuster").is_dir() else root
+    if real_dir is not None:
+        real = Path(real_dir)
+    else:
+        candidates = [
+            base / d for base in (root, gen_root, root.parent) for d in SYNTHBUSTER_REAL_DIRS
+        ]
+        real = next((c for c in candidates if c.is_dir()), None)
+        if real is None:
+            raise LayoutError(
+                f"no real (RAISE) folder: looked for {', '.join(SYNTHBUSTER_REAL_DIRS)} in {root} "
+                f"and {root.parent}; pass real_dir (--real-dir)"
+            )
+    real_items = _class_items(real, REAL)
+    names, explicit = _pick(sets, SYNTHBUSTER_SETS)
+    out, missing = [], []
+    for name in names:
+        folder = gen_root / name
+        if not folder.is_dir():
+            _missing(name, folder, explicit, missing)
+            continue
+        out.append(TestSet(name, real_items + _class_items(folder, FAKE)))
+    return _nonempty(LayoutResult("synthbuster", root, out, missing))
+
+
+def read_genimage(root: Path, sets: list[str] | None = None, split: str = "val") -> LayoutResult:
+    """GenImage: each `<Generator>/` holds `<subdir>/<split>/{ai,nature}` (or `<split>/` directly).
+    One test set per generator folder; `ai` is fake, `nature` real, by name."""
+    if not root.is_dir():
+        raise LayoutError(f"missing folder: {root}")
+    generators = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if sets is not None:
+        known = {d.name for d in generators}
+        unknown = [s for s in sets if s not in known]
+        if unknown:
+            raise LayoutError(f"test set(s) {unknown} not found under {root}")
+        generators = [d for d in generators if d.name in sets]
+    out = []
+    for gen in generators:
+        splits = [gen / split] if (gen / split).is_dir() else sorted(gen.glob(f"*/{split}"))
+        splits = [s for s in splits if s.is_dir()]
+        if not splits:
+            raise LayoutError(
+                f"generator {gen.name}: no {split}/ folder in {gen} or its subfolders"
+            )
+        items: list[tuple[str, int]] = []
+        for s in splits:
+            items += _class_items(s / "nature", REAL) + _class_items(s / "ai", FAKE)
+        out.append(TestSet(gen.name, items))
+    return _nonempty(LayoutResult("genimage", root, out))
+
+
+def read_folder(
+    root: Path, sets: list[str] | None = None, max_depth: int = 6, set_depth: int = 1
+) -> LayoutResult:
+    """Any tree whose leaves are real folders (0_real, real, nature) and fake folders
+    (1_fake, fake, ai), names matched case-insensitively, searched down to `max_depth`.
+
+    A class folder's test set is its parent's path relative to `root`, cut to its first
+    `set_depth` parts (so `progan/airplane/0_real` joins set `progan`); class folders
+    right under `root` form one set named after `root`. A set with one class only is
+    kept with a warning (its AP/AUC are undefined)."""
+    if not root.is_dir():
+        raise LayoutError(f"missing folder: {root}")
+    grouped: dict[str, list[tuple[str, int]]] = {}
+    found_class: dict[str, set[int]] = {}
+
+    def walk(folder: Path, depth: int) -> None:
+        for d in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            low = d.name.lower()
+            if low in REAL_NAMES or low in FAKE_NAMES:
+                label = REAL if low in REAL_NAMES else FAKE
+                rel = folder.relative_to(root).parts
+                name = "/".join(rel[:set_depth]) if rel else root.resolve().name
+                grouped.setdefault(name, []).extend(_class_items(d, label))
+                found_class.setdefault(name, set()).add(label)
+            elif depth < max_depth:
+                walk(d, depth + 1)
+
+    walk(root, 1)
+    if sets is not None:
+        unknown = [s for s in sets if s not in grouped]
+        if unknown:
+            raise LayoutError(
+                f"test set(s) {unknown} not found under {root}; found: {sorted(grouped)}"
+            )
+        grouped = {k: v for k, v in grouped.items() if k in sets}
+    for name, labels in found_class.items():
+        if name in grouped and len(labels) == 1:
+            which = "real" if REAL in labels else "fake"
+            logger.warning("test set %s has only %s images (under %s)", name, which, root / name)
+    out = [TestSet(name, sorted(items)) for name, items in sorted(grouped.items())]
+    if not out:
+        raise LayoutError(
+            f"no real/fake folders ({'|'.join(sorted(REAL_NAMES))} / {'|'.join(sorted(FAKE_NAMES))}) "
+            f"found under {root} within depth {max_depth}"
+        )
+    return LayoutResult("folder", root, out)
+
+
+_LABELS = {
+    "0": REAL,
+    "real": REAL,
+    "0_real": REAL,
+    "nature": REAL,
+    "1": FAKE,
+    "fake": FAKE,
+    "1_fake": FAKE,
+    "ai": FAKE,
+}
+
+
+def read_manifest(path: Path, sets: list[str] | None = None) -> LayoutResult:
+    """A CSV (header `path,label[,set]`) or JSONL (`{"path", "label"[, "set"]}`) file.
+    Relative paths are relative to the manifest's folder; labels are 0/1, real/fake or
+    0_real/1_fake/nature/ai; rows without a set join a set named after the file."""
+    if not path.is_file():
+        raise LayoutError(f"manifest not found: {path}")
+    base, default_set = path.parent, path.stem
+    rows: list[tuple[int, dict]] = []
+    with path.open(encoding="utf-8-sig", newline="") as f:
+        if path.suffix.lower() in (".jsonl", ".ndjson", ".json"):
+            for i, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append((i, json.loads(line)))
+                    except json.JSONDecodeError as e:
+                        raise LayoutError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+        else:
+            reader = csv.DictReader(f)
+            if not reader.fieldnames or not {"path", "label"} <= set(reader.fieldnames):
+                raise LayoutError(f"{path}: the CSV header must name the columns path,label[,set]")
+            rows = list(enumerate(reader, 2))
+    grouped: dict[str, list[tuple[str, int]]] = {}
+    for line, row in rows:
+        if not isinstance(row, dict) or not row.get("path"):
+            raise LayoutError(f"{path}:{line}: no path")
+        label = _LABELS.get(str(row.get("label", "")).strip().lower())
+        if label is None:
+            raise LayoutError(f"{path}:{line}: label {row.get('label')!r} is not 0/1/real/fake")
+        p = Path(str(row["path"])).expanduser()
+        p = p if p.is_absolute() else base / p
+        grouped.setdefault(str(row.get("set") or default_set), []).append((str(p), label))
+    if sets is not None:
+        grouped = {k: v for k, v in grouped.items() if k in sets}
+    out = [TestSet(name, items) for name, items in grouped.items()]
+    return _nonempty(LayoutResult("manifest", path, out))
+
+
+LAYOUTS: dict[str, Callable[..., LayoutResult]] = {
+    "ufd20": read_ufd20,
+    "synthbuster": read_synthbuster,
+    "genimage": read_genimage,
+    "folder": read_folder,
+    "manifest": read_manifest,
+}
+
+
+def read_layout(layout: str, root: str | Path, **options) -> LayoutResult:
+    """Named test sets under `root` for `layout` (a key of `LAYOUTS`); options go to the reader."""
+    if layout not in LAYOUTS:
+        raise LayoutError(f"unknown layout {layout!r}; choose from {', '.join(LAYOUTS)}")
+    return LAYOUTS[layout](Path(root).expanduser(), **options)

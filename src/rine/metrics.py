@@ -1,0 +1,170 @@
+"""Binary detection metrics as plain functions (label 1 = fake, score = P(fake)).
+
+Same definitions as scikit-learn (tested against it), in NumPy so that the core
+needs no scikit-learn. Accuracy uses `score > threshold`, as the reference does
+(`accuracy_score(y, y_score > 0.5)`), so a score of exactly 0.5 counts as real.
+A metric that is undefined on the given labels (AP with no fake image, AUC with one
+class) is returned as None by `compute_metrics`, with the reason in `notes`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+ArrayLike = Sequence[float] | np.ndarray
+
+
+def _arrays(y_true: ArrayLike, y_score: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    y = np.asarray(y_true, dtype=np.int64).ravel()
+    s = np.asarray(y_score, dtype=np.float64).ravel()
+    if y.shape != s.shape:
+        raise ValueError(f"{y.size} labels but {s.size} scores")
+    if not np.isin(y, (0, 1)).all():
+        raise ValueError("labels must be 0 (real) or 1 (fake)")
+    return y, s
+
+
+def accuracy(y_true: ArrayLike, y_score: ArrayLike, threshold: float = 0.5) -> float:
+    """Fraction correct with `score > threshold` predicted fake."""
+    y, s = _arrays(y_true, y_score)
+    return float(np.mean((s > threshold).astype(np.int64) == y)) if y.size else float("nan")
+
+
+def class_accuracy(
+    y_true: ArrayLike, y_score: ArrayLike, label: int, threshold: float = 0.5
+) -> float | None:
+    """Accuracy restricted to images of `label` (recall of that class); None if there are none."""
+    y, s = _arrays(y_true, y_score)
+    m = y == label
+    return float(np.mean((s[m] > threshold).astype(np.int64) == label)) if m.any() else None
+
+
+def f1(y_true: ArrayLike, y_score: ArrayLike, threshold: float = 0.5) -> float | None:
+    """F1 of the fake class; None when there is no fake image and no fake prediction."""
+    y, s = _arrays(y_true, y_score)
+    pred = s > threshold
+    tp = int(np.sum(pred & (y == 1)))
+    fp = int(np.sum(pred & (y == 0)))
+    fn = int(np.sum(~pred & (y == 1)))
+    return 2 * tp / (2 * tp + fp + fn) if (tp + fp + fn) else None
+
+
+def _binary_clf_curve(y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Cumulative (fp, tp) at each distinct score, highest first; tied scores form one step."""
+    order = np.argsort(-s, kind="mergesort")
+    s, y = s[order], y[order]
+    last_of_run = np.r_[np.flatnonzero(np.diff(s)), y.size - 1]
+    tps = np.cumsum(y)[last_of_run]
+    fps = (last_of_run + 1) - tps
+    return fps, tps, s[last_of_run]
+
+
+def average_precision(y_true: ArrayLike, y_score: ArrayLike) -> float | None:
+    """scikit-learn's `average_precision_score`: sum over thresholds of
+    (R_n - R_{n-1}) * P_n, without interpolation. None if there is no fake image."""
+    y, s = _arrays(y_true, y_score)
+    if not y.any():
+        return None
+    fps, tps, _ = _binary_clf_curve(y, s)
+    precision = tps / (tps + fps)
+    recall = tps / tps[-1]
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def roc_curve(y_true: ArrayLike, y_score: ArrayLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(fpr, tpr, thresholds) starting at (0, 0), one point per distinct score."""
+    y, s = _arrays(y_true, y_score)
+    fps, tps, thr = _binary_clf_curve(y, s)
+    fps, tps = np.r_[0, fps], np.r_[0, tps]
+    n_neg, n_pos = max(int(fps[-1]), 1), max(int(tps[-1]), 1)
+    return fps / n_neg, tps / n_pos, np.r_[np.inf, thr]
+
+
+def roc_auc(y_true: ArrayLike, y_score: ArrayLike) -> float | None:
+    """Area under the ROC curve (ties count one half); None unless both classes are present."""
+    y, s = _arrays(y_true, y_score)
+    if y.all() or not y.any():
+        return None
+    fpr, tpr, _ = roc_curve(y, s)
+    return float(np.trapezoid(tpr, fpr))
+
+
+def expected_calibration_error(y_true: ArrayLike, y_score: ArrayLike, n_bins: int = 15) -> float:
+    """Top-label ECE (Guo et al. 2017): the confidence max(p, 1-p) of the predicted class is
+    binned in `n_bins` equal-width bins of [0, 1]; sum of |accuracy - confidence| weighted
+    by the bin's share of images."""
+    y, s = _arrays(y_true, y_score)
+    if not y.size:
+        return float("nan")
+    pred = (s > 0.5).astype(np.int64)
+    conf = np.where(pred == 1, s, 1.0 - s)
+    correct = (pred == y).astype(np.float64)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    idx = np.clip(np.searchsorted(edges, conf, side="left") - 1, 0, n_bins - 1)
+    ece = 0.0
+    for b in np.unique(idx):
+        m = idx == b
+        ece += m.mean() * abs(correct[m].mean() - conf[m].mean())
+    return float(ece)
+
+
+def best_threshold_accuracy(y_true: ArrayLike, y_score: ArrayLike) -> float:
+    """Accuracy at the best threshold chosen on the same scores (an oracle, as sidbench reports)."""
+    y, s = _arrays(y_true, y_score)
+    fps, tps, _ = _binary_clf_curve(y, s)
+    n_neg = int(y.size - y.sum())
+    # predicting fake for the top-k scores: correct = tp + (negatives not flagged)
+    correct = np.r_[n_neg, tps + (n_neg - fps)]
+    return float(correct.max() / y.size) if y.size else float("nan")
+
+
+METRIC_KEYS = ("acc", "ap", "auc", "acc_real", "acc_fake", "f1", "ece", "acc_best")
+
+
+def compute_metrics(
+    y_true: ArrayLike, y_score: ArrayLike, threshold: float = 0.5
+) -> dict[str, Any]:
+    """All metrics of one test set; undefined ones are None and explained in `notes`."""
+    y, s = _arrays(y_true, y_score)
+    n_real, n_fake = int(np.sum(y == 0)), int(np.sum(y == 1))
+    out: dict[str, Any] = {"n_real": n_real, "n_fake": n_fake, "n": int(y.size)}
+    notes: list[str] = []
+    if y.size == 0:
+        out.update({k: None for k in METRIC_KEYS})
+        out["notes"] = ["no scored image"]
+        return out
+    out["acc"] = accuracy(y, s, threshold)
+    # With one class AP is 1 or undefined whatever the scores, so it is reported as None.
+    out["ap"] = average_precision(y, s) if n_real and n_fake else None
+    out["auc"] = roc_auc(y, s)
+    out["acc_real"] = class_accuracy(y, s, 0, threshold)
+    out["acc_fake"] = class_accuracy(y, s, 1, threshold)
+    out["f1"] = f1(y, s, threshold)
+    out["ece"] = expected_calibration_error(y, s)
+    out["acc_best"] = best_threshold_accuracy(y, s)
+    if n_fake == 0:
+        notes.append("only real images: ap, auc, acc_fake undefined")
+    elif n_real == 0:
+        notes.append("only fake images: ap, auc, acc_real undefined")
+    if out["f1"] is None:
+        notes.append("f1 undefined: no fake image and no fake prediction")
+    if notes:
+        out["notes"] = notes
+    return out
+
+
+def mean_metrics(per_set: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Mean of each metric over the test sets where it is defined (the paper's "mean"),
+    plus summed counts; `n_sets_<metric>` says over how many sets a partial mean ran."""
+    out: dict[str, Any] = {"n_sets": len(per_set)}
+    for key in ("n_real", "n_fake", "n", "n_errors"):
+        out[key] = sum(int(m.get(key) or 0) for m in per_set.values())
+    for key in METRIC_KEYS:
+        vals = [m[key] for m in per_set.values() if m.get(key) is not None]
+        out[key] = float(np.mean(vals)) if vals else None
+        if len(vals) != len(per_set):
+            out[f"n_sets_{key}"] = len(vals)
+    return out
