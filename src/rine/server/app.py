@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-import math
 import os
 import threading
 import time
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.security import APIKeyHeader
@@ -406,8 +406,10 @@ class Service:
 
     def _record(self, name: str, vs: ViewScores) -> dict[str, Any]:
         # Ten-crop: the probability is the sigmoid of the MEAN logit, as in the reference.
-        logit = float(np.mean(vs.logits, dtype=np.float64))
-        prob = 1.0 / (1.0 + math.exp(-logit)) if logit >= 0 else math.exp(logit) / (1.0 + math.exp(logit))
+        # Computed as Detector.predict does (float32 mean, then sigmoid) so that the API and
+        # `rine detect` give the same number for the same file.
+        mean_logit = torch.from_numpy(np.ascontiguousarray(vs.logits)).mean()
+        logit, prob = mean_logit.item(), torch.sigmoid(mean_logit).item()
         is_fake = prob >= self.detector.threshold
         return {
             "name": name,

@@ -171,7 +171,7 @@ function init() {
   }
   zone.addEventListener("drop", (e) => {
     e.preventDefault();
-    addFiles(Array.from(e.dataTransfer.files).filter((f) => !f.type || f.type.startsWith("image/")));
+    addFiles(Array.from(e.dataTransfer.files));
   });
   // A file dropped outside the zone must not make the browser navigate away from the page.
   window.addEventListener("dragover", (e) => e.preventDefault());

@@ -1,0 +1,520 @@
+"""API tests for `rine serve` (FastAPI TestClient, tiny random-weight detector)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import threading
+import time
+from concurrent.futures import Future
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("fastapi")
+pytest.importorskip("python_multipart")
+
+from fastapi.testclient import TestClient  # noqa: E402
+
+from rine.server import Batcher, Overloaded, ServerSettings, create_app  # noqa: E402
+from rine.server.app import display_name, load_error_status  # noqa: E402
+
+from conftest import OFFICIAL  # noqa: E402
+
+
+def png_bytes(size=(64, 48), mode="RGB", seed=0, fmt="PNG") -> bytes:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    w, h = size
+    ch = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
+    arr = rng.integers(0, 256, size=(h, w, ch), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr[..., 0] if ch == 1 else arr, mode).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def upload(*items):
+    """[(name, bytes)] -> the `files=` argument of the test client."""
+    return [("files", (name, data, "application/octet-stream")) for name, data in items]
+
+
+@pytest.fixture
+def client(tiny_detector):
+    with TestClient(create_app(tiny_detector)) as c:
+        yield c
+
+
+def make_client(detector, **settings):
+    return TestClient(create_app(detector, ServerSettings(**settings)))
+
+
+class GatedDetector:
+    """The tiny detector whose encoder waits for `gate`: lets a test hold work in the batcher."""
+
+    def __init__(self, detector):
+        self.inner = detector
+        self.config = detector.config
+        self.threshold = detector.threshold
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+
+    def block_importance(self):
+        return self.inner.block_importance()
+
+    def score_views(self, views):
+        self.entered.set()
+        assert self.gate.wait(30), "test gate never opened"
+        return self.inner.score_views(views)
+
+
+def wait_until(cond, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.005)
+
+
+# ---------------------------------------------------------------------------- health, model, page
+def test_health_model_and_openapi(client, tiny_detector):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["ready"] is True
+    info = client.get("/v1/model").json()
+    assert info["name"] == "tiny-test"
+    assert info["backbone"] == tiny_detector.config.backbone
+    assert info["revision"] is None
+    assert info["threshold"] == 0.5
+    assert info["n_blocks"] == 3
+    np.testing.assert_allclose(info["block_importance"], tiny_detector.block_importance(), atol=1e-6)
+    spec = client.get("/openapi.json").json()
+    assert {"/v1/detect", "/v1/model", "/healthz", "/readyz"} <= set(spec["paths"])
+    body = spec["paths"]["/v1/detect"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert body["properties"]["files"]["items"]["format"] == "binary"
+
+
+def test_page_is_self_contained(client):
+    page = client.get("/")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    csp = page.headers["content-security-policy"]
+    assert "default-src 'none'" in csp and "script-src 'self'" in csp
+    assert page.headers["x-content-type-options"] == "nosniff"
+    for path in ("/", "/static/app.js", "/static/style.css"):
+        text = client.get(path).text
+        assert client.get(path).status_code == 200
+        # no CDN, no web font: nothing is loaded from another origin
+        assert "https://" not in text and "@import" not in text and "@font-face" not in text
+        assert "http://" not in text.replace("http://www.w3.org/2000/svg", "")
+    assert 'for="file-input"' in page.text and 'id="file-input"' in page.text
+
+
+def test_readyz_false_until_model_loaded(tiny_detector):
+    release = threading.Event()
+
+    def factory():
+        assert release.wait(30)
+        return tiny_detector
+
+    with TestClient(create_app(detector_factory=factory)) as c:
+        assert c.get("/healthz").status_code == 200
+        r = c.get("/readyz")
+        assert r.status_code == 503 and r.json()["ready"] is False and "Retry-After" in r.headers
+        assert c.post("/v1/detect", files=upload(("a.png", png_bytes()))).status_code == 503
+        assert c.get("/v1/model").status_code == 503
+        release.set()
+        wait_until(lambda: c.get("/readyz").status_code == 200)
+        assert c.post("/v1/detect", files=upload(("a.png", png_bytes()))).status_code == 200
+
+
+def test_load_failure_is_reported(tiny_detector):
+    errors = []
+
+    def factory():
+        raise FileNotFoundError("no such checkpoint")
+
+    with TestClient(create_app(detector_factory=factory, on_load_error=errors.append)) as c:
+        wait_until(lambda: errors)
+        r = c.get("/readyz")
+        assert r.status_code == 503 and "no such checkpoint" in r.json()["detail"]
+
+
+# ---------------------------------------------------------------------------- scoring
+def test_detect_matches_detector_predict(client, tiny_detector):
+    real = (OFFICIAL / "real_aadlygmazf.jpg").read_bytes()
+    fake = (OFFICIAL / "fake_dalle_zzrybysskm.png").read_bytes()
+    r = client.post("/v1/detect", files=upload(("real.jpg", real), ("fake.png", fake)))
+    assert r.status_code == 200
+    data = r.json()
+    assert data["model"] == "tiny-test" and data["threshold"] == 0.5
+    assert len(data["model_block_importance"]) == 3
+    expected = tiny_detector.predict([real, fake])
+    assert [rec["name"] for rec in data["results"]] == ["real.jpg", "fake.png"]
+    for rec, pred in zip(data["results"], expected, strict=True):
+        assert rec["status"] == 200 and rec["error"] is None
+        assert rec["prob_fake"] == pytest.approx(pred.prob_fake, abs=1e-5)
+        assert rec["logit"] == pytest.approx(pred.logit, abs=1e-5)
+        assert rec["verdict"] == ("synthetic" if pred.is_fake else "real")
+        assert rec["is_fake"] == pred.is_fake
+        np.testing.assert_allclose(rec["block_importance"], pred.block_contribution, atol=1e-5)
+        assert sum(rec["block_importance"]) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_ten_crop_is_sigmoid_of_mean_logit(tiny_checkpoint_dir):
+    from rine.inference import Detector
+
+    det = Detector.from_pretrained(str(tiny_checkpoint_dir), crop="ten")
+    data = png_bytes((300, 260), seed=3)
+    with make_client(det) as c:
+        rec = c.post("/v1/detect", files=upload(("a.png", data))).json()["results"][0]
+    from PIL import Image
+
+    from rine.preprocess import crop_views
+
+    views = crop_views(Image.open(io.BytesIO(data)).convert("RGB"), det.config.preprocess)
+    assert views.shape[0] == 10
+    logits, _ = det.score_views(views)
+    assert rec["prob_fake"] == pytest.approx(torch.sigmoid(logits.mean()).item(), abs=1e-5)
+    assert rec["logit"] == pytest.approx(logits.mean().item(), abs=1e-6)
+
+
+@pytest.mark.parametrize("mode,fmt", [("RGBA", "PNG"), ("L", "PNG"), ("RGB", "JPEG"), ("RGB", "WEBP")])
+def test_detect_accepts_common_formats(client, mode, fmt):
+    r = client.post("/v1/detect", files=upload((f"x.{fmt.lower()}", png_bytes(mode=mode, fmt=fmt))))
+    assert r.status_code == 200
+    assert 0.0 <= r.json()["results"][0]["prob_fake"] <= 1.0
+
+
+def test_concurrent_requests_are_batched_together(tiny_detector):
+    gated = GatedDetector(tiny_detector)
+    n = 6
+    with make_client(gated, max_wait_ms=0) as c:
+        # The first request occupies the encoder; the others queue behind it and must
+        # come out as ONE batch when it frees up.
+        results = [None] * n
+        threads = [threading.Thread(target=lambda i=i: results.__setitem__(
+            i, c.post("/v1/detect", files=upload((f"{i}.png", png_bytes(seed=i))))
+        )) for i in range(n)]
+        threads[0].start()
+        assert gated.entered.wait(10)
+        for t in threads[1:]:
+            t.start()
+        batcher = c.app.state.service.batcher
+        wait_until(lambda: batcher.depth == n - 1)
+        gated.gate.set()
+        for t in threads:
+            t.join(30)
+        assert all(r.status_code == 200 for r in results)
+        assert batcher.batches == 2 and batcher.largest_batch == n - 1
+        for i, r in enumerate(results):
+            expected = tiny_detector.predict(png_bytes(seed=i))[0].prob_fake
+            assert r.json()["results"][0]["prob_fake"] == pytest.approx(expected, abs=1e-5)
+
+
+# ---------------------------------------------------------------------------- input errors
+def test_not_an_image_is_415(client):
+    r = client.post("/v1/detect", files=upload(("notes.txt", b"just some text, not pixels")))
+    assert r.status_code == 415
+    assert "not an image" in r.json()["detail"]
+    assert r.json()["results"][0]["error"] == r.json()["detail"]
+
+
+def test_truncated_and_empty_are_422(client):
+    data = png_bytes((128, 128))
+    r = client.post("/v1/detect", files=upload(("cut.png", data[: len(data) // 2])))
+    assert r.status_code == 422 and "truncated" in r.json()["detail"]
+    r = client.post("/v1/detect", files=upload(("empty.png", b"")))
+    assert r.status_code == 422 and r.json()["detail"] == "empty file"
+
+
+def test_several_files_get_per_file_errors_in_order(client):
+    good = png_bytes(seed=1)
+    r = client.post("/v1/detect", files=upload(("a.png", good), ("b.txt", b"nope"), ("c.png", good[:100]), ("d.png", good)))
+    assert r.status_code == 200
+    recs = r.json()["results"]
+    assert [x["name"] for x in recs] == ["a.png", "b.txt", "c.png", "d.png"]
+    assert [x["status"] for x in recs] == [200, 415, 422, 200]
+    assert recs[1]["prob_fake"] is None and recs[1]["verdict"] is None
+    assert recs[0]["prob_fake"] == pytest.approx(recs[3]["prob_fake"], abs=1e-6)
+
+
+def test_file_over_size_limit_is_413(tiny_detector):
+    big = png_bytes((200, 200))  # ~120 KB of noise
+    small = png_bytes((32, 32))
+    with make_client(tiny_detector, max_file_bytes=50_000, max_request_bytes=1_000_000) as c:
+        r = c.post("/v1/detect", files=upload(("big.png", big)))
+        assert r.status_code == 413 and "too large" in r.json()["detail"]
+        r = c.post("/v1/detect", files=upload(("big.png", big), ("small.png", small)))
+        assert r.status_code == 200
+        assert [x["status"] for x in r.json()["results"]] == [413, 200]
+        assert c.app.state.service.budget.used == 0
+
+
+def test_request_over_size_limit_is_413_before_reading(tiny_detector):
+    with make_client(tiny_detector, max_file_bytes=10_000, max_request_bytes=20_000) as c:
+        r = c.post("/v1/detect", files=upload(("a.png", b"\0" * 50_000)))
+        assert r.status_code == 413 and "request body too large" in r.json()["detail"]
+
+        # no Content-Length (chunked): the limit is enforced while reading
+        boundary = "xyz"
+        body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"a.png\"\r\n\r\n"
+                .encode() + b"\0" * 50_000 + f"\r\n--{boundary}--\r\n".encode())
+
+        def chunks():
+            for i in range(0, len(body), 4096):
+                yield body[i : i + 4096]
+
+        r = c.post("/v1/detect", content=chunks(), headers={"content-type": f"multipart/form-data; boundary={boundary}"})
+        assert r.status_code == 413
+
+
+def test_too_many_pixels_is_413(tiny_detector):
+    with make_client(tiny_detector, max_pixels=100 * 100) as c:
+        r = c.post("/v1/detect", files=upload(("wide.png", png_bytes((200, 100)))))
+        assert r.status_code == 413 and "too many pixels" in r.json()["detail"]
+
+
+def test_decompression_bomb_is_refused_from_the_header(client):
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", (12_000, 12_000)).save(buf, format="PNG")  # 144 M px, ~140 KB compressed
+    r = client.post("/v1/detect", files=upload(("bomb.png", buf.getvalue())))
+    assert r.status_code == 413 and "too many pixels" in r.json()["detail"]
+
+
+def test_bad_requests(client):
+    assert client.post("/v1/detect", content=b"{}", headers={"content-type": "application/json"}).status_code == 415
+    r = client.post("/v1/detect", data={"other": "x"}, files=[("other_file", ("a.png", png_bytes(), "image/png"))])
+    assert r.status_code == 422 and "files" in r.json()["detail"]
+    r = client.post("/v1/detect", content=b"garbage", headers={"content-type": "multipart/form-data"})
+    assert r.status_code == 400
+    r = client.post("/v1/detect", content=b"--b\r\nnot a header line\r\n\r\n", headers={"content-type": "multipart/form-data; boundary=b"})
+    assert r.status_code in (400, 422)
+
+
+def test_too_many_files_is_413(tiny_detector):
+    with make_client(tiny_detector, max_files=2) as c:
+        img = png_bytes((16, 16))
+        r = c.post("/v1/detect", files=upload(("1.png", img), ("2.png", img), ("3.png", img)))
+        assert r.status_code == 413 and "too many files" in r.json()["detail"]
+
+
+def test_client_filename_is_display_only_and_nothing_is_spooled(client, monkeypatch):
+    import tempfile
+
+    import starlette.formparsers
+
+    def no_disk(*a, **k):
+        raise AssertionError("an upload touched the disk")
+
+    for mod, name in ((tempfile, "SpooledTemporaryFile"), (tempfile, "NamedTemporaryFile"),
+                      (tempfile, "mkstemp"), (starlette.formparsers, "SpooledTemporaryFile")):
+        monkeypatch.setattr(mod, name, no_disk)
+    big = png_bytes((1100, 1000))  # > 1 MB: Starlette's own parser would spool this to a temp file
+    assert len(big) > 1024 * 1024
+    r = client.post("/v1/detect", files=upload(("../../etc/passwd", big)))
+    assert r.status_code == 200 and r.json()["results"][0]["name"] == "passwd"
+    assert display_name("C:\\Users\\x\\a\x00b.png", 0) == "ab.png"
+    assert display_name("", 4) == "file 5"
+    assert len(display_name("a" * 5000, 0)) == 200
+
+
+def test_load_error_status_mapping():
+    assert load_error_status("file too large: 5 bytes > limit 4") == 413
+    assert load_error_status("too many pixels: 9x9 = 81 > limit 80") == 413
+    assert load_error_status("not an image (unrecognised format)") == 415
+    assert load_error_status("corrupt or truncated image: x") == 422
+    assert load_error_status("empty file") == 422
+
+
+# ---------------------------------------------------------------------------- API key
+def test_api_key(tiny_detector):
+    with make_client(tiny_detector, api_key="s3cret-key") as c:
+        img = png_bytes()
+        assert c.post("/v1/detect", files=upload(("a.png", img))).status_code == 401
+        assert c.post("/v1/detect", files=upload(("a.png", img)), headers={"X-API-Key": "wrong"}).status_code == 401
+        assert c.get("/v1/model").status_code == 401
+        assert c.get("/v1/model", headers={"X-API-Key": "s3cret-key"}).status_code == 200
+        r = c.post("/v1/detect", files=upload(("a.png", img)), headers={"X-API-Key": "s3cret-key"})
+        assert r.status_code == 200
+        # health and the page stay open (the page asks for the key itself)
+        assert c.get("/healthz").status_code == 200 and c.get("/readyz").status_code == 200
+        assert c.get("/").status_code == 200
+        spec = c.get("/openapi.json").json()
+        assert "X-API-Key" in str(spec["components"]["securitySchemes"])
+
+
+# ---------------------------------------------------------------------------- overload and timeouts
+def test_full_queue_is_503_with_retry_after(tiny_detector):
+    gated = GatedDetector(tiny_detector)
+    with make_client(gated, max_queue=1, max_wait_ms=0) as c:
+        out = {}
+        first = threading.Thread(target=lambda: out.__setitem__(1, c.post("/v1/detect", files=upload(("1.png", png_bytes())))))
+        first.start()
+        assert gated.entered.wait(10)  # request 1 is inside the encoder
+        second = threading.Thread(target=lambda: out.__setitem__(2, c.post("/v1/detect", files=upload(("2.png", png_bytes())))))
+        second.start()
+        batcher = c.app.state.service.batcher
+        wait_until(lambda: batcher.depth == 1)  # request 2 fills the queue
+        r = c.post("/v1/detect", files=upload(("3.png", png_bytes())))
+        assert r.status_code == 503 and r.headers["Retry-After"] == "2"
+        assert "queue full" in r.json()["detail"]
+        gated.gate.set()
+        first.join(30)
+        second.join(30)
+        assert out[1].status_code == 200 and out[2].status_code == 200
+        assert c.post("/v1/detect", files=upload(("4.png", png_bytes()))).status_code == 200
+
+
+def test_too_many_requests_in_flight_is_503(tiny_detector):
+    gated = GatedDetector(tiny_detector)
+    with make_client(gated, max_concurrent_requests=1, max_wait_ms=0) as c:
+        t = threading.Thread(target=lambda: c.post("/v1/detect", files=upload(("1.png", png_bytes()))))
+        t.start()
+        assert gated.entered.wait(10)
+        r = c.post("/v1/detect", files=upload(("2.png", png_bytes())))
+        assert r.status_code == 503 and "Retry-After" in r.headers
+        gated.gate.set()
+        t.join(30)
+        assert c.app.state.service.in_flight == 0
+
+
+def test_memory_budget_is_503(tiny_detector):
+    with make_client(tiny_detector, memory_budget_bytes=10_000) as c:
+        r = c.post("/v1/detect", files=upload(("a.png", png_bytes((100, 100)))))
+        assert r.status_code == 503 and "memory budget" in r.json()["detail"]
+        assert c.app.state.service.budget.used == 0
+        assert c.post("/v1/detect", files=upload(("a.png", png_bytes((16, 16))))).status_code == 200
+
+
+def test_score_timeout_is_503_and_frees_the_request(tiny_detector):
+    gated = GatedDetector(tiny_detector)
+    with make_client(gated, score_timeout_s=0.2, max_wait_ms=0) as c:
+        r = c.post("/v1/detect", files=upload(("a.png", png_bytes())))
+        assert r.status_code == 503 and "longer than" in r.json()["detail"]
+        gated.gate.set()
+        assert c.app.state.service.in_flight == 0
+
+
+def test_slow_upload_times_out_with_408(tiny_detector):
+    app = create_app(tiny_detector, ServerSettings(read_timeout_s=0.2))
+    boundary = b"bnd"
+    sent = []
+
+    async def scenario():
+        first = True
+
+        async def receive():
+            nonlocal first
+            if first:
+                first = False
+                head = b"--bnd\r\nContent-Disposition: form-data; name=\"files\"; filename=\"a.png\"\r\n\r\n"
+                return {"type": "http.request", "body": head, "more_body": True}
+            await asyncio.sleep(3600)  # a client that stops sending
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                 "scheme": "http", "path": "/v1/detect", "raw_path": b"/v1/detect", "query_string": b"",
+                 "root_path": "", "headers": [(b"content-type", b"multipart/form-data; boundary=" + boundary)],
+                 "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+        app.state.service.start()
+        try:
+            await asyncio.wait_for(app(scope, receive, send), 10)
+        finally:
+            app.state.service.close()
+
+    asyncio.run(scenario())
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 408
+
+
+# ---------------------------------------------------------------------------- the batcher alone
+def echo_scores(views):
+    """logit = mean pixel value of each view; contributions = [logit, 1]."""
+    m = views.reshape(len(views), -1).mean(axis=1).astype(np.float32)
+    return m, np.stack([m, np.ones_like(m)], axis=1)
+
+
+def views_of(value, n=1):
+    return np.full((n, 4, 4, 3), value, dtype=np.uint8)
+
+
+def test_batcher_splits_results_per_item():
+    b = Batcher(echo_scores, max_batch=64, max_wait_s=0.2, max_queue=16).start()
+    try:
+        futures = [b.submit(views_of(v, n)) for v, n in [(1, 1), (2, 10), (3, 2)]]
+        out = [f.result(10) for f in futures]
+    finally:
+        b.close()
+    assert [o.logits.tolist() for o in out] == [[1.0], [2.0] * 10, [3.0] * 2]
+    assert out[1].contributions.shape == (10, 2)
+    assert b.batches == 1 and b.largest_batch == 13
+
+
+def test_batcher_respects_max_batch_and_bounds():
+    b = Batcher(echo_scores, max_batch=4, max_wait_s=0.2, max_queue=3).start()
+    try:
+        futures = [b.submit(views_of(i, 2)) for i in range(3)]
+        with pytest.raises(Overloaded):
+            # the worker may already hold the first batch; keep submitting until the bound bites
+            for _ in range(10):
+                futures.append(b.submit(views_of(9, 2)))
+        for f in futures:
+            f.result(10)
+    finally:
+        b.close()
+    assert b.largest_batch <= 4 and b.rejected == 1
+    with pytest.raises(Overloaded):
+        b.submit(views_of(0))
+    with pytest.raises(ValueError):
+        Batcher(echo_scores, max_batch=0)
+
+
+def test_batcher_skips_cancelled_and_reports_errors():
+    calls = []
+
+    def failing(views):
+        calls.append(len(views))
+        raise RuntimeError("encoder exploded")
+
+    b = Batcher(failing, max_batch=8, max_wait_s=0.3, max_queue=8).start()
+    try:
+        cancelled = b.submit(views_of(1))
+        assert cancelled.cancel()
+        kept = b.submit(views_of(2, 3))
+        with pytest.raises(RuntimeError, match="exploded"):
+            kept.result(10)
+    finally:
+        b.close()
+    assert calls == [3]
+
+
+def test_batcher_close_fails_waiting_work():
+    b = Batcher(echo_scores)
+    f: Future = Future()
+    with pytest.raises(Overloaded):
+        b.submit(views_of(1))  # not started
+    b.start()
+    f = b.submit(views_of(1))
+    b.close()
+    assert f.result(10).logits.tolist() == [1.0]  # finished before the worker stopped
+
+
+# ---------------------------------------------------------------------------- the command
+def test_cli_serve_options(monkeypatch):
+    from rine.cli import build_parser, main
+    from rine.cli.serve import settings_from_args
+
+    parser = build_parser()
+    args = parser.parse_args(["serve", "--max-file-mb", "1", "--max-request-mb", "2", "--max-batch", "8"])
+    s = settings_from_args(args)
+    assert s.max_file_bytes == 1024 * 1024 and s.max_batch == 8 and s.api_key is None
+    monkeypatch.setenv("RINE_TEST_KEY", "k1")
+    s = settings_from_args(parser.parse_args(["serve", "--api-key-env", "RINE_TEST_KEY"]))
+    assert s.api_key == "k1" and "k1" not in repr(s)
+    monkeypatch.delenv("RINE_TEST_KEY")
+    assert main(["serve", "--api-key-env", "RINE_TEST_KEY"]) == 2
+    assert main(["serve", "--max-file-mb", "30", "--max-request-mb", "10"]) == 2
+    assert main(["serve", "--port", "70000"]) == 2
