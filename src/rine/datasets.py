@@ -6,8 +6,9 @@ ldm:     the latent-diffusion training set of grip-unina DMimageDetection, read 
          real_lsun.txt ("<class>_<file>" -> ROOT/train/<class>/0_real/<file>),
          real_coco.txt ("<id>.jpg" -> ROOT/coco/train2014/COCO_train2014_<id>.jpg, else
          val2014), and one folder of fakes per generator (set = the folder's name).
-folder:  any tree whose images sit in `0_real`/`1_fake` folders (set = the path above
-         them, "" at the top); test layouts of the evaluation issue fit this.
+other:   any layout of the evaluation engineer's `rine.layouts` (ufd20, synthbuster,
+         genimage, folder, manifest), read through its `read_layout`; set = test-set name.
+         Without that module, `folder` falls back to `folder_items` below.
 
 Orders are sorted, so the same data always gives the same item indices (and views).
 """
@@ -24,7 +25,19 @@ from .images import is_image_path
 
 logger = logging.getLogger(__name__)
 
-LAYOUTS = ("progan", "ldm", "folder")
+TRAIN_LAYOUTS = ("progan", "ldm")
+
+
+def available_layouts() -> tuple[str, ...]:
+    """Training layouts plus the evaluation layouts of `rine.layouts` when installed."""
+    try:
+        from .layouts import LAYOUTS as EVAL_LAYOUTS
+    except ImportError:
+        return (*TRAIN_LAYOUTS, "folder")
+    return (*TRAIN_LAYOUTS, *[name for name in EVAL_LAYOUTS if name not in TRAIN_LAYOUTS])
+
+
+LAYOUTS = available_layouts()
 PROGAN_CLASSES = ("airplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
                   "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
                   "train", "tvmonitor")  # fmt: skip
@@ -99,6 +112,14 @@ def layout_items(root: str | Path, layout: str, split: str = "train", classes: S
         return progan_items(root, split, classes)
     if layout == "ldm":
         return ldm_items(root, split)
+    try:
+        from .layouts import LAYOUTS as EVAL_LAYOUTS
+        from .layouts import read_layout
+    except ImportError:
+        EVAL_LAYOUTS, read_layout = {}, None
+    if layout in EVAL_LAYOUTS:
+        result = read_layout(layout, root)
+        return [Item(str(p), int(y), ts.name) for ts in result.sets for p, y in ts.items]
     if layout == "folder":
-        return folder_items(Path(root) / split if split and (Path(root) / split).is_dir() else root)
+        return folder_items(root)
     raise ValueError(f"unknown layout {layout!r}; choose from {', '.join(LAYOUTS)}")

@@ -1,0 +1,170 @@
+"""The feature store: contents equal the backbone's taps, resumes are exact (also after kill -9)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from rine.augment import CenterView, TrainAugment
+from rine.backbones import load_backbone
+from rine.datasets import progan_items
+from rine.features import COMMITS_NAME, FeatureStore, Item, StoreError, extract_features
+from rine.preprocess import center_crop_array, normalize
+
+from conftest import write_image
+
+
+def make_progan(root: Path, classes=("car", "cat"), per_label: int = 3, split: str = "train") -> Path:
+    seed = 0
+    for c in classes:
+        for label in ("0_real", "1_fake"):
+            for i in range(per_label):
+                seed += 1
+                # sizes vary, and some are smaller than 224 (padded by the transforms)
+                write_image(root / split / c / label / f"{i}.png", size=(180 + 30 * i, 250), seed=seed)
+    return root
+
+
+@pytest.fixture(scope="module")
+def backbone(tiny_backbone_dir):
+    return load_backbone(str(tiny_backbone_dir))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    root = make_progan(tmp_path_factory.mktemp("progan"))
+    (root / "train" / "car" / "0_real" / "broken.png").write_bytes(b"not an image")
+    return root
+
+
+def test_store_holds_the_backbone_taps(backbone, data, tmp_path):
+    from rine.images import load_image
+
+    items = progan_items(data, "train", ["car", "cat"])
+    store = extract_features(backbone, items, tmp_path / "s", CenterView(), dtype="float32", batch_size=4, shard_size=5)
+    assert store.complete and len(store) == len(items) - 1
+    assert store.meta["blocks"] == 3 and store.meta["width"] == 64
+    assert [p for p, _ in store.errors] == [str(data / "train/car/0_real/broken.png")]
+    good = [it for it in items if "broken" not in it.path]
+    assert store.paths == [it.path for it in good]
+    assert store.labels.tolist() == [it.label for it in good]
+    assert store.sets == [it.set for it in good]
+    views = np.stack([center_crop_array(np.asarray(load_image(it.path)), 224) for it in good])
+    expected = backbone(normalize(torch.from_numpy(views), store_mean(), store_std())).numpy()
+    np.testing.assert_allclose(store.taps[:], expected, rtol=1e-5, atol=1e-5)
+    # gathers across shards keep the requested order
+    rows = np.array([10, 0, 7, 3, 10])
+    np.testing.assert_array_equal(store.taps[rows], store.taps[:][rows])
+    np.testing.assert_array_equal(store.taps[-1], store.taps[:][-1])
+    assert isinstance(np.load(store.root / "shard-000000.npy", mmap_mode="r"), np.memmap)
+
+
+def store_mean():
+    from rine.config import CLIP_MEAN
+
+    return CLIP_MEAN
+
+
+def store_std():
+    from rine.config import CLIP_STD
+
+    return CLIP_STD
+
+
+def test_views_and_float16(backbone, data, tmp_path):
+    items = progan_items(data, "train", ["cat"])
+    store = extract_features(backbone, items, tmp_path / "s", TrainAugment(3), views=2, seed=3, batch_size=8)
+    assert store.taps.dtype == np.float16 and len(store) == 2 * len(items)
+    assert store.views.tolist() == [0, 1] * len(items)
+    assert not np.array_equal(store.taps[0], store.taps[1])  # two different augmented views
+    assert store.rows_of_view(1).tolist() == list(range(1, 2 * len(items), 2))
+
+
+def test_refuses_to_mix_settings(backbone, data, tmp_path):
+    items = progan_items(data, "train", ["cat"])
+    extract_features(backbone, items, tmp_path / "s", TrainAugment(0), seed=0)
+    with pytest.raises(StoreError, match=r"seed: store has 0, this run has 1"):
+        extract_features(backbone, items, tmp_path / "s", TrainAugment(1), seed=1)
+    with pytest.raises(StoreError, match="transform"):
+        extract_features(backbone, items, tmp_path / "s", CenterView(), seed=0)
+    with pytest.raises(StoreError, match="items_sha1"):
+        extract_features(backbone, items[:-1], tmp_path / "s", TrainAugment(0), seed=0)
+
+
+def test_resume_after_torn_commit_and_stray_tmp(backbone, data, tmp_path):
+    items = progan_items(data, "train", ["car", "cat"])
+    aug = TrainAugment(0)
+    full = extract_features(backbone, items, tmp_path / "full", aug, dtype="float32", shard_size=3)
+    part = tmp_path / "part"
+    extract_features(backbone, items, part, aug, dtype="float32", shard_size=3)
+    lines = (part / COMMITS_NAME).read_bytes().splitlines(keepends=True)
+    # keep two commits, tear the third mid-line, leave a half-written shard behind
+    (part / COMMITS_NAME).write_bytes(b"".join(lines[:2]) + lines[2][:25])
+    (part / "shard-000003.npy.tmp").write_bytes(b"garbage")
+    (part / "shard-000004.npy").write_bytes(b"uncommitted garbage")
+    assert not FeatureStore.open(part).complete
+    resumed = extract_features(backbone, items, part, aug, dtype="float32", shard_size=3)
+    assert_same_rows(full, resumed)
+    assert not list(part.glob("*.tmp"))
+
+
+def assert_same_rows(a: FeatureStore, b: FeatureStore) -> None:
+    assert a.complete and b.complete
+    assert len(a) == len(b)
+    assert a.paths == b.paths and a.views.tolist() == b.views.tolist() and a.items.tolist() == b.items.tolist()
+    assert a.labels.tolist() == b.labels.tolist() and a.errors == b.errors
+    np.testing.assert_array_equal(a.taps[:], b.taps[:])
+
+
+def _commits(store: Path) -> int:
+    try:
+        return (store / COMMITS_NAME).read_bytes().count(b"\n")
+    except FileNotFoundError:
+        return 0
+
+
+@pytest.mark.slow
+def test_kill_9_at_several_points_then_resume(tiny_backbone_dir, tmp_path):
+    """A real SIGKILL of `python -m rine extract` at several points; the resumed store equals
+    an uninterrupted one row by row."""
+    from rine.cli import main
+
+    root = make_progan(tmp_path / "data", per_label=6)
+    store = tmp_path / "killed"
+    args = ["extract", "--root", str(root), "--layout", "progan", "--split", "train", "--classes", "car,cat",
+            "--backbone", str(tiny_backbone_dir), "--shard-size", "2", "--views", "2", "--seed", "5",
+            "--batch-size", "2", "--workers", "1", "--no-progress"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    killed_incomplete = 0
+    # kill points: as soon as the store exists, after 1 commit, after 4 commits
+    for wait_for in (lambda: (store / "meta.json").exists(), lambda: _commits(store) >= 1, lambda: _commits(store) >= 4):
+        proc = subprocess.Popen([sys.executable, "-m", "rine", *args, "--out", str(store)], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        deadline = time.monotonic() + 120
+        while not wait_for() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        if proc.returncode == -signal.SIGKILL and (store / "meta.json").exists():
+            killed_incomplete += not FeatureStore.open(store).complete
+    assert killed_incomplete >= 2, "the kills should land while the extraction was running"
+    assert main([*args, "--out", str(store)]) == 0  # the resume
+    assert main([*args, "--out", str(tmp_path / "clean")]) == 0
+    a, b = FeatureStore.open(tmp_path / "clean"), FeatureStore.open(store)
+    assert len(a) == 2 * 24
+    assert_same_rows(a, b)
+    assert json.loads((store / "meta.json").read_text())["seed"] == 5
+
+
+def test_items_are_plain_records():
+    it = Item("a.png", 1, "car")
+    assert (it.path, it.label, it.set) == ("a.png", 1, "car")
