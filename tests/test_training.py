@@ -1,0 +1,137 @@
+"""Training: stored taps == images end to end, byte-identical reruns, the CLI's outputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from rine.augment import CenterView, TrainAugment
+from rine.backbones import load_backbone
+from rine.datasets import progan_items
+from rine.features import FeatureStore, extract_features
+from rine.training import (
+    ImageTaps,
+    StoreTaps,
+    TrainConfig,
+    average_precision,
+    build_head,
+    train_head,
+)
+from test_features import make_progan
+
+
+@pytest.fixture(scope="module")
+def backbone(tiny_backbone_dir):
+    return load_backbone(str(tiny_backbone_dir))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("progan")
+    make_progan(root, per_label=5)
+    make_progan(root, per_label=2, split="val")
+    return root
+
+
+@pytest.fixture(scope="module")
+def stores(backbone, data, tmp_path_factory):
+    base = tmp_path_factory.mktemp("stores")
+    items = progan_items(data, "train", ["car", "cat"])
+    train32 = extract_features(backbone, items, base / "train32", TrainAugment(0), seed=0, dtype="float32", batch_size=8)
+    val = extract_features(backbone, progan_items(data, "val"), base / "val", CenterView(), batch_size=8)
+    return items, train32, val
+
+
+def test_stored_taps_train_the_same_head_as_images(backbone, stores):
+    """One epoch from a float32 store == one epoch end to end on images (same seeds)."""
+    items, train32, _ = stores
+    cfg = TrainConfig(nproj=2, proj_dim=32, batch_size=6, epochs=1, seed=0)  # 20 items: 4 batches, last partial
+    from_store = train_head(StoreTaps(train32), cfg).head.state_dict()
+    from_images = train_head(ImageTaps(backbone, items, TrainAugment(0)), cfg).head.state_dict()
+    torch.manual_seed(0)
+    init = build_head(cfg, 64, 3).state_dict()
+    for k in from_store:
+        torch.testing.assert_close(from_store[k], from_images[k], rtol=1e-5, atol=1e-6)
+        assert not torch.equal(from_store[k], init[k]), f"{k} did not train"
+    # a different augmentation seed gives different views, hence different weights
+    other = train_head(ImageTaps(backbone, items, TrainAugment(1)), cfg).head.state_dict()
+    assert not torch.allclose(other["proj1.1.weight"], from_images["proj1.1.weight"])
+
+
+def test_multi_view_store_serves_view_e_at_epoch_e(backbone, data, tmp_path):
+    items = progan_items(data, "train", ["cat"])
+    store = extract_features(backbone, items, tmp_path / "s", TrainAugment(0), views=2, dtype="float32")
+    cfg = TrainConfig(nproj=1, proj_dim=16, batch_size=4, epochs=2)
+    a = train_head(StoreTaps(store), cfg).head.state_dict()
+    b = train_head(ImageTaps(backbone, items, TrainAugment(0)), cfg).head.state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_lr_schedule_and_validation(stores, tmp_path):
+    _, train32, val = stores
+    cfg = TrainConfig(nproj=1, proj_dim=16, batch_size=8, epochs=3, lr_milestones=(2, 3))
+    assert [cfg.lr_at(e) for e in range(3)] == pytest.approx([1e-3, 1e-4, 1e-5])
+    res = train_head(StoreTaps(train32), cfg, val=val, log_path=tmp_path / "log.jsonl")
+    lines = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    epochs = [x for x in lines if x["event"] == "epoch"]
+    assert [e["lr"] for e in epochs] == pytest.approx([1e-3, 1e-4, 1e-5])
+    assert all(0 <= e["val_acc"] <= 1 and np.isfinite(e["loss"]) for e in epochs)
+    best = max(epochs, key=lambda e: (e["val_acc"], -e["val_loss"]))
+    assert res.best_epoch == best["epoch"] == lines[-1]["best_epoch"]
+
+
+def test_ablations_shape_the_head(stores):
+    _, train32, _ = stores
+    no_tie = train_head(StoreTaps(train32), TrainConfig(nproj=1, proj_dim=8, use_tie=False)).head
+    assert "alpha" not in no_tie.state_dict()
+    last = train_head(StoreTaps(train32), TrainConfig(nproj=1, proj_dim=8, blocks="last")).head
+    assert last.config.n_blocks == 1 and last.alpha.shape == (1, 1, 8)
+    half = train_head(StoreTaps(train32), TrainConfig(nproj=1, proj_dim=8, fraction=0.5, contrastive=False))
+    assert half.history[0]["supcon"] == 0
+
+
+def test_average_precision_matches_sklearn():
+    sklearn = pytest.importorskip("sklearn.metrics")
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        y = rng.integers(0, 2, 50)
+        s = np.round(rng.random(50), 1)  # ties included
+        assert average_precision(y, s) == pytest.approx(sklearn.average_precision_score(y, s))
+
+
+def test_cli_train_is_byte_reproducible_and_loadable(stores, tmp_path):
+    from rine.cli import main
+    from rine.inference import Detector
+
+    _, train32, val = stores
+    args = ["train", "--features", str(train32.root), "--val-features", str(val.root), "--nproj", "2",
+            "--proj-dim", "32", "--factor", "0.2", "--epochs", "2", "--seed", "0", "--batch-size", "8", "--no-progress"]  # fmt: skip
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    assert main([*args, "--out", str(tmp_path / "b")]) == 0
+    a, b = (tmp_path / "a" / "model.safetensors").read_bytes(), (tmp_path / "b" / "model.safetensors").read_bytes()
+    assert a == b
+    for name in ("config.json", "train_log.jsonl", "train_config.json", "importance.png"):
+        assert (tmp_path / "a" / name).is_file()
+    assert main([*args[:-3], "--seed", "1", "--no-progress", "--out", str(tmp_path / "c")]) == 0
+    assert (tmp_path / "c" / "model.safetensors").read_bytes() != a
+    det = Detector.from_pretrained(str(tmp_path / "a"), device="cpu")
+    preds = det.predict(val.paths[:2])
+    assert all(p.error is None and 0 <= p.prob_fake <= 1 for p in preds)
+    # the checkpoint scores images as its stored taps say
+    head_logits = det.model.head(torch.from_numpy(np.asarray(val.taps[:2], dtype=np.float32))).logits
+    np.testing.assert_allclose([p.logit for p in preds], head_logits.detach().numpy(), atol=1e-2)
+
+
+def test_cli_train_errors(stores, tmp_path):
+    from rine.cli import main
+
+    _, train32, _ = stores
+    assert main(["train", "--out", str(tmp_path / "x")]) == 2
+    assert main(["train", "--features", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
+    assert main(["train", "--features", str(train32.root), "--fraction", "0", "--out", str(tmp_path / "x")]) == 2
+    assert FeatureStore.open(train32.root).complete
