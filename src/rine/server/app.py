@@ -348,7 +348,7 @@ class Service:
         cfg = self.detector.config
         return {
             "name": cfg.name,
-            "backbone": cfg.backbone,
+            "backbone": _public_source(cfg.backbone),
             "revision": cfg.backbone_revision,
             "threshold": cfg.threshold,
             "crop": cfg.preprocess.crop,
@@ -421,6 +421,14 @@ class Service:
             "block_importance": [round(float(x), 6) for x in vs.contributions.mean(axis=0)],
             "error": None,
         }
+
+
+def _public_source(source: str) -> str:
+    """A backbone source as shown to clients: registry names and hub ids as they are, a local
+    path reduced to its last component (the server's directory layout is nobody's business)."""
+    if Path(source).is_absolute() or source.startswith((".", "~")) or Path(source).exists():
+        return Path(source).name or source
+    return source
 
 
 def _error_record(name: str, status: int, reason: str) -> dict[str, Any]:

@@ -1,0 +1,145 @@
+"""End to end: `rine serve` in a subprocess, the web page driven by headless Chromium.
+
+Skips when Debian's chromium or Playwright for Python is missing (CI installs both
+through scripts/setup.sh --dev).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import OFFICIAL
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+DEMO_IMAGES = ("real_aadlygmazf.jpg", "fake_dalle_zzrybysskm.png")
+
+pytestmark = [pytest.mark.slow, pytest.mark.browser]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def server(tiny_checkpoint_dir, tmp_path):
+    """`python -m rine serve` on a free loopback port; yields its base URL once ready."""
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("uvicorn")
+    port = free_port()
+    log = open(tmp_path / "server.log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rine", "serve", "--host", "127.0.0.1", "--port", str(port),
+         "--model", str(tiny_checkpoint_dir), "--device", "cpu", "--no-access-log"],
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"rine serve exited with {proc.returncode}:\n{(tmp_path / 'server.log').read_text()}")
+            try:
+                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail("rine serve did not become ready in 60 s")
+            time.sleep(0.1)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def test_page_shows_what_the_api_returns(server, tmp_path):
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} not found: install Debian's chromium (scripts/setup.sh --dev does)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright for Python is not installed")
+    import httpx
+
+    files = [OFFICIAL / name for name in DEMO_IMAGES]
+    if not all(f.exists() for f in files):
+        pytest.skip(f"demo images not found under {OFFICIAL}")
+    expected = {}
+    for f in files:
+        r = httpx.post(f"{server}/v1/detect", files=[("files", (f.name, f.read_bytes()))], timeout=30)
+        assert r.status_code == 200, r.text
+        expected[f.name] = r.json()["results"][0]
+
+    foreign: list[str] = []
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        try:
+            # Playwright evaluates its probes with eval(), which the page's own CSP forbids;
+            # the header is checked on the response instead, and the request log below
+            # checks what the CSP is there for (nothing loaded from another origin).
+            page = browser.new_page(viewport={"width": 1000, "height": 900}, bypass_csp=True)
+            page.on("request", lambda req: foreign.append(req.url)
+                    if not req.url.startswith((server, "blob:", "data:")) else None)
+            console_errors: list[str] = []
+            page.on("console", lambda m: console_errors.append(m.text) if m.type == "error" else None)
+            response = page.goto(server + "/")
+            assert "script-src 'self'" in response.headers["content-security-policy"]
+            page.wait_for_function("document.querySelector('#model').textContent.startsWith('Model ')")
+
+            # the picker is reachable from the keyboard, and labelled
+            page.keyboard.press("Tab")
+            assert page.evaluate("document.activeElement.id") == "file-input"
+            assert page.evaluate("document.activeElement.labels.length") >= 1
+
+            page.set_input_files("#file-input", [str(f) for f in files])
+            page.wait_for_function(
+                "document.querySelectorAll('#results .card[data-state=done]').length === 2", timeout=30_000
+            )
+            cards = page.query_selector_all("#results .card")
+            assert len(cards) == 2
+            for card in cards:
+                name = card.get_attribute("data-name")
+                api = expected[name]
+                verdict = card.query_selector(".verdict")
+                assert verdict.get_attribute("data-verdict") == api["verdict"]
+                assert verdict.inner_text().strip().lower() == api["verdict"]
+                prob = card.query_selector(".prob")
+                assert float(prob.get_attribute("data-prob")) == pytest.approx(api["prob_fake"], abs=1e-12)
+                shown = re.search(r"([\d.]+)%", prob.inner_text())
+                assert shown, prob.inner_text()
+                assert float(shown.group(1)) == pytest.approx(100 * api["prob_fake"], abs=0.051)
+                bars = card.query_selector_all(".chart svg rect.bar")
+                assert len(bars) == len(api["block_importance"])
+                thumb = card.query_selector("img.thumb")
+                assert thumb.get_attribute("src").startswith("blob:")
+                assert page.evaluate("img => img.complete && img.naturalWidth > 0", thumb)
+            shot = tmp_path / "rine-page.png"
+            page.screenshot(path=str(shot), full_page=True)
+            assert shot.stat().st_size > 0
+            if os.environ.get("RINE_SCREENSHOT_COPY"):
+                shutil.copy(shot, os.environ["RINE_SCREENSHOT_COPY"])
+            assert not console_errors, console_errors
+        finally:
+            browser.close()
+    assert not foreign, f"the page requested other origins: {foreign}"
