@@ -1,0 +1,56 @@
+"""Grid search on stored taps: ranking by mean ACC + mean AP, the best checkpoint is that run's."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rine.grid import PAPER_GRID, grid_configs, run_grid
+from rine.training import StoreTaps, TrainConfig, average_precision, score_taps, train_head
+from test_training import backbone, data, stores  # noqa: F401 - shared module fixtures
+
+
+def test_paper_grid_has_48_runs():
+    configs = grid_configs(PAPER_GRID, TrainConfig(seed=3))
+    assert len(configs) == 48 and len({(c.factor, c.nproj, c.proj_dim) for c in configs}) == 48
+    assert all(c.seed == 3 and c.epochs == 1 for c in configs)
+
+
+def test_grid_ranks_runs_and_keeps_the_best(stores, tmp_path):  # noqa: F811
+    from rine.cli import main
+
+    _, train32, val = stores
+    out = tmp_path / "g"
+    assert main(["grid", "--features", str(train32.root), "--test-features", str(val.root), "--out", str(out),
+                 "--factors", "0.1,0.8", "--nproj", "1,2", "--proj-dims", "8,16", "--batch-size", "8"]) == 0  # fmt: skip
+    table = json.loads((out / "grid.json").read_text())
+    assert len(table) == 8 and (out / "grid.csv").is_file()
+    scores = [r["score"] for r in table]
+    assert scores == sorted(scores, reverse=True)
+    top = table[0]
+    assert set(top["metrics"]) == {"car", "cat"}  # the val store's two sets
+    assert top["score"] == pytest.approx(np.mean([m["acc"] for m in top["metrics"].values()])
+                                         + np.mean([m["ap"] for m in top["metrics"].values()]))  # fmt: skip
+    # the saved best checkpoint is the top run, retrained identically
+    cfg = TrainConfig(**{**top["config"], "lr_milestones": tuple(top["config"]["lr_milestones"])})
+    head = train_head(StoreTaps(train32), cfg).head
+    saved = load_file(str(out / "best" / "model.safetensors"))
+    for k, v in head.state_dict().items():
+        assert torch.equal(saved[k], v)
+    # and its per-set metrics are those of its logits
+    logits = score_taps(head, val.taps)
+    for name, m in top["metrics"].items():
+        sel = np.array([s == name for s in val.sets])
+        y = val.labels[sel]
+        assert m["acc"] == pytest.approx(np.mean((logits[sel] > 0) == (y == 1)))
+        assert m["ap"] == pytest.approx(average_precision(y, logits[sel]))
+
+
+def test_grid_needs_test_sets(stores):  # noqa: F811
+    _, train32, _ = stores
+    with pytest.raises(ValueError):
+        run_grid(StoreTaps(train32), [], grid_configs({"nproj": (1,)}))
