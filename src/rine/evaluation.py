@@ -125,7 +125,7 @@ def encode_views(detector, views: np.ndarray, batch_size: int) -> torch.Tensor:
     backbone. Uses `detector.encode_views` when the Detector provides one (faster paths)."""
     fn = getattr(detector, "encode_views", None)
     if fn is not None:
-        return torch.as_tensor(fn(views)).float().cpu()
+        return torch.as_tensor(fn(views, batch_size=batch_size)).float().cpu()
     backbone = detector.model.backbone
     param = next(backbone.parameters())
     pre = detector.config.preprocess
@@ -256,6 +256,23 @@ def _score_set_live(
     return records
 
 
+class _StoreEncoder(torch.nn.Module):
+    """The detector's encoder (its fast path and precision) with the attributes that
+    `rine.features` records: normalised pixels [B, 3, S, S] -> taps [B, blocks, width]."""
+
+    def __init__(self, detector):
+        super().__init__()
+        bb = detector.model.backbone
+        self.encoder = getattr(detector, "encoder", bb)
+        self.backbone = bb  # registered so that parameters() finds the device
+        self.source, self.revision = bb.source, bb.revision
+        self.n_blocks, self.width, self.image_size = bb.n_blocks, bb.width, bb.image_size
+        self.mean, self.std = detector.config.preprocess.mean, detector.config.preprocess.std
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.encoder(pixel_values)
+
+
 def _store_dir(
     cache_dir: Path, detector, ts: TestSet, condition: Condition, items_sha: str
 ) -> Path:
@@ -298,10 +315,11 @@ def _score_set_cached(
             return views[view_index]
 
         store = extract_features(
-            detector.model.backbone, items, _store_dir(cache_dir, detector, ts, cond, sha), views_of,
+            _StoreEncoder(detector), items, _store_dir(cache_dir, detector, ts, cond, sha), views_of,
             transform_id=f"eval:{pre.crop}:{pre.image_size}:{cond.id}", views=n_views, seed=cond.seed,
             dtype=cache_dtype, batch_size=batch_size, num_workers=num_workers, progress=progress,
             max_pixels=getattr(detector, "max_pixels", None),
+            extra_meta={"precision": str(getattr(detector, "precision", "fp32"))},
         )  # fmt: skip
         errors = dict(store.errors)
         taps = torch.from_numpy(

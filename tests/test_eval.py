@@ -1,0 +1,234 @@
+"""`rine eval` end to end on the tiny checkpoint: counts, metrics vs scikit-learn, ten-crop,
+several heads and perturbations with one backbone pass, the feature cache."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import accuracy_score, average_precision_score, roc_auc_score
+
+from rine.backbones import TappedCLIPVision
+from rine.cli import main
+from test_layouts import build_ufd20, make_files
+
+from conftest import TINY, write_image
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+@pytest.fixture()
+def count_views(monkeypatch):
+    """Counts the images the backbone encodes (rows of its input)."""
+    seen = {"views": 0}
+    forward = TappedCLIPVision.forward
+
+    def counting(self, pixel_values, *a, **k):
+        seen["views"] += int(pixel_values.shape[0])
+        return forward(self, pixel_values, *a, **k)
+
+    monkeypatch.setattr(TappedCLIPVision, "forward", counting)
+    try:  # the Detector's fast encoder, where there is one
+        from rine.accel import FastTapEncoder
+    except ImportError:
+        return seen
+    fast = FastTapEncoder.forward
+
+    def counting_fast(self, pixel_values, *a, **k):
+        seen["views"] += int(pixel_values.shape[0])
+        return fast(self, pixel_values, *a, **k)
+
+    monkeypatch.setattr(FastTapEncoder, "forward", counting_fast)
+    return seen
+
+
+@pytest.fixture(scope="module")
+def second_checkpoint(tmp_path_factory, tiny_checkpoint_dir) -> Path:
+    """Another random head on the same tiny backbone."""
+    from rine.checkpoints import load_pretrained, save_pretrained
+    from rine.head import RINEHead
+
+    _, config = load_pretrained(tiny_checkpoint_dir)
+    torch.manual_seed(1)
+    folder = tmp_path_factory.mktemp("ckpt2") / "tiny-rine-b"
+    save_pretrained(RINEHead(config.head), config, folder)
+    return folder
+
+
+def test_eval_ufd20_counts_and_metrics(tmp_path, tiny_checkpoint_dir, count_views):
+    data = tmp_path / "test"
+    expected = build_ufd20(data, size=(40, 30))
+    bad = data / "biggan" / "1_fake" / "corrupt.PNG"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    out = tmp_path / "out"
+    rc = main(["eval", "--suite", "ufd20", "--root", str(data), "--out", str(out),
+               "--model", str(tiny_checkpoint_dir), "--no-progress", "--batch-size", "4"])  # fmt: skip
+    assert rc == 0
+    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    preds = read_jsonl(out / "predictions.jsonl")
+    on_disk = {k: (r, f + (k == "biggan")) for k, (r, f) in expected.items()}  # + the corrupt file
+    assert {
+        k: (m["n_real_listed"], m["n_fake_listed"]) for k, m in metrics["sets"].items()
+    } == on_disk
+    assert {k: (m["n_real"], m["n_fake"]) for k, m in metrics["sets"].items()} == expected
+    assert metrics["sets"]["biggan"]["n_errors"] == 1 and metrics["mean"]["n_errors"] == 1
+    assert len(preds) == sum(r + f for r, f in on_disk.values())
+    err = [p for p in preds if p["error"]]
+    assert [p["path"] for p in err] == [str(bad)] and err[0]["prob_fake"] is None
+    # the backbone saw each readable image once
+    assert count_views["views"] == sum(r + f for r, f in expected.values())
+    # metrics equal scikit-learn's on the written predictions
+    accs, aps = [], []
+    for name, m in metrics["sets"].items():
+        ok = [p for p in preds if p["set"] == name and p["error"] is None]
+        y = np.array([p["label"] for p in ok])
+        s = np.array([p["prob_fake"] for p in ok])
+        assert m["acc"] == pytest.approx(accuracy_score(y, s > 0.5))
+        assert m["ap"] == pytest.approx(average_precision_score(y, s))
+        assert m["auc"] == pytest.approx(roc_auc_score(y, s))
+        accs.append(m["acc"])
+        aps.append(m["ap"])
+    assert metrics["mean"]["acc"] == pytest.approx(np.mean(accs))
+    assert metrics["mean"]["ap"] == pytest.approx(np.mean(aps))
+    assert set(metrics["missing_sets"]) == {
+        "stylegan", "stylegan2", "cyclegan", "stargan", "gaugan", "deepfake", "seeingdark", "san",
+        "crn", "imle", "ldm_200_cfg", "ldm_100", "glide_100_27", "glide_50_27", "glide_100_10",
+    }  # fmt: skip
+    # tables in the paper's layout and plots
+    table = (out / "table.md").read_text(encoding="utf-8")
+    assert "| model | progan | biggan | guided | ldm_200 | dalle | mean |" in table
+    rows = list(csv.reader((out / "table.csv").open(encoding="utf-8")))
+    assert rows[0][:3] == ["model", "progan ACC", "progan AP"]
+    assert float(rows[1][-2]) == pytest.approx(100 * metrics["mean"]["acc"], abs=0.01)
+    for png in ("acc_ap.png", "roc.png", "block_importance.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    config = json.loads((out / "eval_config.json").read_text(encoding="utf-8"))
+    assert config["suite"] == "ufd20" and config["conditions"] == ["clean"]
+
+
+def test_ten_crop_is_sigmoid_of_mean_single_crop_logits(
+    tmp_path, tiny_checkpoint_dir, tiny_detector
+):
+    from rine.preprocess import ten_crop_arrays
+
+    make_files(tmp_path / "RAISEpng", 2, size=(260, 240))
+    make_files(tmp_path / "synthbuster" / "glide", 1, size=(300, 230))
+    out = tmp_path / "out"
+    rc = main(["eval", "--suite", "synthbuster", "--root", str(tmp_path), "--out", str(out),
+               "--model", str(tiny_checkpoint_dir), "--no-progress", "--no-plots"])  # fmt: skip
+    assert rc == 0
+    preds = read_jsonl(out / "predictions.jsonl")
+    assert json.loads((out / "eval_config.json").read_text())["preprocess"]["crop"] == "ten"
+    assert len(preds) == 3
+    from PIL import Image
+
+    for p in preds:
+        crops = ten_crop_arrays(
+            np.asarray(Image.open(p["path"]).convert("RGB")), TINY["image_size"]
+        )
+        # each crop scored on its own, through the single-view path
+        logits = [tiny_detector.score_views(np.ascontiguousarray(c[None]))[0].item() for c in crops]
+        expected = 1 / (1 + np.exp(-np.mean(logits)))
+        assert p["prob_fake"] == pytest.approx(expected, abs=1e-5)
+        assert p["prob_fake"] != pytest.approx(
+            np.mean(1 / (1 + np.exp(-np.array(logits)))), abs=1e-9
+        )
+
+
+def test_heads_and_perturbations_share_backbone_passes(
+    tmp_path, tiny_checkpoint_dir, second_checkpoint, count_views
+):
+    root = tmp_path / "bench"
+    make_files(root / "setA" / "0_real", 3, size=(64, 48))
+    make_files(root / "setA" / "1_fake", 3, size=(64, 48))
+    out = tmp_path / "out"
+    args = ["eval", "--suite", "folder", "--root", str(root), "--out", str(out), "--no-progress", "--no-plots",
+            "--model", str(tiny_checkpoint_dir), "--model", str(second_checkpoint), "--perturb", "none,jpeg",
+            "--perturb", "blur", "--seed", "3"]  # fmt: skip
+    assert main(args) == 0
+    # 6 images x 3 transforms, whatever the number of heads
+    assert count_views["views"] == 6 * 3
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    assert set(summary) == {
+        f"{h}{c}" for h in ("tiny-rine", "tiny-rine-b") for c in ("", "/jpeg-s3", "/blur-s3")
+    }
+    md = (out / "summary.md").read_text(encoding="utf-8")
+    assert "tiny-rine-b/jpeg-s3" in md
+    # a head scored alongside another gives what it gives alone
+    alone = tmp_path / "alone"
+    assert main(["eval", "--suite", "folder", "--root", str(root), "--out", str(alone), "--no-progress",
+                 "--no-plots", "--model", str(second_checkpoint), "--perturb", "jpeg", "--seed", "3"]) == 0  # fmt: skip
+    a = read_jsonl(out / "tiny-rine-b" / "jpeg-s3" / "predictions.jsonl")
+    b = read_jsonl(alone / "predictions.jsonl")
+    assert [p["path"] for p in a] == [p["path"] for p in b]
+    np.testing.assert_allclose([p["prob_fake"] for p in a], [p["prob_fake"] for p in b], atol=1e-6)
+    assert [p["perturbed"] for p in a] == [p["perturbed"] for p in b]
+    assert any(p["perturbed"] for p in a) and not all(p["perturbed"] for p in a)
+    clean = read_jsonl(out / "tiny-rine-b" / "clean" / "predictions.jsonl")
+    assert "perturbed" not in clean[0]
+    # perturbed images score differently from clean ones, untouched ones (also resized) may too
+    diff = [abs(x["prob_fake"] - y["prob_fake"]) for x, y in zip(a, clean, strict=True)]
+    assert max(diff) > 0
+
+
+def test_features_cache_skips_the_backbone(tmp_path, tiny_checkpoint_dir, count_views):
+    pytest.importorskip("rine.features")
+    root = tmp_path / "bench"
+    make_files(root / "s" / "real", 2, size=(50, 50))
+    make_files(root / "s" / "fake", 3, size=(50, 50))
+    (root / "s" / "fake" / "broken.jpg").write_bytes(b"nope")
+    cache = tmp_path / "cache"
+    base = ["eval", "--suite", "folder", "--root", str(root), "--no-progress", "--no-plots",
+            "--model", str(tiny_checkpoint_dir)]  # fmt: skip
+    assert main([*base, "--out", str(tmp_path / "live")]) == 0
+    live_views = count_views["views"]
+    assert main([*base, "--out", str(tmp_path / "c1"), "--features-cache", str(cache)]) == 0
+    assert count_views["views"] == 2 * live_views  # first cached run computes and stores
+    assert main([*base, "--out", str(tmp_path / "c2"), "--features-cache", str(cache)]) == 0
+    assert count_views["views"] == 2 * live_views  # second run: no backbone pass at all
+    live = read_jsonl(tmp_path / "live" / "predictions.jsonl")
+    cached = read_jsonl(tmp_path / "c2" / "predictions.jsonl")
+    assert [p["path"] for p in live] == [p["path"] for p in cached]
+    assert [bool(p["error"]) for p in cached] == [bool(p["error"]) for p in live] and sum(
+        bool(p["error"]) for p in live
+    ) == 1
+    np.testing.assert_allclose(
+        [p["prob_fake"] for p in live if not p["error"]],
+        [p["prob_fake"] for p in cached if not p["error"]],
+        atol=1e-5,
+    )
+    m = json.loads((tmp_path / "c2" / "metrics.json").read_text())
+    assert m["sets"]["s"]["n_errors"] == 1 and (
+        m["sets"]["s"]["n_real"],
+        m["sets"]["s"]["n_fake"],
+    ) == (2, 3)
+
+
+def test_single_class_set_and_errors(tmp_path, tiny_checkpoint_dir, capsys):
+    root = tmp_path / "bench"
+    make_files(root / "onlyreal" / "0_real", 3, size=(30, 30))
+    out = tmp_path / "out"
+    assert main(["eval", "--suite", "folder", "--root", str(root), "--out", str(out), "--no-progress",
+                 "--model", str(tiny_checkpoint_dir)]) == 0  # fmt: skip
+    m = json.loads((out / "metrics.json").read_text())["sets"]["onlyreal"]
+    assert m["ap"] is None and m["auc"] is None and "only real" in m["notes"][0]
+    assert (out / "roc.png").exists()
+    assert main(["eval", "--suite", "ufd20", "--root", str(tmp_path / "nothing"), "--out", str(out),
+                 "--model", str(tiny_checkpoint_dir)]) == 2  # fmt: skip
+    assert "no test set" in capsys.readouterr().err
+    assert main(["eval", "--suite", "folder", "--root", str(root), "--out", str(out), "--perturb", "rotate",
+                 "--model", str(tiny_checkpoint_dir)]) == 2  # fmt: skip
+
+
+def test_write_image_helper_used(tmp_path):
+    # guards the helper's contract the trees above rely on (odd names stay readable)
+    p = write_image(tmp_path / "ü.v1.JPG", size=(9, 7), fmt="JPEG")
+    from rine.images import load_image
+
+    assert load_image(p).size == (9, 7)
