@@ -297,7 +297,7 @@ def _score_set_cached(
     cache_dtype: str,
 ) -> list[list[list[dict]]]:
     """Like `_score_set_live`, with taps read from (or first written to) `rine.features` stores."""
-    from .features import Item, extract_features, items_sha1
+    from .features import Item, extract_features, items_sha1, iter_shards
 
     pre = detector.config.preprocess
     items = [Item(p, y, ts.name) for p, y in ts.items]
@@ -322,24 +322,25 @@ def _score_set_cached(
             extra_meta={"precision": str(getattr(detector, "precision", "fp32"))},
         )  # fmt: skip
         errors = dict(store.errors)
-        taps = torch.from_numpy(
-            np.asarray(store.taps[:], dtype=np.float32)
-        )  # [rows, blocks, width]
+        sums = np.zeros((len(heads), len(items)))
+        cnt = np.bincount(store.items, minlength=len(items))
+        chunk = 4096  # rows per head call: bounded memory however large the set
+        for off, arr in iter_shards(store):
+            rows = store.items[off : off + len(arr)]
+            for c0 in range(0, len(arr), chunk):
+                taps = torch.from_numpy(np.asarray(arr[c0 : c0 + chunk], dtype=np.float32))
+                for hi, h in enumerate(heads):
+                    logits = head_logits(h.head, taps, detector.device).numpy()  # [rows]
+                    np.add.at(sums[hi], rows[c0 : c0 + chunk], logits)
         per_head = []
-        for h in heads:
-            logits = (
-                head_logits(h.head, taps, detector.device).numpy() if len(taps) else np.zeros(0)
-            )
-            sums = np.zeros(len(items))
-            np.add.at(sums, store.items, logits)
-            cnt = np.bincount(store.items, minlength=len(items))
+        for hi in range(len(heads)):
             recs = []
             for idx, (path, label) in enumerate(ts.items):
                 rec = _record(path, ts.name, label, keys[idx])
                 if cnt[idx] == 0:
                     rec["error"] = errors.get(path, "not in the feature store")
                 else:
-                    logit = float(sums[idx] / cnt[idx])
+                    logit = float(sums[hi, idx] / cnt[idx])
                     rec.update(logit=logit, prob_fake=1.0 / (1.0 + math.exp(-logit)))
                     if cond.kind is not None:
                         rec["perturbed"] = is_perturbed(cond.seed, keys[idx], cond.p)
