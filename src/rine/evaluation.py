@@ -328,7 +328,9 @@ def _score_set_cached(
         for off, arr in iter_shards(store):
             rows = store.items[off : off + len(arr)]
             for c0 in range(0, len(arr), chunk):
-                taps = torch.from_numpy(np.asarray(arr[c0 : c0 + chunk], dtype=np.float32))
+                taps = torch.from_numpy(
+                    np.array(arr[c0 : c0 + chunk], dtype=np.float32)
+                )  # a copy: the map is read-only
                 for hi, h in enumerate(heads):
                     logits = head_logits(h.head, taps, detector.device).numpy()  # [rows]
                     np.add.at(sums[hi], rows[c0 : c0 + chunk], logits)
