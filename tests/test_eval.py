@@ -232,3 +232,22 @@ def test_write_image_helper_used(tmp_path):
     from rine.images import load_image
 
     assert load_image(p).size == (9, 7)
+
+
+def test_several_heads_on_a_backbone_file(
+    tmp_path, tiny_openai_file, tiny_checkpoint_dir, second_checkpoint
+):
+    root = tmp_path / "bench"
+    make_files(root / "s" / "0_real", 2, size=(40, 40))
+    make_files(root / "s" / "1_fake", 2, size=(40, 40))
+    out = tmp_path / "out"
+    args = ["eval", "--suite", "folder", "--root", str(root), "--out", str(out), "--no-progress", "--no-plots",
+            "--backbone", str(tiny_openai_file), "--head", str(tiny_checkpoint_dir), "--head", str(second_checkpoint),
+            "--perturb", "crop", "--perturb-quirks", "reference"]  # fmt: skip
+    assert main(args) == 0
+    for name in ("tiny-rine", "tiny-rine-b"):
+        m = json.loads((out / name / "crop-s0-reference" / "metrics.json").read_text())
+        assert (m["sets"]["s"]["n_real"], m["sets"]["s"]["n_fake"]) == (2, 2)
+    assert (
+        main([*args[:-4], "--model", str(tiny_checkpoint_dir)]) == 2
+    )  # --model with --head: usage error

@@ -143,3 +143,13 @@ def test_robustness_protocol():
     out, _ = P.robustness_image(image, "blur", 0, clean_key)
     assert np.array_equal(np.asarray(out), np.asarray(image.resize((256, 256), Image.BILINEAR)))
     assert P.transform_id(None, 0) == "clean" and P.transform_id("jpeg", 3) == "jpeg-s3"
+
+
+def test_noise_reference_quirk_truncates():
+    img = np.full((64, 64, 3), 100, np.uint8)
+    stated, quirk = (
+        P.noise(img, rng(5)).astype(int),
+        P.noise(img, rng(5), quirks="reference").astype(int),
+    )
+    diff = stated - quirk  # rounding vs truncation of the same noisy values
+    assert set(np.unique(diff)) <= {0, 1} and diff.mean() == pytest.approx(0.5, abs=0.05)
