@@ -519,3 +519,62 @@ def test_cli_serve_options(monkeypatch):
     assert main(["serve", "--api-key-env", "RINE_TEST_KEY"]) == 2
     assert main(["serve", "--max-file-mb", "30", "--max-request-mb", "10"]) == 2
     assert main(["serve", "--port", "70000"]) == 2
+
+
+def test_rine_serve_exits_2_when_the_model_cannot_load(tmp_path):
+    import socket
+
+    from rine.cli import main
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    missing = tmp_path / "no-such-checkpoint"
+    t0 = time.monotonic()
+    assert main(["serve", "--port", str(port), "--model", str(missing), "--no-access-log"]) == 2
+    assert time.monotonic() - t0 < 30  # it gave up instead of serving an unready model forever
+
+
+def test_rine_serve_subprocess_with_api_key(tiny_checkpoint_dir, tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "RINE_TEST_SERVE_KEY": "k-123"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rine", "serve", "--port", str(port), "--model", str(tiny_checkpoint_dir),
+         "--api-key-env", "RINE_TEST_SERVE_KEY", "--no-access-log"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, proc.stderr.read().decode()
+            try:
+                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "server not ready"
+            time.sleep(0.1)
+        img = (OFFICIAL / "real_aadlygmazf.jpg").read_bytes()
+        assert httpx.post(f"{base}/v1/detect", files=upload(("a.jpg", img))).status_code == 401
+        r = httpx.post(f"{base}/v1/detect", files=upload(("a.jpg", img)), headers={"X-API-Key": "k-123"})
+        assert r.status_code == 200 and r.json()["results"][0]["name"] == "a.jpg"
+        # a body announced larger than the limit is refused without being read
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"POST /v1/detect HTTP/1.1\r\nHost: x\r\nX-API-Key: k-123\r\n"
+                         b"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 1000000000\r\n\r\n--b\r\n")
+            head = sock.recv(4096)
+        assert head.startswith(b"HTTP/1.1 413"), head[:200]
+    finally:
+        proc.terminate()
+        proc.wait(15)
+    assert b"k-123" not in proc.stderr.read()
