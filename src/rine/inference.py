@@ -4,9 +4,13 @@
     for p in detector.predict(["a.jpg", "b.png"]):
         print(p.path, p.prob_fake, p.error)
 
-Decoding and preprocessing run in a thread pool (Pillow releases the GIL while
-decoding) with a bounded number of images in flight, overlapped with the encoder.
-A file that cannot be read gives a Prediction with `error` set; the others are scored.
+Pipeline: paths stream in; a thread pool decodes and crops them (Pillow releases
+the GIL while decoding) with a bounded number of images in flight, overlapped with
+the encoder running on the main thread; uint8 crops are batched, copied to the
+device (pinned memory, non-blocking, on CUDA), normalised there and scored.
+The encoder runs through `accel.FastTapEncoder` in the chosen precision
+(`PRECISIONS`, "auto" by default). A file that cannot be read gives a Prediction
+with `error` set; the others are scored.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .accel import PRECISIONS, FastTapEncoder, resolve_precision
 from .backbones import load_backbone
 from .checkpoints import load_head, load_pretrained
 from .config import PreprocessConfig, RINEConfig
@@ -33,7 +38,7 @@ from .preprocess import crop_views, normalize
 
 logger = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32",)
+__all__ = ["PRECISIONS", "Detector", "Prediction", "resolve_device"]
 
 ImageSource = str | Path | bytes | Image.Image
 
@@ -77,6 +82,14 @@ def resolve_device(device: str | None) -> torch.device:
     return dev
 
 
+def _normalize_on(batch_uint8: torch.Tensor, mean, std) -> torch.Tensor:
+    """`preprocess.normalize` on the tensor's own device: [N, S, S, 3] uint8 -> [N, 3, S, S] float32."""
+    x = batch_uint8.permute(0, 3, 1, 2).float().div(255)
+    m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+    return (x - m) / s
+
+
 class Detector:
     """A loaded RINE model plus its preprocessing: images in, probabilities out."""
 
@@ -85,16 +98,28 @@ class Detector:
         model: RINEModel,
         config: RINEConfig,
         device: str | torch.device | None = "cpu",
-        precision: str = "fp32",
+        precision: str = "auto",
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
     ):
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         self.device = resolve_device(str(device) if device is not None else None)
+        self.requested_precision = precision
+        # The concrete mode ("fp32", "bf16", "fp16"): "auto" is resolved here, once.
+        self.precision = resolve_precision(precision, self.device)
         self.model = model.to(self.device).eval()
         self.config = config
-        self.precision = precision
         self.max_pixels = max_pixels
+        self.encoder = self._build_encoder()
+        logger.info("encoder precision %s (asked: %s) on %s", self.precision, precision, self.device)
+
+    def _build_encoder(self) -> torch.nn.Module:
+        """The fast encoder for this precision; the HF path if the backbone is not CLIP-like."""
+        try:
+            return FastTapEncoder(self.model.backbone, self.precision, self.device)
+        except (ValueError, AttributeError, RuntimeError) as e:
+            if self.precision != "fp32":
+                raise ValueError(f"precision {self.precision} is not available for this backbone: {e}") from e
+            logger.info("fast encoder unavailable (%s); using the reference fp32 path", e)
+            return self.model.backbone
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -111,7 +136,12 @@ class Detector:
         `backbone` overrides the backbone source of the config (e.g. a local folder or an
         OpenAI-format file holding the same weights); `crop` overrides the preprocessing.
         """
-        from .pretrained import PRETRAINED, WeightsUnavailableError, backbone_missing_message, resolve_pretrained
+        from .pretrained import (
+            PRETRAINED,
+            WeightsUnavailableError,
+            backbone_missing_message,
+            resolve_pretrained,
+        )
 
         path = Path(name_or_path).expanduser()
         if path.is_dir():
@@ -180,12 +210,33 @@ class Detector:
     @torch.no_grad()
     def score_views(self, views_uint8: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 views [N, S, S, 3] -> (logits [N], block contribution [N, blocks]) on CPU."""
-        x = torch.as_tensor(views_uint8)
-        pixels = normalize(x, self.config.preprocess.mean, self.config.preprocess.std).to(self.device)
-        out = self.model(pixels)
+        taps = self._encode(torch.as_tensor(views_uint8))  # [N, blocks, width] float32
+        out = self.model.head(taps.float())
         contrib = out.contributions.abs().sum(dim=-1)  # [N, blocks]
         contrib = contrib / contrib.sum(dim=-1, keepdim=True).clamp_min(1e-12)
         return out.logits.float().cpu(), contrib.float().cpu()
+
+    @torch.no_grad()
+    def encode_views(self, views_uint8: np.ndarray | torch.Tensor, batch_size: int = 32) -> torch.Tensor:
+        """uint8 views [N, S, S, 3] -> taps [N, blocks, width] float32 on CPU, through the
+        same fast encoder and precision as `score_views` (used by evaluation)."""
+        x = torch.as_tensor(views_uint8)
+        out = [self._encode(x[i : i + batch_size]).float().cpu() for i in range(0, len(x), batch_size)]
+        if not out:
+            return torch.empty(0, self.model.backbone.n_blocks, self.model.backbone.width)
+        return torch.cat(out)
+
+    def _encode(self, x_uint8: torch.Tensor) -> torch.Tensor:
+        """uint8 [N, S, S, 3] (CPU) -> taps [N, blocks, width] on the device."""
+        mean, std = self.config.preprocess.mean, self.config.preprocess.std
+        if self.device.type == "cuda":
+            # uint8 crosses the bus (4x less than float32) from page-locked memory,
+            # asynchronously; normalisation runs on the GPU.
+            x = x_uint8.pin_memory().to(self.device, non_blocking=True)
+            pixels = _normalize_on(x, mean, std)
+        else:
+            pixels = normalize(x_uint8, mean, std).to(self.device)
+        return self.encoder(pixels)
 
     def _finish(self, names: list[str], arrays: list[np.ndarray]) -> list[Prediction]:
         counts = [len(a) for a in arrays]

@@ -1,0 +1,307 @@
+"""End-to-end scoring throughput: reference-like baseline vs our pipeline, same images, same threads.
+
+    python benchmarks/throughput.py              # ViT-B/32 and ViT-L/14, ~10 min on 2 cores
+    python benchmarks/throughput.py --quick      # smoke run: ViT-B/32, few images
+    python benchmarks/throughput.py --device cuda
+
+Random-weight encoders of the real shapes (no download). A folder of JPEG and PNG
+images of mixed sizes (256 to 2048 px) is generated once. For each backbone, in one
+run, each in its own subprocess (so that peak RSS is that mode's own):
+  (a) baseline: benchmarks/reference_baseline.py (DataLoader over PIL, OpenAI-style
+      float32 model with ln_2 hooks, batch 128),
+  (b) ours, --precision fp32,
+  (c) ours, --precision auto (the default),
+and (c) again on half the images, to show that peak memory does not grow with the
+number of images. It prints images/s, the ratio to (a), peak RSS, the largest
+probability difference to fp32, and the fraction of the machine's attainable matmul
+FLOP/s that (c) reaches (measured here with a large torch.matmul).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+# name: (width, layers, patch, image_size, embed_dim)
+SHAPES = {"ViT-B/32": (768, 12, 32, 224, 512), "ViT-L/14": (1024, 24, 14, 224, 768)}
+
+
+# ----------------------------------------------------------------------------- inputs
+def random_openai_state(name: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    """OpenAI-format visual weights of the real shape, random (std 0.02, unit LayerNorms;
+    patch embedding scaled to unit-variance tokens so that the CLS taps depend on the image)."""
+    width, layers, patch, size, embed = SHAPES[name]
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape, std=0.02):
+        return torch.randn(*shape, generator=g) * std
+
+    tokens = (size // patch) ** 2 + 1
+    sd = {
+        "visual.conv1.weight": r(width, 3, patch, patch, std=(3 * patch * patch) ** -0.5),
+        "visual.class_embedding": r(width, std=0.1),
+        "visual.positional_embedding": r(tokens, width, std=0.1),
+        "visual.ln_pre.weight": torch.ones(width), "visual.ln_pre.bias": torch.zeros(width),
+        "visual.ln_post.weight": torch.ones(width), "visual.ln_post.bias": torch.zeros(width),
+        "visual.proj": r(width, embed),
+    }  # fmt: skip
+    for i in range(layers):
+        p = f"visual.transformer.resblocks.{i}."
+        sd.update({
+            p + "ln_1.weight": torch.ones(width), p + "ln_1.bias": torch.zeros(width),
+            p + "attn.in_proj_weight": r(3 * width, width), p + "attn.in_proj_bias": r(3 * width),
+            p + "attn.out_proj.weight": r(width, width), p + "attn.out_proj.bias": r(width),
+            p + "ln_2.weight": torch.ones(width), p + "ln_2.bias": torch.zeros(width),
+            p + "mlp.c_fc.weight": r(4 * width, width), p + "mlp.c_fc.bias": r(4 * width),
+            p + "mlp.c_proj.weight": r(width, 4 * width), p + "mlp.c_proj.bias": r(width),
+        })  # fmt: skip
+    return sd
+
+
+def random_head(name: str, calib: tuple[float, float] = (0.0, 1.0)):
+    """A random RINE head (nproj=4, proj_dim=128). `calib` = (mean, std) of its raw logits on
+    sample images: the last layer is rescaled so that logits there have mean 0 and std 2,
+    else a random head gives every image ~0.5 and a precision check would test nothing."""
+    from rine.config import HeadConfig
+    from rine.head import RINEHead
+
+    width, layers = SHAPES[name][:2]
+    torch.manual_seed(1)
+    head = RINEHead(HeadConfig(in_dim=width, n_blocks=layers, nproj=4, proj_dim=128)).eval()
+    mu, sigma = calib
+    last = head.head[-1]
+    with torch.no_grad():
+        last.weight.mul_(2.0 / sigma)
+        last.bias.sub_(mu).mul_(2.0 / sigma)
+    return head
+
+
+def build_hf_backbone(state: dict[str, torch.Tensor]):
+    """The same weights as a float32 `TappedCLIPVision` (HF CLIPVisionModel, SDPA)."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from rine.backbones import TappedCLIPVision, openai_to_hf_vision
+
+    cfg_kwargs, hf_state = openai_to_hf_vision(state)
+    cfg = CLIPVisionConfig(**cfg_kwargs)
+    cfg._attn_implementation = "sdpa"
+    clip = CLIPVisionModel(cfg)
+    clip.load_state_dict(hf_state, strict=False)
+    return TappedCLIPVision(clip)
+
+
+@torch.no_grad()
+def calibrate(name: str, paths: list[str]) -> tuple[float, float]:
+    """(mean, std) of the uncalibrated head's fp32 logits on the centre crops of `paths`."""
+    from rine.config import PreprocessConfig
+    from rine.images import load_image
+    from rine.preprocess import preprocess
+
+    backbone = build_hf_backbone(random_openai_state(name))
+    pixels = torch.cat([preprocess(load_image(p), PreprocessConfig()) for p in paths])
+    logits = random_head(name)(backbone(pixels)).logits
+    return float(logits.mean()), float(logits.std().clamp_min(1e-8))
+
+
+def make_images(folder: Path, n: int, seed: int = 0) -> list[str]:
+    """n photo-like images (smooth colour fields + texture + noise), JPEG and PNG, 256-2048 px."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    sizes = [(256, 256), (512, 384), (640, 480), (1024, 768), (1280, 1280), (2048, 1536), (300, 2048), (800, 600)]
+    paths = []
+    for i in range(n):
+        w, h = sizes[i % len(sizes)]
+        fmt = "png" if i % 3 == 2 else "jpg"
+        path = folder / f"img_{i:04d}_{w}x{h}.{fmt}"
+        paths.append(str(path))
+        if path.exists():
+            continue
+        yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+        f = rng.uniform(0.002, 0.02, size=(3, 2))
+        ph = rng.uniform(0, 6.3, size=3)
+        base = np.stack([np.sin(xx * f[c, 0] + yy * f[c, 1] + ph[c]) for c in range(3)], axis=-1)
+        img = 127 + 90 * base + rng.normal(0, 12, size=(h, w, 3))
+        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(path, quality=90)
+    return paths
+
+
+# ----------------------------------------------------------------------------- machine
+def gflop_per_image(name: str, ours: bool) -> float:
+    """Multiply-adds x 2 of the encoder's matmuls; ours skips the last block's MLP, ln_post, proj."""
+    width, layers, patch, size, embed = SHAPES[name]
+    t, d = (size // patch) ** 2 + 1, width
+    block = 2 * (t * d * 3 * d + 2 * t * t * d + t * d * d)  # qkv, QK^T and AV, out proj
+    mlp = 2 * (2 * t * d * 4 * d)
+    patch_embed = 2 * (t - 1) * 3 * patch * patch * d
+    total = patch_embed + layers * (block + mlp)
+    if ours:
+        total -= mlp
+    else:
+        total += 2 * d * embed
+    return total / 1e9
+
+
+def matmul_gflops(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
+    """Attainable matmul GFLOP/s: median of `reps` square products of size n, after a warm-up."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    a @ b
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / statistics.median(times) / 1e9
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+# ----------------------------------------------------------------------------- one mode
+def run_mode(args: argparse.Namespace) -> dict:
+    """Child process: load one mode, score the image list, report figures as JSON."""
+    torch.set_num_threads(args.threads)
+    paths = json.loads(Path(args.paths_file).read_text())[: args.n]
+    state = random_openai_state(args.arch)
+    head = random_head(args.arch, tuple(args.calib))
+    if args.mode == "baseline":
+        from reference_baseline import build_openai_model, score_like_reference
+
+        model = build_openai_model(state)
+        del state
+        score_like_reference(model, head, paths[:2], batch_size=128, workers=args.threads)  # warm-up
+        t0 = time.perf_counter()
+        probs = score_like_reference(model, head, paths, batch_size=128, workers=args.threads)
+        elapsed = time.perf_counter() - t0
+        precision = "fp32"
+    else:
+        from rine.config import PreprocessConfig, RINEConfig
+        from rine.inference import Detector
+        from rine.model import RINEModel
+
+        backbone = build_hf_backbone(state)
+        del state
+        config = RINEConfig(backbone=args.arch, head=head.config, preprocess=PreprocessConfig(crop="center"))
+        det = Detector(RINEModel(backbone, head), config, device=args.device, precision=args.mode)
+        precision = det.precision
+        det.predict(paths[:2], batch_size=args.batch_size)  # warm-up
+        t0 = time.perf_counter()
+        preds = list(det.predict_iter(paths, batch_size=args.batch_size, num_workers=args.workers))
+        elapsed = time.perf_counter() - t0
+        probs = np.array([p.prob_fake for p in preds], dtype=np.float64)
+    return {
+        "mode": args.mode,
+        "precision": precision,
+        "n": len(paths),
+        "seconds": elapsed,
+        "images_per_s": len(paths) / elapsed,
+        "peak_rss_mb": peak_rss_mb(),
+        "probs": [float(p) for p in probs],
+    }
+
+
+def spawn(args: argparse.Namespace, arch: str, mode: str, n: int, paths_file: Path, calib: tuple[float, float]) -> dict:
+    cmd = [
+        sys.executable, __file__, "--child", "--arch", arch, "--mode", mode, "--n", str(n),
+        "--paths-file", str(paths_file), "--threads", str(args.threads), "--device", args.device,
+        "--batch-size", str(args.batch_size), "--calib", repr(calib[0]), repr(calib[1]),
+    ] + (["--workers", str(args.workers)] if args.workers else [])  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise SystemExit(f"{arch} {mode} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="smoke run: ViT-B/32 only, 24 images")
+    p.add_argument("--archs", nargs="+", default=None, choices=sorted(SHAPES))
+    p.add_argument("--n-b32", type=int, default=128, help="images for ViT-B/32 (default 128)")
+    p.add_argument("--n-l14", type=int, default=48, help="images for ViT-L/14 (default 48)")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads and loader workers of the baseline")
+    p.add_argument("--workers", type=int, default=None, help="our decoding threads (default: Detector's choice)")
+    p.add_argument("--batch-size", type=int, default=16, help="our batch size (the baseline uses 128)")
+    p.add_argument("--repeat", type=int, default=1, help="repeat each mode, report the median images/s")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--image-dir", default=None, help="where to generate the images (default: a temp folder)")
+    # child-process options
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--arch", help=argparse.SUPPRESS)
+    p.add_argument("--mode", help=argparse.SUPPRESS)
+    p.add_argument("--n", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--paths-file", help=argparse.SUPPRESS)
+    p.add_argument("--calib", type=float, nargs=2, default=(0.0, 1.0), help=argparse.SUPPRESS)
+    args = p.parse_args()
+
+    if args.child:
+        print(json.dumps(run_mode(args)))
+        return
+
+    archs = args.archs or (["ViT-B/32"] if args.quick else ["ViT-B/32", "ViT-L/14"])
+    counts = {"ViT-B/32": 24 if args.quick else args.n_b32, "ViT-L/14": 12 if args.quick else args.n_l14}
+    torch.set_num_threads(args.threads)
+    folder = Path(args.image_dir or tempfile.mkdtemp(prefix="rine-bench-"))
+    paths = make_images(folder, max(counts[a] for a in archs))
+    paths_file = folder / "paths.json"
+    paths_file.write_text(json.dumps(paths))
+    kinds = sorted({Path(x).suffix for x in paths})
+    print(f"# {len(paths)} images in {folder} ({', '.join(kinds)}, 256-2048 px); torch {torch.__version__}, "
+          f"{args.threads} threads, device {args.device}, cpu cores {os.cpu_count()}, load avg {os.getloadavg()[0]:.2f}")  # fmt: skip
+
+    peaks = {}
+    if args.device == "cpu":
+        peaks = {"fp32": matmul_gflops(torch.float32), "bf16": matmul_gflops(torch.bfloat16)}
+        print(f"# attainable matmul (2048^3, {args.threads} threads): fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s")  # fmt: skip
+
+    for arch in archs:
+        n = counts[arch]
+        calib = calibrate(arch, paths[:8])
+        results: dict[str, list[dict]] = {"baseline": [], "fp32": [], "auto": []}
+        for _ in range(args.repeat):
+            for mode in results:  # interleaved, so that load from other users hits all modes alike
+                results[mode].append(spawn(args, arch, mode, n, paths_file, calib))
+        half = spawn(args, arch, "auto", max(1, n // 2), paths_file, calib)
+        med = {m: statistics.median(r["images_per_s"] for r in rs) for m, rs in results.items()}
+        ref_probs = np.array(results["fp32"][0]["probs"])
+        spread = float(np.std(ref_probs))
+        print(f"\n## {arch}: {n} images, end to end from files, median of {args.repeat} run(s); "
+              f"fp32 probabilities: std {spread:.3f}, range {ref_probs.min():.3f}-{ref_probs.max():.3f}")
+        print(f"{'mode':<24}{'images/s':>10}{'x baseline':>12}{'peak RSS MB':>13}{'max |dp| vs fp32':>18}")
+        for mode, rs in results.items():
+            r = rs[0]
+            label = {"baseline": "(a) reference-like", "fp32": "(b) ours fp32", "auto": f"(c) ours auto={r['precision']}"}[mode]
+            dp = float(np.max(np.abs(np.array(r["probs"]) - ref_probs)))
+            print(f"{label:<24}{med[mode]:>10.2f}{med[mode] / med['baseline']:>12.2f}{r['peak_rss_mb']:>13.0f}{dp:>18.2e}")
+        print(f"peak RSS of (c) at {half['n']} images: {half['peak_rss_mb']:.0f} MB; at {n} images: "
+              f"{results['auto'][0]['peak_rss_mb']:.0f} MB")
+        if peaks:
+            prec = results["auto"][0]["precision"]
+            gf = gflop_per_image(arch, ours=True)
+            achieved = med["auto"] * gf
+            peak = peaks["bf16" if prec == "bf16" else "fp32"]
+            print(f"(c) runs {achieved:.0f} GFLOP/s of encoder matmuls ({gf:.1f} GFLOP/image) = "
+                  f"{achieved / peak:.0%} of the attainable {prec} matmul rate ({peak:.0f} GFLOP/s)")
+        print(f"# load avg after {arch}: {os.getloadavg()[0]:.2f}")
+        if not math.isfinite(med["baseline"]):
+            raise SystemExit("baseline failed")
+
+
+if __name__ == "__main__":
+    main()

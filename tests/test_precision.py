@@ -1,0 +1,116 @@
+"""Precision modes: `auto` resolution, the fast encoder's fp32 exactness, and the
+0.01-probability tolerance of bf16/fp16 against fp32 (parity fixture weights and
+tiny random backbones)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from rine import accel
+from rine.accel import PRECISIONS, FastTapEncoder, resolve_precision
+from rine.inference import Detector
+
+from conftest import PARITY, require_shared, write_image
+
+TOLERANCE = 0.01  # the issue's bound on |p_fast - p_fp32|
+
+
+def test_auto_is_first_and_default():
+    assert PRECISIONS[0] == "auto"
+    assert set(PRECISIONS) == {"auto", "fp32", "bf16", "fp16"}
+
+
+@pytest.mark.parametrize("native_bf16, expected", [(True, "bf16"), (False, "fp32")])
+def test_auto_on_cpu_follows_bf16_support(monkeypatch, native_bf16, expected):
+    monkeypatch.setattr(accel, "cpu_has_native_bf16", lambda: native_bf16)
+    assert resolve_precision("auto", torch.device("cpu")) == expected
+
+
+def test_auto_on_cuda_is_half_and_explicit_modes_pass_through():
+    assert resolve_precision("auto", torch.device("cuda")) == "fp16"
+    for p in ("fp32", "bf16", "fp16"):
+        assert resolve_precision(p, torch.device("cpu")) == p
+    with pytest.raises(ValueError, match="precision must be one of"):
+        resolve_precision("int8", torch.device("cpu"))
+
+
+def test_native_bf16_detection_matches_cpu_flags():
+    flags = accel._cpu_flags()
+    if not flags:
+        pytest.skip("no /proc/cpuinfo flags on this machine")
+    assert accel.cpu_has_native_bf16() == bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+@pytest.mark.parametrize("onednn", [False, True])
+def test_fast_fp32_encoder_equals_reference_path(tiny_detector, onednn):
+    backbone = tiny_detector.model.backbone
+    pixels = torch.randn(3, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    expected = backbone(pixels)
+    fast = FastTapEncoder(backbone, "fp32", onednn=onednn)(pixels)
+    assert fast.dtype == torch.float32 and fast.shape == expected.shape == (3, 3, 64)
+    torch.testing.assert_close(fast, expected, atol=1e-5, rtol=1e-5)
+    # fewer blocks: the first taps are the same
+    torch.testing.assert_close(FastTapEncoder(backbone, "fp32", onednn=onednn)(pixels, n_blocks=2), expected[:, :2], atol=1e-5, rtol=1e-5)
+
+
+def test_fast_encoder_rejects_non_clip_activation(tiny_detector):
+    backbone = tiny_detector.model.backbone
+    old = backbone.clip.config.hidden_act
+    backbone.clip.config.hidden_act = "gelu"
+    try:
+        with pytest.raises(ValueError, match="quick_gelu"):
+            FastTapEncoder(backbone, "bf16")
+    finally:
+        backbone.clip.config.hidden_act = old
+
+
+@pytest.fixture(scope="module")
+def parity_detectors():
+    require_shared()
+    tiny = PARITY / "tiny"
+    return {
+        p: Detector.from_files(str(tiny / "clip_visual.safetensors"), str(tiny / "rine_head.safetensors"), precision=p)
+        for p in ("fp32", "bf16", "fp16")
+    }
+
+
+def test_fp32_detector_reproduces_reference_logits(parity_detectors):
+    images = sorted((PARITY / "images").iterdir())
+    preds = parity_detectors["fp32"].predict(images, batch_size=3)
+    reference = np.load(PARITY / "tiny" / "logits.npy").ravel()
+    np.testing.assert_allclose([p.logit for p in preds], reference, atol=1e-4)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_fast_modes_within_tolerance_on_parity_fixtures(parity_detectors, precision):
+    images = sorted((PARITY / "images").iterdir())
+    ref = np.array([p.prob_fake for p in parity_detectors["fp32"].predict(images)])
+    fast = np.array([p.prob_fake for p in parity_detectors[precision].predict(images)])
+    assert parity_detectors[precision].precision == precision
+    assert np.abs(fast - ref).max() < TOLERANCE
+    assert not np.array_equal(fast, ref)  # the mode really ran in lower precision
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.parametrize("crop", ["center", "ten"])
+def test_fast_modes_within_tolerance_on_random_backbones(tmp_path, tiny_checkpoint_dir, precision, crop):
+    sizes = [(256, 256), (640, 480), (224, 300), (1024, 200)]
+    images = [write_image(tmp_path / f"{i}.png", size=s, seed=i) for i, s in enumerate(sizes)]
+    ref = Detector.from_pretrained(str(tiny_checkpoint_dir), crop=crop, precision="fp32").predict(images)
+    fast = Detector.from_pretrained(str(tiny_checkpoint_dir), crop=crop, precision=precision).predict(images)
+    diff = np.abs(np.array([p.prob_fake for p in fast]) - np.array([p.prob_fake for p in ref]))
+    assert diff.max() < TOLERANCE
+
+
+def test_detector_resolves_auto_and_encode_views_uses_it(tiny_checkpoint_dir, monkeypatch):
+    monkeypatch.setattr(accel, "cpu_has_native_bf16", lambda: True)
+    det = Detector.from_pretrained(str(tiny_checkpoint_dir), precision="auto")
+    assert det.requested_precision == "auto" and det.precision == "bf16"
+    assert det.encoder.dtype == torch.bfloat16
+    views = np.random.default_rng(0).integers(0, 256, size=(5, 224, 224, 3), dtype=np.uint8)
+    taps = det.encode_views(views, batch_size=2)
+    assert taps.shape == (5, 3, 64) and taps.dtype == torch.float32
+    logits, _ = det.score_views(views)
+    torch.testing.assert_close(det.model.head(taps).logits, logits)
