@@ -6,7 +6,6 @@ import asyncio
 import io
 import threading
 import time
-from concurrent.futures import Future
 
 import numpy as np
 import pytest
@@ -455,22 +454,56 @@ def test_batcher_splits_results_per_item():
 
 
 def test_batcher_respects_max_batch_and_bounds():
-    b = Batcher(echo_scores, max_batch=4, max_wait_s=0.2, max_queue=3).start()
+    gate, entered = threading.Event(), threading.Event()
+    sizes = []
+
+    def gated(views):
+        sizes.append(len(views))
+        entered.set()
+        assert gate.wait(30)
+        return echo_scores(views)
+
+    b = Batcher(gated, max_batch=4, max_wait_s=0.0, max_queue=3).start()
     try:
-        futures = [b.submit(views_of(i, 2)) for i in range(3)]
-        with pytest.raises(Overloaded):
-            # the worker may already hold the first batch; keep submitting until the bound bites
-            for _ in range(10):
-                futures.append(b.submit(views_of(9, 2)))
-        for f in futures:
-            f.result(10)
+        first = b.submit(views_of(0, 2))
+        assert entered.wait(10)  # the worker holds `first`; the queue is empty again
+        queued = [b.submit(views_of(i, 2)) for i in range(1, 4)]
+        with pytest.raises(Overloaded, match="queue full"):
+            b.submit(views_of(9, 2))
+        gate.set()
+        assert first.result(10).logits.tolist() == [0.0, 0.0]
+        assert [f.result(10).logits[0] for f in queued] == [1.0, 2.0, 3.0]
     finally:
+        gate.set()
         b.close()
-    assert b.largest_batch <= 4 and b.rejected == 1
+    assert sizes == [2, 4, 2]  # 3 queued images of 2 views: 4 views, then the rest
+    assert b.rejected == 1
     with pytest.raises(Overloaded):
-        b.submit(views_of(0))
+        b.submit(views_of(0))  # closed
     with pytest.raises(ValueError):
         Batcher(echo_scores, max_batch=0)
+    other = Batcher(echo_scores).start()
+    with pytest.raises(ValueError):
+        other.submit(np.zeros((1, 4, 4, 3), dtype=np.float32))
+    other.close()
+
+
+def test_batcher_close_fails_work_a_stuck_encoder_never_took():
+    gate, entered = threading.Event(), threading.Event()
+
+    def stuck(views):
+        entered.set()
+        gate.wait(30)
+        return echo_scores(views)
+
+    b = Batcher(stuck, max_wait_s=0.0).start()
+    b.submit(views_of(1))
+    assert entered.wait(10)
+    waiting = b.submit(views_of(2))
+    b.close(timeout=0.1)
+    with pytest.raises(Overloaded, match="shutting down"):
+        waiting.result(10)
+    gate.set()
 
 
 def test_batcher_skips_cancelled_and_reports_errors():
@@ -494,7 +527,6 @@ def test_batcher_skips_cancelled_and_reports_errors():
 
 def test_batcher_close_fails_waiting_work():
     b = Batcher(echo_scores)
-    f: Future = Future()
     with pytest.raises(Overloaded):
         b.submit(views_of(1))  # not started
     b.start()

@@ -132,6 +132,7 @@ def run(args: argparse.Namespace) -> int:
         limit_concurrency=max(64, 4 * settings.max_concurrent_requests),
         timeout_keep_alive=5,
         server_header=False,
+        timeout_graceful_shutdown=10,  # in-flight requests finish, then the encoder drains
     )
     server = uvicorn.Server(config)
     print(f"rine: serving on http://{_url_host(args.host)}:{args.port} (model loading in the background)", flush=True)
