@@ -148,7 +148,7 @@ function addFiles(files) {
     img.src = url;
     img.alt = "Thumbnail of " + file.name;
     img.addEventListener("load", () => URL.revokeObjectURL(url), { once: true });
-    img.addEventListener("error", () => URL.revokeObjectURL(url), { once: true });
+    img.addEventListener("error", () => { URL.revokeObjectURL(url); img.hidden = true; }, { once: true });
     list.appendChild(card);
     queue.push([file, card]);
   }
