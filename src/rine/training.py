@@ -320,10 +320,30 @@ def save_run(result: TrainResult, config: TrainConfig, out_dir: str | Path, back
                       meta={"trained_with": "rine train", "best_epoch": result.best_epoch,
                             "train_config": asdict(config), **(meta or {})})  # fmt: skip
     save_pretrained(result.head, rcfg, out)
+    canonical_safetensors_header(out / "model.safetensors")
     (out / "train_config.json").write_text(json.dumps({"train": asdict(config), **(meta or {})}, indent=2) + "\n")
     if plot:
         plot_importance(result.head, out / "importance.png")
     return out
+
+
+def canonical_safetensors_header(path: str | Path) -> None:
+    """Rewrite a safetensors header with sorted keys, in place.
+
+    safetensors writes its `__metadata__` from a Rust hash map, whose order changes from
+    process to process: the same weights would give different bytes. The header's length
+    is kept (space padding), so the tensor data is untouched."""
+    import struct
+
+    path = Path(path)
+    with open(path, "r+b") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+        text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+        if len(text) > n:
+            return  # not a compact header: leave it as written
+        f.seek(8)
+        f.write(text + b" " * (n - len(text)))
 
 
 def plot_importance(head: RINEHead, path: str | Path) -> Path:
