@@ -113,6 +113,7 @@ async def run_load(base: str, payloads, args, pid: int):
     weights = [float(w) for w in args.mix.split(",")]
     results: list[tuple[str, int | str, float]] = []  # kind, status or error name, seconds
     mem_samples: list[tuple[float, int]] = []
+    server_ms: list[float] = []
     stop_at = time.perf_counter() + args.duration
     limits = httpx.Limits(max_connections=args.clients, max_keepalive_connections=args.clients)
 
@@ -125,6 +126,9 @@ async def run_load(base: str, payloads, args, pid: int):
             try:
                 r = await client.post(f"{base}/v1/detect", files=[("files", (name, data))], timeout=args.request_timeout)
                 outcome: int | str = r.status_code
+                timing = r.headers.get("server-timing", "")
+                if "dur=" in timing:
+                    server_ms.append(float(timing.split("dur=", 1)[1].split(",")[0]))
             except httpx.HTTPError as e:
                 outcome = type(e).__name__
             results.append((kind, outcome, time.perf_counter() - t0))
@@ -140,7 +144,7 @@ async def run_load(base: str, payloads, args, pid: int):
     t0 = time.perf_counter()
     async with httpx.AsyncClient(limits=limits) as client:
         await asyncio.gather(sampler(), *(client_loop(i, client) for i in range(args.clients)))
-    return results, mem_samples, time.perf_counter() - t0
+    return results, mem_samples, server_ms, time.perf_counter() - t0
 
 
 def pct(values: list[float], q: float) -> float:
@@ -167,7 +171,9 @@ def report(results, mem_samples, elapsed, warm_rss_kb, hwm_kb, server_stats, arg
     print(f"latency valid: p50 {1000 * pct(lat_valid, 50):.0f} ms  p99 {1000 * pct(lat_valid, 99):.0f} ms")
     print("status counts: " + ", ".join(f"{k}: {v}" for k, v in sorted(by_status.items())))
     for kind in KINDS:
-        print(f"  {kind:<10} " + ", ".join(f"{k}: {v}" for k, v in sorted(by_kind[kind].items())))
+        lk = [t for k, _, t in results if k == kind]
+        print(f"  {kind:<10} " + ", ".join(f"{k}: {v}" for k, v in sorted(by_kind[kind].items()))
+              + f"  (p50 {1000 * pct(lk, 50):.0f} ms, p99 {1000 * pct(lk, 99):.0f} ms)")
     print(f"5xx: {five_xx}  failed valid: {failed_valid}  transport errors: {transport}  unexpected status: {unexpected}")
     if server_stats:
         print("server batching: " + ", ".join(f"{k}={server_stats[k]}" for k in
@@ -187,6 +193,24 @@ def report(results, mem_samples, elapsed, warm_rss_kb, hwm_kb, server_stats, arg
     return ok
 
 
+def encoder_baseline(model_args: list[str], batch: int, seconds: float = 5.0) -> float:
+    """Images/s of `Detector.score_views` alone on full batches, in this process: what
+    batched inference gives without HTTP, decoding or queueing (a ceiling for the server)."""
+    from rine.cli import build_parser
+    from rine.cli.common import load_detector
+
+    args = build_parser().parse_args(["serve", *model_args, "--device", "cpu"])
+    detector = load_detector(args)
+    size = detector.config.preprocess.image_size
+    views = np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
+    detector.score_views(views)  # warm-up
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        detector.score_views(views)
+        n += batch
+    return n / (time.perf_counter() - t0)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--clients", type=int, default=64)
@@ -203,6 +227,8 @@ def main(argv=None) -> int:
     p.add_argument("--request-timeout", type=float, default=120.0)
     p.add_argument("--sample-every", type=float, default=0.5, help="seconds between memory samples")
     p.add_argument("--json", metavar="FILE", help="also write the raw figures here")
+    p.add_argument("--no-baseline", action="store_true",
+                   help="skip measuring the encoder alone (in this process) after the load")
     args = p.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="rine-load-") as tmp:
@@ -231,10 +257,19 @@ def main(argv=None) -> int:
                 for name, data in payloads[kind]:
                     httpx.post(f"{base}/v1/detect", files=[("files", (name, data))], timeout=60)
             warm = read_mem_kb(proc.pid).get("VmRSS", 0)
-            results, mem, elapsed = asyncio.run(run_load(base, payloads, args, proc.pid))
+            results, mem, server_ms, elapsed = asyncio.run(run_load(base, payloads, args, proc.pid))
             stats = httpx.get(f"{base}/readyz", timeout=10).json()
             hwm = read_mem_kb(proc.pid).get("VmHWM", 0)
             ok = report(results, mem, elapsed, warm, hwm, stats, args)
+            if server_ms:
+                print(f"time inside the server (Server-Timing, decoded/scored requests): "
+                      f"p50 {pct(server_ms, 50):.0f} ms  p99 {pct(server_ms, 99):.0f} ms")
+            if not args.no_baseline:
+                proc.terminate()  # the baseline should not share the CPU with an idle server
+                proc.wait(10)
+                batch = int(next((a.split("=", 1)[1] for a in args.server_arg if a.startswith("--max-batch=")), 32))
+                ips = encoder_baseline(model_args, batch)
+                print(f"encoder alone (score_views, batch {batch}, this process): {ips:.1f} images/s")
             if args.json:
                 Path(args.json).write_text(json.dumps({
                     "clients": args.clients, "elapsed_s": elapsed, "requests": len(results),

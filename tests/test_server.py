@@ -145,6 +145,7 @@ def test_detect_matches_detector_predict(client, tiny_detector):
     fake = (OFFICIAL / "fake_dalle_zzrybysskm.png").read_bytes()
     r = client.post("/v1/detect", files=upload(("real.jpg", real), ("fake.png", fake)))
     assert r.status_code == 200
+    assert r.headers["server-timing"].startswith("total;dur=")
     data = r.json()
     assert data["model"] == "tiny-test" and data["threshold"] == 0.5
     assert len(data["model_block_importance"]) == 3

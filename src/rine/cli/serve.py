@@ -52,6 +52,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--max-wait-ms", type=float, default=10, help="how long an idle encoder waits to fill a batch")
     b.add_argument("--max-queue", type=int, default=256, help="images waiting for the encoder; beyond it 503")
     b.add_argument("--decode-workers", type=int, default=None, help="image decoding threads (default: up to 2)")
+    b.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads for the encoder (default: torch's choice); on a small shared "
+                        "machine 1 leaves cores to decoding and HTTP")
     p.set_defaults(func=run)
 
 
@@ -109,6 +112,12 @@ def run(args: argparse.Namespace) -> int:
         return fail(str(e))
     if args.head and args.model:
         return fail("give either --model or --backbone/--head, not both")
+    if args.threads is not None:
+        if args.threads < 1:
+            return fail("--threads must be at least 1")
+        import torch
+
+        torch.set_num_threads(args.threads)
     if not _is_loopback(args.host) and settings.api_key is None:
         logger.warning("listening on %s without an API key: anyone who can reach it can use it "
                        "(see --api-key-env)", args.host)
