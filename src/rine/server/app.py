@@ -472,7 +472,8 @@ def create_app(
     async def check_key(key: str | None = Depends(key_header)) -> None:
         if expected_key is None:
             return
-        given = (key or "").encode("utf-8", "replace")
+        # Starlette decodes header bytes as latin-1: re-encoding gives the raw bytes back.
+        given = (key or "").encode("latin-1", "replace")
         if not hmac.compare_digest(given, expected_key):
             raise HTTPError(401, f"missing or wrong {API_KEY_HEADER} header")
 
