@@ -108,7 +108,7 @@ class ImageTaps:
 
     `make_views(image, item_index, view)` is called with view = epoch, so it draws the
     same views as a store extracted with the same seed (view slot = epoch).
-    Unreadable images are dropped from their batch (and logged).
+    An unreadable image stops training with a ValueError naming it (extract a store to skip them).
     """
 
     def __init__(self, backbone, items: Sequence[Item], make_views, num_workers: int | None = None):
