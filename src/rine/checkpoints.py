@@ -92,7 +92,9 @@ def save_pretrained(head: RINEHead, config: RINEConfig, directory: str | Path) -
         raise CheckpointError(f"config.head {config.head} does not describe the head {head.config}")
     state = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
     tmp = directory / (WEIGHTS_NAME + ".tmp")
-    save_file(state, str(tmp), metadata={"format": "pt", "rine": "head"})
+    # One metadata key only: safetensors writes metadata from a hash map, so several keys
+    # would come out in a different order from run to run and break byte-identical files.
+    save_file(state, str(tmp), metadata={"format": "pt"})
     tmp.replace(directory / WEIGHTS_NAME)
     config.save(directory / CONFIG_NAME)
     return directory

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import metrics
 from .config import HeadConfig, PreprocessConfig, RINEConfig
 from .features import FeatureStore, Item
 from .head import RINEHead
@@ -148,17 +149,9 @@ class ImageTaps:
 
 
 def average_precision(labels: np.ndarray, scores: np.ndarray) -> float:
-    """scikit-learn's `average_precision_score` (step-wise, no interpolation)."""
-    labels, scores = np.asarray(labels), np.asarray(scores, dtype=np.float64)
-    order = np.argsort(-scores, kind="mergesort")
-    labels, scores = labels[order], scores[order]
-    last = np.r_[np.nonzero(np.diff(scores))[0], labels.size - 1]  # last index of each distinct score
-    tps = np.cumsum(labels)[last]
-    if labels.size == 0 or tps[-1] == 0:
-        return float("nan")
-    precision = tps / (last + 1)
-    recall = tps / tps[-1]
-    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+    """scikit-learn's `average_precision_score` (see `rine.metrics`); NaN without fake images."""
+    ap = metrics.average_precision(labels, scores)
+    return float("nan") if ap is None else ap
 
 
 @torch.no_grad()
@@ -320,30 +313,10 @@ def save_run(result: TrainResult, config: TrainConfig, out_dir: str | Path, back
                       meta={"trained_with": "rine train", "best_epoch": result.best_epoch,
                             "train_config": asdict(config), **(meta or {})})  # fmt: skip
     save_pretrained(result.head, rcfg, out)
-    canonical_safetensors_header(out / "model.safetensors")
     (out / "train_config.json").write_text(json.dumps({"train": asdict(config), **(meta or {})}, indent=2) + "\n")
     if plot:
         plot_importance(result.head, out / "importance.png")
     return out
-
-
-def canonical_safetensors_header(path: str | Path) -> None:
-    """Rewrite a safetensors header with sorted keys, in place.
-
-    safetensors writes its `__metadata__` from a Rust hash map, whose order changes from
-    process to process: the same weights would give different bytes. The header's length
-    is kept (space padding), so the tensor data is untouched."""
-    import struct
-
-    path = Path(path)
-    with open(path, "r+b") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-        text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-        if len(text) > n:
-            return  # not a compact header: leave it as written
-        f.seek(8)
-        f.write(text + b" " * (n - len(text)))
 
 
 def plot_importance(head: RINEHead, path: str | Path) -> Path:
