@@ -20,6 +20,7 @@ FLOP/s that (c) reaches (measured here with a large torch.matmul).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -73,7 +74,7 @@ def random_openai_state(name: str, seed: int = 0) -> dict[str, torch.Tensor]:
     return sd
 
 
-def random_head(name: str, calib: tuple[float, float] = (0.0, 1.0)):
+def random_head(name: str, calib: tuple[float, float] | None = None):
     """A random RINE head (nproj=4, proj_dim=128). `calib` = (mean, std) of its raw logits on
     sample images: the last layer is rescaled so that logits there have mean 0 and std 2,
     else a random head gives every image ~0.5 and a precision check would test nothing."""
@@ -83,6 +84,15 @@ def random_head(name: str, calib: tuple[float, float] = (0.0, 1.0)):
     width, layers = SHAPES[name][:2]
     torch.manual_seed(1)
     head = RINEHead(HeadConfig(in_dim=width, n_blocks=layers, nproj=4, proj_dim=128)).eval()
+    with torch.no_grad():
+        # He init: PyTorch's default Linear init shrinks the signal through the 4+4+2
+        # ReLU layers until the logit no longer depends on the image.
+        for m in head.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.weight.normal_(0.0, (2.0 / m.in_features) ** 0.5)
+                m.bias.zero_()
+    if calib is None:
+        return head
     mu, sigma = calib
     last = head.head[-1]
     with torch.no_grad():
@@ -170,8 +180,37 @@ def matmul_gflops(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
     return 2 * n**3 / statistics.median(times) / 1e9
 
 
+def current_rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's peak-RSS counter (Linux: VmHWM, via clear_refs), so that the
+    peak measured afterwards is the scoring's, not the model construction's."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
 def peak_rss_mb() -> float:
+    """Peak resident memory of this process (since the last reset where possible), MB."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def children_peak_rss_mb() -> float:
+    """Largest peak RSS of any finished child process (the baseline's loader workers), MB."""
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 
 
 # ----------------------------------------------------------------------------- one mode
@@ -180,13 +219,16 @@ def run_mode(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     paths = json.loads(Path(args.paths_file).read_text())[: args.n]
     state = random_openai_state(args.arch)
-    head = random_head(args.arch, tuple(args.calib))
+    head = random_head(args.arch, tuple(args.calib) if args.calib else None)
     if args.mode == "baseline":
         from reference_baseline import build_openai_model, score_like_reference
 
         model = build_openai_model(state)
         del state
         score_like_reference(model, head, paths[:2], batch_size=128, workers=args.threads)  # warm-up
+        gc.collect()
+        model_mb = current_rss_mb()
+        reset_peak_rss()
         t0 = time.perf_counter()
         probs = score_like_reference(model, head, paths, batch_size=128, workers=args.threads)
         elapsed = time.perf_counter() - t0
@@ -202,6 +244,9 @@ def run_mode(args: argparse.Namespace) -> dict:
         det = Detector(RINEModel(backbone, head), config, device=args.device, precision=args.mode)
         precision = det.precision
         det.predict(paths[:2], batch_size=args.batch_size)  # warm-up
+        gc.collect()
+        model_mb = current_rss_mb()
+        reset_peak_rss()
         t0 = time.perf_counter()
         preds = list(det.predict_iter(paths, batch_size=args.batch_size, num_workers=args.workers))
         elapsed = time.perf_counter() - t0
@@ -213,6 +258,8 @@ def run_mode(args: argparse.Namespace) -> dict:
         "seconds": elapsed,
         "images_per_s": len(paths) / elapsed,
         "peak_rss_mb": peak_rss_mb(),
+        "model_rss_mb": model_mb,
+        "workers_peak_rss_mb": children_peak_rss_mb(),
         "probs": [float(p) for p in probs],
     }
 
@@ -247,7 +294,7 @@ def main() -> None:
     p.add_argument("--mode", help=argparse.SUPPRESS)
     p.add_argument("--n", type=int, help=argparse.SUPPRESS)
     p.add_argument("--paths-file", help=argparse.SUPPRESS)
-    p.add_argument("--calib", type=float, nargs=2, default=(0.0, 1.0), help=argparse.SUPPRESS)
+    p.add_argument("--calib", type=float, nargs=2, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
 
     if args.child:
@@ -283,14 +330,16 @@ def main() -> None:
         spread = float(np.std(ref_probs))
         print(f"\n## {arch}: {n} images, end to end from files, median of {args.repeat} run(s); "
               f"fp32 probabilities: std {spread:.3f}, range {ref_probs.min():.3f}-{ref_probs.max():.3f}")
-        print(f"{'mode':<24}{'images/s':>10}{'x baseline':>12}{'peak RSS MB':>13}{'max |dp| vs fp32':>18}")
+        print(f"{'mode':<24}{'images/s':>10}{'x baseline':>12}{'RSS loaded MB':>15}{'peak scoring MB':>17}{'max |dp| vs fp32':>18}")
         for mode, rs in results.items():
             r = rs[0]
             label = {"baseline": "(a) reference-like", "fp32": "(b) ours fp32", "auto": f"(c) ours auto={r['precision']}"}[mode]
             dp = float(np.max(np.abs(np.array(r["probs"]) - ref_probs)))
-            print(f"{label:<24}{med[mode]:>10.2f}{med[mode] / med['baseline']:>12.2f}{r['peak_rss_mb']:>13.0f}{dp:>18.2e}")
-        print(f"peak RSS of (c) at {half['n']} images: {half['peak_rss_mb']:.0f} MB; at {n} images: "
-              f"{results['auto'][0]['peak_rss_mb']:.0f} MB")
+            print(f"{label:<24}{med[mode]:>10.2f}{med[mode] / med['baseline']:>12.2f}{r['model_rss_mb']:>15.0f}"
+                  f"{r['peak_rss_mb']:>17.0f}{dp:>18.2e}")
+        print(f"(a)'s DataLoader worker processes peaked at {results['baseline'][0]['workers_peak_rss_mb']:.0f} MB each (not included above)")
+        print(f"peak RSS of (c) while scoring {half['n']} images: {half['peak_rss_mb']:.0f} MB; "
+              f"{n} images: {results['auto'][0]['peak_rss_mb']:.0f} MB")
         if peaks:
             prec = results["auto"][0]["precision"]
             gf = gflop_per_image(arch, ours=True)
