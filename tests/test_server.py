@@ -322,11 +322,25 @@ def test_client_filename_is_display_only_and_nothing_is_spooled(client, monkeypa
 
 
 def test_load_error_status_mapping():
-    assert load_error_status("file too large: 5 bytes > limit 4") == 413
-    assert load_error_status("too many pixels: 9x9 = 81 > limit 80") == 413
-    assert load_error_status("not an image (unrecognised format)") == 415
-    assert load_error_status("corrupt or truncated image: x") == 422
-    assert load_error_status("empty file") == 422
+    from PIL import Image
+
+    from rine.images import ImageLoadError, load_image
+
+    def kind_of(data: bytes, **limits) -> str:
+        with pytest.raises(ImageLoadError) as e:
+            load_image(data, **limits)
+        return e.value.kind
+
+    png = io.BytesIO()
+    Image.new("RGB", (9, 9)).save(png, format="PNG")
+    assert load_error_status(kind_of(png.getvalue(), max_bytes=4)) == 413
+    assert load_error_status(kind_of(png.getvalue(), max_pixels=80)) == 413
+    assert load_error_status(kind_of(b"plain text, not an image")) == 415
+    jpeg = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(jpeg, format="JPEG")
+    assert load_error_status(kind_of(jpeg.getvalue()[: len(jpeg.getvalue()) // 2])) == 422
+    assert load_error_status(kind_of(b"")) == 422
+    assert set(ImageLoadError.KINDS) >= {"too_large", "too_many_pixels", "not_image", "corrupt", "empty"}
 
 
 # ---------------------------------------------------------------------------- API key

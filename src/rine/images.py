@@ -23,7 +23,16 @@ IMAGE_EXTENSIONS = frozenset(
 
 
 class ImageLoadError(ValueError):
-    """An input that cannot be turned into an RGB image; `str()` is a one-line reason."""
+    """An input that cannot be turned into an RGB image; `str()` is a one-line reason and
+    `kind` a stable machine-readable category, one of `KINDS`."""
+
+    KINDS = ("missing", "unreadable", "too_large", "too_many_pixels", "empty", "not_image", "corrupt", "bad_mode")
+
+    def __init__(self, message: str, kind: str):
+        if kind not in self.KINDS:
+            raise ValueError(f"unknown ImageLoadError kind {kind!r}")
+        super().__init__(message)
+        self.kind = kind
 
 
 def is_image_path(path: str | Path) -> bool:
@@ -52,21 +61,21 @@ def load_image(
         try:
             size = path.stat().st_size
         except FileNotFoundError:
-            raise ImageLoadError("no such file") from None
+            raise ImageLoadError("no such file", "missing") from None
         except OSError as e:
-            raise ImageLoadError(f"cannot read file: {e.strerror or e}") from None
+            raise ImageLoadError(f"cannot read file: {e.strerror or e}", "unreadable") from None
         if not path.is_file():
-            raise ImageLoadError("not a regular file")
+            raise ImageLoadError("not a regular file", "unreadable")
         if max_bytes is not None and size > max_bytes:
-            raise ImageLoadError(f"file too large: {size} bytes > limit {max_bytes}")
+            raise ImageLoadError(f"file too large: {size} bytes > limit {max_bytes}", "too_large")
         try:
             data = path.read_bytes()
         except OSError as e:
-            raise ImageLoadError(f"cannot read file: {e.strerror or e}") from None
+            raise ImageLoadError(f"cannot read file: {e.strerror or e}", "unreadable") from None
     if not data:
-        raise ImageLoadError("empty file")
+        raise ImageLoadError("empty file", "empty")
     if max_bytes is not None and len(data) > max_bytes:
-        raise ImageLoadError(f"file too large: {len(data)} bytes > limit {max_bytes}")
+        raise ImageLoadError(f"file too large: {len(data)} bytes > limit {max_bytes}", "too_large")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -76,20 +85,20 @@ def load_image(
     except ImageLoadError:
         raise
     except UnidentifiedImageError:
-        raise ImageLoadError("not an image (unrecognised format)") from None
+        raise ImageLoadError("not an image (unrecognised format)", "not_image") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageLoadError(f"too many pixels: {e}") from None
+        raise ImageLoadError(f"too many pixels: {e}", "too_many_pixels") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise ImageLoadError(f"corrupt or truncated image: {_one_line(e)}") from None
+        raise ImageLoadError(f"corrupt or truncated image: {_one_line(e)}", "corrupt") from None
     return _to_rgb(image)
 
 
 def _check_pixels(image: Image.Image, max_pixels: int | None) -> None:
     w, h = image.size
     if w <= 0 or h <= 0:
-        raise ImageLoadError(f"invalid image size {w}x{h}")
+        raise ImageLoadError(f"invalid image size {w}x{h}", "corrupt")
     if max_pixels is not None and w * h > max_pixels:
-        raise ImageLoadError(f"too many pixels: {w}x{h} = {w * h} > limit {max_pixels}")
+        raise ImageLoadError(f"too many pixels: {w}x{h} = {w * h} > limit {max_pixels}", "too_many_pixels")
 
 
 # Integer and float modes hold values beyond 0..255 that `convert("RGB")` clips rather
@@ -102,12 +111,13 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         return image
     if image.mode in _UNSUPPORTED_MODES:
         raise ImageLoadError(
-            f"unsupported image mode {image.mode!r} (16-bit or float pixels); convert it to 8-bit RGB first"
+            f"unsupported image mode {image.mode!r} (16-bit or float pixels); convert it to 8-bit RGB first",
+            "bad_mode",
         )
     try:
         return image.convert("RGB")
     except (ValueError, OSError) as e:
-        raise ImageLoadError(f"unsupported image mode {image.mode!r}: {_one_line(e)}") from None
+        raise ImageLoadError(f"unsupported image mode {image.mode!r}: {_one_line(e)}", "bad_mode") from None
 
 
 def _one_line(e: BaseException) -> str:

@@ -127,11 +127,11 @@ class HTTPError(Exception):
         return JSONResponse({"detail": self.detail, **self.extra}, status_code=self.status, headers=self.headers)
 
 
-def load_error_status(reason: str) -> int:
-    """HTTP status of an `ImageLoadError` reason: 413 too big, 415 not an image, 422 broken."""
-    if reason.startswith(("file too large", "too many pixels")):
+def load_error_status(kind: str) -> int:
+    """HTTP status of an `ImageLoadError.kind`: 413 too big, 415 not an image, 422 broken."""
+    if kind in ("too_large", "too_many_pixels"):
         return 413
-    if reason.startswith(("not an image", "unsupported image mode")):
+    if kind in ("not_image", "bad_mode"):
         return 415
     return 422
 
@@ -377,7 +377,7 @@ class Service:
                 try:
                     views = await fut
                 except ImageLoadError as e:
-                    records[i] = _error_record(uploads[i].filename, load_error_status(str(e)), str(e))
+                    records[i] = _error_record(uploads[i].filename, load_error_status(e.kind), str(e))
                     continue
                 except Exception as e:  # noqa: BLE001 - one bad file must not fail the others
                     logger.warning("unexpected decode error: %s", e, exc_info=True)
