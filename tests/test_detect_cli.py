@@ -32,7 +32,9 @@ def run_cli(capsys, *argv):
 
 
 def test_detect_demo_images_matches_a_manual_forward(capsys, tiny_checkpoint_dir, tiny_detector, demo_images):
-    code, out, err = run_cli(capsys, "detect", *demo_images, "--model", str(tiny_checkpoint_dir), "--format", "json")
+    code, out, err = run_cli(
+        capsys, "detect", *demo_images, "--model", str(tiny_checkpoint_dir), "--format", "json", "--precision", "fp32"
+    )
     assert code == 0, err
     records = json.loads(out)
     assert [r["path"] for r in records] == demo_images
@@ -135,7 +137,10 @@ def test_bad_files_get_error_records_and_the_rest_is_scored(capsys, tmp_path, ti
 
 
 def test_ten_crop_is_sigmoid_of_mean_logit(capsys, tiny_checkpoint_dir, tiny_detector, demo_images):
-    code, out, _ = run_cli(capsys, "detect", demo_images[1], "--model", str(tiny_checkpoint_dir), "--crop", "ten", "--format", "json")
+    code, out, _ = run_cli(
+        capsys, "detect", demo_images[1], "--model", str(tiny_checkpoint_dir), "--crop", "ten", "--format", "json",
+        "--precision", "fp32",
+    )  # fmt: skip
     assert code == 0
     from rine.config import PreprocessConfig
 
