@@ -16,17 +16,25 @@ class CLIError(Exception):
     """A user-facing error: printed as one message, exit code 2, no traceback."""
 
 
-def add_model_options(parser: argparse.ArgumentParser, crops: tuple[str, ...] = ("center", "ten", "resize")) -> None:
+def add_model_options(
+    parser: argparse.ArgumentParser,
+    crops: tuple[str, ...] = ("center", "ten", "resize"),
+    repeatable: bool = False,
+) -> None:
+    """The model options shared by every command; `repeatable` lets --model and --head be
+    given several times (a list in `args`), for commands that compare heads."""
     from ..inference import PRECISIONS
     from ..pretrained import DEFAULT_MODEL, list_pretrained
 
     g = parser.add_argument_group("model")
+    again = "; repeat to compare several on one backbone pass" if repeatable else ""
     g.add_argument(
         "--model",
         default=None,
+        action="append" if repeatable else "store",
         metavar="NAME|DIR",
         help=f"pretrained name ({', '.join(list_pretrained())}) or a checkpoint folder "
-        f"(config.json + model.safetensors). Default: {DEFAULT_MODEL}",
+        f"(config.json + model.safetensors). Default: {DEFAULT_MODEL}{again}",
     )
     g.add_argument(
         "--backbone",
@@ -36,7 +44,12 @@ def add_model_options(parser: argparse.ArgumentParser, crops: tuple[str, ...] = 
         "overrides where its backbone is loaded from",
     )
     g.add_argument("--revision", help="hub revision of --backbone (commit, tag or branch)")
-    g.add_argument("--head", metavar="FILE|DIR", help="head weights: an official *_trainable.pth or a checkpoint folder")
+    g.add_argument(
+        "--head",
+        action="append" if repeatable else "store",
+        metavar="FILE|DIR",
+        help=f"head weights: an official *_trainable.pth or a checkpoint folder{again}",
+    )
     g.add_argument(
         "--crop",
         choices=crops,

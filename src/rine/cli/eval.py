@@ -37,7 +37,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="evaluate on benchmark test sets: ACC, AP, AUC, ... per set, tables and plots",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        conflict_handler="resolve",  # --model/--head are re-declared below to accept several
     )
     d = p.add_argument_group("data")
     d.add_argument("--suite", required=True, choices=SUITES, help="layout of --root")
@@ -59,12 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=1,
         help="folder: path parts below --root naming a set (default 1)",
     )
-    add_model_options(p)
-    m = p.add_argument_group("several models on one backbone (backbone run once per image)")
-    m.add_argument("--model", action="append", default=None, metavar="NAME|DIR",
-                   help="pretrained name or checkpoint folder; repeat to compare heads on the same backbone")  # fmt: skip
-    m.add_argument("--head", action="append", default=None, metavar="FILE|DIR",
-                   help="head weights (with --backbone); repeat to compare several")  # fmt: skip
+    add_model_options(p, repeatable=True)
     r = p.add_argument_group("robustness")
     r.add_argument("--perturb", action="append", default=None, metavar="KIND[,KIND]",
                    help=f"one or more of {', '.join(PERTURB_CHOICES)} (none = clean); repeatable. Default: none")  # fmt: skip
