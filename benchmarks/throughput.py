@@ -128,6 +128,43 @@ def calibrate(name: str, paths: list[str]) -> tuple[float, float]:
     return float(logits.mean()), float(logits.std().clamp_min(1e-8))
 
 
+def default_trained_head(arch: str) -> str | None:
+    """The official 2-class RINE head (trained, ViT-L/14-shaped) from the shared fixtures, if present."""
+    shared = Path(os.environ.get("RINE_SHARED", HERE.parent.parent / "shared"))
+    path = shared / "fixtures" / "rine-official" / "model_2class_trainable.pth"
+    return str(path) if arch == "ViT-L/14" and path.is_file() else None
+
+
+def trained_head(path: str):
+    from rine.checkpoints import load_head
+
+    return load_head(path)[0].eval()
+
+
+@torch.no_grad()
+def precision_probe(arch: str, paths: list[str], head_file: str | None, calib: tuple[float, float]) -> None:
+    """max |p_bf16 - p_fp32| on the same taps for the trained head and for the random stress
+    head. A random He-initialised head rescaled to logit std 2 amplifies the ~0.4 % bf16 error
+    of the taps several times more than a trained head does; both are printed."""
+    from rine.accel import FastTapEncoder
+    from rine.config import PreprocessConfig
+    from rine.images import load_image
+    from rine.preprocess import preprocess
+
+    backbone = build_hf_backbone(random_openai_state(arch))
+    pixels = torch.cat([preprocess(load_image(p), PreprocessConfig()) for p in paths])
+    exact = FastTapEncoder(backbone, "fp32", "cpu")(pixels)
+    low = FastTapEncoder(backbone, "bf16", "cpu")(pixels)
+    heads = {"random He head, logit std 2 (stress)": random_head(arch, calib)}
+    if head_file:
+        heads = {f"trained head {Path(head_file).name}": trained_head(head_file), **heads}
+    for name, head in heads.items():
+        a, b = head(exact).logits, head(low).logits
+        dp = (torch.sigmoid(a) - torch.sigmoid(b)).abs().max().item()
+        print(f"bf16 vs fp32 on {len(paths)} images, {name}: max |dp| {dp:.4f}, max |dlogit| "
+              f"{(a - b).abs().max().item():.3f}, fp32 logit std {a.std().item():.2f}")
+
+
 def make_images(folder: Path, n: int, seed: int = 0) -> list[str]:
     """n photo-like images (smooth colour fields + texture + noise), JPEG and PNG, 256-2048 px."""
     from PIL import Image
@@ -241,7 +278,7 @@ def run_mode(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     paths = json.loads(Path(args.paths_file).read_text())[: args.n]
     state = random_openai_state(args.arch)
-    head = random_head(args.arch, tuple(args.calib) if args.calib else None)
+    head = trained_head(args.head_file) if args.head_file else random_head(args.arch, tuple(args.calib) if args.calib else None)
     if args.mode == "baseline":
         from reference_baseline import build_openai_model, score_like_reference
 
@@ -292,6 +329,9 @@ def spawn(args: argparse.Namespace, arch: str, mode: str, n: int, paths_file: Pa
         "--paths-file", str(paths_file), "--threads", str(args.threads), "--device", args.device,
         "--batch-size", str(args.batch_size), "--calib", repr(calib[0]), repr(calib[1]),
     ] + (["--workers", str(args.workers)] if args.workers else [])  # fmt: skip
+    head_file = args.head or default_trained_head(arch)
+    if head_file:
+        cmd += ["--head-file", head_file]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise SystemExit(f"{arch} {mode} failed:\n{out.stderr[-3000:]}")
@@ -310,6 +350,8 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=1, help="repeat each mode, report the median images/s")
     p.add_argument("--device", default="cpu")
     p.add_argument("--image-dir", default=None, help="where to generate the images (default: a temp folder)")
+    p.add_argument("--head", default=None, help="a trained head (.pth or folder) of the arch's shape; default for "
+                   "ViT-L/14: the official 2-class head from ../shared/fixtures, else a random calibrated head")  # fmt: skip
     # child-process options
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--arch", help=argparse.SUPPRESS)
@@ -317,6 +359,7 @@ def main() -> None:
     p.add_argument("--n", type=int, help=argparse.SUPPRESS)
     p.add_argument("--paths-file", help=argparse.SUPPRESS)
     p.add_argument("--calib", type=float, nargs=2, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--head-file", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
 
     if args.child:
@@ -356,7 +399,10 @@ def main() -> None:
         med = {m: statistics.median(r["images_per_s"] for r in rs) for m, rs in results.items()}
         ref_probs = np.array(results["fp32"][0]["probs"])
         spread = float(np.std(ref_probs))
-        print(f"\n## {arch}: {n} images, end to end from files, median of {args.repeat} run(s); "
+        head_file = args.head or default_trained_head(arch)
+        print(f"\n## {arch}: head = {Path(head_file).name if head_file else 'random, calibrated to logit std 2'}")
+        precision_probe(arch, paths[:16], head_file, calib)
+        print(f"## {arch}: {n} images, end to end from files, median of {args.repeat} run(s); "
               f"fp32 probabilities: std {spread:.3f}, range {ref_probs.min():.3f}-{ref_probs.max():.3f}")
         print(f"{'mode':<24}{'images/s':>10}{'x baseline':>12}{'RSS loaded MB':>15}{'peak scoring MB':>17}{'max |dp| vs fp32':>18}")
         for mode, rs in results.items():

@@ -114,3 +114,31 @@ def test_detector_resolves_auto_and_encode_views_uses_it(tiny_checkpoint_dir, mo
     assert taps.shape == (5, 3, 64) and taps.dtype == torch.float32
     logits, _ = det.score_views(views)
     torch.testing.assert_close(det.model.head(taps).logits, logits)
+
+
+@pytest.mark.slow
+def test_auto_within_tolerance_on_benchmark_images_with_the_official_head(tmp_path):
+    """The benchmark's setting at full size: a random ViT-L/14-shaped encoder, the benchmark's
+    generated photos, and the official 2-class head (trained weights, the real head shape)."""
+    require_shared()
+    import sys
+
+    from conftest import OFFICIAL, REPO
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import throughput as bench
+
+    from rine.checkpoints import load_official_head
+    from rine.config import PreprocessConfig, RINEConfig
+    from rine.model import RINEModel
+
+    paths = bench.make_images(tmp_path / "imgs", 6)
+    backbone = bench.build_hf_backbone(bench.random_openai_state("ViT-L/14"))
+    head = load_official_head(OFFICIAL / "model_2class_trainable.pth")
+    config = RINEConfig(backbone="ViT-L/14", head=head.config, preprocess=PreprocessConfig())
+    probs = {}
+    for precision in ("fp32", "bf16"):  # bf16 is what auto picks on CPUs with native bf16
+        det = Detector(RINEModel(backbone, head), config, precision=precision)
+        probs[precision] = np.array([p.prob_fake for p in det.predict(paths, batch_size=6)])
+    assert np.std(probs["fp32"]) > 0.01  # the images get different scores: the check is not vacuous
+    assert np.max(np.abs(probs["bf16"] - probs["fp32"])) <= TOLERANCE
