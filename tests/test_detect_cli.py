@@ -44,7 +44,7 @@ def test_detect_demo_images_matches_a_manual_forward(capsys, tiny_checkpoint_dir
     for r, logit in zip(records, logits, strict=True):
         assert r["error"] is None
         assert r["prob_fake"] == pytest.approx(torch.sigmoid(logit).item(), abs=1e-6)
-        assert r["is_fake"] == (r["prob_fake"] >= 0.5)
+        assert r["is_fake"] == (r["prob_fake"] > 0.5)
 
 
 def test_backbone_and_head_files(capsys, tmp_path, tiny_openai_file, tiny_checkpoint_dir, demo_images):

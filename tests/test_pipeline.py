@@ -51,7 +51,7 @@ def test_order_errors_and_values_whatever_the_batching(fp32_detector, mixed_inpu
     for p in preds:
         if p.error is None:
             assert p.prob_fake == pytest.approx(_one_by_one(fp32_detector, p.path), abs=1e-6)
-            assert p.is_fake == (p.prob_fake >= fp32_detector.threshold)
+            assert p.is_fake == (p.prob_fake > fp32_detector.threshold)
             assert sum(p.block_contribution) == pytest.approx(1.0, abs=1e-5)
 
 

@@ -251,7 +251,7 @@ class Detector:
                     path=name,
                     prob_fake=prob,
                     logit=logit.item(),
-                    is_fake=prob >= self.threshold,
+                    is_fake=prob > self.threshold,  # the reference counts p > 0.5 as fake
                     block_contribution=contrib[start : start + n].mean(dim=0).tolist(),
                 )
             )

@@ -410,7 +410,7 @@ class Service:
         # `rine detect` give the same number for the same file.
         mean_logit = torch.from_numpy(np.ascontiguousarray(vs.logits)).mean()
         logit, prob = mean_logit.item(), torch.sigmoid(mean_logit).item()
-        is_fake = prob >= self.detector.threshold
+        is_fake = prob > self.detector.threshold  # as the reference and rine.metrics: p > threshold
         return {
             "name": name,
             "status": 200,

@@ -25,7 +25,7 @@ async function loadModelInfo() {
       const res = await fetch("/v1/model", { headers: apiHeaders() });
       if (res.ok) {
         const m = await res.json();
-        el.textContent = `Model ${m.name} on ${m.backbone} (${m.n_blocks} blocks); verdict "synthetic" when the probability is at least ${percent(m.threshold)}.`;
+        el.textContent = `Model ${m.name} on ${m.backbone} (${m.n_blocks} blocks); verdict "synthetic" when the probability is above ${percent(m.threshold)}.`;
         return;
       }
       if (res.status === 401) {
