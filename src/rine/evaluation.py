@@ -40,7 +40,7 @@ from .images import ImageLoadError, load_image
 from .layouts import TestSet
 from .metrics import compute_metrics, mean_metrics
 from .perturb import QUIRKS, is_perturbed, robustness_image, transform_id
-from .preprocess import crop_views, normalize
+from .preprocess import crop_views
 
 logger = logging.getLogger(__name__)
 
@@ -121,21 +121,9 @@ def make_views(
 
 @torch.no_grad()
 def encode_views(detector, views: np.ndarray, batch_size: int) -> torch.Tensor:
-    """uint8 views [N, S, S, 3] -> taps [N, blocks, width] (float32, CPU) with the detector's
-    backbone. Uses `detector.encode_views` when the Detector provides one (faster paths)."""
-    fn = getattr(detector, "encode_views", None)
-    if fn is not None:
-        return torch.as_tensor(fn(views, batch_size=batch_size)).float().cpu()
-    backbone = detector.model.backbone
-    param = next(backbone.parameters())
-    pre = detector.config.preprocess
-    out = []
-    for i in range(0, len(views), batch_size):
-        pixels = normalize(
-            torch.from_numpy(np.ascontiguousarray(views[i : i + batch_size])), pre.mean, pre.std
-        )
-        out.append(backbone(pixels.to(param.device, param.dtype)).float().cpu())
-    return torch.cat(out) if out else torch.empty(0)
+    """uint8 views [N, S, S, 3] -> taps [N, blocks, width] (float32, CPU), through the
+    detector's encoder (its precision and fast path)."""
+    return torch.as_tensor(detector.encode_views(views, batch_size=batch_size)).float().cpu()
 
 
 @torch.no_grad()
@@ -263,7 +251,7 @@ class _StoreEncoder(torch.nn.Module):
     def __init__(self, detector):
         super().__init__()
         bb = detector.model.backbone
-        self.encoder = getattr(detector, "encoder", bb)
+        self.encoder = detector.encoder
         self.backbone = bb  # registered so that parameters() finds the device
         self.source, self.revision = bb.source, bb.revision
         self.n_blocks, self.width, self.image_size = bb.n_blocks, bb.width, bb.image_size
