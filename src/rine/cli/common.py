@@ -58,7 +58,13 @@ def add_model_options(
         "centre crop; ten: ten crops, sigmoid of the mean logit. Default: the model's own",
     )
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    g.add_argument("--precision", choices=PRECISIONS, default=PRECISIONS[0], help="numeric precision of the encoder")
+    g.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=PRECISIONS[0],
+        help="encoder arithmetic. auto (default): bf16 on CPUs with AVX-512 BF16/AMX, fp16 on "
+        "CUDA, else fp32; fp32: exact, the mode the parity tests check",
+    )
 
 
 def load_detector(args: argparse.Namespace):
