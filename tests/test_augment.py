@@ -78,3 +78,13 @@ def test_center_view_is_the_test_transform():
     out = CenterView()(img, 0, 0)
     np.testing.assert_array_equal(out, np.asarray(img)[38:262, 18:242])
     assert "center" in CenterView().transform_id and "train-augment" in TrainAugment().transform_id
+
+
+def test_blur_is_the_references_in_place_scipy_filter():
+    from scipy.ndimage import gaussian_filter
+
+    arr = np.random.default_rng(3).integers(0, 256, (40, 70, 3), dtype=np.uint8)
+    expected = arr.copy()
+    for c in range(3):  # the reference's call: each channel filtered into itself
+        gaussian_filter(expected[:, :, c], output=expected[:, :, c], sigma=1.3)
+    np.testing.assert_array_equal(gaussian_blur(arr, 1.3), expected)

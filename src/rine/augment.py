@@ -10,10 +10,8 @@ depends only on those three numbers: an interrupted extraction, a rerun and the
 end-to-end training loop all see the same pixels. `view` is the epoch when training
 straight from images, and the view slot (0..K-1) in a feature store.
 
-The reference blurs with scipy's `gaussian_filter` (kernel radius 4 sigma, mirror
-border, result written back into the uint8 array); scipy is not a dependency here, so
-OpenCV's `GaussianBlur` with the same radius and border stands in (values may differ by
-one grey level from scipy's).
+The blur is the reference's own: scipy's `gaussian_filter` on each channel, its result
+written back into a uint8 array.
 """
 
 from __future__ import annotations
@@ -42,7 +40,7 @@ class AugmentConfig:
     def transform_id(self) -> str:
         """A string naming this transform exactly; stores refuse to mix different ones."""
         fields = ",".join(f"{k}={v}" for k, v in asdict(self).items())
-        return f"train-augment/v1({fields})"
+        return f"train-augment/v2({fields})"  # v2: scipy blur (v1 used OpenCV)
 
 
 def view_rng(seed: int, index: int, view: int) -> np.random.Generator:
@@ -51,14 +49,16 @@ def view_rng(seed: int, index: int, view: int) -> np.random.Generator:
 
 
 def gaussian_blur(array: np.ndarray, sigma: float) -> np.ndarray:
-    """Per-channel Gaussian blur of uint8 [H, W, 3] with scipy's kernel radius (4 sigma)."""
-    import cv2
+    """Per-channel Gaussian blur of uint8 [H, W, 3], as the reference: scipy's
+    `gaussian_filter` (radius 4 sigma, mirror border) with a uint8 output per channel."""
+    from scipy.ndimage import gaussian_filter
 
     if sigma <= 0:
         return array  # scipy's filter with sigma 0 is the identity
-    radius = int(4.0 * sigma + 0.5)
-    k = 2 * radius + 1
-    return cv2.GaussianBlur(array, (k, k), sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_REFLECT)
+    out = np.empty_like(array)
+    for c in range(array.shape[2]):
+        gaussian_filter(array[:, :, c], sigma=sigma, output=out[:, :, c])
+    return out
 
 
 def jpeg(array: np.ndarray, quality: int, method: str) -> np.ndarray:
