@@ -49,3 +49,10 @@ def test_rine_loss_is_bce_sum_plus_factor_supcon():
     assert torch.isfinite(emb.grad).all() and emb.grad.abs().sum() > 0
     only_bce, _, zero = rine_loss(logits, emb, y, factor=0.4, contrastive=False)
     assert float(zero) == 0 and torch.allclose(only_bce, bce_ref)
+
+
+def test_supcon_of_a_single_sample_is_zero_not_nan():
+    feats = F.normalize(torch.randn(1, 8, requires_grad=True), dim=1)
+    loss = supcon_loss(feats, torch.tensor([1]))
+    assert loss.item() == 0.0
+    loss.backward()  # still part of the graph

@@ -159,8 +159,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read tensors from safetensors, a plain torch state dict, or a TorchScript archive.
 
     Pickles are read with `weights_only=True` (no arbitrary code). TorchScript archives,
-    as OpenAI ships CLIP, are opened with `torch.jit.load`, which runs TorchScript's own
-    restricted loader rather than Python's unpickler.
+    as OpenAI ships CLIP, can only be opened with `torch.jit.load`, which runs the archive's
+    TorchScript code (not arbitrary Python, but not sandboxed either): use `.pt` backbones
+    from a trusted source (OpenAI's), or convert them once to safetensors.
     """
     path = Path(path)
     if path.suffix == ".safetensors":

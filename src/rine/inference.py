@@ -172,21 +172,25 @@ class Detector:
         head: str,
         *,
         revision: str | None = None,
-        crop: str = "center",
+        crop: str | None = None,
         **kwargs: Any,
     ) -> Detector:
-        """A backbone source (name, hub id, folder, OpenAI file) + a head (.pth or folder)."""
+        """A backbone source (name, hub id, folder, OpenAI file) + a head (.pth or folder).
+
+        `crop` overrides the preprocessing; by default a checkpoint folder keeps its own and
+        an official `.pth` (which records none) gets the paper's centre crop."""
         head_module, head_config = load_head(head)
         bb = load_backbone(backbone, revision)
         if head_config is not None:
             config = replace(head_config, backbone=backbone, backbone_revision=revision)
-            config = replace(config, preprocess=replace(config.preprocess, crop=crop))
+            if crop:
+                config = replace(config, preprocess=replace(config.preprocess, crop=crop))
         else:
             config = RINEConfig(
                 backbone=backbone,
                 backbone_revision=revision,
                 head=head_module.config,
-                preprocess=PreprocessConfig(image_size=bb.image_size, crop=crop),
+                preprocess=PreprocessConfig(image_size=bb.image_size, crop=crop or "center"),
                 name=Path(head).stem,
                 meta={"head_source": str(head)},
             )
@@ -298,6 +302,8 @@ class Detector:
                 logger.debug("unexpected error on %s", name, exc_info=True)
                 out_buffer.append(Prediction(path=name, error=f"{type(e).__name__}: {e}".splitlines()[0]))
             if len(batch_arrays) >= batch_size:
+                yield from flush()
+            elif not batch_arrays:  # only failures buffered: nothing to wait for, emit them now
                 yield from flush()
 
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rine-decode") as pool:

@@ -19,6 +19,10 @@ def supcon_loss(
     if features.ndim != 2:
         raise ValueError(f"features must be [batch, dim], got {tuple(features.shape)}")
     n = features.shape[0]
+    if n < 2:
+        # No other sample to contrast with: the formula gives 0 * log(0) = NaN (the reference's
+        # too), which would poison every weight on a last batch of one. The loss is zero.
+        return features.sum() * 0.0
     labels = labels.view(-1, 1)
     positives = torch.eq(labels, labels.T).float()  # [batch, batch]
     sim = features @ features.T / temperature  # [batch, batch]

@@ -121,6 +121,10 @@ def _head_base_url() -> str:
     return os.environ.get("RINE_HEAD_BASE_URL", DEFAULT_HEAD_BASE_URL).rstrip("/")
 
 
+# The official heads are 1-43 MB; anything far larger is not one of them.
+MAX_HEAD_BYTES = 256 * 1024 * 1024
+
+
 def _download(url: str, dest: Path, expected_blob_sha1: str, timeout: float = 30.0) -> None:
     """Download to a temp file beside `dest`, verify the git blob id, then rename atomically."""
     from tqdm.auto import tqdm
@@ -129,13 +133,18 @@ def _download(url: str, dest: Path, expected_blob_sha1: str, timeout: float = 30
     fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")
     tmp = Path(tmp_name)
     try:
-        request = urllib.request.Request(url, headers={"User-Agent": "rine"})
-        with urllib.request.urlopen(request, timeout=timeout) as response, os.fdopen(fd, "wb") as out:
-            total = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name, leave=False) as bar:
-                while chunk := response.read(1 << 16):
-                    out.write(chunk)
-                    bar.update(len(chunk))
+        with os.fdopen(fd, "wb") as out:
+            request = urllib.request.Request(url, headers={"User-Agent": "rine"})
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                total = int(response.headers.get("Content-Length") or 0) or None
+                received = 0
+                with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name, leave=False) as bar:
+                    while chunk := response.read(1 << 16):
+                        received += len(chunk)
+                        if received > MAX_HEAD_BYTES:
+                            raise WeightsUnavailableError(f"{url} sends more than {MAX_HEAD_BYTES} bytes: not a RINE head")
+                        out.write(chunk)
+                        bar.update(len(chunk))
         actual = git_blob_sha1(tmp)
         if actual != expected_blob_sha1:
             raise WeightsUnavailableError(
@@ -206,11 +215,18 @@ def resolve_pretrained(name: str) -> Path:
         name=spec.name,
         meta={"source": url, "head_blob_sha1": spec.head_blob_sha1, "description": spec.description, **spec.training},
     )
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_pretrained(head, config, tmp)
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
+    # A private temp folder, renamed into place: concurrent first uses do not collide.
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=folder.name + ".", suffix=".tmp"))
+    try:
+        save_pretrained(head, config, tmp)
+        try:
+            tmp.rename(folder)
+        except OSError:
+            if not (folder / CONFIG_NAME).is_file():  # not another process's finished copy
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 

@@ -80,7 +80,7 @@ def load_detector(args: argparse.Namespace):
                 raise CLIError("give either --model or --backbone/--head, not both")
             if not args.backbone:
                 raise CLIError("--head needs --backbone (the CLIP encoder the head was trained on)")
-            return Detector.from_files(args.backbone, args.head, revision=args.revision, crop=args.crop or "center", **kwargs)
+            return Detector.from_files(args.backbone, args.head, revision=args.revision, crop=args.crop, **kwargs)
         return Detector.from_pretrained(args.model or DEFAULT_MODEL, backbone=args.backbone, crop=args.crop, **kwargs)
     except WeightsUnavailableError as e:
         raise CLIError(str(e)) from None

@@ -166,6 +166,13 @@ def _load_models(args):
             raise CLIError(str(e)) from None
         except (CheckpointError, FileNotFoundError, KeyError, ValueError) as e:
             raise CLIError(str(e).strip("'\"")) from None
+        if config is not None and not args.crop and config.preprocess != detector.config.preprocess:
+            # All heads score the same taps: a head whose own protocol differs (e.g. the ldm
+            # model's ten-crop) would silently be evaluated with another one.
+            raise CLIError(
+                f"{src} preprocesses with {config.preprocess} but {sources[0]} with "
+                f"{detector.config.preprocess}; compare them in separate runs or choose one with --crop"
+            )
         out.append(EvalHead(unique(_label(src, config.name if config else None)), head, config))
     return detector, out
 
