@@ -136,7 +136,32 @@ def test_load_failure_is_reported(tiny_detector):
     with TestClient(create_app(detector_factory=factory, on_load_error=errors.append)) as c:
         wait_until(lambda: errors)
         r = c.get("/readyz")
-        assert r.status_code == 503 and "no such checkpoint" in r.json()["detail"]
+        detail = r.json()["detail"]
+        assert r.status_code == 503 and "FileNotFoundError" in detail
+        assert "no such checkpoint" not in detail  # messages may hold local paths: log only
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ValueError, match="memory_budget_bytes"):
+        ServerSettings(max_file_bytes=1_000_000, memory_budget_bytes=10_000)
+    with pytest.raises(ValueError, match="max_wait_ms"):
+        ServerSettings(max_wait_ms=-1)
+    with pytest.raises(ValueError, match="score_timeout_s"):
+        ServerSettings(score_timeout_s=0)
+
+
+def test_failure_while_starting_the_encoder_is_reported(tiny_detector, monkeypatch):
+    """Anything failing after the model loaded (here the batcher) ends in load_error, not a hang."""
+    import rine.server.app as app_module
+
+    def broken_batcher(*args, **kwargs):
+        raise ValueError("batcher cannot start")
+
+    monkeypatch.setattr(app_module, "Batcher", broken_batcher)
+    errors = []
+    with TestClient(create_app(detector_factory=lambda: tiny_detector, on_load_error=errors.append)) as c:
+        wait_until(lambda: errors)
+        assert c.get("/readyz").status_code == 503
 
 
 # ---------------------------------------------------------------------------- scoring
@@ -396,8 +421,10 @@ def test_too_many_requests_in_flight_is_503(tiny_detector):
 
 
 def test_memory_budget_is_503(tiny_detector):
-    with make_client(tiny_detector, memory_budget_bytes=10_000) as c:
-        r = c.post("/v1/detect", files=upload(("a.png", png_bytes((100, 100)))))
+    small = png_bytes((48, 48))  # each fits the per-file limit; together they exceed the budget
+    assert 5_000 < len(small) <= 10_000
+    with make_client(tiny_detector, max_file_bytes=10_000, memory_budget_bytes=10_000) as c:
+        r = c.post("/v1/detect", files=upload(("a.png", small), ("b.png", small)))
         assert r.status_code == 503 and "memory budget" in r.json()["detail"]
         assert c.app.state.service.budget.used == 0
         assert c.post("/v1/detect", files=upload(("a.png", png_bytes((16, 16))))).status_code == 200

@@ -79,6 +79,12 @@ class ServerSettings:
                 raise ValueError(f"{name} must be at least 1")
         if self.api_key == "":
             raise ValueError("api_key must not be empty (use None for no key)")
+        if self.memory_budget_bytes < self.max_file_bytes:
+            raise ValueError("memory_budget_bytes must be at least max_file_bytes, or such a file could never be held")
+        if self.max_wait_ms < 0 or self.retry_after_s < 0:
+            raise ValueError("max_wait_ms and retry_after_s must not be negative")
+        if self.read_timeout_s <= 0 or self.score_timeout_s <= 0:
+            raise ValueError("read_timeout_s and score_timeout_s must be positive")
 
 
 # ---------------------------------------------------------------------- response models (OpenAPI)
@@ -308,14 +314,16 @@ class Service:
         t0 = time.perf_counter()
         try:
             detector = self.detector_factory()
+            self._activate(detector)
         except BaseException as e:  # noqa: BLE001 - reported through /readyz and the hook
-            self.load_error = str(e) or type(e).__name__
-            logger.error("model failed to load: %s", self.load_error)
+            # /readyz is open without a key: it names the error's type only, since the message
+            # may hold local paths; the full message goes to the server's log.
+            self.load_error = type(e).__name__
+            logger.error("model failed to load: %s: %s", type(e).__name__, e)
             if self.on_load_error is not None:
                 self.on_load_error(e)
             return
         logger.info("model %s loaded in %.1f s", detector.config.name, time.perf_counter() - t0)
-        self._activate(detector)
 
     def _activate(self, detector: Any) -> None:
         with self._lock:
@@ -372,10 +380,18 @@ class Service:
                 # The pool holds its own copy; the request's buffer can go now.
                 up.data = bytearray()
         scores: dict[int, asyncio.Future] = {}
+        # One deadline from the end of the upload to the last score, decoding included.
+        deadline = loop.time() + s.score_timeout_s
+
+        def remaining() -> float:
+            return max(0.0, deadline - loop.time())
+
         try:
             for i, fut in decodes.items():
                 try:
-                    views = await fut
+                    views = await asyncio.wait_for(fut, remaining())
+                except asyncio.TimeoutError:
+                    raise self.busy(f"decoding took longer than {s.score_timeout_s:g} s") from None
                 except ImageLoadError as e:
                     records[i] = _error_record(uploads[i].filename, load_error_status(e.kind), str(e))
                     continue
@@ -392,7 +408,7 @@ class Service:
                     raise self.busy(f"server busy: {e}") from None
             if scores:
                 try:
-                    done = await asyncio.wait_for(asyncio.gather(*scores.values()), s.score_timeout_s)
+                    done = await asyncio.wait_for(asyncio.gather(*scores.values()), remaining())
                 except asyncio.TimeoutError:
                     raise self.busy(f"scoring took longer than {s.score_timeout_s:g} s") from None
                 except Overloaded as e:
@@ -496,7 +512,8 @@ def create_app(
              responses={503: {"model": ErrorResponse}})
     async def readyz() -> JSONResponse:
         if not service.ready:
-            detail = "model is loading" if service.load_error is None else f"model failed to load: {service.load_error}"
+            detail = ("model is loading" if service.load_error is None
+                      else f"model failed to load ({service.load_error}); see the server log")
             return JSONResponse({"ready": False, "detail": detail}, status_code=503,
                                 headers={"Retry-After": str(settings.retry_after_s)})
         return JSONResponse({"ready": True, "in_flight": service.in_flight,
