@@ -128,17 +128,28 @@ def build_openai_model(state: dict[str, torch.Tensor]) -> OpenAIStyleViT:
 
 @torch.no_grad()
 def score_like_reference(
-    model: OpenAIStyleViT, head: nn.Module, paths: list[str], batch_size: int = 128, workers: int = 2
+    model: OpenAIStyleViT,
+    head: nn.Module,
+    paths: list[str],
+    batch_size: int = 128,
+    workers: int = 2,
+    device: str = "cpu",
 ) -> np.ndarray:
-    """Probabilities of "synthetic" [len(paths)], computed as the reference's evaluation loop."""
+    """Probabilities of "synthetic" [len(paths)], computed as the reference's evaluation loop.
+
+    On CUDA the encoder runs in float16, as `clip.load(..., device="cuda")` leaves it in the
+    reference; on CPU in float32 (clip.load's `.float()` there)."""
+    dev = torch.device(device)
+    dtype = torch.float16 if dev.type == "cuda" else torch.float32
+    model = model.to(dev, dtype)
+    head = head.to(dev).eval()
     hooks = TapHooks(model)
     loader = DataLoader(ImageFolderDataset(paths), batch_size=batch_size, shuffle=False, num_workers=workers)
     probs = []
-    head.eval()
     for images in loader:
-        model(images)
+        model(images.to(dev, dtype))
         logits = head(hooks.taps().float()).logits
-        probs.append(torch.sigmoid(logits))
+        probs.append(torch.sigmoid(logits).cpu())
     for h in hooks.handles:
         h.remove()
     return torch.cat(probs).numpy()
