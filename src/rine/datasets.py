@@ -6,9 +6,8 @@ ldm:     the latent-diffusion training set of grip-unina DMimageDetection, read 
          real_lsun.txt ("<class>_<file>" -> ROOT/train/<class>/0_real/<file>),
          real_coco.txt ("<id>.jpg" -> ROOT/coco/train2014/COCO_train2014_<id>.jpg, else
          val2014), and one folder of fakes per generator (set = the folder's name).
-other:   any layout of the evaluation engineer's `rine.layouts` (ufd20, synthbuster,
-         genimage, folder, manifest), read through its `read_layout`; set = test-set name.
-         Without that module, `folder` falls back to `folder_items` below.
+other:   any layout of `rine.layouts` (ufd20, synthbuster, genimage, folder, manifest),
+         read through its `read_layout`; set = test-set name.
 
 Orders are sorted, so the same data always gives the same item indices (and views).
 """
@@ -16,28 +15,20 @@ Orders are sorted, so the same data always gives the same item indices (and view
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from .features import Item
 from .images import is_image_path
+from .layouts import LAYOUTS as EVAL_LAYOUTS
+from .layouts import read_layout
 
 logger = logging.getLogger(__name__)
 
 TRAIN_LAYOUTS = ("progan", "ldm")
 
 
-def available_layouts() -> tuple[str, ...]:
-    """Training layouts plus the evaluation layouts of `rine.layouts` when installed."""
-    try:
-        from .layouts import LAYOUTS as EVAL_LAYOUTS
-    except ImportError:
-        return (*TRAIN_LAYOUTS, "folder")
-    return (*TRAIN_LAYOUTS, *[name for name in EVAL_LAYOUTS if name not in TRAIN_LAYOUTS])
-
-
-LAYOUTS = available_layouts()
+LAYOUTS = (*TRAIN_LAYOUTS, *[name for name in EVAL_LAYOUTS if name not in TRAIN_LAYOUTS])
 PROGAN_CLASSES = ("airplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
                   "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
                   "train", "tvmonitor")  # fmt: skip
@@ -89,37 +80,17 @@ def ldm_items(root: str | Path, split: str = "train") -> list[Item]:
     return items
 
 
-def folder_items(root: str | Path) -> list[Item]:
-    """Every image under a `0_real` or `1_fake` folder anywhere below ROOT."""
-    root = Path(root).expanduser()
-    if not root.is_dir():
-        raise FileNotFoundError(f"{root} is not a folder")
-    items = []
-    for dirpath, dirs, _ in os.walk(root, followlinks=False):
-        dirs.sort()
-        here = Path(dirpath)
-        if here.name in LABEL_DIRS:
-            rel = here.parent.relative_to(root).as_posix()
-            items += [Item(str(p), LABEL_DIRS[here.name], "" if rel == "." else rel) for p in _images(here)]
-    if not items:
-        raise FileNotFoundError(f"no images in 0_real/1_fake folders under {root}")
-    return items
-
-
 def layout_items(root: str | Path, layout: str, split: str = "train", classes: Sequence[str] | None = None) -> list[Item]:
     """Dispatch on the layout name (see the module docstring)."""
     if layout == "progan":
         return progan_items(root, split, classes)
     if layout == "ldm":
         return ldm_items(root, split)
-    try:
-        from .layouts import LAYOUTS as EVAL_LAYOUTS
-        from .layouts import read_layout
-    except ImportError:
-        EVAL_LAYOUTS, read_layout = {}, None
     if layout in EVAL_LAYOUTS:
-        result = read_layout(layout, root)
+        # genimage has train/val splits of its own; the other test layouts have none.
+        options = {"split": split} if layout == "genimage" else {}
+        if classes:
+            raise ValueError(f"--classes applies to the progan layout, not {layout!r}")
+        result = read_layout(layout, root, **options)
         return [Item(str(p), int(y), ts.name) for ts in result.sets for p, y in ts.items]
-    if layout == "folder":
-        return folder_items(root)
     raise ValueError(f"unknown layout {layout!r}; choose from {', '.join(LAYOUTS)}")

@@ -104,7 +104,8 @@ def image_key(path: str, root: str | Path | None) -> str:
         rel = os.path.relpath(path, root)
     except ValueError:  # another drive on Windows
         return path
-    return path if rel.startswith("..") else Path(rel).as_posix()
+    outside = rel == ".." or rel.startswith(".." + os.sep)  # not a file named "..x" inside
+    return path if outside else Path(rel).as_posix()
 
 
 def make_views(
@@ -265,8 +266,9 @@ def _store_dir(
     cache_dir: Path, detector, ts: TestSet, condition: Condition, items_sha: str
 ) -> Path:
     bb = detector.model.backbone
-    ident = json.dumps([str(bb.source), bb.revision, detector.config.preprocess.crop,
-                        detector.config.preprocess.image_size, condition.id, items_sha])  # fmt: skip
+    pre = detector.config.preprocess
+    ident = json.dumps([str(bb.source), bb.revision, pre.crop, pre.image_size, list(pre.mean), list(pre.std),
+                        detector.precision, condition.id, items_sha])  # fmt: skip
     digest = hashlib.sha1(ident.encode()).hexdigest()[:12]
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", ts.name).strip("_") or "set"
     return cache_dir / f"{safe}-{condition.id}-{digest}"
@@ -294,13 +296,9 @@ def _score_set_cached(
     n_views = 10 if pre.crop == "ten" else 1
     records = []
     for cond in conditions:
-        hits: dict[int, bool] = {}
-
-        def views_of(image, item_index: int, view_index: int, cond=cond, hits=hits) -> np.ndarray:
+        def views_of(image, item_index: int, view_index: int, cond=cond) -> np.ndarray:
             # each view slot re-derives the same image (seeded by key), so slots are independent
-            views, hit = make_views(image, cond, keys[item_index], pre)
-            hits[item_index] = hit
-            return views[view_index]
+            return make_views(image, cond, keys[item_index], pre)[0][view_index]
 
         store = extract_features(
             _StoreEncoder(detector), items, _store_dir(cache_dir, detector, ts, cond, sha), views_of,

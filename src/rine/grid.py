@@ -89,6 +89,11 @@ class GridRun:
     def score(self) -> float:
         return self.mean_acc + self.mean_ap
 
+    @property
+    def rank_key(self) -> float:
+        """The score, with an undefined one (no AP anywhere: NaN) ranked last."""
+        return self.score if np.isfinite(self.score) else -np.inf
+
     def row(self) -> dict:
         c = self.config
         return {"factor": c.factor, "nproj": c.nproj, "proj_dim": c.proj_dim, "epochs": c.epochs, "seed": c.seed,
@@ -110,7 +115,7 @@ def run_grid(
     sets = test_sets(tests)
     val_src = StoreTaps(val, preload=True) if isinstance(val, FeatureStore) else val
     runs: list[GridRun] = []
-    best: tuple[float, TrainResult] | None = None
+    best: tuple[GridRun, TrainResult] | None = None
     log = open(log_path, "w", encoding="utf-8") if log_path else None
     try:
         for i, cfg in enumerate(configs):
@@ -121,8 +126,8 @@ def run_grid(
                           float(np.nanmean([m["ap"] for m in metrics.values()])),
                           time.perf_counter() - t0, res.best_epoch)  # fmt: skip
             runs.append(run)
-            if best is None or run.score > best[0]:
-                best = (run.score, res)
+            if best is None or run.rank_key > best[0].rank_key:
+                best = (run, res)
             logger.info("run %d/%d %s: acc %.4f ap %.4f", i + 1, len(configs), run.row(), run.mean_acc, run.mean_ap)
             if log:
                 log.write(json.dumps({**run.row(), "metrics": metrics}) + "\n")
@@ -130,8 +135,10 @@ def run_grid(
     finally:
         if log:
             log.close()
-    # a stable sort keeps the grid order between equal scores
-    ranked = sorted(runs, key=lambda r: -r.score)
+    # A stable sort keeps the grid order between equal scores, so the first ranked run is the
+    # one whose head `best` holds (the first to reach the top score).
+    ranked = sorted(runs, key=lambda r: -r.rank_key)
+    assert ranked[0] is best[0]
     return ranked, best[1]
 
 

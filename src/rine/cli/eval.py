@@ -11,8 +11,8 @@ metrics.csv and PNG plots; several models or perturbations get one folder each p
 summary.md / summary.csv. Unreadable images are listed with their error in
 predictions.jsonl, left out of the metrics and counted (n_errors).
 
-Exit status: 0 done (even with unreadable images, which are reported), 2 bad usage,
-layout errors or missing weights.
+Exit status: 0 done (even with some unreadable images, which are reported), 1 no image
+could be scored at all, 2 bad usage, layout errors or missing weights.
 """
 
 from __future__ import annotations
@@ -268,4 +268,7 @@ def run(args: argparse.Namespace) -> int:
             f"rine: test sets not found and skipped: {', '.join(layout.missing)}", file=sys.stderr
         )
     print(f"rine: results in {args.out}", file=sys.stderr)
+    if result.runs and result.runs[0].metrics["mean"]["n"] == 0:
+        print("rine: error: no image could be scored: the metrics are empty", file=sys.stderr)
+        return 1
     return 0

@@ -31,8 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--revision", default=None, help="hub revision of --backbone")
     p.add_argument("--out", required=True, metavar="STORE", help="output store folder")
     p.add_argument("--transform", choices=("train", "center"), default=None,
-                   help="train: the reference's augmentation; center: CenterCrop 224 (default: train for "
-                        "the train split, center otherwise)")  # fmt: skip
+                   help="train: the reference's augmentation; center: CenterCrop 224 (default: train for the "
+                        "train split of progan or ldm, center otherwise)")  # fmt: skip
     p.add_argument("--views", type=int, default=1, help="augmented views per image (one per epoch; default 1)")
     p.add_argument("--seed", type=int, default=0, help="augmentation seed (default 0)")
     p.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="stored precision (default float16)")
@@ -74,7 +74,10 @@ def run(args: argparse.Namespace) -> int:
         items = items[: args.limit]
     if not items:
         return fail("no images found")
-    transform = args.transform or ("train" if split == "train" else "center")
+    # The train augmentation is for training splits of training layouts; test layouts are
+    # extracted with the test transform unless asked otherwise.
+    is_training_data = args.layout in ("progan", "ldm") and split == "train"
+    transform = args.transform or ("train" if is_training_data else "center")
     if transform == "center" and args.views != 1:
         return fail("--views > 1 only makes sense with the train transform")
     try:

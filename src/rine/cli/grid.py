@@ -63,6 +63,10 @@ def run(args: argparse.Namespace) -> int:
                         f"the training store with {ident[0]!r}")  # fmt: skip
     if not store.complete:
         return fail(f"{args.features} is incomplete: rerun its `rine extract` command to finish it")
+    for other in [*tests, *([val] if val else [])]:
+        if not str(other.meta.get("transform", "")).startswith("center-crop"):
+            print(f"rine: warning: {other.root} was extracted with {other.meta.get('transform')!r}, not the "
+                  "test transform: runs are ranked on augmented images (use --transform center)", file=sys.stderr)
     configs = grid_configs({"factor": args.factors, "nproj": args.nproj, "proj_dim": args.proj_dims}, base)
     from pathlib import Path
 
