@@ -178,3 +178,27 @@ def test_python_api_predict_accepts_paths_and_pil(tiny_detector, tiny_checkpoint
     assert len(importance) == 3 and sum(importance) == pytest.approx(1.0, abs=1e-5)
     again = Detector.from_pretrained(str(tiny_checkpoint_dir), device="cpu").predict(demo_images[0])
     assert again[0].prob_fake == pytest.approx(preds[0].prob_fake, abs=1e-6)
+
+
+def test_backbone_and_head_folder_keep_the_folders_crop(tmp_path, tiny_openai_file, tiny_checkpoint_dir):
+    """--backbone with --head FOLDER uses the folder's preprocessing unless --crop says otherwise."""
+    from dataclasses import replace
+
+    from rine.checkpoints import load_pretrained, save_pretrained
+
+    head, config = load_pretrained(tiny_checkpoint_dir)
+    ten = tmp_path / "ten-crop-ckpt"
+    save_pretrained(head, replace(config, preprocess=replace(config.preprocess, crop="ten")), ten)
+    assert Detector.from_files(str(tiny_openai_file), str(ten)).config.preprocess.crop == "ten"
+    assert Detector.from_files(str(tiny_openai_file), str(ten), crop="center").config.preprocess.crop == "center"
+
+
+def test_failures_are_not_held_back_behind_a_batch(tiny_detector, tmp_path):
+    """Unreadable files come out as soon as they are known, not when a batch fills up."""
+    import itertools
+
+    missing = (str(tmp_path / f"missing{i}.png") for i in range(3))
+    endless_good = itertools.repeat(str(write_image(tmp_path / "ok.png", (230, 230))))
+    stream = tiny_detector.predict_iter(itertools.chain(missing, endless_good), batch_size=64)
+    first = list(itertools.islice(stream, 3))
+    assert [p.error for p in first] == ["no such file"] * 3

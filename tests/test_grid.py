@@ -54,3 +54,12 @@ def test_grid_needs_test_sets(stores):  # noqa: F811
     _, train32, _ = stores
     with pytest.raises(ValueError):
         run_grid(StoreTaps(train32), [], grid_configs({"nproj": (1,)}))
+
+
+def test_a_run_without_any_ap_ranks_last():
+    from rine.grid import GridRun
+    from rine.training import TrainConfig
+
+    undefined = GridRun(TrainConfig(), mean_acc=0.9, mean_ap=float("nan"))
+    defined = GridRun(TrainConfig(), mean_acc=0.1, mean_ap=0.2)
+    assert sorted([undefined, defined], key=lambda r: -r.rank_key) == [defined, undefined]
