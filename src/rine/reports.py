@@ -27,19 +27,23 @@ def _plt():
     return plt
 
 
+def _acc_ap_bars(ax, labels: list[str], metrics: list[dict], legend: tuple[str, str], rotation: int) -> None:
+    """Paired ACC/AP bars in % per label; an undefined AP is left as a gap."""
+    acc = [100 * (m.get("acc") or 0.0) for m in metrics]
+    ap = [100 * m["ap"] if m.get("ap") is not None else np.nan for m in metrics]
+    x = np.arange(len(labels))
+    ax.bar(x - 0.2, acc, 0.4, label=legend[0])
+    ax.bar(x + 0.2, ap, 0.4, label=legend[1])
+    ax.set_xticks(x, labels, rotation=rotation, ha="right", fontsize=8)
+    ax.set_ylim(0, 100)
+    ax.set_ylabel("%")
+
+
 def plot_acc_ap(run: RunResult, path: Path) -> Path:
     plt = _plt()
     sets = [*run.metrics["sets"], "mean"]
-    ms = [*run.metrics["sets"].values(), run.metrics["mean"]]
-    acc = [100 * (m.get("acc") or 0.0) for m in ms]
-    ap = [100 * m["ap"] if m.get("ap") is not None else np.nan for m in ms]
-    x = np.arange(len(sets))
     fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * len(sets) + 2), 4))
-    ax.bar(x - 0.2, acc, 0.4, label="ACC")
-    ax.bar(x + 0.2, ap, 0.4, label="AP")
-    ax.set_xticks(x, sets, rotation=60, ha="right", fontsize=8)
-    ax.set_ylim(0, 100)
-    ax.set_ylabel("%")
+    _acc_ap_bars(ax, sets, [*run.metrics["sets"].values(), run.metrics["mean"]], ("ACC", "AP"), rotation=60)
     ax.set_title(f"{run.name}: accuracy (0.5) and average precision per test set")
     ax.legend(loc="lower right")
     fig.tight_layout()
@@ -104,18 +108,8 @@ def plot_run(run: RunResult, folder: Path) -> list[Path]:
 def plot_summary(result: EvalResult, folder: Path) -> list[Path]:
     plt = _plt()
     names = [r.name for r in result.runs]
-    acc = [100 * (r.metrics["mean"].get("acc") or 0.0) for r in result.runs]
-    ap = [
-        100 * r.metrics["mean"]["ap"] if r.metrics["mean"].get("ap") is not None else np.nan
-        for r in result.runs
-    ]
-    x = np.arange(len(names))
     fig, ax = plt.subplots(figsize=(max(6.0, 0.8 * len(names) + 2), 4))
-    ax.bar(x - 0.2, acc, 0.4, label="mean ACC")
-    ax.bar(x + 0.2, ap, 0.4, label="mean AP")
-    ax.set_xticks(x, names, rotation=45, ha="right", fontsize=8)
-    ax.set_ylim(0, 100)
-    ax.set_ylabel("%")
+    _acc_ap_bars(ax, names, [r.metrics["mean"] for r in result.runs], ("mean ACC", "mean AP"), rotation=45)
     ax.legend(loc="lower right")
     fig.tight_layout()
     path = folder / "summary_acc_ap.png"

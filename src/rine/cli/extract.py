@@ -46,14 +46,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
-
-
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -90,7 +82,9 @@ def run(args: argparse.Namespace) -> int:
         # a local backbone is recorded absolute, so checkpoints trained on it load from anywhere
         backbone.source = str(Path(args.backbone).expanduser().resolve())
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.precision]
-    backbone = backbone.to(_device(args.device), dtype=dtype)
+    from ..inference import resolve_device
+
+    backbone = backbone.to(resolve_device(args.device), dtype=dtype)
     make_views = TrainAugment(args.seed) if transform == "train" else CenterView(backbone.image_size)
     try:
         store = extract_features(
