@@ -143,51 +143,72 @@ def trained_head(path: str):
 
 
 @torch.no_grad()
-def precision_probe(arch: str, paths: list[str], head_file: str | None, calib: tuple[float, float]) -> None:
-    """max |p_bf16 - p_fp32| on the same taps for the trained head and for the random stress
-    head. A random He-initialised head rescaled to logit std 2 amplifies the ~0.4 % bf16 error
-    of the taps several times more than a trained head does; both are printed."""
-    from rine.accel import FastTapEncoder
+def precision_probe(arch: str, paths: list[str], head_file: str | None, calib: tuple[float, float], device: str) -> None:
+    """max |p_auto - p_fp32| on the same images for the trained head and for the random stress
+    head, with `auto`'s precision on `device`. A random He-initialised head rescaled to logit
+    std 2 amplifies the tap error several times more than a trained head does; both are printed."""
+    from rine.accel import FastTapEncoder, resolve_precision
     from rine.config import PreprocessConfig
     from rine.images import load_image
     from rine.preprocess import preprocess
 
-    backbone = build_hf_backbone(random_openai_state(arch))
-    pixels = torch.cat([preprocess(load_image(p), PreprocessConfig()) for p in paths])
-    exact = FastTapEncoder(backbone, "fp32", "cpu")(pixels)
-    low = FastTapEncoder(backbone, "bf16", "cpu")(pixels)
+    dev = torch.device(device)
+    fast = resolve_precision("auto", dev)
+    backbone = build_hf_backbone(random_openai_state(arch)).to(dev)
+    pixels = torch.cat([preprocess(load_image(p), PreprocessConfig()) for p in paths]).to(dev)
+    exact = torch.cat([FastTapEncoder(backbone, "fp32", dev)(x) for x in pixels.split(16)]).float().cpu()
+    low = torch.cat([FastTapEncoder(backbone, fast, dev)(x) for x in pixels.split(16)]).float().cpu()
     heads = {"random He head, logit std 2 (stress)": random_head(arch, calib)}
     if head_file:
         heads = {f"trained head {Path(head_file).name}": trained_head(head_file), **heads}
     for name, head in heads.items():
         a, b = head(exact).logits, head(low).logits
-        dp = (torch.sigmoid(a) - torch.sigmoid(b)).abs().max().item()
-        print(f"bf16 vs fp32 on {len(paths)} images, {name}: max |dp| {dp:.4f}, max |dlogit| "
-              f"{(a - b).abs().max().item():.3f}, fp32 logit std {a.std().item():.2f}")
+        dp = (torch.sigmoid(a) - torch.sigmoid(b)).abs()
+        print(f"{fast} vs fp32 on {len(paths)} images, {name}: max |dp| {dp.max().item():.4f} (mean {dp.mean().item():.4f}), "
+              f"max |dlogit| {(a - b).abs().max().item():.3f}, fp32 logit std {a.std().item():.2f}")
 
 
-def make_images(folder: Path, n: int, seed: int = 0) -> list[str]:
-    """n photo-like images (smooth colour fields + texture + noise), JPEG and PNG, 256-2048 px."""
+IMAGE_SIZES = [(256, 256), (512, 384), (640, 480), (1024, 768), (1280, 1280), (2048, 1536), (300, 2048), (800, 600)]
+
+
+def _image_path(folder: Path, i: int) -> Path:
+    w, h = IMAGE_SIZES[i % len(IMAGE_SIZES)]
+    return folder / f"img_{i:04d}_{w}x{h}.{'png' if i % 3 == 2 else 'jpg'}"
+
+
+def _write_image(folder: Path, i: int, seed: int) -> None:
     from PIL import Image
 
+    path = _image_path(folder, i)
+    if path.exists():
+        return
+    rng = np.random.default_rng([seed, i])  # image i is the same whatever n and the process
+    w, h = IMAGE_SIZES[i % len(IMAGE_SIZES)]
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    f = rng.uniform(0.002, 0.02, size=(3, 2))
+    ph = rng.uniform(0, 6.3, size=3)
+    base = np.stack([np.sin(xx * f[c, 0] + yy * f[c, 1] + ph[c]) for c in range(3)], axis=-1)
+    img = 127 + 90 * base + rng.normal(0, 12, size=(h, w, 3))
+    tmp = path.with_name(path.stem + ".tmp" + path.suffix)  # a killed run leaves no half-written image
+    Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(tmp, quality=90)
+    tmp.replace(path)
+
+
+def make_images(folder: Path, n: int, seed: int = 0, jobs: int | None = None) -> list[str]:
+    """n photo-like images (smooth colour fields + texture + noise), JPEG and PNG, 256-2048 px,
+    written by `jobs` processes (default: every core) where they do not exist yet."""
+    from concurrent.futures import ProcessPoolExecutor
+
     folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    sizes = [(256, 256), (512, 384), (640, 480), (1024, 768), (1280, 1280), (2048, 1536), (300, 2048), (800, 600)]
-    paths = []
-    for i in range(n):
-        w, h = sizes[i % len(sizes)]
-        fmt = "png" if i % 3 == 2 else "jpg"
-        path = folder / f"img_{i:04d}_{w}x{h}.{fmt}"
-        paths.append(str(path))
-        if path.exists():
-            continue
-        yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-        f = rng.uniform(0.002, 0.02, size=(3, 2))
-        ph = rng.uniform(0, 6.3, size=3)
-        base = np.stack([np.sin(xx * f[c, 0] + yy * f[c, 1] + ph[c]) for c in range(3)], axis=-1)
-        img = 127 + 90 * base + rng.normal(0, 12, size=(h, w, 3))
-        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(path, quality=90)
-    return paths
+    todo = [i for i in range(n) if not _image_path(folder, i).exists()]
+    jobs = max(1, min(jobs or os.cpu_count() or 1, len(todo)))
+    if jobs == 1:
+        for i in todo:
+            _write_image(folder, i, seed)
+    elif todo:
+        with ProcessPoolExecutor(jobs) as pool:
+            list(pool.map(_write_image, [folder] * len(todo), todo, [seed] * len(todo), chunksize=4))
+    return [str(_image_path(folder, i)) for i in range(n)]
 
 
 # ----------------------------------------------------------------------------- machine
@@ -204,6 +225,23 @@ def gflop_per_image(name: str, ours: bool) -> float:
     else:
         total += 2 * d * embed
     return total / 1e9
+
+
+def cuda_matmul_gflops(dtype: torch.dtype, reps: int = 20) -> float:
+    """Attainable GPU matmul GFLOP/s for `dtype`: best of `reps` 8192^3 products."""
+    a = torch.randn(8192, 8192, device="cuda", dtype=dtype)
+    b = torch.randn(8192, 8192, device="cuda", dtype=dtype)
+    best = 0.0
+    for _ in range(3):
+        a @ b
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        end.synchronize()
+        best = max(best, 2 * 8192**3 / (start.elapsed_time(end) / 1e3) / 1e9)
+    return best
 
 
 def matmul_gflops(dtype: torch.dtype, reps: int = 10) -> float:
@@ -268,6 +306,13 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+def reset_peaks(device: str) -> None:
+    reset_peak_rss()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+
 def children_peak_rss_mb() -> float:
     """Largest peak RSS of any finished child process (the baseline's loader workers), MB."""
     return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
@@ -293,11 +338,12 @@ def run_mode(args: argparse.Namespace) -> dict:
         score_like_reference(model, head, paths[:2], **run)  # warm-up
         release_free_memory()
         model_mb = current_rss_mb()
-        reset_peak_rss()
+        reset_peaks(args.device)
         t0 = time.perf_counter()
         probs = score_like_reference(model, head, paths, **run)
         elapsed = time.perf_counter() - t0
-        precision = "fp32"
+        precision = "fp16" if args.device.startswith("cuda") else "fp32"
+        batch, workers = bs, args.threads
     else:
         from rine.config import PreprocessConfig, RINEConfig
         from rine.inference import Detector
@@ -307,13 +353,17 @@ def run_mode(args: argparse.Namespace) -> dict:
         del state
         config = RINEConfig(backbone=args.arch, head=head.config, preprocess=PreprocessConfig(crop="center"))
         det = Detector(RINEModel(backbone, head), config, device=args.device, precision=args.mode)
+        from rine.inference import default_batch_size, default_workers
+
         precision = det.precision
-        det.predict(paths[:2], batch_size=args.batch_size)  # warm-up
+        batch = args.batch_size or default_batch_size(det.device)
+        workers = args.workers or default_workers(det.device)
+        det.predict(paths[: min(len(paths), batch)], batch_size=batch)  # warm-up at the real batch shape
         release_free_memory()
         model_mb = current_rss_mb()
-        reset_peak_rss()
+        reset_peaks(args.device)
         t0 = time.perf_counter()
-        preds = list(det.predict_iter(paths, batch_size=args.batch_size, num_workers=args.workers))
+        preds = list(det.predict_iter(paths, batch_size=batch, num_workers=workers))
         elapsed = time.perf_counter() - t0
         probs = np.array([p.prob_fake for p in preds], dtype=np.float64)
     return {
@@ -323,6 +373,9 @@ def run_mode(args: argparse.Namespace) -> dict:
         "seconds": elapsed,
         "images_per_s": len(paths) / elapsed,
         "peak_rss_mb": peak_rss_mb(),
+        "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if args.device.startswith("cuda") else None,
+        "batch_size": batch,
+        "workers": workers,
         "model_rss_mb": model_mb,
         "workers_peak_rss_mb": children_peak_rss_mb(),
         "probs": [float(p) for p in probs],
@@ -338,8 +391,9 @@ def spawn(args: argparse.Namespace, arch: str, mode: str, n: int, paths_file: Pa
     cmd = [
         sys.executable, __file__, "--child", "--arch", arch, "--mode", mode, "--n", str(n),
         "--paths-file", str(paths_file), "--threads", str(args.threads), "--device", args.device,
-        "--batch-size", str(args.batch_size), "--calib", repr(calib[0]), repr(calib[1]),
-    ] + (["--workers", str(args.workers)] if args.workers else [])  # fmt: skip
+        "--calib", repr(calib[0]), repr(calib[1]),
+    ] + (["--workers", str(args.workers)] if args.workers else []) + (
+        ["--batch-size", str(args.batch_size)] if args.batch_size else [])  # fmt: skip
     head_file = args.head or default_trained_head(arch)
     if head_file:
         cmd += ["--head-file", head_file]
@@ -357,7 +411,7 @@ def main() -> None:
     p.add_argument("--n-l14", type=int, default=48, help="images for ViT-L/14 (default 48)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads and loader workers of the baseline")
     p.add_argument("--workers", type=int, default=None, help="our decoding threads (default: Detector's choice)")
-    p.add_argument("--batch-size", type=int, default=16, help="our batch size (the baseline uses 128)")
+    p.add_argument("--batch-size", type=int, default=None, help="our batch size (default: Detector's, 16 on CPU, 64 on GPU; the baseline uses 128)")
     p.add_argument("--repeat", type=int, default=1, help="repeat each mode, report the median images/s")
     p.add_argument("--device", default="cpu")
     p.add_argument("--image-dir", default=None, help="where to generate the images (default: a temp folder)")
@@ -381,7 +435,9 @@ def main() -> None:
     counts = {"ViT-B/32": 24 if args.quick else args.n_b32, "ViT-L/14": 12 if args.quick else args.n_l14}
     torch.set_num_threads(args.threads)
     folder = Path(args.image_dir or tempfile.mkdtemp(prefix="rine-bench-"))
+    t0 = time.perf_counter()
     paths = make_images(folder, max(counts[a] for a in archs))
+    print(f"# images ready in {time.perf_counter() - t0:.0f} s", flush=True)
     paths_file = folder / "paths.json"
     paths_file.write_text(json.dumps(paths))
     kinds = sorted({Path(x).suffix for x in paths})
@@ -390,14 +446,25 @@ def main() -> None:
 
     peaks = {}
 
-    def measure_peaks(when: str) -> None:
-        for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-            peaks[name] = max(peaks.get(name, 0.0), matmul_gflops(dt))
-        print(f"# attainable matmul ({when}, best of torch.matmul 2048^3 and oneDNN packed linear, "
-              f"{args.threads} threads): fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s")
+    on_gpu = args.device.startswith("cuda")
 
-    if args.device == "cpu":
-        measure_peaks("start")
+    def measure_peaks(when: str) -> None:
+        if on_gpu:
+            how = "best of 20 torch.matmul 8192^3 on the GPU"
+            dtypes = (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16))
+            from rine.accel import exact_fp32
+
+            with exact_fp32(torch.device("cuda")):  # fp32 as IEEE, not TF32
+                for name, dt in dtypes:
+                    peaks[name] = max(peaks.get(name, 0.0), cuda_matmul_gflops(dt))
+        else:
+            how = f"best of torch.matmul 2048^3 and oneDNN packed linear, {args.threads} threads"
+            for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+                peaks[name] = max(peaks.get(name, 0.0), matmul_gflops(dt))
+        rates = ", ".join(f"{k} {v:.0f}" for k, v in peaks.items())
+        print(f"# attainable matmul ({when}, {how}): {rates} GFLOP/s", flush=True)
+
+    measure_peaks("start")
 
     for arch in archs:
         n = counts[arch]
@@ -412,18 +479,21 @@ def main() -> None:
         spread = float(np.std(ref_probs))
         head_file = args.head or default_trained_head(arch)
         print(f"\n## {arch}: head = {Path(head_file).name if head_file else 'random, calibrated to logit std 2'}")
-        precision_probe(arch, paths[:16], head_file, calib)
+        precision_probe(arch, paths[:16], head_file, calib, args.device)
         print(f"## {arch}: {n} images, end to end from files, median of {args.repeat} run(s); "
               f"fp32 probabilities: std {spread:.3f}, range {ref_probs.min():.3f}-{ref_probs.max():.3f}")
         print(f"(a) runs batches of {baseline_batch_size(n, args.threads)} with {args.threads} DataLoader workers; "
-              f"(b), (c) batches of {args.batch_size}")
-        print(f"{'mode':<24}{'images/s':>10}{'x baseline':>12}{'RSS loaded MB':>15}{'peak scoring MB':>17}{'max |dp| vs fp32':>18}")
+              f"(b), (c) batches of {results['auto'][0]['batch_size']} with {results['auto'][0]['workers']} decoding threads")
+        gpu_col = f"{'peak GPU MB':>13}" if on_gpu else ""
+        print(f"{'mode':<24}{'images/s':>10}{'x baseline':>12}{'RSS loaded MB':>15}{'peak scoring MB':>17}{gpu_col}"
+              f"{'max |dp| vs fp32':>18}{'mean |dp|':>11}")
         for mode, rs in results.items():
             r = rs[0]
-            label = {"baseline": "(a) reference-like", "fp32": "(b) ours fp32", "auto": f"(c) ours auto={r['precision']}"}[mode]
-            dp = float(np.max(np.abs(np.array(r["probs"]) - ref_probs)))
+            label = {"baseline": f"(a) reference-like {r['precision']}", "fp32": "(b) ours fp32", "auto": f"(c) ours auto={r['precision']}"}[mode]
+            dps = np.abs(np.array(r["probs"]) - ref_probs)
+            gpu = f"{r['peak_gpu_mb']:>13.0f}" if on_gpu else ""
             print(f"{label:<24}{med[mode]:>10.2f}{med[mode] / med['baseline']:>12.2f}{r['model_rss_mb']:>15.0f}"
-                  f"{r['peak_rss_mb']:>17.0f}{dp:>18.2e}")
+                  f"{r['peak_rss_mb']:>17.0f}{gpu}{dps.max():>18.2e}{dps.mean():>11.1e}")
         print(f"(a)'s DataLoader worker processes peaked at {results['baseline'][0]['workers_peak_rss_mb']:.0f} MB each (not included above)")
         print(f"peak RSS of (c) while scoring {half['n']} images: {half['peak_rss_mb']:.0f} MB; "
               f"{n} images: {results['auto'][0]['peak_rss_mb']:.0f} MB")
@@ -432,7 +502,7 @@ def main() -> None:
             prec = results["auto"][0]["precision"]
             gf = gflop_per_image(arch, ours=True)
             achieved = med["auto"] * gf
-            peak = peaks["bf16" if prec == "bf16" else "fp32"]
+            peak = peaks[prec]
             print(f"(c) runs {achieved:.0f} GFLOP/s of encoder matmuls ({gf:.1f} GFLOP/image) = "
                   f"{achieved / peak:.0%} of the attainable {prec} matmul rate ({peak:.0f} GFLOP/s)")
         print(f"# load avg after {arch}: {os.getloadavg()[0]:.2f}")

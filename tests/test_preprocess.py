@@ -77,3 +77,13 @@ def test_resize_mode_resizes_shorter_side_then_crops():
     resized = np.asarray(img.resize((336, 224), Image.BICUBIC))
     np.testing.assert_array_equal(views[0], center_crop_array(resized, 224))
     assert crop_views(img, PreprocessConfig(crop="ten")).shape == (10, 224, 224, 3)
+
+
+def test_center_views_cut_by_pillow_equal_the_array_crop():
+    """crop_views cuts the centre window with Pillow (no full-image copy); it must be the
+    same pixels as center_crop_array, odd margins (banker's rounding) and padding included."""
+    for h, w in [(224, 224), (225, 224), (301, 225), (480, 640), (1537, 2049), (200, 300), (100, 90)]:
+        a = grid(h, w)
+        views = crop_views(Image.fromarray(a), PreprocessConfig(crop="center"))
+        assert views.shape == (1, 224, 224, 3) and views.flags.c_contiguous and views.flags.writeable
+        np.testing.assert_array_equal(views[0], center_crop_array(a, 224))

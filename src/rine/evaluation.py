@@ -37,6 +37,7 @@ import torch
 from .config import PreprocessConfig, RINEConfig
 from .head import RINEHead
 from .images import ImageLoadError, load_image
+from .inference import default_batch_size, default_workers
 from .layouts import TestSet
 from .metrics import compute_metrics, mean_metrics
 from .perturb import QUIRKS, is_perturbed, robustness_image, transform_id
@@ -194,7 +195,7 @@ def _score_set_live(
                     results[(ci, hi, idx)] = (logit, prob, v[ci][1])
         batch.clear()
 
-    workers = num_workers or min(8, max(1, os.cpu_count() or 2))
+    workers = num_workers or default_workers(detector.device)
     max_in_flight = max(2 * batch_size, 2 * workers)
     errors: dict[int, str] = {}
     bar = tqdm(
@@ -345,7 +346,7 @@ def evaluate(
     heads: Sequence[EvalHead] | None = None,
     conditions: Sequence[Condition] | None = None,
     root: str | Path | None = None,
-    batch_size: int = 16,
+    batch_size: int | None = None,
     num_workers: int | None = None,
     progress: bool = False,
     threshold: float = 0.5,
@@ -363,6 +364,7 @@ def evaluate(
         else [EvalHead(detector.config.name or "model", detector.model.head, detector.config)]
     )
     conditions = list(conditions) if conditions else [Condition()]
+    batch_size = batch_size or default_batch_size(detector.device)
     backbone = detector.model.backbone
     for h in heads:
         cfg = h.head.config

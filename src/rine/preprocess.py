@@ -81,9 +81,15 @@ def crop_views(image: Image.Image, config: PreprocessConfig) -> np.ndarray:
     size = config.image_size
     if config.crop == "resize":
         image = resize_shorter_side(image, size)
+    if image.mode != "RGB":
+        raise ValueError(f"expected an RGB image, got mode {image.mode!r}")
+    w, h = image.size
+    if config.crop != "ten" and w >= size and h >= size:
+        # Same window as center_crop_array, cut by Pillow: only size x size pixels are
+        # copied out of a (possibly 12-megapixel) decoded image.
+        top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+        return np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.uint8)[None].copy()
     array = np.asarray(image, dtype=np.uint8)
-    if array.ndim != 3 or array.shape[2] != 3:
-        raise ValueError(f"expected an RGB image, got array of shape {array.shape}")
     if config.crop == "ten":
         views = ten_crop_arrays(array, size)
     else:

@@ -39,8 +39,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     o.add_argument("--output", "-o", metavar="FILE", help="write results here instead of standard output")
     o.add_argument("--blocks", action="store_true", help="include each image's per-block contribution (json/jsonl)")
     r = p.add_argument_group("run")
-    r.add_argument("--batch-size", type=int, default=16, help="images per encoder batch (default 16)")
-    r.add_argument("--workers", type=int, default=None, help="decoding threads (default: one per core, up to 8)")
+    r.add_argument("--batch-size", type=int, default=None, help="images per encoder batch (default 16 on CPU, 64 on GPU)")
+    r.add_argument("--workers", type=int, default=None, help="decoding threads (default: one per core, up to 8 on CPU and 32 with a GPU)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.add_argument(
         "--max-pixels",
@@ -96,7 +96,7 @@ def _table(rows: list[dict]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.batch_size < 1:
+    if args.batch_size is not None and args.batch_size < 1:
         return fail("--batch-size must be at least 1")
     paths = list(expand_inputs(args.inputs))
     if not paths:

@@ -86,13 +86,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="dtype of cached taps (float16 halves the disk, changes scores by ~1e-3)")  # fmt: skip
     o.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     o.add_argument(
-        "--batch-size", type=int, default=16, help="images per encoder batch (default 16)"
+        "--batch-size", type=int, default=None, help="images per encoder batch (default 16 on CPU, 64 on GPU)"
     )
     o.add_argument(
         "--workers",
         type=int,
         default=None,
-        help="decoding threads (default: one per core, up to 8)",
+        help="decoding threads (default: one per core, up to 8 on CPU and 32 with a GPU)",
     )
     o.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
@@ -188,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
     from ..evaluation import evaluate, write_outputs
     from ..layouts import LayoutError, read_layout
 
-    if args.batch_size < 1:
+    if args.batch_size is not None and args.batch_size < 1:
         return fail("--batch-size must be at least 1")
     options: dict = {}
     if args.sets:
