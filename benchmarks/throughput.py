@@ -343,7 +343,7 @@ def run_mode(args: argparse.Namespace) -> dict:
         probs = score_like_reference(model, head, paths, **run)
         elapsed = time.perf_counter() - t0
         precision = "fp16" if args.device.startswith("cuda") else "fp32"
-        batch, workers = bs, args.threads
+        batch, workers, decoder = bs, args.threads, "processes"
     else:
         from rine.config import PreprocessConfig, RINEConfig
         from rine.inference import Detector
@@ -353,17 +353,18 @@ def run_mode(args: argparse.Namespace) -> dict:
         del state
         config = RINEConfig(backbone=args.arch, head=head.config, preprocess=PreprocessConfig(crop="center"))
         det = Detector(RINEModel(backbone, head), config, device=args.device, precision=args.mode)
-        from rine.inference import default_batch_size, default_workers
+        from rine.inference import default_batch_size, default_decoder, default_workers
 
         precision = det.precision
         batch = args.batch_size or default_batch_size(det.device)
         workers = args.workers or default_workers(det.device)
+        decoder = default_decoder(det.device) if args.decoder == "auto" else args.decoder
         det.predict(paths[: min(len(paths), batch)], batch_size=batch)  # warm-up at the real batch shape
         release_free_memory()
         model_mb = current_rss_mb()
         reset_peaks(args.device)
         t0 = time.perf_counter()
-        preds = list(det.predict_iter(paths, batch_size=batch, num_workers=workers))
+        preds = list(det.predict_iter(paths, batch_size=batch, num_workers=workers, decoder=args.decoder))
         elapsed = time.perf_counter() - t0
         probs = np.array([p.prob_fake for p in preds], dtype=np.float64)
     return {
@@ -376,6 +377,7 @@ def run_mode(args: argparse.Namespace) -> dict:
         "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if args.device.startswith("cuda") else None,
         "batch_size": batch,
         "workers": workers,
+        "decoder": decoder,
         "model_rss_mb": model_mb,
         "workers_peak_rss_mb": children_peak_rss_mb(),
         "probs": [float(p) for p in probs],
@@ -391,7 +393,7 @@ def spawn(args: argparse.Namespace, arch: str, mode: str, n: int, paths_file: Pa
     cmd = [
         sys.executable, __file__, "--child", "--arch", arch, "--mode", mode, "--n", str(n),
         "--paths-file", str(paths_file), "--threads", str(args.threads), "--device", args.device,
-        "--calib", repr(calib[0]), repr(calib[1]),
+        "--calib", repr(calib[0]), repr(calib[1]), "--decoder", args.decoder,
     ] + (["--workers", str(args.workers)] if args.workers else []) + (
         ["--batch-size", str(args.batch_size)] if args.batch_size else [])  # fmt: skip
     head_file = args.head or default_trained_head(arch)
@@ -412,6 +414,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads and loader workers of the baseline")
     p.add_argument("--workers", type=int, default=None, help="our decoding threads (default: Detector's choice)")
     p.add_argument("--batch-size", type=int, default=None, help="our batch size (default: Detector's, 16 on CPU, 64 on GPU; the baseline uses 128)")
+    p.add_argument("--decoder", default="auto", choices=("auto", "threads", "processes"), help="our decoding workers (default: the Detector's choice)")
     p.add_argument("--repeat", type=int, default=1, help="repeat each mode, report the median images/s")
     p.add_argument("--device", default="cpu")
     p.add_argument("--image-dir", default=None, help="where to generate the images (default: a temp folder)")
@@ -483,7 +486,7 @@ def main() -> None:
         print(f"## {arch}: {n} images, end to end from files, median of {args.repeat} run(s); "
               f"fp32 probabilities: std {spread:.3f}, range {ref_probs.min():.3f}-{ref_probs.max():.3f}")
         print(f"(a) runs batches of {baseline_batch_size(n, args.threads)} with {args.threads} DataLoader workers; "
-              f"(b), (c) batches of {results['auto'][0]['batch_size']} with {results['auto'][0]['workers']} decoding threads")
+              f"(b), (c) batches of {results['auto'][0]['batch_size']} with {results['auto'][0]['workers']} decoding {results['auto'][0]['decoder']}")
         gpu_col = f"{'peak GPU MB':>13}" if on_gpu else ""
         print(f"{'mode':<24}{'images/s':>10}{'x baseline':>12}{'RSS loaded MB':>15}{'peak scoring MB':>17}{gpu_col}"
               f"{'max |dp| vs fp32':>18}{'mean |dp|':>11}")

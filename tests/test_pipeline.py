@@ -92,3 +92,28 @@ def test_device_normalisation_equals_cpu_normalisation():
 def test_empty_input_gives_nothing(fp32_detector):
     assert fp32_detector.predict([]) == []
     assert fp32_detector.encode_views(np.zeros((0, 224, 224, 3), dtype=np.uint8)).shape == (0, 3, 64)
+
+
+def test_process_decoder_gives_the_same_records_as_threads(fp32_detector, mixed_inputs):
+    """Decoding in worker processes (the GPU default): same values, same order, and the
+    failures keep their one-line reasons (ImageLoadError crosses the process boundary)."""
+    threads = list(fp32_detector.predict_iter(mixed_inputs, batch_size=3, num_workers=2, decoder="threads"))
+    procs = list(fp32_detector.predict_iter(mixed_inputs, batch_size=3, num_workers=2, decoder="processes"))
+    assert [p.path for p in procs] == mixed_inputs
+    assert [p.error for p in procs] == [p.error for p in threads]
+    assert procs[1].error is not None and procs[4].error == "no such file"
+    assert [p.prob_fake for p in procs] == [p.prob_fake for p in threads]
+
+
+def test_image_load_error_pickles_with_its_kind():
+    import pickle
+
+    from rine.images import ImageLoadError
+
+    err = pickle.loads(pickle.dumps(ImageLoadError("empty file", "empty")))
+    assert isinstance(err, ImageLoadError) and str(err) == "empty file" and err.kind == "empty"
+
+
+def test_unknown_decoder_is_refused(fp32_detector):
+    with pytest.raises(ValueError, match="decoder must be one of"):
+        list(fp32_detector.predict_iter([], decoder="fibers"))

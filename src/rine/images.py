@@ -34,6 +34,10 @@ class ImageLoadError(ValueError):
         super().__init__(message)
         self.kind = kind
 
+    def __reduce__(self):
+        # Crosses process boundaries (decoding workers) with its kind intact.
+        return (type(self), (str(self), self.kind))
+
 
 def is_image_path(path: str | Path) -> bool:
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS

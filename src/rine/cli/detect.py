@@ -19,6 +19,7 @@ import sys
 from typing import TextIO
 
 from ..images import DEFAULT_MAX_PIXELS
+from ..inference import DECODERS
 from .common import CLIError, add_model_options, expand_inputs, fail, load_detector
 
 FORMATS = ("table", "json", "jsonl", "csv")
@@ -41,6 +42,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     r = p.add_argument_group("run")
     r.add_argument("--batch-size", type=int, default=None, help="images per encoder batch (default 16 on CPU, 64 on GPU)")
     r.add_argument("--workers", type=int, default=None, help="decoding threads (default: one per core, up to 8 on CPU and 32 with a GPU)")
+    r.add_argument("--decoder", choices=DECODERS, default="auto",
+                   help="decode in threads or worker processes (default auto: processes with a GPU, "
+                        "where decoding is the bottleneck; threads on CPU)")  # fmt: skip
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.add_argument(
         "--max-pixels",
@@ -115,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
             paths,
             batch_size=args.batch_size,
             num_workers=args.workers,
+            decoder=args.decoder,
             progress=not args.no_progress and sys.stderr.isatty(),
             total=len(paths),
         ):
