@@ -489,14 +489,15 @@ def main() -> None:
               f"(b), (c) batches of {results['auto'][0]['batch_size']} with {results['auto'][0]['workers']} decoding {results['auto'][0]['decoder']}")
         gpu_col = f"{'peak GPU MB':>13}" if on_gpu else ""
         print(f"{'mode':<24}{'images/s':>10}{'x baseline':>12}{'RSS loaded MB':>15}{'peak scoring MB':>17}{gpu_col}"
-              f"{'max |dp| vs fp32':>18}{'mean |dp|':>11}")
+              f"{'max |dp| vs fp32':>18}{'mean |dp|':>11}  each run's images/s")
         for mode, rs in results.items():
             r = rs[0]
             label = {"baseline": f"(a) reference-like {r['precision']}", "fp32": "(b) ours fp32", "auto": f"(c) ours auto={r['precision']}"}[mode]
             dps = np.abs(np.array(r["probs"]) - ref_probs)
             gpu = f"{r['peak_gpu_mb']:>13.0f}" if on_gpu else ""
             print(f"{label:<24}{med[mode]:>10.2f}{med[mode] / med['baseline']:>12.2f}{r['model_rss_mb']:>15.0f}"
-                  f"{r['peak_rss_mb']:>17.0f}{gpu}{dps.max():>18.2e}{dps.mean():>11.1e}")
+                  f"{r['peak_rss_mb']:>17.0f}{gpu}{dps.max():>18.2e}{dps.mean():>11.1e}  "
+                  + ", ".join(f"{x['images_per_s']:.2f}" for x in rs))
         print(f"(a)'s DataLoader worker processes peaked at {results['baseline'][0]['workers_peak_rss_mb']:.0f} MB each (not included above)")
         print(f"peak RSS of (c) while scoring {half['n']} images: {half['peak_rss_mb']:.0f} MB; "
               f"{n} images: {results['auto'][0]['peak_rss_mb']:.0f} MB")
