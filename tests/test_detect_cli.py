@@ -202,3 +202,18 @@ def test_failures_are_not_held_back_behind_a_batch(tiny_detector, tmp_path):
     stream = tiny_detector.predict_iter(itertools.chain(missing, endless_good), batch_size=64)
     first = list(itertools.islice(stream, 3))
     assert [p.error for p in first] == ["no such file"] * 3
+
+
+def test_detect_with_process_decoder(capsys, tmp_path, tiny_checkpoint_dir):
+    """`--decoder processes` (the GPU default) gives the thread decoder's records, errors included."""
+    good = str(write_image(tmp_path / "a.png", size=(300, 260), seed=3))
+    bad = tmp_path / "b.jpg"
+    bad.write_bytes(b"junk")
+    outs = {}
+    for decoder in ("threads", "processes"):
+        code, out, err = run_cli(capsys, "detect", good, str(bad), "--model", str(tiny_checkpoint_dir),
+                                 "--format", "jsonl", "--precision", "fp32", "--decoder", decoder)  # fmt: skip
+        assert code == 1, err  # one file could not be read
+        outs[decoder] = [json.loads(line) for line in out.splitlines()]
+    assert outs["processes"] == outs["threads"]
+    assert outs["processes"][1]["error"] and outs["processes"][0]["prob_fake"] is not None

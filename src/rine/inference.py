@@ -39,7 +39,17 @@ from .preprocess import crop_views, normalize
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PRECISIONS", "Detector", "Prediction", "default_batch_size", "default_workers", "resolve_device"]
+__all__ = [
+    "DECODERS",
+    "PRECISIONS",
+    "Detector",
+    "Prediction",
+    "default_batch_size",
+    "default_decoder",
+    "default_workers",
+    "prepare_views",
+    "resolve_device",
+]
 
 ImageSource = str | Path | bytes | Image.Image
 
@@ -89,7 +99,7 @@ def default_batch_size(device: torch.device) -> int:
 
 
 def default_workers(device: torch.device) -> int:
-    """Decoding threads. On CPU they share the cores with the encoder (one per core, at
+    """Decoding workers. On CPU they share the cores with the encoder (one per core, at
     most 8); with a GPU decoding is the bottleneck, so every core decodes (at most 32)."""
     cores = os.cpu_count() or 2
     return max(1, min(32 if device.type == "cuda" else 8, cores))
@@ -99,13 +109,15 @@ DECODERS = ("auto", "threads", "processes")
 
 
 def default_decoder(device: torch.device) -> str:
-    """"processes" with a GPU, "threads" on CPU.
+    """"processes" with a GPU (where the platform can fork from a server), "threads" on CPU.
 
     With a GPU, decoding is the bottleneck and 16+ threads contend for the GIL between
     Pillow's C calls (measured on an H100 host, 16 cores, ViT-B/32: 450 images/s with
     threads against 521 for a 16-process DataLoader); on a CPU the cores belong to the
     encoder and a few threads overlap decoding with it at no IPC cost."""
-    return "processes" if device.type == "cuda" else "threads"
+    if device.type == "cuda" and "forkserver" in multiprocessing.get_all_start_methods():
+        return "processes"
+    return "threads"
 
 
 def prepare_views(source: ImageSource, preprocess: PreprocessConfig, max_pixels: int | None) -> np.ndarray:
@@ -119,6 +131,9 @@ def _decode_pool(kind: str, workers: int) -> Executor:
     # forkserver: workers fork from a clean server process (never from this one, which may
     # hold CUDA and OpenMP state); preloading rine.inference makes each fork cheap, and
     # replaces the default preload of __main__, so a user's unguarded script is not re-run.
+    # Where there is no forkserver (Windows), spawn: scripts need `if __name__ == "__main__"`.
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["rine.inference"])
     return ProcessPoolExecutor(max_workers=workers, mp_context=ctx)

@@ -41,7 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     o.add_argument("--blocks", action="store_true", help="include each image's per-block contribution (json/jsonl)")
     r = p.add_argument_group("run")
     r.add_argument("--batch-size", type=int, default=None, help="images per encoder batch (default 16 on CPU, 64 on GPU)")
-    r.add_argument("--workers", type=int, default=None, help="decoding threads (default: one per core, up to 8 on CPU and 32 with a GPU)")
+    r.add_argument("--workers", type=int, default=None, help="decoding workers (default: one per core, up to 8 on CPU and 32 with a GPU)")
     r.add_argument("--decoder", choices=DECODERS, default="auto",
                    help="decode in threads or worker processes (default auto: processes with a GPU, "
                         "where decoding is the bottleneck; threads on CPU)")  # fmt: skip
