@@ -28,7 +28,7 @@ def _probs(det: Detector, images, **kw) -> np.ndarray:
     return np.array([p.prob_fake for p in det.predict(images, **kw)])
 
 
-def test_cuda_defaults_and_auto():
+def test_cuda_batch_and_worker_defaults():
     det_device = torch.device("cuda")
     assert default_batch_size(det_device) == 64
     assert default_workers(det_device) >= default_workers(torch.device("cpu"))
