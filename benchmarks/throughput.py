@@ -322,6 +322,7 @@ def children_peak_rss_mb() -> float:
 def run_mode(args: argparse.Namespace) -> dict:
     """Child process: load one mode, score the image list, report figures as JSON."""
     torch.set_num_threads(args.threads)
+    on_gpu = args.device.startswith("cuda")
     paths = json.loads(Path(args.paths_file).read_text())[: args.n]
     state = random_openai_state(args.arch)
     head = trained_head(args.head_file) if args.head_file else random_head(args.arch, tuple(args.calib) if args.calib else None)
@@ -342,7 +343,7 @@ def run_mode(args: argparse.Namespace) -> dict:
         t0 = time.perf_counter()
         probs = score_like_reference(model, head, paths, **run)
         elapsed = time.perf_counter() - t0
-        precision = "fp16" if args.device.startswith("cuda") else "fp32"
+        precision = "fp16" if on_gpu else "fp32"
         batch, workers, decoder = bs, args.threads, "processes"
     else:
         from rine.config import PreprocessConfig, RINEConfig
@@ -374,7 +375,7 @@ def run_mode(args: argparse.Namespace) -> dict:
         "seconds": elapsed,
         "images_per_s": len(paths) / elapsed,
         "peak_rss_mb": peak_rss_mb(),
-        "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if args.device.startswith("cuda") else None,
+        "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if on_gpu else None,
         "batch_size": batch,
         "workers": workers,
         "decoder": decoder,

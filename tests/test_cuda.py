@@ -29,9 +29,9 @@ def _probs(det: Detector, images, **kw) -> np.ndarray:
 
 
 def test_cuda_batch_and_worker_defaults():
-    det_device = torch.device("cuda")
-    assert default_batch_size(det_device) == 64
-    assert default_workers(det_device) >= default_workers(torch.device("cpu"))
+    cuda = torch.device("cuda")
+    assert default_batch_size(cuda) == 64
+    assert default_workers(cuda) >= default_workers(torch.device("cpu"))
 
 
 def test_fp32_on_gpu_reproduces_the_reference_logits(parity_files):
