@@ -160,10 +160,12 @@ def test_heads_and_perturbations_share_backbone_passes(
     }
     md = (out / "summary.md").read_text(encoding="utf-8")
     assert "tiny-rine-b/jpeg-s3" in md
-    # a head scored alongside another gives what it gives alone
+    # a head scored alongside another gives what it gives alone, and decoding (with the seeded
+    # perturbations) in worker processes gives what it gives in threads
     alone = tmp_path / "alone"
     assert main(["eval", "--suite", "folder", "--root", str(root), "--out", str(alone), "--no-progress",
-                 "--no-plots", "--model", str(second_checkpoint), "--perturb", "jpeg", "--seed", "3"]) == 0  # fmt: skip
+                 "--no-plots", "--model", str(second_checkpoint), "--perturb", "jpeg", "--seed", "3",
+                 "--decoder", "processes", "--workers", "2"]) == 0  # fmt: skip
     a = read_jsonl(out / "tiny-rine-b" / "jpeg-s3" / "predictions.jsonl")
     b = read_jsonl(alone / "predictions.jsonl")
     assert [p["path"] for p in a] == [p["path"] for p in b]

@@ -142,3 +142,44 @@ def test_auto_within_tolerance_on_benchmark_images_with_the_official_head(tmp_pa
         probs[precision] = np.array([p.prob_fake for p in det.predict(paths, batch_size=6)])
     assert np.std(probs["fp32"]) > 0.01  # the images get different scores: the check is not vacuous
     assert np.max(np.abs(probs["bf16"] - probs["fp32"])) <= TOLERANCE
+
+
+def test_exact_fp32_flags_survive_overlapping_threads():
+    """Two threads in `exact_fp32` at once (a server): TF32 stays off until the last one
+    leaves, then the caller's settings come back (a save/restore per use would leave them off)."""
+    import threading
+
+    from rine.accel import exact_fp32
+
+    cuda = torch.device("cuda")  # only the flags are touched: no GPU needed
+    flags = lambda: (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)  # noqa: E731
+    saved = flags()
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+        seen = {}
+
+        def a():
+            with exact_fp32(cuda):
+                a_in.set()
+                b_in.wait(5)
+            a_out.set()
+
+        def b():
+            a_in.wait(5)
+            with exact_fp32(cuda):
+                b_in.set()
+                a_out.wait(5)
+                seen["b, after a left"] = flags()
+
+        threads = [threading.Thread(target=f) for f in (a, b)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        assert seen["b, after a left"] == (False, False)
+        assert flags() == (True, True)
+        with exact_fp32(torch.device("cpu")):
+            assert flags() == (True, True)  # CPU forwards leave the CUDA flags alone
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from contextlib import contextmanager, nullcontext
 from functools import lru_cache
 
@@ -109,20 +110,36 @@ class _Linear:
         return F.linear(x, self.weight, self.bias)
 
 
+_tf32_lock = threading.Lock()
+_tf32_users = 0  # forwards inside `exact_fp32` right now, in any thread
+_tf32_saved: tuple[bool, bool] = (False, False)
+
+
 @contextmanager
 def exact_fp32(device: torch.device):
     """fp32 as IEEE float32 on CUDA: cuDNN convolutions (the patch embedding) default to
     TF32 there, which rounds inputs to 10 mantissa bits; the exact mode turns that off
-    (and TF32 matmuls) for the duration, then restores the caller's settings."""
+    (and TF32 matmuls) for the duration, then restores the caller's settings.
+
+    The flags are process-wide: overlapping uses (threads of a server) are counted, the
+    first one in saves the caller's settings and the last one out restores them. Other
+    float32 CUDA work running at that moment also runs without TF32."""
+    global _tf32_users, _tf32_saved
     if device.type != "cuda":
         yield
         return
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    with _tf32_lock:
+        if _tf32_users == 0:
+            _tf32_saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+        _tf32_users += 1
     try:
         yield
     finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+        with _tf32_lock:
+            _tf32_users -= 1
+            if _tf32_users == 0:
+                torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = _tf32_saved
 
 
 QUICK_GELU = 1.702  # CLIP's activation: x * sigmoid(1.702 x)

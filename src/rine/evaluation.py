@@ -24,9 +24,7 @@ import logging
 import math
 import os
 import re
-from collections import deque
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +33,7 @@ import numpy as np
 import torch
 
 from .config import PreprocessConfig, RINEConfig
+from .decoding import DECODERS, DecoderCrashed, default_decoder, ordered_map
 from .head import RINEHead
 from .images import ImageLoadError, load_image
 from .inference import default_batch_size, default_workers
@@ -121,6 +120,15 @@ def make_views(
     return crop_views(image, preprocess), hit
 
 
+def prepare_conditions(
+    path: str, key: str, conditions: Sequence[Condition], preprocess: PreprocessConfig, max_pixels: int | None
+) -> list[tuple[np.ndarray, bool]]:
+    """Decode one image once and cut its views under every condition -> [(views [V, S, S, 3]
+    uint8, perturbed)] per condition; runs in the decoding workers (threads or processes)."""
+    image = load_image(path, max_pixels=max_pixels)
+    return [make_views(image, c, key, preprocess) for c in conditions]
+
+
 @torch.no_grad()
 def encode_views(detector, views: np.ndarray, batch_size: int) -> torch.Tensor:
     """uint8 views [N, S, S, 3] -> taps [N, blocks, width] (float32, CPU), through the
@@ -165,7 +173,7 @@ def _record(path: str, set_name: str, label: int, key: str) -> dict[str, Any]:
 
 
 def _score_set_live(
-    detector, heads, conditions, ts: TestSet, root, batch_size, num_workers, progress
+    detector, heads, conditions, ts: TestSet, root, batch_size, num_workers, progress, decoder="auto"
 ) -> list[list[list[dict]]]:
     """-> records[condition][head][image] for one set, computing taps on the fly."""
     from tqdm.auto import tqdm
@@ -174,13 +182,8 @@ def _score_set_live(
     max_pixels = getattr(detector, "max_pixels", None)
     n_c, n_h = len(conditions), len(heads)
     records = [[[] for _ in heads] for _ in conditions]
-
-    def prepare(path: str, key: str):
-        image = load_image(path, max_pixels=max_pixels)
-        return [make_views(image, c, key, pre) for c in conditions]
-
     batch: list[tuple[int, list]] = []  # (item index, [(views, hit)] per condition)
-    results: dict[int, Any] = {}
+    results: dict[tuple[int, int, int], Any] = {}
 
     def flush() -> None:
         if not batch:
@@ -196,40 +199,33 @@ def _score_set_live(
         batch.clear()
 
     workers = num_workers or default_workers(detector.device)
-    max_in_flight = max(2 * batch_size, 2 * workers)
+    decoder = default_decoder(detector.device) if decoder == "auto" else decoder
     errors: dict[int, str] = {}
     bar = tqdm(
         total=len(ts.items), desc=ts.name, unit="img", disable=not progress, dynamic_ncols=True
     )
     keys = [image_key(p, root) for p, _ in ts.items]
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rine-eval") as pool:
-        pending: deque[tuple[int, Future]] = deque()
-
-        def drain() -> None:
-            idx, fut = pending.popleft()
-            try:
-                batch.append((idx, fut.result()))
-            except ImageLoadError as e:
-                errors[idx] = str(e)
-            except Exception as e:  # noqa: BLE001 - one bad file must not stop a benchmark
-                logger.debug("error on %s", ts.items[idx][0], exc_info=True)
-                errors[idx] = f"{type(e).__name__}: {e}".splitlines()[0]
+    jobs = ((idx, (path, keys[idx], conditions, pre, max_pixels)) for idx, (path, _) in enumerate(ts.items))
+    decoded = ordered_map(
+        prepare_conditions, jobs, kind=decoder, workers=workers,
+        max_in_flight=max(2 * batch_size, 2 * workers), preload=("rine.evaluation",),
+    )  # fmt: skip
+    try:
+        for idx, views, error in decoded:
+            if error is None:
+                batch.append((idx, views))
+            elif isinstance(error, (ImageLoadError, DecoderCrashed)):
+                errors[idx] = str(error)
+            else:  # one bad file must not stop a benchmark
+                logger.debug("error on %s", ts.items[idx][0], exc_info=error)
+                errors[idx] = f"{type(error).__name__}: {error}".splitlines()[0]
             bar.update(1)
             if len(batch) >= batch_size:
                 flush()
-
-        try:
-            for idx, (path, _) in enumerate(ts.items):
-                pending.append((idx, pool.submit(prepare, path, keys[idx])))
-                while len(pending) >= max_in_flight:
-                    drain()
-            while pending:
-                drain()
-            flush()
-        finally:
-            for _, fut in pending:
-                fut.cancel()
-            bar.close()
+        flush()
+    finally:
+        decoded.close()
+        bar.close()
 
     for idx, (path, label) in enumerate(ts.items):
         for ci in range(n_c):
@@ -352,12 +348,16 @@ def evaluate(
     threshold: float = 0.5,
     cache_dir: str | Path | None = None,
     cache_dtype: str = "float32",
+    decoder: str = "auto",
 ) -> EvalResult:
     """Score every set under every condition with every head (default: the detector's own).
 
     The backbone runs once per (image, condition); `root` is the data root images are
     seeded by (see `image_key`). Metrics use `score > threshold` (0.5: the paper's ACC).
+    `decoder` ("threads", "processes" or "auto": processes with a GPU) decodes the live path.
     """
+    if decoder not in DECODERS:
+        raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
     heads = (
         list(heads)
         if heads
@@ -383,7 +383,7 @@ def evaluate(
                                      Path(cache_dir).expanduser(), cache_dtype)  # fmt: skip
         else:
             recs = _score_set_live(
-                detector, heads, conditions, ts, root, batch_size, num_workers, progress
+                detector, heads, conditions, ts, root, batch_size, num_workers, progress, decoder
             )
         for ci in range(len(conditions)):
             for hi in range(len(heads)):

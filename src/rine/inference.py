@@ -4,8 +4,8 @@
     for p in detector.predict(["a.jpg", "b.png"]):
         print(p.path, p.prob_fake, p.error)
 
-Pipeline: paths stream in; a thread pool decodes and crops them (Pillow releases
-the GIL while decoding) with a bounded number of images in flight, overlapped with
+Pipeline: paths stream in; a pool of threads (processes with a GPU: `rine.decoding`)
+decodes and crops them with a bounded number of images in flight, overlapped with
 the encoder running on the main thread; uint8 crops are batched, copied to the
 device (pinned memory, non-blocking, on CUDA), normalised there and scored.
 The encoder runs through `accel.FastTapEncoder` in the chosen precision
@@ -16,11 +16,8 @@ with `error` set; the others are scored.
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import os
-from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -33,6 +30,7 @@ from .accel import PRECISIONS, FastTapEncoder, resolve_precision
 from .backbones import load_backbone
 from .checkpoints import load_head, load_pretrained
 from .config import PreprocessConfig, RINEConfig
+from .decoding import DECODERS, DecoderCrashed, default_decoder, ordered_map
 from .images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image
 from .model import RINEModel
 from .preprocess import crop_views, normalize
@@ -105,38 +103,16 @@ def default_workers(device: torch.device) -> int:
     return max(1, min(32 if device.type == "cuda" else 8, cores))
 
 
-DECODERS = ("auto", "threads", "processes")
-
-
-def default_decoder(device: torch.device) -> str:
-    """"processes" with a GPU (where the platform can fork from a server), "threads" on CPU.
-
-    With a GPU, decoding is the bottleneck and 16+ threads contend for the GIL between
-    Pillow's C calls (measured on an H100 host, 16 cores, ViT-B/32: 450 images/s with
-    threads against 521 for a 16-process DataLoader); on a CPU the cores belong to the
-    encoder and a few threads overlap decoding with it at no IPC cost."""
-    if device.type == "cuda" and "forkserver" in multiprocessing.get_all_start_methods():
-        return "processes"
-    return "threads"
-
-
 def prepare_views(source: ImageSource, preprocess: PreprocessConfig, max_pixels: int | None) -> np.ndarray:
     """Decode one image and cut its uint8 views [V, S, S, 3]; runs in decoding workers."""
     return crop_views(load_image(source, max_pixels=max_pixels), preprocess)
 
 
-def _decode_pool(kind: str, workers: int) -> Executor:
-    if kind == "threads":
-        return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rine-decode")
-    # forkserver: workers fork from a clean server process (never from this one, which may
-    # hold CUDA and OpenMP state); preloading rine.inference makes each fork cheap, and
-    # replaces the default preload of __main__, so a user's unguarded script is not re-run.
-    # Where there is no forkserver (Windows), spawn: scripts need `if __name__ == "__main__"`.
-    if "forkserver" not in multiprocessing.get_all_start_methods():
-        return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["rine.inference"])
-    return ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+def _error_text(error: BaseException) -> str:
+    """A file's one-line error: our own errors speak for themselves, others name their type."""
+    if isinstance(error, (ImageLoadError, DecoderCrashed)):
+        return str(error)
+    return f"{type(error).__name__}: {error}".splitlines()[0]
 
 
 def _normalize_on(batch_uint8: torch.Tensor, mean, std) -> torch.Tensor:
@@ -335,58 +311,43 @@ class Detector:
         batch_size = batch_size or default_batch_size(self.device)
         workers = num_workers or default_workers(self.device)
         decoder = default_decoder(self.device) if decoder == "auto" else decoder
-        max_in_flight = max(2 * batch_size, 2 * workers)
         bar = tqdm(total=total, unit="img", disable=not progress, dynamic_ncols=True)
-        pending: deque[tuple[str, Future]] = deque()
-        batch_names: list[str] = []
-        batch_arrays: list[np.ndarray] = []
-        out_buffer: list[Prediction | None] = []  # keeps input order across errors
+        names: list[str] = []
+        arrays: list[np.ndarray] = []
+        out_buffer: list[Prediction | None] = []  # None: the next scored image; keeps input order
 
         def flush() -> Iterator[Prediction]:
             nonlocal out_buffer
-            scored = iter(self._finish(batch_names, batch_arrays)) if batch_arrays else iter(())
+            scored = iter(self._finish(names, arrays)) if arrays else iter(())
             for item in out_buffer:
+                bar.update(1)
                 yield next(scored) if item is None else item
             out_buffer = []
-            batch_names.clear()
-            batch_arrays.clear()
+            names.clear()
+            arrays.clear()
 
-        def drain_one() -> Iterator[Prediction]:
-            name, fut = pending.popleft()
-            try:
-                batch_arrays.append(fut.result())
-                batch_names.append(name)
-                out_buffer.append(None)
-            except ImageLoadError as e:
-                out_buffer.append(Prediction(path=name, error=str(e)))
-            except Exception as e:  # noqa: BLE001 - one bad file must not stop the batch
-                logger.debug("unexpected error on %s", name, exc_info=True)
-                out_buffer.append(Prediction(path=name, error=f"{type(e).__name__}: {e}".splitlines()[0]))
-            if len(batch_arrays) >= batch_size:
-                yield from flush()
-            elif not batch_arrays:  # only failures buffered: nothing to wait for, emit them now
-                yield from flush()
-
-        with _decode_pool(decoder, workers) as pool:
-            try:
-                for i, source in enumerate(sources):
-                    job = pool.submit(prepare_views, source, self.config.preprocess, self.max_pixels)
-                    pending.append((_name_of(source, i), job))
-                    while len(pending) >= max_in_flight:
-                        for p in drain_one():
-                            bar.update(1)
-                            yield p
-                while pending:
-                    for p in drain_one():
-                        bar.update(1)
-                        yield p
-                for p in flush():
-                    bar.update(1)
-                    yield p
-            finally:
-                for _, fut in pending:
-                    fut.cancel()
-                bar.close()
+        jobs = ((_name_of(s, i), (s, self.config.preprocess, self.max_pixels)) for i, s in enumerate(sources))
+        decoded = ordered_map(
+            prepare_views, jobs, kind=decoder, workers=workers,
+            max_in_flight=max(2 * batch_size, 2 * workers), preload=("rine.inference",),
+        )  # fmt: skip
+        try:
+            for name, views, error in decoded:
+                if error is None:
+                    names.append(name)
+                    arrays.append(views)
+                    out_buffer.append(None)
+                else:
+                    out_buffer.append(Prediction(path=name, error=_error_text(error)))
+                    if not isinstance(error, (ImageLoadError, DecoderCrashed)):
+                        logger.debug("unexpected error on %s", name, exc_info=error)
+                # a full batch is scored; failures with nothing to wait for are reported at once
+                if len(arrays) >= batch_size or not arrays:
+                    yield from flush()
+            yield from flush()
+        finally:
+            decoded.close()
+            bar.close()
 
     def predict(self, sources: ImageSource | Sequence[ImageSource], batch_size: int | None = None, **kwargs: Any) -> list[Prediction]:
         """Score one image or a list of images (paths, bytes or PIL images)."""

@@ -18,8 +18,8 @@ import json
 import sys
 from typing import TextIO
 
+from ..decoding import DECODERS
 from ..images import DEFAULT_MAX_PIXELS
-from ..inference import DECODERS
 from .common import CLIError, add_model_options, expand_inputs, fail, load_detector
 
 FORMATS = ("table", "json", "jsonl", "csv")

@@ -23,6 +23,7 @@ import logging
 import sys
 from pathlib import Path
 
+from ..decoding import DECODERS
 from .common import CLIError, add_model_options, fail, load_detector
 
 logger = logging.getLogger(__name__)
@@ -92,8 +93,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--workers",
         type=int,
         default=None,
-        help="decoding threads (default: one per core, up to 8 on CPU and 32 with a GPU)",
+        help="decoding workers (default: one per core, up to 8 on CPU and 32 with a GPU)",
     )
+    o.add_argument("--decoder", choices=DECODERS, default="auto",
+                   help="decode in threads or worker processes (default auto: processes with a GPU, "
+                        "where decoding is the bottleneck; threads on CPU)")  # fmt: skip
     o.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -227,6 +231,7 @@ def run(args: argparse.Namespace) -> int:
             threshold=args.threshold,
             cache_dir=args.features_cache,
             cache_dtype=args.cache_dtype,
+            decoder=args.decoder,
         )
     except ValueError as e:
         return fail(str(e))

@@ -1,0 +1,28 @@
+"""Job functions for `rine.decoding` tests. They live in a module (not in a test file) so
+that worker processes, which import them by name, can find them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+
+def double_or_fail(x: int) -> int:
+    """2x; raises for negatives; kills its own worker process for 13 (as a segfaulting
+    decoder or the out-of-memory killer would)."""
+    if x == 13:
+        os.kill(os.getpid(), signal.SIGKILL)
+    if x < 0:
+        raise ValueError(f"negative: {x}")
+    time.sleep(0.002 * (x % 3))  # finish out of order
+    return 2 * x
+
+
+def prepare_views_or_die(source, preprocess, max_pixels):
+    """`prepare_views`, except that a file named `kills-worker.png` kills the worker."""
+    if str(source).endswith("kills-worker.png"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    from rine.inference import prepare_views  # here, so that the other tests' workers skip torch
+
+    return prepare_views(source, preprocess, max_pixels)
