@@ -193,3 +193,28 @@ def test_manifest_csv_and_jsonl(tmp_path):
     with pytest.raises(LayoutError, match="header"):
         (tmp_path / "nohdr.csv").write_text("x.png,1\n", encoding="utf-8")
         read_layout("manifest", tmp_path / "nohdr.csv")
+
+
+def test_manifest_json_documents(tmp_path):
+    """A `.json` manifest may be a pretty-printed list, an {"items": [...]} object, or JSON Lines."""
+    files = make_files(tmp_path / "imgs", 4)
+    rows = [{"path": f.relative_to(tmp_path).as_posix(), "label": ["real", "fake"][i % 2], "set": "s"}
+            for i, f in enumerate(files)]  # fmt: skip
+    as_list, as_object, as_lines = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "c.json"
+    as_list.write_text(json.dumps(rows, indent=2), encoding="utf-8")
+    as_object.write_text(json.dumps({"items": rows}, indent=2), encoding="utf-8")
+    as_lines.write_text("\n".join(json.dumps(r) for r in rows), encoding="utf-8")
+    for path in (as_list, as_object, as_lines):
+        result = read_layout("manifest", path)
+        assert counts(result) == {"s": (2, 2)}
+        assert [p for p, _ in result.sets[0].items] == [str(f) for f in files]
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps(rows[1], indent=2), encoding="utf-8")  # a single object is a single row
+    assert counts(read_layout("manifest", one)) == {"s": (0, 1)}
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([rows[0], {"label": 1}], indent=2), encoding="utf-8")
+    with pytest.raises(LayoutError, match="bad.json: entry 2: no path"):
+        read_layout("manifest", bad)
+    with pytest.raises(LayoutError, match="a list of"):
+        (tmp_path / "num.json").write_text("3", encoding="utf-8")
+        read_layout("manifest", tmp_path / "num.json")

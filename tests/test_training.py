@@ -135,3 +135,25 @@ def test_cli_train_errors(stores, tmp_path):
     assert main(["train", "--features", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
     assert main(["train", "--features", str(train32.root), "--fraction", "0", "--out", str(tmp_path / "x")]) == 2
     assert FeatureStore.open(train32.root).complete
+
+
+def test_preloaded_taps_keep_the_store_dtype_and_train_the_same_head(stores, monkeypatch):
+    """A float16 store is held in RAM as float16 (half of float32) and widened per batch,
+    which is exact: the same rows and the same trained head as reading the shards."""
+    import rine.training
+
+    _, _, val = stores  # float16, the extraction default
+    cached, mapped = StoreTaps(val, preload=True), StoreTaps(val, preload=False)
+    assert cached.cache.dtype == torch.float16 and mapped.cache is None
+    rows = np.arange(len(val))[::-1].copy()
+    a, b = cached.gather(rows), mapped.gather(rows)
+    assert a.dtype == torch.float32 and torch.equal(a, b)
+    cfg = TrainConfig(nproj=1, proj_dim=8, batch_size=4, epochs=1, seed=0)
+    ha, hb = train_head(cached, cfg).head.state_dict(), train_head(mapped, cfg).head.state_dict()
+    assert all(torch.equal(ha[k], hb[k]) for k in ha)
+    # preload=None: in RAM only when the taps take at most half the available memory
+    assert rine.training._fits_in_memory(0) and not rine.training._fits_in_memory(1 << 62)
+    monkeypatch.setattr(rine.training, "_fits_in_memory", lambda nbytes: False)
+    assert StoreTaps(val, preload=None).cache is None
+    monkeypatch.setattr(rine.training, "_fits_in_memory", lambda nbytes: nbytes == val.taps.nbytes)
+    assert StoreTaps(val, preload=None).cache is not None

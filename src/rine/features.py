@@ -97,6 +97,10 @@ class ShardedArray:
     def __len__(self) -> int:
         return self.shape[0]
 
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
     def __getitem__(self, index) -> np.ndarray:
         n = len(self)
         if isinstance(index, (int, np.integer)):

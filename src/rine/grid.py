@@ -1,6 +1,6 @@
 """Grid search on stored taps, ranked as the paper ranked its runs: mean ACC + mean AP.
 
-    train  = StoreTaps(FeatureStore.open("feats/train"), preload=True)
+    train  = StoreTaps(FeatureStore.open("feats/train"), preload=None)   # in RAM if it fits
     tests  = [FeatureStore.open("feats/test")]        # a store may hold several test sets
     runs   = run_grid(train, tests, grid_configs(PAPER_GRID, TrainConfig()))
     runs[0].config, runs[0].score                       # the best run
@@ -50,7 +50,7 @@ def test_sets(stores: Sequence[FeatureStore | StoreTaps]) -> list[EvalSet]:
     """Split stores into their test sets (a store's `sets` column); names made unique."""
     out: list[EvalSet] = []
     for st in stores:
-        src = st if isinstance(st, StoreTaps) else StoreTaps(st, preload=True)
+        src = st if isinstance(st, StoreTaps) else StoreTaps(st, preload=None)
         first_rows = src.rows[:, 0]
         names = np.array([src.store.sets[r] for r in first_rows])
         for name in sorted(set(names.tolist())):
@@ -113,7 +113,7 @@ def run_grid(
     if not tests:
         raise ValueError("run_grid needs at least one test store to rank the runs")
     sets = test_sets(tests)
-    val_src = StoreTaps(val, preload=True) if isinstance(val, FeatureStore) else val
+    val_src = StoreTaps(val, preload=None) if isinstance(val, FeatureStore) else val
     runs: list[GridRun] = []
     best: tuple[GridRun, TrainResult] | None = None
     log = open(log_path, "w", encoding="utf-8") if log_path else None

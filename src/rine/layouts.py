@@ -22,6 +22,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .images import is_image_path
 
@@ -292,33 +293,44 @@ _LABELS = {
 
 
 def read_manifest(path: Path, sets: list[str] | None = None) -> LayoutResult:
-    """A CSV (header `path,label[,set]`) or JSONL (`{"path", "label"[, "set"]}`) file.
-    Relative paths are relative to the manifest's folder; labels are 0/1, real/fake or
+    """A CSV (header `path,label[,set]`), JSONL (`{"path", "label"[, "set"]}` per line) or
+    JSON file (a list of such objects, or `{"items": [...]}`; JSONL in a `.json` file works
+    too). Relative paths are relative to the manifest's folder; labels are 0/1, real/fake or
     0_real/1_fake/nature/ai; rows without a set join a set named after the file."""
     if not path.is_file():
         raise LayoutError(f"manifest not found: {path}")
     base, default_set = path.parent, path.stem
-    rows: list[tuple[int, dict]] = []
+    rows: list[tuple[str, Any]] = []  # (where, row) -- where names the line or entry in errors
+    suffix = path.suffix.lower()
     with path.open(encoding="utf-8-sig", newline="") as f:
-        if path.suffix.lower() in (".jsonl", ".ndjson", ".json"):
-            for i, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows.append((i, json.loads(line)))
-                    except json.JSONDecodeError as e:
-                        raise LayoutError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+        if suffix in (".jsonl", ".ndjson", ".json"):
+            text = f.read()
+            document = _json_document(text) if suffix == ".json" else None
+            if document is not None:
+                entries = document.get("items", [document]) if isinstance(document, dict) else document
+                if not isinstance(entries, list):
+                    raise LayoutError(f'{path}: a JSON manifest is a list of {{"path", "label"}} objects, '
+                                      'or an object whose "items" is such a list')  # fmt: skip
+                rows = [(f"{path}: entry {i}", row) for i, row in enumerate(entries, 1)]
+            else:
+                for i, line in enumerate(text.splitlines(), 1):
+                    if line.strip():
+                        try:
+                            rows.append((f"{path}:{i}", json.loads(line)))
+                        except json.JSONDecodeError as e:
+                            raise LayoutError(f"{path}:{i}: not valid JSON ({e.msg})") from None
         else:
             reader = csv.DictReader(f)
             if not reader.fieldnames or not {"path", "label"} <= set(reader.fieldnames):
                 raise LayoutError(f"{path}: the CSV header must name the columns path,label[,set]")
-            rows = list(enumerate(reader, 2))
+            rows = [(f"{path}:{i}", row) for i, row in enumerate(reader, 2)]
     grouped: dict[str, list[tuple[str, int]]] = {}
-    for line, row in rows:
+    for where, row in rows:
         if not isinstance(row, dict) or not row.get("path"):
-            raise LayoutError(f"{path}:{line}: no path")
+            raise LayoutError(f"{where}: no path")
         label = _LABELS.get(str(row.get("label", "")).strip().lower())
         if label is None:
-            raise LayoutError(f"{path}:{line}: label {row.get('label')!r} is not 0/1/real/fake")
+            raise LayoutError(f"{where}: label {row.get('label')!r} is not 0/1/real/fake")
         p = Path(str(row["path"])).expanduser()
         p = p if p.is_absolute() else base / p
         grouped.setdefault(str(row.get("set") or default_set), []).append((str(p), label))
@@ -326,6 +338,14 @@ def read_manifest(path: Path, sets: list[str] | None = None) -> LayoutResult:
         grouped = {k: v for k, v in grouped.items() if k in sets}
     out = [TestSet(name, items) for name, items in grouped.items()]
     return _nonempty(LayoutResult("manifest", path, out))
+
+
+def _json_document(text: str) -> Any:
+    """The file as one JSON document, or None where it is not one (JSON Lines)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return None
 
 
 LAYOUTS: dict[str, Callable[..., LayoutResult]] = {

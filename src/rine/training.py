@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -74,10 +75,13 @@ class TrainConfig:
 class StoreTaps:
     """Training taps from a store: item position p at epoch e -> the row (item, view e mod K).
 
-    preload=True copies the taps into RAM as float32 once (grids reuse them many times).
+    preload=True copies the taps into RAM once (grids reuse them many times), in the store's
+    own dtype: a float16 store takes half the RAM of float32, and widening float16 to
+    float32 per batch is exact. preload=None does so when the taps take at most half the
+    memory available now, else reads them from the memory-mapped shards.
     """
 
-    def __init__(self, store: FeatureStore, preload: bool = False):
+    def __init__(self, store: FeatureStore, preload: bool | None = False):
         self.store = store
         self.blocks, self.width = store.meta["blocks"], store.meta["width"]
         k = store.n_views
@@ -91,17 +95,39 @@ class StoreTaps:
         labels = np.zeros(len(self.item_ids), dtype=np.int64)
         labels[[pos[int(i)] for i in store.items]] = store.labels
         self.labels = labels
-        self.cache = torch.from_numpy(store.taps[:].astype(np.float32)) if preload else None
+        if preload is None:
+            preload = _fits_in_memory(store.taps.nbytes)
+            if not preload:
+                logger.info("%s: %.1f GB of taps, more than half the free memory: reading them from disk",
+                            store.root, store.taps.nbytes / 1e9)  # fmt: skip
+        self.cache = torch.from_numpy(np.ascontiguousarray(store.taps[:])) if preload else None
 
     def __len__(self) -> int:
         return len(self.item_ids)
 
+    def gather(self, rows: np.ndarray) -> torch.Tensor:
+        """Store rows -> float32 [len(rows), blocks, width]."""
+        if self.cache is not None:
+            return self.cache[torch.from_numpy(rows)].float()
+        return torch.from_numpy(self.store.taps[rows].astype(np.float32))
+
     def taps(self, epoch: int, positions: np.ndarray) -> torch.Tensor:
         """-> float32 [len(positions), blocks, width]"""
-        rows = self.rows[positions, epoch % self.rows.shape[1]]
-        if self.cache is not None:
-            return self.cache[torch.from_numpy(rows)]
-        return torch.from_numpy(self.store.taps[rows].astype(np.float32))
+        return self.gather(self.rows[positions, epoch % self.rows.shape[1]])
+
+
+def _fits_in_memory(nbytes: int) -> bool:
+    """Whether `nbytes` is at most half the memory available now (True where unknown)."""
+    try:  # Linux: MemAvailable counts reclaimable page cache, unlike the free-page count
+        with open("/proc/meminfo", encoding="ascii") as f:
+            kb = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+        available = kb * 1024
+    except (OSError, StopIteration, ValueError):
+        try:
+            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (AttributeError, ValueError, OSError):
+            return True
+    return nbytes <= available // 2
 
 
 class ImageTaps:
@@ -181,8 +207,7 @@ def evaluate_store(head: RINEHead, store: FeatureStore | StoreTaps, factor: floa
     with torch.no_grad():
         for b0 in range(0, len(y), batch_size):
             rows = src.rows[b0 : b0 + batch_size, 0]
-            x = src.cache[torch.from_numpy(rows)] if src.cache is not None else torch.from_numpy(src.store.taps[rows].astype(np.float32))
-            out = head(x)
+            out = head(src.gather(rows))
             total, _, _ = rine_loss(out.logits, out.embedding, torch.from_numpy(y[b0 : b0 + batch_size]), factor, contrastive)
             loss += float(total)
     return {"acc": float(np.mean((per_item > 0) == (y == 1))), "ap": average_precision(y, per_item),
@@ -229,7 +254,7 @@ def train_head(
     (highest val accuracy, then lowest val loss). Writes one JSON line per epoch to `log_path`."""
     device = torch.device(device)
     log = open(log_path, "w", encoding="utf-8") if log_path else None
-    val_src = StoreTaps(val, preload=True) if isinstance(val, FeatureStore) else val
+    val_src = StoreTaps(val, preload=None) if isinstance(val, FeatureStore) else val
     positions = subset(len(train), config.seed, config.fraction)
     history: list[dict[str, Any]] = []
     best: tuple | None = None

@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    runs, best = run_grid(StoreTaps(store, preload=True), tests, configs, val=val, log_path=out / "grid_log.jsonl")
+    runs, best = run_grid(StoreTaps(store, preload=None), tests, configs, val=val, log_path=out / "grid_log.jsonl")
     write_table(runs, out)
     save_run(best, runs[0].config, out / "best", store.meta["backbone"], store.meta["revision"],
              name="rine-grid-best", meta={"features": str(Path(args.features).resolve()), "grid_rank": 1,
