@@ -217,3 +217,19 @@ def test_detect_with_process_decoder(capsys, tmp_path, tiny_checkpoint_dir):
         outs[decoder] = [json.loads(line) for line in out.splitlines()]
     assert outs["processes"] == outs["threads"]
     assert outs["processes"][1]["error"] and outs["processes"][0]["prob_fake"] is not None
+
+
+def test_max_bytes_refuses_large_files_and_reads_sizes(capsys, tmp_path, tiny_checkpoint_dir):
+    small = write_image(tmp_path / "small.jpg", (224, 224), fmt="JPEG")
+    big = write_image(tmp_path / "big.png", (900, 900))  # noise PNG: well over 100 KiB
+    assert small.stat().st_size < 100 * 1024 < big.stat().st_size, (small.stat().st_size, big.stat().st_size)
+    code, out, err = run_cli(capsys, "detect", str(small), str(big), "--model", str(tiny_checkpoint_dir),
+                             "--format", "jsonl", "--max-bytes", "100K")  # fmt: skip
+    assert code == 1
+    records = {r["path"].split("/")[-1]: r for r in map(json.loads, out.splitlines())}
+    assert records["small.jpg"]["error"] is None
+    assert records["big.png"]["prob_fake"] is None and "too large" in records["big.png"]["error"]
+    assert f"limit {100 * 1024}" in records["big.png"]["error"]
+    with pytest.raises(SystemExit) as e:
+        main(["detect", str(small), "--max-bytes", "lots"])
+    assert e.value.code == 2 and "not a size" in capsys.readouterr().err

@@ -35,7 +35,7 @@ import torch
 from .config import PreprocessConfig, RINEConfig
 from .decoding import DECODERS, DecoderCrashed, default_decoder, ordered_map
 from .head import RINEHead
-from .images import ImageLoadError, load_image
+from .images import DEFAULT_MAX_BYTES, ImageLoadError, load_image
 from .inference import default_batch_size, default_workers
 from .layouts import TestSet
 from .metrics import compute_metrics, mean_metrics
@@ -121,11 +121,16 @@ def make_views(
 
 
 def prepare_conditions(
-    path: str, key: str, conditions: Sequence[Condition], preprocess: PreprocessConfig, max_pixels: int | None
+    path: str,
+    key: str,
+    conditions: Sequence[Condition],
+    preprocess: PreprocessConfig,
+    max_pixels: int | None,
+    max_bytes: int | None = DEFAULT_MAX_BYTES,
 ) -> list[tuple[np.ndarray, bool]]:
     """Decode one image once and cut its views under every condition -> [(views [V, S, S, 3]
     uint8, perturbed)] per condition; runs in the decoding workers (threads or processes)."""
-    image = load_image(path, max_pixels=max_pixels)
+    image = load_image(path, max_pixels=max_pixels, max_bytes=max_bytes)
     return [make_views(image, c, key, preprocess) for c in conditions]
 
 
@@ -180,6 +185,7 @@ def _score_set_live(
 
     pre = detector.config.preprocess
     max_pixels = getattr(detector, "max_pixels", None)
+    max_bytes = getattr(detector, "max_bytes", DEFAULT_MAX_BYTES)
     n_c, n_h = len(conditions), len(heads)
     records = [[[] for _ in heads] for _ in conditions]
     batch: list[tuple[int, list]] = []  # (item index, [(views, hit)] per condition)
@@ -205,7 +211,7 @@ def _score_set_live(
         total=len(ts.items), desc=ts.name, unit="img", disable=not progress, dynamic_ncols=True
     )
     keys = [image_key(p, root) for p, _ in ts.items]
-    jobs = ((idx, (path, keys[idx], conditions, pre, max_pixels)) for idx, (path, _) in enumerate(ts.items))
+    jobs = ((idx, (path, keys[idx], conditions, pre, max_pixels, max_bytes)) for idx, (path, _) in enumerate(ts.items))
     decoded = ordered_map(
         prepare_conditions, jobs, kind=decoder, workers=workers,
         max_in_flight=max(2 * batch_size, 2 * workers), preload=("rine.evaluation",),

@@ -31,7 +31,7 @@ from .backbones import load_backbone
 from .checkpoints import load_head, load_pretrained
 from .config import PreprocessConfig, RINEConfig
 from .decoding import DECODERS, DecoderCrashed, default_decoder, ordered_map
-from .images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image
+from .images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageLoadError, load_image
 from .model import RINEModel
 from .preprocess import crop_views, normalize
 
@@ -103,9 +103,14 @@ def default_workers(device: torch.device) -> int:
     return max(1, min(32 if device.type == "cuda" else 8, cores))
 
 
-def prepare_views(source: ImageSource, preprocess: PreprocessConfig, max_pixels: int | None) -> np.ndarray:
+def prepare_views(
+    source: ImageSource,
+    preprocess: PreprocessConfig,
+    max_pixels: int | None,
+    max_bytes: int | None = DEFAULT_MAX_BYTES,
+) -> np.ndarray:
     """Decode one image and cut its uint8 views [V, S, S, 3]; runs in decoding workers."""
-    return crop_views(load_image(source, max_pixels=max_pixels), preprocess)
+    return crop_views(load_image(source, max_pixels=max_pixels, max_bytes=max_bytes), preprocess)
 
 
 def _error_text(error: BaseException) -> str:
@@ -133,6 +138,7 @@ class Detector:
         device: str | torch.device | None = "cpu",
         precision: str = "auto",
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        max_bytes: int | None = DEFAULT_MAX_BYTES,
     ):
         self.device = resolve_device(str(device) if device is not None else None)
         self.requested_precision = precision
@@ -140,7 +146,8 @@ class Detector:
         self.precision = resolve_precision(precision, self.device)
         self.model = model.to(self.device).eval()
         self.config = config
-        self.max_pixels = max_pixels
+        self.max_pixels = max_pixels  # per image, from the header, before decoding
+        self.max_bytes = max_bytes  # per file, before reading it
         self.encoder = self._build_encoder()
         logger.info("encoder precision %s (asked: %s) on %s", self.precision, precision, self.device)
 
@@ -326,7 +333,7 @@ class Detector:
             names.clear()
             arrays.clear()
 
-        jobs = ((_name_of(s, i), (s, self.config.preprocess, self.max_pixels)) for i, s in enumerate(sources))
+        jobs = ((_name_of(s, i), (s, self.config.preprocess, self.max_pixels, self.max_bytes)) for i, s in enumerate(sources))
         decoded = ordered_map(
             prepare_views, jobs, kind=decoder, workers=workers,
             max_in_flight=max(2 * batch_size, 2 * workers), preload=("rine.inference",),

@@ -16,6 +16,23 @@ class CLIError(Exception):
     """A user-facing error: printed as one message, exit code 2, no traceback."""
 
 
+_UNITS = {"": 1, "B": 1, "K": 2**10, "KB": 2**10, "M": 2**20, "MB": 2**20, "G": 2**30, "GB": 2**30}
+
+
+def byte_size(text: str) -> int:
+    """argparse type for sizes: bytes, or a number with K, M or G (binary: 64M = 64 MiB)."""
+    value = text.strip().upper().removesuffix("IB").removesuffix("I")
+    number = value.rstrip("KMGB")
+    unit = value[len(number) :]
+    try:
+        size = float(number) * _UNITS[unit]
+    except (KeyError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (examples: 5000000, 200K, 64M, 1G)") from None
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: a size must be at least 1 byte")
+    return int(size)
+
+
 def add_model_options(
     parser: argparse.ArgumentParser,
     crops: tuple[str, ...] = ("center", "ten", "resize"),

@@ -19,8 +19,8 @@ import sys
 from typing import TextIO
 
 from ..decoding import DECODERS
-from ..images import DEFAULT_MAX_PIXELS
-from .common import CLIError, add_model_options, expand_inputs, fail, load_detector
+from ..images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+from .common import CLIError, add_model_options, byte_size, expand_inputs, fail, load_detector
 
 FORMATS = ("table", "json", "jsonl", "csv")
 CSV_FIELDS = ("path", "prob_fake", "logit", "is_fake", "error")
@@ -51,6 +51,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=DEFAULT_MAX_PIXELS,
         help=f"refuse images with more pixels than this (default {DEFAULT_MAX_PIXELS:,}; protects memory)",
+    )
+    r.add_argument(
+        "--max-bytes",
+        type=byte_size,
+        default=DEFAULT_MAX_BYTES,
+        metavar="SIZE",
+        help=f"refuse files larger than this, e.g. 200M or 1G (default {DEFAULT_MAX_BYTES // 2**20}M)",
     )
     p.set_defaults(func=run)
 
@@ -110,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
     except CLIError as e:
         return fail(str(e))
     detector.max_pixels = args.max_pixels
+    detector.max_bytes = args.max_bytes
     fmt = args.format or ("table" if sys.stdout.isatty() and not args.output else "jsonl")
     stream = open(args.output, "w", encoding="utf-8", newline="") if args.output else sys.stdout
     writer = _Writer(stream, fmt, args.blocks)
