@@ -18,6 +18,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from rine.server import Batcher, Overloaded, ServerSettings, create_app  # noqa: E402
 from rine.server.app import display_name, load_error_status  # noqa: E402
+from rine.server.batching import ScoringFailed  # noqa: E402
 
 from conftest import OFFICIAL  # noqa: E402
 
@@ -251,6 +252,33 @@ def test_truncated_and_empty_are_422(client):
     assert r.status_code == 422 and "truncated" in r.json()["detail"]
     r = client.post("/v1/detect", files=upload(("empty.png", b"")))
     assert r.status_code == 422 and r.json()["detail"] == "empty file"
+
+
+class PoisonedDetector(GatedDetector):
+    """The tiny detector, except that its encoder fails on any batch holding an all-black view."""
+
+    def score_views(self, views):
+        if (np.asarray(views).reshape(len(views), -1).max(axis=1) == 0).any():
+            raise RuntimeError("encoder failed at /secret/path")
+        return self.inner.score_views(views)
+
+
+def test_encoder_failure_costs_only_the_image_that_caused_it(tiny_detector):
+    black = io.BytesIO()
+    from PIL import Image
+
+    Image.new("RGB", (64, 48)).save(black, format="PNG")
+    files = [("a.png", png_bytes(seed=1)), ("black.png", black.getvalue()), ("b.png", png_bytes(seed=2))]
+    with make_client(PoisonedDetector(tiny_detector), max_batch=64, max_wait_ms=200) as c:
+        r = c.post("/v1/detect", files=upload(*files))
+    assert r.status_code == 200
+    results = r.json()["results"]
+    assert [x["name"] for x in results] == ["a.png", "black.png", "b.png"]
+    assert results[1]["status"] == 500 and results[1]["prob_fake"] is None
+    assert "RuntimeError" in results[1]["error"] and "secret" not in r.text
+    expected = tiny_detector.predict([Image.open(io.BytesIO(d)) for _, d in files[::2]])
+    for got, want in zip(results[::2], expected, strict=True):
+        assert got["status"] == 200 and got["prob_fake"] == pytest.approx(want.prob_fake, abs=1e-5)
 
 
 def test_several_files_get_per_file_errors_in_order(client):
@@ -560,11 +588,37 @@ def test_batcher_skips_cancelled_and_reports_errors():
         cancelled = b.submit(views_of(1))
         assert cancelled.cancel()
         kept = b.submit(views_of(2, 3))
-        with pytest.raises(RuntimeError, match="exploded"):
+        with pytest.raises(ScoringFailed, match="RuntimeError"):  # the type, not the message
             kept.result(10)
     finally:
         b.close()
-    assert calls == [3]
+    assert calls == [3]  # a lone image is not retried
+
+
+def test_batcher_isolates_the_image_that_breaks_a_batch():
+    calls = []
+
+    def fails_on_13(views):
+        calls.append(len(views))
+        if (views == 13).any():
+            raise ValueError("bad input")
+        return echo_scores(views)
+
+    gate = threading.Event()
+    b = Batcher(lambda v: gate.wait(10) and fails_on_13(v), max_batch=16, max_wait_s=0.0, max_queue=8).start()
+    try:
+        first = b.submit(views_of(1))  # taken alone while the gate is shut; the others queue up
+        wait_until(lambda: b.depth == 0)
+        futures = [b.submit(views_of(v, n)) for v, n in [(2, 1), (13, 2), (4, 3)]]
+        gate.set()
+        assert first.result(10).logits.tolist() == [1.0]
+        assert futures[0].result(10).logits.tolist() == [2.0]
+        with pytest.raises(ScoringFailed, match="ValueError"):
+            futures[1].result(10)
+        assert futures[2].result(10).logits.tolist() == [4.0] * 3
+    finally:
+        b.close()
+    assert calls == [1, 6, 1, 2, 3]  # the batch of three failed, then each was scored alone
 
 
 def test_batcher_close_fails_waiting_work():

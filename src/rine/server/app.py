@@ -36,7 +36,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 
 from ..images import ImageLoadError, load_image
 from ..preprocess import crop_views
-from .batching import Batcher, Overloaded, ViewScores
+from .batching import Batcher, Overloaded, ScoringFailed, ViewScores
 
 logger = logging.getLogger(__name__)
 
@@ -408,13 +408,18 @@ class Service:
                     raise self.busy(f"server busy: {e}") from None
             if scores:
                 try:
-                    done = await asyncio.wait_for(asyncio.gather(*scores.values()), remaining())
+                    done = await asyncio.wait_for(asyncio.gather(*scores.values(), return_exceptions=True), remaining())
                 except asyncio.TimeoutError:
                     raise self.busy(f"scoring took longer than {s.score_timeout_s:g} s") from None
-                except Overloaded as e:
-                    raise self.busy(str(e)) from None
                 for i, vs in zip(scores, done, strict=True):
-                    records[i] = self._record(uploads[i].filename, vs)
+                    if isinstance(vs, Overloaded):
+                        raise self.busy(str(vs))
+                    if isinstance(vs, ScoringFailed):  # the batcher isolated this image's failure
+                        records[i] = _error_record(uploads[i].filename, 500, f"scoring failed ({vs}); see the server log")
+                    elif isinstance(vs, BaseException):
+                        raise vs
+                    else:
+                        records[i] = self._record(uploads[i].filename, vs)
         finally:
             for fut in list(decodes.values()) + list(scores.values()):
                 fut.cancel()

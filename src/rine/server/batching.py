@@ -33,6 +33,10 @@ class Overloaded(Exception):
     """The queue is full (or the batcher is closed): the caller should retry later."""
 
 
+class ScoringFailed(Exception):
+    """The encoder failed on this image (scored alone, after its batch failed)."""
+
+
 @dataclass
 class ViewScores:
     """The scores of one submitted image: logits [V], block contribution [V, blocks]."""
@@ -45,6 +49,12 @@ class ViewScores:
 class _Item:
     views: np.ndarray
     future: Future
+
+
+def _fail(item: _Item, error: Exception) -> None:
+    # The caller learns the failure's type only: its message may hold paths or tensor shapes.
+    logger.error("encoder failed on an image", exc_info=error)
+    item.future.set_exception(ScoringFailed(type(error).__name__))
 
 
 class Batcher:
@@ -149,6 +159,23 @@ class Batcher:
                 n += v
             return batch
 
+    def _score(self, batch: list[_Item]) -> tuple[np.ndarray, np.ndarray]:
+        """-> logits float32 [views], block contribution float32 [views, blocks] of `batch`."""
+        logits, contrib = self.score_fn(np.concatenate([item.views for item in batch]))
+        logits = np.asarray(logits, dtype=np.float32).reshape(-1)
+        return logits, np.asarray(contrib, dtype=np.float32)
+
+    def _score_alone(self, item: _Item) -> None:
+        try:
+            logits, contrib = self._score([item])
+        except Exception as e:  # noqa: BLE001 - reported to this image's caller
+            _fail(item, e)
+            return
+        self.batches += 1
+        self.images += 1
+        self.views += len(logits)
+        item.future.set_result(ViewScores(logits, contrib))
+
     def _queued_views(self) -> int:
         return sum(len(item.views) for item in self._queue)
 
@@ -162,13 +189,16 @@ class Batcher:
             if not batch:
                 continue
             try:
-                logits, contrib = self.score_fn(np.concatenate([item.views for item in batch]))
-                logits = np.asarray(logits, dtype=np.float32).reshape(-1)
-                contrib = np.asarray(contrib, dtype=np.float32)
+                logits, contrib = self._score(batch)
             except Exception as e:  # noqa: BLE001 - the error belongs to the callers, not to this thread
-                logger.exception("encoder batch failed")
+                if len(batch) == 1:
+                    _fail(batch[0], e)
+                    continue
+                # One bad input (or a transient failure) must not fail every request in the
+                # batch: score the images one by one, so that only the culprit gets the error.
+                logger.warning("encoder batch of %d images failed (%s); scoring them one by one", len(batch), e)
                 for item in batch:
-                    item.future.set_exception(e)
+                    self._score_alone(item)
                 continue
             n_views = len(logits)
             self.batches += 1
