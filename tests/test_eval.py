@@ -253,3 +253,29 @@ def test_several_heads_on_a_backbone_file(
     assert (
         main([*args[:-4], "--model", str(tiny_checkpoint_dir)]) == 2
     )  # --model with --head: usage error
+
+
+def test_features_cache_with_ten_crop_derives_each_image_once(tmp_path, tiny_checkpoint_dir, monkeypatch):
+    """The store's ten view slots come from one perturbation + ten-crop per image, and give
+    what the live path gives."""
+    import rine.evaluation
+
+    calls = []
+    make_views = rine.evaluation.make_views
+
+    def counting(image, condition, key, preprocess):
+        calls.append(key)
+        return make_views(image, condition, key, preprocess)
+
+    monkeypatch.setattr(rine.evaluation, "make_views", counting)
+    root = tmp_path / "bench"
+    make_files(root / "s" / "real", 2, size=(260, 250))
+    make_files(root / "s" / "fake", 2, size=(260, 250))
+    base = ["eval", "--suite", "folder", "--root", str(root), "--no-progress", "--no-plots", "--crop", "ten",
+            "--perturb", "blur", "--model", str(tiny_checkpoint_dir)]  # fmt: skip
+    assert main([*base, "--out", str(tmp_path / "cached"), "--features-cache", str(tmp_path / "cache")]) == 0
+    assert sorted(calls) == sorted(set(calls)) and len(calls) == 4  # once per image, not per view slot
+    assert main([*base, "--out", str(tmp_path / "live")]) == 0
+    live = read_jsonl(tmp_path / "live" / "predictions.jsonl")
+    cached = read_jsonl(tmp_path / "cached" / "predictions.jsonl")
+    np.testing.assert_allclose([p["prob_fake"] for p in cached], [p["prob_fake"] for p in live], atol=1e-5)

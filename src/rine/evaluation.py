@@ -265,6 +265,23 @@ class _StoreEncoder(torch.nn.Module):
         return self.encoder(pixel_values)
 
 
+class _ConditionViews:
+    """`make_views` for a feature store: view slot v of an item under one condition.
+
+    Each slot re-derives the same views (perturbations are seeded by the image's key), so
+    slots are independent; `all_views` gives the store every slot from one derivation."""
+
+    def __init__(self, condition: Condition, keys: list[str], preprocess: PreprocessConfig):
+        self.condition, self.keys, self.preprocess = condition, keys, preprocess
+
+    def all_views(self, image, item_index: int) -> np.ndarray:
+        """-> uint8 [V, S, S, 3]"""
+        return make_views(image, self.condition, self.keys[item_index], self.preprocess)[0]
+
+    def __call__(self, image, item_index: int, view_index: int) -> np.ndarray:
+        return self.all_views(image, item_index)[view_index]
+
+
 def _store_dir(
     cache_dir: Path, detector, ts: TestSet, condition: Condition, items_sha: str
 ) -> Path:
@@ -299,9 +316,7 @@ def _score_set_cached(
     n_views = 10 if pre.crop == "ten" else 1
     records = []
     for cond in conditions:
-        def views_of(image, item_index: int, view_index: int, cond=cond) -> np.ndarray:
-            # each view slot re-derives the same image (seeded by key), so slots are independent
-            return make_views(image, cond, keys[item_index], pre)[0][view_index]
+        views_of = _ConditionViews(cond, keys, pre)
 
         store = extract_features(
             _StoreEncoder(detector), items, _store_dir(cache_dir, detector, ts, cond, sha), views_of,

@@ -280,7 +280,9 @@ def extract_features(
     """Run `backbone` over `items` x `views` and write (or complete) the store at `out_dir`.
 
     make_views(image: RGB PIL, item_index, view_index) -> uint8 [S, S, 3]; it must depend
-    only on its arguments (and the seed it was built with) for resumes to be exact.
+    only on its arguments (and the seed it was built with) for resumes to be exact. If it
+    has `all_views(image, item_index) -> uint8 [views, S, S, 3]`, that is called instead,
+    once per image (for view slots that share work, like ten-crop).
     transform_id names `make_views` (default: its `.transform_id`); `seed` is recorded and
     checked, the caller builds `make_views` with it.
     Unreadable images are logged, skipped and listed in the store's `errors`.
@@ -360,6 +362,12 @@ def _load_views(item: Item, index: int, make_views: MakeViews, views: int, max_p
     try:
         kwargs = {} if max_pixels is None else {"max_pixels": max_pixels}
         image = load_image(item.path, **kwargs)
+        all_views = getattr(make_views, "all_views", None)  # every slot from one derivation
+        if all_views is not None:
+            out = np.asarray(all_views(image, index))
+            if len(out) != views:
+                raise RuntimeError(f"make_views.all_views gave {len(out)} views, expected {views}")
+            return out
         return np.stack([make_views(image, index, v) for v in range(views)])
     except (ImageLoadError, ValueError, OSError) as e:
         return str(e) or type(e).__name__
