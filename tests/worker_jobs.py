@@ -19,10 +19,10 @@ def double_or_fail(x: int) -> int:
     return 2 * x
 
 
-def prepare_views_or_die(source, preprocess, max_pixels):
+def prepare_views_or_die(source, *args):
     """`prepare_views`, except that a file named `kills-worker.png` kills the worker."""
     if str(source).endswith("kills-worker.png"):
         os.kill(os.getpid(), signal.SIGKILL)
     from rine.inference import prepare_views  # here, so that the other tests' workers skip torch
 
-    return prepare_views(source, preprocess, max_pixels)
+    return prepare_views(source, *args)
