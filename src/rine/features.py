@@ -33,7 +33,6 @@ import logging
 import math
 import os
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .decoding import ordered_map
 from .images import ImageLoadError, load_image
 from .preprocess import normalize
 
@@ -342,13 +342,12 @@ def extract_features(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(items), initial=min(len(done) * shard_size, len(items)), unit="img", desc="extract")
-    workers = num_workers if num_workers is not None else min(8, os.cpu_count() or 1)
+    workers = max(1, num_workers if num_workers is not None else min(8, os.cpu_count() or 1))
     device = next(backbone.parameters()).device
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for k in todo:
-            start, stop = k * shard_size, min(len(items), (k + 1) * shard_size)
-            _extract_shard(backbone, items, start, stop, make_views, views, dtype, batch_size,
-                           pool, device, root, k, commits_path, bar, max_pixels)  # fmt: skip
+    for k in todo:
+        start, stop = k * shard_size, min(len(items), (k + 1) * shard_size)
+        _extract_shard(backbone, items, start, stop, make_views, views, dtype, batch_size,
+                       workers, device, root, k, commits_path, bar, max_pixels)  # fmt: skip
     if bar is not None:
         bar.close()
     store = FeatureStore.open(root)
@@ -374,32 +373,40 @@ def _load_views(item: Item, index: int, make_views: MakeViews, views: int, max_p
 
 
 def _extract_shard(backbone, items, start, stop, make_views, views, dtype, batch_size,
-                   pool, device, root, shard, commits_path, bar, max_pixels) -> None:  # fmt: skip
+                   workers, device, root, shard, commits_path, bar, max_pixels) -> None:  # fmt: skip
     taps: list[np.ndarray] = []
     row_items: list[int] = []
     row_views: list[int] = []
     errors: list[list] = []
     chunk = max(1, batch_size // views)
-    for c0 in range(start, stop, chunk):
-        idx = list(range(c0, min(stop, c0 + chunk)))
-        loaded = list(pool.map(lambda i: _load_views(items[i], i, make_views, views, max_pixels), idx))
-        good = []
-        for i, res in zip(idx, loaded, strict=True):
-            if isinstance(res, str):
-                logger.warning("skipping %s: %s", items[i].path, res)
-                errors.append([i, res])
-            else:
-                good.append(res)
-                row_items += [i] * views
-                row_views += list(range(views))
-        if good:
-            batch = torch.from_numpy(np.concatenate(good))  # [n * views, S, S, 3]
-            pixels = normalize(batch, backbone_mean(backbone), backbone_std(backbone)).to(device)
-            for b0 in range(0, len(pixels), batch_size):
-                out = backbone(pixels[b0 : b0 + batch_size])  # [b, blocks, width]
-                taps.append(out.float().cpu().numpy().astype(dtype))
+    good: list[np.ndarray] = []
+
+    def encode() -> None:
+        batch = torch.from_numpy(np.concatenate(good))  # [n * views, S, S, 3]
+        pixels = normalize(batch, backbone_mean(backbone), backbone_std(backbone)).to(device)
+        for b0 in range(0, len(pixels), batch_size):
+            out = backbone(pixels[b0 : b0 + batch_size])  # [b, blocks, width]
+            taps.append(out.float().cpu().numpy().astype(dtype))
+        good.clear()
+
+    # Threads (make_views may be a closure): the next images decode while a chunk encodes.
+    jobs = ((i, (items[i], i, make_views, views, max_pixels)) for i in range(start, stop))
+    for i, res, error in ordered_map(_load_views, jobs, kind="threads", workers=workers, max_in_flight=2 * chunk):
+        if error is not None:
+            raise error  # _load_views returns the reasons of unusable images; anything else is a bug
+        if isinstance(res, str):
+            logger.warning("skipping %s: %s", items[i].path, res)
+            errors.append([i, res])
+        else:
+            good.append(res)
+            row_items += [i] * views
+            row_views += list(range(views))
+            if len(good) >= chunk:
+                encode()
         if bar is not None:
-            bar.update(len(idx))
+            bar.update(1)
+    if good:
+        encode()
     row_shape = (backbone.n_blocks, backbone.width)
     array = np.concatenate(taps) if taps else np.empty((0, *row_shape), dtype=dtype)
     name = f"shard-{shard:06d}.npy"
