@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import signal
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import (
@@ -73,10 +74,17 @@ def open_pool(kind: str, workers: int, preload: Sequence[str] = ()) -> Executor:
     # The server starts once per process: the first caller's preload list is the one kept.
     # Where there is no forkserver (Windows), spawn: scripts need `if __name__ == "__main__"`.
     if "forkserver" not in multiprocessing.get_all_start_methods():
-        return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(list(preload))
-    return ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+        ctx = multiprocessing.get_context("spawn")
+    else:
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(list(preload))
+    return ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_ignore_interrupts)
+
+
+def _ignore_interrupts() -> None:
+    """In a worker: Ctrl-C reaches the whole process group; the parent handles it and shuts
+    the pool down, so the workers stay quiet instead of printing a traceback each."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _settled(result: Any = None, error: BaseException | None = None) -> Future:
