@@ -4,6 +4,9 @@ worker process that dies mid-stream costing only the job that killed it."""
 from __future__ import annotations
 
 import itertools
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -81,3 +84,44 @@ def test_detector_reports_the_file_that_killed_a_decoding_process(tiny_checkpoin
     assert crashed.prob_fake is None and "worker process died" in crashed.error
     for p in preds[:2] + preds[3:]:
         assert p.error is None and p.prob_fake == pytest.approx(expected[p.path], abs=1e-6)
+
+
+def test_closing_early_kills_running_workers_at_once():
+    """Ctrl-C (or a consumer that stops) must not wait for decodes in flight."""
+    from worker_jobs import sleep_then
+
+    jobs = [(0, (0.0,))] + [(i, (60.0,)) for i in range(1, 6)]
+    stream = ordered_map(sleep_then, iter(jobs), kind="processes", workers=2, max_in_flight=4, preload=("worker_jobs",))
+    assert next(stream) == (0, 0.0, None)
+    t0 = time.monotonic()
+    stream.close()  # jobs 1-3 are still sleeping for a minute
+    assert time.monotonic() - t0 < 20  # a liveness bound, not a speed target
+
+
+def test_workers_that_cannot_run_the_function_fall_back_to_threads(caplog):
+    """When every job kills its worker (the function cannot work in worker processes at all),
+    the files are not blamed: decoding goes on in threads, with a warning that says why."""
+    from worker_jobs import double_unless_in_a_worker
+
+    jobs = ((i, (i,)) for i in range(6))
+    with caplog.at_level("WARNING", logger="rine.decoding"):
+        out = list(ordered_map(double_unless_in_a_worker, jobs, kind="processes", workers=2, max_in_flight=4,
+                               preload=("worker_jobs",)))  # fmt: skip
+    assert [(k, r, e) for k, r, e in out] == [(i, 2 * i, None) for i in range(6)]
+    assert "decoding in threads instead" in caplog.text and '__name__ == "__main__"' in caplog.text
+
+
+def test_an_unguarded_script_still_runs_in_threads(tmp_path):
+    """A script calling rine without `if __name__ == "__main__":` makes every worker process
+    re-run it and fail; the map falls back to threads and says how to fix the script."""
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "from rine.decoding import ordered_map\n"
+        "out = ordered_map(abs, ((i, (-i,)) for i in range(5)), kind='processes', workers=2, max_in_flight=4)\n"
+        "print('results', [r for _, r, _ in out])\n",
+        encoding="utf-8",
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "results [0, 1, 2, 3, 4]" in done.stdout
+    assert "decoding in threads instead" in done.stderr

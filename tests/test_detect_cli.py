@@ -230,6 +230,7 @@ def test_max_bytes_refuses_large_files_and_reads_sizes(capsys, tmp_path, tiny_ch
     assert records["small.jpg"]["error"] is None
     assert records["big.png"]["prob_fake"] is None and "too large" in records["big.png"]["error"]
     assert f"limit {100 * 1024}" in records["big.png"]["error"]
-    with pytest.raises(SystemExit) as e:
-        main(["detect", str(small), "--max-bytes", "lots"])
-    assert e.value.code == 2 and "not a size" in capsys.readouterr().err
+    for bad in ("lots", "inf", "1e400", "0"):
+        with pytest.raises(SystemExit) as e:
+            main(["detect", str(small), "--max-bytes", bad])
+        assert e.value.code == 2 and "size" in capsys.readouterr().err

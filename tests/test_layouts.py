@@ -218,3 +218,13 @@ def test_manifest_json_documents(tmp_path):
     with pytest.raises(LayoutError, match="a list of"):
         (tmp_path / "num.json").write_text("3", encoding="utf-8")
         read_layout("manifest", tmp_path / "num.json")
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps(rows, indent=2).replace('"label"', "label", 1), encoding="utf-8")
+    with pytest.raises(LayoutError, match=r"broken.json:4:5: not valid JSON"):  # where it broke, not "line 1"
+        read_layout("manifest", broken)
+    # JSON strings may hold U+2028 unescaped: a JSONL line is split at "\n" only
+    odd = tmp_path / "imgs" / "a\u2028b.png"
+    odd.write_bytes(files[0].read_bytes())
+    jl = tmp_path / "odd.jsonl"
+    jl.write_text(json.dumps({"path": str(odd), "label": 1}, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert read_layout("manifest", jl).sets[0].items == [(str(odd), 1)]

@@ -26,3 +26,18 @@ def prepare_views_or_die(source, *args):
     from rine.inference import prepare_views  # here, so that the other tests' workers skip torch
 
     return prepare_views(source, *args)
+
+
+def sleep_then(seconds: float) -> float:
+    time.sleep(seconds)
+    return seconds
+
+
+def double_unless_in_a_worker(x: int) -> int:
+    """2x in the calling process; kills any worker process it runs in (a decoder that
+    cannot work in workers at all)."""
+    import multiprocessing
+
+    if multiprocessing.parent_process() is not None:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return 2 * x

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import signal
+import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import (
@@ -24,6 +25,7 @@ from concurrent.futures import (
     Future,
     ProcessPoolExecutor,
     ThreadPoolExecutor,
+    wait,
 )
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -69,22 +71,26 @@ def open_pool(kind: str, workers: int, preload: Sequence[str] = ()) -> Executor:
     if kind != "processes":
         raise ValueError(f"decoder must be 'threads' or 'processes', got {kind!r}")
     # forkserver: workers fork from a clean server process (never from this one, which may
-    # hold CUDA and OpenMP state); preloading the caller's module makes each fork cheap, and
-    # replaces the default preload of __main__, so a user's unguarded script is not re-run.
-    # The server starts once per process: the first caller's preload list is the one kept.
-    # Where there is no forkserver (Windows), spawn: scripts need `if __name__ == "__main__"`.
+    # hold CUDA and OpenMP state); preloading the caller's module makes each fork cheap. The
+    # server starts once per process: the first caller's preload list is the one kept.
+    # Workers (forkserver or spawn, where there is no forkserver) re-import the main script:
+    # scripts need `if __name__ == "__main__"`, else `ordered_map` falls back to threads.
     if "forkserver" not in multiprocessing.get_all_start_methods():
         ctx = multiprocessing.get_context("spawn")
     else:
         ctx = multiprocessing.get_context("forkserver")
         ctx.set_forkserver_preload(list(preload))
-    return ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_ignore_interrupts)
+    return ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker)
 
 
-def _ignore_interrupts() -> None:
-    """In a worker: Ctrl-C reaches the whole process group; the parent handles it and shuts
-    the pool down, so the workers stay quiet instead of printing a traceback each."""
+def _init_worker() -> None:
+    """In a worker process. Ctrl-C reaches the whole process group: the parent handles it
+    and kills the pool, so workers stay quiet instead of printing a traceback each. And one
+    thread per native pool (OpenCV, used by the perturbations): the workers are the parallelism."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    cv2 = sys.modules.get("cv2")
+    if cv2 is not None:
+        cv2.setNumThreads(1)
 
 
 def _settled(result: Any = None, error: BaseException | None = None) -> Future:
@@ -106,6 +112,10 @@ def _lost(fut: Future | None) -> bool:
 class _OrderedPool:
     """The state of one `ordered_map`: the pool and the jobs in flight, oldest first."""
 
+    # Lost jobs in a row that kill a lone worker before the decoder itself is blamed
+    # (workers that cannot run the function at all) rather than the files.
+    SUSPECT_AFTER = 3
+
     def __init__(self, fn: Callable[..., Any], kind: str, workers: int, preload: Sequence[str]):
         self.fn, self.kind, self.workers, self.preload = fn, kind, workers, preload
         self.pool = open_pool(kind, workers, preload)
@@ -121,47 +131,99 @@ class _OrderedPool:
 
     def pop(self) -> tuple[Any, Any, BaseException | None]:
         oldest = self.pending[0][2]
-        if oldest is None:
+        while oldest is not None and not oldest.done():
+            # Poll rather than block: a future that a dying pool fails to settle must not hang us.
+            if not wait([oldest], timeout=2.0).done and self._broken():
+                break
+        if _lost(oldest):
             self._recover()
-        else:
-            try:
-                oldest.result()  # waits for it
-            except BrokenExecutor:
-                self._recover()
-            except Exception:  # noqa: BLE001, S110 - the job's own error: returned below
-                pass
         key, _, fut = self.pending.popleft()
         try:
             return key, fut.result(), None
         except Exception as e:  # noqa: BLE001 - the job's error is its outcome
             return key, None, e
 
+    def _broken(self) -> bool:
+        try:
+            self.pool.submit(_noop)
+        except BrokenExecutor:
+            return True
+        return False
+
     def _recover(self) -> None:
         """The pool is broken: settle every job it lost by re-running it alone, then reopen it."""
         self.pool.shutdown(wait=True)
         lost = [job for job in self.pending if _lost(job[2])]
         logger.warning("a decoding worker process died; re-running the %d job(s) in flight one at a time", len(lost))
+        if not self._workers_run(_noop):
+            return self._fall_back_to_threads(lost, "cannot start")
         probe = open_pool(self.kind, 1, self.preload)
+        succeeded = crashed = 0
         try:
             for job in lost:
                 try:
                     job[2] = _settled(probe.submit(self.fn, *job[1]).result())
+                    succeeded += 1
                 except BrokenExecutor:
+                    crashed += 1
+                    if not succeeded and crashed >= self.SUSPECT_AFTER:
+                        return self._fall_back_to_threads(lost, "die on every job")
                     logger.warning("decoding %s killed its worker process; skipped", job[0])
                     job[2] = _settled(error=DecoderCrashed())
                     probe.shutdown(wait=True)
                     probe = open_pool(self.kind, 1, self.preload)
                 except Exception as e:  # noqa: BLE001 - the job's own error is its outcome
                     job[2] = _settled(error=e)
+                    succeeded += 1
         finally:
             probe.shutdown(wait=True)
         self.pool = open_pool(self.kind, self.workers, self.preload)
 
+    def _workers_run(self, fn: Callable[[], Any]) -> bool:
+        """Whether a fresh worker process can start and run `fn`."""
+        probe = open_pool(self.kind, 1, self.preload)
+        try:
+            probe.submit(fn).result()
+            return True
+        except BrokenExecutor:
+            return False
+        finally:
+            probe.shutdown(wait=True)
+
+    def _fall_back_to_threads(self, lost: list[list], what: str) -> None:
+        # Typically a script without `if __name__ == "__main__":` -- every worker process
+        # re-imports the main script and fails -- or a function workers cannot import.
+        logger.warning(
+            "decoding worker processes %s; decoding in threads instead. From a script, put the code that "
+            "calls rine under `if __name__ == \"__main__\":` (worker processes re-import the main script), "
+            "or pass decoder=\"threads\"", what,
+        )  # fmt: skip
+        self.kind = "threads"
+        self.pool = open_pool("threads", self.workers)
+        for job in lost:
+            job[2] = self.pool.submit(self.fn, *job[1])
+
     def close(self) -> None:
+        """Stop now: queued jobs are cancelled and worker processes killed, not waited for
+        (a stuck decode must not keep Ctrl-C from ending the program)."""
         for _, _, fut in self.pending:
             if fut is not None:
                 fut.cancel()
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        if self.pending and isinstance(self.pool, ProcessPoolExecutor):
+            _terminate_workers(self.pool)
+        self.pool.shutdown(wait=not self.pending, cancel_futures=True)
+
+
+def _noop() -> None:
+    return None
+
+
+def _terminate_workers(pool: ProcessPoolExecutor) -> None:
+    if hasattr(pool, "terminate_workers"):  # Python 3.14+
+        pool.terminate_workers()
+        return
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        process.terminate()
 
 
 def ordered_map(

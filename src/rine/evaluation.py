@@ -322,7 +322,7 @@ def _score_set_cached(
             _StoreEncoder(detector), items, _store_dir(cache_dir, detector, ts, cond, sha), views_of,
             transform_id=f"eval:{pre.crop}:{pre.image_size}:{cond.id}", views=n_views, seed=cond.seed,
             dtype=cache_dtype, batch_size=batch_size, num_workers=num_workers, progress=progress,
-            max_pixels=getattr(detector, "max_pixels", None),
+            max_pixels=getattr(detector, "max_pixels", None), max_bytes=getattr(detector, "max_bytes", None),
             extra_meta={"precision": str(getattr(detector, "precision", "fp32"))},
         )  # fmt: skip
         errors = dict(store.errors)

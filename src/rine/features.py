@@ -33,6 +33,7 @@ import logging
 import math
 import os
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -276,6 +277,7 @@ def extract_features(
     progress: bool = False,
     extra_meta: dict[str, Any] | None = None,
     max_pixels: int | None = None,
+    max_bytes: int | None = None,
 ) -> FeatureStore:
     """Run `backbone` over `items` x `views` and write (or complete) the store at `out_dir`.
 
@@ -347,7 +349,7 @@ def extract_features(
     for k in todo:
         start, stop = k * shard_size, min(len(items), (k + 1) * shard_size)
         _extract_shard(backbone, items, start, stop, make_views, views, dtype, batch_size,
-                       workers, device, root, k, commits_path, bar, max_pixels)  # fmt: skip
+                       workers, device, root, k, commits_path, bar, max_pixels, max_bytes)  # fmt: skip
     if bar is not None:
         bar.close()
     store = FeatureStore.open(root)
@@ -356,10 +358,12 @@ def extract_features(
     return store
 
 
-def _load_views(item: Item, index: int, make_views: MakeViews, views: int, max_pixels) -> np.ndarray | str:
+def _load_views(item: Item, index: int, make_views: MakeViews, views: int, max_pixels, max_bytes=None) -> np.ndarray | str:
     """uint8 [views, S, S, 3], or the one-line reason the image is unusable."""
     try:
         kwargs = {} if max_pixels is None else {"max_pixels": max_pixels}
+        if max_bytes is not None:
+            kwargs["max_bytes"] = max_bytes
         image = load_image(item.path, **kwargs)
         all_views = getattr(make_views, "all_views", None)  # every slot from one derivation
         if all_views is not None:
@@ -373,7 +377,7 @@ def _load_views(item: Item, index: int, make_views: MakeViews, views: int, max_p
 
 
 def _extract_shard(backbone, items, start, stop, make_views, views, dtype, batch_size,
-                   workers, device, root, shard, commits_path, bar, max_pixels) -> None:  # fmt: skip
+                   workers, device, root, shard, commits_path, bar, max_pixels, max_bytes) -> None:  # fmt: skip
     taps: list[np.ndarray] = []
     row_items: list[int] = []
     row_views: list[int] = []
@@ -390,21 +394,23 @@ def _extract_shard(backbone, items, start, stop, make_views, views, dtype, batch
         good.clear()
 
     # Threads (make_views may be a closure): the next images decode while a chunk encodes.
-    jobs = ((i, (items[i], i, make_views, views, max_pixels)) for i in range(start, stop))
-    for i, res, error in ordered_map(_load_views, jobs, kind="threads", workers=workers, max_in_flight=2 * chunk):
-        if error is not None:
-            raise error  # _load_views returns the reasons of unusable images; anything else is a bug
-        if isinstance(res, str):
-            logger.warning("skipping %s: %s", items[i].path, res)
-            errors.append([i, res])
-        else:
-            good.append(res)
-            row_items += [i] * views
-            row_views += list(range(views))
-            if len(good) >= chunk:
-                encode()
-        if bar is not None:
-            bar.update(1)
+    jobs = ((i, (items[i], i, make_views, views, max_pixels, max_bytes)) for i in range(start, stop))
+    decoded = ordered_map(_load_views, jobs, kind="threads", workers=workers, max_in_flight=2 * chunk)
+    with closing(decoded):
+        for i, res, error in decoded:
+            if error is not None:
+                raise error  # _load_views returns the reasons of unusable images; anything else is a bug
+            if isinstance(res, str):
+                logger.warning("skipping %s: %s", items[i].path, res)
+                errors.append([i, res])
+            else:
+                good.append(res)
+                row_items += [i] * views
+                row_views += list(range(views))
+                if len(good) >= chunk:
+                    encode()
+            if bar is not None:
+                bar.update(1)
     if good:
         encode()
     row_shape = (backbone.n_blocks, backbone.width)

@@ -305,7 +305,7 @@ def read_manifest(path: Path, sets: list[str] | None = None) -> LayoutResult:
     with path.open(encoding="utf-8-sig", newline="") as f:
         if suffix in (".jsonl", ".ndjson", ".json"):
             text = f.read()
-            document = _json_document(text) if suffix == ".json" else None
+            document = _json_document(path, text) if suffix == ".json" else None
             if document is not None:
                 entries = document.get("items", [document]) if isinstance(document, dict) else document
                 if not isinstance(entries, list):
@@ -313,7 +313,8 @@ def read_manifest(path: Path, sets: list[str] | None = None) -> LayoutResult:
                                       'or an object whose "items" is such a list')  # fmt: skip
                 rows = [(f"{path}: entry {i}", row) for i, row in enumerate(entries, 1)]
             else:
-                for i, line in enumerate(text.splitlines(), 1):
+                # "\n" only: JSON strings may hold U+2028 and the like, which splitlines() splits on
+                for i, line in enumerate(text.split("\n"), 1):
                     if line.strip():
                         try:
                             rows.append((f"{path}:{i}", json.loads(line)))
@@ -340,12 +341,24 @@ def read_manifest(path: Path, sets: list[str] | None = None) -> LayoutResult:
     return _nonempty(LayoutResult("manifest", path, out))
 
 
-def _json_document(text: str) -> Any:
-    """The file as one JSON document, or None where it is not one (JSON Lines)."""
+def _json_document(path: Path, text: str) -> Any:
+    """The file as one JSON document, or None where it is JSON Lines instead."""
     try:
         return json.loads(text)
-    except json.JSONDecodeError:
+    except json.JSONDecodeError as e:
+        first = next((line for line in text.split("\n") if line.strip()), "")
+        if first.lstrip().startswith("[") or _json_document_error(first):
+            # not JSON Lines either (a list, or an object spread over lines): say where it broke
+            raise LayoutError(f"{path}:{e.lineno}:{e.colno}: not valid JSON ({e.msg})") from None
         return None
+
+
+def _json_document_error(line: str) -> bool:
+    try:
+        json.loads(line)
+        return False
+    except json.JSONDecodeError:
+        return True
 
 
 LAYOUTS: dict[str, Callable[..., LayoutResult]] = {

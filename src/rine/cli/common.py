@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import math
 import os
 import sys
 from collections.abc import Iterator
@@ -26,8 +27,10 @@ def byte_size(text: str) -> int:
     unit = value[len(number) :]
     try:
         size = float(number) * _UNITS[unit]
-    except (KeyError, ValueError):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size (examples: 5000000, 200K, 64M, 1G)") from None
+    except (KeyError, ValueError, OverflowError):
+        size = math.nan
+    if not math.isfinite(size):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (examples: 5000000, 200K, 64M, 1G)")
     if size < 1:
         raise argparse.ArgumentTypeError(f"{text!r}: a size must be at least 1 byte")
     return int(size)
