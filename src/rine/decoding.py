@@ -34,7 +34,7 @@ if TYPE_CHECKING:  # this module stays importable without torch (the CLI reads D
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DECODERS", "DecoderCrashed", "default_decoder", "open_pool", "ordered_map"]
+__all__ = ["DECODERS", "DecoderCrashed", "default_decoder", "error_text", "open_pool", "ordered_map"]
 
 DECODERS = ("auto", "threads", "processes")
 
@@ -50,6 +50,16 @@ class DecoderCrashed(RuntimeError):
             or "the decoding worker process died on this file (a crash in its image decoder, or the "
             "out-of-memory killer); it was skipped -- open it with another tool to check it"
         )
+
+
+def error_text(error: BaseException) -> str:
+    """A file's one-line error: ours (ImageLoadError, DecoderCrashed) speak for themselves,
+    others are prefixed with their type."""
+    from .images import ImageLoadError
+
+    if isinstance(error, (ImageLoadError, DecoderCrashed)):
+        return str(error)
+    return f"{type(error).__name__}: {error}".splitlines()[0]
 
 
 def default_decoder(device: torch.device) -> str:

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from .config import PreprocessConfig, RINEConfig
-from .decoding import DECODERS, DecoderCrashed, default_decoder, ordered_map
+from .decoding import DECODERS, DecoderCrashed, default_decoder, error_text, ordered_map
 from .head import RINEHead
 from .images import DEFAULT_MAX_BYTES, ImageLoadError, load_image
 from .inference import default_batch_size, default_workers
@@ -220,11 +220,10 @@ def _score_set_live(
         for idx, views, error in decoded:
             if error is None:
                 batch.append((idx, views))
-            elif isinstance(error, (ImageLoadError, DecoderCrashed)):
-                errors[idx] = str(error)
             else:  # one bad file must not stop a benchmark
-                logger.debug("error on %s", ts.items[idx][0], exc_info=error)
-                errors[idx] = f"{type(error).__name__}: {error}".splitlines()[0]
+                errors[idx] = error_text(error)
+                if not isinstance(error, (ImageLoadError, DecoderCrashed)):
+                    logger.debug("error on %s", ts.items[idx][0], exc_info=error)
             bar.update(1)
             if len(batch) >= batch_size:
                 flush()

@@ -30,7 +30,7 @@ from .accel import PRECISIONS, FastTapEncoder, resolve_precision
 from .backbones import load_backbone
 from .checkpoints import load_head, load_pretrained
 from .config import PreprocessConfig, RINEConfig
-from .decoding import DECODERS, DecoderCrashed, default_decoder, ordered_map
+from .decoding import DECODERS, DecoderCrashed, default_decoder, error_text, ordered_map
 from .images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageLoadError, load_image
 from .model import RINEModel
 from .preprocess import crop_views, normalize
@@ -111,13 +111,6 @@ def prepare_views(
 ) -> np.ndarray:
     """Decode one image and cut its uint8 views [V, S, S, 3]; runs in decoding workers."""
     return crop_views(load_image(source, max_pixels=max_pixels, max_bytes=max_bytes), preprocess)
-
-
-def _error_text(error: BaseException) -> str:
-    """A file's one-line error: our own errors speak for themselves, others name their type."""
-    if isinstance(error, (ImageLoadError, DecoderCrashed)):
-        return str(error)
-    return f"{type(error).__name__}: {error}".splitlines()[0]
 
 
 def _normalize_on(batch_uint8: torch.Tensor, mean, std) -> torch.Tensor:
@@ -345,7 +338,7 @@ class Detector:
                     arrays.append(views)
                     out_buffer.append(None)
                 else:
-                    out_buffer.append(Prediction(path=name, error=_error_text(error)))
+                    out_buffer.append(Prediction(path=name, error=error_text(error)))
                     if not isinstance(error, (ImageLoadError, DecoderCrashed)):
                         logger.debug("unexpected error on %s", name, exc_info=error)
                 # a full batch is scored; failures with nothing to wait for are reported at once
