@@ -125,3 +125,20 @@ def test_an_unguarded_script_still_runs_in_threads(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "results [0, 1, 2, 3, 4]" in done.stdout
     assert "decoding in threads instead" in done.stderr
+
+
+def test_recovery_reruns_only_the_jobs_in_flight(tmp_path):
+    """After a crash only the jobs the broken pool lost run again: each crash re-runs at most
+    max_in_flight jobs, and every job that finished keeps its first result."""
+    from worker_jobs import logged_double_or_fail
+
+    log = tmp_path / "runs.txt"
+    values = [1, 2, 13, 4, 5, 6, 7, 8, 9, 10, 11, 12, 14, 15, 16]
+    jobs = ((i, (str(log), v)) for i, v in enumerate(values))
+    out = list(ordered_map(logged_double_or_fail, jobs, kind="processes", workers=2, max_in_flight=4,
+                           preload=("worker_jobs",)))  # fmt: skip
+    assert [r for _, r, _ in out] == [None if v == 13 else 2 * v for v in values]
+    runs = [int(line) for line in log.read_text(encoding="ascii").split()]
+    assert set(runs) == set(values)
+    assert len(runs) <= len(values) + 4  # one crash: at most the 4 jobs in flight ran twice
+    assert runs.count(13) == 2  # the killer: once in the pool, once alone

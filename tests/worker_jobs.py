@@ -41,3 +41,10 @@ def double_unless_in_a_worker(x: int) -> int:
     if multiprocessing.parent_process() is not None:
         os.kill(os.getpid(), signal.SIGKILL)
     return 2 * x
+
+
+def logged_double_or_fail(log: str, x: int) -> int:
+    """`double_or_fail`, appending x to the file `log` first (one line per run)."""
+    with open(log, "a", encoding="ascii") as f:
+        f.write(f"{x}\n")
+    return double_or_fail(x)
