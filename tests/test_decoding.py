@@ -142,3 +142,38 @@ def test_recovery_reruns_only_the_jobs_in_flight(tmp_path):
     assert set(runs) == set(values)
     assert len(runs) <= len(values) + 4  # one crash: at most the 4 jobs in flight ran twice
     assert runs.count(13) == 2  # the killer: once in the pool, once alone
+
+
+def test_a_decode_that_hangs_is_stopped_at_the_deadline():
+    """With processes, a job still running after `timeout` s has its worker stopped and comes
+    back as DecoderTimedOut; the other jobs in flight are re-run, the stream goes on."""
+    from rine.decoding import DecoderTimedOut
+    from worker_jobs import double_or_hang
+
+    values = [1, 2, 7, 4, 5, 6, 8, 9]
+    t0 = time.monotonic()
+    out = list(ordered_map(double_or_hang, ((i, (v,)) for i, v in enumerate(values)), kind="processes", workers=2,
+                           max_in_flight=4, preload=("worker_jobs",), timeout=1.0))  # fmt: skip
+    assert time.monotonic() - t0 < 30  # liveness: not the hour the job asks for
+    assert [k for k, _, _ in out] == list(range(len(values)))
+    for v, (_, result, error) in zip(values, out, strict=True):
+        if v == 7:
+            assert result is None and isinstance(error, DecoderTimedOut) and "--decode-timeout" in str(error)
+        else:
+            assert error is None and result == 2 * v
+    with pytest.raises(ValueError, match="timeout"):
+        next(ordered_map(double_or_hang, [(0, (1,))], kind="processes", workers=1, max_in_flight=1, timeout=0))
+
+
+def test_a_hang_found_while_recovering_from_a_crash_is_stopped_too():
+    """A crash (13) with a hanging job (7) in flight: re-run alone, each gets its own error."""
+    from rine.decoding import DecoderTimedOut
+    from worker_jobs import double_or_hang
+
+    values = [1, 13, 7, 4, 5, 6]
+    out = list(ordered_map(double_or_hang, ((i, (v,)) for i, v in enumerate(values)), kind="processes", workers=2,
+                           max_in_flight=4, preload=("worker_jobs",), timeout=1.0))  # fmt: skip
+    errors = {v: type(e).__name__ for v, (_, _, e) in zip(values, out, strict=True) if e is not None}
+    assert errors == {13: "DecoderCrashed", 7: "DecoderTimedOut"}
+    assert [r for _, r, _ in out if r is not None] == [2, 8, 10, 12]
+    assert issubclass(DecoderTimedOut, DecoderCrashed)

@@ -163,6 +163,8 @@ def test_usage_errors(capsys, tmp_path, tiny_checkpoint_dir, demo_images):
     assert code == 2 and "--backbone" in err
     code, _, err = run_cli(capsys, "detect", demo_images[0], "--model", str(tmp_path / "nowhere"))
     assert code == 2 and "nowhere" in err
+    code, _, err = run_cli(capsys, "detect", demo_images[0], "--decode-timeout", "-1")
+    assert code == 2 and "--decode-timeout" in err
     with pytest.raises(SystemExit) as e:
         main(["detect", "--help"])
     assert e.value.code == 0

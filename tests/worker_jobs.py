@@ -48,3 +48,10 @@ def logged_double_or_fail(log: str, x: int) -> int:
     with open(log, "a", encoding="ascii") as f:
         f.write(f"{x}\n")
     return double_or_fail(x)
+
+
+def double_or_hang(x: int) -> int:
+    """`double_or_fail`, except that 7 never finishes (a decoder stuck on a hostile file)."""
+    if x == 7:
+        time.sleep(3600)
+    return double_or_fail(x)

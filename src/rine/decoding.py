@@ -17,6 +17,7 @@ import logging
 import multiprocessing
 import signal
 import sys
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import (
@@ -27,6 +28,7 @@ from concurrent.futures import (
     ThreadPoolExecutor,
     wait,
 )
+from concurrent.futures import TimeoutError as FutureTimeout  # not the builtin before Python 3.11
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:  # this module stays importable without torch (the CLI reads DECODERS from it)
@@ -34,7 +36,16 @@ if TYPE_CHECKING:  # this module stays importable without torch (the CLI reads D
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DECODERS", "DecoderCrashed", "default_decoder", "error_text", "open_pool", "ordered_map"]
+__all__ = [
+    "DECODERS",
+    "DEFAULT_DECODE_TIMEOUT",
+    "DecoderCrashed",
+    "DecoderTimedOut",
+    "default_decoder",
+    "error_text",
+    "open_pool",
+    "ordered_map",
+]
 
 DECODERS = ("auto", "threads", "processes")
 
@@ -50,6 +61,19 @@ class DecoderCrashed(RuntimeError):
             or "the decoding worker process died on this file (a crash in its image decoder, or the "
             "out-of-memory killer); it was skipped -- open it with another tool to check it"
         )
+
+
+class DecoderTimedOut(DecoderCrashed):
+    """Decoding this input took longer than the deadline; its worker process was stopped."""
+
+    def __init__(self, seconds: float):
+        super().__init__(
+            f"decoding this file took longer than {seconds:g} s; its worker process was stopped and the file "
+            "skipped (raise the limit with --decode-timeout)"
+        )
+
+
+DEFAULT_DECODE_TIMEOUT = 300.0  # seconds per image; a legitimate 8000 x 8000 PNG takes ~2 s
 
 
 def error_text(error: BaseException) -> str:
@@ -126,8 +150,10 @@ class _OrderedPool:
     # (workers that cannot run the function at all) rather than the files.
     SUSPECT_AFTER = 3
 
-    def __init__(self, fn: Callable[..., Any], kind: str, workers: int, preload: Sequence[str]):
+    def __init__(self, fn: Callable[..., Any], kind: str, workers: int, preload: Sequence[str],
+                 timeout: float | None = None):  # fmt: skip
         self.fn, self.kind, self.workers, self.preload = fn, kind, workers, preload
+        self.timeout = timeout if kind == "processes" else None  # a thread cannot be stopped
         self.pool = open_pool(kind, workers, preload)
         # [key, args, future]; future None: the pool was already broken at submission
         self.pending: deque[list] = deque()
@@ -141,11 +167,19 @@ class _OrderedPool:
 
     def pop(self) -> tuple[Any, Any, BaseException | None]:
         oldest = self.pending[0][2]
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
         while oldest is not None and not oldest.done():
             # Poll rather than block: a future that a dying pool fails to settle must not hang us.
-            if not wait([oldest], timeout=2.0).done and self._broken():
+            step = 2.0 if deadline is None else min(2.0, max(0.0, deadline - time.monotonic()))
+            if wait([oldest], timeout=step).done or self._broken():
                 break
-        if _lost(oldest):
+            if deadline is not None and time.monotonic() >= deadline:
+                logger.warning("decoding %s took longer than %g s: stopping its worker process", self.pending[0][0],
+                               self.timeout)  # fmt: skip
+                _terminate_workers(self.pool)  # the other jobs in flight are re-run by _recover
+                self.pending[0][2] = _settled(error=DecoderTimedOut(self.timeout))
+                break
+        if _lost(self.pending[0][2]):
             self._recover()
         key, _, fut = self.pending.popleft()
         try:
@@ -172,8 +206,14 @@ class _OrderedPool:
         try:
             for job in lost:
                 try:
-                    job[2] = _settled(probe.submit(self.fn, *job[1]).result())
+                    job[2] = _settled(probe.submit(self.fn, *job[1]).result(timeout=self.timeout))
                     succeeded += 1
+                except FutureTimeout:
+                    logger.warning("decoding %s took longer than %g s; skipped", job[0], self.timeout)
+                    job[2] = _settled(error=DecoderTimedOut(self.timeout))
+                    _terminate_workers(probe)
+                    probe.shutdown(wait=True)
+                    probe = open_pool(self.kind, 1, self.preload)
                 except BrokenExecutor:
                     crashed += 1
                     if not succeeded and crashed >= self.SUSPECT_AFTER:
@@ -208,7 +248,7 @@ class _OrderedPool:
             "calls rine under `if __name__ == \"__main__\":` (worker processes re-import the main script), "
             "or pass decoder=\"threads\"", what,
         )  # fmt: skip
-        self.kind = "threads"
+        self.kind, self.timeout = "threads", None
         self.pool = open_pool("threads", self.workers)
         for job in lost:
             job[2] = self.pool.submit(self.fn, *job[1])
@@ -244,17 +284,22 @@ def ordered_map(
     workers: int,
     max_in_flight: int,
     preload: Sequence[str] = (),
+    timeout: float | None = None,
 ) -> Iterator[tuple[K, Any, BaseException | None]]:
     """`fn(*args)` for each `(key, args)` of `jobs` in a pool of `workers` threads or processes
     (`kind`). Yields `(key, result, None)` or `(key, None, exception)` in input order.
 
     At most `max_in_flight` jobs are submitted ahead of the one being yielded, so an endless
     stream is read lazily and memory stays bounded. With processes, `fn`, its arguments
-    and its result must pickle; `preload` names modules the worker server imports once.
+    and its result must pickle; `preload` names modules the worker server imports once;
+    a job still running `timeout` seconds after it is waited for has its worker process
+    stopped and comes back as `DecoderTimedOut` (threads cannot be stopped: no timeout).
     """
     if max_in_flight < 1:
         raise ValueError("max_in_flight must be >= 1")
-    state = _OrderedPool(fn, kind, workers, preload)
+    if timeout is not None and timeout <= 0:
+        raise ValueError("timeout must be positive (None: no limit)")
+    state = _OrderedPool(fn, kind, workers, preload, timeout)
     try:
         for key, args in jobs:
             state.submit(key, args)

@@ -33,7 +33,14 @@ import numpy as np
 import torch
 
 from .config import PreprocessConfig, RINEConfig
-from .decoding import DECODERS, DecoderCrashed, default_decoder, error_text, ordered_map
+from .decoding import (
+    DECODERS,
+    DEFAULT_DECODE_TIMEOUT,
+    DecoderCrashed,
+    default_decoder,
+    error_text,
+    ordered_map,
+)
 from .head import RINEHead
 from .images import DEFAULT_MAX_BYTES, ImageLoadError, load_image
 from .inference import default_batch_size, default_workers
@@ -178,7 +185,8 @@ def _record(path: str, set_name: str, label: int, key: str) -> dict[str, Any]:
 
 
 def _score_set_live(
-    detector, heads, conditions, ts: TestSet, root, batch_size, num_workers, progress, decoder="auto"
+    detector, heads, conditions, ts: TestSet, root, batch_size, num_workers, progress, decoder="auto",
+    decode_timeout=DEFAULT_DECODE_TIMEOUT,
 ) -> list[list[list[dict]]]:
     """-> records[condition][head][image] for one set, computing taps on the fly."""
     from tqdm.auto import tqdm
@@ -214,7 +222,7 @@ def _score_set_live(
     jobs = ((idx, (path, keys[idx], conditions, pre, max_pixels, max_bytes)) for idx, (path, _) in enumerate(ts.items))
     decoded = ordered_map(
         prepare_conditions, jobs, kind=decoder, workers=workers,
-        max_in_flight=max(2 * batch_size, 2 * workers), preload=("rine.evaluation",),
+        max_in_flight=max(2 * batch_size, 2 * workers), preload=("rine.evaluation",), timeout=decode_timeout,
     )  # fmt: skip
     try:
         for idx, views, error in decoded:
@@ -369,12 +377,14 @@ def evaluate(
     cache_dir: str | Path | None = None,
     cache_dtype: str = "float32",
     decoder: str = "auto",
+    decode_timeout: float | None = DEFAULT_DECODE_TIMEOUT,
 ) -> EvalResult:
     """Score every set under every condition with every head (default: the detector's own).
 
     The backbone runs once per (image, condition); `root` is the data root images are
     seeded by (see `image_key`). Metrics use `score > threshold` (0.5: the paper's ACC).
-    `decoder` ("threads", "processes" or "auto": processes with a GPU) decodes the live path.
+    `decoder` ("threads", "processes" or "auto": processes with a GPU) decodes the live path;
+    with processes, an image still decoding after `decode_timeout` s is skipped.
     """
     if decoder not in DECODERS:
         raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
@@ -403,7 +413,7 @@ def evaluate(
                                      Path(cache_dir).expanduser(), cache_dtype)  # fmt: skip
         else:
             recs = _score_set_live(
-                detector, heads, conditions, ts, root, batch_size, num_workers, progress, decoder
+                detector, heads, conditions, ts, root, batch_size, num_workers, progress, decoder, decode_timeout
             )
         for ci in range(len(conditions)):
             for hi in range(len(heads)):

@@ -30,7 +30,14 @@ from .accel import PRECISIONS, FastTapEncoder, resolve_precision
 from .backbones import load_backbone
 from .checkpoints import load_head, load_pretrained
 from .config import PreprocessConfig, RINEConfig
-from .decoding import DECODERS, DecoderCrashed, default_decoder, error_text, ordered_map
+from .decoding import (
+    DECODERS,
+    DEFAULT_DECODE_TIMEOUT,
+    DecoderCrashed,
+    default_decoder,
+    error_text,
+    ordered_map,
+)
 from .images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageLoadError, load_image
 from .model import RINEModel
 from .preprocess import crop_views, normalize
@@ -299,11 +306,14 @@ class Detector:
         progress: bool = False,
         total: int | None = None,
         decoder: str = "auto",
+        decode_timeout: float | None = DEFAULT_DECODE_TIMEOUT,
     ) -> Iterator[Prediction]:
         """Score a stream of images in input order; failures come back with `error` set.
 
         `batch_size`, `num_workers` and `decoder` ("threads" or "processes") default to
-        `default_batch_size` / `default_workers` / `default_decoder` of the device."""
+        `default_batch_size` / `default_workers` / `default_decoder` of the device. With
+        processes, an image still decoding after `decode_timeout` seconds is skipped (its
+        worker is stopped; None: no limit)."""
         from tqdm.auto import tqdm
 
         if decoder not in DECODERS:
@@ -329,7 +339,7 @@ class Detector:
         jobs = ((_name_of(s, i), (s, self.config.preprocess, self.max_pixels, self.max_bytes)) for i, s in enumerate(sources))
         decoded = ordered_map(
             prepare_views, jobs, kind=decoder, workers=workers,
-            max_in_flight=max(2 * batch_size, 2 * workers), preload=("rine.inference",),
+            max_in_flight=max(2 * batch_size, 2 * workers), preload=("rine.inference",), timeout=decode_timeout,
         )  # fmt: skip
         try:
             for name, views, error in decoded:

@@ -18,7 +18,7 @@ import json
 import sys
 from typing import TextIO
 
-from ..decoding import DECODERS
+from ..decoding import DECODERS, DEFAULT_DECODE_TIMEOUT
 from ..images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from .common import CLIError, add_model_options, byte_size, expand_inputs, fail, load_detector
 
@@ -45,6 +45,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--decoder", choices=DECODERS, default="auto",
                    help="decode in threads or worker processes (default auto: processes with a GPU, "
                         "where decoding is the bottleneck; threads on CPU)")  # fmt: skip
+    r.add_argument("--decode-timeout", type=float, default=DEFAULT_DECODE_TIMEOUT, metavar="SECONDS",
+                   help="with --decoder processes: skip an image still decoding after this long, stopping its "
+                        f"worker (default {DEFAULT_DECODE_TIMEOUT:g}; 0: no limit)")  # fmt: skip
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.add_argument(
         "--max-pixels",
@@ -107,6 +110,8 @@ def _table(rows: list[dict]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.decode_timeout < 0:
+        return fail("--decode-timeout must be at least 0 (0: no limit)")
     if args.batch_size is not None and args.batch_size < 1:
         return fail("--batch-size must be at least 1")
     paths = list(expand_inputs(args.inputs))
@@ -128,6 +133,7 @@ def run(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             num_workers=args.workers,
             decoder=args.decoder,
+            decode_timeout=args.decode_timeout or None,
             progress=not args.no_progress and sys.stderr.isatty(),
             total=len(paths),
         ):

@@ -23,7 +23,7 @@ import logging
 import sys
 from pathlib import Path
 
-from ..decoding import DECODERS
+from ..decoding import DECODERS, DEFAULT_DECODE_TIMEOUT
 from .common import CLIError, add_model_options, fail, load_detector
 
 logger = logging.getLogger(__name__)
@@ -98,6 +98,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     o.add_argument("--decoder", choices=DECODERS, default="auto",
                    help="decode in threads or worker processes (default auto: processes with a GPU, "
                         "where decoding is the bottleneck; threads on CPU)")  # fmt: skip
+    o.add_argument("--decode-timeout", type=float, default=DEFAULT_DECODE_TIMEOUT, metavar="SECONDS",
+                   help="with --decoder processes: skip an image still decoding after this long, stopping its "
+                        f"worker (default {DEFAULT_DECODE_TIMEOUT:g}; 0: no limit)")  # fmt: skip
     o.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -189,6 +192,8 @@ def _label(source: str, config_name: str | None) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.decode_timeout < 0:
+        return fail("--decode-timeout must be at least 0 (0: no limit)")
     from ..evaluation import evaluate, write_outputs
     from ..layouts import LayoutError, read_layout
 
@@ -232,6 +237,7 @@ def run(args: argparse.Namespace) -> int:
             cache_dir=args.features_cache,
             cache_dtype=args.cache_dtype,
             decoder=args.decoder,
+            decode_timeout=args.decode_timeout or None,
         )
     except ValueError as e:
         return fail(str(e))
