@@ -174,6 +174,7 @@ class Batcher:
         self.batches += 1
         self.images += 1
         self.views += len(logits)
+        self.largest_batch = max(self.largest_batch, len(logits))
         item.future.set_result(ViewScores(logits, contrib))
 
     def _queued_views(self) -> int:
