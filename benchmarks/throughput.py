@@ -353,7 +353,8 @@ def run_mode(args: argparse.Namespace) -> dict:
         backbone = build_hf_backbone(state)
         del state
         config = RINEConfig(backbone=args.arch, head=head.config, preprocess=PreprocessConfig(crop="center"))
-        det = Detector(RINEModel(backbone, head), config, device=args.device, precision=args.mode)
+        det = Detector(RINEModel(backbone, head), config, device=args.device, precision=args.mode,
+                       keep_reference=False)  # as rine detect and rine serve load it
         from rine.inference import default_batch_size, default_decoder, default_workers
 
         precision = det.precision

@@ -117,3 +117,23 @@ def test_image_load_error_pickles_with_its_kind():
 def test_unknown_decoder_is_refused(fp32_detector):
     with pytest.raises(ValueError, match="decoder must be one of"):
         list(fp32_detector.predict_iter([], decoder="fibers"))
+
+
+def test_releasing_the_reference_weights_keeps_every_score(tiny_checkpoint_dir, mixed_inputs):
+    """keep_reference=False (rine detect, rine serve) frees the backbone's block weights once
+    the fast encoder has its own copies: same predictions, and the reference forward says why
+    it cannot run instead of failing on a shape."""
+    kept = Detector.from_pretrained(str(tiny_checkpoint_dir), precision="fp32")
+    lean = Detector.from_pretrained(str(tiny_checkpoint_dir), precision="fp32", keep_reference=False)
+    assert lean.model.backbone.released and not kept.model.backbone.released
+    def block_linears(det):  # name -> numel of the blocks' attention projections and MLP
+        return {n: p.numel() for n, p in det.model.backbone.named_parameters()
+                if ".layers." in n and ("_proj." in n or ".fc" in n)}  # fmt: skip
+
+    assert set(block_linears(lean)) == set(block_linears(kept)) and min(block_linears(kept).values()) > 0
+    assert set(block_linears(lean).values()) == {0}
+    a, b = kept.predict(mixed_inputs), lean.predict(mixed_inputs)
+    assert [(p.path, p.error) for p in a] == [(p.path, p.error) for p in b]
+    assert [p.prob_fake for p in a] == [p.prob_fake for p in b]
+    with pytest.raises(RuntimeError, match="released"):
+        lean.model(torch.zeros(1, 3, 224, 224))

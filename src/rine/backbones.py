@@ -84,6 +84,7 @@ class TappedCLIPVision(nn.Module):
         self.width: int = cfg.hidden_size
         self.n_blocks: int = cfg.num_hidden_layers
         self.image_size: int = cfg.image_size
+        self.released = False  # see release_block_weights
 
     def train(self, mode: bool = True) -> TappedCLIPVision:
         # The encoder is frozen: it stays in eval mode whatever the caller asks.
@@ -97,6 +98,11 @@ class TappedCLIPVision(nn.Module):
 
         `n_blocks` < all stops after that many blocks (the later ones are not needed).
         """
+        if self.released:
+            raise RuntimeError(
+                "this backbone's block weights were released to save memory (Detector(keep_reference=False)); "
+                "score through the Detector (predict, score_views, encode_views), or load it with keep_reference=True"
+            )
         layers = self.clip.encoder.layers
         n = len(layers) if n_blocks is None else n_blocks
         dtype = self.clip.embeddings.patch_embedding.weight.dtype
@@ -112,6 +118,24 @@ class TappedCLIPVision(nn.Module):
             if i + 1 < n:  # the last needed block's MLP does not affect any tap
                 hidden = hidden + layer.mlp(normed)
         return torch.stack(taps, dim=1)
+
+
+    def release_block_weights(self) -> int:
+        """Free the blocks' linear weights (attention projections and MLP: nearly all of the
+        model) once a fast encoder holds its own re-laid-out copies; `forward` then refuses to
+        run. Embeddings and LayerNorms, which the fast encoder shares, stay. -> bytes freed."""
+        freed = 0
+        for layer in self.clip.encoder.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            for linear in (attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj, mlp.fc1, mlp.fc2):
+                for name in ("weight", "bias"):
+                    param = getattr(linear, name)
+                    if param is not None and param.numel():
+                        freed += param.numel() * param.element_size()
+                        empty = torch.empty(0, dtype=param.dtype, device=param.device)
+                        setattr(linear, name, nn.Parameter(empty, requires_grad=False))
+        self.released = True
+        return freed
 
 
 # --------------------------------------------------------------------------- loading

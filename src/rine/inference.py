@@ -129,7 +129,13 @@ def _normalize_on(batch_uint8: torch.Tensor, mean, std) -> torch.Tensor:
 
 
 class Detector:
-    """A loaded RINE model plus its preprocessing: images in, probabilities out."""
+    """A loaded RINE model plus its preprocessing: images in, probabilities out.
+
+    keep_reference=False frees the backbone's own block weights once the fast encoder has
+    re-laid-out copies (about half the resident memory of a ViT-L detector); scoring is
+    unchanged, but `detector.model(...)` (the reference forward) then refuses to run.
+    `rine detect` and `rine serve` load that way.
+    """
 
     def __init__(
         self,
@@ -139,6 +145,7 @@ class Detector:
         precision: str = "auto",
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
         max_bytes: int | None = DEFAULT_MAX_BYTES,
+        keep_reference: bool = True,
     ):
         self.device = resolve_device(str(device) if device is not None else None)
         self.requested_precision = precision
@@ -149,6 +156,11 @@ class Detector:
         self.max_pixels = max_pixels  # per image, from the header, before decoding
         self.max_bytes = max_bytes  # per file, before reading it
         self.encoder = self._build_encoder()
+        if not keep_reference and isinstance(self.encoder, FastTapEncoder):
+            # The fast encoder holds its own copies of the block weights: the reference
+            # (HF) ones would only double the memory (+1.2 GB for ViT-L in float32).
+            freed = self.model.backbone.release_block_weights()
+            logger.info("released %.0f MB of reference block weights", freed / 2**20)
         logger.info("encoder precision %s (asked: %s) on %s", self.precision, precision, self.device)
 
     def _build_encoder(self) -> torch.nn.Module:

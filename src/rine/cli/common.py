@@ -88,13 +88,13 @@ def add_model_options(
     )
 
 
-def load_detector(args: argparse.Namespace):
+def load_detector(args: argparse.Namespace, keep_reference: bool = True):
     """Build a Detector from the model options, turning known failures into CLIError."""
     from ..checkpoints import CheckpointError
     from ..inference import Detector
     from ..pretrained import DEFAULT_MODEL, WeightsUnavailableError
 
-    kwargs = dict(device=args.device, precision=args.precision)
+    kwargs = dict(device=args.device, precision=args.precision, keep_reference=keep_reference)
     try:
         if args.head:
             if args.model:

@@ -118,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
     if not paths:
         return fail("no input images found")
     try:
-        detector = load_detector(args)
+        detector = load_detector(args, keep_reference=False)  # scoring only: half the memory
     except CLIError as e:
         return fail(str(e))
     detector.max_pixels = args.max_pixels

@@ -130,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
         if server is not None:
             server.should_exit = True  # a server that can never be ready should not linger
 
-    app = create_app(settings=settings, detector_factory=lambda: load_detector(args), on_load_error=on_load_error)
+    app = create_app(settings=settings, detector_factory=lambda: load_detector(args, keep_reference=False), on_load_error=on_load_error)
     config = uvicorn.Config(
         app,
         host=args.host,
