@@ -88,6 +88,20 @@ def add_model_options(
     )
 
 
+def add_decoding_options(group: argparse._ArgumentGroup) -> None:
+    """--workers, --decoder and --decode-timeout, shared by the commands that decode images."""
+    from ..decoding import DECODERS, DEFAULT_DECODE_TIMEOUT
+
+    group.add_argument("--workers", type=int, default=None,
+                       help="decoding workers (default: one per core, up to 8 on CPU and 32 with a GPU)")  # fmt: skip
+    group.add_argument("--decoder", choices=DECODERS, default="auto",
+                       help="decode in threads or worker processes (default auto: processes with a GPU, "
+                            "where decoding is the bottleneck; threads on CPU)")  # fmt: skip
+    group.add_argument("--decode-timeout", type=float, default=DEFAULT_DECODE_TIMEOUT, metavar="SECONDS",
+                       help="with --decoder processes: skip an image still decoding after this long, stopping "
+                            f"its worker (default {DEFAULT_DECODE_TIMEOUT:g}; 0: no limit)")  # fmt: skip
+
+
 def load_detector(args: argparse.Namespace, keep_reference: bool = True):
     """Build a Detector from the model options, turning known failures into CLIError."""
     from ..checkpoints import CheckpointError

@@ -18,9 +18,16 @@ import json
 import sys
 from typing import TextIO
 
-from ..decoding import DECODERS, DEFAULT_DECODE_TIMEOUT
 from ..images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
-from .common import CLIError, add_model_options, byte_size, expand_inputs, fail, load_detector
+from .common import (
+    CLIError,
+    add_decoding_options,
+    add_model_options,
+    byte_size,
+    expand_inputs,
+    fail,
+    load_detector,
+)
 
 FORMATS = ("table", "json", "jsonl", "csv")
 CSV_FIELDS = ("path", "prob_fake", "logit", "is_fake", "error")
@@ -41,13 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     o.add_argument("--blocks", action="store_true", help="include each image's per-block contribution (json/jsonl)")
     r = p.add_argument_group("run")
     r.add_argument("--batch-size", type=int, default=None, help="images per encoder batch (default 16 on CPU, 64 on GPU)")
-    r.add_argument("--workers", type=int, default=None, help="decoding workers (default: one per core, up to 8 on CPU and 32 with a GPU)")
-    r.add_argument("--decoder", choices=DECODERS, default="auto",
-                   help="decode in threads or worker processes (default auto: processes with a GPU, "
-                        "where decoding is the bottleneck; threads on CPU)")  # fmt: skip
-    r.add_argument("--decode-timeout", type=float, default=DEFAULT_DECODE_TIMEOUT, metavar="SECONDS",
-                   help="with --decoder processes: skip an image still decoding after this long, stopping its "
-                        f"worker (default {DEFAULT_DECODE_TIMEOUT:g}; 0: no limit)")  # fmt: skip
+    add_decoding_options(r)
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.add_argument(
         "--max-pixels",

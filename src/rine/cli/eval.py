@@ -23,8 +23,7 @@ import logging
 import sys
 from pathlib import Path
 
-from ..decoding import DECODERS, DEFAULT_DECODE_TIMEOUT
-from .common import CLIError, add_model_options, fail, load_detector
+from .common import CLIError, add_decoding_options, add_model_options, fail, load_detector
 
 logger = logging.getLogger(__name__)
 
@@ -89,18 +88,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     o.add_argument(
         "--batch-size", type=int, default=None, help="images per encoder batch (default 16 on CPU, 64 on GPU)"
     )
-    o.add_argument(
-        "--workers",
-        type=int,
-        default=None,
-        help="decoding workers (default: one per core, up to 8 on CPU and 32 with a GPU)",
-    )
-    o.add_argument("--decoder", choices=DECODERS, default="auto",
-                   help="decode in threads or worker processes (default auto: processes with a GPU, "
-                        "where decoding is the bottleneck; threads on CPU)")  # fmt: skip
-    o.add_argument("--decode-timeout", type=float, default=DEFAULT_DECODE_TIMEOUT, metavar="SECONDS",
-                   help="with --decoder processes: skip an image still decoding after this long, stopping its "
-                        f"worker (default {DEFAULT_DECODE_TIMEOUT:g}; 0: no limit)")  # fmt: skip
+    add_decoding_options(o)
     o.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
