@@ -76,13 +76,14 @@ class DecoderTimedOut(DecoderCrashed):
 DEFAULT_DECODE_TIMEOUT = 300.0  # seconds per image; a legitimate 8000 x 8000 PNG takes ~2 s
 
 
-def error_text(error: BaseException) -> str:
+def error_text(error: BaseException, name: str = "") -> str:
     """A file's one-line error: ours (ImageLoadError, DecoderCrashed) speak for themselves,
-    others are prefixed with their type."""
+    others are prefixed with their type (and their traceback goes to the debug log)."""
     from .images import ImageLoadError
 
     if isinstance(error, (ImageLoadError, DecoderCrashed)):
         return str(error)
+    logger.debug("unexpected error on %s", name, exc_info=error)
     return f"{type(error).__name__}: {error}".splitlines()[0]
 
 

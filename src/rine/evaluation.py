@@ -36,13 +36,12 @@ from .config import PreprocessConfig, RINEConfig
 from .decoding import (
     DECODERS,
     DEFAULT_DECODE_TIMEOUT,
-    DecoderCrashed,
     default_decoder,
     error_text,
     ordered_map,
 )
 from .head import RINEHead
-from .images import DEFAULT_MAX_BYTES, ImageLoadError, load_image
+from .images import DEFAULT_MAX_BYTES, load_image
 from .inference import default_batch_size, default_workers
 from .layouts import TestSet
 from .metrics import compute_metrics, mean_metrics
@@ -229,9 +228,7 @@ def _score_set_live(
             if error is None:
                 batch.append((idx, views))
             else:  # one bad file must not stop a benchmark
-                errors[idx] = error_text(error)
-                if not isinstance(error, (ImageLoadError, DecoderCrashed)):
-                    logger.debug("error on %s", ts.items[idx][0], exc_info=error)
+                errors[idx] = error_text(error, ts.items[idx][0])
             bar.update(1)
             if len(batch) >= batch_size:
                 flush()

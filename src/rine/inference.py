@@ -33,12 +33,11 @@ from .config import PreprocessConfig, RINEConfig
 from .decoding import (
     DECODERS,
     DEFAULT_DECODE_TIMEOUT,
-    DecoderCrashed,
     default_decoder,
     error_text,
     ordered_map,
 )
-from .images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageLoadError, load_image
+from .images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, load_image
 from .model import RINEModel
 from .preprocess import crop_views, normalize
 
@@ -360,9 +359,7 @@ class Detector:
                     arrays.append(views)
                     out_buffer.append(None)
                 else:
-                    out_buffer.append(Prediction(path=name, error=error_text(error)))
-                    if not isinstance(error, (ImageLoadError, DecoderCrashed)):
-                        logger.debug("unexpected error on %s", name, exc_info=error)
+                    out_buffer.append(Prediction(path=name, error=error_text(error, name)))
                 # a full batch is scored; failures with nothing to wait for are reported at once
                 if len(arrays) >= batch_size or not arrays:
                     yield from flush()
