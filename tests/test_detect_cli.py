@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
 import zlib
 
 import numpy as np
@@ -169,6 +171,19 @@ def test_usage_errors(capsys, tmp_path, tiny_checkpoint_dir, demo_images):
         main(["detect", "--help"])
     assert e.value.code == 0
     assert "--crop" in capsys.readouterr().out
+
+
+def test_help_and_usage_errors_do_not_load_torch():
+    """`rine --help`, `rine COMMAND --help` and usage errors answer without importing torch
+    (which takes seconds): every command's parser is built from torch-free modules."""
+    code = (
+        "import sys\n"
+        "from rine.cli import build_parser\n"
+        "build_parser()\n"
+        "print(','.join(m for m in ('torch', 'transformers', 'numpy') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout.strip() == ""
 
 
 def test_python_api_predict_accepts_paths_and_pil(tiny_detector, tiny_checkpoint_dir, demo_images):

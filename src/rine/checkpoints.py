@@ -15,11 +15,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import HeadConfig, RINEConfig
+from .config import CONFIG_NAME, WEIGHTS_NAME, HeadConfig, RINEConfig
 from .head import RINEHead
-
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
 
 
 class CheckpointError(ValueError):

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-from .features import Item
 from .images import is_image_path
 from .layouts import LAYOUTS as EVAL_LAYOUTS
 from .layouts import read_layout
@@ -26,6 +26,15 @@ from .layouts import read_layout
 logger = logging.getLogger(__name__)
 
 TRAIN_LAYOUTS = ("progan", "ldm")
+
+
+@dataclass(frozen=True)
+class Item:
+    """One input image: its path, label (0 real, 1 fake) and set (class or test-set name)."""
+
+    path: str
+    label: int
+    set: str = ""
 
 
 LAYOUTS = (*TRAIN_LAYOUTS, *[name for name in EVAL_LAYOUTS if name not in TRAIN_LAYOUTS])

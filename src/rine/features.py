@@ -34,13 +34,13 @@ import math
 import os
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import closing
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from .datasets import Item
 from .decoding import ordered_map
 from .images import ImageLoadError, load_image
 from .preprocess import normalize
@@ -61,15 +61,6 @@ MakeViews = Callable[[Any, int, int], np.ndarray]
 
 class StoreError(ValueError):
     """A store that cannot be read or extended; `str()` is a user-facing message."""
-
-
-@dataclass(frozen=True)
-class Item:
-    """One input image: its path, label (0 real, 1 fake) and set (class or test-set name)."""
-
-    path: str
-    label: int
-    set: str = ""
 
 
 def items_sha1(items: Sequence[Item]) -> str:

@@ -18,14 +18,9 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .checkpoints import (
-    CONFIG_NAME,
-    WEIGHTS_NAME,
-    git_blob_sha1,
-    load_official_head,
-    save_pretrained,
-)
-from .config import PreprocessConfig, RINEConfig
+# torch-free at import (checkpoints and backbones are imported where weights are handled):
+# the CLI builds its --help from this registry.
+from .config import CONFIG_NAME, WEIGHTS_NAME, PreprocessConfig, RINEConfig
 
 logger = logging.getLogger(__name__)
 
@@ -129,6 +124,8 @@ def _download(url: str, dest: Path, expected_blob_sha1: str, timeout: float = 30
     """Download to a temp file beside `dest`, verify the git blob id, then rename atomically."""
     from tqdm.auto import tqdm
 
+    from .checkpoints import git_blob_sha1
+
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")
     tmp = Path(tmp_name)
@@ -204,8 +201,10 @@ def resolve_pretrained(name: str) -> Path:
             raise WeightsUnavailableError(
                 _missing_message(spec, [f"head {spec.head_file}: download from {url} failed ({reason})"])
             ) from None
-    head = load_official_head(head_path, expected_blob_sha1=spec.head_blob_sha1)
     from .backbones import BACKBONES
+    from .checkpoints import load_official_head, save_pretrained
+
+    head = load_official_head(head_path, expected_blob_sha1=spec.head_blob_sha1)
 
     config = RINEConfig(
         backbone=spec.backbone,

@@ -43,7 +43,7 @@ def add_model_options(
 ) -> None:
     """The model options shared by every command; `repeatable` lets --model and --head be
     given several times (a list in `args`), for commands that compare heads."""
-    from ..inference import PRECISIONS
+    from ..config import PRECISIONS
     from ..pretrained import DEFAULT_MODEL, list_pretrained
 
     g = parser.add_argument_group("model")

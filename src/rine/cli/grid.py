@@ -28,8 +28,6 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..grid import PAPER_GRID
-
     p = sub.add_parser("grid", help="grid search of head hyper-parameters on stored taps", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--features", required=True, metavar="STORE", help="training store")
@@ -37,16 +35,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--val-features", metavar="STORE", help="validation store (best epoch per run)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     g = p.add_argument_group("grid (default: the paper's 48 runs)")
-    g.add_argument("--factors", type=_floats, default=PAPER_GRID["factor"], help="contrastive factors (0.1,0.2,0.4,0.8)")
-    g.add_argument("--nproj", type=_ints, default=PAPER_GRID["nproj"], help="projection depths (1,2,4)")
-    g.add_argument("--proj-dims", type=_ints, default=PAPER_GRID["proj_dim"], help="projection widths (128,256,512,1024)")
+    g.add_argument("--factors", type=_floats, help="contrastive factors (0.1,0.2,0.4,0.8)")
+    g.add_argument("--nproj", type=_ints, help="projection depths (1,2,4)")
+    g.add_argument("--proj-dims", type=_ints, help="projection widths (128,256,512,1024)")
     add_train_options(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..features import FeatureStore, StoreError
-    from ..grid import grid_configs, run_grid, write_table
+    from ..grid import PAPER_GRID, grid_configs, run_grid, write_table
     from ..training import StoreTaps, save_run
 
     try:
@@ -67,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
         if not str(other.meta.get("transform", "")).startswith("center-crop"):
             print(f"rine: warning: {other.root} was extracted with {other.meta.get('transform')!r}, not the "
                   "test transform: runs are ranked on augmented images (use --transform center)", file=sys.stderr)
-    configs = grid_configs({"factor": args.factors, "nproj": args.nproj, "proj_dim": args.proj_dims}, base)
+    given = {"factor": args.factors, "nproj": args.nproj, "proj_dim": args.proj_dims}
+    configs = grid_configs({k: PAPER_GRID[k] if v is None else v for k, v in given.items()}, base)
     from pathlib import Path
 
     out = Path(args.out)
