@@ -251,3 +251,75 @@ def test_max_bytes_refuses_large_files_and_reads_sizes(capsys, tmp_path, tiny_ch
         with pytest.raises(SystemExit) as e:
             main(["detect", str(small), "--max-bytes", bad])
         assert e.value.code == 2 and "size" in capsys.readouterr().err
+
+
+def test_resume_scores_only_what_an_interrupted_run_left(capsys, tmp_path, tiny_checkpoint_dir):
+    images = [str(write_image(tmp_path / f"img{i}.png", (230 + 10 * i, 240), seed=i)) for i in range(4)]
+    model = ("--model", str(tiny_checkpoint_dir))
+    full = tmp_path / "full.jsonl"
+    assert run_cli(capsys, "detect", *images, *model, "--output", str(full))[0] == 0
+    lines = full.read_text().splitlines(keepends=True)
+    # A run killed while writing its third record: two whole lines and half of the next.
+    part = tmp_path / "part.jsonl"
+    part.write_text(lines[0] + lines[1] + lines[2][: len(lines[2]) // 2])
+    code, _, err = run_cli(capsys, "detect", *images, *model, "--output", str(part), "--resume")
+    assert code == 0, err
+    assert "2 of 4 inputs already have a record; scoring 2" in err and "unfinished last record" in err
+    records = [json.loads(line) for line in part.read_text().splitlines()]
+    assert [r["path"] for r in records] == images  # each once, in order
+    assert part.read_text().startswith(lines[0] + lines[1])  # what was there is kept as is
+    expected = [json.loads(line) for line in lines]
+    np.testing.assert_allclose([r["prob_fake"] for r in records], [r["prob_fake"] for r in expected], atol=1e-6)
+    # Nothing left to do: the file is not touched.
+    before = part.read_bytes()
+    code, _, err = run_cli(capsys, "detect", *images, *model, "--output", str(part), "--resume")
+    assert code == 0 and "4 of 4" in err and part.read_bytes() == before
+
+
+def test_resume_csv_and_what_it_refuses(capsys, tmp_path, tiny_checkpoint_dir):
+    images = [str(write_image(tmp_path / f"img{i}.jpg", (240, 240), fmt="JPEG", seed=i)) for i in range(3)]
+    model = ("--model", str(tiny_checkpoint_dir))
+    out = tmp_path / "scores.csv"
+    assert run_cli(capsys, "detect", *images[:2], *model, "--format", "csv", "-o", str(out))[0] == 0
+    code, _, err = run_cli(capsys, "detect", *images, *model, "--format", "csv", "-o", str(out), "--resume")
+    assert code == 0 and "2 of 3" in err
+    rows = list(csv.DictReader(out.open(newline="")))
+    assert [r["path"] for r in rows] == images and all(r["error"] == "" for r in rows)
+
+    notes = tmp_path / "notes.jsonl"
+    notes.write_text('{"path": "a.png", "prob_fake": 0.5}\nmy own notes, not a record\n')
+    before = notes.read_bytes()
+    code, _, err = run_cli(capsys, "detect", *images, *model, "-o", str(notes), "--resume")
+    assert code == 2 and "line 2" in err and notes.read_bytes() == before  # refused, left as it was
+    code, _, err = run_cli(capsys, "detect", *images, *model, "--format", "csv", "-o", str(notes), "--resume")
+    assert code == 2 and "not a rine detect record" in err and notes.read_bytes() == before
+    other = tmp_path / "other.csv"
+    other.write_bytes(b"name,score\r\nx,1\r\n")
+    code, _, err = run_cli(capsys, "detect", *images, *model, "--format", "csv", "-o", str(other), "--resume")
+    assert code == 2 and "header" in err and other.read_bytes() == b"name,score\r\nx,1\r\n"
+    code, _, err = run_cli(capsys, "detect", *images, *model, "--resume")
+    assert code == 2 and "--output" in err
+    code, _, err = run_cli(capsys, "detect", *images, *model, "--format", "json", "-o", str(tmp_path / "x.json"), "--resume")
+    assert code == 2 and "jsonl or csv" in err
+
+
+def test_ctrl_c_keeps_the_records_written_and_says_how_to_resume(capsys, tmp_path, tiny_checkpoint_dir, monkeypatch):
+    images = [str(write_image(tmp_path / f"img{i}.png", (240, 240), seed=i)) for i in range(3)]
+    model = ("--model", str(tiny_checkpoint_dir))
+    out = tmp_path / "scores.jsonl"
+    real_predict_iter = Detector.predict_iter
+
+    def interrupted_after_one(self, *args, **kwargs):
+        stream = real_predict_iter(self, *args, **kwargs)
+        yield next(stream)
+        stream.close()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Detector, "predict_iter", interrupted_after_one)
+    code, _, err = run_cli(capsys, "detect", *images, *model, "-o", str(out))
+    assert code == 130 and "1 of 3 records written" in err and "--resume" in err
+    assert [json.loads(line)["path"] for line in out.read_text().splitlines()] == images[:1]
+    monkeypatch.setattr(Detector, "predict_iter", real_predict_iter)
+    code, _, err = run_cli(capsys, "detect", *images, *model, "-o", str(out), "--resume")
+    assert code == 0 and "1 of 3" in err
+    assert [json.loads(line)["path"] for line in out.read_text().splitlines()] == images

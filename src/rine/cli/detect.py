@@ -4,6 +4,7 @@ Examples:
   rine detect photo.jpg                       # default model, downloaded on first use
   rine detect photos/ 'shots/**/*.png' --format csv --output scores.csv
   rine detect img.jpg --backbone ./clip-vit-large-patch14 --head ./model_4class_trainable.pth
+  rine detect archive/ -o scores.jsonl --resume   # after an interruption: score only the rest
 
 Exit status: 0 all files scored, 1 some files could not be read (they get an error
 record), 2 bad usage or missing weights.
@@ -16,6 +17,7 @@ import csv
 import io
 import json
 import sys
+from pathlib import Path
 from typing import TextIO
 
 from ..images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
@@ -46,6 +48,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     o.add_argument("--format", choices=FORMATS, default=None, help="default: table on a terminal, jsonl otherwise")
     o.add_argument("--output", "-o", metavar="FILE", help="write results here instead of standard output")
     o.add_argument("--blocks", action="store_true", help="include each image's per-block contribution (json/jsonl)")
+    o.add_argument(
+        "--resume",
+        action="store_true",
+        help="append to --output (jsonl or csv) and skip the inputs that already have a record "
+        "there, e.g. after an interrupted run; an unfinished last record is replaced. "
+        "Without it, --output is overwritten",
+    )
     r = p.add_argument_group("run")
     r.add_argument("--batch-size", type=int, default=None, help="images per encoder batch (default 16 on CPU, 64 on GPU)")
     add_decoding_options(r)
@@ -69,12 +78,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 class _Writer:
     """Writes records as they arrive for streaming formats (nothing lost on interrupt)."""
 
-    def __init__(self, stream: TextIO, fmt: str, with_blocks: bool):
+    def __init__(self, stream: TextIO, fmt: str, with_blocks: bool, header: bool = True):
         self.stream, self.fmt, self.with_blocks = stream, fmt, with_blocks
         self.rows: list[dict] = []
         if fmt == "csv":
             self.csv = csv.DictWriter(stream, fieldnames=CSV_FIELDS, extrasaction="ignore")
-            self.csv.writeheader()
+            if header:
+                self.csv.writeheader()
 
     def add(self, record: dict) -> None:
         if self.fmt == "jsonl":
@@ -110,6 +120,61 @@ def _table(rows: list[dict]) -> str:
     return out.getvalue()
 
 
+def records_done(output: Path, fmt: str) -> set[str]:
+    """The paths that already have a record in `output`, the jsonl or csv file of an earlier
+    run; raises CLIError if it is not such a file. A last record without its line end (the
+    run was killed while writing it) is cut off, once the rest has been read."""
+    if not output.exists():
+        return set()
+    if not output.is_file():
+        raise CLIError(f"--output {output} is not a file")
+    data = output.read_bytes()
+    end = b"\r\n" if fmt == "csv" else b"\n"  # the csv module ends rows with \r\n
+    complete = data.rfind(end) + len(end) if end in data else 0
+    redo = "; or drop --resume to start over (the file is then overwritten)"
+    tail = data[complete:]
+    # What an interrupted write leaves: the start of a record (or of the csv header).
+    record_start = b'{"path": ' if fmt == "jsonl" else b""
+    header_line = (",".join(CSV_FIELDS) + "\r\n").encode()
+    if fmt == "csv" and complete == 0:
+        record_start = header_line
+    if tail and not (record_start.startswith(tail) or tail.startswith(record_start)):
+        raise CLIError(f"--resume: the last line of {output} is not a rine detect record: fix or remove it{redo}")
+    try:
+        text = data[:complete].decode("utf-8")
+    except UnicodeDecodeError:
+        raise CLIError(f"--resume: {output} is not a text file written by rine detect{redo}") from None
+    done: set[str] = set()
+    if fmt == "jsonl":
+        for n, line in enumerate(text.split("\n")[:-1], 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                path = record["path"]
+            except (ValueError, KeyError, TypeError):
+                raise CLIError(f"--resume: {output}, line {n}, is not a rine detect record: fix or remove it{redo}") from None
+            done.add(str(path))
+    else:
+        rows = csv.reader(io.StringIO(text, newline=""), strict=True)
+        try:
+            header = next(rows, None)
+            if header is not None and tuple(header) != CSV_FIELDS:
+                raise CLIError(f"--resume: {output} has the header {header}, not rine detect's {list(CSV_FIELDS)}{redo}")
+            for row in rows:
+                if len(row) != len(CSV_FIELDS):
+                    raise CLIError(f"--resume: {output}, line {rows.line_num}, is not a rine detect record: "
+                                   f"fix or remove it{redo}")  # fmt: skip
+                done.add(row[0])
+        except csv.Error as e:
+            raise CLIError(f"--resume: {output} cannot be read as csv ({e}){redo}") from None
+    if tail:
+        with output.open("r+b") as f:
+            f.truncate(complete)
+        print(f"rine: {output}: removed an unfinished last record (it is scored again)", file=sys.stderr)
+    return done
+
+
 def run(args: argparse.Namespace) -> int:
     if args.decode_timeout < 0:
         return fail("--decode-timeout must be at least 0 (0: no limit)")
@@ -118,16 +183,34 @@ def run(args: argparse.Namespace) -> int:
     paths = list(expand_inputs(args.inputs))
     if not paths:
         return fail("no input images found")
+    fmt = args.format or ("table" if sys.stdout.isatty() and not args.output else "jsonl")
+    header = True
+    if args.resume:
+        if not args.output:
+            return fail("--resume needs --output FILE: the file of the run to resume")
+        if fmt not in ("jsonl", "csv"):
+            return fail(f"--resume needs --format jsonl or csv (written record by record), not {fmt}")
+        try:
+            done = records_done(Path(args.output), fmt)
+        except CLIError as e:
+            return fail(str(e))
+        header = not Path(args.output).exists() or Path(args.output).stat().st_size == 0
+        todo = [p for p in paths if p not in done]
+        print(f"rine: resuming {args.output}: {len(paths) - len(todo)} of {len(paths)} inputs already have "
+              f"a record; scoring {len(todo)}", file=sys.stderr)  # fmt: skip
+        if not todo:
+            return 0
+        paths = todo
     try:
         detector = load_detector(args, keep_reference=False)  # scoring only: half the memory
     except CLIError as e:
         return fail(str(e))
     detector.max_pixels = args.max_pixels
     detector.max_bytes = args.max_bytes
-    fmt = args.format or ("table" if sys.stdout.isatty() and not args.output else "jsonl")
-    stream = open(args.output, "w", encoding="utf-8", newline="") if args.output else sys.stdout
-    writer = _Writer(stream, fmt, args.blocks)
-    n_failed = 0
+    mode = "a" if args.resume else "w"
+    stream = open(args.output, mode, encoding="utf-8", newline="") if args.output else sys.stdout
+    writer = _Writer(stream, fmt, args.blocks, header=header)
+    n_failed = n_written = 0
     try:
         for pred in detector.predict_iter(
             paths,
@@ -140,6 +223,12 @@ def run(args: argparse.Namespace) -> int:
         ):
             n_failed += pred.error is not None
             writer.add(pred.to_dict(with_blocks=args.blocks))
+            n_written += 1
+    except KeyboardInterrupt:
+        if args.output and fmt in ("jsonl", "csv"):
+            print(f"rine: {n_written} of {len(paths)} records written to {args.output}; run the same command "
+                  "with --resume to score the rest", file=sys.stderr)  # fmt: skip
+        raise
     finally:
         writer.close()
         if args.output:
