@@ -12,6 +12,7 @@ run, each in its own subprocess (so that peak RSS is that mode's own):
       capped so that every loader worker gets at least two batches of the benchmark's images),
   (b) ours, --precision fp32,
   (c) ours, --precision auto (the default),
+  with --compile also (d) fp32 and (e) auto with torch.compile (compile time shown apart),
 and (c) again on half the images, to show that peak memory does not grow with the
 number of images. It prints images/s, the ratio to (a), peak RSS, the largest
 probability difference to fp32, and the fraction of the machine's attainable matmul
@@ -345,6 +346,7 @@ def run_mode(args: argparse.Namespace) -> dict:
         elapsed = time.perf_counter() - t0
         precision = "fp16" if on_gpu else "fp32"
         batch, workers, decoder = bs, args.threads, "processes"
+        warmup_s = None
     else:
         from rine.config import PreprocessConfig, RINEConfig
         from rine.inference import Detector
@@ -353,15 +355,18 @@ def run_mode(args: argparse.Namespace) -> dict:
         backbone = build_hf_backbone(state)
         del state
         config = RINEConfig(backbone=args.arch, head=head.config, preprocess=PreprocessConfig(crop="center"))
-        det = Detector(RINEModel(backbone, head), config, device=args.device, precision=args.mode,
-                       keep_reference=False)  # as rine detect and rine serve load it
+        precision_name, _, extra = args.mode.partition("+")  # "fp32", "auto", "fp32+compile", ...
+        det = Detector(RINEModel(backbone, head), config, device=args.device, precision=precision_name,
+                       keep_reference=False, compile=extra == "compile")  # as rine detect loads it
         from rine.inference import default_batch_size, default_decoder, default_workers
 
         precision = det.precision
         batch = args.batch_size or default_batch_size(det.device)
         workers = args.workers or default_workers(det.device)
         decoder = default_decoder(det.device) if args.decoder == "auto" else args.decoder
-        det.predict(paths[: min(len(paths), batch)], batch_size=batch)  # warm-up at the real batch shape
+        t_warm = time.perf_counter()
+        det.predict(paths[: min(len(paths), batch)], batch_size=batch)  # warm-up at the real batch shape (compiles)
+        warmup_s = time.perf_counter() - t_warm
         release_free_memory()
         model_mb = current_rss_mb()
         reset_peaks(args.device)
@@ -383,6 +388,7 @@ def run_mode(args: argparse.Namespace) -> dict:
         "model_rss_mb": model_mb,
         "workers_peak_rss_mb": children_peak_rss_mb(),
         "probs": [float(p) for p in probs],
+        "warmup_s": warmup_s,
     }
 
 
@@ -418,6 +424,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=None, help="our batch size (default: Detector's, 16 on CPU, 64 on GPU; the baseline uses 128)")
     p.add_argument("--decoder", default="auto", choices=("auto", "threads", "processes"), help="our decoding workers (default: the Detector's choice)")
     p.add_argument("--repeat", type=int, default=1, help="repeat each mode, report the median images/s")
+    p.add_argument("--compile", action="store_true", help="also measure (d) fp32 and (e) auto with --compile "
+                   "(torch.compile; its compile time is reported, not counted in images/s)")  # fmt: skip
     p.add_argument("--device", default="cpu")
     p.add_argument("--image-dir", default=None, help="where to generate the images (default: a temp folder)")
     p.add_argument("--head", default=None, help="a trained head (.pth or folder) of the arch's shape; default for "
@@ -474,7 +482,8 @@ def main() -> None:
     for arch in archs:
         n = counts[arch]
         calib = calibrate(arch, paths[:8])
-        results: dict[str, list[dict]] = {"baseline": [], "fp32": [], "auto": []}
+        modes = ["baseline", "fp32", "auto"] + (["fp32+compile", "auto+compile"] if args.compile else [])
+        results: dict[str, list[dict]] = {mode: [] for mode in modes}
         for _ in range(args.repeat):
             for mode in results:  # interleaved, so that load from other users hits all modes alike
                 results[mode].append(spawn(args, arch, mode, n, paths_file, calib))
@@ -494,12 +503,17 @@ def main() -> None:
               f"{'max |dp| vs fp32':>18}{'mean |dp|':>11}  each run's images/s")
         for mode, rs in results.items():
             r = rs[0]
-            label = {"baseline": f"(a) reference-like {r['precision']}", "fp32": "(b) ours fp32", "auto": f"(c) ours auto={r['precision']}"}[mode]
+            label = {"baseline": f"(a) reference-like {r['precision']}", "fp32": "(b) ours fp32", "auto": f"(c) ours auto={r['precision']}",
+                     "fp32+compile": "(d) ours fp32 compiled", "auto+compile": f"(e) ours {r['precision']} compiled"}[mode]  # fmt: skip
             dps = np.abs(np.array(r["probs"]) - ref_probs)
             gpu = f"{r['peak_gpu_mb']:>13.0f}" if on_gpu else ""
             print(f"{label:<24}{med[mode]:>10.2f}{med[mode] / med['baseline']:>12.2f}{r['model_rss_mb']:>15.0f}"
                   f"{r['peak_rss_mb']:>17.0f}{gpu}{dps.max():>18.2e}{dps.mean():>11.1e}  "
                   + ", ".join(f"{x['images_per_s']:.2f}" for x in rs))
+        for mode in ("fp32+compile", "auto+compile"):
+            if mode in results:
+                warm = ", ".join(f"{r['warmup_s']:.0f}" for r in results[mode])
+                print(f"{mode}: compile + first batch took {warm} s per run (not in images/s)")
         print(f"(a)'s DataLoader worker processes peaked at {results['baseline'][0]['workers_peak_rss_mb']:.0f} MB each (not included above)")
         print(f"peak RSS of (c) while scoring {half['n']} images: {half['peak_rss_mb']:.0f} MB; "
               f"{n} images: {results['auto'][0]['peak_rss_mb']:.0f} MB")

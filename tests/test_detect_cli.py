@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
 import zlib
@@ -323,3 +324,15 @@ def test_ctrl_c_keeps_the_records_written_and_says_how_to_resume(capsys, tmp_pat
     code, _, err = run_cli(capsys, "detect", *images, *model, "-o", str(out), "--resume")
     assert code == 0 and "1 of 3" in err
     assert [json.loads(line)["path"] for line in out.read_text().splitlines()] == images
+
+
+@pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="torch.compile on CPU needs a C++ compiler")
+def test_compile_gives_the_same_scores(capsys, tmp_path, tiny_checkpoint_dir):
+    images = [str(write_image(tmp_path / f"img{i}.png", (240, 250), seed=i)) for i in range(3)]
+    args = ("detect", *images, "--model", str(tiny_checkpoint_dir), "--precision", "fp32", "--batch-size", "2")
+    code, plain, err = run_cli(capsys, *args, "--format", "jsonl")
+    assert code == 0, err
+    code, compiled, err = run_cli(capsys, *args, "--format", "jsonl", "--compile")
+    assert code == 0 and "torch.compile failed" not in err
+    a, b = ([json.loads(line)["prob_fake"] for line in out.splitlines()] for out in (plain, compiled))
+    np.testing.assert_allclose(b, a, atol=1e-6)

@@ -4,6 +4,8 @@ tiny random backbones)."""
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -53,6 +55,42 @@ def test_fast_fp32_encoder_equals_reference_path(tiny_detector, onednn):
     torch.testing.assert_close(fast, expected, atol=1e-5, rtol=1e-5)
     # fewer blocks: the first taps are the same
     torch.testing.assert_close(FastTapEncoder(backbone, "fp32", onednn=onednn)(pixels, n_blocks=2), expected[:, :2], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="torch.compile on CPU needs a C++ compiler")
+def test_compiled_encoder_equals_eager_and_pads_the_last_batch(tiny_detector):
+    backbone = tiny_detector.model.backbone
+    pixels = torch.randn(5, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    expected = backbone(pixels)
+    encoder = FastTapEncoder(backbone, "fp32", compile=True)
+    assert encoder.compiled
+    from torch._dynamo.utils import counters
+
+    graphs = counters["stats"]["unique_graphs"]
+    # A run's batches: 3 (here as a channels-last view, as normalised pixels can be), then 2.
+    full = encoder(pixels[:3].permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2))
+    last = encoder(pixels[3:])
+    assert encoder.compiled and last.shape == (2, 3, 64)  # compiled, not fallen back
+    torch.testing.assert_close(torch.cat([full, last]), expected, atol=1e-5, rtol=1e-5)
+    assert encoder._compiled_batch == 3  # the 2 were padded to 3 ...
+    assert counters["stats"]["unique_graphs"] - graphs == 1  # ... and one graph served the run
+
+
+def test_failed_compile_falls_back_to_the_eager_encoder(tiny_detector, caplog):
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    backbone = tiny_detector.model.backbone
+    pixels = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(2))
+    encoder = FastTapEncoder(backbone, "fp32", compile=True)
+
+    def no_compiler(*args):
+        raise BackendCompilerFailed(lambda *a: None, RuntimeError("no C++ compiler found"), None)
+
+    encoder._compiled = no_compiler
+    with caplog.at_level("WARNING", logger="rine.accel"):
+        taps = encoder(pixels)
+    assert not encoder.compiled and "torch.compile failed" in caplog.text
+    torch.testing.assert_close(taps, backbone(pixels), atol=1e-5, rtol=1e-5)
 
 
 def test_fast_encoder_rejects_non_clip_activation(tiny_detector):

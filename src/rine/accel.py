@@ -9,7 +9,12 @@
   * on CPU, weights pre-packed once into oneDNN's blocked layout (`mkldnn` linear),
     instead of re-laying them out on every call, with the MLP's activation fused into
     the first GEMM, and attention in fp32 (faster than bf16 in PyTorch's CPU kernel),
-  * only the blocks whose taps are needed, and no MLP after the last needed tap.
+  * only the blocks whose taps are needed, and no MLP after the last needed tap,
+  * optionally (`compile=True`), the whole forward compiled by `torch.compile` with
+    inductor's weight freezing: LayerNorms, residual adds and activations fused around
+    GEMMs that inductor packs itself (2-core Sapphire Rapids, ViT-L/14: fp32 encoder 1.15x
+    after a 1-minute compile; bf16 1.04x). Needs a C++ compiler on CPU; if compiling
+    fails, the forward runs uncompiled with a warning.
 
 Precision names: "fp32" (exact: the parity tests' mode), "bf16", "fp16", and "auto"
 (bf16 on CPUs with native bf16 dot products, fp16 on CUDA, else fp32).
@@ -156,7 +161,14 @@ class FastTapEncoder(nn.Module):
     forward(pixel_values [batch, 3, S, S] float32) -> taps [batch, blocks, width] float32
     """
 
-    def __init__(self, backbone: nn.Module, precision: str = "bf16", device: torch.device | str = "cpu", onednn: bool | None = None):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        precision: str = "bf16",
+        device: torch.device | str = "cpu",
+        onednn: bool | None = None,
+        compile: bool = False,
+    ):
         super().__init__()
         if precision not in DTYPES:
             raise ValueError(f"FastTapEncoder needs a concrete precision ({', '.join(DTYPES)}), got {precision!r}")
@@ -167,7 +179,9 @@ class FastTapEncoder(nn.Module):
             raise ValueError(f"FastTapEncoder supports CLIP's quick_gelu MLP only, not {cfg.hidden_act!r}")
         self.dtype = DTYPES[precision]
         self.precision = precision
-        if onednn is None:
+        if compile:
+            onednn = False  # inductor's freezing packs plain weights itself, fused with their neighbours
+        elif onednn is None:
             # oneDNN packs fp32 and bf16 weights; its fp16 path needs AVX512-FP16 CPUs.
             onednn = device.type == "cpu" and precision != "fp16" and torch.backends.mkldnn.is_available()
         self.onednn = onednn
@@ -207,13 +221,45 @@ class FastTapEncoder(nn.Module):
                     fc2,
                 )
             )
+        # One graph per batch size: smaller batches are padded to the largest seen so far,
+        # so that a run's last, partial batch does not compile a second graph.
+        self._compiled = torch.compile(self._taps, dynamic=False) if compile else None
+        self._compiled_batch = 0
 
     @torch.no_grad()
     def forward(self, pixel_values: torch.Tensor, n_blocks: int | None = None) -> torch.Tensor:
         """pixel_values [batch, 3, S, S] -> taps [batch, n_blocks, width] float32."""
         n = self.n_blocks if n_blocks is None else n_blocks
         with exact_fp32(pixel_values.device) if self.precision == "fp32" else nullcontext():
+            if self._compiled is not None:
+                return self._compiled_taps(pixel_values, n)
             return self._taps(pixel_values, n)
+
+    @property
+    def compiled(self) -> bool:
+        return self._compiled is not None
+
+    def _compiled_taps(self, pixel_values: torch.Tensor, n: int) -> torch.Tensor:
+        import torch._inductor.config as inductor_config
+        from torch._dynamo.exc import TorchDynamoException
+        from torch._inductor.exc import CppCompileError
+
+        batch = pixel_values.shape[0]
+        self._compiled_batch = max(self._compiled_batch, batch)
+        # The graph is specialised on strides too: one layout for every batch (normalised
+        # pixels may arrive as a channels-last view, padded ones as a fresh tensor).
+        pixel_values = pixel_values.contiguous()
+        if batch < self._compiled_batch:
+            pad = pixel_values.new_zeros((self._compiled_batch - batch, *pixel_values.shape[1:]))
+            pixel_values = torch.cat([pixel_values, pad])
+        try:
+            with inductor_config.patch(freezing=True):
+                return self._compiled(pixel_values, n)[:batch]
+        except (TorchDynamoException, CppCompileError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            logger.warning("torch.compile failed (%s: %s); the encoder runs uncompiled", type(e).__name__, first[:300])
+            self._compiled = None
+            return self._taps(pixel_values[:batch], n)
 
     def _taps(self, pixel_values: torch.Tensor, n: int) -> torch.Tensor:
         hidden = self.pre_layrnorm(self.embeddings(pixel_values.float()))  # [B, T, D] fp32

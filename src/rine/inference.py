@@ -130,6 +130,9 @@ def _normalize_on(batch_uint8: torch.Tensor, mean, std) -> torch.Tensor:
 class Detector:
     """A loaded RINE model plus its preprocessing: images in, probabilities out.
 
+    compile=True compiles the encoder with torch.compile on first use (about a minute for
+    ViT-L; worth it for thousands of images, mostly in fp32 on CPU: docs/performance.md).
+
     keep_reference=False frees the backbone's own block weights once the fast encoder has
     re-laid-out copies (about half the resident memory of a ViT-L detector); scoring is
     unchanged, but `detector.model(...)` (the reference forward) then refuses to run.
@@ -145,6 +148,7 @@ class Detector:
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
         max_bytes: int | None = DEFAULT_MAX_BYTES,
         keep_reference: bool = True,
+        compile: bool = False,
     ):
         self.device = resolve_device(str(device) if device is not None else None)
         self.requested_precision = precision
@@ -154,7 +158,7 @@ class Detector:
         self.config = config
         self.max_pixels = max_pixels  # per image, from the header, before decoding
         self.max_bytes = max_bytes  # per file, before reading it
-        self.encoder = self._build_encoder()
+        self.encoder = self._build_encoder(compile)
         if not keep_reference and isinstance(self.encoder, FastTapEncoder):
             # The fast encoder holds its own copies of the block weights: the reference
             # (HF) ones would only double the memory (+1.2 GB for ViT-L in float32).
@@ -162,14 +166,15 @@ class Detector:
             logger.info("released %.0f MB of reference block weights", freed / 2**20)
         logger.info("encoder precision %s (asked: %s) on %s", self.precision, precision, self.device)
 
-    def _build_encoder(self) -> torch.nn.Module:
-        """The fast encoder for this precision; the HF path if the backbone is not CLIP-like."""
+    def _build_encoder(self, compile: bool) -> torch.nn.Module:
+        """The fast encoder for this precision (compiled by torch.compile if asked); the HF
+        path if the backbone is not CLIP-like."""
         try:
-            return FastTapEncoder(self.model.backbone, self.precision, self.device)
+            return FastTapEncoder(self.model.backbone, self.precision, self.device, compile=compile)
         except (ValueError, AttributeError, RuntimeError) as e:
             if self.precision != "fp32":
                 raise ValueError(f"precision {self.precision} is not available for this backbone: {e}") from e
-            logger.info("fast encoder unavailable (%s); using the reference fp32 path", e)
+            logger.info("fast encoder unavailable (%s); using the reference fp32 path, uncompiled", e)
             return self.model.backbone
 
     # ------------------------------------------------------------------ construction

@@ -37,7 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     n.add_argument("--api-key-env", metavar="NAME",
                    help="require the header X-API-Key to equal the value of this environment variable")
     n.add_argument("--no-access-log", action="store_true", help="do not log each request")
-    add_model_options(p)
+    add_model_options(p, batch_jobs=False)
     lim = p.add_argument_group("limits")
     lim.add_argument("--max-file-mb", type=float, default=20, help="largest image accepted, MB (default 20)")
     lim.add_argument("--max-request-mb", type=float, default=64, help="largest request body, MB (default 64)")
