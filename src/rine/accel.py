@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import warnings
 from contextlib import contextmanager, nullcontext
 from functools import lru_cache
 
@@ -253,7 +254,9 @@ class FastTapEncoder(nn.Module):
             pad = pixel_values.new_zeros((self._compiled_batch - batch, *pixel_values.shape[1:]))
             pixel_values = torch.cat([pixel_values, pad])
         try:
-            with inductor_config.patch(freezing=True):
+            with inductor_config.patch(freezing=True), warnings.catch_warnings():
+                # fp32 is IEEE on purpose: inductor's advice to enable TF32 does not apply.
+                warnings.filterwarnings("ignore", message="TensorFloat32 tensor cores", category=UserWarning)
                 return self._compiled(pixel_values, n)[:batch]
         except (TorchDynamoException, CppCompileError) as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]

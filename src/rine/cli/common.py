@@ -94,9 +94,10 @@ def add_model_options(
     g.add_argument(
         "--compile",
         action="store_true",
-        help="compile the encoder with torch.compile before scoring: about a minute at start "
-        "(needs a C++ compiler on CPU; falls back to uncompiled with a warning), then about 15%% "
-        "faster in fp32 on CPU (4%% in bf16). Worth it for thousands of images",
+        help="compile the encoder with torch.compile before scoring: 30-60 s at start and a "
+        "second copy of the weights in memory (needs a C++ compiler on CPU; falls back to "
+        "uncompiled with a warning). Then about 15%% faster with --precision fp32 on CPU; no "
+        "gain in bf16. Worth it for thousands of images in fp32",
     )
 
 
