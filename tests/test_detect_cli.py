@@ -298,6 +298,13 @@ def test_resume_csv_and_what_it_refuses(capsys, tmp_path, tiny_checkpoint_dir):
     other.write_bytes(b"name,score\r\nx,1\r\n")
     code, _, err = run_cli(capsys, "detect", *images, *model, "--format", "csv", "-o", str(other), "--resume")
     assert code == 2 and "header" in err and other.read_bytes() == b"name,score\r\nx,1\r\n"
+    # Lines a person appended, or rows with other line ends: not a cut record, never deleted.
+    for extra in (b"reviewed by alice: all fine\n", b"x.png,0.5,0.1,False,\n"):
+        edited = tmp_path / "edited.csv"
+        edited.write_bytes(out.read_bytes() + extra)
+        before = edited.read_bytes()
+        code, _, err = run_cli(capsys, "detect", *images, *model, "--format", "csv", "-o", str(edited), "--resume")
+        assert code == 2 and "not a rine detect record" in err and edited.read_bytes() == before
     code, _, err = run_cli(capsys, "detect", *images, *model, "--resume")
     assert code == 2 and "--output" in err
     code, _, err = run_cli(capsys, "detect", *images, *model, "--format", "json", "-o", str(tmp_path / "x.json"), "--resume")
@@ -336,3 +343,16 @@ def test_compile_gives_the_same_scores(capsys, tmp_path, tiny_checkpoint_dir):
     assert code == 0 and "torch.compile failed" not in err
     a, b = ([json.loads(line)["prob_fake"] for line in out.splitlines()] for out in (plain, compiled))
     np.testing.assert_allclose(b, a, atol=1e-6)
+
+
+def test_resume_counts_earlier_errors_in_the_exit_status(capsys, tmp_path, tiny_checkpoint_dir):
+    good = [str(write_image(tmp_path / f"img{i}.png", (240, 240), seed=i)) for i in range(2)]
+    missing = str(tmp_path / "gone.png")
+    model = ("--model", str(tiny_checkpoint_dir))
+    out = tmp_path / "scores.jsonl"
+    assert run_cli(capsys, "detect", good[0], missing, *model, "-o", str(out))[0] == 1
+    code, _, err = run_cli(capsys, "detect", good[0], missing, good[1], *model, "-o", str(out), "--resume")
+    assert code == 1 and "2 of 3" in err and "1 of them errors, not retried" in err
+    assert [json.loads(line)["path"] for line in out.read_text().splitlines()] == [good[0], missing, good[1]]
+    code, _, err = run_cli(capsys, "detect", good[0], good[1], *model, "-o", str(out), "--resume")
+    assert code == 0 and "2 of 2" in err  # the error is not among these inputs

@@ -52,8 +52,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--resume",
         action="store_true",
         help="append to --output (jsonl or csv) and skip the inputs that already have a record "
-        "there, e.g. after an interrupted run; an unfinished last record is replaced. "
-        "Without it, --output is overwritten",
+        "there, e.g. after an interrupted run; an unfinished last record is replaced. Error "
+        "records count as done (and in the exit status): remove their lines to retry them. "
+        "Without --resume, --output is overwritten",
     )
     r = p.add_argument_group("run")
     r.add_argument("--batch-size", type=int, default=None, help="images per encoder batch (default 16 on CPU, 64 on GPU)")
@@ -120,12 +121,39 @@ def _table(rows: list[dict]) -> str:
     return out.getvalue()
 
 
-def records_done(output: Path, fmt: str) -> set[str]:
+def _is_cut_record(tail: bytes, fmt: str, first_line: bool) -> bool:
+    """Whether `tail` (the bytes after the last line end) can be the start of a record that
+    rine detect was writing when it was killed -- and nothing else, such as a line that
+    someone appended by hand, which must not be deleted."""
+    if fmt == "jsonl":
+        return tail.startswith(b'{"path": ') or b'{"path": '.startswith(tail)
+    if first_line:
+        return (",".join(CSV_FIELDS) + "\r\n").encode().startswith(tail)
+    for cut in range(4):  # the last UTF-8 character may itself be cut
+        try:
+            text = tail[: len(tail) - cut].decode("utf-8")
+            break
+        except UnicodeDecodeError:
+            continue
+    else:
+        return False
+    in_quotes = False
+    for ch in text:  # the csv module writes line ends only inside quoted fields, or as \r\n
+        if ch == '"':
+            in_quotes = not in_quotes
+        elif ch in "\r\n" and not in_quotes:
+            return False
+    fields = next(csv.reader(io.StringIO(text, newline="")), [])
+    return len(fields) <= len(CSV_FIELDS)
+
+
+def records_done(output: Path, fmt: str) -> dict[str, bool]:
     """The paths that already have a record in `output`, the jsonl or csv file of an earlier
-    run; raises CLIError if it is not such a file. A last record without its line end (the
-    run was killed while writing it) is cut off, once the rest has been read."""
+    run, each mapped to whether that record is an error; raises CLIError if `output` is not
+    such a file. A last record without its line end (the run was killed while writing it) is
+    cut off, once the rest has been read."""
     if not output.exists():
-        return set()
+        return {}
     if not output.is_file():
         raise CLIError(f"--output {output} is not a file")
     data = output.read_bytes()
@@ -133,28 +161,22 @@ def records_done(output: Path, fmt: str) -> set[str]:
     complete = data.rfind(end) + len(end) if end in data else 0
     redo = "; or drop --resume to start over (the file is then overwritten)"
     tail = data[complete:]
-    # What an interrupted write leaves: the start of a record (or of the csv header).
-    record_start = b'{"path": ' if fmt == "jsonl" else b""
-    header_line = (",".join(CSV_FIELDS) + "\r\n").encode()
-    if fmt == "csv" and complete == 0:
-        record_start = header_line
-    if tail and not (record_start.startswith(tail) or tail.startswith(record_start)):
+    if tail and not _is_cut_record(tail, fmt, first_line=complete == 0):
         raise CLIError(f"--resume: the last line of {output} is not a rine detect record: fix or remove it{redo}")
     try:
         text = data[:complete].decode("utf-8")
     except UnicodeDecodeError:
         raise CLIError(f"--resume: {output} is not a text file written by rine detect{redo}") from None
-    done: set[str] = set()
+    done: dict[str, bool] = {}
     if fmt == "jsonl":
         for n, line in enumerate(text.split("\n")[:-1], 1):
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
-                path = record["path"]
-            except (ValueError, KeyError, TypeError):
+                done[str(record["path"])] = bool(record.get("error"))
+            except (ValueError, KeyError, TypeError, AttributeError):
                 raise CLIError(f"--resume: {output}, line {n}, is not a rine detect record: fix or remove it{redo}") from None
-            done.add(str(path))
     else:
         rows = csv.reader(io.StringIO(text, newline=""), strict=True)
         try:
@@ -165,7 +187,7 @@ def records_done(output: Path, fmt: str) -> set[str]:
                 if len(row) != len(CSV_FIELDS):
                     raise CLIError(f"--resume: {output}, line {rows.line_num}, is not a rine detect record: "
                                    f"fix or remove it{redo}")  # fmt: skip
-                done.add(row[0])
+                done[row[0]] = bool(row[CSV_FIELDS.index("error")])
         except csv.Error as e:
             raise CLIError(f"--resume: {output} cannot be read as csv ({e}){redo}") from None
     if tail:
@@ -184,7 +206,7 @@ def run(args: argparse.Namespace) -> int:
     if not paths:
         return fail("no input images found")
     fmt = args.format or ("table" if sys.stdout.isatty() and not args.output else "jsonl")
-    header = True
+    header, failed_before = True, 0
     if args.resume:
         if not args.output:
             return fail("--resume needs --output FILE: the file of the run to resume")
@@ -196,10 +218,13 @@ def run(args: argparse.Namespace) -> int:
             return fail(str(e))
         header = not Path(args.output).exists() or Path(args.output).stat().st_size == 0
         todo = [p for p in paths if p not in done]
+        failed_before = sum(done.get(p, False) for p in paths)
+        errors = (f" ({failed_before} of them errors, not retried: remove their lines to retry them)"
+                  if failed_before else "")  # fmt: skip
         print(f"rine: resuming {args.output}: {len(paths) - len(todo)} of {len(paths)} inputs already have "
-              f"a record; scoring {len(todo)}", file=sys.stderr)  # fmt: skip
+              f"a record{errors}; scoring {len(todo)}", file=sys.stderr)  # fmt: skip
         if not todo:
-            return 0
+            return 1 if failed_before else 0
         paths = todo
     try:
         detector = load_detector(args, keep_reference=False)  # scoring only: half the memory
@@ -235,5 +260,4 @@ def run(args: argparse.Namespace) -> int:
             stream.close()
     if n_failed:
         print(f"rine: {n_failed} of {len(paths)} inputs could not be scored (see their error field)", file=sys.stderr)
-        return 1
-    return 0
+    return 1 if n_failed or failed_before else 0
