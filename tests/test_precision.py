@@ -73,7 +73,19 @@ def test_compiled_encoder_equals_eager_and_pads_the_last_batch(tiny_detector):
     assert encoder.compiled and last.shape == (2, 3, 64)  # compiled, not fallen back
     torch.testing.assert_close(torch.cat([full, last]), expected, atol=1e-5, rtol=1e-5)
     assert encoder._compiled_batch == 3  # the 2 were padded to 3 ...
-    assert counters["stats"]["unique_graphs"] - graphs == 1  # ... and one graph served the run
+    bigger = encoder(torch.cat([pixels, pixels[:2]]))  # ... and 7 run as 3 + 3 + 1 (padded)
+    torch.testing.assert_close(bigger, torch.cat([expected, expected[:2]]), atol=1e-5, rtol=1e-5)
+    assert counters["stats"]["unique_graphs"] - graphs == 1  # one graph (one copy of the weights) for all
+
+
+@pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="torch.compile on CPU needs a C++ compiler")
+def test_compiled_graph_is_built_for_the_planned_batch(tiny_detector):
+    encoder = FastTapEncoder(tiny_detector.model.backbone, "fp32", compile=True)
+    encoder.plan_batch(4)
+    pixels = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(3))
+    encoder(pixels)  # a first batch smaller than the run's: padded to the planned 4
+    encoder.plan_batch(16)  # too late: the graph is built
+    assert encoder._compiled_batch == 4
 
 
 def test_failed_compile_falls_back_to_the_eager_encoder(tiny_detector, caplog):

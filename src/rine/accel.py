@@ -222,10 +222,12 @@ class FastTapEncoder(nn.Module):
                     fc2,
                 )
             )
-        # One graph per batch size: smaller batches are padded to the largest seen so far,
-        # so that a run's last, partial batch does not compile a second graph.
+        # One graph, for one batch size (each graph holds its own frozen copy of the weights
+        # and takes ~40 s to build for ViT-L): smaller batches are padded to that size, larger
+        # ones split. `plan_batch` sets the size before the graph is built.
         self._compiled = torch.compile(self._taps, dynamic=False) if compile else None
         self._compiled_batch = 0
+        self._graph_built = False
 
     @torch.no_grad()
     def forward(self, pixel_values: torch.Tensor, n_blocks: int | None = None) -> torch.Tensor:
@@ -240,24 +242,36 @@ class FastTapEncoder(nn.Module):
     def compiled(self) -> bool:
         return self._compiled is not None
 
+    def plan_batch(self, batch: int) -> None:
+        """The batch size to build the compiled graph for, if it is not built yet (a run's
+        batch size, so that its first batch -- possibly smaller -- does not fix a smaller one)."""
+        if self._compiled is not None and not self._graph_built:
+            self._compiled_batch = max(self._compiled_batch, batch)
+
     def _compiled_taps(self, pixel_values: torch.Tensor, n: int) -> torch.Tensor:
         import torch._inductor.config as inductor_config
         from torch._dynamo.exc import TorchDynamoException
         from torch._inductor.exc import CppCompileError
 
         batch = pixel_values.shape[0]
-        self._compiled_batch = max(self._compiled_batch, batch)
+        if not self._graph_built:
+            self._compiled_batch = max(self._compiled_batch, batch)
+        size = self._compiled_batch
+        if batch > size:
+            return torch.cat([self._compiled_taps(pixel_values[i : i + size], n) for i in range(0, batch, size)])
         # The graph is specialised on strides too: one layout for every batch (normalised
         # pixels may arrive as a channels-last view, padded ones as a fresh tensor).
         pixel_values = pixel_values.contiguous()
-        if batch < self._compiled_batch:
-            pad = pixel_values.new_zeros((self._compiled_batch - batch, *pixel_values.shape[1:]))
+        if batch < size:
+            pad = pixel_values.new_zeros((size - batch, *pixel_values.shape[1:]))
             pixel_values = torch.cat([pixel_values, pad])
         try:
             with inductor_config.patch(freezing=True), warnings.catch_warnings():
                 # fp32 is IEEE on purpose: inductor's advice to enable TF32 does not apply.
                 warnings.filterwarnings("ignore", message="TensorFloat32 tensor cores", category=UserWarning)
-                return self._compiled(pixel_values, n)[:batch]
+                taps = self._compiled(pixel_values, n)[:batch]
+            self._graph_built = True
+            return taps
         except (TorchDynamoException, CppCompileError) as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             logger.warning("torch.compile failed (%s: %s); the encoder runs uncompiled", type(e).__name__, first[:300])

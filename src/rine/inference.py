@@ -130,8 +130,10 @@ def _normalize_on(batch_uint8: torch.Tensor, mean, std) -> torch.Tensor:
 class Detector:
     """A loaded RINE model plus its preprocessing: images in, probabilities out.
 
-    compile=True compiles the encoder with torch.compile on first use (about a minute for
-    ViT-L; worth it for thousands of images, mostly in fp32 on CPU: docs/performance.md).
+    compile=True compiles the encoder with torch.compile on first use (30-60 s for ViT-L, and
+    a second copy of the weights; worth it for thousands of images in fp32 on CPU:
+    docs/performance.md). Its one graph is built for the first batch size asked for; later
+    batches are padded or split to that size.
 
     keep_reference=False frees the backbone's own block weights once the fast encoder has
     re-laid-out copies (about half the resident memory of a ViT-L detector); scoring is
@@ -277,10 +279,16 @@ class Detector:
         """uint8 views [N, S, S, 3] -> taps [N, blocks, width] float32 on CPU, through the
         same fast encoder and precision as `score_views` (used by evaluation)."""
         x = torch.as_tensor(views_uint8)
+        self._plan_batch(batch_size)
         out = [self._encode(x[i : i + batch_size]).float().cpu() for i in range(0, len(x), batch_size)]
         if not out:
             return torch.empty(0, self.model.backbone.n_blocks, self.model.backbone.width)
         return torch.cat(out)
+
+    def _plan_batch(self, views: int) -> None:
+        """Tell a compiled encoder the batch size to build its one graph for."""
+        if isinstance(self.encoder, FastTapEncoder):
+            self.encoder.plan_batch(views)
 
     def _encode(self, x_uint8: torch.Tensor) -> torch.Tensor:
         """uint8 [N, S, S, 3] (CPU) -> taps [N, blocks, width] on the device."""
@@ -337,6 +345,7 @@ class Detector:
         batch_size = batch_size or default_batch_size(self.device)
         workers = num_workers or default_workers(self.device)
         decoder = default_decoder(self.device) if decoder == "auto" else decoder
+        self._plan_batch(batch_size * (10 if self.config.preprocess.crop == "ten" else 1))
         bar = tqdm(total=total, unit="img", disable=not progress, dynamic_ncols=True)
         names: list[str] = []
         arrays: list[np.ndarray] = []
