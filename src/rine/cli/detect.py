@@ -7,7 +7,7 @@ Examples:
   rine detect archive/ -o scores.jsonl --resume   # after an interruption: score only the rest
 
 Exit status: 0 all files scored, 1 some files could not be read (they get an error
-record), 2 bad usage or missing weights.
+record; with --resume, also those of the earlier run), 2 bad usage or missing weights.
 """
 
 from __future__ import annotations
