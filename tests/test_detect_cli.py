@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -275,6 +276,29 @@ def test_resume_scores_only_what_an_interrupted_run_left(capsys, tmp_path, tiny_
     before = part.read_bytes()
     code, _, err = run_cli(capsys, "detect", *images, *model, "--output", str(part), "--resume")
     assert code == 0 and "4 of 4" in err and part.read_bytes() == before
+
+
+def test_resume_matches_files_not_spellings(capsys, tmp_path, tiny_checkpoint_dir, monkeypatch):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(3):
+        write_image(folder / f"img{i}.png", (230, 240), seed=i)
+    model = ("--model", str(tiny_checkpoint_dir))
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "scores.jsonl"
+    # First run: the folder; then one record is lost, as after a kill between two records.
+    assert run_cli(capsys, "detect", "imgs", *model, "-o", str(out))[0] == 0
+    lines = out.read_text().splitlines(keepends=True)
+    out.write_text("".join(lines[:2]))
+    # Resumed with the files spelled another way: absolute, `./`, and one through a symlink.
+    (tmp_path / "link.png").symlink_to(folder / "img0.png")
+    spelled = [str(folder / "img0.png"), "./imgs/img1.png", "./imgs/img2.png", "link.png"]
+    code, _, err = run_cli(capsys, "detect", *spelled, *model, "-o", str(out), "--resume")
+    assert code == 0, err
+    assert "3 of 4 inputs already have a record; scoring 1" in err
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == 3
+    assert os.path.samefile(records[2]["path"], folder / "img2.png")
 
 
 def test_resume_csv_and_what_it_refuses(capsys, tmp_path, tiny_checkpoint_dir):

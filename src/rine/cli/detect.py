@@ -16,6 +16,7 @@ import argparse
 import csv
 import io
 import json
+import os
 import sys
 from pathlib import Path
 from typing import TextIO
@@ -52,7 +53,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--resume",
         action="store_true",
         help="append to --output (jsonl or csv) and skip the inputs that already have a record "
-        "there, e.g. after an interrupted run; an unfinished last record is replaced. Error "
+        "there (the same file however it is spelled: relative, absolute, through a symlink), "
+        "e.g. after an interrupted run; an unfinished last record is replaced. Error "
         "records count as done (and in the exit status): remove their lines to retry them. "
         "Without --resume, --output is overwritten",
     )
@@ -197,6 +199,10 @@ def records_done(output: Path, fmt: str) -> dict[str, bool]:
     return done
 
 
+def _file_key(path: str) -> str:
+    return os.path.normcase(os.path.realpath(path))
+
+
 def run(args: argparse.Namespace) -> int:
     if args.decode_timeout < 0:
         return fail("--decode-timeout must be at least 0 (0: no limit)")
@@ -217,8 +223,10 @@ def run(args: argparse.Namespace) -> int:
         except CLIError as e:
             return fail(str(e))
         header = not Path(args.output).exists() or Path(args.output).stat().st_size == 0
-        todo = [p for p in paths if p not in done]
-        failed_before = sum(done.get(p, False) for p in paths)
+        # Match files, not spellings: `./dir/a.png`, `dir/a.png` and a symlink to it are one file.
+        done = {_file_key(p): is_error for p, is_error in done.items()}
+        todo = [p for p in paths if _file_key(p) not in done]
+        failed_before = sum(done.get(_file_key(p), False) for p in paths)
         errors = (f" ({failed_before} of them errors, not retried: remove their lines to retry them)"
                   if failed_before else "")  # fmt: skip
         print(f"rine: resuming {args.output}: {len(paths) - len(todo)} of {len(paths)} inputs already have "
