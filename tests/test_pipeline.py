@@ -114,6 +114,40 @@ def test_image_load_error_pickles_with_its_kind():
     assert isinstance(err, ImageLoadError) and str(err) == "empty file" and err.kind == "empty"
 
 
+def test_only_the_listed_formats_are_decoded_whatever_the_name(tmp_path, monkeypatch):
+    """Pillow sniffs content, so a file named x.jpg could reach any of its readers; EPS
+    runs Ghostscript. Only the formats of IMAGE_EXTENSIONS are opened."""
+    import io
+
+    from PIL import EpsImagePlugin, Image
+
+    from rine.images import ImageLoadError, load_image
+
+    def ghostscript(*a, **k):
+        raise AssertionError("Ghostscript was reached")
+
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", ghostscript)
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n%%EOF\n"
+    disguised = tmp_path / "photo.jpg"
+    disguised.write_bytes(eps)
+    for source in (disguised, eps):
+        with pytest.raises(ImageLoadError, match="not an image in a supported format") as e:
+            load_image(source)
+        assert e.value.kind == "not_image"
+    for fmt in ("ICO", "TGA", "JPEG2000"):
+        buf = io.BytesIO()
+        Image.new("RGB", (16, 16)).save(buf, format=fmt)
+        with pytest.raises(ImageLoadError, match="supported format"):
+            load_image(buf.getvalue())
+    # What cameras and the web produce still opens: JPEG, camera MPO (two frames), PNG, WebP, ...
+    for fmt, extra in (("JPEG", {}), ("PNG", {}), ("WEBP", {"lossless": True}), ("BMP", {}), ("TIFF", {}),
+                       ("GIF", {}), ("PPM", {}),
+                       ("MPO", {"save_all": True, "append_images": [Image.new("RGB", (16, 16))]})):  # fmt: skip
+        buf = io.BytesIO()
+        Image.new("RGB", (16, 16), (0, 128, 255)).save(buf, format=fmt, **extra)
+        assert load_image(buf.getvalue()).size == (16, 16), fmt
+
+
 def test_unknown_decoder_is_refused(fp32_detector):
     with pytest.raises(ValueError, match="decoder must be one of"):
         list(fp32_detector.predict_iter([], decoder="fibers"))

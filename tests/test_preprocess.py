@@ -87,3 +87,52 @@ def test_center_views_cut_by_pillow_equal_the_array_crop():
         views = crop_views(Image.fromarray(a), PreprocessConfig(crop="center"))
         assert views.shape == (1, 224, 224, 3) and views.flags.c_contiguous and views.flags.writeable
         np.testing.assert_array_equal(views[0], center_crop_array(a, 224))
+
+
+def _padded_then_cut_ten(a, size):
+    """TenCrop the slow way: materialise the zero padding, then slice (the definition)."""
+    p = pad_to_min_size(a, size)
+    h, w = p.shape[:2]
+
+    def five(x):
+        return [x[:size, :size], x[:size, w - size :], x[h - size :, :size], x[h - size :, w - size :],
+                center_crop_array(x, size)]  # fmt: skip
+
+    return five(p) + five(p[:, ::-1])
+
+
+def test_crops_of_small_and_thin_images_equal_padding_then_cutting():
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        h, w = (int(v) for v in rng.integers(1, 70, 2))
+        size = int(rng.integers(1, 50))
+        a = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        p = pad_to_min_size(a, size)
+        top, left = int(round((p.shape[0] - size) / 2.0)), int(round((p.shape[1] - size) / 2.0))
+        np.testing.assert_array_equal(center_crop_array(a, size), p[top : top + size, left : left + size])
+        for got, want in zip(ten_crop_arrays(a, size), _padded_then_cut_ten(a, size), strict=True):
+            np.testing.assert_array_equal(got, want)
+
+
+def test_a_thin_image_is_cropped_without_building_its_padding():
+    # 1 x 3,000,000 px: padding it whole to width 224 would take 2 GB; the crops take 224 x 224.
+    thin = Image.new("RGB", (1, 3_000_000), (200, 100, 50))
+    for crop in ("center", "ten"):
+        views = crop_views(thin, PreprocessConfig(crop=crop))
+        assert views.shape == ((10 if crop == "ten" else 1), 224, 224, 3) and views.nbytes <= 10 * 224 * 224 * 3
+        column = 223 - 111 if crop == "ten" else 111  # the image's one column: pad (224 - 1) // 2 = 111 on the left
+        assert (views[0, :, 111] == (200, 100, 50)).all() and views[0, :, :111].max() == 0
+        assert views[-1, :, column].tolist() == views[0, :, 111].tolist()
+
+
+def test_resize_refuses_images_too_elongated_to_resize():
+    import pytest
+
+    from rine.images import ImageLoadError
+    from rine.preprocess import MAX_RESIZE_ASPECT
+
+    ok = Image.new("RGB", (10, 10 * MAX_RESIZE_ASPECT))
+    assert crop_views(ok, PreprocessConfig(crop="resize")).shape == (1, 224, 224, 3)
+    with pytest.raises(ImageLoadError, match="too elongated") as e:
+        crop_views(Image.new("RGB", (1, 100_000)), PreprocessConfig(crop="resize"))
+    assert e.value.kind == "too_many_pixels"

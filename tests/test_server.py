@@ -328,6 +328,18 @@ def test_too_many_pixels_is_413(tiny_detector):
         assert r.status_code == 413 and "too many pixels" in r.json()["detail"]
 
 
+def test_request_pixel_budget_refuses_the_image_that_exceeds_it(tiny_detector):
+    img = png_bytes((100, 100))  # 10,000 px each: the budget holds two
+    with make_client(tiny_detector, max_request_pixels=25_000, decode_workers=1) as c:
+        r = c.post("/v1/detect", files=upload(("1.png", img), ("2.png", img), ("3.png", img)))
+        assert r.status_code == 200
+        statuses = [x["status"] for x in r.json()["results"]]
+        assert statuses == [200, 200, 413], statuses
+        assert "too many pixels in this request" in r.json()["results"][2]["error"]
+        # The budget is per request: the next one starts afresh.
+        assert c.post("/v1/detect", files=upload(("4.png", img))).status_code == 200
+
+
 def test_decompression_bomb_is_refused_from_the_header(client):
     from PIL import Image
 
@@ -335,6 +347,28 @@ def test_decompression_bomb_is_refused_from_the_header(client):
     Image.new("L", (12_000, 12_000)).save(buf, format="PNG")  # 144 M px, ~140 KB compressed
     r = client.post("/v1/detect", files=upload(("bomb.png", buf.getvalue())))
     assert r.status_code == 413 and "too many pixels" in r.json()["detail"]
+
+
+def test_thin_images_cost_a_crop_not_their_padding(client):
+    """A 1-pixel-wide PNG of 5 M rows is 10 KB; padding it whole to width 224 took 3.8 GB."""
+    import resource
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", (1, 5_000_000)).save(buf, format="PNG", optimize=True)
+    assert len(buf.getvalue()) < 64 * 1024
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    r = client.post("/v1/detect", files=upload(("thin.png", buf.getvalue())))
+    assert r.status_code == 200 and r.json()["results"][0]["status"] == 200
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert grown_mb < 500, grown_mb  # the image itself is 5 M px = 15 MB in RGB
+
+
+def test_formats_outside_the_list_are_refused_by_content(client):
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n%%EOF\n"
+    r = client.post("/v1/detect", files=upload(("disguised.jpg", eps)))
+    assert r.status_code == 415 and "supported format" in r.json()["detail"], r.json()
 
 
 def test_bad_requests(client):

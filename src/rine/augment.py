@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image
 
-from .preprocess import center_crop_array, pad_to_min_size
+from .preprocess import center_crop_array, padded_shape, padded_window
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,7 @@ def jpeg(array: np.ndarray, quality: int, method: str) -> np.ndarray:
         out = io.BytesIO()
         Image.fromarray(array).save(out, format="jpeg", quality=int(quality))
         out.seek(0)
-        return np.asarray(Image.open(out).convert("RGB"), dtype=np.uint8)
+        return np.asarray(Image.open(out, formats=("JPEG",)).convert("RGB"), dtype=np.uint8)
     raise ValueError(f"unknown JPEG method {method!r} (cv2 or pil)")
 
 
@@ -96,11 +96,10 @@ def augment(image: Image.Image | np.ndarray, rng: np.random.Generator, config: A
     if jpeg_coin < config.jpeg_prob:
         array = jpeg(array, quality, method)
     size = config.crop_size
-    array = pad_to_min_size(array, size)
-    h, w = array.shape[:2]
+    h, w = padded_shape(array, size)
     top = int(rng.integers(0, h - size + 1))
     left = int(rng.integers(0, w - size + 1))
-    array = array[top : top + size, left : left + size]
+    array = padded_window(array, size, top, left)  # the zero padding is never built whole
     if rng.random() < config.flip_prob:
         array = array[:, ::-1]
     return np.ascontiguousarray(array)

@@ -6,8 +6,10 @@ count is checked from the header, before any pixel is decoded.
 
 from __future__ import annotations
 
+import functools
 import io
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
@@ -18,8 +20,15 @@ DEFAULT_MAX_PIXELS = 64_000_000
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 
 IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".jfif", ".ppm", ".pgm"}
+    {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".jfif", ".ppm", ".pgm", ".avif"}
 )
+
+# The Pillow decoders an input may reach, whatever its name: the formats of
+# IMAGE_EXTENSIONS (MPO is how Pillow opens many camera JPEGs). Content is sniffed, so
+# without this list a file named x.jpg could reach any of Pillow's ~40 readers, EPS
+# among them, which runs Ghostscript on the file.
+DECODE_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF", "GIF", "PPM", "AVIF")
+SUPPORTED_FORMATS_TEXT = "JPEG, PNG, WebP, AVIF, BMP, TIFF, GIF, PPM/PGM"
 
 
 class ImageLoadError(ValueError):
@@ -39,6 +48,12 @@ class ImageLoadError(ValueError):
         return (type(self), (str(self), self.kind))
 
 
+@functools.cache
+def _decode_formats() -> tuple[str, ...]:
+    Image.init()  # registers every plugin; a Pillow built without one (AVIF) just lacks it
+    return tuple(f for f in DECODE_FORMATS if f in Image.OPEN)
+
+
 def is_image_path(path: str | Path) -> bool:
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
 
@@ -47,9 +62,14 @@ def load_image(
     source: str | Path | bytes | Image.Image,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     max_bytes: int | None = DEFAULT_MAX_BYTES,
+    reserve_pixels: Callable[[int], None] | None = None,
 ) -> Image.Image:
     """Decode `source` (path, bytes or PIL image) to an RGB PIL image, as the reference
     does (`convert("RGB")`: alpha is dropped, greyscale replicated; no EXIF rotation).
+
+    `reserve_pixels(width * height)`, if given, is called once the header is read and
+    before decoding; it may raise ImageLoadError to refuse the image (a budget shared
+    by several images, e.g. one HTTP request's).
 
     Raises ImageLoadError for missing, empty, truncated, corrupt, non-image,
     oversized or unconvertible inputs.
@@ -83,13 +103,15 @@ def load_image(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=_decode_formats())
             _check_pixels(image, max_pixels)
+            if reserve_pixels is not None:
+                reserve_pixels(image.size[0] * image.size[1])
             image.load()
     except ImageLoadError:
         raise
     except UnidentifiedImageError:
-        raise ImageLoadError("not an image (unrecognised format)", "not_image") from None
+        raise ImageLoadError(f"not an image in a supported format ({SUPPORTED_FORMATS_TEXT})", "not_image") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageLoadError(f"too many pixels: {e}", "too_many_pixels") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:

@@ -14,11 +14,16 @@ import torch
 from PIL import Image
 
 from .config import PreprocessConfig
+from .images import ImageLoadError
 
 
 def pad_to_min_size(array: np.ndarray, size: int) -> np.ndarray:
     """Zero-pad an HWC uint8 array to at least size x size, as torchvision's CenterCrop
-    does: the left/top pad is (size - dim) // 2, the rest goes right/bottom."""
+    does: the left/top pad is (size - dim) // 2, the rest goes right/bottom.
+
+    Materialises the whole padded image: use `padded_window` to cut a crop out of it,
+    which costs size x size whatever the image (a 1 x 30,000,000 image padded to width
+    224 would be 20 GB)."""
     h, w = array.shape[:2]
     if h >= size and w >= size:
         return array
@@ -30,35 +35,63 @@ def pad_to_min_size(array: np.ndarray, size: int) -> np.ndarray:
     )
 
 
+def padded_shape(array: np.ndarray, size: int) -> tuple[int, int]:
+    """(H, W) of `pad_to_min_size(array, size)`, without padding."""
+    h, w = array.shape[:2]
+    return max(h, size), max(w, size)
+
+
+def padded_window(array: np.ndarray, size: int, top: int, left: int) -> np.ndarray:
+    """`pad_to_min_size(array, size)[top:top+size, left:left+size]`, built from the
+    window's overlap with the image: [size, size, C] uint8, a new array."""
+    h, w = array.shape[:2]
+    H, W = padded_shape(array, size)
+    if not (0 <= top <= H - size and 0 <= left <= W - size):
+        raise ValueError(f"window at ({top}, {left}) of size {size} is outside the padded {H}x{W} image")
+    # The image's top-left corner sits at (pad_top, pad_left) in the padded frame.
+    pad_top, pad_left = (H - h) // 2, (W - w) // 2
+    r0, c0 = top - pad_top, left - pad_left  # the window's corner in image coordinates
+    out = np.zeros((size, size) + array.shape[2:], dtype=array.dtype)
+    rs, re = max(r0, 0), min(r0 + size, h)
+    cs, ce = max(c0, 0), min(c0 + size, w)
+    if rs < re and cs < ce:
+        out[rs - r0 : re - r0, cs - c0 : ce - c0] = array[rs:re, cs:ce]
+    return out
+
+
 def center_crop_array(array: np.ndarray, size: int) -> np.ndarray:
     """[H, W, C] -> [size, size, C]; torchvision's rounding of the corner (Python round)."""
-    array = pad_to_min_size(array, size)
-    h, w = array.shape[:2]
-    top = int(round((h - size) / 2.0))
-    left = int(round((w - size) / 2.0))
-    return array[top : top + size, left : left + size]
+    h, w = padded_shape(array, size)
+    return padded_window(array, size, int(round((h - size) / 2.0)), int(round((w - size) / 2.0)))
 
 
 def ten_crop_arrays(array: np.ndarray, size: int) -> list[np.ndarray]:
     """torchvision TenCrop order: tl, tr, bl, br, center, then the same for the hflip."""
-    array = pad_to_min_size(array, size)
+    h, w = padded_shape(array, size)
+    corners = [(0, 0), (0, w - size), (h - size, 0), (h - size, w - size),
+               (int(round((h - size) / 2.0)), int(round((w - size) / 2.0)))]  # fmt: skip
+    views = [padded_window(array, size, top, left) for top, left in corners]
+    # The window at `left` of the mirrored image is the mirror of the window at w - size - left.
+    views += [padded_window(array, size, top, w - size - left)[:, ::-1] for top, left in corners]
+    return views
 
-    def five(a: np.ndarray) -> list[np.ndarray]:
-        h, w = a.shape[:2]
-        return [
-            a[:size, :size],
-            a[:size, w - size :],
-            a[h - size :, :size],
-            a[h - size :, w - size :],
-            center_crop_array(a, size),
-        ]
 
-    return five(array) + five(array[:, ::-1])
+# `resize` of a very thin image is huge: 1 x 100,000 px becomes 224 x 22,400,000.
+MAX_RESIZE_ASPECT = 64
 
 
 def resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
-    """Shorter side -> `size` with bicubic resampling (CLIP's Resize(size, BICUBIC))."""
+    """Shorter side -> `size` with bicubic resampling (CLIP's Resize(size, BICUBIC)).
+
+    Raises ImageLoadError ("too_many_pixels") for images more than MAX_RESIZE_ASPECT times
+    longer than wide (or the reverse), whose resized copy would dwarf the image."""
     w, h = image.size
+    if max(w, h) > MAX_RESIZE_ASPECT * min(w, h):
+        raise ImageLoadError(
+            f"a {w}x{h} image is too elongated for the resize crop (sides more than {MAX_RESIZE_ASPECT}:1 "
+            "apart); score it with the center crop",
+            "too_many_pixels",
+        )
     if min(w, h) == size:
         return image
     if w <= h:

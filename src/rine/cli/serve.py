@@ -43,6 +43,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     lim.add_argument("--max-request-mb", type=float, default=64, help="largest request body, MB (default 64)")
     lim.add_argument("--max-files", type=int, default=16, help="images per request (default 16)")
     lim.add_argument("--max-pixels", type=int, default=40_000_000, help="pixels per image (default 40M)")
+    lim.add_argument("--max-request-pixels", type=int, default=200_000_000,
+                     help="pixels of all the images of one request together, from their headers (default "
+                          "200M: 16 photos of 12.5 MP); bounds the decoding work a small upload can ask for")
     lim.add_argument("--memory-budget-mb", type=float, default=512,
                      help="uploads held in memory by all requests together, MB; beyond it 503 (default 512)")
     lim.add_argument("--max-concurrent", type=int, default=256, help="detect requests in progress; beyond it 503")
@@ -72,6 +75,7 @@ def settings_from_args(args: argparse.Namespace):
         max_request_bytes=int(args.max_request_mb * MB),
         max_files=args.max_files,
         max_pixels=args.max_pixels,
+        max_request_pixels=args.max_request_pixels,
         memory_budget_bytes=int(args.memory_budget_mb * MB),
         max_concurrent_requests=args.max_concurrent,
         max_batch=args.max_batch,

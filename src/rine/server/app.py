@@ -59,6 +59,9 @@ class ServerSettings:
     max_request_bytes: int = 64 * MB  # a whole request body (all its files)
     max_files: int = 16  # images per request
     max_pixels: int = 40_000_000  # per image, checked from the header before decoding
+    # All the images of one request, from their headers: a few KB of blank WebP can be a
+    # 40 M-pixel image that takes a second to decode, so bytes alone do not bound the work.
+    max_request_pixels: int = 200_000_000
     memory_budget_bytes: int = 512 * MB  # uploads held in memory by all requests together
     max_concurrent_requests: int = 256  # /v1/detect requests being read, decoded or scored
     decode_workers: int = field(default_factory=lambda: max(1, min(2, os.cpu_count() or 1)))
@@ -73,7 +76,8 @@ class ServerSettings:
     def __post_init__(self) -> None:
         if self.max_request_bytes < self.max_file_bytes:
             raise ValueError("max_request_bytes must be at least max_file_bytes")
-        for name in ("max_file_bytes", "max_files", "max_pixels", "max_concurrent_requests", "decode_workers",
+        for name in ("max_file_bytes", "max_files", "max_pixels", "max_request_pixels", "max_concurrent_requests",
+                     "decode_workers",
                      "max_batch", "max_queue"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
@@ -174,6 +178,22 @@ class _MemoryBudget:
 
     def give(self, n: int) -> None:
         self.used = max(0, self.used - n)
+
+
+class _PixelBudget:
+    """Pixels decoded for one request, reserved from each image's header (decode threads)."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used = limit, 0
+        self._lock = threading.Lock()
+
+    def take(self, n: int) -> None:
+        with self._lock:
+            if self.used + n > self.limit:
+                raise ImageLoadError(
+                    f"too many pixels in this request: this image's {n} would bring it over the limit of "
+                    f"{self.limit} for all its images together; send it in another request", "too_many_pixels")
+            self.used += n
 
 
 class _UploadReader:
@@ -347,9 +367,10 @@ class Service:
         return HTTPError(503, detail, {"Retry-After": str(self.settings.retry_after_s)})
 
     # -------------------------------------------------------------- work
-    def prepare(self, data: bytes) -> np.ndarray:
+    def prepare(self, data: bytes, request_pixels: _PixelBudget | None = None) -> np.ndarray:
         """Encoded image bytes -> uint8 views [V, S, S, 3]; runs in the decode pool."""
-        image = load_image(data, max_pixels=self.settings.max_pixels, max_bytes=self.settings.max_file_bytes)
+        image = load_image(data, max_pixels=self.settings.max_pixels, max_bytes=self.settings.max_file_bytes,
+                           reserve_pixels=request_pixels.take if request_pixels is not None else None)
         return crop_views(image, self.detector.config.preprocess)
 
     def model_info(self) -> dict[str, Any]:
@@ -370,13 +391,14 @@ class Service:
         s = self.settings
         records: list[dict[str, Any] | None] = [None] * len(uploads)
         decodes: dict[int, asyncio.Future] = {}
+        request_pixels = _PixelBudget(s.max_request_pixels)
         for i, up in enumerate(uploads):
             if up.too_large:
                 records[i] = _error_record(up.filename, 413, f"file too large: over {s.max_file_bytes} bytes")
             elif up.size == 0:
                 records[i] = _error_record(up.filename, 422, "empty file")
             else:
-                decodes[i] = loop.run_in_executor(self.decode_pool, self.prepare, bytes(up.data))
+                decodes[i] = loop.run_in_executor(self.decode_pool, self.prepare, bytes(up.data), request_pixels)
                 # The pool holds its own copy; the request's buffer can go now.
                 up.data = bytearray()
         scores: dict[int, asyncio.Future] = {}
