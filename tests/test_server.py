@@ -340,6 +340,19 @@ def test_request_pixel_budget_refuses_the_image_that_exceeds_it(tiny_detector):
         assert c.post("/v1/detect", files=upload(("4.png", img))).status_code == 200
 
 
+def test_uploads_from_other_sites_pages_are_refused(client):
+    img = png_bytes((32, 32))
+    # TestClient's Host is "testserver"; a browser names the page's site in Origin.
+    r = client.post("/v1/detect", files=upload(("a.png", img)), headers={"Origin": "https://evil.example"})
+    assert r.status_code == 403 and "cross-origin" in r.json()["detail"]
+    assert client.post("/v1/detect", files=upload(("a.png", img)), headers={"Origin": "null"}).status_code == 403
+    # The server's own page, a proxy that forwards the site's host, and clients without Origin.
+    assert client.post("/v1/detect", files=upload(("a.png", img)), headers={"Origin": "http://testserver"}).status_code == 200
+    proxied = {"Origin": "https://rine.example.org", "X-Forwarded-Host": "rine.example.org"}
+    assert client.post("/v1/detect", files=upload(("a.png", img)), headers=proxied).status_code == 200
+    assert client.post("/v1/detect", files=upload(("a.png", img))).status_code == 200
+
+
 def test_decompression_bomb_is_refused_from_the_header(client):
     from PIL import Image
 

@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 from typing import Any
 
 import numpy as np
@@ -572,6 +573,7 @@ def create_app(
     )
     async def detect(request: Request):
         t_start = time.perf_counter()
+        _refuse_other_origins(request)
         svc = require_ready()
         boundary = _multipart_boundary(request.headers.get("content-type", ""))
         length = request.headers.get("content-length")
@@ -640,6 +642,26 @@ class _SecurityHeaders:
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
+
+
+def _refuse_other_origins(request: Request) -> None:
+    """403 for a browser POST sent by a page of another site.
+
+    A multipart form POST needs no CORS preflight, so without this any web page open in
+    a browser on this machine could make a loopback server decode and score what it
+    sends (it could not read the answer). Browsers name the sending page in `Origin`;
+    clients outside a browser (curl, scripts) send none and are not affected, nor is
+    this server's own page. Behind a reverse proxy that rewrites `Host`, the proxy's
+    `X-Forwarded-Host` names the site (a page cannot set that header on a request that
+    skips the preflight).
+    """
+    origin = request.headers.get("origin")
+    if origin is None:
+        return
+    hosts = {request.headers.get(h, "").lower() for h in ("host", "x-forwarded-host")} - {""}
+    if origin == "null" or urlsplit(origin).netloc.lower() not in hosts:
+        raise HTTPError(403, "cross-origin request refused: this API takes uploads from its own page, "
+                             "or from clients outside a browser")
 
 
 def _multipart_boundary(content_type: str) -> bytes:
