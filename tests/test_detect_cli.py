@@ -380,3 +380,119 @@ def test_resume_counts_earlier_errors_in_the_exit_status(capsys, tmp_path, tiny_
     assert [json.loads(line)["path"] for line in out.read_text().splitlines()] == [good[0], missing, good[1]]
     code, _, err = run_cli(capsys, "detect", good[0], good[1], *model, "-o", str(out), "--resume")
     assert code == 0 and "2 of 2" in err  # the error is not among these inputs
+
+
+def test_bad_output_device_and_workers_stop_before_loading_the_model(capsys, tmp_path, monkeypatch):
+    import rine.cli.common as common
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the usage error was found")
+
+    monkeypatch.setattr(common, "load_detector", no_load)
+    img = str(write_image(tmp_path / "a.png", (230, 240)))
+    (tmp_path / "adir").mkdir()
+    for argv, message in (
+        (["-o", str(tmp_path / "missing" / "x.jsonl")], "does not exist; create it first"),
+        (["-o", str(tmp_path / "adir")], "is a folder; give a file name"),
+        (["--device", "gpu"], "not a device; use auto, cpu, cuda"),
+    ):
+        code, _, err = run_cli(capsys, "detect", img, *argv)
+        assert code == 2 and message in err, (argv, err)
+    if not torch.cuda.is_available():
+        code, _, err = run_cli(capsys, "detect", img, "--device", "cuda")
+        assert code == 2 and "sees no CUDA GPU" in err
+    for bad in ("0", "-1"):
+        with pytest.raises(SystemExit) as e:
+            main(["detect", img, "--workers", bad])
+        assert e.value.code == 2 and "must be at least 1" in capsys.readouterr().err
+
+
+def test_output_format_follows_the_file_name_and_resumes_without_format(capsys, tmp_path, tiny_checkpoint_dir):
+    images = [str(write_image(tmp_path / f"img{i}.png", (230, 240), seed=i)) for i in range(2)]
+    out = tmp_path / "scores.csv"
+    assert run_cli(capsys, "detect", images[0], "--model", str(tiny_checkpoint_dir), "-o", str(out))[0] == 0
+    rows = list(csv.DictReader(out.open(newline="")))
+    assert [r["path"] for r in rows] == images[:1]
+    code, _, err = run_cli(capsys, "detect", *images, "--model", str(tiny_checkpoint_dir), "-o", str(out), "--resume")
+    assert code == 0 and "1 of 2 inputs already have a record" in err, err
+    assert [r["path"] for r in csv.DictReader(out.open(newline=""))] == images
+    as_json = tmp_path / "scores.json"
+    assert run_cli(capsys, "detect", images[0], "--model", str(tiny_checkpoint_dir), "-o", str(as_json))[0] == 0
+    assert [r["path"] for r in json.loads(as_json.read_text())] == images[:1]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="file names of arbitrary bytes")
+def test_file_names_that_are_not_utf8(capsys, tmp_path, tiny_checkpoint_dir):
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    write_image(folder / "a.png", (230, 240))
+    name = os.fsdecode(b"b\xff.png")  # a byte that is not UTF-8: a surrogate in Python
+    shutil.copy(folder / "a.png", folder / name)
+    for fmt in ("csv", "jsonl"):
+        out = tmp_path / f"scores.{fmt}"
+        code, _, err = run_cli(capsys, "detect", str(folder), "--model", str(tiny_checkpoint_dir), "-o", str(out))
+        assert code == 0, err
+        code, _, err = run_cli(capsys, "detect", str(folder), "--model", str(tiny_checkpoint_dir), "-o", str(out),
+                               "--resume")  # fmt: skip
+        assert code == 0 and "2 of 2 inputs already have a record" in err, err
+    # csv keeps the name's bytes as they are on disk.
+    assert b"b\xff.png" in (tmp_path / "scores.csv").read_bytes()
+
+
+def test_folders_that_cannot_be_read_are_error_records(capsys, tmp_path, tiny_checkpoint_dir, monkeypatch):
+    # Tests run as root in CI, where permissions do not stop reading: the refusal is simulated.
+    import rine.cli.common as common
+
+    good = tmp_path / "imgs"
+    (good / "locked").mkdir(parents=True)
+    write_image(good / "a.png", (230, 240))
+    real_walk = os.walk
+
+    def walk(top, **kw):
+        for root, dirs, files in real_walk(top, **kw):
+            if root.endswith("locked"):
+                kw["onerror"](PermissionError(13, "Permission denied", root))
+                continue
+            yield root, dirs, files
+
+    monkeypatch.setattr(common.os, "walk", walk)
+    code, out, err = run_cli(capsys, "detect", str(good), "--model", str(tiny_checkpoint_dir), "--format", "jsonl")
+    records = [json.loads(line) for line in out.splitlines()]
+    assert code == 1 and "1 of 2 inputs could not be scored" in err, err
+    assert {r["path"]: r["error"] for r in records} == {
+        str(good / "locked"): "cannot read folder: Permission denied", str(good / "a.png"): None}
+    from pathlib import Path
+
+    real_is_dir = Path.is_dir
+
+    def is_dir(self):
+        if "locked" in self.parts:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_is_dir(self)
+
+    monkeypatch.setattr(Path, "is_dir", is_dir)
+    code, out, err = run_cli(capsys, "detect", str(good / "locked" / "x.png"), "--model", str(tiny_checkpoint_dir),
+                             "--format", "jsonl")  # fmt: skip
+    assert code == 1 and json.loads(out)["error"] == "cannot read path: Permission denied", out
+
+
+def test_messages_keep_their_quotes_and_name_the_limit(capsys, tmp_path, tiny_checkpoint_dir):
+    img = str(write_image(tmp_path / "a.png", (300, 300)))
+    code, _, err = run_cli(capsys, "detect", img, "--model", "nosuch")
+    assert code == 2 and "error: 'nosuch'" in err, err
+    code, _, err = run_cli(capsys, "detect", img, "--model", str(tiny_checkpoint_dir), "--max-pixels", "50K")
+    assert code == 1 and "1 over --max-pixels (raise it to score them)" in err, err
+
+
+def test_max_pixels_can_go_above_pillows_warning_limit(tmp_path, monkeypatch):
+    from rine.images import ImageLoadError
+
+    # Pillow warns ("decompression bomb") from MAX_IMAGE_PIXELS and refuses from twice that.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)
+    path = write_image(tmp_path / "a.png", (150, 100))  # 15,000 px: between the two
+    assert load_image(path, max_pixels=20_000).size == (150, 100)
+    with pytest.raises(ImageLoadError, match="too many pixels: 150x100 = 15000 > limit 12000"):
+        load_image(path, max_pixels=12_000)
+    big = write_image(tmp_path / "b.png", (250, 100))
+    with pytest.raises(ImageLoadError, match="over Pillow's own limit"):
+        load_image(big, max_pixels=None)

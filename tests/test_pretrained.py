@@ -62,6 +62,17 @@ def test_unreachable_source_names_what_is_missing_and_the_local_way(hub, monkeyp
     assert "--backbone" in msg and "--head" in msg and "RINE_HOME" in msg
 
 
+def test_missing_head_message_leaves_out_the_users_own_backbone(hub, monkeypatch, capsys, tiny_backbone_dir):
+    """`rine detect IMG --backbone DIR` with the default model: only the head is missing."""
+    from rine.cli import main
+
+    monkeypatch.setenv("RINE_HEAD_BASE_URL", f"{hub.url}/raw/nothing-here")
+    assert main(["detect", str(OFFICIAL / "real_aadlygmazf.jpg"), "--backbone", str(tiny_backbone_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "model_4class_trainable.pth" in err and "openai/clip-vit-large-patch14" not in err, err
+    assert f"--backbone {tiny_backbone_dir} --head /path/to/model_4class_trainable.pth" in err
+
+
 def test_offline_mode_does_not_touch_the_network(hub, monkeypatch):
     monkeypatch.setenv("RINE_HEAD_BASE_URL", f"{hub.url}/raw/ckpt")
     monkeypatch.setenv("RINE_OFFLINE", "1")

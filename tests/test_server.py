@@ -710,6 +710,20 @@ def test_rine_serve_exits_2_when_the_model_cannot_load(tmp_path):
     assert time.monotonic() - t0 < 30  # it gave up instead of serving an unready model forever
 
 
+def test_rine_serve_on_a_busy_port_says_so_before_serving(tiny_checkpoint_dir, capsys):
+    import socket
+
+    from rine.cli import main
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        assert main(["serve", "--port", str(port), "--model", str(tiny_checkpoint_dir), "--no-access-log"]) == 2
+    out, err = capsys.readouterr()
+    assert "serving on" not in out and f"cannot listen on 127.0.0.1 port {port}" in err and "--port" in err, err
+
+
 def test_rine_serve_subprocess_with_api_key(tiny_checkpoint_dir, tmp_path):
     import os
     import socket

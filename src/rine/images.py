@@ -102,7 +102,9 @@ def load_image(
         raise ImageLoadError(f"file too large: {len(data)} bytes > limit {max_bytes}", "too_large")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # Pillow warns from ~89 M pixels; `max_pixels` is the limit here (checked next),
+            # so that a caller may raise it. Pillow's own hard limit (~179 M) still holds.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data), formats=_decode_formats())
             _check_pixels(image, max_pixels)
             if reserve_pixels is not None:
@@ -112,8 +114,8 @@ def load_image(
         raise
     except UnidentifiedImageError:
         raise ImageLoadError(f"not an image in a supported format ({SUPPORTED_FORMATS_TEXT})", "not_image") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageLoadError(f"too many pixels: {e}", "too_many_pixels") from None
+    except Image.DecompressionBombError as e:
+        raise ImageLoadError(f"too many pixels, over Pillow's own limit: {e}", "too_many_pixels") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise ImageLoadError(f"corrupt or truncated image: {_one_line(e)}", "corrupt") from None
     return _to_rgb(image)

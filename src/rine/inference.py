@@ -205,7 +205,7 @@ class Detector:
         if path.is_dir():
             folder = path
         elif name_or_path in PRETRAINED:
-            folder = resolve_pretrained(name_or_path)
+            folder = resolve_pretrained(name_or_path, backbone_given=str(backbone) if backbone else None)
         else:
             raise FileNotFoundError(
                 f"{name_or_path!r} is neither a checkpoint folder nor a known model "

@@ -153,32 +153,44 @@ def _download(url: str, dest: Path, expected_blob_sha1: str, timeout: float = 30
         tmp.unlink(missing_ok=True)
 
 
-def _missing_message(spec: PretrainedSpec, what: list[str]) -> str:
+def _missing_message(spec: PretrainedSpec, what: list[str], backbone_given: str | None = None) -> str:
+    """`backbone_given`: the user's own backbone (--backbone), which is then not missing."""
     from .backbones import BACKBONES
 
     bb = BACKBONES[spec.backbone]
     home = rine_home()
-    if not any(w.startswith("backbone") for w in what) and not backbone_is_cached(spec.backbone):
+    if (backbone_given is None and not any(w.startswith("backbone") for w in what)
+            and not backbone_is_cached(spec.backbone)):  # fmt: skip
         what = [*what, f"backbone {bb.hub_id} at revision {bb.revision} (not in the Hugging Face cache, HF_HOME)"]
     lines = [f"pretrained model {spec.name!r} could not be loaded; missing:"]
     lines += [f"  - {w}" for w in what]
+    head_source = f"{spec.head_file} from github.com/mever-team/rine/tree/main/ckpt"
+    if backbone_given is not None:
+        lines += [
+            "To use a local head file instead:",
+            f"  rine detect --backbone {backbone_given} --head /path/to/{spec.head_file} IMAGES...",
+            f"  (head: {head_source})",
+            f"or put the head at {home / 'heads' / spec.head_file} (RINE_HOME={home}), then run again;",
+            "RINE_HEAD_BASE_URL points at a mirror.",
+        ]
+        return "\n".join(lines)
     lines += [
         "To use local files instead:",
-        f"  rine detect --backbone /path/to/{bb.hub_id.split('/')[-1]} "
-        f"--head /path/to/{spec.head_file} IMAGES...",
+        f"  rine detect --backbone /path/to/{bb.hub_id.split('/')[-1]} --head /path/to/{spec.head_file} IMAGES...",
         f"  (backbone: a save_pretrained folder of {bb.hub_id} or OpenAI's ViT-L-14.pt;",
-        f"   head: {spec.head_file} from github.com/mever-team/rine/tree/main/ckpt)",
+        f"   head: {head_source})",
         f"or put the head at {home / 'heads' / spec.head_file} (RINE_HOME={home}) and the backbone",
         "in the Hugging Face cache (HF_HOME), then run again; RINE_HEAD_BASE_URL points at a mirror.",
     ]
     return "\n".join(lines)
 
 
-def resolve_pretrained(name: str) -> Path:
+def resolve_pretrained(name: str, backbone_given: str | None = None) -> Path:
     """Return the local checkpoint folder of a named model, downloading the head if needed.
 
     The folder holds our format (config.json + model.safetensors). The backbone is not
-    downloaded here: `load_backbone` fetches it through the Hugging Face cache.
+    downloaded here: `load_backbone` fetches it through the Hugging Face cache, or from
+    `backbone_given`, the caller's own, which a missing-weights message then leaves out.
     """
     if name not in PRETRAINED:
         raise KeyError(f"unknown pretrained model {name!r}; known: {', '.join(list_pretrained())}")
@@ -191,7 +203,8 @@ def resolve_pretrained(name: str) -> Path:
     if not head_path.is_file():
         if is_offline():
             raise WeightsUnavailableError(
-                _missing_message(spec, [f"head {spec.head_file} (offline mode: RINE_OFFLINE/HF_HUB_OFFLINE set; source {url})"])
+                _missing_message(spec, [f"head {spec.head_file} (offline mode: RINE_OFFLINE/HF_HUB_OFFLINE set; source {url})"],
+                                 backbone_given)
             )
         logger.info("downloading %s", url)
         try:
@@ -199,7 +212,7 @@ def resolve_pretrained(name: str) -> Path:
         except (urllib.error.URLError, OSError, TimeoutError) as e:
             reason = getattr(e, "reason", e)
             raise WeightsUnavailableError(
-                _missing_message(spec, [f"head {spec.head_file}: download from {url} failed ({reason})"])
+                _missing_message(spec, [f"head {spec.head_file}: download from {url} failed ({reason})"], backbone_given)
             ) from None
     from .backbones import BACKBONES
     from .checkpoints import load_official_head, save_pretrained

@@ -35,6 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             raise
         module.register(sub)
+    for command in sub.choices.values():
+        # Also after the command (`rine detect -v ...`); SUPPRESS keeps a -v given before it.
+        command.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
+                             help="more log output (-vv for debug)")  # fmt: skip
     return parser
 
 

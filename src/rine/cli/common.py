@@ -36,6 +36,79 @@ def byte_size(text: str) -> int:
     return int(size)
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be at least 1")
+    return value
+
+
+_COUNT_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9}
+
+
+def pixel_count(text: str) -> int:
+    """argparse type for pixel counts: a number, or one with K, M or G (decimal: 40M = 40,000,000)."""
+    value = text.strip().upper().replace("_", "").replace(",", "")
+    number = value.rstrip("KMG")
+    try:
+        count = float(number) * _COUNT_UNITS[value[len(number) :]]
+    except (KeyError, ValueError, OverflowError):
+        count = math.nan
+    if not math.isfinite(count) or count < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a pixel count of at least 1 (examples: 40000000, 40M)")
+    return int(count)
+
+
+def check_output_dir(path: str | Path, option: str = "--out") -> Path:
+    """Refuse, before any work, an output folder that cannot be one: an existing file, or
+    a place where it cannot be created. Returns the path (not created)."""
+    out = Path(path).expanduser()
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"{option} {path}: is a file, not a folder; give a folder path (it is created)")
+    parent = next((p for p in (out, *out.parents) if p.exists()), Path("."))
+    if not parent.is_dir():
+        raise CLIError(f"{option} {path}: {parent} is a file, so the folder cannot be created under it")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CLIError(f"{option} {path}: no permission to write in {parent}")
+    return out
+
+
+def check_output_file(path: str | Path, option: str = "--output") -> Path:
+    """Refuse, before any work, an output file that cannot be written: a folder, or a file
+    in a folder that does not exist or is not writable."""
+    out = Path(path).expanduser()
+    if out.is_dir():
+        raise CLIError(f"{option} {path}: is a folder; give a file name, e.g. {Path(path) / 'scores.jsonl'}")
+    folder = out.parent
+    if not folder.is_dir():
+        raise CLIError(f"{option} {path}: the folder {folder} does not exist; create it first")
+    if not os.access(folder, os.W_OK | os.X_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise CLIError(f"{option} {path}: no permission to write there")
+    return out
+
+
+def check_device(device: str) -> None:
+    """CLIError for a --device torch cannot use here, named with the fix (before loading)."""
+    import torch
+
+    try:
+        dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                           "cpu" if device == "auto" else device)  # fmt: skip
+    except RuntimeError:
+        raise CLIError(f"--device {device}: not a device; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CLIError(f"--device {device}: torch sees no CUDA GPU here (torch {torch.__version__}); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise CLIError(f"--device {device}: there are {torch.cuda.device_count()} CUDA GPU(s), numbered from 0")
+    elif dev.type not in ("cpu", "mps", "xpu"):
+        raise CLIError(f"--device {device}: rine runs on cpu or cuda")
+
+
 def add_model_options(
     parser: argparse.ArgumentParser,
     crops: tuple[str, ...] = ("center", "ten", "resize"),
@@ -105,7 +178,7 @@ def add_decoding_options(group: argparse._ArgumentGroup) -> None:
     """--workers, --decoder and --decode-timeout, shared by the commands that decode images."""
     from ..decoding import DECODERS, DEFAULT_DECODE_TIMEOUT
 
-    group.add_argument("--workers", type=int, default=None,
+    group.add_argument("--workers", type=positive_int, default=None,
                        help="decoding workers (default: one per core, up to 8 on CPU and 32 with a GPU)")  # fmt: skip
     group.add_argument("--decoder", choices=DECODERS, default="auto",
                        help="decode in threads or worker processes (default auto: processes with a GPU, "
@@ -123,6 +196,9 @@ def load_detector(args: argparse.Namespace, keep_reference: bool = True):
 
     kwargs = dict(device=args.device, precision=args.precision, keep_reference=keep_reference,
                   compile=getattr(args, "compile", False))  # fmt: skip
+    check_device(args.device)
+    if getattr(args, "no_progress", False) or not sys.stderr.isatty():
+        _quiet_loading_bars()
     try:
         if args.head:
             if args.model:
@@ -134,29 +210,69 @@ def load_detector(args: argparse.Namespace, keep_reference: bool = True):
     except WeightsUnavailableError as e:
         raise CLIError(str(e)) from None
     except (CheckpointError, FileNotFoundError, KeyError, ValueError) as e:
-        raise CLIError(str(e).strip("'\"")) from None
+        raise CLIError(error_message(e)) from None
 
 
-def expand_inputs(inputs: list[str]) -> Iterator[str]:
+def _quiet_loading_bars() -> None:
+    """No weight-loading or download bars from transformers / huggingface_hub (--no-progress, logs)."""
+    import huggingface_hub.utils
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    huggingface_hub.utils.disable_progress_bars()
+
+
+def error_message(error: BaseException) -> str:
+    """The text of an exception; a KeyError's message without the quotes str() adds."""
+    if isinstance(error, KeyError) and len(error.args) == 1 and isinstance(error.args[0], str):
+        return error.args[0]
+    return str(error)
+
+
+def expand_inputs(inputs: list[str], unreadable: list[tuple[str, str]] | None = None) -> Iterator[str]:
     """Files as given; folders walked recursively for image files (sorted); globs expanded.
-    A path that matches nothing is yielded as is, so that it is reported as an error."""
+    A path that matches nothing is yielded as is, so that it is reported as an error.
+
+    Folders that cannot be listed and paths that cannot be examined (no permission) are
+    appended to `unreadable` as (path, reason), or, without it, yielded as they are."""
+
+    def problem(path: str, error: OSError) -> None:
+        reason = f"cannot read {'folder' if os.path.isdir(path) else 'path'}: {error.strerror or error}"
+        if unreadable is None:
+            pending.append(path)
+        else:
+            unreadable.append((path, reason))
+
+    pending: list[str] = []
     for item in inputs:
         path = Path(item).expanduser()
-        if path.is_dir():
-            for root, dirs, files in os.walk(path, followlinks=False):
+        try:
+            is_dir, exists = path.is_dir(), path.exists()
+        except OSError as e:  # a path inside a folder without permission
+            problem(item, e)
+            yield from pending
+            pending.clear()
+            continue
+        if is_dir:
+            for root, dirs, files in os.walk(path, followlinks=False,
+                                             onerror=lambda e: problem(e.filename or str(path), e)):  # fmt: skip
+                yield from pending
+                pending.clear()
                 dirs.sort()
                 for f in sorted(files):
                     if is_image_path(f):
                         yield str(Path(root) / f)
-        elif path.exists():
+            yield from pending
+            pending.clear()
+        elif exists:
             yield str(path)
         elif glob.has_magic(item):
             matches = sorted(glob.glob(os.path.expanduser(item), recursive=True))
             if not matches:
                 yield item
             for m in matches:
-                if Path(m).is_dir():
-                    yield from expand_inputs([m])
+                if os.path.isdir(m):
+                    yield from expand_inputs([m], unreadable)
                 else:
                     yield m
         else:

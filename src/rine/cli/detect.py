@@ -27,9 +27,13 @@ from .common import (
     add_decoding_options,
     add_model_options,
     byte_size,
+    check_device,
+    check_output_file,
     expand_inputs,
     fail,
     load_detector,
+    pixel_count,
+    positive_int,
 )
 
 FORMATS = ("table", "json", "jsonl", "csv")
@@ -46,7 +50,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("inputs", nargs="+", metavar="PATH", help="image files, folders (recursive) or globs")
     add_model_options(p)
     o = p.add_argument_group("output")
-    o.add_argument("--format", choices=FORMATS, default=None, help="default: table on a terminal, jsonl otherwise")
+    o.add_argument("--format", choices=FORMATS, default=None, help="default: from the --output file's name (.csv, .json; else jsonl), "
+                   "or a table on a terminal, jsonl otherwise")
     o.add_argument("--output", "-o", metavar="FILE", help="write results here instead of standard output")
     o.add_argument("--blocks", action="store_true", help="include each image's per-block contribution (json/jsonl)")
     o.add_argument(
@@ -59,14 +64,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         "Without --resume, --output is overwritten",
     )
     r = p.add_argument_group("run")
-    r.add_argument("--batch-size", type=int, default=None, help="images per encoder batch (default 16 on CPU, 64 on GPU)")
+    r.add_argument("--batch-size", type=positive_int, default=None, help="images per encoder batch (default 16 on CPU, 64 on GPU)")
     add_decoding_options(r)
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.add_argument(
         "--max-pixels",
-        type=int,
+        type=pixel_count,
         default=DEFAULT_MAX_PIXELS,
-        help=f"refuse images with more pixels than this (default {DEFAULT_MAX_PIXELS:,}; protects memory)",
+        help=f"refuse images with more pixels than this, e.g. 100M (default {DEFAULT_MAX_PIXELS // 10**6}M; "
+        "protects memory)",
     )
     r.add_argument(
         "--max-bytes",
@@ -108,7 +114,13 @@ class _Writer:
         self.stream.flush()
 
 
+def _shown(path: str) -> str:
+    """A path for display: name bytes that are not UTF-8 as \\xNN escapes (a terminal may be strict)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 def _table(rows: list[dict]) -> str:
+    rows = [{**r, "path": _shown(r["path"])} for r in rows]
     out = io.StringIO()
     width = max([len("path")] + [len(r["path"]) for r in rows])
     width = min(width, 80)
@@ -166,7 +178,7 @@ def records_done(output: Path, fmt: str) -> dict[str, bool]:
     if tail and not _is_cut_record(tail, fmt, first_line=complete == 0):
         raise CLIError(f"--resume: the last line of {output} is not a rine detect record: fix or remove it{redo}")
     try:
-        text = data[:complete].decode("utf-8")
+        text = data[:complete].decode("utf-8", "surrogateescape" if fmt == "csv" else "strict")
     except UnicodeDecodeError:
         raise CLIError(f"--resume: {output} is not a text file written by rine detect{redo}") from None
     done: dict[str, bool] = {}
@@ -199,6 +211,19 @@ def records_done(output: Path, fmt: str) -> dict[str, bool]:
     return done
 
 
+def format_for(output: str | None) -> str:
+    """The format when --format is not given: from the --output file's name, else a table
+    on a terminal and jsonl otherwise."""
+    if output:
+        return {".csv": "csv", ".json": "json", ".txt": "table"}.get(Path(output).suffix.lower(), "jsonl")
+    return "table" if sys.stdout.isatty() else "jsonl"
+
+
+def _limit_hint(n_pixels: int, n_bytes: int) -> str:
+    hints = [f"{n} over --{opt} (raise it to score them)" for n, opt in ((n_pixels, "max-pixels"), (n_bytes, "max-bytes")) if n]
+    return "; " + ", ".join(hints) if hints else ""
+
+
 def _file_key(path: str) -> str:
     return os.path.normcase(os.path.realpath(path))
 
@@ -206,12 +231,17 @@ def _file_key(path: str) -> str:
 def run(args: argparse.Namespace) -> int:
     if args.decode_timeout < 0:
         return fail("--decode-timeout must be at least 0 (0: no limit)")
-    if args.batch_size is not None and args.batch_size < 1:
-        return fail("--batch-size must be at least 1")
-    paths = list(expand_inputs(args.inputs))
-    if not paths:
+    try:
+        if args.output:
+            check_output_file(args.output, "--output")
+        check_device(args.device)
+    except CLIError as e:
+        return fail(str(e))
+    unreadable: list[tuple[str, str]] = []
+    paths = list(expand_inputs(args.inputs, unreadable))
+    if not paths and not unreadable:
         return fail("no input images found")
-    fmt = args.format or ("table" if sys.stdout.isatty() and not args.output else "jsonl")
+    fmt = args.format or format_for(args.output)
     header, failed_before = True, 0
     if args.resume:
         if not args.output:
@@ -227,6 +257,10 @@ def run(args: argparse.Namespace) -> int:
         done = {_file_key(p): is_error for p, is_error in done.items()}
         todo = [p for p in paths if _file_key(p) not in done]
         failed_before = sum(done.get(_file_key(p), False) for p in paths)
+        if done and len(todo) == len(paths):
+            print(f"rine: warning: {args.output} holds {len(done)} records, but none for these inputs. Records "
+                  "are matched by file, relative paths from the current folder: if the first run was started "
+                  "in another folder, run this one there", file=sys.stderr)  # fmt: skip
         errors = (f" ({failed_before} of them errors, not retried: remove their lines to retry them)"
                   if failed_before else "")  # fmt: skip
         print(f"rine: resuming {args.output}: {len(paths) - len(todo)} of {len(paths)} inputs already have "
@@ -241,10 +275,22 @@ def run(args: argparse.Namespace) -> int:
     detector.max_pixels = args.max_pixels
     detector.max_bytes = args.max_bytes
     mode = "a" if args.resume else "w"
-    stream = open(args.output, mode, encoding="utf-8", newline="") if args.output else sys.stdout
+    # File names need not be UTF-8: csv writes their bytes as they are (json escapes them).
+    errors = "surrogateescape" if fmt == "csv" else "strict"
+    if args.output:
+        stream = open(args.output, mode, encoding="utf-8", errors=errors, newline="")
+    else:
+        stream = sys.stdout
+        if fmt == "csv":
+            sys.stdout.reconfigure(errors=errors)
     writer = _Writer(stream, fmt, args.blocks, header=header)
-    n_failed = n_written = 0
+    n_failed = n_written = n_pixels = n_bytes = 0
     try:
+        from ..inference import Prediction
+
+        for path, reason in unreadable:  # folders that could not be listed
+            writer.add(Prediction(path=path, error=reason).to_dict(with_blocks=args.blocks))
+            n_failed += 1
         for pred in detector.predict_iter(
             paths,
             batch_size=args.batch_size,
@@ -255,6 +301,8 @@ def run(args: argparse.Namespace) -> int:
             total=len(paths),
         ):
             n_failed += pred.error is not None
+            n_pixels += pred.error is not None and pred.error.startswith("too many pixels:")
+            n_bytes += pred.error is not None and pred.error.startswith("file too large:")
             writer.add(pred.to_dict(with_blocks=args.blocks))
             n_written += 1
     except KeyboardInterrupt:
@@ -267,5 +315,6 @@ def run(args: argparse.Namespace) -> int:
         if args.output:
             stream.close()
     if n_failed:
-        print(f"rine: {n_failed} of {len(paths)} inputs could not be scored (see their error field)", file=sys.stderr)
+        print(f"rine: {n_failed} of {len(paths) + len(unreadable)} inputs could not be scored (see their error "
+              f"field){_limit_hint(n_pixels, n_bytes)}", file=sys.stderr)  # fmt: skip
     return 1 if n_failed or failed_before else 0

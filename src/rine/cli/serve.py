@@ -17,8 +17,9 @@ import argparse
 import ipaddress
 import logging
 import os
+import socket
 
-from .common import CLIError, add_model_options, fail, load_detector
+from .common import CLIError, add_model_options, fail, load_detector, pixel_count
 
 logger = logging.getLogger(__name__)
 MB = 1024 * 1024
@@ -42,18 +43,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     lim.add_argument("--max-file-mb", type=float, default=20, help="largest image accepted, MB (default 20)")
     lim.add_argument("--max-request-mb", type=float, default=64, help="largest request body, MB (default 64)")
     lim.add_argument("--max-files", type=int, default=16, help="images per request (default 16)")
-    lim.add_argument("--max-pixels", type=int, default=40_000_000, help="pixels per image (default 40M)")
-    lim.add_argument("--max-request-pixels", type=int, default=200_000_000,
+    lim.add_argument("--max-pixels", type=pixel_count, default=40_000_000, help="pixels per image (default 40M)")
+    lim.add_argument("--max-request-pixels", type=pixel_count, default=200_000_000,
                      help="pixels of all the images of one request together, from their headers (default "
                           "200M: 16 photos of 12.5 MP); bounds the decoding work a small upload can ask for")
     lim.add_argument("--memory-budget-mb", type=float, default=512,
                      help="uploads held in memory by all requests together, MB; beyond it 503 (default 512)")
-    lim.add_argument("--max-concurrent", type=int, default=256, help="detect requests in progress; beyond it 503")
-    lim.add_argument("--timeout", type=float, default=60, help="seconds to score a request's images before 503")
+    lim.add_argument("--max-concurrent", type=int, default=256, help="detect requests in progress; beyond it 503 (default 256)")
+    lim.add_argument("--timeout", type=float, default=60, help="seconds to score a request's images before 503 (default 60)")
     b = p.add_argument_group("batching")
-    b.add_argument("--max-batch", type=int, default=32, help="views per encoder batch (an image is 1, or 10 with ten-crop)")
-    b.add_argument("--max-wait-ms", type=float, default=10, help="how long an idle encoder waits to fill a batch")
-    b.add_argument("--max-queue", type=int, default=256, help="images waiting for the encoder; beyond it 503")
+    b.add_argument("--max-batch", type=int, default=32, help="views per encoder batch (an image is 1, or 10 with ten-crop; default 32)")
+    b.add_argument("--max-wait-ms", type=float, default=10, help="how long an idle encoder waits to fill a batch (default 10)")
+    b.add_argument("--max-queue", type=int, default=256, help="images waiting for the encoder; beyond it 503 (default 256)")
     b.add_argument("--decode-workers", type=int, default=None, help="image decoding threads (default: up to 2)")
     b.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads for the encoder (default: torch's choice); on a small shared "
@@ -148,11 +149,33 @@ def run(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=10,  # in-flight requests finish, then the encoder drains
     )
     server = uvicorn.Server(config)
-    print(f"rine: serving on http://{_url_host(args.host)}:{args.port} (model loading in the background)", flush=True)
-    server.run()
+    try:
+        sock = _listen(args.host, args.port)
+    except OSError as e:
+        return fail(f"cannot listen on {args.host} port {args.port}: {e.strerror or e}; pick another --port "
+                    "(0: any free one) or stop what uses it")  # fmt: skip
+    port = sock.getsockname()[1]
+    print(f"rine: serving on http://{_url_host(args.host)}:{port} (model loading in the background)", flush=True)
+    with sock:
+        server.run(sockets=[sock])
     if load_failure:
         return fail(f"model failed to load: {load_failure[0]}")
     return 0
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A bound, listening socket, so that a busy port is reported before "serving on" is."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+        sock.set_inheritable(True)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def _url_host(host: str) -> str:
