@@ -279,3 +279,83 @@ def test_features_cache_with_ten_crop_derives_each_image_once(tmp_path, tiny_che
     live = read_jsonl(tmp_path / "live" / "predictions.jsonl")
     cached = read_jsonl(tmp_path / "cached" / "predictions.jsonl")
     np.testing.assert_allclose([p["prob_fake"] for p in cached], [p["prob_fake"] for p in live], atol=1e-5)
+
+
+def _no_loading(monkeypatch):
+    """Make loading a model or scoring an image fail the test, for checks that must come first."""
+    import rine.cli.eval
+    import rine.evaluation
+
+    def forbidden(*a, **k):
+        raise AssertionError("a model was loaded or images were scored before the usage check")
+
+    monkeypatch.setattr(rine.cli.eval, "_load_models", forbidden)
+    monkeypatch.setattr(rine.cli.eval, "load_detector", forbidden)
+    monkeypatch.setattr(rine.evaluation, "evaluate", forbidden)
+
+
+def test_an_out_that_cannot_be_a_folder_fails_before_any_scoring(tmp_path, tiny_checkpoint_dir, monkeypatch, capsys):
+    root = tmp_path / "bench"
+    make_files(root / "s" / "0_real", 2, size=(40, 40))
+    make_files(root / "s" / "1_fake", 2, size=(40, 40))
+    _no_loading(monkeypatch)
+    existing = tmp_path / "m.csv"
+    existing.write_text("keep me")
+    base = ["eval", "--suite", "folder", "--root", str(root), "--model", str(tiny_checkpoint_dir), "--no-progress"]
+    cases = [
+        (["--out", str(existing)], f"--out {existing}: is a file, not a folder"),
+        (["--out", str(existing / "sub")], "is a file, so the folder cannot be created under it"),
+        (["--out", str(tmp_path / "ok"), "--features-cache", str(existing)], f"--features-cache {existing}: is a file"),
+    ]
+    if Path("/proc/self").is_dir():  # cannot be created, even by root, whose permission checks all pass
+        cases.append((["--out", "/proc/rine-no-such-folder"], "--out /proc/rine-no-such-folder: "))
+    for extra, message in cases:
+        assert main([*base, *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert err.startswith("rine: error: ") and message in err, err
+        assert "Traceback" not in err and err.count("\n") == 1
+    assert existing.read_text() == "keep me" and not (tmp_path / "ok").exists()
+
+
+def test_an_error_about_a_second_model_keeps_its_quotes(tmp_path, tiny_checkpoint_dir, monkeypatch, capsys):
+    import rine.pretrained
+
+    root = tmp_path / "bench"
+    make_files(root / "s" / "0_real", 1, size=(40, 40))
+    make_files(root / "s" / "1_fake", 1, size=(40, 40))
+    base = ["eval", "--suite", "folder", "--root", str(root), "--out", str(tmp_path / "out"), "--no-progress",
+            "--model", str(tiny_checkpoint_dir)]  # fmt: skip
+    # a KeyError loses only the quotes str() adds around it
+    assert main([*base, "--model", "nosuch"]) == 2
+    err = capsys.readouterr().err
+    assert "rine: error: unknown pretrained model 'nosuch'; known: " in err and '"' not in err
+
+    def refuse(name):
+        raise FileNotFoundError(f"{name!r} is neither a checkpoint folder nor a known model")
+
+    # a message that starts with a quote keeps it
+    monkeypatch.setattr(rine.pretrained, "resolve_pretrained", refuse)
+    assert main([*base, "--model", "nosuch"]) == 2
+    assert "rine: error: 'nosuch' is neither a checkpoint folder nor a known model\n" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["eval", "train", "extract", "grid"])
+def test_help_states_each_default(command, capsys):
+    """Every option with a default says it in --help (`rine eval --max-depth` used not to)."""
+    import argparse
+
+    from rine.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    parser = sub.choices[command]
+    for action in parser._actions:
+        if action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            continue
+        assert "default" in (action.help or "").lower(), f"rine {command} {action.option_strings[0]}"
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    if command == "eval":
+        out = " ".join(capsys.readouterr().out.split())
+        default = parser.get_default("max_depth")
+        assert default == 6 and "how deep to look for real/fake folders (default 6)" in out

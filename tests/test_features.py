@@ -168,3 +168,41 @@ def test_kill_9_at_several_points_then_resume(tiny_backbone_dir, tmp_path):
 def test_items_are_plain_records():
     it = Item("a.png", 1, "car")
     assert (it.path, it.label, it.set) == ("a.png", 1, "car")
+
+
+def test_extract_checks_out_and_device_before_any_work(tmp_path, monkeypatch, capsys):
+    import rine.backbones
+    import rine.datasets
+    from rine.cli import main
+
+    def forbidden(*a, **k):
+        raise AssertionError("the dataset was scanned or the backbone loaded before the usage check")
+
+    monkeypatch.setattr(rine.datasets, "layout_items", forbidden)
+    monkeypatch.setattr(rine.backbones, "load_backbone", forbidden)
+    existing = tmp_path / "store.bin"
+    existing.write_text("keep me")
+    base = ["extract", "--root", str(tmp_path), "--backbone", "ViT-L/14", "--no-progress"]
+    for args, message in [
+        (["--out", str(existing)], f"--out {existing}: is a file, not a folder"),
+        (["--out", str(existing / "store")], "is a file, so the folder cannot be created"),
+        (["--out", str(tmp_path / "s"), "--device", "nope"], "--device nope: not a device"),
+    ]:
+        assert main([*base, *args]) == 2, args
+        err = capsys.readouterr().err
+        assert err.startswith("rine: error: ") and message in err and "Traceback" not in err, err
+    assert existing.read_text() == "keep me" and not (tmp_path / "s").exists()
+    for option in ("--workers", "--views", "--batch-size", "--shard-size", "--limit"):
+        with pytest.raises(SystemExit) as e:
+            main([*base, "--out", str(tmp_path / "s"), option, "0"])
+        assert e.value.code == 2
+        assert f"argument {option}: '0': must be at least 1" in capsys.readouterr().err
+
+    # an existing folder (a store to resume) passes the checks and goes on to read the dataset
+    def no_dataset(*a, **k):
+        raise FileNotFoundError("no dataset here")
+
+    monkeypatch.setattr(rine.datasets, "layout_items", no_dataset)
+    (tmp_path / "resume").mkdir()
+    assert main([*base, "--out", str(tmp_path / "resume")]) == 2
+    assert capsys.readouterr().err == "rine: error: no dataset here\n"

@@ -63,3 +63,57 @@ def test_a_run_without_any_ap_ranks_last():
     undefined = GridRun(TrainConfig(), mean_acc=0.9, mean_ap=float("nan"))
     defined = GridRun(TrainConfig(), mean_acc=0.1, mean_ap=0.2)
     assert sorted([undefined, defined], key=lambda r: -r.rank_key) == [defined, undefined]
+
+
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("--factors", "0.1,x", "argument --factors: 'x' is not a number (example: --factors 0.1,0.2)"),
+        ("--factors", "0.1,-1", "argument --factors: '-1': each value must be at least 0 (example: --factors 0.1,0.2)"),
+        ("--factors", "nan", "'nan' is not a finite number"),
+        ("--factors", ",", "argument --factors: ',': give at least one value"),
+        ("--nproj", "1,2.5", "argument --nproj: '2.5' is not a whole number (example: --nproj 1,2)"),
+        ("--proj-dims", "0", "argument --proj-dims: '0': each value must be at least 1 (example: --proj-dims 128,256)"),
+    ],
+)
+def test_grid_lists_name_the_bad_item(option, value, message, tmp_path, capsys):
+    from rine.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["grid", "--features", "a", "--test-features", "b", "--out", str(tmp_path / "g"), option, value])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "_floats" not in err and "_ints" not in err and "invalid" not in err, err
+
+
+def test_grid_lists_and_paper_defaults_as_the_help_says():
+    from rine.cli import build_parser
+
+    args = build_parser().parse_args(["grid", "--features", "a", "--test-features", "b", "--out", "g",
+                                      "--factors", " 0.1, 0.8 ,", "--nproj", "2", "--proj-dims", "8,16"])  # fmt: skip
+    assert (args.factors, args.nproj, args.proj_dims) == ((0.1, 0.8), (2,), (8, 16))
+    sub = build_parser()._subparsers._group_actions[0].choices["grid"]
+    helps = {a.dest: a.help for a in sub._actions}
+    for dest, key in (("factors", "factor"), ("nproj", "nproj"), ("proj_dims", "proj_dim")):
+        assert f"(default {','.join(map(str, PAPER_GRID[key]))})" in helps[dest]
+
+
+def test_grid_refuses_a_file_as_out_before_reading_stores(stores, tmp_path, monkeypatch, capsys):  # noqa: F811
+    import rine.grid
+    from rine.cli import main
+    from rine.features import FeatureStore
+
+    def forbidden(*a, **k):
+        raise AssertionError("stores were read or runs trained before the usage check")
+
+    monkeypatch.setattr(FeatureStore, "open", forbidden)
+    monkeypatch.setattr(rine.grid, "run_grid", forbidden)
+    _, train32, val = stores
+    existing = tmp_path / "grid.csv"
+    existing.write_text("keep me")
+    for out, message in [(existing, f"--out {existing}: is a file, not a folder"),
+                         (existing / "g", "is a file, so the folder cannot be created")]:  # fmt: skip
+        assert main(["grid", "--features", str(train32.root), "--test-features", str(val.root), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("rine: error: ") and message in err and "Traceback" not in err, err
+    assert existing.read_text() == "keep me"

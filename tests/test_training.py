@@ -137,6 +137,53 @@ def test_cli_train_errors(stores, tmp_path):
     assert FeatureStore.open(train32.root).complete
 
 
+
+def test_cli_train_checks_out_device_and_lists_before_loading(stores, tmp_path, monkeypatch, capsys):
+    import rine.backbones
+    from rine.cli import main
+
+    _, train32, _ = stores
+
+    def forbidden(*a, **k):
+        raise AssertionError("a store or a backbone was loaded before the usage check")
+
+    monkeypatch.setattr(FeatureStore, "open", forbidden)
+    monkeypatch.setattr(rine.backbones, "load_backbone", forbidden)
+    existing = tmp_path / "taken"
+    existing.write_text("keep me")
+    for args, message in [
+        (["--features", str(train32.root), "--out", str(existing)], f"--out {existing}: is a file, not a folder"),
+        (["--root", str(tmp_path), "--backbone", "ViT-L/14", "--out", str(existing)], "is a file, not a folder"),
+        (["--features", str(train32.root), "--out", str(existing / "ckpt")], "so the folder cannot be created"),
+        (["--features", str(train32.root), "--out", str(tmp_path / "x"), "--device", "nope"],
+         "--device nope: not a device; use auto, cpu, cuda or cuda:N"),
+    ]:  # fmt: skip
+        assert main(["train", *args]) == 2, args
+        err = capsys.readouterr().err
+        assert err.startswith("rine: error: ") and message in err and "Traceback" not in err, err
+    assert existing.read_text() == "keep me" and not (tmp_path / "x").exists()
+    for args, message in [
+        (["--lr-milestones", "3,y"], "argument --lr-milestones: 'y' is not a whole number (example: --lr-milestones 6,11)"),
+        (["--lr-milestones", "0"], "'0': each value must be at least 1"),
+        (["--nproj", "0"], "argument --nproj: '0': must be at least 1"),
+        (["--epochs", "two"], "argument --epochs: 'two' is not a whole number"),
+    ]:  # fmt: skip
+        with pytest.raises(SystemExit) as e:
+            main(["train", "--features", str(train32.root), "--out", str(tmp_path / "x"), *args])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert message in err and "_ints" not in err and "invalid" not in err, err
+
+
+def test_cli_train_accepts_device_auto_and_no_milestones(stores, tmp_path):
+    from rine.cli import main
+
+    _, train32, _ = stores
+    out = tmp_path / "auto"
+    assert main(["train", "--features", str(train32.root), "--nproj", "1", "--proj-dim", "8", "--batch-size", "8",
+                 "--device", "auto", "--lr-milestones", "", "--no-plot", "--no-progress", "--out", str(out)]) == 0  # fmt: skip
+    assert json.loads((out / "train_config.json").read_text())["train"]["lr_milestones"] == []
+
 def test_preloaded_taps_keep_the_store_dtype_and_train_the_same_head(stores, monkeypatch):
     """A float16 store is held in RAM as float16 (half of float32) and widened per batch,
     which is exact: the same rows and the same trained head as reading the shards."""

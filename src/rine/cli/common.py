@@ -65,7 +65,9 @@ def pixel_count(text: str) -> int:
 
 def check_output_dir(path: str | Path, option: str = "--out") -> Path:
     """Refuse, before any work, an output folder that cannot be one: an existing file, or
-    a place where it cannot be created. Returns the path (not created)."""
+    a place where it cannot be created. The missing folders are created and removed again
+    (a real try: /proc/x as root, a read-only or full file system pass permission checks);
+    nothing is left behind and an existing folder is kept as it is."""
     out = Path(path).expanduser()
     if out.exists() and not out.is_dir():
         raise CLIError(f"{option} {path}: is a file, not a folder; give a folder path (it is created)")
@@ -74,6 +76,16 @@ def check_output_dir(path: str | Path, option: str = "--out") -> Path:
         raise CLIError(f"{option} {path}: {parent} is a file, so the folder cannot be created under it")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise CLIError(f"{option} {path}: no permission to write in {parent}")
+    missing = [p for p in (out, *out.parents) if not p.exists()]  # deepest first
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CLIError(f"{option} {path}: cannot create this folder ({e.strerror or e})") from None
+    for folder in missing:
+        try:
+            folder.rmdir()
+        except OSError:
+            break
     return out
 
 
@@ -255,7 +267,7 @@ def expand_inputs(inputs: list[str], unreadable: list[tuple[str, str]] | None = 
             continue
         if is_dir:
             for root, dirs, files in os.walk(path, followlinks=False,
-                                             onerror=lambda e: problem(e.filename or str(path), e)):  # fmt: skip
+                                             onerror=lambda e, top=str(path): problem(e.filename or top, e)):  # fmt: skip
                 yield from pending
                 pending.clear()
                 dirs.sort()

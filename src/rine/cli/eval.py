@@ -23,7 +23,16 @@ import logging
 import sys
 from pathlib import Path
 
-from .common import CLIError, add_decoding_options, add_model_options, fail, load_detector
+from .common import (
+    CLIError,
+    add_decoding_options,
+    add_model_options,
+    check_output_dir,
+    error_message,
+    fail,
+    load_detector,
+    positive_int,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -46,15 +55,23 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="DIR|FILE",
         help="data root (the manifest file for --suite manifest)",
     )
-    d.add_argument("--sets", metavar="A,B", help="only these test sets (comma-separated)")
-    d.add_argument("--real-dir", metavar="DIR", help="synthbuster: folder of the real RAISE images")
+    d.add_argument("--sets", metavar="A,B", help="only these test sets (comma-separated; default: all)")
+    d.add_argument(
+        "--real-dir",
+        metavar="DIR",
+        help="synthbuster: folder of the real RAISE images (default: RAISEpng/ or real_RAISE_1k/ "
+        "in --root or its parent)",
+    )
     d.add_argument("--split", default="val", help="genimage: split folder to read (default val)")
     d.add_argument(
-        "--max-depth", type=int, default=6, help="folder: how deep to look for real/fake folders"
+        "--max-depth",
+        type=positive_int,
+        default=6,
+        help="folder: how deep to look for real/fake folders (default %(default)s)",
     )
     d.add_argument(
         "--set-depth",
-        type=int,
+        type=positive_int,
         default=1,
         help="folder: path parts below --root naming a set (default 1)",
     )
@@ -67,26 +84,28 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--perturb-p",
         type=float,
         default=0.5,
-        help="probability that an image is perturbed (paper: 0.5)",
+        help="probability that an image is perturbed (default %(default)s, the paper's)",
     )
     r.add_argument("--perturb-quirks", choices=("none", "reference"), default="none",
                    help="reference: reproduce the reference code's blur sigma 4, JPEG quality 95, transposed "
-                        "crop size and resize of the perturbed half only (see docs/evaluation.md)")  # fmt: skip
+                        "crop size and resize of the perturbed half only (see docs/evaluation.md). "
+                        "Default: none")  # fmt: skip
     o = p.add_argument_group("output and run")
-    o.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    o.add_argument("--out", required=True, metavar="DIR", help="output folder (created; must not be a file)")
     o.add_argument(
-        "--threshold", type=float, default=0.5, help="decision threshold of ACC (paper: 0.5)"
+        "--threshold", type=float, default=0.5, help="decision threshold of ACC (default %(default)s, the paper's)"
     )
     o.add_argument(
         "--features-cache",
         metavar="DIR",
-        help="keep backbone taps here (rine.features stores) for later runs",
+        help="keep backbone taps here (rine.features stores) for later runs (default: no cache)",
     )
     o.add_argument("--cache-dtype", choices=("float32", "float16"), default="float32",
-                   help="dtype of cached taps (float16 halves the disk, changes scores by ~1e-3)")  # fmt: skip
+                   help="dtype of cached taps (default float32; float16 halves the disk, changes "
+                        "scores by ~1e-3)")  # fmt: skip
     o.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     o.add_argument(
-        "--batch-size", type=int, default=None, help="images per encoder batch (default 16 on CPU, 64 on GPU)"
+        "--batch-size", type=positive_int, default=None, help="images per encoder batch (default 16 on CPU, 64 on GPU)"
     )
     add_decoding_options(o)
     o.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -160,7 +179,7 @@ def _load_models(args):
         except WeightsUnavailableError as e:
             raise CLIError(str(e)) from None
         except (CheckpointError, FileNotFoundError, KeyError, ValueError) as e:
-            raise CLIError(str(e).strip("'\"")) from None
+            raise CLIError(error_message(e)) from None
         if config is not None and not args.crop and config.preprocess != detector.config.preprocess:
             # All heads score the same taps: a head whose own protocol differs (e.g. the ldm
             # model's ten-crop) would silently be evaluated with another one.
@@ -180,13 +199,18 @@ def _label(source: str, config_name: str | None) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Output places first: a bad --out must not cost a full scoring run before it fails.
+    try:
+        check_output_dir(args.out)
+        if args.features_cache:
+            check_output_dir(args.features_cache, "--features-cache")
+    except CLIError as e:
+        return fail(str(e))
     if args.decode_timeout < 0:
         return fail("--decode-timeout must be at least 0 (0: no limit)")
     from ..evaluation import evaluate, write_outputs
     from ..layouts import LayoutError, read_layout
 
-    if args.batch_size is not None and args.batch_size < 1:
-        return fail("--batch-size must be at least 1")
     options: dict = {}
     if args.sets:
         options["sets"] = [s.strip() for s in args.sets.split(",") if s.strip()]

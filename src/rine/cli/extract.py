@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .common import fail
+from .common import CLIError, check_device, check_output_dir, fail, positive_int
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -29,19 +29,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--classes", default=None, help="comma-separated ProGAN classes (default: all present)")
     p.add_argument("--backbone", required=True, metavar="SRC", help="CLIP backbone: name, hub id, folder or OpenAI file")
     p.add_argument("--revision", default=None, help="hub revision of --backbone")
-    p.add_argument("--out", required=True, metavar="STORE", help="output store folder")
+    p.add_argument("--out", required=True, metavar="STORE",
+                   help="output store folder (created; an existing store of the same command is resumed)")  # fmt: skip
     p.add_argument("--transform", choices=("train", "center"), default=None,
                    help="train: the reference's augmentation; center: CenterCrop 224 (default: train for the "
                         "train split of progan or ldm, center otherwise)")  # fmt: skip
-    p.add_argument("--views", type=int, default=1, help="augmented views per image (one per epoch; default 1)")
+    p.add_argument("--views", type=positive_int, default=1, help="augmented views per image (one per epoch; default 1)")
     p.add_argument("--seed", type=int, default=0, help="augmentation seed (default 0)")
     p.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="stored precision (default float16)")
-    p.add_argument("--batch-size", type=int, default=32, help="views per encoder batch (default 32)")
-    p.add_argument("--shard-size", type=int, default=1024, help="images per shard (default 1024)")
-    p.add_argument("--workers", type=int, default=None, help="decoding threads (default: cores, up to 8)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if available)")
-    p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32", help="encoder precision")
-    p.add_argument("--limit", type=int, default=None, help="only the first N images (smoke runs)")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="views per encoder batch (default 32)")
+    p.add_argument("--shard-size", type=positive_int, default=1024, help="images per shard (default 1024)")
+    p.add_argument("--workers", type=positive_int, default=None, help="decoding threads (default: cores, up to 8)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32",
+                   help="encoder precision (default fp32)")  # fmt: skip
+    p.add_argument("--limit", type=positive_int, default=None,
+                   help="only the first N images, for smoke runs (default: all)")  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -54,6 +57,13 @@ def run(args: argparse.Namespace) -> int:
     from ..datasets import layout_items
     from ..features import StoreError, extract_features
 
+    # Before any work: a bad --out or --device must not cost a dataset scan or a backbone load.
+    # An existing folder is fine (a store there is resumed).
+    try:
+        check_output_dir(args.out)
+        check_device(args.device)
+    except CLIError as e:
+        return fail(str(e))
     if args.views < 1 or args.batch_size < 1 or args.shard_size < 1:
         return fail("--views, --batch-size and --shard-size must be at least 1")
     split = args.split or "train"

@@ -15,16 +15,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .common import fail
-from .train import add_train_options, train_config_from_args
-
-
-def _floats(text: str) -> tuple[float, ...]:
-    return tuple(float(x) for x in text.split(",") if x.strip())
-
-
-def _ints(text: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in text.split(",") if x.strip())
+from .common import CLIError, check_output_dir, fail
+from .train import add_train_options, number_list, train_config_from_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -32,12 +24,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--features", required=True, metavar="STORE", help="training store")
     p.add_argument("--test-features", required=True, nargs="+", metavar="STORE", help="test stores (each may hold several sets)")
-    p.add_argument("--val-features", metavar="STORE", help="validation store (best epoch per run)")
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--val-features", metavar="STORE", help="validation store (best epoch per run; default: none)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (created; must not be a file)")
     g = p.add_argument_group("grid (default: the paper's 48 runs)")
-    g.add_argument("--factors", type=_floats, help="contrastive factors (0.1,0.2,0.4,0.8)")
-    g.add_argument("--nproj", type=_ints, help="projection depths (1,2,4)")
-    g.add_argument("--proj-dims", type=_ints, help="projection widths (128,256,512,1024)")
+    g.add_argument("--factors", metavar="F,F", type=number_list(float, "--factors", "0.1,0.2", minimum=0),
+                   help="contrastive factors (default 0.1,0.2,0.4,0.8)")  # fmt: skip
+    g.add_argument("--nproj", metavar="N,N", type=number_list(int, "--nproj", "1,2", minimum=1),
+                   help="projection depths (default 1,2,4)")  # fmt: skip
+    g.add_argument("--proj-dims", metavar="D,D", type=number_list(int, "--proj-dims", "128,256", minimum=1),
+                   help="projection widths (default 128,256,512,1024)")  # fmt: skip
     add_train_options(p)
     p.set_defaults(func=run)
 
@@ -47,6 +42,10 @@ def run(args: argparse.Namespace) -> int:
     from ..grid import PAPER_GRID, grid_configs, run_grid, write_table
     from ..training import StoreTaps, save_run
 
+    try:
+        check_output_dir(args.out)
+    except CLIError as e:
+        return fail(str(e))
     try:
         base = train_config_from_args(args)
         store = FeatureStore.open(args.features)
