@@ -278,27 +278,27 @@ def test_resume_scores_only_what_an_interrupted_run_left(capsys, tmp_path, tiny_
     assert code == 0 and "4 of 4" in err and part.read_bytes() == before
 
 
-def test_resume_matches_files_not_spellings(capsys, tmp_path, tiny_checkpoint_dir, monkeypatch):
+def test_resume_matches_places_not_spellings(capsys, tmp_path, tiny_checkpoint_dir, monkeypatch):
     folder = tmp_path / "imgs"
     folder.mkdir()
     for i in range(3):
         write_image(folder / f"img{i}.png", (230, 240), seed=i)
+    (folder / "z.png").symlink_to(folder / "img0.png")  # another input, though the same pixels
     model = ("--model", str(tiny_checkpoint_dir))
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "scores.jsonl"
-    # First run: the folder; then one record is lost, as after a kill between two records.
+    # First run: the folder (4 records); then two are lost, as after a kill between records.
     assert run_cli(capsys, "detect", "imgs", *model, "-o", str(out))[0] == 0
     lines = out.read_text().splitlines(keepends=True)
+    assert [json.loads(line)["path"] for line in lines] == [f"imgs/img{i}.png" for i in range(3)] + ["imgs/z.png"]
     out.write_text("".join(lines[:2]))
-    # Resumed with the files spelled another way: absolute, `./`, and one through a symlink.
-    (tmp_path / "link.png").symlink_to(folder / "img0.png")
-    spelled = [str(folder / "img0.png"), "./imgs/img1.png", "./imgs/img2.png", "link.png"]
+    # Resumed with the files spelled another way: absolute, and with `./`.
+    spelled = [str(folder / "img0.png"), "./imgs/img1.png", "./imgs/img2.png", "./imgs/z.png"]
     code, _, err = run_cli(capsys, "detect", *spelled, *model, "-o", str(out), "--resume")
     assert code == 0, err
-    assert "3 of 4 inputs already have a record; scoring 1" in err
+    assert "2 of 4 inputs already have a record; scoring 2" in err, err
     records = [json.loads(line) for line in out.read_text().splitlines()]
-    assert len(records) == 3
-    assert os.path.samefile(records[2]["path"], folder / "img2.png")
+    assert [r["path"] for r in records[2:]] == ["imgs/img2.png", "imgs/z.png"]  # as expand_inputs spells them
 
 
 def test_resume_csv_and_what_it_refuses(capsys, tmp_path, tiny_checkpoint_dir):
@@ -496,3 +496,81 @@ def test_max_pixels_can_go_above_pillows_warning_limit(tmp_path, monkeypatch):
     big = write_image(tmp_path / "b.png", (250, 100))
     with pytest.raises(ImageLoadError, match="over Pillow's own limit"):
         load_image(big, max_pixels=None)
+
+
+def test_verbose_counts_before_and_after_the_command(monkeypatch):
+    import rine.cli as cli
+
+    seen = []
+    monkeypatch.setattr(cli.logging, "basicConfig", lambda **kw: seen.append(kw["level"]))
+    parser = cli.build_parser()
+    for argv, level in ((["models"], 30), (["-v", "models"], 20), (["models", "-v"], 20), (["-v", "models", "-v"], 10)):
+        seen.clear()
+        monkeypatch.setattr(cli, "build_parser", lambda: parser)
+        assert cli.main(argv) == 0
+        assert seen == [level], (argv, seen)
+
+
+def test_csv_to_a_stdout_that_is_not_a_console(capsys, tmp_path, tiny_checkpoint_dir):
+    import contextlib
+    import io as _io
+
+    img = str(write_image(tmp_path / "a.png", (230, 240)))
+    buf = _io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        code = main(["detect", img, "--model", str(tiny_checkpoint_dir), "--format", "csv"])
+    assert code == 0 and buf.getvalue().startswith("path,prob_fake,logit,is_fake,error")
+
+
+def test_resume_takes_the_format_of_the_file_and_keeps_unreadable_records_once(capsys, tmp_path, tiny_checkpoint_dir,
+                                                                               monkeypatch):  # fmt: skip
+    import rine.cli.common as common
+
+    images = [str(write_image(tmp_path / f"img{i}.png", (230, 240), seed=i)) for i in range(2)]
+    model = ("--model", str(tiny_checkpoint_dir))
+    # A run from before the format followed the file name: jsonl records in a .csv file.
+    old = tmp_path / "old.csv"
+    assert run_cli(capsys, "detect", images[0], *model, "-o", str(old), "--format", "jsonl")[0] == 0
+    code, _, err = run_cli(capsys, "detect", *images, *model, "-o", str(old), "--resume")
+    assert code == 0 and "1 of 2 inputs already have a record" in err, err
+    assert [json.loads(line)["path"] for line in old.read_text().splitlines()] == images
+    # A folder that cannot be listed: one error record, kept once over resumes, counted each time.
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_walk = os.walk
+
+    def walk(top, **kw):
+        if str(top).endswith("locked"):
+            kw["onerror"](PermissionError(13, "Permission denied", str(top)))
+            return
+        yield from real_walk(top, **kw)
+
+    monkeypatch.setattr(common.os, "walk", walk)
+    out = tmp_path / "scores.jsonl"
+    assert run_cli(capsys, "detect", str(locked), images[0], *model, "-o", str(out))[0] == 1
+    for _ in range(2):
+        code, _, err = run_cli(capsys, "detect", str(locked), *images, *model, "-o", str(out), "--resume")
+        assert code == 1 and "already have a record (1 of them errors" in err, err
+    paths = [json.loads(line)["path"] for line in out.read_text().splitlines()]
+    assert sorted(paths) == sorted([str(locked), *images])
+    code, _, err = run_cli(capsys, "detect", str(locked), *model, "-o", str(out), "--resume")
+    assert code == 1 and "1 of 1 inputs already have a record" in err
+
+
+def test_output_paths_as_the_shell_left_them(capsys, tmp_path, tiny_checkpoint_dir, monkeypatch):
+    from rine.cli.common import check_output_dir, pixel_count
+
+    img = str(write_image(tmp_path / "a.png", (230, 240)))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    # `--output=~/x.jsonl`: the shell leaves the ~; the check and the writer must agree on it.
+    assert run_cli(capsys, "detect", img, "--model", str(tiny_checkpoint_dir), "--output=~/x.jsonl")[0] == 0
+    assert json.loads((tmp_path / "x.jsonl").read_text())["path"] == img
+    # An existing file is written in place, whatever its folder allows.
+    assert run_cli(capsys, "detect", img, "--model", str(tiny_checkpoint_dir), "-o", os.devnull)[0] == 0
+    # The output-folder check creates nothing and removes nothing that was there.
+    (tmp_path / "results").mkdir()
+    monkeypatch.chdir(tmp_path)
+    check_output_dir("newdir/../results")
+    check_output_dir("deep/er/out")
+    assert (tmp_path / "results").is_dir() and not (tmp_path / "newdir").exists() and not (tmp_path / "deep").exists()
+    assert pixel_count("4.1M") == 4_100_000 and pixel_count("40M") == 40_000_000 and pixel_count("1,500") == 1500

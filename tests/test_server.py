@@ -353,6 +353,34 @@ def test_uploads_from_other_sites_pages_are_refused(client):
     assert client.post("/v1/detect", files=upload(("a.png", img))).status_code == 200
 
 
+def test_origin_check_cases():
+    from starlette.requests import Request
+
+    from rine.server.app import HTTPError, _refuse_other_origins
+
+    def allowed(**headers):
+        raw = [(k.replace("_", "-").lower().encode(), v.encode()) for k, v in headers.items()]
+        try:
+            _refuse_other_origins(Request({"type": "http", "headers": raw}))
+            return True
+        except HTTPError as e:
+            assert e.status == 403
+            return False
+
+    # Same site: ports as the scheme's default, IPv6, case, a trailing dot, proxies.
+    assert allowed(origin="https://site", host="site:443") and allowed(origin="http://site:80", host="site")
+    assert allowed(origin="http://[::1]:8000", host="[::1]:8000") and allowed(origin="http://LOCALHOST:8000", host="localhost:8000")
+    assert allowed(origin="https://site.", host="site:443")
+    assert allowed(origin="https://rine.example.org:8443", host="rine.example.org")  # nginx $host drops the port
+    assert allowed(origin="https://site", host="127.0.0.1:8000", x_forwarded_host="site, proxy2")
+    assert allowed(origin="https://site", host="127.0.0.1:8000", forwarded='for=1.2.3.4;host="site";proto=https')
+    # Other sites, other ports of this host, opaque origins.
+    assert not allowed(origin="https://evil.example", host="site")
+    assert not allowed(origin="http://localhost:3000", host="localhost:8000")
+    assert not allowed(origin="null", host="site")
+    assert not allowed(origin="https://site", host="127.0.0.1:8000", x_forwarded_host="evil, site")
+
+
 def test_decompression_bomb_is_refused_from_the_header(client):
     from PIL import Image
 
@@ -722,6 +750,25 @@ def test_rine_serve_on_a_busy_port_says_so_before_serving(tiny_checkpoint_dir, c
         assert main(["serve", "--port", str(port), "--model", str(tiny_checkpoint_dir), "--no-access-log"]) == 2
     out, err = capsys.readouterr()
     assert "serving on" not in out and f"cannot listen on 127.0.0.1 port {port}" in err and "--port" in err, err
+
+
+def test_serve_listens_on_every_address_of_its_host():
+    import socket
+
+    from rine.cli.serve import _listen
+
+    sockets = _listen("", 0)  # all interfaces, as asyncio reads "": 0.0.0.0 and, where there is IPv6, ::
+    try:
+        families = {s.family for s in sockets}
+        assert socket.AF_INET in families and len({s.getsockname()[1] for s in sockets}) == 1
+        for s in sockets:
+            if s.family == socket.AF_INET6:
+                assert s.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 1
+        with socket.create_connection(("127.0.0.1", sockets[0].getsockname()[1]), timeout=5):
+            pass
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def test_rine_serve_subprocess_with_api_key(tiny_checkpoint_dir, tmp_path):

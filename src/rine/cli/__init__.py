@@ -36,8 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
             raise
         module.register(sub)
     for command in sub.choices.values():
-        # Also after the command (`rine detect -v ...`); SUPPRESS keeps a -v given before it.
-        command.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
+        # Also after the command (`rine detect -v ...`), counted with those before it.
+        command.add_argument("-v", "--verbose", action="count", default=0, dest="verbose_after",
                              help="more log output (-vv for debug)")  # fmt: skip
     return parser
 
@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.verbose += getattr(args, "verbose_after", 0)
     logging.basicConfig(
         level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
         format="%(levelname)s %(name)s: %(message)s",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import decimal
 import glob
 import math
 import os
@@ -55,10 +56,10 @@ def pixel_count(text: str) -> int:
     value = text.strip().upper().replace("_", "").replace(",", "")
     number = value.rstrip("KMG")
     try:
-        count = float(number) * _COUNT_UNITS[value[len(number) :]]
-    except (KeyError, ValueError, OverflowError):
-        count = math.nan
-    if not math.isfinite(count) or count < 1:
+        count = decimal.Decimal(number) * _COUNT_UNITS[value[len(number) :]]  # exact: 4.1M = 4,100,000
+    except (KeyError, decimal.InvalidOperation):
+        count = decimal.Decimal("NaN")
+    if not count.is_finite() or count < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a pixel count of at least 1 (examples: 40000000, 40M)")
     return int(count)
 
@@ -68,7 +69,8 @@ def check_output_dir(path: str | Path, option: str = "--out") -> Path:
     a place where it cannot be created. The missing folders are created and removed again
     (a real try: /proc/x as root, a read-only or full file system pass permission checks);
     nothing is left behind and an existing folder is kept as it is."""
-    out = Path(path).expanduser()
+    # Normalised first: `new/../old` must not make an existing `old` look like one to remove.
+    out = Path(os.path.abspath(os.path.expanduser(path)))
     if out.exists() and not out.is_dir():
         raise CLIError(f"{option} {path}: is a file, not a folder; give a folder path (it is created)")
     parent = next((p for p in (out, *out.parents) if p.exists()), Path("."))
@@ -95,11 +97,15 @@ def check_output_file(path: str | Path, option: str = "--output") -> Path:
     out = Path(path).expanduser()
     if out.is_dir():
         raise CLIError(f"{option} {path}: is a folder; give a file name, e.g. {Path(path) / 'scores.jsonl'}")
+    if out.exists():  # written in place (a file, /dev/null, a pipe): only it must be writable
+        if not os.access(out, os.W_OK):
+            raise CLIError(f"{option} {path}: no permission to write this file")
+        return out
     folder = out.parent
     if not folder.is_dir():
         raise CLIError(f"{option} {path}: the folder {folder} does not exist; create it first")
-    if not os.access(folder, os.W_OK | os.X_OK) or (out.exists() and not os.access(out, os.W_OK)):
-        raise CLIError(f"{option} {path}: no permission to write there")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise CLIError(f"{option} {path}: no permission to create a file in {folder}")
     return out
 
 

@@ -224,16 +224,31 @@ def _limit_hint(n_pixels: int, n_bytes: int) -> str:
     return "; " + ", ".join(hints) if hints else ""
 
 
-def _file_key(path: str) -> str:
-    return os.path.normcase(os.path.realpath(path))
+def _place(path: str) -> str:
+    """Where a path points, symlinks aside: `./dir/a.png`, `dir/a.png` and `/abs/dir/a.png`
+    are one place (a symlink `z.png -> a.png` is another input, with its own record)."""
+    return os.path.normcase(os.path.abspath(path))
+
+
+def _sniff_format(output: Path) -> str | None:
+    """jsonl or csv, from what an earlier run wrote at the start of `output` (None: unknown)."""
+    try:
+        with output.open("rb") as f:
+            start = f.read(64)
+    except OSError:
+        return None
+    if start.startswith(b"{"):
+        return "jsonl"
+    if start.startswith(",".join(CSV_FIELDS).encode()):
+        return "csv"
+    return None
 
 
 def run(args: argparse.Namespace) -> int:
     if args.decode_timeout < 0:
         return fail("--decode-timeout must be at least 0 (0: no limit)")
     try:
-        if args.output:
-            check_output_file(args.output, "--output")
+        output = check_output_file(args.output, "--output") if args.output else None
         check_device(args.device)
     except CLIError as e:
         return fail(str(e))
@@ -241,31 +256,43 @@ def run(args: argparse.Namespace) -> int:
     paths = list(expand_inputs(args.inputs, unreadable))
     if not paths and not unreadable:
         return fail("no input images found")
-    fmt = args.format or format_for(args.output)
+    # Resuming: the file's own format first, so that runs started before the format followed
+    # the file name (jsonl in a .json or .csv file) go on as they began.
+    fmt = args.format or (args.resume and output and _sniff_format(output)) or format_for(args.output)
     header, failed_before = True, 0
     if args.resume:
-        if not args.output:
+        if output is None:
             return fail("--resume needs --output FILE: the file of the run to resume")
         if fmt not in ("jsonl", "csv"):
             return fail(f"--resume needs --format jsonl or csv (written record by record), not {fmt}")
         try:
-            done = records_done(Path(args.output), fmt)
+            recorded = records_done(output, fmt)
         except CLIError as e:
             return fail(str(e))
-        header = not Path(args.output).exists() or Path(args.output).stat().st_size == 0
-        # Match files, not spellings: `./dir/a.png`, `dir/a.png` and a symlink to it are one file.
-        done = {_file_key(p): is_error for p, is_error in done.items()}
-        todo = [p for p in paths if _file_key(p) not in done]
-        failed_before = sum(done.get(_file_key(p), False) for p in paths)
-        if done and len(todo) == len(paths):
-            print(f"rine: warning: {args.output} holds {len(done)} records, but none for these inputs. Records "
-                  "are matched by file, relative paths from the current folder: if the first run was started "
-                  "in another folder, run this one there", file=sys.stderr)  # fmt: skip
+        header = not output.exists() or output.stat().st_size == 0
+        # An input's record: the one under its own spelling, else one under another spelling
+        # of the same place (relative against absolute, `./`).
+        by_place: dict[str, bool] = {}
+        for path, is_error in recorded.items():
+            by_place.setdefault(_place(path), is_error)
+
+        def record_of(path: str) -> bool | None:
+            return recorded[path] if path in recorded else by_place.get(_place(path))
+
+        n_inputs = len(paths) + len(unreadable)
+        todo = [p for p in paths if record_of(p) is None]
+        failed_before = sum(bool(record_of(p)) for p in paths) + sum(bool(record_of(p)) for p, _ in unreadable)
+        unreadable = [(p, why) for p, why in unreadable if record_of(p) is None]
+        n_todo = len(todo) + len(unreadable)
+        if recorded and n_todo == n_inputs:
+            print(f"rine: warning: {args.output} holds {len(recorded)} records, but none for these inputs. "
+                  "Relative paths are matched from the current folder: if the first run was started in "
+                  "another folder, run this one there", file=sys.stderr)  # fmt: skip
         errors = (f" ({failed_before} of them errors, not retried: remove their lines to retry them)"
                   if failed_before else "")  # fmt: skip
-        print(f"rine: resuming {args.output}: {len(paths) - len(todo)} of {len(paths)} inputs already have "
-              f"a record{errors}; scoring {len(todo)}", file=sys.stderr)  # fmt: skip
-        if not todo:
+        print(f"rine: resuming {args.output}: {n_inputs - n_todo} of {n_inputs} inputs already have "
+              f"a record{errors}; scoring {n_todo}", file=sys.stderr)  # fmt: skip
+        if not n_todo:
             return 1 if failed_before else 0
         paths = todo
     try:
@@ -277,12 +304,14 @@ def run(args: argparse.Namespace) -> int:
     mode = "a" if args.resume else "w"
     # File names need not be UTF-8: csv writes their bytes as they are (json escapes them).
     errors = "surrogateescape" if fmt == "csv" else "strict"
-    if args.output:
-        stream = open(args.output, mode, encoding="utf-8", errors=errors, newline="")
+    stdout_errors = None
+    if output is not None:
+        stream = open(output, mode, encoding="utf-8", errors=errors, newline="")
     else:
         stream = sys.stdout
-        if fmt == "csv":
-            sys.stdout.reconfigure(errors=errors)
+        if fmt == "csv" and hasattr(stream, "reconfigure"):  # a real console stream; set back below
+            stdout_errors = stream.errors
+            stream.reconfigure(errors=errors)
     writer = _Writer(stream, fmt, args.blocks, header=header)
     n_failed = n_written = n_pixels = n_bytes = 0
     try:
@@ -312,8 +341,10 @@ def run(args: argparse.Namespace) -> int:
         raise
     finally:
         writer.close()
-        if args.output:
+        if output is not None:
             stream.close()
+        elif stdout_errors is not None:
+            stream.reconfigure(errors=stdout_errors)
     if n_failed:
         print(f"rine: {n_failed} of {len(paths) + len(unreadable)} inputs could not be scored (see their error "
               f"field){_limit_hint(n_pixels, n_bytes)}", file=sys.stderr)  # fmt: skip

@@ -201,9 +201,9 @@ def _label(source: str, config_name: str | None) -> str:
 def run(args: argparse.Namespace) -> int:
     # Output places first: a bad --out must not cost a full scoring run before it fails.
     try:
-        check_output_dir(args.out)
+        args.out = str(check_output_dir(args.out))
         if args.features_cache:
-            check_output_dir(args.features_cache, "--features-cache")
+            args.features_cache = str(check_output_dir(args.features_cache, "--features-cache"))
     except CLIError as e:
         return fail(str(e))
     if args.decode_timeout < 0:

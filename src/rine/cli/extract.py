@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     # Before any work: a bad --out or --device must not cost a dataset scan or a backbone load.
     # An existing folder is fine (a store there is resumed).
     try:
-        check_output_dir(args.out)
+        args.out = str(check_output_dir(args.out))
         check_device(args.device)
     except CLIError as e:
         return fail(str(e))

@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     from ..training import StoreTaps, save_run
 
     try:
-        check_output_dir(args.out)
+        args.out = str(check_output_dir(args.out))
     except CLIError as e:
         return fail(str(e))
     try:

@@ -150,32 +150,48 @@ def run(args: argparse.Namespace) -> int:
     )
     server = uvicorn.Server(config)
     try:
-        sock = _listen(args.host, args.port)
+        sockets = _listen(args.host, args.port)
+    except socket.gaierror as e:
+        return fail(f"--host {args.host!r}: not an address of this machine ({e.strerror or e})")
     except OSError as e:
         return fail(f"cannot listen on {args.host} port {args.port}: {e.strerror or e}; pick another --port "
                     "(0: any free one) or stop what uses it")  # fmt: skip
-    port = sock.getsockname()[1]
-    print(f"rine: serving on http://{_url_host(args.host)}:{port} (model loading in the background)", flush=True)
-    with sock:
-        server.run(sockets=[sock])
+    port = sockets[0].getsockname()[1]
+    shown = _url_host(args.host or "0.0.0.0")
+    print(f"rine: serving on http://{shown}:{port} (model loading in the background)", flush=True)
+    try:
+        server.run(sockets=sockets)
+    finally:
+        for sock in sockets:
+            sock.close()
     if load_failure:
         return fail(f"model failed to load: {load_failure[0]}")
     return 0
 
 
-def _listen(host: str, port: int) -> socket.socket:
-    """A bound, listening socket, so that a busy port is reported before "serving on" is."""
-    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-    sock = socket.socket(family, kind, proto)
+def _listen(host: str, port: int) -> list[socket.socket]:
+    """Bound, listening sockets for every address of `host` ("" or "0.0.0.0"/"::" as asyncio
+    reads them), so that a busy port is reported before "serving on" is. With port 0 they
+    all take the port the first one got."""
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    sockets: list[socket.socket] = []
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(address)
-        sock.listen(2048)
-        sock.set_inheritable(True)
+        for family, kind, proto, _, address in dict.fromkeys(infos):  # unique, in order
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:  # as asyncio: "::" is IPv6 only, 0.0.0.0 has its own socket
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if port == 0 and len(sockets) > 1:
+                address = (address[0], sockets[0].getsockname()[1], *address[2:])
+            sock.bind(address)
+            sock.listen(2048)
+            sock.set_inheritable(True)
     except OSError:
-        sock.close()
+        for sock in sockets:
+            sock.close()
         raise
-    return sock
+    return sockets
 
 
 def _url_host(host: str) -> str:

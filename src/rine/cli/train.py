@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
         return fail("--root needs --backbone")
     # Before any loading: a bad --out or --device must not cost a store read or a backbone load.
     try:
-        check_output_dir(args.out)
+        args.out = str(check_output_dir(args.out))
         check_device(args.device)
     except CLIError as e:
         return fail(str(e))

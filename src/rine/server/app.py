@@ -644,6 +644,19 @@ class _SecurityHeaders:
         await self.app(scope, receive, send_with_headers)
 
 
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _host_port(netloc: str) -> tuple[str, int | None]:
+    """("host", port or None) of a Host-style value such as `example.org:8443` or `[::1]:80`."""
+    parts = urlsplit(f"//{netloc.strip()}")
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    return (parts.hostname or "").rstrip("."), port
+
+
 def _refuse_other_origins(request: Request) -> None:
     """403 for a browser POST sent by a page of another site.
 
@@ -651,17 +664,31 @@ def _refuse_other_origins(request: Request) -> None:
     a browser on this machine could make a loopback server decode and score what it
     sends (it could not read the answer). Browsers name the sending page in `Origin`;
     clients outside a browser (curl, scripts) send none and are not affected, nor is
-    this server's own page. Behind a reverse proxy that rewrites `Host`, the proxy's
-    `X-Forwarded-Host` names the site (a page cannot set that header on a request that
-    skips the preflight).
+    this server's own page. Behind a reverse proxy the site is named by `X-Forwarded-Host`
+    (or `Forwarded: host=`), which a page cannot set on a request that skips the
+    preflight; a `Host` without a port (nginx's `$host`) matches the site on any port.
     """
     origin = request.headers.get("origin")
     if origin is None:
         return
-    hosts = {request.headers.get(h, "").lower() for h in ("host", "x-forwarded-host")} - {""}
-    if origin == "null" or urlsplit(origin).netloc.lower() not in hosts:
-        raise HTTPError(403, "cross-origin request refused: this API takes uploads from its own page, "
-                             "or from clients outside a browser")
+    o = urlsplit(origin)
+    try:
+        o_port = o.port if o.port is not None else _DEFAULT_PORTS.get(o.scheme)
+    except ValueError:
+        o_port = None
+    o_host = (o.hostname or "").rstrip(".")
+    claims = [request.headers.get("host", ""), request.headers.get("x-forwarded-host", "").split(",")[0]]
+    for part in request.headers.get("forwarded", "").split(","):
+        for pair in part.split(";"):
+            key, _, value = pair.strip().partition("=")
+            if key.lower() == "host":
+                claims.append(value.strip('"'))
+    for claim in filter(None, (c.strip() for c in claims)):
+        host, port = _host_port(claim)
+        if host and host == o_host and (port is None or port == o_port):
+            return
+    raise HTTPError(403, "cross-origin request refused: this API takes uploads from its own page, "
+                         "or from clients outside a browser")
 
 
 def _multipart_boundary(content_type: str) -> bytes:
