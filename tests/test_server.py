@@ -724,6 +724,29 @@ def test_cli_serve_options(monkeypatch):
     assert main(["serve", "--port", "70000"]) == 2
 
 
+def test_allowed_hosts_against_dns_rebinding(tiny_detector, monkeypatch):
+    from rine.cli import build_parser
+    from rine.cli.serve import settings_from_args
+    from rine.server.app import LOOPBACK_HOSTS
+
+    parser = build_parser()
+    # Loopback without a key: only loopback names; with a key or on a network address: any;
+    # --allowed-host adds names (a reverse proxy's public one).
+    assert settings_from_args(parser.parse_args(["serve"])).allowed_hosts == LOOPBACK_HOSTS
+    assert settings_from_args(parser.parse_args(["serve", "--host", "0.0.0.0"])).allowed_hosts is None
+    monkeypatch.setenv("RINE_TEST_KEY", "k1")
+    assert settings_from_args(parser.parse_args(["serve", "--api-key-env", "RINE_TEST_KEY"])).allowed_hosts is None
+    s = settings_from_args(parser.parse_args(["serve", "--allowed-host", "rine.example.org"]))
+    assert s.allowed_hosts == (*LOOPBACK_HOSTS, "rine.example.org")
+    img = png_bytes((32, 32))
+    with make_client(tiny_detector, allowed_hosts=s.allowed_hosts) as c:
+        r = c.post("/v1/detect", files=upload(("a.png", img)), headers={"Host": "evil.example:8000"})
+        assert r.status_code == 421 and "--allowed-host" in r.json()["detail"]
+        assert c.get("/", headers={"Host": "evil.example"}).status_code == 421
+        for host in ("127.0.0.1:8000", "localhost", "[::1]:8000", "RINE.example.org", "rine.example.org."):
+            assert c.post("/v1/detect", files=upload(("a.png", img)), headers={"Host": host}).status_code == 200, host
+
+
 def test_rine_serve_exits_2_when_the_model_cannot_load(tmp_path):
     import socket
 

@@ -37,6 +37,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     n.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
     n.add_argument("--api-key-env", metavar="NAME",
                    help="require the header X-API-Key to equal the value of this environment variable")
+    n.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="a host name clients may use in their requests (repeatable), e.g. the public name "
+                        "a reverse proxy forwards in Host. Default: any, except that a loopback server "
+                        "without an API key answers only to localhost, 127.0.0.1 and ::1 (against DNS "
+                        "rebinding)")  # fmt: skip
     n.add_argument("--no-access-log", action="store_true", help="do not log each request")
     add_model_options(p, batch_jobs=False)
     lim = p.add_argument_group("limits")
@@ -64,14 +69,21 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def settings_from_args(args: argparse.Namespace):
     """ServerSettings from the command line; CLIError for values that make no sense."""
-    from ..server.app import ServerSettings
+    from ..server.app import LOOPBACK_HOSTS, ServerSettings
 
     api_key = None
     if args.api_key_env:
         api_key = os.environ.get(args.api_key_env)
         if not api_key:
             raise CLIError(f"--api-key-env {args.api_key_env}: that environment variable is unset or empty")
+    if args.allowed_host:
+        allowed_hosts = (*LOOPBACK_HOSTS, *args.allowed_host)
+    elif _is_loopback(args.host) and api_key is None:
+        allowed_hosts = LOOPBACK_HOSTS
+    else:
+        allowed_hosts = None
     kwargs = dict(
+        allowed_hosts=allowed_hosts,
         max_file_bytes=int(args.max_file_mb * MB),
         max_request_bytes=int(args.max_request_mb * MB),
         max_files=args.max_files,

@@ -73,6 +73,10 @@ class ServerSettings:
     score_timeout_s: float = 60.0  # from the end of the upload to the last score
     retry_after_s: int = 2  # advertised with every 503
     api_key: str | None = field(default=None, repr=False)
+    # Names the `Host` header may carry (None: any). A loopback server without a key gets
+    # the loopback names from `rine serve`: a page whose own name was re-pointed at
+    # 127.0.0.1 (DNS rebinding) then cannot use it.
+    allowed_hosts: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.max_request_bytes < self.max_file_bytes:
@@ -616,7 +620,29 @@ def create_app(
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.add_middleware(_SecurityHeaders)
+    if settings.allowed_hosts is not None:
+        app.add_middleware(_AllowedHosts, hosts=settings.allowed_hosts)
     return app
+
+
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+
+
+class _AllowedHosts:
+    """Pure ASGI: 421 for a request whose `Host` names none of `hosts` (ports aside)."""
+
+    def __init__(self, app, hosts: tuple[str, ...]):
+        self.app = app
+        self.hosts = {h.lower().strip("[]").rstrip(".") for h in hosts}
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            host = dict(scope.get("headers") or []).get(b"host", b"").decode("latin-1")
+            if _host_port(host)[0] not in self.hosts:
+                detail = ("this server does not answer to the host name in the request; start it with "
+                          "--allowed-host NAME to add one")  # fmt: skip
+                return await JSONResponse({"detail": detail}, status_code=421)(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 class _SecurityHeaders:
