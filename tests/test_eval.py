@@ -228,6 +228,31 @@ def test_single_class_set_and_errors(tmp_path, tiny_checkpoint_dir, capsys):
                  "--model", str(tiny_checkpoint_dir)]) == 2  # fmt: skip
 
 
+def test_a_folder_that_cannot_be_read_stops_the_evaluation(tmp_path, tiny_checkpoint_dir, capsys, monkeypatch):
+    """Skipping it would silently change a set's counts and metrics. Tests run as root in
+    CI, where permissions do not stop reading: the refusal is simulated."""
+    import os
+
+    import rine.layouts as layouts
+
+    root = tmp_path / "bench"
+    make_files(root / "s" / "0_real", 2, size=(30, 30))
+    make_files(root / "s" / "1_fake" / "part", 2, size=(30, 30))
+    real_walk = os.walk
+
+    def walk(top, **kw):
+        for here, dirs, files in real_walk(top, **kw):
+            if here.endswith("part"):
+                kw["onerror"](PermissionError(13, "Permission denied", here))
+            yield here, dirs, files
+
+    monkeypatch.setattr(layouts.os, "walk", walk)
+    assert main(["eval", "--suite", "folder", "--root", str(root), "--out", str(tmp_path / "out"), "--no-progress",
+                 "--model", str(tiny_checkpoint_dir)]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert f"cannot read {root / 's' / '1_fake' / 'part'}: Permission denied" in err, err
+
+
 def test_write_image_helper_used(tmp_path):
     # guards the helper's contract the trees above rely on (odd names stay readable)
     p = write_image(tmp_path / "ü.v1.JPG", size=(9, 7), fmt="JPEG")

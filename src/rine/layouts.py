@@ -88,7 +88,10 @@ def list_images(folder: Path) -> list[str]:
     Symbolic links are followed (datasets are often linked in), each real folder once."""
     out: list[str] = []
     seen: set[str] = set()
-    for root, dirs, files in os.walk(folder, followlinks=True):
+    def unreadable(error: OSError) -> None:
+        raise error  # not skipped: the set's counts and metrics would silently change
+
+    for root, dirs, files in os.walk(folder, followlinks=True, onerror=unreadable):
         real = os.path.realpath(root)
         if real in seen:  # a link cycle
             dirs[:] = []
@@ -374,4 +377,7 @@ def read_layout(layout: str, root: str | Path, **options) -> LayoutResult:
     """Named test sets under `root` for `layout` (a key of `LAYOUTS`); options go to the reader."""
     if layout not in LAYOUTS:
         raise LayoutError(f"unknown layout {layout!r}; choose from {', '.join(LAYOUTS)}")
-    return LAYOUTS[layout](Path(root).expanduser(), **options)
+    try:
+        return LAYOUTS[layout](Path(root).expanduser(), **options)
+    except OSError as e:  # a folder that cannot be listed: a set would silently lose images
+        raise LayoutError(f"cannot read {e.filename}: {e.strerror}" if e.filename else str(e)) from None

@@ -70,7 +70,9 @@ def run(args: argparse.Namespace) -> int:
     classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
     try:
         items = layout_items(args.root, args.layout, split, classes)
-    except (FileNotFoundError, ValueError) as e:
+    except OSError as e:  # a folder that cannot be listed: no silent gaps in the training set
+        return fail(f"cannot read {e.filename}: {e.strerror}" if e.filename else str(e))
+    except ValueError as e:
         return fail(str(e))
     if args.limit is not None:
         items = items[: args.limit]
