@@ -253,6 +253,30 @@ def test_a_folder_that_cannot_be_read_stops_the_evaluation(tmp_path, tiny_checkp
     assert f"cannot read {root / 's' / '1_fake' / 'part'}: Permission denied" in err, err
 
 
+def test_cached_scores_tie_at_one_like_the_live_path(tmp_path, tiny_checkpoint_dir):
+    """Probabilities are float32 in both paths, as the reference's: above a logit of ~16.6
+    they are exactly 1.0, and AP counts those images as tied."""
+    from rine.evaluation import evaluate
+    from rine.inference import Detector
+    from rine.layouts import read_layout
+
+    root = tmp_path / "bench"
+    make_files(root / "s" / "real", 3, size=(50, 50))
+    make_files(root / "s" / "fake", 3, size=(50, 50))
+    detector = Detector.from_pretrained(str(tiny_checkpoint_dir), precision="fp32")
+    sets = read_layout("folder", root).sets
+    logits = [r["logit"] for r in evaluate(detector, sets, root=root).runs[0].records["s"]]
+    with torch.no_grad():  # logits from 20 up: 1.0 in float32, not yet in float64 (below ~36.7)
+        detector.model.head.head[-1].bias += 20.0 - min(logits)
+    live = evaluate(detector, sets, root=root)
+    cached = evaluate(detector, sets, root=root, cache_dir=tmp_path / "cache")
+    for result in (live, cached):
+        records = result.runs[0].records["s"]
+        assert all(r["prob_fake"] == 1.0 and 19.9 < r["logit"] < 36 for r in records), records
+        assert result.runs[0].metrics["sets"]["s"]["ap"] == pytest.approx(0.5)  # one threshold, half fakes
+    assert [r["logit"] for r in live.runs[0].records["s"]] == [r["logit"] for r in cached.runs[0].records["s"]]
+
+
 def test_write_image_helper_used(tmp_path):
     # guards the helper's contract the trees above rely on (odd names stay readable)
     p = write_image(tmp_path / "ü.v1.JPG", size=(9, 7), fmt="JPEG")

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from rine.grid import PAPER_GRID, grid_configs, run_grid
-from rine.training import StoreTaps, TrainConfig, average_precision, score_taps, train_head
+from rine.training import StoreTaps, TrainConfig, average_precision, probabilities, score_taps, train_head
 from test_training import backbone, data, stores  # noqa: F401 - shared module fixtures
 
 
@@ -41,13 +41,34 @@ def test_grid_ranks_runs_and_keeps_the_best(stores, tmp_path):  # noqa: F811
     saved = load_file(str(out / "best" / "model.safetensors"))
     for k, v in head.state_dict().items():
         assert torch.equal(saved[k], v)
-    # and its per-set metrics are those of its logits
-    logits = score_taps(head, val.taps)
+    # and its per-set metrics are those of its float32 probabilities, as the reference's
+    prob = probabilities(score_taps(head, val.taps))
     for name, m in top["metrics"].items():
         sel = np.array([s == name for s in val.sets])
         y = val.labels[sel]
-        assert m["acc"] == pytest.approx(np.mean((logits[sel] > 0) == (y == 1)))
-        assert m["ap"] == pytest.approx(average_precision(y, logits[sel]))
+        assert m["acc"] == pytest.approx(np.mean((prob[sel] > 0.5) == (y == 1)))
+        assert m["ap"] == pytest.approx(average_precision(y, prob[sel]))
+
+
+def test_ap_counts_the_ties_of_float32_probabilities(stores):  # noqa: F811
+    """Above a logit of ~16.6 float32 rounds the probability to 1.0: the reference's AP sees
+    those images as tied, so the grid and validation must too (not rank them by logit)."""
+    from rine.grid import evaluate_sets, test_sets
+    from rine.training import evaluate_store
+
+    _, train32, val = stores
+    head = train_head(StoreTaps(train32), TrainConfig(nproj=1, proj_dim=8, batch_size=8)).head
+    with torch.no_grad():
+        head.head[-1].bias += 40.0 - float(score_taps(head, val.taps).min())  # every logit >= 40
+    logits = score_taps(head, val.taps)
+    assert (probabilities(logits) == 1.0).all()
+    y = val.labels
+    tied = float(np.mean(y == 1))  # one threshold: AP = the share of fakes
+    assert average_precision(y, logits) != pytest.approx(tied)  # ranking by logit would differ
+    assert evaluate_store(head, val)["ap"] == pytest.approx(tied)
+    for name, m in evaluate_sets(head, test_sets([val])).items():
+        sel = np.array([s == name for s in val.sets])
+        assert m["ap"] == pytest.approx(float(np.mean(y[sel] == 1))) and m["acc"] == pytest.approx(float(np.mean(y[sel] == 1)))
 
 
 def test_grid_needs_test_sets(stores):  # noqa: F811

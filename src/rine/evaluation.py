@@ -21,7 +21,6 @@ import csv
 import hashlib
 import json
 import logging
-import math
 import os
 import re
 from collections.abc import Sequence
@@ -350,8 +349,10 @@ def _score_set_cached(
                 if cnt[idx] == 0:
                     rec["error"] = errors.get(path, "not in the feature store")
                 else:
-                    logit = float(sums[hi, idx] / cnt[idx])
-                    rec.update(logit=logit, prob_fake=1.0 / (1.0 + math.exp(-logit)))
+                    # float32, as the live path and the reference: probabilities round to 1.0
+                    # above a logit of ~16.6, and AP counts those ties.
+                    logit = torch.tensor(sums[hi, idx] / cnt[idx], dtype=torch.float32)
+                    rec.update(logit=float(logit), prob_fake=float(torch.sigmoid(logit)))
                     if cond.kind is not None:
                         rec["perturbed"] = is_perturbed(cond.seed, keys[idx], cond.p)
                 recs.append(rec)

@@ -22,7 +22,15 @@ from pathlib import Path
 import numpy as np
 
 from .features import FeatureStore
-from .training import StoreTaps, TrainConfig, TrainResult, average_precision, score_taps, train_head
+from .training import (
+    StoreTaps,
+    TrainConfig,
+    TrainResult,
+    average_precision,
+    probabilities,
+    score_taps,
+    train_head,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -70,9 +78,9 @@ def evaluate_sets(head, sets: Sequence[EvalSet]) -> dict[str, dict[str, float]]:
         if key not in logits_of:
             taps = s.source.cache if s.source.cache is not None else s.source.store.taps
             logits_of[key] = score_taps(head, taps)[s.source.rows].mean(axis=1)  # [items]
-        logit = logits_of[key][s.positions]
+        prob = probabilities(logits_of[key][s.positions])  # as the reference: AP on float32 probabilities
         y = s.source.labels[s.positions]
-        out[s.name] = {"acc": float(np.mean((logit > 0) == (y == 1))), "ap": average_precision(y, logit), "n": int(len(y))}
+        out[s.name] = {"acc": float(np.mean((prob > 0.5) == (y == 1))), "ap": average_precision(y, prob), "n": int(len(y))}
     return out
 
 

@@ -192,6 +192,14 @@ def score_taps(head: RINEHead, taps, batch_size: int = 1024, device: str | torch
     return np.concatenate(out) if out else np.zeros(0)
 
 
+def probabilities(logits: np.ndarray) -> np.ndarray:
+    """float32 sigmoid, as the reference scores images (`torch.sigmoid` of float32 logits).
+
+    AP must be computed on these, not on the logits: float32 rounds every logit above about
+    16.6 to a probability of exactly 1.0, and those ties are part of the published AP."""
+    return torch.sigmoid(torch.from_numpy(np.ascontiguousarray(logits, dtype=np.float32))).numpy()
+
+
 def evaluate_store(head: RINEHead, store: FeatureStore | StoreTaps, factor: float = 0.2,
                    contrastive: bool = True, batch_size: int = 1024) -> dict[str, float]:  # fmt: skip
     """acc (threshold 0.5), ap and loss (per sample) of `head` on a store's view-0 rows.
@@ -210,7 +218,8 @@ def evaluate_store(head: RINEHead, store: FeatureStore | StoreTaps, factor: floa
             out = head(src.gather(rows))
             total, _, _ = rine_loss(out.logits, out.embedding, torch.from_numpy(y[b0 : b0 + batch_size]), factor, contrastive)
             loss += float(total)
-    return {"acc": float(np.mean((per_item > 0) == (y == 1))), "ap": average_precision(y, per_item),
+    prob = probabilities(per_item)
+    return {"acc": float(np.mean((prob > 0.5) == (y == 1))), "ap": average_precision(y, prob),
             "loss": loss / max(1, len(y)), "n": int(len(y))}  # fmt: skip
 
 
