@@ -10,7 +10,14 @@ import torch
 from safetensors.torch import load_file
 
 from rine.grid import PAPER_GRID, grid_configs, run_grid
-from rine.training import StoreTaps, TrainConfig, average_precision, probabilities, score_taps, train_head
+from rine.training import (
+    StoreTaps,
+    TrainConfig,
+    average_precision,
+    probabilities,
+    score_taps,
+    train_head,
+)
 from test_training import backbone, data, stores  # noqa: F401 - shared module fixtures
 
 
