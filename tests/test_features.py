@@ -206,3 +206,37 @@ def test_extract_checks_out_and_device_before_any_work(tmp_path, monkeypatch, ca
     (tmp_path / "resume").mkdir()
     assert main([*base, "--out", str(tmp_path / "resume")]) == 2
     assert capsys.readouterr().err == "rine: error: no dataset here\n"
+
+
+def test_ten_crop_stores_score_as_the_live_ten_crop(tiny_checkpoint_dir, tmp_path):
+    """`rine extract --transform ten` stores the ten crops of each image; scored as the
+    mean of their logits they give the detector's own ten-crop scores, and `rine grid`
+    takes such a store as a test transform."""
+    from rine.checkpoints import load_pretrained
+    from rine.cli import main
+    from rine.cli.grid import is_test_transform
+    from rine.inference import Detector
+    from rine.metrics import average_precision
+    from rine.training import StoreTaps, evaluate_store, probabilities, score_taps
+
+    root = make_progan(tmp_path / "data", per_label=2, split="val")
+    for i, p in enumerate(sorted(root.rglob("*.png"))[:2]):  # some smaller than the crop: padded
+        write_image(p, (150 + 20 * i, 260), seed=40 + i)
+    store_dir = tmp_path / "ten"
+    head, config = load_pretrained(tiny_checkpoint_dir)
+    base = ["extract", "--root", str(root), "--layout", "progan", "--split", "val", "--backbone", config.backbone,
+            "--no-progress", "--transform", "ten"]  # fmt: skip
+    assert main([*base, "--out", str(store_dir)]) == 0
+    assert main([*base, "--views", "2", "--out", str(tmp_path / "x")]) == 2
+    store = FeatureStore.open(store_dir)
+    assert store.n_views == 10 and store.meta["transform"] == "ten-crop/v1(size=224)"
+    detector = Detector.from_pretrained(str(tiny_checkpoint_dir), crop="ten", precision="fp32")
+    paths = [it.path for it in progan_items(root, "val")]
+    live = [p.logit for p in detector.predict(paths)]
+    src = StoreTaps(store)
+    stored = score_taps(head, src.cache if src.cache is not None else store.taps)[src.rows].mean(axis=1)
+    np.testing.assert_allclose(stored, live, atol=1e-4)
+    labels = np.array([it.label for it in progan_items(root, "val")])
+    assert evaluate_store(head, store)["ap"] == pytest.approx(average_precision(labels, probabilities(np.array(live))))
+    assert is_test_transform(store.meta["transform"]) and is_test_transform("eval:ten:224:clean")
+    assert not is_test_transform("eval:center:224:jpeg-s0") and not is_test_transform(TrainAugment(0).transform_id)

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image
 
-from .preprocess import center_crop_array, padded_shape, padded_window
+from .preprocess import center_crop_array, padded_shape, padded_window, ten_crop_arrays
 
 
 @dataclass(frozen=True)
@@ -132,3 +132,26 @@ class CenterView:
 
     def __call__(self, image: Image.Image, index: int, view: int) -> np.ndarray:
         return np.ascontiguousarray(center_crop_array(np.asarray(image, dtype=np.uint8), self.size))
+
+
+class TenCropViews:
+    """The reference's Synthbuster / latent-diffusion test transform as a `make_views`:
+    TenCrop(size) without resize; view v (0-9) is crop v, and an item's score is the mean
+    of its ten view logits (how stores with several views are scored)."""
+
+    VIEWS = 10
+
+    def __init__(self, size: int = 224):
+        self.size = int(size)
+        self._last: tuple[int, list[np.ndarray]] | None = None  # the ten crops of the last image
+
+    @property
+    def transform_id(self) -> str:
+        return f"ten-crop/v1(size={self.size})"
+
+    def __call__(self, image: Image.Image, index: int, view: int) -> np.ndarray:
+        last = self._last  # one read: decoding threads share this object (a race only recomputes)
+        if last is None or last[0] != index:
+            last = self._last = (index, ten_crop_arrays(np.asarray(image, dtype=np.uint8), self.size))
+        return np.ascontiguousarray(last[1][view])
+

@@ -31,9 +31,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--revision", default=None, help="hub revision of --backbone")
     p.add_argument("--out", required=True, metavar="STORE",
                    help="output store folder (created; an existing store of the same command is resumed)")  # fmt: skip
-    p.add_argument("--transform", choices=("train", "center"), default=None,
-                   help="train: the reference's augmentation; center: CenterCrop 224 (default: train for the "
-                        "train split of progan or ldm, center otherwise)")  # fmt: skip
+    p.add_argument("--transform", choices=("train", "center", "ten"), default=None,
+                   help="train: the reference's augmentation; center: CenterCrop 224; ten: TenCrop 224, ten "
+                        "views per image scored as their mean logit (the reference's Synthbuster / "
+                        "latent-diffusion protocol). Default: train for the train split of progan or ldm, "
+                        "center otherwise")  # fmt: skip
     p.add_argument("--views", type=positive_int, default=1, help="augmented views per image (one per epoch; default 1)")
     p.add_argument("--seed", type=int, default=0, help="augmentation seed (default 0)")
     p.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="stored precision (default float16)")
@@ -52,7 +54,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..augment import CenterView, TrainAugment
+    from ..augment import CenterView, TenCropViews, TrainAugment
     from ..backbones import load_backbone
     from ..datasets import layout_items
     from ..features import StoreError, extract_features
@@ -82,8 +84,8 @@ def run(args: argparse.Namespace) -> int:
     # extracted with the test transform unless asked otherwise.
     is_training_data = args.layout in ("progan", "ldm") and split == "train"
     transform = args.transform or ("train" if is_training_data else "center")
-    if transform == "center" and args.views != 1:
-        return fail("--views > 1 only makes sense with the train transform")
+    if transform != "train" and args.views != 1:
+        return fail("--views > 1 only makes sense with the train transform (ten always stores its ten crops)")
     try:
         backbone = load_backbone(args.backbone, args.revision)
     except (FileNotFoundError, OSError, ValueError) as e:
@@ -97,10 +99,15 @@ def run(args: argparse.Namespace) -> int:
     from ..inference import resolve_device
 
     backbone = backbone.to(resolve_device(args.device), dtype=dtype)
-    make_views = TrainAugment(args.seed) if transform == "train" else CenterView(backbone.image_size)
+    if transform == "train":
+        make_views, views = TrainAugment(args.seed), args.views
+    elif transform == "ten":
+        make_views, views = TenCropViews(backbone.image_size), TenCropViews.VIEWS
+    else:
+        make_views, views = CenterView(backbone.image_size), 1
     try:
         store = extract_features(
-            backbone, items, args.out, make_views, views=args.views, seed=args.seed, dtype=args.dtype,
+            backbone, items, args.out, make_views, views=views, seed=args.seed, dtype=args.dtype,
             batch_size=args.batch_size, shard_size=args.shard_size, num_workers=args.workers,
             progress=not args.no_progress and sys.stderr.isatty(),
             extra_meta={"layout": args.layout, "split": split, "classes": classes, "root": str(args.root),

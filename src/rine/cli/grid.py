@@ -37,6 +37,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def is_test_transform(transform: str) -> bool:
+    """A store of clean test views: `rine extract --transform center|ten`, or the cache of a
+    clean `rine eval` (`eval:<crop>:<size>:clean`), not augmented or perturbed images."""
+    return transform.startswith(("center-crop/", "ten-crop/")) or (
+        transform.startswith("eval:") and transform.endswith(":clean"))
+
+
 def run(args: argparse.Namespace) -> int:
     from ..features import FeatureStore, StoreError
     from ..grid import PAPER_GRID, grid_configs, run_grid, write_table
@@ -61,9 +68,10 @@ def run(args: argparse.Namespace) -> int:
     if not store.complete:
         return fail(f"{args.features} is incomplete: rerun its `rine extract` command to finish it")
     for other in [*tests, *([val] if val else [])]:
-        if not str(other.meta.get("transform", "")).startswith("center-crop"):
-            print(f"rine: warning: {other.root} was extracted with {other.meta.get('transform')!r}, not the "
-                  "test transform: runs are ranked on augmented images (use --transform center)", file=sys.stderr)
+        if not is_test_transform(str(other.meta.get("transform", ""))):
+            print(f"rine: warning: {other.root} was extracted with {other.meta.get('transform')!r}, not a "
+                  "test transform: runs are ranked on augmented images (use --transform center or ten)",
+                  file=sys.stderr)  # fmt: skip
     given = {"factor": args.factors, "nproj": args.nproj, "proj_dim": args.proj_dims}
     configs = grid_configs({k: PAPER_GRID[k] if v is None else v for k, v in given.items()}, base)
     from pathlib import Path
