@@ -2,7 +2,7 @@
 
 Examples:
   rine detect photo.jpg                       # default model, downloaded on first use
-  rine detect photos/ 'shots/**/*.png' --format csv --output scores.csv
+  rine detect photos/ 'shots/**/*.png' --output scores.csv   # format from the file name
   rine detect img.jpg --backbone ./clip-vit-large-patch14 --head ./model_4class_trainable.pth
   rine detect archive/ -o scores.jsonl --resume   # after an interruption: score only the rest
 
@@ -47,7 +47,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("inputs", nargs="+", metavar="PATH", help="image files, folders (recursive) or globs")
+    p.add_argument("inputs", nargs="+", metavar="PATH", help="image files (JPEG, PNG, WebP, AVIF, BMP, TIFF, GIF, PPM/PGM; "
+                   "judged by content), folders (recursive) or globs")
     add_model_options(p)
     o = p.add_argument_group("output")
     o.add_argument("--format", choices=FORMATS, default=None, help="default: from the --output file's name (.csv, .json; else jsonl), "
@@ -58,7 +59,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--resume",
         action="store_true",
         help="append to --output (jsonl or csv) and skip the inputs that already have a record "
-        "there (the same file however it is spelled: relative, absolute, through a symlink), "
+        "there (relative and absolute spellings of a path are one input; a symlink is its own), "
         "e.g. after an interrupted run; an unfinished last record is replaced. Error "
         "records count as done (and in the exit status): remove their lines to retry them. "
         "Without --resume, --output is overwritten",
