@@ -722,6 +722,7 @@ def test_cli_serve_options(monkeypatch):
     assert main(["serve", "--api-key-env", "RINE_TEST_KEY"]) == 2
     assert main(["serve", "--max-file-mb", "30", "--max-request-mb", "10"]) == 2
     assert main(["serve", "--port", "70000"]) == 2
+    assert main(["serve", "--device", "gpu"]) == 2  # before listening, not in the background load
 
 
 def test_allowed_hosts_against_dns_rebinding(tiny_detector, monkeypatch):
