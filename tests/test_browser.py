@@ -6,6 +6,7 @@ through scripts/setup.sh --dev).
 
 from __future__ import annotations
 
+import csv
 import os
 import re
 import shutil
@@ -143,3 +144,55 @@ def test_page_shows_what_the_api_returns(server, tmp_path):
         finally:
             browser.close()
     assert not foreign, f"the page requested other origins: {foreign}"
+
+
+def test_page_waits_out_503s_refuses_big_files_and_exports(server, tmp_path):
+    """A 503 (model loading, busy) is retried as Retry-After says; a file over the server's
+    limit is refused before it is sent; screen readers hear each file's name with its
+    result; the results download as CSV."""
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} not found: install Debian's chromium (scripts/setup.sh --dev does)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright for Python is not installed")
+    demo = OFFICIAL / DEMO_IMAGES[0]
+    if not demo.exists():
+        pytest.skip(f"demo image not found under {OFFICIAL}")
+    big = tmp_path / "huge.png"
+    big.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(21 * 1024 * 1024))  # over the default 20 MB
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        try:
+            context = browser.new_context(accept_downloads=True, bypass_csp=True)
+            page = context.new_page()
+            posts: list[str] = []
+            answered_503 = []
+
+            def detect(route):
+                posts.append(route.request.url)
+                if not answered_503:  # the first upload meets a server that is still loading
+                    answered_503.append(True)
+                    route.fulfill(status=503, headers={"Retry-After": "1", "content-type": "application/json"},
+                                  body='{"detail": "model is loading"}')
+                else:
+                    route.continue_()
+
+            page.route("**/v1/detect", detect)
+            page.goto(server + "/")
+            page.wait_for_function("document.querySelector('#model').textContent.startsWith('Model ')")
+            page.set_input_files("#file-input", [str(demo), str(big)])
+            page.wait_for_function("document.querySelectorAll('#results .card[data-state]:not([data-state=pending])')"
+                                   ".length === 2", timeout=30_000)  # fmt: skip
+            cards = {c.get_attribute("data-name"): c for c in page.query_selector_all("#results .card")}
+            assert cards[demo.name].get_attribute("data-state") == "done"
+            assert cards["huge.png"].get_attribute("data-state") == "error"
+            assert "this server takes images of at most 20 MB" in cards["huge.png"].inner_text()
+            assert len(posts) == 2  # the 503, then the retry; the big file was never sent
+            said = page.inner_text("#announce")
+            assert said.startswith(("huge.png: could not be scored", f"{demo.name}: ")), said
+            with page.expect_download() as download:
+                page.click("#download")
+            rows = list(csv.DictReader(open(download.value.path(), newline="", encoding="utf-8")))
+            assert {r["name"] for r in rows} == {demo.name, "huge.png"}
+            row = next(r for r in rows if r["name"] == demo.name)
+            assert row["verdict"] in ("real", "synthetic") and 0 < float(row["prob_fake"]) < 1 and not row["error"]
+        finally:
+            browser.close()

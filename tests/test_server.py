@@ -93,6 +93,10 @@ def test_health_model_and_openapi(client, tiny_detector):
     assert {"/v1/detect", "/v1/model", "/healthz", "/readyz"} <= set(spec["paths"])
     body = spec["paths"]["/v1/detect"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
     assert body["properties"]["files"]["items"]["format"] == "binary"
+    assert info["max_file_bytes"] == ServerSettings().max_file_bytes and info["max_files"] == 16
+    # HEAD for uptime monitors; no browsable docs, whose viewer would come from a CDN
+    assert client.head("/healthz").status_code == 200 and client.head("/").status_code == 200
+    assert client.get("/docs").status_code == 404 and client.get("/redoc").status_code == 404
 
 
 def test_page_is_self_contained(client):

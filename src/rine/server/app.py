@@ -2,7 +2,8 @@
 
 Endpoints: `POST /v1/detect` (multipart field `files`, one or several images),
 `GET /v1/model`, `GET /healthz`, `GET /readyz`, the web page at `/` and the OpenAPI
-document at `/openapi.json` (browsable at `/docs`).
+document at `/openapi.json` (FastAPI's browsable `/docs` is off: it loads its viewer
+from a CDN, and the service is meant to work on an offline network).
 
 Uploads are parsed from the request stream by our own bounded multipart reader: parts
 stay in memory (never on disk, never under the client's file name), every byte counts
@@ -124,6 +125,8 @@ class ModelInfo(BaseModel):
     image_size: int
     n_blocks: int
     block_importance: list[float]
+    max_file_bytes: int
+    max_files: int
 
 
 class ErrorResponse(BaseModel):
@@ -284,7 +287,7 @@ class _UploadReader:
             async for chunk in request.stream():
                 self.received += len(chunk)
                 if self.received > limit:
-                    raise HTTPError(413, f"request body too large: over {limit} bytes")
+                    raise HTTPError(413, f"request body too large: over the limit of {_mb(limit)}")
                 parser.write(chunk)
             parser.finalize()
         except HTTPError:
@@ -389,6 +392,9 @@ class Service:
             "image_size": cfg.preprocess.image_size,
             "n_blocks": len(self._model_block_importance),
             "block_importance": self._model_block_importance,
+            # the page refuses a file over the limit before uploading it
+            "max_file_bytes": self.settings.max_file_bytes,
+            "max_files": self.settings.max_files,
         }
 
     async def score_uploads(self, uploads: list[_Upload]) -> list[dict[str, Any]]:
@@ -399,7 +405,7 @@ class Service:
         request_pixels = _PixelBudget(s.max_request_pixels)
         for i, up in enumerate(uploads):
             if up.too_large:
-                records[i] = _error_record(up.filename, 413, f"file too large: over {s.max_file_bytes} bytes")
+                records[i] = _error_record(up.filename, 413, f"file too large: over the limit of {_mb(s.max_file_bytes)}")
             elif up.size == 0:
                 records[i] = _error_record(up.filename, 422, "empty file")
             else:
@@ -479,6 +485,13 @@ def _public_source(source: str) -> str:
     return source
 
 
+def _mb(n: int) -> str:
+    """Bytes as people read them in a limit: "20 MB" (MiB), "1.5 MB", "900 KB"."""
+    if n >= MB:
+        return f"{n / MB:.3g} MB ({n} bytes)"
+    return f"{n / 1024:.3g} KB ({n} bytes)"
+
+
 def _error_record(name: str, status: int, reason: str) -> dict[str, Any]:
     return {"name": name, "status": status, "prob_fake": None, "logit": None, "is_fake": None,
             "verdict": None, "block_importance": None, "error": reason}
@@ -511,6 +524,8 @@ def create_app(
         summary="Detect synthetic (AI-generated) images with RINE (ECCV 2024).",
         version=_version(),
         lifespan=lifespan,
+        docs_url=None,  # Swagger UI and ReDoc load their viewers from a CDN
+        redoc_url=None,
     )
     app.state.service = service
     key_header = APIKeyHeader(name=API_KEY_HEADER, auto_error=False,
@@ -539,6 +554,8 @@ def create_app(
     @app.get("/healthz", tags=["health"], summary="the process is up")
     async def healthz() -> dict[str, Any]:
         return {"status": "ok"}
+
+    app.head("/healthz", include_in_schema=False)(healthz)  # uptime monitors use HEAD
 
     @app.get("/readyz", tags=["health"], summary="the model is loaded and the encoder is running",
              responses={503: {"model": ErrorResponse}})
@@ -585,7 +602,8 @@ def create_app(
             if not length.isdigit():
                 raise HTTPError(400, "invalid Content-Length")
             if int(length) > settings.max_request_bytes:
-                raise HTTPError(413, f"request body too large: {length} bytes > limit {settings.max_request_bytes}")
+                raise HTTPError(413, f"request body too large: {_mb(int(length))}, over the limit of "
+                                     f"{_mb(settings.max_request_bytes)}")
         if svc.in_flight >= settings.max_concurrent_requests:
             raise svc.busy("server busy: too many requests in progress")
         svc.in_flight += 1
@@ -614,7 +632,7 @@ def create_app(
                                 headers=timing)
         return JSONResponse(body, headers=timing)
 
-    @app.get("/", include_in_schema=False)
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     async def index() -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
 

@@ -4,39 +4,82 @@
 
 const SVG_NS = "http://www.w3.org/2000/svg";
 const MAX_PARALLEL = 3;
+const MAX_WAITS = 120;  // retries of one file while the server answers 503 (model loading, busy)
 const queue = [];
 let running = 0;
+let infoGeneration = 0;  // a new key restarts the model-info poll; older polls stop
+let threshold = 0.5;
+let maxFileBytes = null;  // from /v1/model: larger files are refused before uploading
+let unsaved = 0;  // results not yet downloaded
 
 const $ = (sel) => document.querySelector(sel);
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+function apiKey() {
+  return $("#api-key").value.trim();
+}
+
+function keyProblem(key) {
+  // Header values must be Latin-1; keys are printable ASCII in practice.
+  return /^[\x20-\x7e]*$/.test(key) ? null : "An API key can only hold printable ASCII characters (no \u20ac, accents or spaces at the ends).";
+}
 
 function apiHeaders() {
-  const key = $("#api-key").value.trim();
-  return key ? { "X-API-Key": key } : {};
+  const key = apiKey();
+  return key && !keyProblem(key) ? { "X-API-Key": key } : {};
 }
 
 function percent(p) {
   return (p * 100).toFixed(1) + "%";
 }
 
+// A probability as shown to a person: never 0 % or 100 % (the model is never certain),
+// and with more digits near the threshold, so that the number agrees with the verdict.
+function shownProbability(p) {
+  if (p > 0.999) return ">99.9%";
+  if (p < 0.001) return "<0.1%";
+  if (Math.abs(p - threshold) < 0.001) return (p * 100).toFixed(3) + "%";
+  return percent(p);
+}
+
+function megabytes(n) {
+  return (n / (1024 * 1024)).toFixed(n < 10 * 1024 * 1024 ? 1 : 0) + " MB";
+}
+
+function announce(text) {
+  $("#announce").textContent = text;
+}
+
 async function loadModelInfo() {
   const el = $("#model");
-  for (let attempt = 0; attempt < 60; attempt++) {
+  const generation = ++infoGeneration;
+  const problem = keyProblem(apiKey());
+  $("#key-problem").textContent = problem || "";
+  if (problem) return;
+  for (let attempt = 0; generation === infoGeneration; attempt++) {
     try {
       const res = await fetch("/v1/model", { headers: apiHeaders() });
+      if (generation !== infoGeneration) return;
       if (res.ok) {
         const m = await res.json();
+        threshold = m.threshold;
+        maxFileBytes = m.max_file_bytes || null;
         el.textContent = `Model ${m.name} on ${m.backbone} (${m.n_blocks} blocks); verdict "synthetic" when the probability is above ${percent(m.threshold)}.`;
         return;
       }
       if (res.status === 401) {
-        el.textContent = "This server needs an API key: enter it under \u201cAPI key\u201d below.";
+        el.textContent = apiKey()
+          ? "The API key was rejected: check it under \u201cAPI key\u201d below."
+          : "This server needs an API key: enter it under \u201cAPI key\u201d below.";
+        $("details.key").open = true;
         return;
       }
-      el.textContent = "The model is loading…";
+      el.textContent = "The model is loading\u2026 (the first start can take a few minutes; files you choose now are scored when it is ready)";
     } catch (e) {
-      el.textContent = "Cannot reach the server.";
+      if (generation !== infoGeneration) return;
+      el.textContent = "Cannot reach the server; trying again\u2026";
     }
-    await new Promise((r) => setTimeout(r, 2000));
+    await sleep(Math.min(10000, 2000 * 1.25 ** attempt));
   }
 }
 
@@ -83,10 +126,15 @@ function barChart(values) {
 
 function showResult(card, r) {
   const status = card.querySelector(".status");
+  const name = card.dataset.name;
+  card.result = r;
+  unsaved++;
+  $("#download").hidden = false;
   if (r.error) {
     status.textContent = "Could not score this file: " + r.error;
     status.classList.add("error");
     card.dataset.state = "error";
+    announce(`${name}: could not be scored: ${r.error}`);
     return;
   }
   status.hidden = true;
@@ -99,9 +147,10 @@ function showResult(card, r) {
   prob.dataset.prob = String(r.prob_fake);
   prob.replaceChildren("Probability of being synthetic: ");
   const strong = document.createElement("strong");
-  strong.textContent = percent(r.prob_fake);
+  strong.textContent = shownProbability(r.prob_fake);
   prob.appendChild(strong);
   prob.hidden = false;
+  announce(`${name}: ${verdict.textContent}, probability of being synthetic ${strong.textContent}`);
   if (r.block_importance && r.block_importance.length) {
     const fig = card.querySelector(".chart");
     fig.insertBefore(barChart(r.block_importance), fig.firstChild);
@@ -110,7 +159,11 @@ function showResult(card, r) {
   card.dataset.state = "done";
 }
 
-async function score(file, card) {
+async function score(file, card, waits) {
+  if (maxFileBytes !== null && file.size > maxFileBytes) {
+    showResult(card, { error: `this file is ${megabytes(file.size)}; this server takes images of at most ${megabytes(maxFileBytes)}` });
+    return;
+  }
   const body = new FormData();
   body.append("files", file, file.name);
   try {
@@ -119,10 +172,17 @@ async function score(file, card) {
     try { data = await res.json(); } catch (e) { /* not JSON: reported below */ }
     if (data && data.results && data.results.length) {
       showResult(card, data.results[0]);
-    } else {
-      const why = data && data.detail ? data.detail : `HTTP ${res.status}`;
-      showResult(card, { error: res.status === 503 ? why + " (try again in a moment)" : why });
+      return;
     }
+    const why = data && data.detail ? data.detail : `HTTP ${res.status}`;
+    if (res.status === 503 && waits < MAX_WAITS) {
+      // The model is loading or the server is busy: wait as it asks, then try again.
+      const seconds = Math.max(1, Number(res.headers.get("Retry-After")) || 2);
+      card.querySelector(".status").textContent = `Waiting for the server (${why})\u2026`;
+      setTimeout(() => { queue.push([file, card, waits + 1]); pump(); }, seconds * 1000);
+      return;
+    }
+    showResult(card, { error: why });
   } catch (e) {
     showResult(card, { error: "network error: " + e.message });
   }
@@ -130,10 +190,34 @@ async function score(file, card) {
 
 function pump() {
   while (running < MAX_PARALLEL && queue.length) {
-    const [file, card] = queue.shift();
+    const [file, card, waits] = queue.shift();
     running++;
-    score(file, card).finally(() => { running--; pump(); });
+    score(file, card, waits).finally(() => { running--; pump(); });
   }
+}
+
+function csvField(value) {
+  const text = value === null || value === undefined ? "" : String(value);
+  return /[",\r\n]/.test(text) ? '"' + text.replace(/"/g, '""') + '"' : text;
+}
+
+function downloadResults() {
+  const rows = [["name", "verdict", "prob_fake", "logit", "error"]];
+  for (const card of document.querySelectorAll("#results .card")) {
+    const r = card.result;
+    if (!r) continue;
+    rows.push([card.dataset.name, r.verdict, r.prob_fake, r.logit, r.error]);
+  }
+  const csv = rows.map((row) => row.map(csvField).join(",")).join("\r\n") + "\r\n";
+  const url = URL.createObjectURL(new Blob([csv], { type: "text/csv" }));
+  const a = document.createElement("a");
+  a.href = url;
+  a.download = "rine-results.csv";
+  document.body.appendChild(a);
+  a.click();
+  a.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 1000);
+  unsaved = 0;
 }
 
 function addFiles(files) {
@@ -150,7 +234,7 @@ function addFiles(files) {
     img.addEventListener("load", () => URL.revokeObjectURL(url), { once: true });
     img.addEventListener("error", () => { URL.revokeObjectURL(url); img.hidden = true; }, { once: true });
     list.appendChild(card);
-    queue.push([file, card]);
+    queue.push([file, card, 0]);
   }
   $("#empty").hidden = list.children.length > 0;
   pump();
@@ -177,6 +261,11 @@ function init() {
   window.addEventListener("dragover", (e) => e.preventDefault());
   window.addEventListener("drop", (e) => e.preventDefault());
   $("#api-key").addEventListener("change", loadModelInfo);
+  $("#download").addEventListener("click", downloadResults);
+  // Leaving the page loses what it shows: ask first while files are scored or not saved.
+  window.addEventListener("beforeunload", (e) => {
+    if (running || queue.length || unsaved) { e.preventDefault(); e.returnValue = ""; }
+  });
   loadModelInfo();
 }
 
