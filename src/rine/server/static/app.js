@@ -4,7 +4,7 @@
 
 const SVG_NS = "http://www.w3.org/2000/svg";
 const MAX_PARALLEL = 3;
-const MAX_WAITS = 120;  // retries of one file while the server answers 503 (model loading, busy)
+const MAX_WAITS = 900;  // retries of one file while the server answers 503: 30 min at the usual 2 s (a first start downloads the model)
 const queue = [];
 let running = 0;
 let infoGeneration = 0;  // a new key restarts the model-info poll; older polls stop
