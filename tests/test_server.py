@@ -125,7 +125,8 @@ def test_readyz_false_until_model_loaded(tiny_detector):
         assert c.get("/healthz").status_code == 200
         r = c.get("/readyz")
         assert r.status_code == 503 and r.json()["ready"] is False and "Retry-After" in r.headers
-        assert c.post("/v1/detect", files=upload(("a.png", png_bytes()))).status_code == 503
+        r = c.post("/v1/detect", files=upload(("a.png", png_bytes())))
+        assert r.status_code == 503 and r.json()["reason"] == "loading"  # a client may wait and retry
         assert c.get("/v1/model").status_code == 503
         release.set()
         wait_until(lambda: c.get("/readyz").status_code == 200)
@@ -541,7 +542,7 @@ def test_score_timeout_is_503_and_frees_the_request(tiny_detector):
     gated = GatedDetector(tiny_detector)
     with make_client(gated, score_timeout_s=0.2, max_wait_ms=0) as c:
         r = c.post("/v1/detect", files=upload(("a.png", png_bytes())))
-        assert r.status_code == 503 and "longer than" in r.json()["detail"]
+        assert r.status_code == 503 and "longer than" in r.json()["detail"] and r.json()["reason"] == "timeout"
         gated.gate.set()
         assert c.app.state.service.in_flight == 0
 
@@ -741,14 +742,20 @@ def test_allowed_hosts_against_dns_rebinding(tiny_detector, monkeypatch):
     assert settings_from_args(parser.parse_args(["serve", "--host", "0.0.0.0"])).allowed_hosts is None
     monkeypatch.setenv("RINE_TEST_KEY", "k1")
     assert settings_from_args(parser.parse_args(["serve", "--api-key-env", "RINE_TEST_KEY"])).allowed_hosts is None
-    s = settings_from_args(parser.parse_args(["serve", "--allowed-host", "rine.example.org"]))
-    assert s.allowed_hosts == (*LOOPBACK_HOSTS, "rine.example.org")
+    # Names are kept without port or scheme; the server's own --host name is added.
+    s = settings_from_args(parser.parse_args(["serve", "--allowed-host", "Rine.example.org:443",
+                                              "--allowed-host", "https://other.example/", "--host", "box.lan"]))  # fmt: skip
+    assert s.allowed_hosts == (*LOOPBACK_HOSTS, "rine.example.org", "other.example", "box.lan")
     img = png_bytes((32, 32))
     with make_client(tiny_detector, allowed_hosts=s.allowed_hosts) as c:
         r = c.post("/v1/detect", files=upload(("a.png", img)), headers={"Host": "evil.example:8000"})
         assert r.status_code == 421 and "--allowed-host" in r.json()["detail"]
+        assert r.headers["x-content-type-options"] == "nosniff"  # the security headers wrap it
         assert c.get("/", headers={"Host": "evil.example"}).status_code == 421
-        for host in ("127.0.0.1:8000", "localhost", "[::1]:8000", "RINE.example.org", "rine.example.org."):
+        # Names given, and any IP literal (rebinding needs a name): loopback, other 127/8
+        # addresses, IPv6 spellings, a server addressed by its IP; and HTTP/1.0 without Host.
+        for host in ("127.0.0.1:8000", "localhost", "localhost.", "[::1]:8000", "RINE.example.org", "rine.example.org.",
+                     "box.lan:8000", "127.0.0.2:8711", "[0:0:0:0:0:0:0:1]", "[::ffff:127.0.0.1]", "10.1.2.3", ""):  # fmt: skip
             assert c.post("/v1/detect", files=upload(("a.png", img)), headers={"Host": host}).status_code == 200, host
 
 

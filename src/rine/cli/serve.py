@@ -69,15 +69,21 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def settings_from_args(args: argparse.Namespace):
     """ServerSettings from the command line; CLIError for values that make no sense."""
-    from ..server.app import LOOPBACK_HOSTS, ServerSettings
+    from ..server.app import LOOPBACK_HOSTS, ServerSettings, host_name
 
     api_key = None
     if args.api_key_env:
         api_key = os.environ.get(args.api_key_env)
         if not api_key:
             raise CLIError(f"--api-key-env {args.api_key_env}: that environment variable is unset or empty")
-    if args.allowed_host:
-        allowed_hosts = (*LOOPBACK_HOSTS, *args.allowed_host)
+    # Names only (ports and schemes are dropped): IP literals, this server's own --host
+    # among them, are always answered.
+    names = [host_name(h) for h in args.allowed_host]
+    if any(not n for n in names):
+        raise CLIError(f"--allowed-host: give host names such as rine.example.org, not {args.allowed_host}")
+    if names:
+        own = host_name(args.host)  # `--host myname`: requests may use that name too
+        allowed_hosts = (*LOOPBACK_HOSTS, *names, *([own] if own and not _is_ip(own) else []))
     elif _is_loopback(args.host) and api_key is None:
         allowed_hosts = LOOPBACK_HOSTS
     else:
@@ -103,6 +109,14 @@ def settings_from_args(args: argparse.Namespace):
         return ServerSettings(**kwargs)
     except ValueError as e:
         raise CLIError(str(e)) from None
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
 
 
 def _is_loopback(host: str) -> bool:

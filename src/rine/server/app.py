@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import logging
 import os
 import threading
@@ -270,7 +271,7 @@ class _UploadReader:
             return
         if not self.budget.take(n):
             raise HTTPError(503, "server busy: upload memory budget exhausted, retry later",
-                            {"Retry-After": str(self.settings.retry_after_s)})
+                            {"Retry-After": str(self.settings.retry_after_s)}, {"reason": "busy"})
         self.held += n
         part.data += data[start:end]
 
@@ -371,8 +372,10 @@ class Service:
         if self.decode_pool is not None:
             self.decode_pool.shutdown(wait=False, cancel_futures=True)
 
-    def busy(self, detail: str) -> HTTPError:
-        return HTTPError(503, detail, {"Retry-After": str(self.settings.retry_after_s)})
+    def busy(self, detail: str, reason: str = "busy") -> HTTPError:
+        """503 + Retry-After; `reason` (loading, busy, timeout) lets a client decide whether
+        retrying can help: a timeout recurs for the same image, loading and busy pass."""
+        return HTTPError(503, detail, {"Retry-After": str(self.settings.retry_after_s)}, {"reason": reason})
 
     # -------------------------------------------------------------- work
     def prepare(self, data: bytes, request_pixels: _PixelBudget | None = None) -> np.ndarray:
@@ -424,7 +427,7 @@ class Service:
                 try:
                     views = await asyncio.wait_for(fut, remaining())
                 except asyncio.TimeoutError:
-                    raise self.busy(f"decoding took longer than {s.score_timeout_s:g} s") from None
+                    raise self.busy(f"decoding took longer than {s.score_timeout_s:g} s", "timeout") from None
                 except ImageLoadError as e:
                     records[i] = _error_record(uploads[i].filename, load_error_status(e.kind), str(e))
                     continue
@@ -434,7 +437,7 @@ class Service:
                     continue
                 batcher = self.batcher
                 if batcher is None:
-                    raise self.busy("model not loaded")
+                    raise self.busy("model not loaded", "loading")
                 try:
                     scores[i] = asyncio.wrap_future(batcher.submit(views))
                 except Overloaded as e:
@@ -443,7 +446,7 @@ class Service:
                 try:
                     done = await asyncio.wait_for(asyncio.gather(*scores.values(), return_exceptions=True), remaining())
                 except asyncio.TimeoutError:
-                    raise self.busy(f"scoring took longer than {s.score_timeout_s:g} s") from None
+                    raise self.busy(f"scoring took longer than {s.score_timeout_s:g} s", "timeout") from None
                 for i, vs in zip(scores, done, strict=True):
                     if isinstance(vs, Overloaded):
                         raise self.busy(str(vs))
@@ -486,10 +489,11 @@ def _public_source(source: str) -> str:
 
 
 def _mb(n: int) -> str:
-    """Bytes as people read them in a limit: "20 MB" (MiB), "1.5 MB", "900 KB"."""
-    if n >= MB:
-        return f"{n / MB:.3g} MB ({n} bytes)"
-    return f"{n / 1024:.3g} KB ({n} bytes)"
+    """Bytes as people read them in a limit: "20 MB (20971520 bytes)", "1.5 GB (...)"."""
+    for unit, size in (("GB", 1024 * MB), ("MB", MB), ("KB", 1024)):
+        if n >= size:
+            return f"{f'{n / size:.1f}'.removesuffix('.0')} {unit} ({n} bytes)"
+    return f"{n} bytes"
 
 
 def _error_record(name: str, status: int, reason: str) -> dict[str, Any]:
@@ -542,7 +546,9 @@ def create_app(
 
     def require_ready() -> Service:
         if not service.ready:
-            raise service.busy("model is loading" if service.load_error is None else "model failed to load")
+            if service.load_error is None:
+                raise service.busy("model is loading", "loading")
+            raise service.busy("model failed to load", "failed")
         return service
 
     @app.exception_handler(HTTPError)
@@ -637,26 +643,48 @@ def create_app(
         return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-    app.add_middleware(_SecurityHeaders)
-    if settings.allowed_hosts is not None:
+    if settings.allowed_hosts is not None:  # added first: runs inside the security headers
         app.add_middleware(_AllowedHosts, hosts=settings.allowed_hosts)
+    app.add_middleware(_SecurityHeaders)
     return app
 
 
-LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+LOOPBACK_HOSTS = ("localhost",)
+
+
+def host_name(value: str) -> str:
+    """The host name of a Host value, an --allowed-host or a URL: lower case, no port, no
+    brackets, no trailing dot ("Rine.Example.org.:443" -> "rine.example.org")."""
+    value = value.strip()
+    if "://" in value:
+        value = urlsplit(value).netloc
+    return _host_port(value)[0].lower()
 
 
 class _AllowedHosts:
-    """Pure ASGI: 421 for a request whose `Host` names none of `hosts` (ports aside)."""
+    """Pure ASGI: 421 for a request whose `Host` names none of `hosts`.
+
+    IP literals always pass (DNS rebinding needs a name that the attacker controls), and
+    so does a request without Host (HTTP/1.0, which no browser sends)."""
 
     def __init__(self, app, hosts: tuple[str, ...]):
         self.app = app
-        self.hosts = {h.lower().strip("[]").rstrip(".") for h in hosts}
+        self.hosts = {host_name(h) for h in hosts}
+
+    def allowed(self, host_header: str) -> bool:
+        host = host_name(host_header)
+        if not host or host in self.hosts:
+            return True
+        try:
+            ipaddress.ip_address(host)
+            return True
+        except ValueError:
+            return False
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http":
             host = dict(scope.get("headers") or []).get(b"host", b"").decode("latin-1")
-            if _host_port(host)[0] not in self.hosts:
+            if not self.allowed(host):
                 detail = ("this server does not answer to the host name in the request; start it with "
                           "--allowed-host NAME to add one")  # fmt: skip
                 return await JSONResponse({"detail": detail}, status_code=421)(scope, receive, send)

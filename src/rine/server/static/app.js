@@ -5,8 +5,10 @@
 const SVG_NS = "http://www.w3.org/2000/svg";
 const MAX_PARALLEL = 3;
 const MAX_WAITS = 900;  // retries of one file while the server answers 503: 30 min at the usual 2 s (a first start downloads the model)
+const MAX_TIMEOUT_RETRIES = 1;  // a "took too long" 503 recurs for the same image
 const queue = [];
 let running = 0;
+let waiting = 0;  // files waiting out a 503 before they are queued again
 let infoGeneration = 0;  // a new key restarts the model-info poll; older polls stop
 let threshold = 0.5;
 let maxFileBytes = null;  // from /v1/model: larger files are refused before uploading
@@ -43,7 +45,13 @@ function shownProbability(p) {
 }
 
 function megabytes(n) {
-  return (n / (1024 * 1024)).toFixed(n < 10 * 1024 * 1024 ? 1 : 0) + " MB";
+  return (n / (1024 * 1024)).toFixed(1).replace(/\.0$/, "") + " MB";
+}
+
+function sizeRefusal(size, limit) {
+  let a = megabytes(size), b = megabytes(limit);
+  if (a === b) { a += ` (${size} bytes)`; b += ` (${limit} bytes)`; }
+  return `this file is ${a}; this server takes images of at most ${b}`;
 }
 
 function announce(text) {
@@ -74,7 +82,11 @@ async function loadModelInfo() {
         $("details.key").open = true;
         return;
       }
-      el.textContent = "The model is loading\u2026 (the first start can take a few minutes; files you choose now are scored when it is ready)";
+      if (res.status === 503) {
+        el.textContent = "The model is loading\u2026 (the first start can take a few minutes; files you choose now are scored when it is ready)";
+      } else {
+        el.textContent = `The server answered HTTP ${res.status} for the model information (see its log); trying again\u2026`;
+      }
     } catch (e) {
       if (generation !== infoGeneration) return;
       el.textContent = "Cannot reach the server; trying again\u2026";
@@ -161,7 +173,7 @@ function showResult(card, r) {
 
 async function score(file, card, waits) {
   if (maxFileBytes !== null && file.size > maxFileBytes) {
-    showResult(card, { error: `this file is ${megabytes(file.size)}; this server takes images of at most ${megabytes(maxFileBytes)}` });
+    showResult(card, { error: sizeRefusal(file.size, maxFileBytes) });
     return;
   }
   const body = new FormData();
@@ -175,11 +187,14 @@ async function score(file, card, waits) {
       return;
     }
     const why = data && data.detail ? data.detail : `HTTP ${res.status}`;
-    if (res.status === 503 && waits < MAX_WAITS) {
+    const reason = data && data.reason;
+    const retries = reason === "timeout" ? MAX_TIMEOUT_RETRIES : reason === "failed" ? 0 : MAX_WAITS;
+    if (res.status === 503 && waits < retries) {
       // The model is loading or the server is busy: wait as it asks, then try again.
       const seconds = Math.max(1, Number(res.headers.get("Retry-After")) || 2);
       card.querySelector(".status").textContent = `Waiting for the server (${why})\u2026`;
-      setTimeout(() => { queue.push([file, card, waits + 1]); pump(); }, seconds * 1000);
+      waiting++;
+      setTimeout(() => { waiting--; queue.push([file, card, waits + 1]); pump(); }, seconds * 1000);
       return;
     }
     showResult(card, { error: why });
@@ -196,8 +211,11 @@ function pump() {
   }
 }
 
-function csvField(value) {
-  const text = value === null || value === undefined ? "" : String(value);
+function csvField(value, isText) {
+  let text = value === null || value === undefined ? "" : String(value);
+  // File names come from third parties: a cell starting with = + - @ would run as a
+  // spreadsheet formula (numbers, which may start with -, are written as they are).
+  if (isText && /^[=+\-@\t\r]/.test(text)) text = "'" + text;
   return /[",\r\n]/.test(text) ? '"' + text.replace(/"/g, '""') + '"' : text;
 }
 
@@ -208,7 +226,8 @@ function downloadResults() {
     if (!r) continue;
     rows.push([card.dataset.name, r.verdict, r.prob_fake, r.logit, r.error]);
   }
-  const csv = rows.map((row) => row.map(csvField).join(",")).join("\r\n") + "\r\n";
+  const text = [true, true, false, false, true];  // name, verdict, prob_fake, logit, error
+  const csv = rows.map((row) => row.map((v, i) => csvField(v, text[i])).join(",")).join("\r\n") + "\r\n";
   const url = URL.createObjectURL(new Blob([csv], { type: "text/csv" }));
   const a = document.createElement("a");
   a.href = url;
@@ -264,7 +283,7 @@ function init() {
   $("#download").addEventListener("click", downloadResults);
   // Leaving the page loses what it shows: ask first while files are scored or not saved.
   window.addEventListener("beforeunload", (e) => {
-    if (running || queue.length || unsaved) { e.preventDefault(); e.returnValue = ""; }
+    if (running || queue.length || waiting || unsaved) { e.preventDefault(); e.returnValue = ""; }
   });
   loadModelInfo();
 }
