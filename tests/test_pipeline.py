@@ -148,6 +148,26 @@ def test_only_the_listed_formats_are_decoded_whatever_the_name(tmp_path, monkeyp
         assert load_image(buf.getvalue()).size == (16, 16), fmt
 
 
+def test_numpy_arrays_score_as_their_images(fp32_detector, tmp_path):
+    """uint8 RGB arrays [H, W, 3] (and batches [N, H, W, 3]) score as the same pixels saved
+    losslessly; other arrays get an error record that says what is expected."""
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    arrays = rng.integers(0, 256, (2, 240, 260, 3), dtype=np.uint8)
+    files = []
+    for i, a in enumerate(arrays):
+        Image.fromarray(a).save(tmp_path / f"{i}.png")
+        files.append(str(tmp_path / f"{i}.png"))
+    from_files = [p.logit for p in fp32_detector.predict(files)]
+    assert [p.logit for p in fp32_detector.predict(arrays)] == from_files  # a batch
+    assert fp32_detector.predict(arrays[0])[0].logit == from_files[0]  # one array
+    grey = fp32_detector.predict([arrays[0][:, :, 0]])[0]
+    assert grey.error is None and grey.logit is not None
+    bad = fp32_detector.predict([arrays[0].astype(np.float32)])[0]
+    assert bad.prob_fake is None and "expected a uint8 array" in bad.error
+
+
 def test_unknown_decoder_is_refused(fp32_detector):
     with pytest.raises(ValueError, match="decoder must be one of"):
         list(fp32_detector.predict_iter([], decoder="fibers"))

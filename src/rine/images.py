@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import functools
 import io
+import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PIL import Image, UnidentifiedImageError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 # Pillow's own bomb threshold is ~89 M pixels (warning) / ~179 M (error); we stop at 64 M
 # by default: a 8000x8000 photo still passes, a bomb does not.
@@ -59,12 +64,12 @@ def is_image_path(path: str | Path) -> bool:
 
 
 def load_image(
-    source: str | Path | bytes | Image.Image,
+    source: str | Path | bytes | Image.Image | np.ndarray,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     max_bytes: int | None = DEFAULT_MAX_BYTES,
     reserve_pixels: Callable[[int], None] | None = None,
 ) -> Image.Image:
-    """Decode `source` (path, bytes or PIL image) to an RGB PIL image, as the reference
+    """Decode `source` (path, bytes, PIL image or uint8 array [H, W(, 3|4)]) to an RGB PIL image, as the reference
     does (`convert("RGB")`: alpha is dropped, greyscale replicated; no EXIF rotation).
 
     `reserve_pixels(width * height)`, if given, is called once the header is read and
@@ -74,6 +79,10 @@ def load_image(
     Raises ImageLoadError for missing, empty, truncated, corrupt, non-image,
     oversized or unconvertible inputs.
     """
+    # numpy is not imported here (`rine --help` stays fast): an array exists only if it is.
+    numpy = sys.modules.get("numpy")
+    if numpy is not None and isinstance(source, numpy.ndarray):
+        source = _from_array(source)
     if isinstance(source, Image.Image):
         image = source
         _check_pixels(image, max_pixels)
@@ -119,6 +128,20 @@ def load_image(
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise ImageLoadError(f"corrupt or truncated image: {_one_line(e)}", "corrupt") from None
     return _to_rgb(image)
+
+
+def _from_array(array) -> Image.Image:
+    """uint8 numpy array [H, W] (grey), [H, W, 3] (RGB) or [H, W, 4] (RGBA) -> PIL image."""
+    import numpy as np
+
+    if array.dtype != np.uint8 or array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)):
+        raise ImageLoadError(
+            f"expected a uint8 array [H, W], [H, W, 3] (RGB) or [H, W, 4], got {array.dtype} {tuple(array.shape)}",
+            "bad_mode",
+        )
+    if array.ndim == 3 and array.shape[2] == 4:
+        return Image.fromarray(np.ascontiguousarray(array), "RGBA")
+    return Image.fromarray(np.ascontiguousarray(array), "L" if array.ndim == 2 else "RGB")
 
 
 def _check_pixels(image: Image.Image, max_pixels: int | None) -> None:

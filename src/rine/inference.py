@@ -55,7 +55,7 @@ __all__ = [
     "resolve_device",
 ]
 
-ImageSource = str | Path | bytes | Image.Image
+ImageSource = str | Path | bytes | Image.Image | np.ndarray  # arrays: uint8 [H, W(, 3|4)], RGB order
 
 
 @dataclass
@@ -383,7 +383,9 @@ class Detector:
             bar.close()
 
     def predict(self, sources: ImageSource | Sequence[ImageSource], batch_size: int | None = None, **kwargs: Any) -> list[Prediction]:
-        """Score one image or a list of images (paths, bytes or PIL images)."""
-        if isinstance(sources, (str, Path, bytes, Image.Image)):
+        """Score one image or a list of images (paths, bytes, PIL images or uint8 RGB arrays)."""
+        if isinstance(sources, np.ndarray) and sources.ndim == 4:
+            sources = list(sources)  # a batch of arrays [N, H, W, C]
+        elif isinstance(sources, (str, Path, bytes, Image.Image, np.ndarray)):
             sources = [sources]
         return list(self.predict_iter(sources, batch_size=batch_size, total=len(sources), **kwargs))
