@@ -60,21 +60,23 @@ def test_fast_fp32_encoder_equals_reference_path(tiny_detector, onednn):
 @pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="torch.compile on CPU needs a C++ compiler")
 def test_compiled_encoder_equals_eager_and_pads_the_last_batch(tiny_detector):
     backbone = tiny_detector.model.backbone
-    pixels = torch.randn(5, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    pixels = torch.randn(9, 3, 224, 224, generator=torch.Generator().manual_seed(1))
     expected = backbone(pixels)
     encoder = FastTapEncoder(backbone, "fp32", compile=True)
     assert encoder.compiled
     from torch._dynamo.utils import counters
 
     graphs = counters["stats"]["unique_graphs"]
-    # A run's batches: 3 (here as a channels-last view, as normalised pixels can be), then 2.
-    full = encoder(pixels[:3].permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2))
-    last = encoder(pixels[3:])
-    assert encoder.compiled and last.shape == (2, 3, 64)  # compiled, not fallen back
-    torch.testing.assert_close(torch.cat([full, last]), expected, atol=1e-5, rtol=1e-5)
-    assert encoder._compiled_batch == 3  # the 2 were padded to 3 ...
-    bigger = encoder(torch.cat([pixels, pixels[:2]]))  # ... and 7 run as 3 + 3 + 1 (padded)
-    torch.testing.assert_close(bigger, torch.cat([expected, expected[:2]]), atol=1e-5, rtol=1e-5)
+    # A run's batches: 8 (here as a channels-last view, as normalised pixels can be), then 7.
+    full = encoder(pixels[:8].permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2))
+    last = encoder(pixels[2:])
+    assert encoder.compiled and last.shape == (7, 3, 64)  # compiled, not fallen back
+    torch.testing.assert_close(torch.cat([full, last]), torch.cat([expected[:8], expected[2:]]), atol=1e-5, rtol=1e-5)
+    assert encoder._compiled_batch == 8  # the 7 were padded to 8 ...
+    bigger = encoder(torch.cat([pixels, pixels[:8]]))  # ... and 17 run as 8 + 8 (graph) + 1 (uncompiled)
+    torch.testing.assert_close(bigger, torch.cat([expected, expected[:8]]), atol=1e-5, rtol=1e-5)
+    lone = encoder(pixels[:1])  # a lone image is not padded to 8: it runs uncompiled
+    torch.testing.assert_close(lone, expected[:1], atol=1e-5, rtol=1e-5)
     assert counters["stats"]["unique_graphs"] - graphs == 1  # one graph (one copy of the weights) for all
 
 
@@ -82,10 +84,12 @@ def test_compiled_encoder_equals_eager_and_pads_the_last_batch(tiny_detector):
 def test_compiled_graph_is_built_for_the_planned_batch(tiny_detector):
     encoder = FastTapEncoder(tiny_detector.model.backbone, "fp32", compile=True)
     encoder.plan_batch(4)
-    pixels = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(3))
-    encoder(pixels)  # a first batch smaller than the run's: padded to the planned 4
+    pixels = torch.randn(4, 3, 224, 224, generator=torch.Generator().manual_seed(3))
+    encoder(pixels[:2])  # a lone small batch runs uncompiled: no graph built for it yet
+    assert not encoder._graph_built
+    encoder(pixels)  # the run's batch size: the graph is built for the planned 4
     encoder.plan_batch(16)  # too late: the graph is built
-    assert encoder._compiled_batch == 4
+    assert encoder._graph_built and encoder._compiled_batch == 4
 
 
 def test_failed_compile_falls_back_to_the_eager_encoder(tiny_detector, caplog):
