@@ -75,8 +75,8 @@ def test_gpu_pipeline_keeps_order_and_errors(tiny_checkpoint_dir, tmp_path, crop
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_compiled_encoder_on_gpu(tiny_checkpoint_dir, tmp_path, precision):
-    """--compile on CUDA (Triton kernels): the same scores as the uncompiled encoder, and
-    a run's last, smaller batch reuses the graph."""
+    """--compile on CUDA (Triton kernels): the same scores as the uncompiled encoder, the
+    first batch through the graph and the run's short last one (2 of 3) uncompiled."""
     images = [str(write_image(tmp_path / f"{i}.png", size=(240, 250), seed=i)) for i in range(5)]
     eager = Detector.from_pretrained(str(tiny_checkpoint_dir), device="cuda", precision=precision)
     compiled = Detector.from_pretrained(str(tiny_checkpoint_dir), device="cuda", precision=precision, compile=True)
