@@ -87,6 +87,9 @@ def test_compiled_graph_is_built_for_the_planned_batch(tiny_detector):
     pixels = torch.randn(4, 3, 224, 224, generator=torch.Generator().manual_seed(3))
     encoder(pixels[:2])  # a lone small batch runs uncompiled: no graph built for it yet
     assert not encoder._graph_built
+    encoder.plan_batch(8)  # a one-image check with a larger batch size: nothing built ...
+    encoder(pixels[:1])
+    encoder.plan_batch(4)  # ... so the next run's plan replaces it
     encoder(pixels)  # the run's batch size: the graph is built for the planned 4
     encoder.plan_batch(16)  # too late: the graph is built
     assert encoder._graph_built and encoder._compiled_batch == 4

@@ -125,6 +125,7 @@ def test_readyz_false_until_model_loaded(tiny_detector):
         assert c.get("/healthz").status_code == 200
         r = c.get("/readyz")
         assert r.status_code == 503 and r.json()["ready"] is False and "Retry-After" in r.headers
+        assert r.json()["reason"] == "loading"
         r = c.post("/v1/detect", files=upload(("a.png", png_bytes())))
         assert r.status_code == 503 and r.json()["reason"] == "loading"  # a client may wait and retry
         assert c.get("/v1/model").status_code == 503
@@ -384,6 +385,7 @@ def test_origin_check_cases():
     assert not allowed(origin="http://localhost:3000", host="localhost:8000")
     assert not allowed(origin="null", host="site")
     assert not allowed(origin="https://site", host="127.0.0.1:8000", x_forwarded_host="evil, site")
+    assert not allowed(origin="http://[bad", host="site")  # not a URL: refused, not a 500
 
 
 def test_decompression_bomb_is_refused_from_the_header(client):
@@ -746,6 +748,9 @@ def test_allowed_hosts_against_dns_rebinding(tiny_detector, monkeypatch):
     s = settings_from_args(parser.parse_args(["serve", "--allowed-host", "Rine.example.org:443",
                                               "--allowed-host", "https://other.example/", "--host", "box.lan"]))  # fmt: skip
     assert s.allowed_hosts == (*LOOPBACK_HOSTS, "rine.example.org", "other.example", "box.lan")
+    from rine.cli import main
+
+    assert main(["serve", "--allowed-host", "[bad"]) == 2  # a usage error, not a traceback
     img = png_bytes((32, 32))
     with make_client(tiny_detector, allowed_hosts=s.allowed_hosts) as c:
         r = c.post("/v1/detect", files=upload(("a.png", img)), headers={"Host": "evil.example:8000"})
@@ -755,7 +760,8 @@ def test_allowed_hosts_against_dns_rebinding(tiny_detector, monkeypatch):
         # Names given, and any IP literal (rebinding needs a name): loopback, other 127/8
         # addresses, IPv6 spellings, a server addressed by its IP; and HTTP/1.0 without Host.
         for host in ("127.0.0.1:8000", "localhost", "localhost.", "[::1]:8000", "RINE.example.org", "rine.example.org.",
-                     "box.lan:8000", "127.0.0.2:8711", "[0:0:0:0:0:0:0:1]", "[::ffff:127.0.0.1]", "10.1.2.3", ""):  # fmt: skip
+                     "box.lan:8000", "127.0.0.2:8711", "[0:0:0:0:0:0:0:1]", "[::ffff:127.0.0.1]", "10.1.2.3", "",
+                     "[bad"):  # fmt: skip (a malformed Host counts as none, as HTTP/1.0's)
             assert c.post("/v1/detect", files=upload(("a.png", img)), headers={"Host": host}).status_code == 200, host
 
 

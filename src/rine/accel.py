@@ -247,10 +247,11 @@ class FastTapEncoder(nn.Module):
         return self._compiled is not None
 
     def plan_batch(self, batch: int) -> None:
-        """The batch size to build the compiled graph for, if it is not built yet (a run's
-        batch size, so that its first batch -- possibly smaller -- does not fix a smaller one)."""
+        """The batch size to build the compiled graph for, if it is not built yet: the run
+        now starting (its first batch may be smaller). It replaces an earlier plan that built
+        no graph, e.g. a quick one-image check with a larger batch size."""
         if self._compiled is not None and not self._graph_built:
-            self._compiled_batch = max(self._compiled_batch, batch)
+            self._compiled_batch = batch
 
     def _compiled_taps(self, pixel_values: torch.Tensor, n: int) -> torch.Tensor:
         import torch._inductor.config as inductor_config

@@ -132,8 +132,9 @@ class Detector:
 
     compile=True compiles the encoder with torch.compile on first use (30-60 s for ViT-L, and
     a second copy of the weights; worth it for thousands of images in fp32 on CPU:
-    docs/performance.md). Its one graph is built for the first batch size asked for; later
-    batches are padded or split to that size.
+    docs/performance.md). Its one graph is built for the batch size of the run in progress when
+    a full batch first arrives; larger batches are split, slightly smaller ones padded, and
+    short ones (a run's last, a lone image) run uncompiled.
 
     keep_reference=False frees the backbone's own block weights once the fast encoder has
     re-laid-out copies (about half the resident memory of a ViT-L detector); scoring is

@@ -136,7 +136,7 @@ def add_model_options(
     """The model options shared by every command; `repeatable` lets --model and --head be
     given several times (a list in `args`), for commands that compare heads. `batch_jobs`
     offers --compile, which pays off over long runs of same-sized batches (not in a server,
-    where a lone request would be padded to a full batch)."""
+    whose batches have whatever size the traffic gives)."""
     from ..config import PRECISIONS
     from ..pretrained import DEFAULT_MODEL, list_pretrained
 

@@ -40,8 +40,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     n.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
                    help="a host name clients may use in their requests (repeatable), e.g. the public name "
                         "a reverse proxy forwards in Host. Default: any, except that a loopback server "
-                        "without an API key answers only to localhost, 127.0.0.1 and ::1 (against DNS "
-                        "rebinding)")  # fmt: skip
+                        "without an API key answers only to localhost and IP addresses (against DNS "
+                        "rebinding). A port or scheme given here is ignored")  # fmt: skip
     n.add_argument("--no-access-log", action="store_true", help="do not log each request")
     add_model_options(p, batch_jobs=False)
     lim = p.add_argument_group("limits")

@@ -132,6 +132,7 @@ class ModelInfo(BaseModel):
 
 class ErrorResponse(BaseModel):
     detail: str
+    reason: str | None = None  # 503 only: loading, busy, timeout or failed
 
 
 # ---------------------------------------------------------------------- errors
@@ -569,7 +570,8 @@ def create_app(
         if not service.ready:
             detail = ("model is loading" if service.load_error is None
                       else f"model failed to load ({service.load_error}); see the server log")
-            return JSONResponse({"ready": False, "detail": detail}, status_code=503,
+            reason = "loading" if service.load_error is None else "failed"
+            return JSONResponse({"ready": False, "detail": detail, "reason": reason}, status_code=503,
                                 headers={"Retry-After": str(settings.retry_after_s)})
         return JSONResponse({"ready": True, "in_flight": service.in_flight,
                              "upload_bytes_held": service.budget.used, **service.batcher.stats()})
@@ -721,12 +723,16 @@ _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 def _host_port(netloc: str) -> tuple[str, int | None]:
     """("host", port or None) of a Host-style value such as `example.org:8443` or `[::1]:80`."""
-    parts = urlsplit(f"//{netloc.strip()}")
+    try:
+        parts = urlsplit(f"//{netloc.strip()}")
+        hostname = parts.hostname
+    except ValueError:  # "[bad": as no host at all
+        return "", None
     try:
         port = parts.port
     except ValueError:
         port = None
-    return (parts.hostname or "").rstrip("."), port
+    return (hostname or "").rstrip("."), port
 
 
 def _refuse_other_origins(request: Request) -> None:
@@ -743,12 +749,15 @@ def _refuse_other_origins(request: Request) -> None:
     origin = request.headers.get("origin")
     if origin is None:
         return
-    o = urlsplit(origin)
+    try:
+        o = urlsplit(origin)
+        o_host = (o.hostname or "").rstrip(".")
+    except ValueError:  # not a URL: no site to match
+        o, o_host = None, ""
     try:
         o_port = o.port if o.port is not None else _DEFAULT_PORTS.get(o.scheme)
-    except ValueError:
+    except (ValueError, AttributeError):
         o_port = None
-    o_host = (o.hostname or "").rstrip(".")
     claims = [request.headers.get("host", ""), request.headers.get("x-forwarded-host", "").split(",")[0]]
     for part in request.headers.get("forwarded", "").split(","):
         for pair in part.split(";"):

@@ -82,6 +82,12 @@ async function loadModelInfo() {
         $("details.key").open = true;
         return;
       }
+      let reason = null;
+      try { reason = (await res.json()).reason; } catch (e) { /* not JSON */ }
+      if (res.status === 503 && reason === "failed") {
+        el.textContent = "The model failed to load: see the server's log.";
+        return;
+      }
       if (res.status === 503) {
         el.textContent = "The model is loading\u2026 (the first start can take a few minutes; files you choose now are scored when it is ready)";
       } else {
@@ -171,7 +177,7 @@ function showResult(card, r) {
   card.dataset.state = "done";
 }
 
-async function score(file, card, waits) {
+async function score(file, card, waits, timeouts) {
   if (maxFileBytes !== null && file.size > maxFileBytes) {
     showResult(card, { error: sizeRefusal(file.size, maxFileBytes) });
     return;
@@ -188,13 +194,16 @@ async function score(file, card, waits) {
     }
     const why = data && data.detail ? data.detail : `HTTP ${res.status}`;
     const reason = data && data.reason;
-    const retries = reason === "timeout" ? MAX_TIMEOUT_RETRIES : reason === "failed" ? 0 : MAX_WAITS;
-    if (res.status === 503 && waits < retries) {
+    const timedOut = reason === "timeout";
+    // Waiting for a loading or busy server is counted apart from timeouts, which recur.
+    const retry = reason === "failed" ? false : timedOut ? timeouts < MAX_TIMEOUT_RETRIES : waits < MAX_WAITS;
+    if (res.status === 503 && retry) {
       // The model is loading or the server is busy: wait as it asks, then try again.
       const seconds = Math.max(1, Number(res.headers.get("Retry-After")) || 2);
       card.querySelector(".status").textContent = `Waiting for the server (${why})\u2026`;
       waiting++;
-      setTimeout(() => { waiting--; queue.push([file, card, waits + 1]); pump(); }, seconds * 1000);
+      const next = timedOut ? [waits, timeouts + 1] : [waits + 1, timeouts];
+      setTimeout(() => { waiting--; queue.push([file, card, ...next]); pump(); }, seconds * 1000);
       return;
     }
     showResult(card, { error: why });
@@ -205,9 +214,9 @@ async function score(file, card, waits) {
 
 function pump() {
   while (running < MAX_PARALLEL && queue.length) {
-    const [file, card, waits] = queue.shift();
+    const [file, card, waits, timeouts] = queue.shift();
     running++;
-    score(file, card, waits).finally(() => { running--; pump(); });
+    score(file, card, waits, timeouts).finally(() => { running--; pump(); });
   }
 }
 
@@ -253,7 +262,7 @@ function addFiles(files) {
     img.addEventListener("load", () => URL.revokeObjectURL(url), { once: true });
     img.addEventListener("error", () => { URL.revokeObjectURL(url); img.hidden = true; }, { once: true });
     list.appendChild(card);
-    queue.push([file, card, 0]);
+    queue.push([file, card, 0, 0]);
   }
   $("#empty").hidden = list.children.length > 0;
   pump();
