@@ -18,6 +18,7 @@ import io
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
@@ -245,6 +246,46 @@ def _sniff_format(output: Path) -> str | None:
     return None
 
 
+@dataclass
+class _ResumePlan:
+    todo: list[str]  # inputs without a record
+    unreadable: list[tuple[str, str]]  # unlistable folders without a record
+    header: bool  # the file is empty: csv needs its header
+    failed_before: int  # inputs whose earlier record is an error
+
+
+def _plan_resume(output: Path, fmt: str, paths: list[str], unreadable: list[tuple[str, str]]) -> _ResumePlan:
+    """What a --resume run has left to do, from the records in `output` (CLIError if it is
+    not a file of ours); says so on stderr."""
+    recorded = records_done(output, fmt)
+    # An input's record: the one under its own spelling, else one under another spelling
+    # of the same place (relative against absolute, `./`).
+    by_place: dict[str, bool] = {}
+    for path, is_error in recorded.items():
+        by_place.setdefault(_place(path), is_error)
+
+    def record_of(path: str) -> bool | None:
+        return recorded[path] if path in recorded else by_place.get(_place(path))
+
+    n_inputs = len(paths) + len(unreadable)
+    plan = _ResumePlan(
+        todo=[p for p in paths if record_of(p) is None],
+        unreadable=[(p, why) for p, why in unreadable if record_of(p) is None],
+        header=not output.exists() or output.stat().st_size == 0,
+        failed_before=sum(bool(record_of(p)) for p in [*paths, *(p for p, _ in unreadable)]),
+    )
+    n_todo = len(plan.todo) + len(plan.unreadable)
+    if recorded and n_todo == n_inputs:
+        print(f"rine: warning: {output} holds {len(recorded)} records, but none for these inputs. "
+              "Relative paths are matched from the current folder: if the first run was started in "
+              "another folder, run this one there", file=sys.stderr)  # fmt: skip
+    errors = (f" ({plan.failed_before} of them errors, not retried: remove their lines to retry them)"
+              if plan.failed_before else "")  # fmt: skip
+    print(f"rine: resuming {output}: {n_inputs - n_todo} of {n_inputs} inputs already have "
+          f"a record{errors}; scoring {n_todo}", file=sys.stderr)  # fmt: skip
+    return plan
+
+
 def run(args: argparse.Namespace) -> int:
     if args.decode_timeout < 0:
         return fail("--decode-timeout must be at least 0 (0: no limit)")
@@ -267,35 +308,12 @@ def run(args: argparse.Namespace) -> int:
         if fmt not in ("jsonl", "csv"):
             return fail(f"--resume needs --format jsonl or csv (written record by record), not {fmt}")
         try:
-            recorded = records_done(output, fmt)
+            plan = _plan_resume(output, fmt, paths, unreadable)
         except CLIError as e:
             return fail(str(e))
-        header = not output.exists() or output.stat().st_size == 0
-        # An input's record: the one under its own spelling, else one under another spelling
-        # of the same place (relative against absolute, `./`).
-        by_place: dict[str, bool] = {}
-        for path, is_error in recorded.items():
-            by_place.setdefault(_place(path), is_error)
-
-        def record_of(path: str) -> bool | None:
-            return recorded[path] if path in recorded else by_place.get(_place(path))
-
-        n_inputs = len(paths) + len(unreadable)
-        todo = [p for p in paths if record_of(p) is None]
-        failed_before = sum(bool(record_of(p)) for p in paths) + sum(bool(record_of(p)) for p, _ in unreadable)
-        unreadable = [(p, why) for p, why in unreadable if record_of(p) is None]
-        n_todo = len(todo) + len(unreadable)
-        if recorded and n_todo == n_inputs:
-            print(f"rine: warning: {args.output} holds {len(recorded)} records, but none for these inputs. "
-                  "Relative paths are matched from the current folder: if the first run was started in "
-                  "another folder, run this one there", file=sys.stderr)  # fmt: skip
-        errors = (f" ({failed_before} of them errors, not retried: remove their lines to retry them)"
-                  if failed_before else "")  # fmt: skip
-        print(f"rine: resuming {args.output}: {n_inputs - n_todo} of {n_inputs} inputs already have "
-              f"a record{errors}; scoring {n_todo}", file=sys.stderr)  # fmt: skip
-        if not n_todo:
-            return 1 if failed_before else 0
-        paths = todo
+        if not plan.todo and not plan.unreadable:
+            return 1 if plan.failed_before else 0
+        paths, unreadable, header, failed_before = plan.todo, plan.unreadable, plan.header, plan.failed_before
     try:
         detector = load_detector(args, keep_reference=False)  # scoring only: half the memory
     except CLIError as e:
