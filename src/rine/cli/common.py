@@ -247,41 +247,30 @@ def error_message(error: BaseException) -> str:
     return str(error)
 
 
-def expand_inputs(inputs: list[str], unreadable: list[tuple[str, str]] | None = None) -> Iterator[str]:
+def expand_inputs(inputs: list[str], unreadable: list[tuple[str, str]]) -> Iterator[str]:
     """Files as given; folders walked recursively for image files (sorted); globs expanded.
     A path that matches nothing is yielded as is, so that it is reported as an error.
-
     Folders that cannot be listed and paths that cannot be examined (no permission) are
-    appended to `unreadable` as (path, reason), or, without it, yielded as they are."""
+    appended to `unreadable` as (path, reason)."""
 
     def problem(path: str, error: OSError) -> None:
-        reason = f"cannot read {'folder' if os.path.isdir(path) else 'path'}: {error.strerror or error}"
-        if unreadable is None:
-            pending.append(path)
-        else:
-            unreadable.append((path, reason))
+        kind = "folder" if os.path.isdir(path) else "path"
+        unreadable.append((path, f"cannot read {kind}: {error.strerror or error}"))
 
-    pending: list[str] = []
     for item in inputs:
         path = Path(item).expanduser()
         try:
             is_dir, exists = path.is_dir(), path.exists()
         except OSError as e:  # a path inside a folder without permission
             problem(item, e)
-            yield from pending
-            pending.clear()
             continue
         if is_dir:
             for root, dirs, files in os.walk(path, followlinks=False,
                                              onerror=lambda e, top=str(path): problem(e.filename or top, e)):  # fmt: skip
-                yield from pending
-                pending.clear()
                 dirs.sort()
                 for f in sorted(files):
                     if is_image_path(f):
                         yield str(Path(root) / f)
-            yield from pending
-            pending.clear()
         elif exists:
             yield str(path)
         elif glob.has_magic(item):
