@@ -1,4 +1,4 @@
-"""HTTP service for RINE (`rine serve`): FastAPI app, cross-request batching, web page.
+"""HTTP service for RINE (`rine serve`): FastAPI app, cross-request batching, request guards, web page.
 
 Needs the `serve` extra (`pip install rine[serve]`): fastapi, uvicorn, python-multipart.
 """

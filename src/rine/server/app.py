@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import ipaddress
 import logging
 import os
 import threading
@@ -26,7 +25,6 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import numpy as np
 import torch
@@ -40,6 +38,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from ..images import ImageLoadError, load_image
 from ..preprocess import crop_views
 from .batching import Batcher, Overloaded, ScoringFailed, ViewScores
+from .guards import AllowedHosts, SecurityHeaders, same_site
 
 logger = logging.getLogger(__name__)
 
@@ -47,11 +46,6 @@ STATIC_DIR = Path(__file__).parent / "static"
 MB = 1024 * 1024
 FILES_FIELD = "files"
 API_KEY_HEADER = "X-API-Key"
-# A browser page may only load what this server itself serves: no CDN, no fonts, no beacons.
-PAGE_CSP = (
-    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; "
-    "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
-)
 
 
 @dataclass
@@ -602,7 +596,9 @@ def create_app(
     )
     async def detect(request: Request):
         t_start = time.perf_counter()
-        _refuse_other_origins(request)
+        if not same_site(request.headers):
+            raise HTTPError(403, "cross-origin request refused: this API takes uploads from its own page, "
+                                 "or from clients outside a browser")
         svc = require_ready()
         boundary = _multipart_boundary(request.headers.get("content-type", ""))
         length = request.headers.get("content-length")
@@ -646,130 +642,9 @@ def create_app(
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     if settings.allowed_hosts is not None:  # added first: runs inside the security headers
-        app.add_middleware(_AllowedHosts, hosts=settings.allowed_hosts)
-    app.add_middleware(_SecurityHeaders)
+        app.add_middleware(AllowedHosts, hosts=settings.allowed_hosts)
+    app.add_middleware(SecurityHeaders)
     return app
-
-
-LOOPBACK_HOSTS = ("localhost",)
-
-
-def host_name(value: str) -> str:
-    """The host name of a Host value, an --allowed-host or a URL: lower case, no port, no
-    brackets, no trailing dot ("Rine.Example.org.:443" -> "rine.example.org")."""
-    value = value.strip()
-    if "://" in value:
-        value = urlsplit(value).netloc
-    return _host_port(value)[0].lower()
-
-
-class _AllowedHosts:
-    """Pure ASGI: 421 for a request whose `Host` names none of `hosts`.
-
-    IP literals always pass (DNS rebinding needs a name that the attacker controls), and
-    so does a request without Host (HTTP/1.0, which no browser sends)."""
-
-    def __init__(self, app, hosts: tuple[str, ...]):
-        self.app = app
-        self.hosts = {host_name(h) for h in hosts}
-
-    def allowed(self, host_header: str) -> bool:
-        host = host_name(host_header)
-        if not host or host in self.hosts:
-            return True
-        try:
-            ipaddress.ip_address(host)
-            return True
-        except ValueError:
-            return False
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
-            host = dict(scope.get("headers") or []).get(b"host", b"").decode("latin-1")
-            if not self.allowed(host):
-                detail = ("this server does not answer to the host name in the request; start it with "
-                          "--allowed-host NAME to add one")  # fmt: skip
-                return await JSONResponse({"detail": detail}, status_code=421)(scope, receive, send)
-        await self.app(scope, receive, send)
-
-
-class _SecurityHeaders:
-    """Pure ASGI (no body buffering): no MIME sniffing anywhere, a strict CSP on the page."""
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        path = scope.get("path", "")
-        page = path == "/" or path.startswith("/static/")
-
-        async def send_with_headers(message):
-            if message["type"] == "http.response.start":
-                headers = list(message.get("headers", []))
-                headers.append((b"x-content-type-options", b"nosniff"))
-                headers.append((b"referrer-policy", b"no-referrer"))
-                if page:
-                    headers.append((b"content-security-policy", PAGE_CSP.encode()))
-                message = {**message, "headers": headers}
-            await send(message)
-
-        await self.app(scope, receive, send_with_headers)
-
-
-_DEFAULT_PORTS = {"http": 80, "https": 443}
-
-
-def _host_port(netloc: str) -> tuple[str, int | None]:
-    """("host", port or None) of a Host-style value such as `example.org:8443` or `[::1]:80`."""
-    try:
-        parts = urlsplit(f"//{netloc.strip()}")
-        hostname = parts.hostname
-    except ValueError:  # "[bad": as no host at all
-        return "", None
-    try:
-        port = parts.port
-    except ValueError:
-        port = None
-    return (hostname or "").rstrip("."), port
-
-
-def _refuse_other_origins(request: Request) -> None:
-    """403 for a browser POST sent by a page of another site.
-
-    A multipart form POST needs no CORS preflight, so without this any web page open in
-    a browser on this machine could make a loopback server decode and score what it
-    sends (it could not read the answer). Browsers name the sending page in `Origin`;
-    clients outside a browser (curl, scripts) send none and are not affected, nor is
-    this server's own page. Behind a reverse proxy the site is named by `X-Forwarded-Host`
-    (or `Forwarded: host=`), which a page cannot set on a request that skips the
-    preflight; a `Host` without a port (nginx's `$host`) matches the site on any port.
-    """
-    origin = request.headers.get("origin")
-    if origin is None:
-        return
-    try:
-        o = urlsplit(origin)
-        o_host = (o.hostname or "").rstrip(".")
-    except ValueError:  # not a URL: no site to match
-        o, o_host = None, ""
-    try:
-        o_port = o.port if o.port is not None else _DEFAULT_PORTS.get(o.scheme)
-    except (ValueError, AttributeError):
-        o_port = None
-    claims = [request.headers.get("host", ""), request.headers.get("x-forwarded-host", "").split(",")[0]]
-    for part in request.headers.get("forwarded", "").split(","):
-        for pair in part.split(";"):
-            key, _, value = pair.strip().partition("=")
-            if key.lower() == "host":
-                claims.append(value.strip('"'))
-    for claim in filter(None, (c.strip() for c in claims)):
-        host, port = _host_port(claim)
-        if host and host == o_host and (port is None or port == o_port):
-            return
-    raise HTTPError(403, "cross-origin request refused: this API takes uploads from its own page, "
-                         "or from clients outside a browser")
 
 
 def _multipart_boundary(content_type: str) -> bytes:

@@ -1,0 +1,138 @@
+"""Request guards of the HTTP service, apart from the app: security headers, the Host
+allow-list (DNS rebinding) and the Origin check (cross-site uploads).
+
+Pure functions and pure ASGI middleware: no state, no knowledge of the detector.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from urllib.parse import urlsplit
+
+from fastapi.responses import JSONResponse
+
+# A browser page may only load what this server itself serves: no CDN, no fonts, no beacons.
+PAGE_CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; "
+    "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+
+
+LOOPBACK_HOSTS = ("localhost",)
+
+
+def host_name(value: str) -> str:
+    """The host name of a Host value, an --allowed-host or a URL: lower case, no port, no
+    brackets, no trailing dot ("Rine.Example.org.:443" -> "rine.example.org")."""
+    value = value.strip()
+    if "://" in value:
+        value = urlsplit(value).netloc
+    return host_port(value)[0].lower()
+
+
+class AllowedHosts:
+    """Pure ASGI: 421 for a request whose `Host` names none of `hosts`.
+
+    IP literals always pass (DNS rebinding needs a name that the attacker controls), and
+    so does a request without Host (HTTP/1.0, which no browser sends)."""
+
+    def __init__(self, app, hosts: tuple[str, ...]):
+        self.app = app
+        self.hosts = {host_name(h) for h in hosts}
+
+    def allowed(self, host_header: str) -> bool:
+        host = host_name(host_header)
+        if not host or host in self.hosts:
+            return True
+        try:
+            ipaddress.ip_address(host)
+            return True
+        except ValueError:
+            return False
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            host = dict(scope.get("headers") or []).get(b"host", b"").decode("latin-1")
+            if not self.allowed(host):
+                detail = ("this server does not answer to the host name in the request; start it with "
+                          "--allowed-host NAME to add one")  # fmt: skip
+                return await JSONResponse({"detail": detail}, status_code=421)(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+class SecurityHeaders:
+    """Pure ASGI (no body buffering): no MIME sniffing anywhere, a strict CSP on the page."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope.get("path", "")
+        page = path == "/" or path.startswith("/static/")
+
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                headers.append((b"x-content-type-options", b"nosniff"))
+                headers.append((b"referrer-policy", b"no-referrer"))
+                if page:
+                    headers.append((b"content-security-policy", PAGE_CSP.encode()))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def host_port(netloc: str) -> tuple[str, int | None]:
+    """("host", port or None) of a Host-style value such as `example.org:8443` or `[::1]:80`."""
+    try:
+        parts = urlsplit(f"//{netloc.strip()}")
+        hostname = parts.hostname
+    except ValueError:  # "[bad": as no host at all
+        return "", None
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    return (hostname or "").rstrip("."), port
+
+
+def same_site(headers) -> bool:
+    """Whether a browser request comes from this server's own site (True without `Origin`).
+
+    A multipart form POST needs no CORS preflight, so without this any web page open in
+    a browser on this machine could make a loopback server decode and score what it
+    sends (it could not read the answer). Browsers name the sending page in `Origin`;
+    clients outside a browser (curl, scripts) send none and are not affected, nor is
+    this server's own page. Behind a reverse proxy the site is named by `X-Forwarded-Host`
+    (or `Forwarded: host=`), which a page cannot set on a request that skips the
+    preflight; a `Host` without a port (nginx's `$host`) matches the site on any port.
+    """
+    origin = headers.get("origin")
+    if origin is None:
+        return True
+    try:
+        o = urlsplit(origin)
+        o_host = (o.hostname or "").rstrip(".")
+    except ValueError:  # not a URL: no site to match
+        o, o_host = None, ""
+    try:
+        o_port = o.port if o.port is not None else _DEFAULT_PORTS.get(o.scheme)
+    except (ValueError, AttributeError):
+        o_port = None
+    claims = [headers.get("host", ""), headers.get("x-forwarded-host", "").split(",")[0]]
+    for part in headers.get("forwarded", "").split(","):
+        for pair in part.split(";"):
+            key, _, value = pair.strip().partition("=")
+            if key.lower() == "host":
+                claims.append(value.strip('"'))
+    for claim in filter(None, (c.strip() for c in claims)):
+        host, port = host_port(claim)
+        if host and host == o_host and (port is None or port == o_port):
+            return True
+    return False
