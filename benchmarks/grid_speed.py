@@ -23,12 +23,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from rine.augment import CenterView, TrainAugment
-from rine.backbones import TappedCLIPVision
-from rine.datasets import progan_items
-from rine.features import extract_features
-from rine.grid import PAPER_GRID, evaluate_sets, grid_configs, test_sets
-from rine.training import ImageTaps, StoreTaps, TrainConfig, average_precision, train_head
+from rine.data.augment import CenterView, TrainAugment
+from rine.data.datasets import progan_items
+from rine.model.backbones import TappedCLIPVision
+from rine.training.features import extract_features
+from rine.training.grid import PAPER_GRID, evaluate_sets, grid_configs, test_sets
+from rine.training.trainer import ImageTaps, StoreTaps, TrainConfig, average_precision, train_head
 
 
 def random_vit_b32() -> TappedCLIPVision:

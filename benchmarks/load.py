@@ -43,9 +43,9 @@ def build_tiny_checkpoint(folder: Path, width: int, layers: int, patch: int) -> 
     import torch
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    from rine.checkpoints import save_pretrained
     from rine.config import HeadConfig, RINEConfig
-    from rine.head import RINEHead
+    from rine.model.checkpoints import save_pretrained
+    from rine.model.head import RINEHead
 
     torch.manual_seed(0)
     cfg = CLIPVisionConfig(hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers,

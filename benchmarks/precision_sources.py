@@ -71,10 +71,10 @@ def main() -> None:
     p.add_argument("--head", default=None, help="default: the official 2-class head from ../shared/fixtures")
     args = p.parse_args()
 
-    from rine.accel import FastTapEncoder
     from rine.config import PreprocessConfig
-    from rine.images import load_image
-    from rine.preprocess import preprocess
+    from rine.data.images import load_image
+    from rine.data.preprocess import preprocess
+    from rine.model.accel import FastTapEncoder
 
     head_file = args.head or bench.default_trained_head("ViT-L/14")
     if not head_file:

@@ -81,7 +81,7 @@ def random_head(name: str, calib: tuple[float, float] | None = None):
     sample images: the last layer is rescaled so that logits there have mean 0 and std 2,
     else a random head gives every image ~0.5 and a precision check would test nothing."""
     from rine.config import HeadConfig
-    from rine.head import RINEHead
+    from rine.model.head import RINEHead
 
     width, layers = SHAPES[name][:2]
     torch.manual_seed(1)
@@ -107,7 +107,7 @@ def build_hf_backbone(state: dict[str, torch.Tensor]):
     """The same weights as a float32 `TappedCLIPVision` (HF CLIPVisionModel, SDPA)."""
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    from rine.backbones import TappedCLIPVision, openai_to_hf_vision
+    from rine.model.backbones import TappedCLIPVision, openai_to_hf_vision
 
     cfg_kwargs, hf_state = openai_to_hf_vision(state)
     cfg = CLIPVisionConfig(**cfg_kwargs)
@@ -121,8 +121,8 @@ def build_hf_backbone(state: dict[str, torch.Tensor]):
 def calibrate(name: str, paths: list[str]) -> tuple[float, float]:
     """(mean, std) of the uncalibrated head's fp32 logits on the centre crops of `paths`."""
     from rine.config import PreprocessConfig
-    from rine.images import load_image
-    from rine.preprocess import preprocess
+    from rine.data.images import load_image
+    from rine.data.preprocess import preprocess
 
     backbone = build_hf_backbone(random_openai_state(name))
     pixels = torch.cat([preprocess(load_image(p), PreprocessConfig()) for p in paths])
@@ -138,7 +138,7 @@ def default_trained_head(arch: str) -> str | None:
 
 
 def trained_head(path: str):
-    from rine.checkpoints import load_head
+    from rine.model.checkpoints import load_head
 
     return load_head(path)[0].eval()
 
@@ -148,10 +148,10 @@ def precision_probe(arch: str, paths: list[str], head_file: str | None, calib: t
     """max |p_auto - p_fp32| on the same images for the trained head and for the random stress
     head, with `auto`'s precision on `device`. A random He-initialised head rescaled to logit
     std 2 amplifies the tap error several times more than a trained head does; both are printed."""
-    from rine.accel import FastTapEncoder, resolve_precision
     from rine.config import PreprocessConfig
-    from rine.images import load_image
-    from rine.preprocess import preprocess
+    from rine.data.images import load_image
+    from rine.data.preprocess import preprocess
+    from rine.model.accel import FastTapEncoder, resolve_precision
 
     dev = torch.device(device)
     fast = resolve_precision("auto", dev)
@@ -349,8 +349,8 @@ def run_mode(args: argparse.Namespace) -> dict:
         warmup_s = None
     else:
         from rine.config import PreprocessConfig, RINEConfig
-        from rine.inference import Detector
-        from rine.model import RINEModel
+        from rine.inference.detector import Detector
+        from rine.model.rine_model import RINEModel
 
         backbone = build_hf_backbone(state)
         del state
@@ -358,7 +358,7 @@ def run_mode(args: argparse.Namespace) -> dict:
         precision_name, _, extra = args.mode.partition("+")  # "fp32", "auto", "fp32+compile", ...
         det = Detector(RINEModel(backbone, head), config, device=args.device, precision=precision_name,
                        keep_reference=False, compile=extra == "compile")  # as rine detect loads it
-        from rine.inference import default_batch_size, default_decoder, default_workers
+        from rine.inference.detector import default_batch_size, default_decoder, default_workers
 
         precision = det.precision
         batch = args.batch_size or default_batch_size(det.device)
@@ -465,7 +465,7 @@ def main() -> None:
         if on_gpu:
             how = "best of 20 torch.matmul 8192^3 on the GPU"
             dtypes = (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16))
-            from rine.accel import exact_fp32
+            from rine.model.accel import exact_fp32
 
             with exact_fp32(torch.device("cuda")):  # fp32 as IEEE, not TF32
                 for name, dt in dtypes:

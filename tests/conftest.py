@@ -80,7 +80,7 @@ def tiny_openai_file(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_backbone_dir(tmp_path_factory, tiny_openai_file) -> Path:
     """The same tiny backbone as a Hugging Face `save_pretrained` folder."""
-    from rine.backbones import load_openai_clip_vision
+    from rine.model.backbones import load_openai_clip_vision
 
     folder = tmp_path_factory.mktemp("hf") / "tiny-clip-vision"
     load_openai_clip_vision(tiny_openai_file).save_pretrained(folder)
@@ -94,9 +94,9 @@ def tiny_checkpoint_dir(tmp_path_factory, tiny_backbone_dir) -> Path:
     The head is random (seed 0) with nproj=2, proj_dim=32; the config's backbone is the
     absolute path of `tiny_backbone_dir`, so `Detector.from_pretrained(folder)` works offline.
     """
-    from rine.checkpoints import save_pretrained
     from rine.config import HeadConfig, RINEConfig
-    from rine.head import RINEHead
+    from rine.model.checkpoints import save_pretrained
+    from rine.model.head import RINEHead
 
     torch.manual_seed(0)
     head_cfg = HeadConfig(in_dim=TINY["width"], n_blocks=TINY["layers"], nproj=2, proj_dim=32)
@@ -109,7 +109,7 @@ def tiny_checkpoint_dir(tmp_path_factory, tiny_backbone_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_detector(tiny_checkpoint_dir):
-    from rine.inference import Detector
+    from rine.inference.detector import Detector
 
     return Detector.from_pretrained(str(tiny_checkpoint_dir), device="cpu")
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rine.augment import (
+from rine.data.augment import (
     AugmentConfig,
     CenterView,
     TrainAugment,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from rine.inference import Detector, default_batch_size, default_workers
+from rine.inference.detector import Detector, default_batch_size, default_workers
 
 from conftest import PARITY, require_shared, write_image
 

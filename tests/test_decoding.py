@@ -1,4 +1,4 @@
-"""`rine.decoding.ordered_map`: input order, per-job errors, bounded look-ahead, and a
+"""`rine.data.decoding.ordered_map`: input order, per-job errors, bounded look-ahead, and a
 worker process that dies mid-stream costing only the job that killed it."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from rine.decoding import DecoderCrashed, ordered_map
-from rine.inference import Detector
+from rine.data.decoding import DecoderCrashed, ordered_map
+from rine.inference.detector import Detector
 from worker_jobs import double_or_fail
 
 from conftest import write_image
@@ -70,14 +70,14 @@ def test_rejects_an_unknown_pool_kind():
 def test_detector_reports_the_file_that_killed_a_decoding_process(tiny_checkpoint_dir, tmp_path, monkeypatch):
     """End to end through `predict_iter`: the file whose decoding kills its worker process gets
     an error naming the crash; every other file is scored as with threads."""
-    import rine.inference
+    import rine.inference.detector
     from worker_jobs import prepare_views_or_die
 
     paths = [str(write_image(tmp_path / f"{i}.png", size=(240, 230), seed=i)) for i in range(5)]
     paths.insert(2, str(write_image(tmp_path / "kills-worker.png", seed=9)))
     det = Detector.from_pretrained(str(tiny_checkpoint_dir), precision="fp32")
     expected = {p.path: p.prob_fake for p in det.predict(paths, decoder="threads")}
-    monkeypatch.setattr(rine.inference, "prepare_views", prepare_views_or_die)
+    monkeypatch.setattr(rine.inference.detector, "prepare_views", prepare_views_or_die)
     preds = det.predict(paths, decoder="processes", num_workers=2, batch_size=2)
     assert [p.path for p in preds] == paths
     crashed = preds[2]
@@ -104,7 +104,7 @@ def test_workers_that_cannot_run_the_function_fall_back_to_threads(caplog):
     from worker_jobs import double_unless_in_a_worker
 
     jobs = ((i, (i,)) for i in range(6))
-    with caplog.at_level("WARNING", logger="rine.decoding"):
+    with caplog.at_level("WARNING", logger="rine.data.decoding"):
         out = list(ordered_map(double_unless_in_a_worker, jobs, kind="processes", workers=2, max_in_flight=4,
                                preload=("worker_jobs",)))  # fmt: skip
     assert [(k, r, e) for k, r, e in out] == [(i, 2 * i, None) for i in range(6)]
@@ -116,7 +116,7 @@ def test_an_unguarded_script_still_runs_in_threads(tmp_path):
     re-run it and fail; the map falls back to threads and says how to fix the script."""
     script = tmp_path / "unguarded.py"
     script.write_text(
-        "from rine.decoding import ordered_map\n"
+        "from rine.data.decoding import ordered_map\n"
         "out = ordered_map(abs, ((i, (-i,)) for i in range(5)), kind='processes', workers=2, max_in_flight=4)\n"
         "print('results', [r for _, r, _ in out])\n",
         encoding="utf-8",
@@ -147,7 +147,7 @@ def test_recovery_reruns_only_the_jobs_in_flight(tmp_path):
 def test_a_decode_that_hangs_is_stopped_at_the_deadline():
     """With processes, a job still running after `timeout` s has its worker stopped and comes
     back as DecoderTimedOut; the other jobs in flight are re-run, the stream goes on."""
-    from rine.decoding import DecoderTimedOut
+    from rine.data.decoding import DecoderTimedOut
     from worker_jobs import double_or_hang
 
     values = [1, 2, 7, 4, 5, 6, 8, 9]
@@ -167,7 +167,7 @@ def test_a_decode_that_hangs_is_stopped_at_the_deadline():
 
 def test_a_hang_found_while_recovering_from_a_crash_is_stopped_too():
     """A crash (13) with a hanging job (7) in flight: re-run alone, each gets its own error."""
-    from rine.decoding import DecoderTimedOut
+    from rine.data.decoding import DecoderTimedOut
     from worker_jobs import double_or_hang
 
     values = [1, 13, 7, 4, 5, 6]

@@ -16,9 +16,9 @@ import torch
 from PIL import Image
 
 from rine.cli import main
-from rine.images import load_image
-from rine.inference import Detector
-from rine.preprocess import preprocess
+from rine.data.images import load_image
+from rine.data.preprocess import preprocess
+from rine.inference.detector import Detector
 
 from conftest import OFFICIAL, require_shared, write_image
 
@@ -53,7 +53,7 @@ def test_detect_demo_images_matches_a_manual_forward(capsys, tiny_checkpoint_dir
 
 def test_backbone_and_head_files(capsys, tmp_path, tiny_openai_file, tiny_checkpoint_dir, demo_images):
     """--backbone OpenAI-format file + --head official-format .pth give the folder model's numbers."""
-    from rine.checkpoints import load_pretrained
+    from rine.model.checkpoints import load_pretrained
 
     head, _ = load_pretrained(tiny_checkpoint_dir)
     pth = tmp_path / "head_trainable.pth"
@@ -203,7 +203,7 @@ def test_backbone_and_head_folder_keep_the_folders_crop(tmp_path, tiny_openai_fi
     """--backbone with --head FOLDER uses the folder's preprocessing unless --crop says otherwise."""
     from dataclasses import replace
 
-    from rine.checkpoints import load_pretrained, save_pretrained
+    from rine.model.checkpoints import load_pretrained, save_pretrained
 
     head, config = load_pretrained(tiny_checkpoint_dir)
     ten = tmp_path / "ten-crop-ckpt"
@@ -485,7 +485,7 @@ def test_messages_keep_their_quotes_and_name_the_limit(capsys, tmp_path, tiny_ch
 
 
 def test_max_pixels_can_go_above_pillows_warning_limit(tmp_path, monkeypatch):
-    from rine.images import ImageLoadError
+    from rine.data.images import ImageLoadError
 
     # Pillow warns ("decompression bomb") from MAX_IMAGE_PIXELS and refuses from twice that.
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)

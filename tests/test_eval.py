@@ -12,8 +12,8 @@ import pytest
 import torch
 from sklearn.metrics import accuracy_score, average_precision_score, roc_auc_score
 
-from rine.backbones import TappedCLIPVision
 from rine.cli import main
+from rine.model.backbones import TappedCLIPVision
 from test_layouts import build_ufd20, make_files
 
 from conftest import TINY, write_image
@@ -35,7 +35,7 @@ def count_views(monkeypatch):
 
     monkeypatch.setattr(TappedCLIPVision, "forward", counting)
     try:  # the Detector's fast encoder, where there is one
-        from rine.accel import FastTapEncoder
+        from rine.model.accel import FastTapEncoder
     except ImportError:
         return seen
     fast = FastTapEncoder.forward
@@ -51,8 +51,8 @@ def count_views(monkeypatch):
 @pytest.fixture(scope="module")
 def second_checkpoint(tmp_path_factory, tiny_checkpoint_dir) -> Path:
     """Another random head on the same tiny backbone."""
-    from rine.checkpoints import load_pretrained, save_pretrained
-    from rine.head import RINEHead
+    from rine.model.checkpoints import load_pretrained, save_pretrained
+    from rine.model.head import RINEHead
 
     _, config = load_pretrained(tiny_checkpoint_dir)
     torch.manual_seed(1)
@@ -115,7 +115,7 @@ def test_eval_ufd20_counts_and_metrics(tmp_path, tiny_checkpoint_dir, count_view
 def test_ten_crop_is_sigmoid_of_mean_single_crop_logits(
     tmp_path, tiny_checkpoint_dir, tiny_detector
 ):
-    from rine.preprocess import ten_crop_arrays
+    from rine.data.preprocess import ten_crop_arrays
 
     make_files(tmp_path / "RAISEpng", 2, size=(260, 240))
     make_files(tmp_path / "synthbuster" / "glide", 1, size=(300, 230))
@@ -180,7 +180,7 @@ def test_heads_and_perturbations_share_backbone_passes(
 
 
 def test_features_cache_skips_the_backbone(tmp_path, tiny_checkpoint_dir, count_views):
-    pytest.importorskip("rine.features")
+    pytest.importorskip("rine.training.features")
     root = tmp_path / "bench"
     make_files(root / "s" / "real", 2, size=(50, 50))
     make_files(root / "s" / "fake", 3, size=(50, 50))
@@ -233,7 +233,7 @@ def test_a_folder_that_cannot_be_read_stops_the_evaluation(tmp_path, tiny_checkp
     CI, where permissions do not stop reading: the refusal is simulated."""
     import os
 
-    import rine.layouts as layouts
+    import rine.data.layouts as layouts
 
     root = tmp_path / "bench"
     make_files(root / "s" / "0_real", 2, size=(30, 30))
@@ -256,9 +256,9 @@ def test_a_folder_that_cannot_be_read_stops_the_evaluation(tmp_path, tiny_checkp
 def test_cached_scores_tie_at_one_like_the_live_path(tmp_path, tiny_checkpoint_dir):
     """Probabilities are float32 in both paths, as the reference's: above a logit of ~16.6
     they are exactly 1.0, and AP counts those images as tied."""
-    from rine.evaluation import evaluate
-    from rine.inference import Detector
-    from rine.layouts import read_layout
+    from rine.data.layouts import read_layout
+    from rine.evaluation.engine import evaluate
+    from rine.inference.detector import Detector
 
     root = tmp_path / "bench"
     make_files(root / "s" / "real", 3, size=(50, 50))
@@ -280,7 +280,7 @@ def test_cached_scores_tie_at_one_like_the_live_path(tmp_path, tiny_checkpoint_d
 def test_write_image_helper_used(tmp_path):
     # guards the helper's contract the trees above rely on (odd names stay readable)
     p = write_image(tmp_path / "ü.v1.JPG", size=(9, 7), fmt="JPEG")
-    from rine.images import load_image
+    from rine.data.images import load_image
 
     assert load_image(p).size == (9, 7)
 
@@ -307,16 +307,16 @@ def test_several_heads_on_a_backbone_file(
 def test_features_cache_with_ten_crop_derives_each_image_once(tmp_path, tiny_checkpoint_dir, monkeypatch):
     """The store's ten view slots come from one perturbation + ten-crop per image, and give
     what the live path gives."""
-    import rine.evaluation
+    import rine.evaluation.engine
 
     calls = []
-    make_views = rine.evaluation.make_views
+    make_views = rine.evaluation.engine.make_views
 
     def counting(image, condition, key, preprocess):
         calls.append(key)
         return make_views(image, condition, key, preprocess)
 
-    monkeypatch.setattr(rine.evaluation, "make_views", counting)
+    monkeypatch.setattr(rine.evaluation.engine, "make_views", counting)
     root = tmp_path / "bench"
     make_files(root / "s" / "real", 2, size=(260, 250))
     make_files(root / "s" / "fake", 2, size=(260, 250))
@@ -333,14 +333,14 @@ def test_features_cache_with_ten_crop_derives_each_image_once(tmp_path, tiny_che
 def _no_loading(monkeypatch):
     """Make loading a model or scoring an image fail the test, for checks that must come first."""
     import rine.cli.eval
-    import rine.evaluation
+    import rine.evaluation.engine
 
     def forbidden(*a, **k):
         raise AssertionError("a model was loaded or images were scored before the usage check")
 
     monkeypatch.setattr(rine.cli.eval, "_load_models", forbidden)
     monkeypatch.setattr(rine.cli.eval, "load_detector", forbidden)
-    monkeypatch.setattr(rine.evaluation, "evaluate", forbidden)
+    monkeypatch.setattr(rine.evaluation.engine, "evaluate", forbidden)
 
 
 def test_an_out_that_cannot_be_a_folder_fails_before_any_scoring(tmp_path, tiny_checkpoint_dir, monkeypatch, capsys):
@@ -367,7 +367,7 @@ def test_an_out_that_cannot_be_a_folder_fails_before_any_scoring(tmp_path, tiny_
 
 
 def test_an_error_about_a_second_model_keeps_its_quotes(tmp_path, tiny_checkpoint_dir, monkeypatch, capsys):
-    import rine.pretrained
+    import rine.model.pretrained
 
     root = tmp_path / "bench"
     make_files(root / "s" / "0_real", 1, size=(40, 40))
@@ -383,7 +383,7 @@ def test_an_error_about_a_second_model_keeps_its_quotes(tmp_path, tiny_checkpoin
         raise FileNotFoundError(f"{name!r} is neither a checkpoint folder nor a known model")
 
     # a message that starts with a quote keeps it
-    monkeypatch.setattr(rine.pretrained, "resolve_pretrained", refuse)
+    monkeypatch.setattr(rine.model.pretrained, "resolve_pretrained", refuse)
     assert main([*base, "--model", "nosuch"]) == 2
     assert "rine: error: 'nosuch' is neither a checkpoint folder nor a known model\n" in capsys.readouterr().err
 

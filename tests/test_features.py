@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from rine.augment import CenterView, TrainAugment
-from rine.backbones import load_backbone
-from rine.datasets import progan_items
-from rine.features import COMMITS_NAME, FeatureStore, Item, StoreError, extract_features
-from rine.preprocess import center_crop_array, normalize
+from rine.data.augment import CenterView, TrainAugment
+from rine.data.datasets import progan_items
+from rine.data.preprocess import center_crop_array, normalize
+from rine.model.backbones import load_backbone
+from rine.training.features import COMMITS_NAME, FeatureStore, Item, StoreError, extract_features
 
 from conftest import write_image
 
@@ -47,7 +47,7 @@ def data(tmp_path_factory) -> Path:
 
 
 def test_store_holds_the_backbone_taps(backbone, data, tmp_path):
-    from rine.images import load_image
+    from rine.data.images import load_image
 
     items = progan_items(data, "train", ["car", "cat"])
     store = extract_features(backbone, items, tmp_path / "s", CenterView(), dtype="float32", batch_size=4, shard_size=5)
@@ -171,15 +171,15 @@ def test_items_are_plain_records():
 
 
 def test_extract_checks_out_and_device_before_any_work(tmp_path, monkeypatch, capsys):
-    import rine.backbones
-    import rine.datasets
+    import rine.data.datasets
+    import rine.model.backbones
     from rine.cli import main
 
     def forbidden(*a, **k):
         raise AssertionError("the dataset was scanned or the backbone loaded before the usage check")
 
-    monkeypatch.setattr(rine.datasets, "layout_items", forbidden)
-    monkeypatch.setattr(rine.backbones, "load_backbone", forbidden)
+    monkeypatch.setattr(rine.data.datasets, "layout_items", forbidden)
+    monkeypatch.setattr(rine.model.backbones, "load_backbone", forbidden)
     existing = tmp_path / "store.bin"
     existing.write_text("keep me")
     base = ["extract", "--root", str(tmp_path), "--backbone", "ViT-L/14", "--no-progress"]
@@ -202,7 +202,7 @@ def test_extract_checks_out_and_device_before_any_work(tmp_path, monkeypatch, ca
     def no_dataset(*a, **k):
         raise FileNotFoundError("no dataset here")
 
-    monkeypatch.setattr(rine.datasets, "layout_items", no_dataset)
+    monkeypatch.setattr(rine.data.datasets, "layout_items", no_dataset)
     (tmp_path / "resume").mkdir()
     assert main([*base, "--out", str(tmp_path / "resume")]) == 2
     assert capsys.readouterr().err == "rine: error: no dataset here\n"
@@ -212,12 +212,12 @@ def test_ten_crop_stores_score_as_the_live_ten_crop(tiny_checkpoint_dir, tmp_pat
     """`rine extract --transform ten` stores the ten crops of each image; scored as the
     mean of their logits they give the detector's own ten-crop scores, and `rine grid`
     takes such a store as a test transform."""
-    from rine.checkpoints import load_pretrained
     from rine.cli import main
     from rine.cli.grid import is_test_transform
-    from rine.inference import Detector
-    from rine.metrics import average_precision
-    from rine.training import StoreTaps, evaluate_store, probabilities, score_taps
+    from rine.evaluation.metrics import average_precision
+    from rine.inference.detector import Detector
+    from rine.model.checkpoints import load_pretrained
+    from rine.training.trainer import StoreTaps, evaluate_store, probabilities, score_taps
 
     root = make_progan(tmp_path / "data", per_label=2, split="val")
     for i, p in enumerate(sorted(root.rglob("*.png"))[:2]):  # some smaller than the crop: padded

@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rine.grid import PAPER_GRID, grid_configs, run_grid
-from rine.training import (
+from rine.training.grid import PAPER_GRID, grid_configs, run_grid
+from rine.training.trainer import (
     StoreTaps,
     TrainConfig,
     average_precision,
@@ -60,8 +60,8 @@ def test_grid_ranks_runs_and_keeps_the_best(stores, tmp_path):  # noqa: F811
 def test_ap_counts_the_ties_of_float32_probabilities(stores):  # noqa: F811
     """Above a logit of ~16.6 float32 rounds the probability to 1.0: the reference's AP sees
     those images as tied, so the grid and validation must too (not rank them by logit)."""
-    from rine.grid import evaluate_sets, test_sets
-    from rine.training import evaluate_store
+    from rine.training.grid import evaluate_sets, test_sets
+    from rine.training.trainer import evaluate_store
 
     _, train32, val = stores
     head = train_head(StoreTaps(train32), TrainConfig(nproj=1, proj_dim=8, batch_size=8)).head
@@ -85,8 +85,8 @@ def test_grid_needs_test_sets(stores):  # noqa: F811
 
 
 def test_a_run_without_any_ap_ranks_last():
-    from rine.grid import GridRun
-    from rine.training import TrainConfig
+    from rine.training.grid import GridRun
+    from rine.training.trainer import TrainConfig
 
     undefined = GridRun(TrainConfig(), mean_acc=0.9, mean_ap=float("nan"))
     defined = GridRun(TrainConfig(), mean_acc=0.1, mean_ap=0.2)
@@ -127,15 +127,15 @@ def test_grid_lists_and_paper_defaults_as_the_help_says():
 
 
 def test_grid_refuses_a_file_as_out_before_reading_stores(stores, tmp_path, monkeypatch, capsys):  # noqa: F811
-    import rine.grid
+    import rine.training.grid
     from rine.cli import main
-    from rine.features import FeatureStore
+    from rine.training.features import FeatureStore
 
     def forbidden(*a, **k):
         raise AssertionError("stores were read or runs trained before the usage check")
 
     monkeypatch.setattr(FeatureStore, "open", forbidden)
-    monkeypatch.setattr(rine.grid, "run_grid", forbidden)
+    monkeypatch.setattr(rine.training.grid, "run_grid", forbidden)
     _, train32, val = stores
     existing = tmp_path / "grid.csv"
     existing.write_text("keep me")

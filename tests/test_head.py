@@ -7,8 +7,9 @@ import json
 import pytest
 import torch
 
-from rine.backbones import load_backbone
-from rine.checkpoints import (
+from rine.config import HeadConfig, RINEConfig
+from rine.model.backbones import load_backbone
+from rine.model.checkpoints import (
     CheckpointError,
     git_blob_sha1,
     head_from_state_dict,
@@ -18,9 +19,8 @@ from rine.checkpoints import (
     load_pretrained,
     save_pretrained,
 )
-from rine.config import HeadConfig, RINEConfig
-from rine.head import RINEHead
-from rine.model import RINEModel
+from rine.model.head import RINEHead
+from rine.model.rine_model import RINEModel
 
 from conftest import OFFICIAL, TINY, require_shared
 

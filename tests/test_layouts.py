@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from rine.layouts import UFD20_SETS, LayoutError, list_images, read_layout
+from rine.data.layouts import UFD20_SETS, LayoutError, list_images, read_layout
 
 from conftest import write_image
 

@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from rine.losses import rine_loss, supcon_loss
+from rine.training.losses import rine_loss, supcon_loss
 
 
 def supcon_by_hand(z: torch.Tensor, y: torch.Tensor, t: float = 0.07) -> float:

@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import torch
 
-from rine.backbones import load_backbone, load_openai_clip_vision, read_state_dict
-from rine.checkpoints import head_from_state_dict, load_official_head
 from rine.config import PreprocessConfig
-from rine.images import load_image
-from rine.model import RINEModel
-from rine.preprocess import preprocess
+from rine.data.images import load_image
+from rine.data.preprocess import preprocess
+from rine.model.backbones import load_backbone, load_openai_clip_vision, read_state_dict
+from rine.model.checkpoints import head_from_state_dict, load_official_head
+from rine.model.rine_model import RINEModel
 
 from conftest import PARITY, make_openai_visual_state, require_shared
 from openai_style_vit import reference_taps

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from rine.config import PreprocessConfig
-from rine.images import load_image
-from rine.inference import Detector, _normalize_on
-from rine.preprocess import crop_views, normalize
+from rine.data.images import load_image
+from rine.data.preprocess import crop_views, normalize
+from rine.inference.detector import Detector, _normalize_on
 
 from conftest import write_image
 
@@ -108,7 +108,7 @@ def test_process_decoder_gives_the_same_records_as_threads(fp32_detector, mixed_
 def test_image_load_error_pickles_with_its_kind():
     import pickle
 
-    from rine.images import ImageLoadError
+    from rine.data.images import ImageLoadError
 
     err = pickle.loads(pickle.dumps(ImageLoadError("empty file", "empty")))
     assert isinstance(err, ImageLoadError) and str(err) == "empty file" and err.kind == "empty"
@@ -121,7 +121,7 @@ def test_only_the_listed_formats_are_decoded_whatever_the_name(tmp_path, monkeyp
 
     from PIL import EpsImagePlugin, Image
 
-    from rine.images import ImageLoadError, load_image
+    from rine.data.images import ImageLoadError, load_image
 
     def ghostscript(*a, **k):
         raise AssertionError("Ghostscript was reached")

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from rine import accel
-from rine.accel import PRECISIONS, FastTapEncoder, resolve_precision
-from rine.inference import Detector
+from rine.inference.detector import Detector
+from rine.model.accel import PRECISIONS, FastTapEncoder, resolve_precision
 
 from conftest import PARITY, require_shared, write_image
 
@@ -106,7 +106,7 @@ def test_failed_compile_falls_back_to_the_eager_encoder(tiny_detector, caplog):
         raise BackendCompilerFailed(lambda *a: None, RuntimeError("no C++ compiler found"), None)
 
     encoder._compiled = no_compiler
-    with caplog.at_level("WARNING", logger="rine.accel"):
+    with caplog.at_level("WARNING", logger="rine.model.accel"):
         taps = encoder(pixels)
     assert not encoder.compiled and "torch.compile failed" in caplog.text
     torch.testing.assert_close(taps, backbone(pixels), atol=1e-5, rtol=1e-5)
@@ -185,9 +185,9 @@ def test_auto_within_tolerance_on_benchmark_images_with_the_official_head(tmp_pa
     sys.path.insert(0, str(REPO / "benchmarks"))
     import throughput as bench
 
-    from rine.checkpoints import load_official_head
     from rine.config import PreprocessConfig, RINEConfig
-    from rine.model import RINEModel
+    from rine.model.checkpoints import load_official_head
+    from rine.model.rine_model import RINEModel
 
     paths = bench.make_images(tmp_path / "imgs", 6)
     backbone = bench.build_hf_backbone(bench.random_openai_state("ViT-L/14"))
@@ -206,7 +206,7 @@ def test_exact_fp32_flags_survive_overlapping_threads():
     leaves, then the caller's settings come back (a save/restore per use would leave them off)."""
     import threading
 
-    from rine.accel import exact_fp32
+    from rine.model.accel import exact_fp32
 
     cuda = torch.device("cuda")  # only the flags are touched: no GPU needed
     flags = lambda: (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)  # noqa: E731

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from rine.config import CLIP_MEAN, CLIP_STD, PreprocessConfig
-from rine.preprocess import (
+from rine.data.preprocess import (
     center_crop_array,
     crop_views,
     normalize,
@@ -128,8 +128,8 @@ def test_a_thin_image_is_cropped_without_building_its_padding():
 def test_resize_refuses_images_too_elongated_to_resize():
     import pytest
 
-    from rine.images import ImageLoadError
-    from rine.preprocess import MAX_RESIZE_ASPECT
+    from rine.data.images import ImageLoadError
+    from rine.data.preprocess import MAX_RESIZE_ASPECT
 
     ok = Image.new("RGB", (10, 10 * MAX_RESIZE_ASPECT))
     assert crop_views(ok, PreprocessConfig(crop="resize")).shape == (1, 224, 224, 3)

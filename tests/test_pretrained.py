@@ -12,8 +12,8 @@ import textwrap
 import pytest
 import torch
 
-from rine.checkpoints import git_blob_sha1, load_pretrained
-from rine.pretrained import WeightsUnavailableError, resolve_pretrained
+from rine.model.checkpoints import git_blob_sha1, load_pretrained
+from rine.model.pretrained import WeightsUnavailableError, resolve_pretrained
 
 from conftest import OFFICIAL, REPO, require_shared
 from loopback_hub import LoopbackHub
@@ -84,8 +84,8 @@ def test_offline_mode_does_not_touch_the_network(hub, monkeypatch):
 NAMED_FLOW = textwrap.dedent(
     """
     import json, sys
-    from rine.backbones import BACKBONES, BackboneSpec
-    from rine.pretrained import PretrainedSpec, register_pretrained
+    from rine.model.backbones import BACKBONES, BackboneSpec
+    from rine.model.pretrained import PretrainedSpec, register_pretrained
     from rine.cli import main
     cfg = json.loads(sys.argv[1])
     BACKBONES["tiny"] = BackboneSpec("tiny", "tiny-org/tiny-clip", cfg["commit"], 64, 3, 32, 224)
@@ -99,7 +99,7 @@ def test_named_model_downloads_backbone_and_head_then_works_offline(hub, tiny_ba
     """The whole first-use path in a fresh process: HF_ENDPOINT and the head URL on loopback."""
     require_shared()
     from rine.config import HeadConfig
-    from rine.head import RINEHead
+    from rine.model.head import RINEHead
 
     torch.manual_seed(3)
     head_file = tmp_path / "tiny_trainable.pth"

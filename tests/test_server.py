@@ -194,7 +194,7 @@ def test_detect_matches_detector_predict(client, tiny_detector):
 
 
 def test_ten_crop_is_sigmoid_of_mean_logit(tiny_checkpoint_dir):
-    from rine.inference import Detector
+    from rine.inference.detector import Detector
 
     det = Detector.from_pretrained(str(tiny_checkpoint_dir), crop="ten")
     data = png_bytes((300, 260), seed=3)
@@ -202,7 +202,7 @@ def test_ten_crop_is_sigmoid_of_mean_logit(tiny_checkpoint_dir):
         rec = c.post("/v1/detect", files=upload(("a.png", data))).json()["results"][0]
     from PIL import Image
 
-    from rine.preprocess import crop_views
+    from rine.data.preprocess import crop_views
 
     views = crop_views(Image.open(io.BytesIO(data)).convert("RGB"), det.config.preprocess)
     assert views.shape[0] == 10
@@ -454,7 +454,7 @@ def test_client_filename_is_display_only_and_nothing_is_spooled(client, monkeypa
 def test_load_error_status_mapping():
     from PIL import Image
 
-    from rine.images import ImageLoadError, load_image
+    from rine.data.images import ImageLoadError, load_image
 
     def kind_of(data: bytes, **limits) -> str:
         with pytest.raises(ImageLoadError) as e:

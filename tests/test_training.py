@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from rine.augment import CenterView, TrainAugment
-from rine.backbones import load_backbone
-from rine.datasets import progan_items
-from rine.features import FeatureStore, extract_features
-from rine.training import (
+from rine.data.augment import CenterView, TrainAugment
+from rine.data.datasets import progan_items
+from rine.model.backbones import load_backbone
+from rine.training.features import FeatureStore, extract_features
+from rine.training.trainer import (
     ImageTaps,
     StoreTaps,
     TrainConfig,
@@ -106,7 +106,7 @@ def test_average_precision_matches_sklearn():
 
 def test_cli_train_is_byte_reproducible_and_loadable(stores, tmp_path):
     from rine.cli import main
-    from rine.inference import Detector
+    from rine.inference.detector import Detector
 
     _, train32, val = stores
     args = ["train", "--features", str(train32.root), "--val-features", str(val.root), "--nproj", "2",
@@ -139,7 +139,7 @@ def test_cli_train_errors(stores, tmp_path):
 
 
 def test_cli_train_checks_out_device_and_lists_before_loading(stores, tmp_path, monkeypatch, capsys):
-    import rine.backbones
+    import rine.model.backbones
     from rine.cli import main
 
     _, train32, _ = stores
@@ -148,7 +148,7 @@ def test_cli_train_checks_out_device_and_lists_before_loading(stores, tmp_path, 
         raise AssertionError("a store or a backbone was loaded before the usage check")
 
     monkeypatch.setattr(FeatureStore, "open", forbidden)
-    monkeypatch.setattr(rine.backbones, "load_backbone", forbidden)
+    monkeypatch.setattr(rine.model.backbones, "load_backbone", forbidden)
     existing = tmp_path / "taken"
     existing.write_text("keep me")
     for args, message in [
@@ -187,7 +187,7 @@ def test_cli_train_accepts_device_auto_and_no_milestones(stores, tmp_path):
 def test_preloaded_taps_keep_the_store_dtype_and_train_the_same_head(stores, monkeypatch):
     """A float16 store is held in RAM as float16 (half of float32) and widened per batch,
     which is exact: the same rows and the same trained head as reading the shards."""
-    import rine.training
+    import rine.training.trainer
 
     _, _, val = stores  # float16, the extraction default
     cached, mapped = StoreTaps(val, preload=True), StoreTaps(val, preload=False)
@@ -199,8 +199,8 @@ def test_preloaded_taps_keep_the_store_dtype_and_train_the_same_head(stores, mon
     ha, hb = train_head(cached, cfg).head.state_dict(), train_head(mapped, cfg).head.state_dict()
     assert all(torch.equal(ha[k], hb[k]) for k in ha)
     # preload=None: in RAM only when the taps take at most half the available memory
-    assert rine.training._fits_in_memory(0) and not rine.training._fits_in_memory(1 << 62)
-    monkeypatch.setattr(rine.training, "_fits_in_memory", lambda nbytes: False)
+    assert rine.training.trainer._fits_in_memory(0) and not rine.training.trainer._fits_in_memory(1 << 62)
+    monkeypatch.setattr(rine.training.trainer, "_fits_in_memory", lambda nbytes: False)
     assert StoreTaps(val, preload=None).cache is None
-    monkeypatch.setattr(rine.training, "_fits_in_memory", lambda nbytes: nbytes == val.taps.nbytes)
+    monkeypatch.setattr(rine.training.trainer, "_fits_in_memory", lambda nbytes: nbytes == val.taps.nbytes)
     assert StoreTaps(val, preload=None).cache is not None

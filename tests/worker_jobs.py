@@ -1,4 +1,4 @@
-"""Job functions for `rine.decoding` tests. They live in a module (not in a test file) so
+"""Job functions for `rine.data.decoding` tests. They live in a module (not in a test file) so
 that worker processes, which import them by name, can find them."""
 
 from __future__ import annotations
@@ -23,7 +23,9 @@ def prepare_views_or_die(source, *args):
     """`prepare_views`, except that a file named `kills-worker.png` kills the worker."""
     if str(source).endswith("kills-worker.png"):
         os.kill(os.getpid(), signal.SIGKILL)
-    from rine.inference import prepare_views  # here, so that the other tests' workers skip torch
+    from rine.inference.detector import (
+        prepare_views,  # here, so that the other tests' workers skip torch
+    )
 
     return prepare_views(source, *args)
 

@@ -11,28 +11,33 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from ._moved import install_moved_module_aliases
+
+install_moved_module_aliases()
+
 # Public names -> the module that defines them. Imported on first use, so that `import
 # rine.decoding` (every decoding worker process) and `rine --help` do not pay for torch.
 _EXPORTS = {
-    "BACKBONES": "backbones", "TappedCLIPVision": "backbones", "list_backbones": "backbones",
-    "load_backbone": "backbones",
-    "load_head": "checkpoints", "load_official_head": "checkpoints", "load_pretrained": "checkpoints",
-    "save_pretrained": "checkpoints",
+    "BACKBONES": "model.backbones", "TappedCLIPVision": "model.backbones",
+    "list_backbones": "model.backbones", "load_backbone": "model.backbones",
+    "load_head": "model.checkpoints", "load_official_head": "model.checkpoints",
+    "load_pretrained": "model.checkpoints", "save_pretrained": "model.checkpoints",
     "HeadConfig": "config", "PreprocessConfig": "config", "RINEConfig": "config",
-    "RINEHead": "head",
-    "Detector": "inference", "Prediction": "inference",
-    "RINEModel": "model",
-    "PRETRAINED": "pretrained", "WeightsUnavailableError": "pretrained", "list_pretrained": "pretrained",
+    "RINEHead": "model.head",
+    "Detector": "inference.detector", "Prediction": "inference.detector",
+    "RINEModel": "model.rine_model",
+    "PRETRAINED": "model.pretrained", "WeightsUnavailableError": "model.pretrained",
+    "list_pretrained": "model.pretrained",
 }  # fmt: skip
 
 if TYPE_CHECKING:
-    from .backbones import BACKBONES, TappedCLIPVision, list_backbones, load_backbone
-    from .checkpoints import load_head, load_official_head, load_pretrained, save_pretrained
     from .config import HeadConfig, PreprocessConfig, RINEConfig
-    from .head import RINEHead
-    from .inference import Detector, Prediction
-    from .model import RINEModel
-    from .pretrained import PRETRAINED, WeightsUnavailableError, list_pretrained
+    from .inference.detector import Detector, Prediction
+    from .model.backbones import BACKBONES, TappedCLIPVision, list_backbones, load_backbone
+    from .model.checkpoints import load_head, load_official_head, load_pretrained, save_pretrained
+    from .model.head import RINEHead
+    from .model.pretrained import PRETRAINED, WeightsUnavailableError, list_pretrained
+    from .model.rine_model import RINEModel
 
 
 def __getattr__(name: str) -> Any:

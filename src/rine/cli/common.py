@@ -11,7 +11,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..images import is_image_path
+from ..data.images import is_image_path
 
 
 class CLIError(Exception):
@@ -138,7 +138,7 @@ def add_model_options(
     offers --compile, which pays off over long runs of same-sized batches (not in a server,
     whose batches have whatever size the traffic gives)."""
     from ..config import PRECISIONS
-    from ..pretrained import DEFAULT_MODEL, list_pretrained
+    from ..model.pretrained import DEFAULT_MODEL, list_pretrained
 
     g = parser.add_argument_group("model")
     again = "; repeat to compare several on one backbone pass" if repeatable else ""
@@ -194,7 +194,7 @@ def add_model_options(
 
 def add_decoding_options(group: argparse._ArgumentGroup) -> None:
     """--workers, --decoder and --decode-timeout, shared by the commands that decode images."""
-    from ..decoding import DECODERS, DEFAULT_DECODE_TIMEOUT
+    from ..data.decoding import DECODERS, DEFAULT_DECODE_TIMEOUT
 
     group.add_argument("--workers", type=positive_int, default=None,
                        help="decoding workers (default: one per core, up to 8 on CPU and 32 with a GPU)")  # fmt: skip
@@ -208,9 +208,9 @@ def add_decoding_options(group: argparse._ArgumentGroup) -> None:
 
 def load_detector(args: argparse.Namespace, keep_reference: bool = True):
     """Build a Detector from the model options, turning known failures into CLIError."""
-    from ..checkpoints import CheckpointError
-    from ..inference import Detector
-    from ..pretrained import DEFAULT_MODEL, WeightsUnavailableError
+    from ..inference.detector import Detector
+    from ..model.checkpoints import CheckpointError
+    from ..model.pretrained import DEFAULT_MODEL, WeightsUnavailableError
 
     kwargs = dict(device=args.device, precision=args.precision, keep_reference=keep_reference,
                   compile=getattr(args, "compile", False))  # fmt: skip

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from ..images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+from ..data.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from .common import (
     CLIError,
     add_decoding_options,
@@ -334,7 +334,7 @@ def run(args: argparse.Namespace) -> int:
     writer = _Writer(stream, fmt, args.blocks, header=header)
     n_failed = n_written = n_pixels = n_bytes = 0
     try:
-        from ..inference import Prediction
+        from ..inference.detector import Prediction
 
         for path, reason in unreadable:  # folders that could not be listed
             writer.add(Prediction(path=path, error=reason).to_dict(with_blocks=args.blocks))

@@ -113,7 +113,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _conditions(args):
-    from ..evaluation import Condition
+    from ..evaluation.engine import Condition
 
     kinds: list[str] = []
     for item in args.perturb or ["none"]:
@@ -133,9 +133,9 @@ def _conditions(args):
 
 def _load_models(args):
     """(detector, [EvalHead]) for one or several --model / --head on one backbone."""
-    from ..checkpoints import CheckpointError, load_head, load_pretrained
-    from ..evaluation import EvalHead
-    from ..pretrained import DEFAULT_MODEL, WeightsUnavailableError, resolve_pretrained
+    from ..evaluation.engine import EvalHead
+    from ..model.checkpoints import CheckpointError, load_head, load_pretrained
+    from ..model.pretrained import DEFAULT_MODEL, WeightsUnavailableError, resolve_pretrained
 
     models, heads = args.model or [], args.head or []
     if models and heads:
@@ -208,8 +208,8 @@ def run(args: argparse.Namespace) -> int:
         return fail(str(e))
     if args.decode_timeout < 0:
         return fail("--decode-timeout must be at least 0 (0: no limit)")
-    from ..evaluation import evaluate, write_outputs
-    from ..layouts import LayoutError, read_layout
+    from ..data.layouts import LayoutError, read_layout
+    from ..evaluation.engine import evaluate, write_outputs
 
     options: dict = {}
     if args.sets:

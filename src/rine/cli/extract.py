@@ -19,7 +19,7 @@ from .common import CLIError, check_device, check_output_dir, fail, positive_int
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..datasets import LAYOUTS
+    from ..data.datasets import LAYOUTS
 
     p = sub.add_parser("extract", help="store backbone taps of a dataset (resumable)", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
@@ -54,10 +54,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..augment import CenterView, TenCropViews, TrainAugment
-    from ..backbones import load_backbone
-    from ..datasets import layout_items
-    from ..features import StoreError, extract_features
+    from ..data.augment import CenterView, TenCropViews, TrainAugment
+    from ..data.datasets import layout_items
+    from ..model.backbones import load_backbone
+    from ..training.features import StoreError, extract_features
 
     # Before any work: a bad --out or --device must not cost a dataset scan or a backbone load.
     # An existing folder is fine (a store there is resumed).
@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
         # a local backbone is recorded absolute, so checkpoints trained on it load from anywhere
         backbone.source = str(Path(args.backbone).expanduser().resolve())
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.precision]
-    from ..inference import resolve_device
+    from ..inference.detector import resolve_device
 
     backbone = backbone.to(resolve_device(args.device), dtype=dtype)
     if transform == "train":

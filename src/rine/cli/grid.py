@@ -45,9 +45,9 @@ def is_test_transform(transform: str) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..features import FeatureStore, StoreError
-    from ..grid import PAPER_GRID, grid_configs, run_grid, write_table
-    from ..training import StoreTaps, save_run
+    from ..training.features import FeatureStore, StoreError
+    from ..training.grid import PAPER_GRID, grid_configs, run_grid, write_table
+    from ..training.trainer import StoreTaps, save_run
 
     try:
         args.out = str(check_output_dir(args.out))

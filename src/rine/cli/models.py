@@ -11,8 +11,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..backbones import BACKBONES
-    from ..pretrained import PRETRAINED, rine_home
+    from ..model.backbones import BACKBONES
+    from ..model.pretrained import PRETRAINED, rine_home
 
     print(f"Pretrained detectors (downloaded on first use into RINE_HOME={rine_home()}):")
     for s in PRETRAINED.values():

@@ -69,7 +69,7 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
 
 
 def train_config_from_args(args: argparse.Namespace, **overrides):
-    from ..training import TrainConfig
+    from ..training.trainer import TrainConfig
 
     milestones = args.lr_milestones
     if isinstance(milestones, str):  # a Namespace built by hand, not by the parser
@@ -110,8 +110,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..features import FeatureStore, StoreError
-    from ..training import ImageTaps, StoreTaps, save_run, train_head
+    from ..training.features import FeatureStore, StoreError
+    from ..training.trainer import ImageTaps, StoreTaps, save_run, train_head
 
     if bool(args.features) == bool(args.root):
         return fail("give exactly one of --features STORE or --root DATA")
@@ -123,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
         check_device(args.device)
     except CLIError as e:
         return fail(str(e))
-    from ..inference import resolve_device
+    from ..inference.detector import resolve_device
 
     device = resolve_device(args.device)
     try:
@@ -144,9 +144,9 @@ def run(args: argparse.Namespace) -> int:
             meta = {"features": str(Path(args.features).resolve()), "store_transform": store.meta["transform"],
                     "store_seed": store.meta["seed"], "store_items_sha1": store.meta["items_sha1"]}  # fmt: skip
         else:
-            from ..augment import TrainAugment
-            from ..backbones import load_backbone
-            from ..datasets import layout_items
+            from ..data.augment import TrainAugment
+            from ..data.datasets import layout_items
+            from ..model.backbones import load_backbone
 
             classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
             items = layout_items(args.root, args.layout, "train", classes)

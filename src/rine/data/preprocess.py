@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .config import PreprocessConfig
+from ..config import PreprocessConfig
 from .images import ImageLoadError
 
 

@@ -31,21 +31,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import PreprocessConfig, RINEConfig
-from .decoding import (
+from ..config import PreprocessConfig, RINEConfig
+from ..data.decoding import (
     DECODERS,
     DEFAULT_DECODE_TIMEOUT,
     default_decoder,
     error_text,
     ordered_map,
 )
-from .head import RINEHead
-from .images import DEFAULT_MAX_BYTES, load_image
-from .inference import default_batch_size, default_workers
-from .layouts import TestSet
+from ..data.images import DEFAULT_MAX_BYTES, load_image
+from ..data.layouts import TestSet
+from ..data.perturb import QUIRKS, is_perturbed, robustness_image, transform_id
+from ..data.preprocess import crop_views
+from ..inference.detector import default_batch_size, default_workers
+from ..model.head import RINEHead
 from .metrics import compute_metrics, mean_metrics
-from .perturb import QUIRKS, is_perturbed, robustness_image, transform_id
-from .preprocess import crop_views
 
 logger = logging.getLogger(__name__)
 
@@ -220,7 +220,7 @@ def _score_set_live(
     jobs = ((idx, (path, keys[idx], conditions, pre, max_pixels, max_bytes)) for idx, (path, _) in enumerate(ts.items))
     decoded = ordered_map(
         prepare_conditions, jobs, kind=decoder, workers=workers,
-        max_in_flight=max(2 * batch_size, 2 * workers), preload=("rine.evaluation",), timeout=decode_timeout,
+        max_in_flight=max(2 * batch_size, 2 * workers), preload=("rine.evaluation.engine",), timeout=decode_timeout,
     )  # fmt: skip
     try:
         for idx, views, error in decoded:
@@ -310,7 +310,7 @@ def _score_set_cached(
     cache_dtype: str,
 ) -> list[list[list[dict]]]:
     """Like `_score_set_live`, with taps read from (or first written to) `rine.features` stores."""
-    from .features import Item, extract_features, items_sha1, iter_shards
+    from ..training.features import Item, extract_features, items_sha1, iter_shards
 
     pre = detector.config.preprocess
     items = [Item(p, y, ts.name) for p, y in ts.items]
@@ -531,7 +531,7 @@ def write_run(run: RunResult, folder: Path, meta: dict[str, Any], plots: bool = 
         for n in ("metrics.json", "predictions.jsonl", "table.md", "table.csv", "metrics.csv")
     ]
     if plots:
-        from .reports import plot_run
+        from .plots import plot_run
 
         written += plot_run(run, folder)
     return written
@@ -561,7 +561,7 @@ def write_outputs(result: EvalResult, out_dir: str | Path, plots: bool = True) -
         json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
     )
     if plots:
-        from .reports import plot_summary
+        from .plots import plot_summary
 
         written += plot_summary(result, out)
     return written + [out / "summary.md", out / "summary.csv", out / "summary.json"]

@@ -15,7 +15,7 @@ import numpy as np
 from .metrics import roc_curve
 
 if TYPE_CHECKING:
-    from .evaluation import EvalResult, RunResult
+    from .engine import EvalResult, RunResult
 
 
 def _plt():

@@ -26,20 +26,20 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .accel import PRECISIONS, FastTapEncoder, resolve_precision
-from .backbones import load_backbone
-from .checkpoints import load_head, load_pretrained
-from .config import PreprocessConfig, RINEConfig
-from .decoding import (
+from ..config import PreprocessConfig, RINEConfig
+from ..data.decoding import (
     DECODERS,
     DEFAULT_DECODE_TIMEOUT,
     default_decoder,
     error_text,
     ordered_map,
 )
-from .images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, load_image
-from .model import RINEModel
-from .preprocess import crop_views, normalize
+from ..data.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, load_image
+from ..data.preprocess import crop_views, normalize
+from ..model.accel import PRECISIONS, FastTapEncoder, resolve_precision
+from ..model.backbones import load_backbone
+from ..model.checkpoints import load_head, load_pretrained
+from ..model.rine_model import RINEModel
 
 logger = logging.getLogger(__name__)
 
@@ -195,7 +195,7 @@ class Detector:
         `backbone` overrides the backbone source of the config (e.g. a local folder or an
         OpenAI-format file holding the same weights); `crop` overrides the preprocessing.
         """
-        from .pretrained import (
+        from ..model.pretrained import (
             PRETRAINED,
             WeightsUnavailableError,
             backbone_missing_message,
@@ -365,7 +365,7 @@ class Detector:
         jobs = ((_name_of(s, i), (s, self.config.preprocess, self.max_pixels, self.max_bytes)) for i, s in enumerate(sources))
         decoded = ordered_map(
             prepare_views, jobs, kind=decoder, workers=workers,
-            max_in_flight=max(2 * batch_size, 2 * workers), preload=("rine.inference",), timeout=decode_timeout,
+            max_in_flight=max(2 * batch_size, 2 * workers), preload=("rine.inference.detector",), timeout=decode_timeout,
         )  # fmt: skip
         try:
             for name, views, error in decoded:

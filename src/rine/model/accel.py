@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import PRECISIONS
+from ..config import PRECISIONS
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import CONFIG_NAME, WEIGHTS_NAME, HeadConfig, RINEConfig
+from ..config import CONFIG_NAME, WEIGHTS_NAME, HeadConfig, RINEConfig
 from .head import RINEHead
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .config import HeadConfig
+from ..config import HeadConfig
 
 
 def _projection(in_dim: int, out_dim: int, nproj: int, dropout: float) -> nn.Sequential:

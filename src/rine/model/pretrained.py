@@ -20,7 +20,7 @@ from pathlib import Path
 
 # torch-free at import (checkpoints and backbones are imported where weights are handled):
 # the CLI builds its --help from this registry.
-from .config import CONFIG_NAME, WEIGHTS_NAME, PreprocessConfig, RINEConfig
+from ..config import CONFIG_NAME, WEIGHTS_NAME, PreprocessConfig, RINEConfig
 
 logger = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..config import HeadConfig, RINEConfig
 from .backbones import TappedCLIPVision
-from .config import HeadConfig, RINEConfig
 from .head import HeadOutput, RINEHead
 
 

@@ -35,8 +35,8 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from ..images import ImageLoadError, load_image
-from ..preprocess import crop_views
+from ..data.images import ImageLoadError, load_image
+from ..data.preprocess import crop_views
 from .batching import Batcher, Overloaded, ScoringFailed, ViewScores
 from .guards import AllowedHosts, SecurityHeaders, same_site
 

@@ -40,10 +40,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .datasets import Item
-from .decoding import ordered_map
-from .images import ImageLoadError, load_image
-from .preprocess import normalize
+from ..data.datasets import Item
+from ..data.decoding import ordered_map
+from ..data.images import ImageLoadError, load_image
+from ..data.preprocess import normalize
 
 logger = logging.getLogger(__name__)
 
@@ -418,13 +418,13 @@ def _extract_shard(backbone, items, start, stop, make_views, views, dtype, batch
 
 
 def backbone_mean(backbone) -> tuple[float, float, float]:
-    from .config import CLIP_MEAN
+    from ..config import CLIP_MEAN
 
     return getattr(backbone, "mean", CLIP_MEAN)
 
 
 def backbone_std(backbone) -> tuple[float, float, float]:
-    from .config import CLIP_STD
+    from ..config import CLIP_STD
 
     return getattr(backbone, "std", CLIP_STD)
 

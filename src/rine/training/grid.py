@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .features import FeatureStore
-from .training import (
+from .trainer import (
     StoreTaps,
     TrainConfig,
     TrainResult,

@@ -29,10 +29,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import metrics
-from .config import HeadConfig, PreprocessConfig, RINEConfig
+from ..config import HeadConfig, PreprocessConfig, RINEConfig
+from ..evaluation import metrics
+from ..model.head import RINEHead
 from .features import FeatureStore, Item
-from .head import RINEHead
 from .losses import rine_loss
 
 logger = logging.getLogger(__name__)
@@ -151,8 +151,8 @@ class ImageTaps:
         return len(self.items)
 
     def taps(self, epoch: int, positions: np.ndarray) -> torch.Tensor:
+        from ..data.preprocess import normalize
         from .features import _load_views, backbone_mean, backbone_std
-        from .preprocess import normalize
 
         loaded = list(self.pool.map(lambda p: _load_views(self.items[p], int(p), self._view_of(epoch), 1, None), positions))
         bad = [self.items[p].path for p, v in zip(positions, loaded, strict=True) if isinstance(v, str)]
@@ -339,7 +339,7 @@ def save_run(result: TrainResult, config: TrainConfig, out_dir: str | Path, back
              plot: bool = True) -> Path:  # fmt: skip
     """Write the checkpoint (config.json + model.safetensors, loadable by `rine detect
     --model OUT`), the resolved training config and the block-importance plot."""
-    from .checkpoints import save_pretrained
+    from ..model.checkpoints import save_pretrained
 
     out = Path(out_dir)
     rcfg = RINEConfig(backbone=backbone, head=result.head.config, backbone_revision=revision,

@@ -1,0 +1,12 @@
+"""Images in: safe decoding with limits, crops and normalisation, dataset layouts, augmentations, perturbations.
+
+images.py      open an image file or bytes safely (formats, pixel and byte limits)
+preprocess.py  the reference's crops (centre, ten, resize) and CLIP normalisation
+decoding.py    decoding in worker threads or processes, in order, crash-isolated
+layouts.py     benchmark folder layouts (ufd20, synthbuster, genimage, ...) -> labelled image lists
+datasets.py    training-set folders (ProGAN classes, ldm) -> labelled image lists
+augment.py     the reference's training augmentations (blur, JPEG)
+perturb.py     the paper's robustness perturbations
+
+Nothing here imports torch at module level: decoding workers import this package.
+"""
