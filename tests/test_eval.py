@@ -307,16 +307,16 @@ def test_several_heads_on_a_backbone_file(
 def test_features_cache_with_ten_crop_derives_each_image_once(tmp_path, tiny_checkpoint_dir, monkeypatch):
     """The store's ten view slots come from one perturbation + ten-crop per image, and give
     what the live path gives."""
-    import rine.evaluation.engine
+    import rine.evaluation.scoring
 
     calls = []
-    make_views = rine.evaluation.engine.make_views
+    make_views = rine.evaluation.scoring.make_views
 
     def counting(image, condition, key, preprocess):
         calls.append(key)
         return make_views(image, condition, key, preprocess)
 
-    monkeypatch.setattr(rine.evaluation.engine, "make_views", counting)
+    monkeypatch.setattr(rine.evaluation.scoring, "make_views", counting)
     root = tmp_path / "bench"
     make_files(root / "s" / "real", 2, size=(260, 250))
     make_files(root / "s" / "fake", 2, size=(260, 250))

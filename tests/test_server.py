@@ -159,7 +159,7 @@ def test_bad_settings_are_refused():
 
 def test_failure_while_starting_the_encoder_is_reported(tiny_detector, monkeypatch):
     """Anything failing after the model loaded (here the batcher) ends in load_error, not a hang."""
-    import rine.server.app as app_module
+    import rine.server.service as app_module
 
     def broken_batcher(*args, **kwargs):
         raise ValueError("batcher cannot start")

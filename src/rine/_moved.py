@@ -53,3 +53,25 @@ class _MovedModuleFinder(importlib.abc.MetaPathFinder):
 def install_moved_module_aliases() -> None:
     if not any(isinstance(f, _MovedModuleFinder) for f in sys.meta_path):
         sys.meta_path.append(_MovedModuleFinder())
+
+
+def lazy_reexport(package: str, target: str):
+    """`__getattr__`/`__dir__` for a package that answers for the module it replaced.
+
+    `rine.evaluation` was one module and is now a package: `rine.evaluation.evaluate` must
+    still work, but importing `rine.evaluation.metrics` must not load the whole engine (and
+    torch) on the way, as a star import in `__init__` would."""
+
+    def __getattr__(name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        module = importlib.import_module(target)
+        try:
+            return getattr(module, name)
+        except AttributeError:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}") from None
+
+    def __dir__() -> list[str]:
+        return sorted(set(sys.modules[package].__dict__) | set(dir(importlib.import_module(target))))
+
+    return __getattr__, __dir__

@@ -15,7 +15,7 @@ import numpy as np
 from .metrics import roc_curve
 
 if TYPE_CHECKING:
-    from .engine import EvalResult, RunResult
+    from .results import EvalResult, RunResult
 
 
 def _plt():

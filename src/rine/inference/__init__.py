@@ -3,5 +3,7 @@
 detector.py   Detector and Prediction
 """
 
-from .detector import *  # noqa: F403  (rine.inference was this module before the layout)
-from .detector import Detector, Prediction  # noqa: F401
+from .._moved import lazy_reexport
+
+# rine.inference was this module before the layout: its names resolve there, loaded on first use.
+__getattr__, __dir__ = lazy_reexport(__name__, f"{__name__}.detector")

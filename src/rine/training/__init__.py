@@ -6,4 +6,7 @@ trainer.py    training a head on a store (the reference's recipe)
 grid.py       the paper's hyper-parameter grid on one store
 """
 
-from .trainer import *  # noqa: F403  (rine.training was the trainer module before the layout)
+from .._moved import lazy_reexport
+
+# rine.training was the trainer module before the layout: its names resolve there, loaded on first use.
+__getattr__, __dir__ = lazy_reexport(__name__, f"{__name__}.trainer")

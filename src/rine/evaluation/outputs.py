@@ -1,0 +1,147 @@
+"""What `rine eval` writes: metrics.json, predictions.jsonl, the paper's table (markdown, CSV), plots.
+
+One run: its files directly in the output folder. Several runs (heads x conditions): a
+folder per run plus summary.md / summary.csv / summary.json.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .results import EvalResult, RunResult
+
+TABLE_METRICS = ("acc", "ap", "auc", "acc_real", "acc_fake", "f1", "ece", "acc_best")
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f}"
+
+
+def paper_table_markdown(runs: Sequence[RunResult], sets: Sequence[str]) -> str:
+    """The paper's layout: one row per model, one column per test set, cells "ACC / AP" in %."""
+    head = ["model", *sets, "mean"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for run in runs:
+        cells = [run.name]
+        for s in [*sets, None]:
+            m = run.metrics["mean"] if s is None else run.metrics["sets"].get(s, {})
+            cells.append(f"{_pct(m.get('acc'))} / {_pct(m.get('ap'))}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n\nCells: ACC / AP in % (accuracy at 0.5, average precision).\n"
+
+
+def detail_table_markdown(run: RunResult) -> str:
+    """One row per set (and the mean): counts and every metric in %."""
+    cols = ["set", "n_real", "n_fake", "n_errors", *TABLE_METRICS]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    rows = [*run.metrics["sets"].items(), ("mean", run.metrics["mean"])]
+    for name, m in rows:
+        vals = [
+            name,
+            str(m.get("n_real", "")),
+            str(m.get("n_fake", "")),
+            str(m.get("n_errors", "")),
+        ]
+        vals += [_pct(m.get(k)) for k in TABLE_METRICS]
+        lines.append("| " + " | ".join(vals) + " |")
+    notes = [
+        f"- {name}: {'; '.join(m['notes'])}"
+        for name, m in run.metrics["sets"].items()
+        if m.get("notes")
+    ]
+    return "\n".join(lines) + "\n" + ("\nNotes:\n" + "\n".join(notes) + "\n" if notes else "")
+
+
+def write_paper_csv(path: Path, runs: Sequence[RunResult], sets: Sequence[str]) -> None:
+    """CSV of the paper's layout: model, then `<set> ACC`, `<set> AP` per set and the mean (in %)."""
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["model", *[f"{s} {k}" for s in [*sets, "mean"] for k in ("ACC", "AP")]])
+        for run in runs:
+            row = [run.name]
+            for s in [*sets, None]:
+                m = run.metrics["mean"] if s is None else run.metrics["sets"].get(s, {})
+                row += [_round(m.get("acc")), _round(m.get("ap"))]
+            w.writerow(row)
+
+
+def _round(v: float | None) -> str:
+    return "" if v is None else f"{100 * v:.2f}"
+
+
+def write_run(run: RunResult, folder: Path, meta: dict[str, Any], plots: bool = True) -> list[Path]:
+    """metrics.json, predictions.jsonl, table.md/csv, metrics.csv and plots of one run."""
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    metrics = {**run.metrics, "model": run.head, "condition": run.condition.id, "meta": meta}
+    (folder / "metrics.json").write_text(
+        json.dumps(metrics, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+    )
+    with open(folder / "predictions.jsonl", "w", encoding="utf-8") as f:
+        for recs in run.records.values():
+            for r in recs:
+                f.write(
+                    json.dumps({k: v for k, v in r.items() if k != "key"}, ensure_ascii=False)
+                    + "\n"
+                )
+    sets = list(run.records)
+    (folder / "table.md").write_text(
+        paper_table_markdown([run], sets) + "\n" + detail_table_markdown(run), encoding="utf-8"
+    )
+    write_paper_csv(folder / "table.csv", [run], sets)
+    with open(folder / "metrics.csv", "w", newline="", encoding="utf-8") as f:
+        cols = ["set", "n_real", "n_fake", "n_errors", *TABLE_METRICS]
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        for name, m in [*run.metrics["sets"].items(), ("mean", run.metrics["mean"])]:
+            w.writerow(
+                {"set": name, **{k: ("" if m.get(k) is None else m.get(k)) for k in cols[1:]}}
+            )
+    written += [
+        folder / n
+        for n in ("metrics.json", "predictions.jsonl", "table.md", "table.csv", "metrics.csv")
+    ]
+    if plots:
+        from .plots import plot_run
+
+        written += plot_run(run, folder)
+    return written
+
+
+def write_outputs(result: EvalResult, out_dir: str | Path, plots: bool = True) -> list[Path]:
+    """One run: its files directly in `out_dir`. Several runs (heads x conditions): one
+    folder per run (`<head>/<condition>`) plus `summary.md`/`summary.csv`/`summary.json`."""
+    out = Path(out_dir).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval_config.json").write_text(
+        json.dumps(result.meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+    )
+    if len(result.runs) == 1:
+        return write_run(result.runs[0], out, result.meta, plots)
+    written = []
+    for run in result.runs:
+        written += write_run(run, out / _safe(run.head) / run.condition.id, result.meta, plots)
+    (out / "summary.md").write_text(
+        paper_table_markdown(result.runs, result.sets), encoding="utf-8"
+    )
+    write_paper_csv(out / "summary.csv", result.runs, result.sets)
+    summary = {
+        run.name: {"mean": run.metrics["mean"], "sets": run.metrics["sets"]} for run in result.runs
+    }
+    (out / "summary.json").write_text(
+        json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+    )
+    if plots:
+        from .plots import plot_summary
+
+        written += plot_summary(result, out)
+    return written + [out / "summary.md", out / "summary.csv", out / "summary.json"]
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_.") or "model"

@@ -1,0 +1,219 @@
+"""The model's lifecycle behind the endpoints: loading (in the background), the decode pool and
+the cross-request batcher, and turning uploaded bytes into result records.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..data.images import ImageLoadError, load_image
+from ..data.preprocess import crop_views
+from .batching import Batcher, Overloaded, ScoringFailed, ViewScores
+from .limits import (
+    HTTPError,
+    ServerSettings,
+    _mb,
+    _MemoryBudget,
+    _PixelBudget,
+    _Upload,
+    load_error_status,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class Service:
+    """State shared by the endpoints: the detector (once loaded), pools, batcher, limits."""
+
+    def __init__(self, settings: ServerSettings, detector: Any = None,
+                 detector_factory: Callable[[], Any] | None = None,
+                 on_load_error: Callable[[BaseException], None] | None = None):
+        if (detector is None) == (detector_factory is None):
+            raise ValueError("give exactly one of detector or detector_factory")
+        self.settings = settings
+        self.detector = detector
+        self.detector_factory = detector_factory
+        self.on_load_error = on_load_error
+        self.load_error: str | None = None
+        self.batcher: Batcher | None = None
+        self.decode_pool: ThreadPoolExecutor | None = None
+        self.budget = _MemoryBudget(settings.memory_budget_bytes)
+        self.in_flight = 0
+        self.started_at = time.time()
+        self._lock = threading.Lock()
+        self._closed = False
+        self._model_block_importance: list[float] = []
+
+    @property
+    def ready(self) -> bool:
+        return self.batcher is not None
+
+    def start(self) -> None:
+        self.decode_pool = ThreadPoolExecutor(self.settings.decode_workers, thread_name_prefix="rine-decode")
+        if self.detector is not None:
+            self._activate(self.detector)
+        else:
+            threading.Thread(target=self._load, name="rine-load-model", daemon=True).start()
+
+    def _load(self) -> None:
+        t0 = time.perf_counter()
+        try:
+            detector = self.detector_factory()
+            self._activate(detector)
+        except BaseException as e:  # noqa: BLE001 - reported through /readyz and the hook
+            # /readyz is open without a key: it names the error's type only, since the message
+            # may hold local paths; the full message goes to the server's log.
+            self.load_error = type(e).__name__
+            logger.error("model failed to load: %s: %s", type(e).__name__, e)
+            if self.on_load_error is not None:
+                self.on_load_error(e)
+            return
+        logger.info("model %s loaded in %.1f s", detector.config.name, time.perf_counter() - t0)
+
+    def _activate(self, detector: Any) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self.detector = detector
+            self._model_block_importance = [round(float(x), 6) for x in detector.block_importance()]
+            s = self.settings
+            self.batcher = Batcher(detector.score_views, s.max_batch, s.max_wait_ms / 1000, s.max_queue).start()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            batcher, self.batcher = self.batcher, None
+        if batcher is not None:
+            batcher.close()
+        if self.decode_pool is not None:
+            self.decode_pool.shutdown(wait=False, cancel_futures=True)
+
+    def busy(self, detail: str, reason: str = "busy") -> HTTPError:
+        """503 + Retry-After; `reason` (loading, busy, timeout) lets a client decide whether
+        retrying can help: a timeout recurs for the same image, loading and busy pass."""
+        return HTTPError(503, detail, {"Retry-After": str(self.settings.retry_after_s)}, {"reason": reason})
+
+    # -------------------------------------------------------------- work
+    def prepare(self, data: bytes, request_pixels: _PixelBudget | None = None) -> np.ndarray:
+        """Encoded image bytes -> uint8 views [V, S, S, 3]; runs in the decode pool."""
+        image = load_image(data, max_pixels=self.settings.max_pixels, max_bytes=self.settings.max_file_bytes,
+                           reserve_pixels=request_pixels.take if request_pixels is not None else None)
+        return crop_views(image, self.detector.config.preprocess)
+
+    def model_info(self) -> dict[str, Any]:
+        cfg = self.detector.config
+        return {
+            "name": cfg.name,
+            "backbone": _public_source(cfg.backbone),
+            "revision": cfg.backbone_revision,
+            "threshold": cfg.threshold,
+            "crop": cfg.preprocess.crop,
+            "image_size": cfg.preprocess.image_size,
+            "n_blocks": len(self._model_block_importance),
+            "block_importance": self._model_block_importance,
+            # the page refuses a file over the limit before uploading it
+            "max_file_bytes": self.settings.max_file_bytes,
+            "max_files": self.settings.max_files,
+        }
+
+    async def score_uploads(self, uploads: list[_Upload]) -> list[dict[str, Any]]:
+        loop = asyncio.get_running_loop()
+        s = self.settings
+        records: list[dict[str, Any] | None] = [None] * len(uploads)
+        decodes: dict[int, asyncio.Future] = {}
+        request_pixels = _PixelBudget(s.max_request_pixels)
+        for i, up in enumerate(uploads):
+            if up.too_large:
+                records[i] = _error_record(up.filename, 413, f"file too large: over the limit of {_mb(s.max_file_bytes)}")
+            elif up.size == 0:
+                records[i] = _error_record(up.filename, 422, "empty file")
+            else:
+                decodes[i] = loop.run_in_executor(self.decode_pool, self.prepare, bytes(up.data), request_pixels)
+                # The pool holds its own copy; the request's buffer can go now.
+                up.data = bytearray()
+        scores: dict[int, asyncio.Future] = {}
+        # One deadline from the end of the upload to the last score, decoding included.
+        deadline = loop.time() + s.score_timeout_s
+
+        def remaining() -> float:
+            return max(0.0, deadline - loop.time())
+
+        try:
+            for i, fut in decodes.items():
+                try:
+                    views = await asyncio.wait_for(fut, remaining())
+                except asyncio.TimeoutError:
+                    raise self.busy(f"decoding took longer than {s.score_timeout_s:g} s", "timeout") from None
+                except ImageLoadError as e:
+                    records[i] = _error_record(uploads[i].filename, load_error_status(e.kind), str(e))
+                    continue
+                except Exception as e:  # noqa: BLE001 - one bad file must not fail the others
+                    logger.warning("unexpected decode error: %s", e, exc_info=True)
+                    records[i] = _error_record(uploads[i].filename, 422, f"cannot decode image: {type(e).__name__}")
+                    continue
+                batcher = self.batcher
+                if batcher is None:
+                    raise self.busy("model not loaded", "loading")
+                try:
+                    scores[i] = asyncio.wrap_future(batcher.submit(views))
+                except Overloaded as e:
+                    raise self.busy(f"server busy: {e}") from None
+            if scores:
+                try:
+                    done = await asyncio.wait_for(asyncio.gather(*scores.values(), return_exceptions=True), remaining())
+                except asyncio.TimeoutError:
+                    raise self.busy(f"scoring took longer than {s.score_timeout_s:g} s", "timeout") from None
+                for i, vs in zip(scores, done, strict=True):
+                    if isinstance(vs, Overloaded):
+                        raise self.busy(str(vs))
+                    if isinstance(vs, ScoringFailed):  # the batcher isolated this image's failure
+                        records[i] = _error_record(uploads[i].filename, 500, f"scoring failed ({vs}); see the server log")
+                    elif isinstance(vs, BaseException):
+                        raise vs
+                    else:
+                        records[i] = self._record(uploads[i].filename, vs)
+        finally:
+            for fut in list(decodes.values()) + list(scores.values()):
+                fut.cancel()
+        return [r for r in records if r is not None]
+
+    def _record(self, name: str, vs: ViewScores) -> dict[str, Any]:
+        # Ten-crop: the probability is the sigmoid of the MEAN logit, as in the reference.
+        # Computed as Detector.predict does (float32 mean, then sigmoid) so that the API and
+        # `rine detect` give the same number for the same file.
+        mean_logit = torch.from_numpy(np.ascontiguousarray(vs.logits)).mean()
+        logit, prob = mean_logit.item(), torch.sigmoid(mean_logit).item()
+        is_fake = prob > self.detector.threshold  # as the reference and rine.metrics: p > threshold
+        return {
+            "name": name,
+            "status": 200,
+            "prob_fake": prob,
+            "logit": logit,
+            "is_fake": is_fake,
+            "verdict": "synthetic" if is_fake else "real",
+            "block_importance": [round(float(x), 6) for x in vs.contributions.mean(axis=0)],
+            "error": None,
+        }
+
+
+def _public_source(source: str) -> str:
+    """A backbone source as shown to clients: registry names and hub ids as they are, a local
+    path reduced to its last component (the server's directory layout is nobody's business)."""
+    if Path(source).is_absolute() or source.startswith((".", "~")) or Path(source).exists():
+        return Path(source).name or source
+    return source
+
+
+def _error_record(name: str, status: int, reason: str) -> dict[str, Any]:
+    return {"name": name, "status": status, "prob_fake": None, "logit": None, "is_fake": None,
+            "verdict": None, "block_importance": None, "error": reason}
