@@ -40,6 +40,7 @@ from ..data.decoding import (
     ordered_map,
 )
 from ..data.images import DEFAULT_MAX_BYTES, load_image
+from ..data.jpeg_crop import decode_views
 from ..data.layouts import TestSet
 from ..data.perturb import QUIRKS, is_perturbed, robustness_image, transform_id
 from ..data.preprocess import crop_views
@@ -135,6 +136,9 @@ def prepare_conditions(
 ) -> list[tuple[np.ndarray, bool]]:
     """Decode one image once and cut its views under every condition -> [(views [V, S, S, 3]
     uint8, perturbed)] per condition; runs in the decoding workers (threads or processes)."""
+    if all(c.kind is None for c in conditions):  # clean views only: crop-aware JPEG decoding
+        views = decode_views(path, preprocess, max_pixels=max_pixels, max_bytes=max_bytes)
+        return [(views, False) for _ in conditions]
     image = load_image(path, max_pixels=max_pixels, max_bytes=max_bytes)
     return [make_views(image, c, key, preprocess) for c in conditions]
 
