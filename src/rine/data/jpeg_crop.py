@@ -39,6 +39,7 @@ from .images import (
     DEFAULT_MAX_PIXELS,
     _to_rgb,
     decode_errors,
+    load_image,
     open_header,
     read_source,
 )
@@ -181,8 +182,6 @@ def decode_views(
     uint8 views [V, S, S, 3] (V = 10 for ten-crop, else 1), byte for byte, with the same
     `ImageLoadError`s; baseline JPEGs under the center and ten crops decode only the
     windows' rows and columns."""
-    from .images import load_image
-
     module = _native() if preprocess.crop in CROPS else None
     if module is None or not isinstance(source, (str, Path, bytes, bytearray, memoryview)):
         return crop_views(load_image(source, max_pixels, max_bytes, reserve_pixels), preprocess)
