@@ -12,6 +12,7 @@ import io
 import logging
 import struct
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -412,3 +413,77 @@ def test_detector_and_eval_prepare_views_through_it(tmp_path, monkeypatch):
     # a perturbed condition needs the whole image: today's path
     prepare_conditions(str(path), "a.jpg", [Condition(), Condition(kind="jpeg", seed=1)], PreprocessConfig(), None)
     assert calls == ["detect", "eval"] * 2
+
+
+@needs_native
+def test_seeded_random_corpus():
+    """Random sizes, qualities, subsamplings, encoders and restart intervals: every window
+    offset modulo the MCU and both encoders' table choices."""
+    cv2 = pytest.importorskip("cv2")
+    rng = np.random.default_rng(2024)
+    for i in range(24):
+        w, h = (int(v) for v in rng.integers(224, 900, 2))
+        px = picture(w, h, 200 + i)
+        q = int(rng.integers(30, 100))
+        if i % 2:
+            data = pil_jpeg(px, quality=q, subsampling=["4:4:4", "4:2:2", "4:2:0"][i % 3],
+                            **({"restart_marker_blocks": int(rng.integers(1, 9))} if i % 4 == 1 else {}))  # fmt: skip
+        else:
+            sampling = ["444", "422", "420", "440"][(i // 2) % 4]
+            data = cv2_jpeg(px, IMWRITE_JPEG_QUALITY=q, IMWRITE_JPEG_RST_INTERVAL=int(rng.integers(0, 3)),
+                            IMWRITE_JPEG_SAMPLING_FACTOR=getattr(cv2, f"IMWRITE_JPEG_SAMPLING_FACTOR_{sampling}"))  # fmt: skip
+        for crop in CROPS:
+            assert fast_path_taken(data, crop), (i, w, h)
+            assert assert_same(data, crop) == "ok", (i, w, h, crop)
+
+
+@needs_native
+def test_corrupt_restart_marker_files():
+    """With restart markers libjpeg resynchronises after damage (warnings only): flips and
+    a dropped restart marker, above and below the windows."""
+    rng = np.random.default_rng(81)
+    data = pil_jpeg(picture(517, 643, 81), quality=90, restart_marker_rows=1)
+    start, n = _scan_start(data), len(data)
+    rst = [i for i in range(start, n - 1) if data[i] == 0xFF and 0xD0 <= data[i + 1] <= 0xD7]
+    variants = [data[: rst[k]] + data[rst[k] + 2 :] for k in (1, len(rst) // 2, len(rst) - 2)]
+    for pos in rng.integers(start, n - 2, 20):
+        b = bytearray(data)
+        b[pos] ^= 1 << int(rng.integers(0, 8))
+        variants.append(bytes(b))
+    for v in variants:
+        for crop in CROPS:
+            assert_same(v, crop)
+
+
+def test_detect_cli_scores_from_crop_aware_views(capsys, tmp_path, tiny_checkpoint_dir, tiny_detector):
+    """End to end: `rine detect` on large baseline, greyscale, progressive and truncated
+    JPEGs gives a manual forward of today's views (and today's error for the truncated)."""
+    import json
+
+    import torch
+
+    from rine.cli import main
+    from rine.data.preprocess import preprocess
+
+    files = {
+        "base.jpg": pil_jpeg(picture(1001, 743, 300), quality=90),
+        "grey.jpg": pil_jpeg(picture(640, 480, 301), mode="L", quality=90),
+        "prog.jpg": pil_jpeg(picture(640, 480, 302), quality=90, progressive=True),
+    }
+    files["cut.jpg"] = files["base.jpg"][: len(files["base.jpg"]) * 3 // 4]
+    paths = []
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+        paths.append(str(tmp_path / name))
+    for crop in CROPS:
+        code = main(["detect", *paths, "--model", str(tiny_checkpoint_dir), "--format", "json", "--precision", "fp32",
+                     "--crop", crop, "--decoder", "threads"])  # fmt: skip
+        out, err = capsys.readouterr()
+        assert code in (0, 1), err
+        records = {Path(r["path"]).name: r for r in json.loads(out)}
+        assert records["cut.jpg"]["error"] and "corrupt or truncated" in records["cut.jpg"]["error"]
+        for name in ("base.jpg", "grey.jpg", "prog.jpg"):
+            views = preprocess(load_image(tmp_path / name), PreprocessConfig(crop=crop))
+            with torch.no_grad():
+                logit = tiny_detector.model(views).logits.mean()
+            assert records[name]["prob_fake"] == pytest.approx(torch.sigmoid(logit).item(), abs=1e-6), (name, crop)
