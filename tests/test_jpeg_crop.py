@@ -393,15 +393,20 @@ def test_extension_missing_is_a_debug_message(monkeypatch, caplog):
 
 # ----------------------------------------------------------------------------- wiring
 def test_detector_and_eval_prepare_views_through_it(tmp_path, monkeypatch):
+    import sys
+
     from rine.evaluation.engine import Condition, prepare_conditions
     from rine.inference.detector import prepare_views
+
+    # the module that defines prepare_conditions (engine.py, or scoring.py after the split)
+    eval_module = sys.modules[prepare_conditions.__module__]
 
     path = tmp_path / "a.jpg"
     path.write_bytes(pil_jpeg(picture(517, 403, 120), quality=90))
     calls = []
     real = jpeg_crop.decode_views
     monkeypatch.setattr("rine.inference.detector.decode_views", lambda *a, **k: calls.append("detect") or real(*a, **k))
-    monkeypatch.setattr("rine.evaluation.engine.decode_views", lambda *a, **k: calls.append("eval") or real(*a, **k))
+    monkeypatch.setattr(eval_module, "decode_views", lambda *a, **k: calls.append("eval") or real(*a, **k))
     for crop in CROPS:
         pre = PreprocessConfig(crop=crop)
         want = today(path, pre)
