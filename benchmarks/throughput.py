@@ -478,6 +478,9 @@ def main() -> None:
         print(f"# attainable matmul ({when}, {how}): {rates} GFLOP/s", flush=True)
 
     measure_peaks("start")
+    from decode_speed import throughput_rows  # decoding only: today's path vs crop-aware, one core
+
+    print(*throughput_rows(paths, quick=args.quick), sep="\n", flush=True)
 
     for arch in archs:
         n = counts[arch]

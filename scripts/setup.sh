@@ -8,6 +8,12 @@ cd "$(dirname "$0")/.."
 # torch is pinned to the CPU wheel this project is built against; installed first so
 # that nothing later resolves a different (CUDA) build.
 python -m pip install --quiet "torch==2.13.0"
+# libjpeg-turbo's headers let pip build rine's optional crop-aware JPEG decoder
+# (rine.data._jpeg_crop); without them rine installs and decodes with Pillow alone.
+if [[ ! -e /usr/include/jpeglib.h ]] && command -v apt-get >/dev/null 2>&1 && [[ $(id -u) == 0 ]]; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libjpeg62-turbo-dev >/dev/null) \
+    || echo "setup: could not install libjpeg62-turbo-dev; JPEGs will be decoded whole by Pillow" >&2
+fi
 if [[ "${1:-}" == "--dev" ]]; then
   python -m pip install --quiet -e ".[dev]"
   # Browser tests drive Debian's Chromium (Playwright's own browser download is not used).

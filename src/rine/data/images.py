@@ -6,11 +6,12 @@ count is checked from the header, before any pixel is decoded.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -87,6 +88,16 @@ def load_image(
         image = source
         _check_pixels(image, max_pixels)
         return _to_rgb(image)
+    data = read_source(source, max_bytes)
+    with decode_errors():
+        image = open_header(data, max_pixels, reserve_pixels)
+        image.load()
+    return _to_rgb(image)
+
+
+def read_source(source: str | Path | bytes | bytearray | memoryview, max_bytes: int | None) -> bytes:
+    """The bytes of a path or buffer, with `load_image`'s checks and errors (missing,
+    unreadable, too_large, empty)."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
     else:
@@ -109,16 +120,30 @@ def load_image(
         raise ImageLoadError("empty file", "empty")
     if max_bytes is not None and len(data) > max_bytes:
         raise ImageLoadError(f"file too large: {len(data)} bytes > limit {max_bytes}", "too_large")
+    return data
+
+
+def open_header(
+    data: bytes, max_pixels: int | None, reserve_pixels: Callable[[int], None] | None = None
+) -> Image.Image:
+    """Pillow's image for `data`, header read and limits checked, no pixel decoded yet
+    (`.load()` decodes). Call inside `decode_errors()`."""
+    image = Image.open(io.BytesIO(data), formats=_decode_formats())
+    _check_pixels(image, max_pixels)
+    if reserve_pixels is not None:
+        reserve_pixels(image.size[0] * image.size[1])
+    return image
+
+
+@contextlib.contextmanager
+def decode_errors() -> Iterator[None]:
+    """Turns Pillow's failures while opening or decoding into `ImageLoadError` kinds."""
     try:
         with warnings.catch_warnings():
             # Pillow warns from ~89 M pixels; `max_pixels` is the limit here (checked next),
             # so that a caller may raise it. Pillow's own hard limit (~179 M) still holds.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=_decode_formats())
-            _check_pixels(image, max_pixels)
-            if reserve_pixels is not None:
-                reserve_pixels(image.size[0] * image.size[1])
-            image.load()
+            yield
     except ImageLoadError:
         raise
     except UnidentifiedImageError:
@@ -127,7 +152,6 @@ def load_image(
         raise ImageLoadError(f"too many pixels, over Pillow's own limit: {e}", "too_many_pixels") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise ImageLoadError(f"corrupt or truncated image: {_one_line(e)}", "corrupt") from None
-    return _to_rgb(image)
 
 
 def _from_array(array) -> Image.Image:

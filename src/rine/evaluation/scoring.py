@@ -24,6 +24,7 @@ import torch
 from ..config import PreprocessConfig
 from ..data.decoding import DEFAULT_DECODE_TIMEOUT, default_decoder, error_text, ordered_map
 from ..data.images import DEFAULT_MAX_BYTES, load_image
+from ..data.jpeg_crop import decode_views
 from ..data.layouts import TestSet
 from ..data.perturb import is_perturbed, robustness_image
 from ..data.preprocess import crop_views
@@ -67,6 +68,9 @@ def prepare_conditions(
 ) -> list[tuple[np.ndarray, bool]]:
     """Decode one image once and cut its views under every condition -> [(views [V, S, S, 3]
     uint8, perturbed)] per condition; runs in the decoding workers (threads or processes)."""
+    if all(c.kind is None for c in conditions):  # clean views only: crop-aware JPEG decoding
+        views = decode_views(path, preprocess, max_pixels=max_pixels, max_bytes=max_bytes)
+        return [(views, False) for _ in conditions]
     image = load_image(path, max_pixels=max_pixels, max_bytes=max_bytes)
     return [make_views(image, c, key, preprocess) for c in conditions]
 

@@ -34,8 +34,9 @@ from ..data.decoding import (
     error_text,
     ordered_map,
 )
-from ..data.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, load_image
-from ..data.preprocess import crop_views, normalize
+from ..data.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+from ..data.jpeg_crop import decode_views
+from ..data.preprocess import normalize
 from ..model.accel import PRECISIONS, FastTapEncoder, resolve_precision
 from ..model.backbones import load_backbone
 from ..model.checkpoints import load_head, load_pretrained
@@ -115,8 +116,10 @@ def prepare_views(
     max_pixels: int | None,
     max_bytes: int | None = DEFAULT_MAX_BYTES,
 ) -> np.ndarray:
-    """Decode one image and cut its uint8 views [V, S, S, 3]; runs in decoding workers."""
-    return crop_views(load_image(source, max_pixels=max_pixels, max_bytes=max_bytes), preprocess)
+    """Decode one image and cut its uint8 views [V, S, S, 3]; runs in decoding workers.
+    Baseline JPEGs under the center and ten crops decode only the windows' pixels
+    (`data.jpeg_crop`), with the same views and errors as a full decode."""
+    return decode_views(source, preprocess, max_pixels=max_pixels, max_bytes=max_bytes)
 
 
 def _normalize_on(batch_uint8: torch.Tensor, mean, std) -> torch.Tensor:
