@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..data.images import ImageLoadError, load_image
-from ..data.preprocess import crop_views
+from ..data.images import ImageLoadError
+from ..data.jpeg_crop import decode_views
 from .batching import Batcher, Overloaded, ScoringFailed, ViewScores
 from .limits import (
     HTTPError,
@@ -106,9 +106,10 @@ class Service:
     # -------------------------------------------------------------- work
     def prepare(self, data: bytes, request_pixels: _PixelBudget | None = None) -> np.ndarray:
         """Encoded image bytes -> uint8 views [V, S, S, 3]; runs in the decode pool."""
-        image = load_image(data, max_pixels=self.settings.max_pixels, max_bytes=self.settings.max_file_bytes,
-                           reserve_pixels=request_pixels.take if request_pixels is not None else None)
-        return crop_views(image, self.detector.config.preprocess)
+        # crop-aware for baseline JPEGs, the same bytes as load_image + crop_views otherwise
+        return decode_views(data, self.detector.config.preprocess, max_pixels=self.settings.max_pixels,
+                            max_bytes=self.settings.max_file_bytes,
+                            reserve_pixels=request_pixels.take if request_pixels is not None else None)
 
     def model_info(self) -> dict[str, Any]:
         cfg = self.detector.config
