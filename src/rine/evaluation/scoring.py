@@ -23,8 +23,9 @@ import torch
 
 from ..config import PreprocessConfig
 from ..data.decoding import DEFAULT_DECODE_TIMEOUT, default_decoder, error_text, ordered_map
-from ..data.images import DEFAULT_MAX_BYTES, load_image
+from ..data.images import DEFAULT_MAX_BYTES
 from ..data.layouts import TestSet
+from ..data.parquet import open_source
 from ..data.perturb import is_perturbed, robustness_image
 from ..data.preprocess import crop_views
 from ..inference.detector import default_workers
@@ -58,7 +59,7 @@ def make_views(
 
 
 def prepare_conditions(
-    path: str,
+    path: str | bytes | Any,
     key: str,
     conditions: Sequence[Condition],
     preprocess: PreprocessConfig,
@@ -66,8 +67,9 @@ def prepare_conditions(
     max_bytes: int | None = DEFAULT_MAX_BYTES,
 ) -> list[tuple[np.ndarray, bool]]:
     """Decode one image once and cut its views under every condition -> [(views [V, S, S, 3]
-    uint8, perturbed)] per condition; runs in the decoding workers (threads or processes)."""
-    image = load_image(path, max_pixels=max_pixels, max_bytes=max_bytes)
+    uint8, perturbed)] per condition; runs in the decoding workers (threads or processes).
+    `path` is an item's source: a file path, encoded bytes or a Parquet `RowError`."""
+    image = open_source(path, max_pixels=max_pixels, max_bytes=max_bytes)
     return [make_views(image, c, key, preprocess) for c in conditions]
 
 
@@ -102,8 +104,8 @@ def _image_records(
     return out
 
 
-def _record(path: str, set_name: str, label: int, key: str) -> dict[str, Any]:
-    return {
+def _record(path: str, set_name: str, label: int, key: str, ts: TestSet | None = None, idx: int = 0) -> dict[str, Any]:
+    rec = {
         "path": path,
         "set": set_name,
         "label": label,
@@ -112,6 +114,24 @@ def _record(path: str, set_name: str, label: int, key: str) -> dict[str, Any]:
         "error": None,
         "key": key,
     }
+    if ts is not None and ts.source is not None:
+        rec.update(ts.source.extra(idx))  # e.g. the dataset's own key column (row_key)
+    return rec
+
+
+def set_keys(ts: TestSet, root: str | Path | None) -> list[str]:
+    """The seed key of each item: root-relative paths, or a Parquet row's `<split>/<file>#<row>`."""
+    if ts.source is not None:
+        return list(ts.source.seed_keys)
+    return [image_key(p, root) for p, _ in ts.items]
+
+
+def item_sources(ts: TestSet):
+    """What the decoding workers open for each item, in order: its path, or the bytes of a
+    Parquet row streamed from its file (`ParquetSource.iter_images`)."""
+    if ts.source is not None:
+        return ts.source.iter_images()
+    return (p for p, _ in ts.items)
 
 
 def score_set_live(
@@ -148,8 +168,8 @@ def score_set_live(
     bar = tqdm(
         total=len(ts.items), desc=ts.name, unit="img", disable=not progress, dynamic_ncols=True
     )
-    keys = [image_key(p, root) for p, _ in ts.items]
-    jobs = ((idx, (path, keys[idx], conditions, pre, max_pixels, max_bytes)) for idx, (path, _) in enumerate(ts.items))
+    keys = set_keys(ts, root)
+    jobs = ((idx, (src, keys[idx], conditions, pre, max_pixels, max_bytes)) for idx, src in enumerate(item_sources(ts)))
     decoded = ordered_map(
         prepare_conditions, jobs, kind=decoder, workers=workers,
         max_in_flight=max(2 * batch_size, 2 * workers), preload=("rine.evaluation.scoring",), timeout=decode_timeout,
@@ -171,7 +191,7 @@ def score_set_live(
     for idx, (path, label) in enumerate(ts.items):
         for ci in range(n_c):
             for hi in range(n_h):
-                rec = _record(path, ts.name, label, keys[idx])
+                rec = _record(path, ts.name, label, keys[idx], ts, idx)
                 if idx in errors:
                     rec["error"] = errors[idx]
                 else:
@@ -247,7 +267,7 @@ def score_set_cached(
     pre = detector.config.preprocess
     items = [Item(p, y, ts.name) for p, y in ts.items]
     sha = items_sha1(items)
-    keys = [image_key(p, root) for p, _ in ts.items]
+    keys = set_keys(ts, root)
     n_views = 10 if pre.crop == "ten" else 1
     records = []
     for cond in conditions:
@@ -259,6 +279,7 @@ def score_set_cached(
             dtype=cache_dtype, batch_size=batch_size, num_workers=num_workers, progress=progress,
             max_pixels=getattr(detector, "max_pixels", None), max_bytes=getattr(detector, "max_bytes", None),
             extra_meta={"precision": str(getattr(detector, "precision", "fp32"))},
+            sources=None if ts.source is None else ts.source.iter_images,
         )  # fmt: skip
         errors = dict(store.errors)
         sums = np.zeros((len(heads), len(items)))
@@ -277,7 +298,7 @@ def score_set_cached(
         for hi in range(len(heads)):
             recs = []
             for idx, (path, label) in enumerate(ts.items):
-                rec = _record(path, ts.name, label, keys[idx])
+                rec = _record(path, ts.name, label, keys[idx], ts, idx)
                 if cnt[idx] == 0:
                     rec["error"] = errors.get(path, "not in the feature store")
                 else:

@@ -1,0 +1,132 @@
+"""Parquet image datasets and the Hub (datasets and detectors), against tiny datasets the
+tests write in each benchmark's schema and a loopback Hub (tests/loopback_hub.py)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("pyarrow")
+sk_metrics = pytest.importorskip("sklearn.metrics")
+
+from conftest import REPO
+from loopback_hub import LoopbackHub
+from parquet_data import write_commfor, write_custom, write_opensdi
+
+from rine.cli import main
+
+
+def _records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def opensdi(tmp_path_factory):
+    """sd15 in two files (5 + 4 rows, row 2 of the first corrupt), sd2 in one (6 rows);
+    row groups of 3 rows, so files span several groups."""
+    root = tmp_path_factory.mktemp("opensdi") / "OpenSDI_test"
+    rows = write_opensdi(root, {"sd15": [5, 4], "sd2": [6]}, corrupt={"sd15": {2}})
+    return root, rows
+
+
+def _eval(args: list[str], out: Path, model: Path) -> int:
+    return main(["eval", *args, "--out", str(out), "--model", str(model), "--no-plots", "--no-progress",
+                 "--workers", "2"])
+
+
+def test_opensdi_local_folder_counts_metrics_and_leaderboard(opensdi, tiny_checkpoint_dir, tmp_path, capsys):
+    root, rows = opensdi
+    out = tmp_path / "run"
+    assert _eval(["--suite", "opensdi", "--root", str(root)], out, tiny_checkpoint_dir) == 0
+    recs = _records(out)
+    # one record per row, per split, with the dataset's own key and file#row as identity
+    for split, split_rows in rows.items():
+        got = [r for r in recs if r["set"] == split]
+        assert len(got) == len(split_rows)
+        assert [r["row_key"] for r in got] == [row["key"] for row in split_rows]
+        assert [r["label"] for r in got] == [row["label"] for row in split_rows]
+    bad = [r for r in recs if r["error"] is not None]
+    assert len(bad) == 1 and bad[0]["row_key"] == "sd15_00002"
+    assert bad[0]["path"] == f"{root}/sd15/data/sd15-00000-of-00002.parquet#2" and "corrupt" in bad[0]["error"]
+    second_file = [r for r in recs if "sd15-00001-of-00002" in r["path"]]
+    assert [r["path"].rsplit("#", 1)[1] for r in second_file] == ["0", "1", "2", "3"]  # row within its file
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    sets = metrics["sets"] if "sets" in metrics else metrics["runs"][0]["metrics"]["sets"]
+    board = (out / "leaderboard.md").read_text()
+    header, _, *lines = board.strip().splitlines()
+    assert header == "| Method | SD1.5 F1 | SD1.5 Acc | SD2.1 F1 | SD2.1 Acc | AVG F1 | AVG Acc |"
+    cells = lines[0].strip("|").split("|")
+    f1s, accs = [], []
+    for split in ("sd15", "sd2"):
+        ok = [r for r in recs if r["set"] == split and r["error"] is None]
+        y, pred = [r["label"] for r in ok], [int(r["prob_fake"] > 0.5) for r in ok]
+        f1s.append(sk_metrics.f1_score(y, pred, zero_division=0))
+        accs.append(sk_metrics.accuracy_score(y, pred))
+        assert sets[split]["acc"] == pytest.approx(accs[-1], abs=1e-12)
+        assert sets[split]["n_real"] + sets[split]["n_fake"] + sets[split]["n_errors"] == len(rows[split])
+    expected = [f"{v:.4f}" for pair in zip(f1s, accs, strict=True) for v in pair]
+    expected += [f"{sum(f1s) / 2:.4f}", f"{sum(accs) / 2:.4f}"]  # unweighted over the splits
+    assert [c.strip() for c in cells[1:]] == expected
+    err = capsys.readouterr().err
+    assert "sdxl" in err  # the splits absent from the folder are named
+
+
+def test_commfor_schema_one_set_per_generator(tmp_path, tiny_checkpoint_dir):
+    root = tmp_path / "cf"
+    gens = {"sd-turbo": (3, 4), "dalle-mini": (2, 2), "real-only": (3, 0)}
+    rows = write_commfor(root, gens, files=2)
+    out = tmp_path / "run"
+    assert _eval(["--suite", "commfor", "--root", str(root)], out, tiny_checkpoint_dir) == 0
+    recs = _records(out)
+    assert len(recs) == len(rows)
+    for gen, (n_real, n_fake) in gens.items():
+        got = [r for r in recs if r["set"] == gen]
+        assert (sum(r["label"] == 0 for r in got), sum(r["label"] == 1 for r in got)) == (n_real, n_fake)
+    assert all(r["error"] is None for r in recs)
+
+
+def test_column_mapped_custom_schema_with_paths(tmp_path, tiny_checkpoint_dir):
+    root = tmp_path / "custom"
+    rows = write_custom(root, 8)
+    out = tmp_path / "run"
+    code = _eval(["--suite", "parquet", "--root", str(root), "--image-column", "picture", "--label-column", "verdict",
+                  "--label-map", "authentic=0,synthetic=1", "--set-column", "gen"], out, tiny_checkpoint_dir)
+    assert code == 0
+    recs = _records(out)
+    assert len(recs) == len(rows)
+    assert [r["label"] for r in recs if r["set"] == "alpha"] == [int(row["verdict"] == "synthetic") for row in rows
+                                                                  if row["gen"] == "alpha"]
+    outside = [r for r in recs if r["path"].endswith(f"#{len(rows) - 1}")]
+    assert len(outside) == 1 and "outside the dataset folder" in outside[0]["error"]
+    # rows holding a path (odd rows) are read from the file beside the dataset, as those holding bytes
+    assert all(r["error"] is None for r in recs if r is not outside[0])
+
+
+def test_label_that_cannot_be_mapped_stops_naming_file_and_row(tmp_path, tiny_checkpoint_dir, capsys):
+    root = tmp_path / "custom"
+    write_custom(root, 4)
+    code = _eval(["--suite", "parquet", "--root", str(root), "--image-column", "picture", "--label-column", "verdict"],
+                 tmp_path / "run", tiny_checkpoint_dir)
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "part-0.parquet#0" in err and "--label-map" in err
+
+
+def test_extract_reads_parquet_rows(opensdi, tiny_backbone_dir, tmp_path):
+    root, rows = opensdi
+    store = tmp_path / "store"
+    code = main(["extract", "--layout", "parquet", "--root", str(root), "--splits", "sd15", "--backbone",
+                 str(tiny_backbone_dir), "--transform", "train", "--out", str(store), "--no-progress"])
+    assert code == 1  # one unreadable row: reported, the rest stored
+    from rine.training.store import FeatureStore
+
+    fs = FeatureStore.open(store)
+    assert fs.meta["n_items"] == len(rows["sd15"])
+    assert len(fs.errors) == 1 and fs.errors[0][0].endswith("sd15/data/sd15-00000-of-00002.parquet#2")
+    assert len(fs) == len(rows["sd15"]) - 1
