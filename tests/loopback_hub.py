@@ -6,7 +6,7 @@
 * Dataset repos (`add_dataset_folder`, any depth): `/api/datasets/{repo}[/revision/{rev}]`,
   `/api/datasets/{repo}/tree/{rev}` (what `snapshot_download` lists) and
   `/datasets/{repo}/resolve/{rev}/{file}`.
-* Uploads: `POST /api/repos/create`, `/api/models/{repo}/preupload/{rev}` (every file
+* Uploads: `POST /api/repos/create`, `/api/validate-yaml` (a card's header), `/api/models/{repo}/preupload/{rev}` (every file
   "regular", so contents come inline) and `/api/models/{repo}/commit/{rev}` (NDJSON);
   the committed files are then served like any model repo. `tokens` records the
   Authorization headers of writes.
@@ -90,6 +90,8 @@ class LoopbackHub:
             self._set_repo(repo, {})
             return self._send(h, 200, json.dumps({"url": f"{self.url}/{repo}", "name": repo}).encode(), True,
                               {"Content-Type": "application/json"})
+        if path == "/api/validate-yaml":  # a README's metadata header, checked before a commit
+            return self._send(h, 200, b'{"errors": [], "warnings": []}', True, {"Content-Type": "application/json"})
         m = re.fullmatch(r"/api/models/([^/]+/[^/]+)/(preupload|commit)/([^/]+)", path)
         if not m or m.group(1) not in self.repos:
             return self._send(h, 404, b"", True, {"X-Error-Code": "RepoNotFound"})

@@ -240,3 +240,78 @@ def test_peak_memory_is_flat_in_the_file_size(tmp_path):
         peaks[path] = peak
     grown = peaks[large] - peaks[small]
     assert grown < (sizes[large] - sizes[small]) / 4, (peaks, sizes)
+
+
+def _detect(model: str, images: list[str], capsys, *extra: str) -> list[dict]:
+    capsys.readouterr()
+    assert main(["detect", *images, "--model", model, "--format", "json", "--no-progress", *extra]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_push_then_detect_from_the_hub_gives_the_local_records(opensdi, hub, tiny_checkpoint_dir, tmp_path, capsys):
+    from conftest import write_image
+
+    root, _ = opensdi
+    run = tmp_path / "eval"
+    assert _eval(["--suite", "opensdi", "--root", str(root)], run, tiny_checkpoint_dir) == 0
+    assert main(["push", str(tiny_checkpoint_dir), "user/rine-tiny", "--eval", str(run)]) == 0, hub.requests
+    files = hub.repos["user/rine-tiny"]
+    assert set(files) == {"config.json", "model.safetensors", "README.md"}
+    assert files["model.safetensors"] == (tiny_checkpoint_dir / "model.safetensors").read_bytes()
+    assert hub.tokens and all(t == "Bearer hf_loopback_token" for t in hub.tokens)
+    card = files["README.md"].decode()
+    board = (run / "leaderboard.md").read_text().strip()
+    assert board in card  # the eval table, as rine eval wrote it
+    assert "| Method | SD1.5 F1 |" in card and "rine detect --model user/rine-tiny" in card
+    assert "Licences" in card and "apache-2.0" in card
+
+    images = [str(write_image(tmp_path / f"img{i}.png", seed=i)) for i in range(3)]
+    local = _detect(str(tiny_checkpoint_dir), images, capsys)
+    remote = _detect("user/rine-tiny", images, capsys)
+    assert remote == local
+    assert any(r.startswith("GET /user/rine-tiny/resolve/") and r.endswith("model.safetensors") for r in hub.requests)
+
+    # pinned to the pushed commit, then from the cache with the Hub offline
+    commit = hub.commits["user/rine-tiny"]
+    from rine.inference.detector import Detector
+
+    det = Detector.from_pretrained("user/rine-tiny", revision=commit, device="cpu")
+    assert [p.prob_fake for p in det.predict(images)] == [r["prob_fake"] for r in local]
+
+
+def test_hub_model_offline_and_uncached_names_what_is_missing(hub, monkeypatch, tmp_path, capsys):
+    from conftest import write_image
+
+    _go_offline(monkeypatch)
+    image = str(write_image(tmp_path / "x.png"))
+    assert main(["detect", image, "--model", "user/never-pushed", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "user/never-pushed" in err and "offline" in err and "--model DIR" in err
+    assert hub.requests == []
+
+
+def test_push_refuses_a_folder_without_weights(tmp_path, capsys):
+    (tmp_path / "config.json").write_text("{}")
+    assert main(["push", str(tmp_path), "user/x"]) == 2
+    assert "model.safetensors" in capsys.readouterr().err
+
+
+def test_official_head_from_sidbench_when_github_is_unreachable(hub, monkeypatch):
+    """The second source serves the same file, verified by the same blob id; a tampered
+    copy there is refused as from GitHub."""
+    from rine.model.checkpoints import load_pretrained
+    from rine.model.pretrained import WeightsUnavailableError, resolve_pretrained
+
+    from conftest import OFFICIAL, require_shared
+
+    require_shared()
+    monkeypatch.setenv("RINE_HEAD_BASE_URL", f"{hub.url}/raw/nothing-here")
+    monkeypatch.setenv("RINE_SIDBENCH_BASE_URL", f"{hub.url}/dkarageo/sidbench/resolve/main/rine")
+    hub._set_repo("dkarageo/sidbench", {"rine/model_2class_trainable.pth": b"tampered"})
+    with pytest.raises(WeightsUnavailableError, match="git blob id"):
+        resolve_pretrained("rine-vitl14-2class")
+    hub._set_repo("dkarageo/sidbench", {"rine/model_2class_trainable.pth":
+                                        (OFFICIAL / "model_2class_trainable.pth").read_bytes()})
+    _, config = load_pretrained(resolve_pretrained("rine-vitl14-2class"))
+    assert config.meta["source"].endswith("/dkarageo/sidbench/resolve/main/rine/model_2class_trainable.pth")
+    assert config.meta["head_blob_sha1"] == "b8418b5884fd1fc1dba79bea91f41ab2341673d8"

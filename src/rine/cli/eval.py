@@ -139,7 +139,7 @@ def _load_models(args):
     """(detector, [EvalHead]) for one or several --model / --head on one backbone."""
     from ..evaluation.engine import EvalHead
     from ..model.checkpoints import CheckpointError, load_head, load_pretrained
-    from ..model.pretrained import DEFAULT_MODEL, WeightsUnavailableError, resolve_pretrained
+    from ..model.pretrained import DEFAULT_MODEL, WeightsUnavailableError, resolve_model
 
     models, heads = args.model or [], args.head or []
     if models and heads:
@@ -168,10 +168,7 @@ def _load_models(args):
             if heads:
                 head, config = load_head(src)
             else:
-                folder = Path(src).expanduser()
-                head, config = load_pretrained(
-                    folder if folder.is_dir() else resolve_pretrained(src)
-                )
+                head, config = load_pretrained(resolve_model(src, args.model_revision))
                 if not args.backbone and (config.backbone, config.backbone_revision) != (
                     detector.config.backbone,
                     detector.config.backbone_revision,

@@ -242,7 +242,7 @@ def read_parquet_dataset(
             key_col = (None if columns.key == "" else
                        _pick_column(names, columns.key, KEY_COLUMNS, "key", spath, required=False))  # fmt: skip
             wanted = [c for c in (label_col, set_col, key_col) if c]
-            rel = Path(os.path.relpath(spath, root)).as_posix() if _under(spath, root) else Path(spath).name
+            rel = _relative(spath, root)
             pf = pq.ParquetFile(spath, buffer_size=READ_BUFFER, pre_buffer=False)
             row = 0
             for batch in pf.iter_batches(batch_size=4096, columns=wanted, use_threads=False):
@@ -284,11 +284,13 @@ def read_parquet_dataset(
     return out
 
 
-def _under(path: str, root: Path) -> bool:
+def _relative(path: str, root: Path) -> str:
+    """`path` relative to `root` as written (not resolved: a Hub snapshot's files are links
+    into its blob store), else its file name."""
     try:
-        return os.path.commonpath([os.path.realpath(path), os.path.realpath(root)]) == os.path.realpath(root)
+        return Path(os.path.abspath(path)).relative_to(os.path.abspath(root)).as_posix()
     except ValueError:
-        return False
+        return Path(path).name
 
 
 def read_parquet_layout(
