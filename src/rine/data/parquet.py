@@ -18,6 +18,12 @@ A row's identity (the `path` of its prediction record) is `<dataset>/<split>/<fi
 with `<file>` relative to the dataset root and `<row>` its index in the file; its seed key
 (perturbations) is the same without `<dataset>/`, so a local copy and the Hub id agree.
 pyarrow is imported lazily: it is in the `eval` extra.
+
+Plugging a command in: `rine.cli.hubdata.add_hub_options(parser)` adds --hub, --splits and
+the column options, `rine.cli.hubdata.read_sets(args, suite, options)` gives the
+`LayoutResult`; for each `TestSet`, `rine.evaluation.scoring.item_sources(ts)` yields what a
+decoding worker opens (`open_source`) and `set_keys(ts, root)` the seed keys, whether the
+set comes from folders or Parquet (`ts.source` is None for folders).
 """
 
 from __future__ import annotations

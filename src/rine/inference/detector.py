@@ -199,11 +199,19 @@ class Detector:
         OpenAI-format file holding the same weights); `crop` overrides the preprocessing.
         """
         from ..model.pretrained import (
+            PRETRAINED,
             WeightsUnavailableError,
             backbone_missing_message,
+            is_hub_model_id,
             resolve_model,
         )
 
+        if not Path(name_or_path).expanduser().is_dir() and name_or_path not in PRETRAINED \
+                and not is_hub_model_id(name_or_path):  # fmt: skip
+            raise FileNotFoundError(
+                f"{name_or_path!r} is neither a checkpoint folder, a known model "
+                f"({', '.join(sorted(PRETRAINED))}) nor a Hub model id (user/repo)"
+            )
         folder = resolve_model(name_or_path, revision, backbone_given=str(backbone) if backbone else None)
         head, config = load_pretrained(folder)
         source = backbone or config.backbone

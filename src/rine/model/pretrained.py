@@ -300,15 +300,13 @@ def is_hub_model_id(name: str) -> bool:
 
 
 def resolve_model(name_or_path: str, revision: str | None = None, backbone_given: str | None = None) -> Path:
-    """A checkpoint folder, a named model or a Hub model id (`user/repo`) -> local folder."""
+    """A checkpoint folder, a Hub model id (`user/repo`) or a named model -> local folder
+    (an unknown name: `resolve_pretrained`'s KeyError listing the known ones)."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
-    if name_or_path in PRETRAINED:
-        return resolve_pretrained(name_or_path, backbone_given=backbone_given)
     if is_hub_model_id(name_or_path):
         return resolve_hub_model(name_or_path, revision)
-    raise FileNotFoundError(
-        f"{name_or_path!r} is neither a checkpoint folder, a known model ({', '.join(sorted(PRETRAINED))}) "
-        "nor a Hub model id (user/repo)"
-    )
+    if backbone_given is None:
+        return resolve_pretrained(name_or_path)
+    return resolve_pretrained(name_or_path, backbone_given=backbone_given)
