@@ -315,3 +315,16 @@ def test_official_head_from_sidbench_when_github_is_unreachable(hub, monkeypatch
     _, config = load_pretrained(resolve_pretrained("rine-vitl14-2class"))
     assert config.meta["source"].endswith("/dkarageo/sidbench/resolve/main/rine/model_2class_trainable.pth")
     assert config.meta["head_blob_sha1"] == "b8418b5884fd1fc1dba79bea91f41ab2341673d8"
+
+
+def test_process_decoders_get_the_same_rows_and_errors(opensdi, tiny_checkpoint_dir, tmp_path):
+    """Parquet bytes and RowErrors cross to decoding processes (the GPU default) intact."""
+    root, _ = opensdi
+    outs = {}
+    for decoder in ("threads", "processes"):
+        out = tmp_path / decoder
+        assert _eval(["--suite", "opensdi", "--root", str(root), "--sets", "sd15", "--decoder", decoder], out,
+                     tiny_checkpoint_dir) == 0
+        outs[decoder] = [(r["path"], r["prob_fake"], r["error"]) for r in _records(out)]
+    assert outs["processes"] == outs["threads"]
+    assert sum(e is not None for _, _, e in outs["processes"]) == 1
