@@ -39,10 +39,30 @@ def _eval(args: list[str], out: Path, model: Path) -> int:
                  "--workers", "2"])
 
 
+def _centred_checkpoint(checkpoint: Path, logits: list[float], folder: Path) -> Path:
+    """The checkpoint with its last bias moved so that a third of the given logits fall
+    below 0: predictions of both classes, so that F1, accuracy and their averages are
+    sensitive (a random tiny head calls every image fake)."""
+    import torch
+
+    from rine.model.checkpoints import load_pretrained, save_pretrained
+
+    head, config = load_pretrained(checkpoint)
+    last = [m for m in head.head.modules() if isinstance(m, torch.nn.Linear)][-1]
+    with torch.no_grad():
+        last.bias -= sorted(logits)[len(logits) // 3]
+    save_pretrained(head, config, folder)
+    return folder
+
+
 def test_opensdi_local_folder_counts_metrics_and_leaderboard(opensdi, tiny_checkpoint_dir, tmp_path, capsys):
     root, rows = opensdi
+    first = tmp_path / "first"
+    assert _eval(["--suite", "opensdi", "--root", str(root)], first, tiny_checkpoint_dir) == 0
+    model = _centred_checkpoint(tiny_checkpoint_dir, [r["logit"] for r in _records(first) if r["error"] is None],
+                                tmp_path / "centred")
     out = tmp_path / "run"
-    assert _eval(["--suite", "opensdi", "--root", str(root)], out, tiny_checkpoint_dir) == 0
+    assert _eval(["--suite", "opensdi", "--root", str(root)], out, model) == 0
     recs = _records(out)
     # one record per row, per split, with the dataset's own key and file#row as identity
     for split, split_rows in rows.items():
@@ -70,6 +90,8 @@ def test_opensdi_local_folder_counts_metrics_and_leaderboard(opensdi, tiny_check
         accs.append(sk_metrics.accuracy_score(y, pred))
         assert sets[split]["acc"] == pytest.approx(accs[-1], abs=1e-12)
         assert sets[split]["n_real"] + sets[split]["n_fake"] + sets[split]["n_errors"] == len(rows[split])
+    assert len({round(v, 4) for v in f1s}) == 2 and len({round(v, 4) for v in accs}) == 2  # the test can tell
+    assert 0 < sum(int(r["prob_fake"] > 0.5) for r in recs if r["error"] is None) < len(recs) - 1
     expected = [f"{v:.4f}" for pair in zip(f1s, accs, strict=True) for v in pair]
     expected += [f"{sum(f1s) / 2:.4f}", f"{sum(accs) / 2:.4f}"]  # unweighted over the splits
     assert [c.strip() for c in cells[1:]] == expected
