@@ -130,6 +130,26 @@ def test_column_mapped_custom_schema_with_paths(tmp_path, tiny_checkpoint_dir):
     assert all(r["error"] is None for r in recs if r is not outside[0])
 
 
+def test_chameleon_table_is_balanced_accuracy(tmp_path, tiny_checkpoint_dir):
+    from conftest import write_image
+
+    root = tmp_path / "Chameleon" / "test"
+    for i in range(6):
+        write_image(root / "0_real" / f"r{i}.png", size=(40 + i, 40), seed=i)
+    for i in range(2):
+        write_image(root / "1_fake" / f"f{i}.png", size=(40, 40 + i), seed=10 + i)
+    out = tmp_path / "run"
+    assert _eval(["--suite", "chameleon", "--root", str(root)], out, tiny_checkpoint_dir) == 0
+    recs = _records(out)
+    y, pred = [r["label"] for r in recs], [int(r["prob_fake"] > 0.5) for r in recs]
+    header, _, row = (out / "balanced.md").read_text().strip().splitlines()
+    assert header.startswith("| Method | Set | Real | Fake | Balanced Acc | Acc |")
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2:4] == ["6", "2"]
+    assert cells[4] == f"{sk_metrics.balanced_accuracy_score(y, pred):.4f}"
+    assert cells[5] == f"{sk_metrics.accuracy_score(y, pred):.4f}"
+
+
 def test_label_that_cannot_be_mapped_stops_naming_file_and_row(tmp_path, tiny_checkpoint_dir, capsys):
     root = tmp_path / "custom"
     write_custom(root, 4)
@@ -203,6 +223,10 @@ def test_hub_dataset_downloads_only_the_splits_asked_for(opensdi, hub, tiny_chec
     assert _eval(["--suite", "opensdi", "--hub", "nebula/OpenSDI_test", "--sets", "sd2"], again, tiny_checkpoint_dir) == 0
     assert len(hub.requests) == n
     assert [r["prob_fake"] for r in _records(again)] == [r["prob_fake"] for r in recs]
+    # ... and a split that was never downloaded is named, with the local way
+    assert _eval(["--suite", "opensdi", "--hub", "nebula/OpenSDI_test", "--sets", "sd15"], tmp_path / "o2",
+                 tiny_checkpoint_dir) == 2
+    assert len(hub.requests) == n
 
 
 def test_hub_dataset_offline_and_uncached_names_what_is_missing(hub, tiny_checkpoint_dir, tmp_path, monkeypatch, capsys):
