@@ -374,3 +374,18 @@ def test_process_decoders_get_the_same_rows_and_errors(opensdi, tiny_checkpoint_
         outs[decoder] = [(r["path"], r["prob_fake"], r["error"]) for r in _records(out)]
     assert outs["processes"] == outs["threads"]
     assert sum(e is not None for _, _, e in outs["processes"]) == 1
+
+
+def test_every_slice_of_rows_streams_the_same_images(opensdi):
+    """iter_images(start, stop) (what each extraction shard reads) equals the slice of the
+    whole stream, across files and row-group boundaries; RowErrors in place."""
+    from rine.data.layouts import read_layout
+
+    root, rows = opensdi
+    (ts,) = read_layout("opensdi", root, sets=["sd15"]).sets
+    full = list(ts.source.iter_images())
+    assert len(full) == len(rows["sd15"])
+    assert full[0] == rows["sd15"][0]["image"]["bytes"] and full[2] == rows["sd15"][2]["image"]["bytes"]
+    for start in range(len(full)):
+        for stop in range(start, len(full) + 1):
+            assert list(ts.source.iter_images(start, stop)) == full[start:stop], (start, stop)

@@ -126,8 +126,11 @@ def _stream(pq, path: str, column: str, rows: list[int], base: str) -> Iterator[
         starts.append(offset)
         offset += meta.row_group(g).num_rows
     wanted = set(rows)
+    last = max(rows, default=-1)
     for g in range(meta.num_row_groups):
         first, n = starts[g], meta.row_group(g).num_rows
+        if first > last:
+            break
         if not any(first <= r < first + n for r in rows):
             continue  # no wanted row here: the group is never read
         row = first
@@ -137,6 +140,8 @@ def _stream(pq, path: str, column: str, rows: list[int], base: str) -> Iterator[
                 if row + k in wanted:
                     yield row + k, _image_of(values[k], path, row + k, column, base)
             row += len(values)
+            if row > last:  # the rest of the group holds no wanted row
+                break
 
 
 def _image_of(value, path: str, row: int, column: str, base: str) -> bytes | str | RowError:
