@@ -389,3 +389,18 @@ def test_every_slice_of_rows_streams_the_same_images(opensdi):
     for start in range(len(full)):
         for stop in range(start, len(full) + 1):
             assert list(ts.source.iter_images(start, stop)) == full[start:stop], (start, stop)
+
+
+def test_splits_come_from_the_card_when_it_names_them(tmp_path):
+    from rine.data.hub import split_files
+
+    write_opensdi(tmp_path, {"sd15": [2], "sd2": [2]}, card=False)
+    names = sorted(p.name for p in (tmp_path / "data").iterdir())
+    assert set(split_files(tmp_path)) == {"sd15", "sd2"}  # no card: from the file names
+    (tmp_path / "README.md").write_text(
+        "---\nconfigs:\n- config_name: default\n  data_files:\n  - split: old\n    path: data/sd15-*\n"
+        "  - split: new\n    path:\n    - data/sd2-*\n---\n", encoding="utf-8")
+    found = split_files(tmp_path)
+    assert {k: [p.name for p in v] for k, v in found.items()} == {"old": [names[0]], "new": [names[1]]}
+    with pytest.raises(ValueError, match=r"split\(s\) \['sd15'\] not found .* it has: old, new"):
+        split_files(tmp_path, ["sd15"])
