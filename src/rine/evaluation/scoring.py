@@ -23,9 +23,9 @@ import torch
 
 from ..config import PreprocessConfig
 from ..data.decoding import DEFAULT_DECODE_TIMEOUT, default_decoder, error_text, ordered_map
-from ..data.images import DEFAULT_MAX_BYTES
+from ..data.images import DEFAULT_MAX_BYTES, load_image
 from ..data.layouts import TestSet
-from ..data.parquet import open_source
+from ..data.parquet import RowError
 from ..data.perturb import is_perturbed, robustness_image
 from ..data.preprocess import crop_views
 from ..inference.detector import default_workers
@@ -59,7 +59,7 @@ def make_views(
 
 
 def prepare_conditions(
-    path: str | bytes | Any,
+    path: str,
     key: str,
     conditions: Sequence[Condition],
     preprocess: PreprocessConfig,
@@ -67,9 +67,8 @@ def prepare_conditions(
     max_bytes: int | None = DEFAULT_MAX_BYTES,
 ) -> list[tuple[np.ndarray, bool]]:
     """Decode one image once and cut its views under every condition -> [(views [V, S, S, 3]
-    uint8, perturbed)] per condition; runs in the decoding workers (threads or processes).
-    `path` is an item's source: a file path, encoded bytes or a Parquet `RowError`."""
-    image = open_source(path, max_pixels=max_pixels, max_bytes=max_bytes)
+    uint8, perturbed)] per condition; runs in the decoding workers (threads or processes)."""
+    image = load_image(path, max_pixels=max_pixels, max_bytes=max_bytes)
     return [make_views(image, c, key, preprocess) for c in conditions]
 
 
@@ -126,6 +125,24 @@ def set_keys(ts: TestSet, root: str | Path | None) -> list[str]:
     return [image_key(p, root) for p, _ in ts.items]
 
 
+def prepare_item(
+    source: str | bytes | RowError,
+    key: str,
+    conditions: Sequence[Condition],
+    preprocess: PreprocessConfig,
+    max_pixels: int | None,
+    max_bytes: int | None = DEFAULT_MAX_BYTES,
+) -> list[tuple[np.ndarray, bool]]:
+    """`prepare_conditions` for an item source: a file path, the encoded bytes of a Parquet
+    row, or a Parquet `RowError`, raised as that row's ImageLoadError (in the worker, so
+    that it comes back in order like any unreadable image)."""
+    if isinstance(source, RowError):
+        from ..data.parquet import open_source
+
+        open_source(source)  # raises
+    return prepare_conditions(source, key, conditions, preprocess, max_pixels, max_bytes)
+
+
 def item_sources(ts: TestSet):
     """What the decoding workers open for each item, in order: its path, or the bytes of a
     Parquet row streamed from its file (`ParquetSource.iter_images`)."""
@@ -171,7 +188,7 @@ def score_set_live(
     keys = set_keys(ts, root)
     jobs = ((idx, (src, keys[idx], conditions, pre, max_pixels, max_bytes)) for idx, src in enumerate(item_sources(ts)))
     decoded = ordered_map(
-        prepare_conditions, jobs, kind=decoder, workers=workers,
+        prepare_item, jobs, kind=decoder, workers=workers,
         max_in_flight=max(2 * batch_size, 2 * workers), preload=("rine.evaluation.scoring",), timeout=decode_timeout,
     )  # fmt: skip
     try:
