@@ -135,3 +135,4 @@ def _isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("RINE_HEAD_BASE_URL", "http://127.0.0.1:9/unreachable")
+    monkeypatch.setenv("RINE_SIDBENCH_BASE_URL", "http://127.0.0.1:9/unreachable")

@@ -147,8 +147,8 @@ def add_model_options(
         default=None,
         action="append" if repeatable else "store",
         metavar="NAME|DIR",
-        help=f"pretrained name ({', '.join(list_pretrained())}) or a checkpoint folder "
-        f"(config.json + model.safetensors). Default: {DEFAULT_MODEL}{again}",
+        help=f"pretrained name ({', '.join(list_pretrained())}), a checkpoint folder "
+        f"(config.json + model.safetensors) or a Hub model repo user/repo (rine push). Default: {DEFAULT_MODEL}{again}",
     )
     g.add_argument(
         "--backbone",
@@ -158,6 +158,7 @@ def add_model_options(
         "overrides where its backbone is loaded from",
     )
     g.add_argument("--revision", help="hub revision of --backbone (commit, tag or branch)")
+    g.add_argument("--model-revision", metavar="REV", help="hub revision of a --model user/repo (default main)")
     g.add_argument(
         "--head",
         action="append" if repeatable else "store",
@@ -224,7 +225,8 @@ def load_detector(args: argparse.Namespace, keep_reference: bool = True):
             if not args.backbone:
                 raise CLIError("--head needs --backbone (the CLIP encoder the head was trained on)")
             return Detector.from_files(args.backbone, args.head, revision=args.revision, crop=args.crop, **kwargs)
-        return Detector.from_pretrained(args.model or DEFAULT_MODEL, backbone=args.backbone, crop=args.crop, **kwargs)
+        return Detector.from_pretrained(args.model or DEFAULT_MODEL, backbone=args.backbone, crop=args.crop,
+                                        revision=getattr(args, "model_revision", None), **kwargs)  # fmt: skip
     except WeightsUnavailableError as e:
         raise CLIError(str(e)) from None
     except (CheckpointError, FileNotFoundError, KeyError, ValueError) as e:

@@ -5,6 +5,7 @@ Examples:
   rine eval --suite synthbuster --root data --out runs/sb --model rine-vitl14-ldm   # ten-crop
   rine eval --suite folder --root Chameleon/test --out runs/cham --perturb none,jpeg,blur
   rine eval --suite ufd20 --root data/test --out runs/cmp --model A/ --model B/   # one backbone pass
+  rine eval --suite opensdi --hub nebula/OpenSDI_test --out runs/opensdi    # Parquet from the Hub
 
 Writes metrics.json, predictions.jsonl, table.md / table.csv (the paper's ACC / AP layout),
 metrics.csv and PNG plots; several models or perturbations get one folder each plus
@@ -36,7 +37,8 @@ from .common import (
 
 logger = logging.getLogger(__name__)
 
-SUITES = ("ufd20", "synthbuster", "genimage", "folder", "manifest")
+SUITES = ("ufd20", "synthbuster", "genimage", "folder", "manifest", "parquet", "opensdi", "commfor", "aigibench",
+          "holmes", "chameleon")  # fmt: skip
 PERTURB_CHOICES = ("none", "blur", "crop", "jpeg", "noise", "combined")
 
 
@@ -51,9 +53,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--suite", required=True, choices=SUITES, help="layout of --root")
     d.add_argument(
         "--root",
-        required=True,
         metavar="DIR|FILE",
-        help="data root (the manifest file for --suite manifest)",
+        help="data root (the manifest file for --suite manifest; for Parquet suites, or --hub)",
     )
     d.add_argument("--sets", metavar="A,B", help="only these test sets (comma-separated; default: all)")
     d.add_argument(
@@ -75,6 +76,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=1,
         help="folder: path parts below --root naming a set (default 1)",
     )
+    from .hubdata import add_hub_options
+
+    add_hub_options(p)
     add_model_options(p, repeatable=True)
     r = p.add_argument_group("robustness")
     r.add_argument("--perturb", action="append", default=None, metavar="KIND[,KIND]",
@@ -135,7 +139,7 @@ def _load_models(args):
     """(detector, [EvalHead]) for one or several --model / --head on one backbone."""
     from ..evaluation.engine import EvalHead
     from ..model.checkpoints import CheckpointError, load_head, load_pretrained
-    from ..model.pretrained import DEFAULT_MODEL, WeightsUnavailableError, resolve_pretrained
+    from ..model.pretrained import DEFAULT_MODEL, WeightsUnavailableError, resolve_model
 
     models, heads = args.model or [], args.head or []
     if models and heads:
@@ -164,10 +168,7 @@ def _load_models(args):
             if heads:
                 head, config = load_head(src)
             else:
-                folder = Path(src).expanduser()
-                head, config = load_pretrained(
-                    folder if folder.is_dir() else resolve_pretrained(src)
-                )
+                head, config = load_pretrained(resolve_model(src, args.model_revision))
                 if not args.backbone and (config.backbone, config.backbone_revision) != (
                     detector.config.backbone,
                     detector.config.backbone_revision,
@@ -191,6 +192,26 @@ def _load_models(args):
     return detector, out
 
 
+def _suite_table(args, result, layout) -> None:
+    """A named benchmark's headline table (OpenSDI leaderboard, balanced accuracy) and a
+    warning where the counts differ from the benchmark's published ones."""
+    from ..data.layouts import OPENSDI_LABELS, SUITES_INFO
+    from ..evaluation.leaderboard import write_suite_table
+
+    info = SUITES_INFO.get(args.suite)
+    if info is None:
+        return
+    for s in layout.sets:
+        expected = (info.counts or {}).get(s.name)
+        if expected and (s.n_real, s.n_fake) != expected:
+            logger.warning("%s: %d real / %d fake, the benchmark publishes %d / %d", s.name, s.n_real, s.n_fake,
+                           *expected)  # fmt: skip
+    path = write_suite_table([r for r in result.runs if r.condition.kind is None] or result.runs,
+                             [s.name for s in layout.sets], info.table, args.out, OPENSDI_LABELS, args.threshold)  # fmt: skip
+    if path is not None:
+        print(path.read_text(encoding="utf-8"), file=sys.stderr, end="")
+
+
 def _label(source: str, config_name: str | None) -> str:
     path = Path(source)
     if path.exists():
@@ -208,7 +229,7 @@ def run(args: argparse.Namespace) -> int:
         return fail(str(e))
     if args.decode_timeout < 0:
         return fail("--decode-timeout must be at least 0 (0: no limit)")
-    from ..data.layouts import LayoutError, read_layout
+    from ..data.layouts import LayoutError
     from ..evaluation.engine import evaluate, write_outputs
 
     options: dict = {}
@@ -218,11 +239,13 @@ def run(args: argparse.Namespace) -> int:
         options["real_dir"] = args.real_dir
     if args.suite == "genimage":
         options["split"] = args.split
-    if args.suite == "folder":
+    if args.suite in ("folder", "aigibench", "holmes", "chameleon"):
         options.update(max_depth=args.max_depth, set_depth=args.set_depth)
+    from .hubdata import read_sets
+
     try:
-        layout = read_layout(args.suite, args.root, **options)
-    except LayoutError as e:
+        layout = read_sets(args, args.suite, options)
+    except (LayoutError, CLIError) as e:
         return fail(str(e))
     if args.suite == "synthbuster" and args.crop is None:
         args.crop = "ten"  # the paper's protocol for the large Synthbuster images
@@ -259,7 +282,8 @@ def run(args: argparse.Namespace) -> int:
         "rine_version": __version__,
         "suite": args.suite,
         "root": str(layout.root),
-        "layout_options": options,
+        "layout_options": {k: v for k, v in options.items() if k != "columns"},
+        "hub": {"dataset": args.hub, "revision": args.hub_revision} if args.hub else None,
         "missing_sets": layout.missing,
         "sets": {s.name: {"n_real": s.n_real, "n_fake": s.n_fake} for s in layout.sets},
         "backbone": detector.config.backbone,
@@ -275,6 +299,7 @@ def run(args: argparse.Namespace) -> int:
     for run_ in result.runs:
         run_.metrics["missing_sets"] = layout.missing
     write_outputs(result, args.out, plots=not args.no_plots)
+    _suite_table(args, result, layout)
     n_err = sum(run_.metrics["mean"]["n_errors"] for run_ in result.runs[:1])
     for run_ in result.runs:
         m = run_.metrics["mean"]

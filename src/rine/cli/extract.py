@@ -4,6 +4,7 @@ Examples:
   rine extract --root DATA --layout progan --split train --classes car,cat --backbone ViT-L/14 --out feats/train
   rine extract --root DATA --layout progan --split val --classes car,cat --backbone ViT-L/14 --transform center --out feats/val
   rine extract --root DATA/test/progan --layout folder --transform center --backbone ViT-L/14 --out feats/test-progan
+  rine extract --layout parquet --hub nebula/OpenSDI_train --splits sd15 --transform train --backbone ViT-L/14 --out feats/opensdi-sd15
 
 Training splits get the reference's train augmentation (one random view per image and
 --views slot, seeded by --seed); --transform center stores the test transform. Rerun the
@@ -16,6 +17,7 @@ import argparse
 import sys
 
 from .common import CLIError, check_device, check_output_dir, fail, positive_int
+from .hubdata import PARQUET_SUITES
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -23,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("extract", help="store backbone taps of a dataset (resumable)", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("--root", required=True, help="dataset root folder")
+    p.add_argument("--root", help="dataset root folder (or --hub for Parquet layouts)")
     p.add_argument("--layout", choices=LAYOUTS, default="progan", help="dataset layout (default progan)")
     p.add_argument("--split", default=None, help="train, val (progan), train/valid (ldm); default train")
     p.add_argument("--classes", default=None, help="comma-separated ProGAN classes (default: all present)")
@@ -48,6 +50,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=positive_int, default=None,
                    help="only the first N images, for smoke runs (default: all)")  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from .hubdata import add_hub_options
+
+    add_hub_options(p)
     p.set_defaults(func=run)
 
 
@@ -70,19 +75,28 @@ def run(args: argparse.Namespace) -> int:
         return fail("--views, --batch-size and --shard-size must be at least 1")
     split = args.split or "train"
     classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
+    sources = None
     try:
-        items = layout_items(args.root, args.layout, split, classes)
+        if args.layout in PARQUET_SUITES or args.hub:
+            items, sources = _parquet_items(args, classes)
+        else:
+            if not args.root:
+                raise CLIError("--root is required (the dataset folder)")
+            items = layout_items(args.root, args.layout, split, classes)
+    except CLIError as e:
+        return fail(str(e))
     except OSError as e:  # a folder that cannot be listed: no silent gaps in the training set
         return fail(f"cannot read {e.filename}: {e.strerror}" if e.filename else str(e))
     except ValueError as e:
         return fail(str(e))
     if args.limit is not None:
         items = items[: args.limit]
+        sources = None if sources is None else sources.subset(args.limit)
     if not items:
         return fail("no images found")
     # The train augmentation is for training splits of training layouts; test layouts are
     # extracted with the test transform unless asked otherwise.
-    is_training_data = args.layout in ("progan", "ldm") and split == "train"
+    is_training_data = args.layout in ("progan", "ldm") and split == "train"  # Parquet: say --transform train
     transform = args.transform or ("train" if is_training_data else "center")
     if transform != "train" and args.views != 1:
         return fail("--views > 1 only makes sense with the train transform (ten always stores its ten crops)")
@@ -111,10 +125,26 @@ def run(args: argparse.Namespace) -> int:
             batch_size=args.batch_size, shard_size=args.shard_size, num_workers=args.workers,
             progress=not args.no_progress and sys.stderr.isatty(),
             extra_meta={"layout": args.layout, "split": split, "classes": classes, "root": str(args.root),
-                        "precision": args.precision},
+                        "precision": args.precision, "hub": args.hub, "hub_revision": args.hub_revision},
+            sources=None if sources is None else sources.iter_images,
         )  # fmt: skip
     except StoreError as e:
         return fail(str(e))
     print(f"{args.out}: {len(store)} rows ({store.meta['n_items']} images x {store.n_views} views, "
           f"{len(store.errors)} skipped)", file=sys.stderr)  # fmt: skip
     return 1 if store.errors else 0
+
+
+def _parquet_items(args, classes):
+    """(items, one ParquetSource over all of them) of a Parquet dataset (--root or --hub)."""
+    from ..data.datasets import Item
+    from ..data.parquet import merge_sources
+    from .hubdata import read_sets
+
+    if classes:
+        raise CLIError("--classes applies to the progan layout; pick Parquet splits with --splits")
+    if args.layout not in PARQUET_SUITES:
+        raise CLIError(f"--hub reads Parquet datasets: use --layout {' or '.join(PARQUET_SUITES)}")
+    layout = read_sets(args, args.layout, {})
+    items = [Item(path, int(y), ts.name) for ts in layout.sets for path, y in ts.items]
+    return items, merge_sources([ts.source for ts in layout.sets])

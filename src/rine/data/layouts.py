@@ -5,7 +5,9 @@
 Readers (`LAYOUTS`): `ufd20` (CNNDetection + UniversalFakeDetect, the paper's 20 sets),
 `synthbuster` (nine generators + RAISE real images), `genimage` (GenImage's
 `<Generator>/<subdir>/{train,val}/{ai,nature}`), `folder` (any tree of real/fake
-leaf folders) and `manifest` (a CSV or JSONL list). Labels always come from folder
+leaf folders), `manifest` (a CSV or JSONL list), the Parquet datasets of the Hub
+(`parquet`, `opensdi`, `commfor`: see `rine.data.parquet`) and the generator-folder
+benchmarks `aigibench`, `holmes`, `chameleon` (`SUITES_INFO` says what each holds). Labels always come from folder
 NAMES, never from sorted order (sorting puts GenImage's `ai` before `nature`).
 
 A missing class folder or one without images is a `LayoutError` naming the path;
@@ -20,15 +22,15 @@ import json
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .images import is_image_path
+from .testsets import FAKE, REAL, LayoutError, LayoutResult, TestSet  # noqa: F401  (their home before)
 
 logger = logging.getLogger(__name__)
 
-REAL, FAKE = 0, 1
 REAL_NAMES = frozenset({"0_real", "real", "nature"})
 FAKE_NAMES = frozenset({"1_fake", "fake", "ai"})
 
@@ -48,38 +50,6 @@ SYNTHBUSTER_SETS = (
     "stable-diffusion-xl", "glide", "firefly", "midjourney-v5",
 )  # fmt: skip
 SYNTHBUSTER_REAL_DIRS = ("RAISEpng", "real_RAISE_1k")
-
-
-class LayoutError(ValueError):
-    """The data root does not follow the layout; the message names the offending path."""
-
-
-@dataclass
-class TestSet:
-    """One test set: `items` are (path, label) pairs in a stable (sorted) order."""
-
-    __test__ = False  # not a pytest class, despite the name
-
-    name: str
-    items: list[tuple[str, int]]
-
-    @property
-    def n_real(self) -> int:
-        return sum(1 for _, y in self.items if y == REAL)
-
-    @property
-    def n_fake(self) -> int:
-        return sum(1 for _, y in self.items if y == FAKE)
-
-
-@dataclass
-class LayoutResult:
-    """The sets found under `root`; `missing` names the expected sets that were absent."""
-
-    layout: str
-    root: Path
-    sets: list[TestSet]
-    missing: list[str] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -364,12 +334,113 @@ def _json_document_error(line: str) -> bool:
         return True
 
 
+# ---------------------------------------------------------------------------- Hub benchmarks
+# Parquet suites are read by rine.data.parquet (pyarrow, the `eval` extra), imported lazily.
+OPENSDI_SPLITS = ("sd15", "sd2", "sdxl", "sd3", "flux")  # the split names of nebula/OpenSDI_test
+OPENSDI_LABELS = {"sd15": "SD1.5", "sd2": "SD2.1", "sdxl": "SDXL", "sd3": "SD3", "flux": "Flux.1"}
+
+
+@dataclass(frozen=True)
+class SuiteInfo:
+    """What a named benchmark is: where it lives, the counts its paper gives (None where we
+    could not confirm them), its headline table (`table`: "opensdi" F1/Acc at 0.5,
+    "balanced" balanced accuracy, or "paper" ACC/AP)."""
+
+    hub: str | None
+    counts: dict[str, tuple[int, int]] | None  # set -> (n_real, n_fake)
+    table: str
+    note: str
+
+
+SUITES_INFO = {
+    "opensdi": SuiteInfo(
+        "nebula/OpenSDI_test", {s: (10_000, 10_000) for s in OPENSDI_SPLITS}, "opensdi",
+        "OpenSDID (CVPR 2025) test splits: 10K real + 10K fake each (the authors' README; the Hub card lists 20,000 "
+        "rows per split); train on nebula/OpenSDI_train split sd15 (100K + 100K)",
+    ),
+    "commfor": SuiteInfo(
+        None, None, "paper",
+        "Community Forensics eval set: Parquet with image_data bytes, label and model_name (one test set per "
+        "generator); per-generator counts not confirmed here -- compare with the dataset card",
+    ),
+    "aigibench": SuiteInfo(None, None, "paper", "AIGIBench: <generator>/{0_real,1_fake}; counts not confirmed here"),
+    "holmes": SuiteInfo(None, None, "paper", "AIGI-Holmes test set: <generator>/{0_real,1_fake}; counts not confirmed here"),
+    "chameleon": SuiteInfo(
+        None, None, "balanced",
+        "Chameleon (AIDE, ICLR 2025) test folder {0_real,1_fake}: imbalanced, so its table is balanced accuracy; "
+        "counts not confirmed here",
+    ),
+}  # fmt: skip
+
+
+def _parquet_options(options: dict) -> dict:
+    from .parquet import ParquetColumns
+
+    columns = options.pop("columns", None) or ParquetColumns()
+    return {"columns": columns, "name": options.pop("name", None), "splits": options.pop("splits", None)}
+
+
+def read_parquet(root: Path, sets: list[str] | None = None, **options) -> LayoutResult:
+    """Any Parquet image dataset (a snapshot_download folder): see `rine.data.parquet`."""
+    from .parquet import read_parquet_layout
+
+    return read_parquet_layout(root, sets, **_parquet_options(options))
+
+
+def read_opensdi(root: Path, sets: list[str] | None = None, **options) -> LayoutResult:
+    """OpenSDID's test splits (sd15, sd2, sdxl, sd3, flux), one set each, whole splits.
+    Partial (inpainted) and global fakes are both label 1; masks are not read."""
+    from .hub import split_files
+    from .parquet import read_parquet_layout
+
+    opts = _parquet_options(options)
+    names, explicit = _pick(sets, OPENSDI_SPLITS)
+    present = split_files(root)
+    missing: list[str] = []
+    for name in list(names):
+        if name not in present:
+            _missing(name, root / "data" / f"{name}-*.parquet", explicit, missing)
+            names.remove(name)
+    if not names:
+        raise LayoutError(f"no OpenSDID split ({', '.join(OPENSDI_SPLITS)}) under {root}; it has: {', '.join(present)}")
+    result = read_parquet_layout(root, splits=names, name=opts["name"], columns=opts["columns"], layout="opensdi")
+    result.missing = missing
+    return result
+
+
+def read_commfor(root: Path, sets: list[str] | None = None, **options) -> LayoutResult:
+    """Community Forensics' eval set: `image_data` bytes, `label`, one set per `model_name`."""
+    from .parquet import ParquetColumns, read_parquet_layout
+
+    opts = _parquet_options(options)
+    given = opts["columns"]
+    columns = ParquetColumns(image=given.image or "image_data", label=given.label, set=given.set or "model_name",
+                             key=given.key, label_map=given.label_map)  # fmt: skip
+    return read_parquet_layout(root, sets, splits=opts["splits"], name=opts["name"], columns=columns, layout="commfor")
+
+
+def _generator_folders(layout: str) -> Callable[..., LayoutResult]:
+    def read(root: Path, sets: list[str] | None = None, **options) -> LayoutResult:
+        result = read_folder(root, sets, **options)
+        result.layout = layout
+        return result
+
+    read.__doc__ = f"{layout}: <generator>/{{0_real,1_fake}} folders, one test set per generator."
+    return read
+
+
 LAYOUTS: dict[str, Callable[..., LayoutResult]] = {
     "ufd20": read_ufd20,
     "synthbuster": read_synthbuster,
     "genimage": read_genimage,
     "folder": read_folder,
     "manifest": read_manifest,
+    "parquet": read_parquet,
+    "opensdi": read_opensdi,
+    "commfor": read_commfor,
+    "aigibench": _generator_folders("aigibench"),
+    "holmes": _generator_folders("holmes"),
+    "chameleon": _generator_folders("chameleon"),
 }
 
 

@@ -26,6 +26,7 @@ from ..data.decoding import DEFAULT_DECODE_TIMEOUT, default_decoder, error_text,
 from ..data.images import DEFAULT_MAX_BYTES, load_image
 from ..data.jpeg_crop import decode_views
 from ..data.layouts import TestSet
+from ..data.parquet import RowError
 from ..data.perturb import is_perturbed, robustness_image
 from ..data.preprocess import crop_views
 from ..inference.detector import default_workers
@@ -106,8 +107,8 @@ def _image_records(
     return out
 
 
-def _record(path: str, set_name: str, label: int, key: str) -> dict[str, Any]:
-    return {
+def _record(path: str, set_name: str, label: int, key: str, ts: TestSet | None = None, idx: int = 0) -> dict[str, Any]:
+    rec = {
         "path": path,
         "set": set_name,
         "label": label,
@@ -116,6 +117,42 @@ def _record(path: str, set_name: str, label: int, key: str) -> dict[str, Any]:
         "error": None,
         "key": key,
     }
+    if ts is not None and ts.source is not None:
+        rec.update(ts.source.extra(idx))  # e.g. the dataset's own key column (row_key)
+    return rec
+
+
+def set_keys(ts: TestSet, root: str | Path | None) -> list[str]:
+    """The seed key of each item: root-relative paths, or a Parquet row's `<split>/<file>#<row>`."""
+    if ts.source is not None:
+        return list(ts.source.seed_keys)
+    return [image_key(p, root) for p, _ in ts.items]
+
+
+def prepare_item(
+    source: str | bytes | RowError,
+    key: str,
+    conditions: Sequence[Condition],
+    preprocess: PreprocessConfig,
+    max_pixels: int | None,
+    max_bytes: int | None = DEFAULT_MAX_BYTES,
+) -> list[tuple[np.ndarray, bool]]:
+    """`prepare_conditions` for an item source: a file path, the encoded bytes of a Parquet
+    row, or a Parquet `RowError`, raised as that row's ImageLoadError (in the worker, so
+    that it comes back in order like any unreadable image)."""
+    if isinstance(source, RowError):
+        from ..data.parquet import open_source
+
+        open_source(source)  # raises
+    return prepare_conditions(source, key, conditions, preprocess, max_pixels, max_bytes)
+
+
+def item_sources(ts: TestSet):
+    """What the decoding workers open for each item, in order: its path, or the bytes of a
+    Parquet row streamed from its file (`ParquetSource.iter_images`)."""
+    if ts.source is not None:
+        return ts.source.iter_images()
+    return (p for p, _ in ts.items)
 
 
 def score_set_live(
@@ -152,10 +189,10 @@ def score_set_live(
     bar = tqdm(
         total=len(ts.items), desc=ts.name, unit="img", disable=not progress, dynamic_ncols=True
     )
-    keys = [image_key(p, root) for p, _ in ts.items]
-    jobs = ((idx, (path, keys[idx], conditions, pre, max_pixels, max_bytes)) for idx, (path, _) in enumerate(ts.items))
+    keys = set_keys(ts, root)
+    jobs = ((idx, (src, keys[idx], conditions, pre, max_pixels, max_bytes)) for idx, src in enumerate(item_sources(ts)))
     decoded = ordered_map(
-        prepare_conditions, jobs, kind=decoder, workers=workers,
+        prepare_item, jobs, kind=decoder, workers=workers,
         max_in_flight=max(2 * batch_size, 2 * workers), preload=("rine.evaluation.scoring",), timeout=decode_timeout,
     )  # fmt: skip
     try:
@@ -175,7 +212,7 @@ def score_set_live(
     for idx, (path, label) in enumerate(ts.items):
         for ci in range(n_c):
             for hi in range(n_h):
-                rec = _record(path, ts.name, label, keys[idx])
+                rec = _record(path, ts.name, label, keys[idx], ts, idx)
                 if idx in errors:
                     rec["error"] = errors[idx]
                 else:
@@ -251,7 +288,7 @@ def score_set_cached(
     pre = detector.config.preprocess
     items = [Item(p, y, ts.name) for p, y in ts.items]
     sha = items_sha1(items)
-    keys = [image_key(p, root) for p, _ in ts.items]
+    keys = set_keys(ts, root)
     n_views = 10 if pre.crop == "ten" else 1
     records = []
     for cond in conditions:
@@ -263,6 +300,7 @@ def score_set_cached(
             dtype=cache_dtype, batch_size=batch_size, num_workers=num_workers, progress=progress,
             max_pixels=getattr(detector, "max_pixels", None), max_bytes=getattr(detector, "max_bytes", None),
             extra_meta={"precision": str(getattr(detector, "precision", "fp32"))},
+            sources=None if ts.source is None else ts.source.iter_images,
         )  # fmt: skip
         errors = dict(store.errors)
         sums = np.zeros((len(heads), len(items)))
@@ -281,7 +319,7 @@ def score_set_cached(
         for hi in range(len(heads)):
             recs = []
             for idx, (path, label) in enumerate(ts.items):
-                rec = _record(path, ts.name, label, keys[idx])
+                rec = _record(path, ts.name, label, keys[idx], ts, idx)
                 if cnt[idx] == 0:
                     rec["error"] = errors.get(path, "not in the feature store")
                 else:

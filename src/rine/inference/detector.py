@@ -191,9 +191,12 @@ class Detector:
         *,
         backbone: str | None = None,
         crop: str | None = None,
+        revision: str | None = None,
         **kwargs: Any,
     ) -> Detector:
-        """A named pretrained model (downloaded on first use) or a checkpoint folder.
+        """A named pretrained model (downloaded on first use), a checkpoint folder or a Hub
+        model repo (`user/repo` at `revision`, as `rine push` uploads it; its backbone
+        still comes from its own pinned source).
 
         `backbone` overrides the backbone source of the config (e.g. a local folder or an
         OpenAI-format file holding the same weights); `crop` overrides the preprocessing.
@@ -202,19 +205,17 @@ class Detector:
             PRETRAINED,
             WeightsUnavailableError,
             backbone_missing_message,
-            resolve_pretrained,
+            is_hub_model_id,
+            resolve_model,
         )
 
-        path = Path(name_or_path).expanduser()
-        if path.is_dir():
-            folder = path
-        elif name_or_path in PRETRAINED:
-            folder = resolve_pretrained(name_or_path, backbone_given=str(backbone) if backbone else None)
-        else:
+        if not Path(name_or_path).expanduser().is_dir() and name_or_path not in PRETRAINED \
+                and not is_hub_model_id(name_or_path):  # fmt: skip
             raise FileNotFoundError(
-                f"{name_or_path!r} is neither a checkpoint folder nor a known model "
-                f"({', '.join(sorted(PRETRAINED))})"
+                f"{name_or_path!r} is neither a checkpoint folder, a known model "
+                f"({', '.join(sorted(PRETRAINED))}) nor a Hub model id (user/repo)"
             )
+        folder = resolve_model(name_or_path, revision, backbone_given=str(backbone) if backbone else None)
         head, config = load_pretrained(folder)
         source = backbone or config.backbone
         try:

@@ -26,6 +26,9 @@ logger = logging.getLogger(__name__)
 
 REFERENCE_COMMIT = "9b7fd5857cc205d0412be6aeee0d7611b95bd620"
 DEFAULT_HEAD_BASE_URL = f"https://raw.githubusercontent.com/mever-team/rine/{REFERENCE_COMMIT}/ckpt"
+# The second source of the official heads: SIDBench's weights repo on the Hub holds the same
+# files under rine/, checked against the same git blob ids (RINE_SIDBENCH_BASE_URL overrides).
+SIDBENCH_REPO = "dkarageo/sidbench"
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,11 @@ class WeightsUnavailableError(RuntimeError):
 
 def _head_base_url() -> str:
     return os.environ.get("RINE_HEAD_BASE_URL", DEFAULT_HEAD_BASE_URL).rstrip("/")
+
+
+def _sidbench_base_url() -> str:
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    return os.environ.get("RINE_SIDBENCH_BASE_URL", f"{endpoint}/{SIDBENCH_REPO}/resolve/main/rine").rstrip("/")
 
 
 # The official heads are 1-43 MB; anything far larger is not one of them.
@@ -206,14 +214,19 @@ def resolve_pretrained(name: str, backbone_given: str | None = None) -> Path:
                 _missing_message(spec, [f"head {spec.head_file} (offline mode: RINE_OFFLINE/HF_HUB_OFFLINE set; source {url})"],
                                  backbone_given)
             )
-        logger.info("downloading %s", url)
-        try:
-            _download(url, head_path, spec.head_blob_sha1)
-        except (urllib.error.URLError, OSError, TimeoutError) as e:
-            reason = getattr(e, "reason", e)
-            raise WeightsUnavailableError(
-                _missing_message(spec, [f"head {spec.head_file}: download from {url} failed ({reason})"], backbone_given)
-            ) from None
+        failures = []
+        for source in (url, f"{_sidbench_base_url()}/{spec.head_file}"):
+            logger.info("downloading %s", source)
+            try:
+                _download(source, head_path, spec.head_blob_sha1)
+                url = source
+                break
+            except (urllib.error.URLError, OSError, TimeoutError, WeightsUnavailableError) as e:
+                reason = getattr(e, "reason", e)
+                failures.append(f"head {spec.head_file}: download from {source} failed ({reason})")
+                logger.warning("%s", failures[-1])
+        else:
+            raise WeightsUnavailableError(_missing_message(spec, failures, backbone_given))
     from .backbones import BACKBONES
     from .checkpoints import load_official_head, save_pretrained
 
@@ -249,3 +262,51 @@ def backbone_missing_message(name: str, backbone: str, error: BaseException) -> 
         return "\n".join([f"backbone {backbone!r} could not be loaded:", *what,
                           "Pass --backbone with a local save_pretrained folder or an OpenAI-format CLIP file."])
     return _missing_message(spec, what)
+
+
+def resolve_hub_model(repo_id: str, revision: str | None = None) -> Path:
+    """The local folder (huggingface_hub cache) of a Hub model repo holding a RINE
+    checkpoint, config.json + model.safetensors, as `rine push` uploads it. Offline
+    (RINE_OFFLINE / HF_HUB_OFFLINE) only the cache is looked at."""
+    from huggingface_hub import hf_hub_download
+
+    offline = is_offline()
+    folder = None
+    try:
+        for name in (CONFIG_NAME, WEIGHTS_NAME):
+            folder = Path(hf_hub_download(repo_id, name, revision=revision, local_files_only=offline)).parent
+    except Exception as e:  # noqa: BLE001 - hub errors have many types (offline, not found, network)
+        at = f" at revision {revision}" if revision else ""
+        reason = ("offline mode (RINE_OFFLINE/HF_HUB_OFFLINE set) and not in the Hugging Face cache (HF_HOME)"
+                  if offline else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")  # fmt: skip
+        raise WeightsUnavailableError("\n".join([
+            f"Hub model {repo_id!r}{at} could not be loaded; missing:",
+            f"  - {CONFIG_NAME} + {WEIGHTS_NAME} of {repo_id}: {reason}",
+            "To use a local copy instead: on a connected machine run",
+            f"  hf download {repo_id} {CONFIG_NAME} {WEIGHTS_NAME} --local-dir DIR",
+            "then pass --model DIR (or run once online so that the files land in HF_HOME).",
+        ])) from None  # fmt: skip
+    assert folder is not None
+    return folder
+
+
+def is_hub_model_id(name: str) -> bool:
+    """`owner/name` that is neither a folder here nor a named model."""
+    import re
+
+    return (name not in PRETRAINED and not Path(name).expanduser().exists()
+            and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*", name) is not None
+            and ".." not in name)  # fmt: skip
+
+
+def resolve_model(name_or_path: str, revision: str | None = None, backbone_given: str | None = None) -> Path:
+    """A checkpoint folder, a Hub model id (`user/repo`) or a named model -> local folder
+    (an unknown name: `resolve_pretrained`'s KeyError listing the known ones)."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    if is_hub_model_id(name_or_path):
+        return resolve_hub_model(name_or_path, revision)
+    if backbone_given is None:
+        return resolve_pretrained(name_or_path)
+    return resolve_pretrained(name_or_path, backbone_given=backbone_given)

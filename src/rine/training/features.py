@@ -12,7 +12,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,8 @@ import torch
 
 from ..data.datasets import Item
 from ..data.decoding import ordered_map
-from ..data.images import ImageLoadError, load_image
+from ..data.images import ImageLoadError
+from ..data.parquet import open_source
 from ..data.preprocess import normalize
 from .store import (  # noqa: F401  (rine.features' names before the split)
     COMMITS_NAME,
@@ -64,6 +65,7 @@ def extract_features(
     extra_meta: dict[str, Any] | None = None,
     max_pixels: int | None = None,
     max_bytes: int | None = None,
+    sources: Callable[[int, int], Iterator[Any]] | None = None,
 ) -> FeatureStore:
     """Run `backbone` over `items` x `views` and write (or complete) the store at `out_dir`.
 
@@ -74,7 +76,9 @@ def extract_features(
     transform_id names `make_views` (default: its `.transform_id`); `seed` is recorded and
     checked, the caller builds `make_views` with it.
     Unreadable images are logged, skipped and listed in the store's `errors`.
-    Returns the store opened for reading.
+    `sources(start, stop)`, if given, yields what to decode for items start..stop in order
+    (encoded bytes, a path or a Parquet RowError: `ParquetSource.iter_images`) instead of
+    each item's path. Returns the store opened for reading.
     """
     if views < 1 or batch_size < 1 or shard_size < 1:
         raise ValueError("views, batch_size and shard_size must be at least 1")
@@ -135,7 +139,7 @@ def extract_features(
     for k in todo:
         start, stop = k * shard_size, min(len(items), (k + 1) * shard_size)
         _extract_shard(backbone, items, start, stop, make_views, views, dtype, batch_size,
-                       workers, device, root, k, commits_path, bar, max_pixels, max_bytes)  # fmt: skip
+                       workers, device, root, k, commits_path, bar, max_pixels, max_bytes, sources)  # fmt: skip
     if bar is not None:
         bar.close()
     store = FeatureStore.open(root)
@@ -144,13 +148,14 @@ def extract_features(
     return store
 
 
-def _load_views(item: Item, index: int, make_views: MakeViews, views: int, max_pixels, max_bytes=None) -> np.ndarray | str:
+def _load_views(item: Item, index: int, make_views: MakeViews, views: int, max_pixels, max_bytes=None,
+                source: Any = None) -> np.ndarray | str:  # fmt: skip
     """uint8 [views, S, S, 3], or the one-line reason the image is unusable."""
     try:
         kwargs = {} if max_pixels is None else {"max_pixels": max_pixels}
         if max_bytes is not None:
             kwargs["max_bytes"] = max_bytes
-        image = load_image(item.path, **kwargs)
+        image = open_source(item.path if source is None else source, **kwargs)
         all_views = getattr(make_views, "all_views", None)  # every slot from one derivation
         if all_views is not None:
             out = np.asarray(all_views(image, index))
@@ -163,7 +168,7 @@ def _load_views(item: Item, index: int, make_views: MakeViews, views: int, max_p
 
 
 def _extract_shard(backbone, items, start, stop, make_views, views, dtype, batch_size,
-                   workers, device, root, shard, commits_path, bar, max_pixels, max_bytes) -> None:  # fmt: skip
+                   workers, device, root, shard, commits_path, bar, max_pixels, max_bytes, sources=None) -> None:  # fmt: skip
     taps: list[np.ndarray] = []
     row_items: list[int] = []
     row_views: list[int] = []
@@ -180,7 +185,8 @@ def _extract_shard(backbone, items, start, stop, make_views, views, dtype, batch
         good.clear()
 
     # Threads (make_views may be a closure): the next images decode while a chunk encodes.
-    jobs = ((i, (items[i], i, make_views, views, max_pixels, max_bytes)) for i in range(start, stop))
+    srcs = sources(start, stop) if sources is not None else (None for _ in range(start, stop))
+    jobs = ((i, (items[i], i, make_views, views, max_pixels, max_bytes, src)) for i, src in zip(range(start, stop), srcs, strict=True))
     decoded = ordered_map(_load_views, jobs, kind="threads", workers=workers, max_in_flight=2 * chunk)
     with closing(decoded):
         for i, res, error in decoded:
