@@ -6,7 +6,13 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
+import signal
 import struct
+import subprocess
+import sys
+import threading
+import time
 import zlib
 from pathlib import Path
 
@@ -232,3 +238,139 @@ def test_block_importance_axis_has_whole_block_numbers():
 
     ticks = block_importance_figure([0.2, 0.5, 0.3]).axes[0].get_xticks()
     assert list(ticks) == [1, 2, 3]
+
+
+# ---------------------------------------------------------------------- 1: workers die with their parent
+def _children() -> dict[int, list[int]]:
+    """{ppid: [pid]} of the live processes (zombies are dead: they only wait to be reaped)."""
+    out: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                state, ppid = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[:2]
+            except (OSError, ValueError):
+                continue
+            if state != "Z":
+                out.setdefault(int(ppid), []).append(int(entry))
+    return out
+
+
+def _descendants(pid: int) -> set[int]:
+    tree, found, todo = _children(), set(), [pid]
+    while todo:
+        for child in tree.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def _read_to_eof(stream, seconds: float) -> bool:
+    """Whether `stream` reaches end of file within `seconds` (a liveness bound, not a timing)."""
+    done = threading.Event()
+    threading.Thread(target=lambda: (stream.read(), done.set()), daemon=True).start()
+    return done.wait(seconds)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process tree from /proc")
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM])
+def test_decoding_workers_die_with_a_killed_parent(tmp_path, how):
+    """Killing the process that runs a process pool (kill -9, the out-of-memory killer, or a
+    SIGTERM it does not handle) leaves no forkserver, worker or resource tracker behind, and
+    whoever reads its output gets end of file (`rine detect ... | cat` ends)."""
+    script = tmp_path / "pool_owner.py"
+    script.write_text(
+        "import itertools, sys\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from rine.data.decoding import ordered_map\n"
+        "import archives_jobs\n"
+        "if __name__ == '__main__':\n"
+        "    jobs = ((i, (i,)) for i in itertools.count())\n"
+        "    for _, pid, _ in ordered_map(archives_jobs.pid_slowly, jobs, kind='processes', workers=2, max_in_flight=4):\n"
+        "        print(pid, flush=True)\n",
+        encoding="utf-8",
+    )
+    owner = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        workers = {int(owner.stdout.readline()) for _ in range(40)}
+        assert len(workers) == 2
+        left = _descendants(owner.pid)  # forkserver, resource tracker, workers
+        assert workers <= left and len(left) >= 4
+        owner.send_signal(how)
+        owner.wait(timeout=60)
+        assert _read_to_eof(owner.stdout, 60) and _read_to_eof(owner.stderr, 60)  # hung here before
+        # Every holder of the pipe has closed it; each process left ends (or is a zombie) soon after.
+        deadline = time.monotonic() + 30
+        while (alive := left & set().union(*_children().values())) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not alive, {pid: Path(f"/proc/{pid}/cmdline").read_bytes()[:200] for pid in alive}
+    finally:
+        for pid in _descendants(owner.pid) | ({owner.pid} if owner.poll() is None else set()):
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_sigterm_stops_detect_as_ctrl_c_does(tmp_path, tiny_checkpoint_dir):
+    """SIGTERM in the middle of `rine detect --decoder processes`: the records written are
+    kept, the resume hint is printed, the workers are stopped and the output pipes end."""
+    images = [str(write_image(tmp_path / f"img{i}.png", (60, 60), seed=i)) for i in range(4)]
+    out = tmp_path / "scores.jsonl"
+    script = tmp_path / "terminated.py"
+    script.write_text(
+        "import os, signal, sys\n"
+        "from rine.cli import main\n"
+        "from rine.inference.detector import Detector\n"
+        "real = Detector.predict_iter\n"
+        "def one_then_sigterm(self, *a, **k):\n"
+        "    stream = real(self, *a, **k)\n"
+        "    yield next(stream)\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)  # as `kill PID` would, with workers running\n"
+        "    yield from stream\n"
+        "Detector.predict_iter = one_then_sigterm\n"
+        "if __name__ == '__main__':\n"
+        "    sys.exit(main(sys.argv[1:]))\n",
+        encoding="utf-8",
+    )
+    argv = [sys.executable, str(script), "detect", *images, "--model", str(tiny_checkpoint_dir), "-o", str(out),
+            "--decoder", "processes", "--workers", "2", "--batch-size", "1", "--no-progress"]  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 143, done.stderr[-2000:]
+    assert "1 of 4 records written" in done.stderr and "--resume" in done.stderr
+    assert [json.loads(line)["path"] for line in out.read_text().splitlines()] == images[:1]
+
+
+# ---------------------------------------------------------------------- 9: serve logs each request
+def test_each_request_is_logged_once_without_key_or_content(tiny_detector, caplog):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from rine.server import ServerSettings, create_app
+
+    caplog.set_level(logging.INFO, logger="rine.server.access")
+    buf = io.BytesIO()
+    Image.fromarray(np.full((40, 40, 3), 7, np.uint8)).save(buf, format="PNG")
+    files = [("files", (f"secret-name-{i}.png", buf.getvalue(), "image/png")) for i in range(2)]
+    with TestClient(create_app(tiny_detector, ServerSettings(api_key="key-s3cret"))) as client:
+        caplog.clear()
+        assert client.post("/v1/detect", files=files, headers={"X-API-Key": "key-s3cret"}).status_code == 200
+        assert client.post("/v1/detect", files=files[:1]).status_code == 401
+        assert client.get("/healthz?token=abc").status_code == 200
+    lines = [r.getMessage() for r in caplog.records if r.name == "rine.server.access"]
+    assert len(lines) == 3, lines
+    assert lines[0].startswith("testclient POST /v1/detect 200 2 images ") and lines[0].endswith(" ms")
+    assert lines[1].startswith("testclient POST /v1/detect 401 ")  # refused before the body is read
+    assert lines[2].startswith("testclient GET /healthz 200 ")
+    assert not any(s in caplog.text for s in ("key-s3cret", "secret-name", "token", "PNG"))
+
+
+@pytest.mark.parametrize("flag, level", [((), logging.INFO), (("--no-access-log",), logging.WARNING)])
+def test_rine_serve_logs_requests_by_default(monkeypatch, flag, level):
+    """Without -v (uvicorn at warning level): the access log is on unless --no-access-log."""
+    uvicorn = pytest.importorskip("uvicorn")
+    seen = {}
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: seen.setdefault("config", self.config))
+    access = logging.getLogger("rine.server.access")
+    monkeypatch.setattr(access, "level", access.level)  # restored after the test
+    assert main(["serve", "--port", "0", *flag]) == 0
+    assert access.getEffectiveLevel() == level and access.isEnabledFor(logging.INFO) == (not flag)
+    assert seen["config"].access_log is False  # one line per request: rine's, not also uvicorn's
