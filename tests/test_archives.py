@@ -374,3 +374,73 @@ def test_rine_serve_logs_requests_by_default(monkeypatch, flag, level):
     assert main(["serve", "--port", "0", *flag]) == 0
     assert access.getEffectiveLevel() == level and access.isEnabledFor(logging.INFO) == (not flag)
     assert seen["config"].access_log is False  # one line per request: rine's, not also uvicorn's
+
+
+@pytest.mark.slow
+def test_sigterm_answers_the_uploads_in_flight_and_exits_cleanly(tiny_checkpoint_dir):
+    """`rine serve` stopped with SIGTERM while uploads are half sent: each gets a complete
+    answer (200, or 503), and the server exits with status 0."""
+    pytest.importorskip("uvicorn")
+    import socket
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "rine", "serve", "--port", str(port), "--model",
+                             str(tiny_checkpoint_dir), "--no-access-log"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    buf = io.BytesIO()
+    Image.fromarray(np.full((48, 40, 3), 90, np.uint8)).save(buf, format="PNG")
+    body = (b"--b\r\nContent-Disposition: form-data; name=\"files\"; filename=\"a.png\"\r\n\r\n"
+            + buf.getvalue() + b"\r\n--b--\r\n")  # fmt: skip
+    head = (b"POST /v1/detect HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Type: multipart/form-data; "
+            b"boundary=b\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n")  # fmt: skip
+    gate, answers = threading.Event(), []
+
+    def half_then_rest() -> None:
+        with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+            sock.sendall(head + body[: len(body) // 2])
+            gate.wait(60)
+            sock.sendall(body[len(body) // 2 :])
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+        answers.append(data)
+
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            try:
+                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "server not ready"
+            time.sleep(0.1)
+        clients = [threading.Thread(target=half_then_rest) for _ in range(4)]
+        for c in clients:
+            c.start()
+        while httpx.get(f"{base}/readyz", timeout=10).json()["in_flight"] < 4:
+            assert time.monotonic() < deadline, "uploads not in flight"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)  # shutting down, the bodies half sent
+        gate.set()
+        for c in clients:
+            c.join(60)
+        assert proc.wait(60) == 0, proc.stderr.read().decode()[-2000:]  # was -15: uvicorn re-raised SIGTERM
+    finally:
+        gate.set()
+        if proc.poll() is None:
+            proc.kill()
+    assert len(answers) == 4
+    for data in answers:
+        status = int(data[9:12])
+        assert status in (200, 503), data[:300]
+        head_end = data.index(b"\r\n\r\n")
+        assert status != 200 or json.loads(data[head_end + 4 :])["results"][0]["name"] == "a.png"  # complete
+    assert b"stopped by SIGTERM" in proc.stderr.read()

@@ -17,7 +17,10 @@ import argparse
 import ipaddress
 import logging
 import os
+import signal
 import socket
+import sys
+import threading
 
 from .common import CLIError, add_model_options, check_device, fail, load_detector, pixel_count
 
@@ -191,13 +194,23 @@ def run(args: argparse.Namespace) -> int:
     port = sockets[0].getsockname()[1]
     shown = _url_host(args.host or "0.0.0.0")
     print(f"rine: serving on http://{shown}:{port} (model loading in the background)", flush=True)
+    stopped: list[int] = []
+    # SIGTERM is how service managers stop a server: uvicorn answers the requests in flight
+    # (up to timeout_graceful_shutdown), then raises the signal again once it is done; this
+    # handler takes that second delivery, so that a graceful stop exits with status 0.
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, lambda sig, frame: stopped.append(sig)) if in_main else None
     try:
         server.run(sockets=sockets)
     finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
         for sock in sockets:
             sock.close()
     if load_failure:
         return fail(f"model failed to load: {load_failure[0]}")
+    if stopped:
+        print("rine: stopped by SIGTERM, after answering the requests in flight", file=sys.stderr)
     return 0
 
 
