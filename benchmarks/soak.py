@@ -264,9 +264,13 @@ def main(argv=None) -> int:
                     proc.wait(15)
                 except subprocess.TimeoutExpired:
                     proc.kill()
+            log.seek(0)
+            text = log.read().decode(errors="replace")
             if not ok:
-                log.seek(0)
-                sys.stderr.write(log.read().decode(errors="replace")[-3000:])
+                sys.stderr.write(text[-3000:])
+            else:  # how the shutdown went (with --server-arg=-v: uvicorn's own lines too)
+                print("\n".join(line for line in text.splitlines() if any(
+                    w in line for w in ("shutdown", "Shutting", "Waiting", "Cancel", "stopped", "Finished"))))
             log.close()
     return 0 if ok else 1
 

@@ -273,7 +273,6 @@ def _first_seen(paths) -> tuple[list[str], int]:
 def _report_scan(skipped: Skipped, n_duplicates: int) -> None:
     """What the expansion of the inputs left out, on stderr; -v lists the skipped files."""
     if skipped.total:
-        logger.info("%s", skipped.summary())
         for reason, names in skipped.by_reason.items():
             for name in names:
                 logger.info("skipped %s (%s)", _shown(name), reason)
