@@ -233,7 +233,7 @@ def test_a_folder_that_cannot_be_read_stops_the_evaluation(tmp_path, tiny_checkp
     CI, where permissions do not stop reading: the refusal is simulated."""
     import os
 
-    import rine.data.layouts as layouts
+    import rine.data.scan as scan  # the folder walk of every layout
 
     root = tmp_path / "bench"
     make_files(root / "s" / "0_real", 2, size=(30, 30))
@@ -246,7 +246,7 @@ def test_a_folder_that_cannot_be_read_stops_the_evaluation(tmp_path, tiny_checkp
                 kw["onerror"](PermissionError(13, "Permission denied", here))
             yield here, dirs, files
 
-    monkeypatch.setattr(layouts.os, "walk", walk)
+    monkeypatch.setattr(scan.os, "walk", walk)
     assert main(["eval", "--suite", "folder", "--root", str(root), "--out", str(tmp_path / "out"), "--no-progress",
                  "--model", str(tiny_checkpoint_dir)]) == 2  # fmt: skip
     err = capsys.readouterr().err

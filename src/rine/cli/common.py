@@ -3,19 +3,44 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import decimal
 import glob
 import math
 import os
+import signal
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..data.images import is_image_path
+from ..data.scan import Skipped, walk_images
 
 
 class CLIError(Exception):
     """A user-facing error: printed as one message, exit code 2, no traceback."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a service manager, `kill`, a CI timeout), handled as Ctrl-C is: the command
+    stops, keeps what it wrote and says how to go on; the exit status is 143 (128 + 15)."""
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM raises `Terminated` in the main thread (elsewhere: no change)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 _UNITS = {"": 1, "B": 1, "K": 2**10, "KB": 2**10, "M": 2**20, "MB": 2**20, "G": 2**30, "GB": 2**30}
@@ -249,11 +274,15 @@ def error_message(error: BaseException) -> str:
     return str(error)
 
 
-def expand_inputs(inputs: list[str], unreadable: list[tuple[str, str]]) -> Iterator[str]:
-    """Files as given; folders walked recursively for image files (sorted); globs expanded.
-    A path that matches nothing is yielded as is, so that it is reported as an error.
-    Folders that cannot be listed and paths that cannot be examined (no permission) are
-    appended to `unreadable` as (path, reason)."""
+def expand_inputs(
+    inputs: list[str], unreadable: list[tuple[str, str]], skipped: Skipped | None = None
+) -> Iterator[str]:
+    """Files as given; folders walked recursively for image files (sorted; hidden files and
+    folders left out, by the rule of `rine.data.scan`); globs expanded. A path that does
+    not exist is yielded as is, so that it is reported as an error. Folders that cannot be
+    listed, paths that cannot be examined (no permission) and globs that match nothing are
+    appended to `unreadable` as (path, reason); the files a folder scan passes over go to
+    `skipped`."""
 
     def problem(path: str, error: OSError) -> None:
         kind = "folder" if os.path.isdir(path) else "path"
@@ -267,25 +296,26 @@ def expand_inputs(inputs: list[str], unreadable: list[tuple[str, str]]) -> Itera
             problem(item, e)
             continue
         if is_dir:
-            for root, dirs, files in os.walk(path, followlinks=False,
-                                             onerror=lambda e, top=str(path): problem(e.filename or top, e)):  # fmt: skip
-                dirs.sort()
-                for f in sorted(files):
-                    if is_image_path(f):
-                        yield str(Path(root) / f)
+            yield from walk_images(path, onerror=lambda e, top=str(path): problem(e.filename or top, e),
+                                   skipped=skipped)  # fmt: skip
         elif exists:
             yield str(path)
         elif glob.has_magic(item):
             matches = sorted(glob.glob(os.path.expanduser(item), recursive=True))
             if not matches:
-                yield item
+                unreadable.append((item, "no file matches this pattern"))
             for m in matches:
                 if os.path.isdir(m):
-                    yield from expand_inputs([m], unreadable)
+                    yield from expand_inputs([m], unreadable, skipped)
                 else:
                     yield m
         else:
             yield item
+
+
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """`1 image`, `2 images` (`many`: the plural where it is not word + "s")."""
+    return f"{n} {word if n == 1 else (many or word + 's')}"
 
 
 def fail(message: str) -> int:

@@ -16,6 +16,7 @@ import argparse
 import csv
 import io
 import json
+import logging
 import os
 import sys
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import TextIO
 
 from ..data.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+from ..data.scan import Skipped
 from .common import (
     CLIError,
     add_decoding_options,
@@ -34,8 +36,12 @@ from .common import (
     fail,
     load_detector,
     pixel_count,
+    plural,
     positive_int,
+    sigterm_as_interrupt,
 )
+
+logger = logging.getLogger(__name__)
 
 FORMATS = ("table", "json", "jsonl", "csv")
 CSV_FIELDS = ("path", "prob_fake", "logit", "is_fake", "error")
@@ -49,7 +55,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("inputs", nargs="+", metavar="PATH", help="image files (JPEG, PNG, WebP, AVIF, BMP, TIFF, GIF, PPM/PGM; "
-                   "judged by content), folders (recursive) or globs")
+                   "judged by content), folders (recursive: files with an image extension, hidden ones "
+                   "left out; the summary counts what was skipped, -v lists it) or globs. A file given "
+                   "twice (or inside a folder also given) is scored once")
     add_model_options(p)
     o = p.add_argument_group("output")
     o.add_argument("--format", choices=FORMATS, default=None, help="default: from the --output file's name (.csv, .json; else jsonl), "
@@ -246,6 +254,34 @@ def _sniff_format(output: Path) -> str | None:
     return None
 
 
+def _first_seen(paths) -> tuple[list[str], int]:
+    """Each place once, in first-seen order (the identity `--resume` uses: `_place`), and
+    how many later duplicates were dropped (a folder and a file in it, `a.png` and `./a.png`)."""
+    seen: set[str] = set()
+    out: list[str] = []
+    dropped = 0
+    for path in paths:
+        place = _place(path)
+        if place in seen:
+            dropped += 1
+        else:
+            seen.add(place)
+            out.append(path)
+    return out, dropped
+
+
+def _report_scan(skipped: Skipped, n_duplicates: int) -> None:
+    """What the expansion of the inputs left out, on stderr; -v lists the skipped files."""
+    if skipped.total:
+        for reason, names in skipped.by_reason.items():
+            for name in names:
+                logger.info("skipped %s (%s)", _shown(name), reason)
+        print(f"rine: {skipped.summary()} (-v lists them)", file=sys.stderr)
+    if n_duplicates:
+        print(f"rine: {plural(n_duplicates, 'duplicate input')} dropped (the same file given twice, or inside a "
+              "folder also given): each file is scored once", file=sys.stderr)  # fmt: skip
+
+
 @dataclass
 class _ResumePlan:
     todo: list[str]  # inputs without a record
@@ -295,9 +331,15 @@ def run(args: argparse.Namespace) -> int:
     except CLIError as e:
         return fail(str(e))
     unreadable: list[tuple[str, str]] = []
-    paths = list(expand_inputs(args.inputs, unreadable))
+    skipped = Skipped()
+    paths, n_duplicates = _first_seen(expand_inputs(args.inputs, unreadable, skipped))
+    firsts: dict[str, tuple[str, str]] = {}
+    for path, why in unreadable:  # a folder given twice, unlistable: one record
+        firsts.setdefault(_place(path), (path, why))
+    unreadable = list(firsts.values())
+    _report_scan(skipped, n_duplicates)
     if not paths and not unreadable:
-        return fail("no input images found")
+        return fail("no input images found" + (f" ({skipped.summary()})" if skipped.total else ""))
     # Resuming: the file's own format first, so that runs started before the format followed
     # the file name (jsonl in a .json or .csv file) go on as they began.
     fmt = args.format or (args.resume and output and _sniff_format(output)) or format_for(args.output)
@@ -333,38 +375,41 @@ def run(args: argparse.Namespace) -> int:
             stream.reconfigure(errors=errors)
     writer = _Writer(stream, fmt, args.blocks, header=header)
     n_failed = n_written = n_pixels = n_bytes = 0
-    try:
-        from ..inference.detector import Prediction
+    # SIGTERM (kill, a CI timeout, a service manager) stops the run as Ctrl-C does: the records
+    # written stay, the decoding workers are stopped, and the resume hint is printed.
+    with sigterm_as_interrupt():
+        try:
+            from ..inference.detector import Prediction
 
-        for path, reason in unreadable:  # folders that could not be listed
-            writer.add(Prediction(path=path, error=reason).to_dict(with_blocks=args.blocks))
-            n_failed += 1
-        for pred in detector.predict_iter(
-            paths,
-            batch_size=args.batch_size,
-            num_workers=args.workers,
-            decoder=args.decoder,
-            decode_timeout=args.decode_timeout or None,
-            progress=not args.no_progress and sys.stderr.isatty(),
-            total=len(paths),
-        ):
-            n_failed += pred.error is not None
-            n_pixels += pred.error is not None and pred.error.startswith("too many pixels:")
-            n_bytes += pred.error is not None and pred.error.startswith("file too large:")
-            writer.add(pred.to_dict(with_blocks=args.blocks))
-            n_written += 1
-    except KeyboardInterrupt:
-        if args.output and fmt in ("jsonl", "csv"):
-            print(f"rine: {n_written} of {len(paths)} records written to {args.output}; run the same command "
-                  "with --resume to score the rest", file=sys.stderr)  # fmt: skip
-        raise
-    finally:
-        writer.close()
-        if output is not None:
-            stream.close()
-        elif stdout_errors is not None:
-            stream.reconfigure(errors=stdout_errors)
+            for path, reason in unreadable:  # folders that could not be listed
+                writer.add(Prediction(path=path, error=reason).to_dict(with_blocks=args.blocks))
+                n_failed += 1
+            for pred in detector.predict_iter(
+                paths,
+                batch_size=args.batch_size,
+                num_workers=args.workers,
+                decoder=args.decoder,
+                decode_timeout=args.decode_timeout or None,
+                progress=not args.no_progress and sys.stderr.isatty(),
+                total=len(paths),
+            ):
+                n_failed += pred.error is not None
+                n_pixels += pred.error is not None and pred.error.startswith("too many pixels:")
+                n_bytes += pred.error is not None and pred.error.startswith("file too large:")
+                writer.add(pred.to_dict(with_blocks=args.blocks))
+                n_written += 1
+        except KeyboardInterrupt:
+            if args.output and fmt in ("jsonl", "csv"):
+                print(f"rine: {n_written} of {len(paths)} records written to {args.output}; run the same command "
+                      "with --resume to score the rest", file=sys.stderr)  # fmt: skip
+            raise
+        finally:
+            writer.close()
+            if output is not None:
+                stream.close()
+            elif stdout_errors is not None:
+                stream.reconfigure(errors=stdout_errors)
     if n_failed:
-        print(f"rine: {n_failed} of {len(paths) + len(unreadable)} inputs could not be scored (see their error "
-              f"field){_limit_hint(n_pixels, n_bytes)}", file=sys.stderr)  # fmt: skip
+        print(f"rine: {n_failed} of {plural(len(paths) + len(unreadable), 'input')} could not be scored (see their "
+              f"error field){_limit_hint(n_pixels, n_bytes)}", file=sys.stderr)  # fmt: skip
     return 1 if n_failed or failed_before else 0

@@ -32,6 +32,7 @@ from .common import (
     error_message,
     fail,
     load_detector,
+    plural,
     positive_int,
 )
 
@@ -301,14 +302,16 @@ def run(args: argparse.Namespace) -> int:
     write_outputs(result, args.out, plots=not args.no_plots)
     _suite_table(args, result, layout)
     n_err = sum(run_.metrics["mean"]["n_errors"] for run_ in result.runs[:1])
+    from ..evaluation.metrics import mean_text
+
     for run_ in result.runs:
         m = run_.metrics["mean"]
-        acc = "-" if m["acc"] is None else f"{100 * m['acc']:.1f}"
-        ap = "-" if m["ap"] is None else f"{100 * m['ap']:.1f}"
-        print(f"{run_.name}: mean ACC {acc} / AP {ap} over {m['n_sets']} sets", file=sys.stderr)
+        # Each mean says when it is over fewer sets than the run has (AP on one-class sets).
+        print(f"{run_.name}: mean ACC {mean_text(m, 'acc')} / AP {mean_text(m, 'ap')}, "
+              f"{plural(m['n_sets'], 'test set')}", file=sys.stderr)  # fmt: skip
     if n_err:
         print(
-            f"rine: {n_err} images could not be read (excluded; see error in predictions.jsonl)",
+            f"rine: {plural(n_err, 'image')} could not be read (excluded; see error in predictions.jsonl)",
             file=sys.stderr,
         )
     if layout.missing:

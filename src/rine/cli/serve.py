@@ -17,7 +17,10 @@ import argparse
 import ipaddress
 import logging
 import os
+import signal
 import socket
+import sys
+import threading
 
 from .common import CLIError, add_model_options, check_device, fail, load_detector, pixel_count
 
@@ -42,7 +45,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "a reverse proxy forwards in Host. Default: any, except that a loopback server "
                         "without an API key answers only to localhost and IP addresses (against DNS "
                         "rebinding). A port or scheme given here is ignored")  # fmt: skip
-    n.add_argument("--no-access-log", action="store_true", help="do not log each request")
+    n.add_argument("--no-access-log", action="store_true",
+                   help="do not log each request (by default one line each on stderr: client address, method, "
+                        "path, status, number of images, time; never headers, file names or image content)")
     add_model_options(p, batch_jobs=False)
     lim = p.add_argument_group("limits")
     lim.add_argument("--max-file-mb", type=float, default=20, help="largest image accepted, MB (default 20)")
@@ -163,12 +168,14 @@ def run(args: argparse.Namespace) -> int:
         if server is not None:
             server.should_exit = True  # a server that can never be ready should not linger
 
+    # One line per request by default, whatever -v says (uvicorn's own logs stay at warning).
+    logging.getLogger("rine.server.access").setLevel(logging.WARNING if args.no_access_log else logging.INFO)
     app = create_app(settings=settings, detector_factory=lambda: load_detector(args, keep_reference=False), on_load_error=on_load_error)
     config = uvicorn.Config(
         app,
         host=args.host,
         port=args.port,
-        access_log=not args.no_access_log,
+        access_log=False,  # rine's own line per request (server/access.py) replaces uvicorn's
         log_level="info" if args.verbose else "warning",
         # A last line of defence against connection floods; the app's own limits answer first.
         limit_concurrency=max(64, 4 * settings.max_concurrent_requests),
@@ -187,13 +194,23 @@ def run(args: argparse.Namespace) -> int:
     port = sockets[0].getsockname()[1]
     shown = _url_host(args.host or "0.0.0.0")
     print(f"rine: serving on http://{shown}:{port} (model loading in the background)", flush=True)
+    stopped: list[int] = []
+    # SIGTERM is how service managers stop a server: uvicorn answers the requests in flight
+    # (up to timeout_graceful_shutdown), then raises the signal again once it is done; this
+    # handler takes that second delivery, so that a graceful stop exits with status 0.
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, lambda sig, frame: stopped.append(sig)) if in_main else None
     try:
         server.run(sockets=sockets)
     finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
         for sock in sockets:
             sock.close()
     if load_failure:
         return fail(f"model failed to load: {load_failure[0]}")
+    if stopped:
+        print("rine: stopped by SIGTERM, after answering the requests in flight", file=sys.stderr)
     return 0
 
 

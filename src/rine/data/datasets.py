@@ -19,9 +19,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .images import is_image_path
 from .layouts import LAYOUTS as EVAL_LAYOUTS
 from .layouts import read_layout
+from .scan import image_files, is_hidden
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +44,9 @@ PROGAN_CLASSES = ("airplane", "bicycle", "bird", "boat", "bottle", "bus", "car",
 LABEL_DIRS = {"0_real": 0, "1_fake": 1}
 
 
-def _images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and is_image_path(p))
+def _images(folder: Path) -> list[str]:
+    """The image files directly in `folder`, sorted, hidden ones left out (the rule of `scan`)."""
+    return image_files(folder, [p.name for p in folder.iterdir() if p.is_file()])
 
 
 def progan_items(root: str | Path, split: str = "train", classes: Sequence[str] | None = None) -> list[Item]:
@@ -53,7 +54,7 @@ def progan_items(root: str | Path, split: str = "train", classes: Sequence[str] 
     base = Path(root).expanduser() / split
     if not base.is_dir():
         raise FileNotFoundError(f"{base} does not exist (expected ROOT/{split}/<class>/0_real|1_fake)")
-    names = sorted(classes) if classes else sorted(p.name for p in base.iterdir() if p.is_dir())
+    names = sorted(classes) if classes else sorted(p.name for p in base.iterdir() if p.is_dir() and not is_hidden(p.name))
     items = []
     for name in names:
         for label_dir, label in LABEL_DIRS.items():
@@ -84,7 +85,7 @@ def ldm_items(root: str | Path, split: str = "train") -> list[Item]:
             if not path.exists():
                 path = root / "coco" / "val2014" / f"COCO_val2014_{name}"
             items.append(Item(str(path), 0, "coco"))
-    for gen in sorted(p for p in base.iterdir() if p.is_dir()):
+    for gen in sorted(p for p in base.iterdir() if p.is_dir() and not is_hidden(p.name)):
         items += [Item(str(p), 1, gen.name) for p in _images(gen)]
     return items
 

@@ -9,14 +9,24 @@ comes back with its exception (`error`) and the stream goes on. A worker process
 dies (a segfault in an image decoder, the out-of-memory killer) breaks a whole
 `ProcessPoolExecutor`; the jobs then in flight are re-run one at a time in a fresh worker to
 find the one that killed it, which comes back as `DecoderCrashed`, and the stream goes on.
+
+Worker processes die with the process that started them, however it ends (SIGKILL, the
+out-of-memory killer): each watches a pipe whose only writer is that process and exits at
+its end of file (on Linux, also a parent-death signal). Without this, forkserver workers
+would live on -- each holds the forkserver's liveness pipe, and the forkserver and the
+resource tracker with them -- and keep the caller's stdout/stderr open
+(`rine detect ... | cat` would never end).
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import multiprocessing
+import os
 import signal
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -115,17 +125,62 @@ def open_pool(kind: str, workers: int, preload: Sequence[str] = ()) -> Executor:
     else:
         ctx = multiprocessing.get_context("forkserver")
         ctx.set_forkserver_preload(list(preload))
-    return ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker)
+    return ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
+                               initargs=(_liveness_reader(),))  # fmt: skip
 
 
-def _init_worker() -> None:
+# (pid, reader, writer) of this process's liveness pipe; the writer never leaves this
+# process (pipes are not inherited, and only the reader is sent to workers), so the
+# workers' readers see end of file exactly when this process is gone.
+_LIVENESS: tuple[int, Any, Any] | None = None
+_LIVENESS_LOCK = threading.Lock()
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _liveness_reader():
+    """The read end of this process's liveness pipe (a multiprocessing Connection), made once per process."""
+    global _LIVENESS
+    with _LIVENESS_LOCK:
+        if _LIVENESS is None or _LIVENESS[0] != os.getpid():
+            reader, writer = multiprocessing.Pipe(duplex=False)
+            _LIVENESS = (os.getpid(), reader, writer)
+        return _LIVENESS[1]
+
+
+def _init_worker(parent_alive: Any = None) -> None:
     """In a worker process. Ctrl-C reaches the whole process group: the parent handles it
-    and kills the pool, so workers stay quiet instead of printing a traceback each. And one
-    thread per native pool (OpenCV, used by the perturbations): the workers are the parallelism."""
+    and kills the pool, so workers stay quiet instead of printing a traceback each. The
+    worker dies with the process that opened the pool (`parent_alive`: the read end of
+    its liveness pipe). And one thread per native pool (OpenCV, used by the
+    perturbations): the workers are the parallelism."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent(parent_alive)
     cv2 = sys.modules.get("cv2")
     if cv2 is not None:
         cv2.setNumThreads(1)
+
+
+def _die_with_parent(parent_alive: Any) -> None:
+    """Exit when the pool's owner is gone. Portable: a thread reading the owner's liveness
+    pipe, which ends when the owner does, whatever killed it. Linux: also PR_SET_PDEATHSIG,
+    SIGKILL when the worker's own parent (the forkserver) dies."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        except (OSError, AttributeError):  # no libc prctl (static or unusual builds): the pipe still works
+            pass
+    if parent_alive is not None:
+        threading.Thread(target=_exit_at_end_of, args=(parent_alive,), name="rine-parent-watch",
+                         daemon=True).start()  # fmt: skip
+
+
+def _exit_at_end_of(parent_alive: Any) -> None:
+    try:
+        while True:
+            parent_alive.recv_bytes()  # nothing is ever sent: this returns only at end of file
+    except (EOFError, OSError):
+        pass
+    os._exit(70)  # the owner is gone: no one is left to take this worker's results
 
 
 def _settled(result: Any = None, error: BaseException | None = None) -> Future:

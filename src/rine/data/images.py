@@ -36,6 +36,21 @@ IMAGE_EXTENSIONS = frozenset(
 DECODE_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF", "GIF", "PPM", "AVIF")
 SUPPORTED_FORMATS_TEXT = "JPEG, PNG, WebP, AVIF, BMP, TIFF, GIF, PPM/PGM"
 
+# Formats users meet that rine does not decode, by extension: why, for the summary of a
+# folder scan, and (from their content, `_unsupported_format`) in a file's error.
+UNSUPPORTED_EXTENSIONS = {
+    ".svg": "vector image, not supported",
+    ".svgz": "vector image, not supported",
+    ".heic": "HEIC, an unsupported format",
+    ".heif": "HEIF, an unsupported format",
+    ".jp2": "JPEG 2000, an unsupported format",
+    ".j2k": "JPEG 2000, an unsupported format",
+    ".jpx": "JPEG 2000, an unsupported format",
+    ".jxl": "JPEG XL, an unsupported format",
+    ".psd": "Photoshop document, an unsupported format",
+    ".pdf": "PDF document, not an image",
+}
+
 
 class ImageLoadError(ValueError):
     """An input that cannot be turned into an RGB image; `str()` is a one-line reason and
@@ -89,7 +104,7 @@ def load_image(
         _check_pixels(image, max_pixels)
         return _to_rgb(image)
     data = read_source(source, max_bytes)
-    with decode_errors():
+    with decode_errors(data):
         image = open_header(data, max_pixels, reserve_pixels)
         image.load()
     return _to_rgb(image)
@@ -136,8 +151,9 @@ def open_header(
 
 
 @contextlib.contextmanager
-def decode_errors() -> Iterator[None]:
-    """Turns Pillow's failures while opening or decoding into `ImageLoadError` kinds."""
+def decode_errors(data: bytes = b"") -> Iterator[None]:
+    """Turns Pillow's failures while opening or decoding `data` into `ImageLoadError` kinds
+    (the bytes name a known unsupported format: SVG, HEIC, ...)."""
     try:
         with warnings.catch_warnings():
             # Pillow warns from ~89 M pixels; `max_pixels` is the limit here (checked next),
@@ -147,6 +163,10 @@ def decode_errors() -> Iterator[None]:
     except ImageLoadError:
         raise
     except UnidentifiedImageError:
+        known = _unsupported_format(data)
+        if known:
+            raise ImageLoadError(f"{known}; convert it to PNG or JPEG first (supported: {SUPPORTED_FORMATS_TEXT})",
+                                 "not_image") from None  # fmt: skip
         raise ImageLoadError(f"not an image in a supported format ({SUPPORTED_FORMATS_TEXT})", "not_image") from None
     except Image.DecompressionBombError as e:
         raise ImageLoadError(f"too many pixels, over Pillow's own limit: {e}", "too_many_pixels") from None
@@ -176,17 +196,49 @@ def _check_pixels(image: Image.Image, max_pixels: int | None) -> None:
         raise ImageLoadError(f"too many pixels: {w}x{h} = {w * h} > limit {max_pixels}", "too_many_pixels")
 
 
-# Integer and float modes hold values beyond 0..255 that `convert("RGB")` clips rather
-# than scales: the result would be a wrong picture, so they are refused instead.
-_UNSUPPORTED_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
+def _unsupported_format(data: bytes) -> str | None:
+    """What a file that no allowed decoder opened is, when it is a known unsupported format."""
+    head = data[:512].lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    if head.startswith(b"<svg") or (head.startswith(b"<?xml") and b"<svg" in data[:4096].lower()):
+        return "an SVG file: vector images are not supported, only raster ones"
+    if data[4:8] == b"ftyp" and data[8:12] in (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx"):
+        return "a HEIC/HEIF file, an unsupported format"
+    if data.startswith(b"\x00\x00\x00\x0cjP  \r\n\x87\n") or data.startswith(b"\xff\x4f\xff\x51"):
+        return "a JPEG 2000 file, an unsupported format"
+    if data.startswith(b"\xff\x0a") or data.startswith(b"\x00\x00\x00\x0cJXL \r\n\x87\n"):
+        return "a JPEG XL file, an unsupported format"
+    return None
+
+
+# 16-bit integer modes: scaled to 8 bits as Pillow decodes 16-bit RGB (48-bit PNG/TIFF) to
+# "RGB", by keeping each value's high byte (v >> 8), so that a 16-bit grey image and the
+# same values as 16-bit RGB score alike. `convert()` would clip them at 255 instead.
+_16BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N"})
+# 32-bit integer and float pixels have no fixed range (a float image may hold 0..1, 0..255
+# or physical units): no conversion would be right for all, so they are refused.
+_UNSUPPORTED_MODES = {
+    "I": "32-bit integer pixels, whose range is not fixed",
+    "F": "floating-point pixels, whose range is not fixed",
+}
+
+
+def _16bit_to_l(image: Image.Image) -> Image.Image:
+    """A 16-bit greyscale image [H, W] -> mode "L", each value's high byte (as Pillow does for 16-bit RGB)."""
+    import numpy as np
+
+    values = np.asarray(image).astype(np.uint16, copy=False)  # any byte order -> native
+    return Image.fromarray((values >> 8).astype(np.uint8), "L")
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
     if image.mode == "RGB":
         return image
+    if image.mode in _16BIT_MODES:
+        return _16bit_to_l(image).convert("RGB")
     if image.mode in _UNSUPPORTED_MODES:
         raise ImageLoadError(
-            f"unsupported image mode {image.mode!r} (16-bit or float pixels); convert it to 8-bit RGB first",
+            f"unsupported image mode {image.mode!r} ({_UNSUPPORTED_MODES[image.mode]}); "
+            "convert it to 8-bit RGB first",
             "bad_mode",
         )
     try:

@@ -186,13 +186,13 @@ def decode_views(
     if module is None or not isinstance(source, (str, Path, bytes, bytearray, memoryview)):
         return crop_views(load_image(source, max_pixels, max_bytes, reserve_pixels), preprocess)
     data = read_source(source, max_bytes)
-    with decode_errors():
+    with decode_errors(data):
         image = open_header(data, max_pixels, reserve_pixels)
     # Outside decode_errors: a ValueError here is a bug, not a corrupt file.
     views = _crop_aware(module, image, data, preprocess.image_size, preprocess.crop)
     if views is not None:
         return views
-    with decode_errors():
+    with decode_errors(data):
         image.load()
     return crop_views(_to_rgb(image), preprocess)
 

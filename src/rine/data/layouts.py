@@ -20,13 +20,12 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .images import is_image_path
+from .scan import is_hidden, walk_images
 from .testsets import FAKE, REAL, LayoutError, LayoutResult, TestSet  # noqa: F401  (their home before)
 
 logger = logging.getLogger(__name__)
@@ -54,24 +53,14 @@ SYNTHBUSTER_REAL_DIRS = ("RAISEpng", "real_RAISE_1k")
 
 # ---------------------------------------------------------------------------- helpers
 def list_images(folder: Path) -> list[str]:
-    """Image files under `folder`, recursively, sorted; hidden files (`.x`, `._x`) skipped.
-    Symbolic links are followed (datasets are often linked in), each real folder once."""
-    out: list[str] = []
-    seen: set[str] = set()
+    """Image files under `folder`, recursively, sorted; hidden files and folders (`.x`, `._x`)
+    skipped (the rule of `scan`). Symbolic links are followed (datasets are often linked
+    in), each real folder once."""
+
     def unreadable(error: OSError) -> None:
         raise error  # not skipped: the set's counts and metrics would silently change
 
-    for root, dirs, files in os.walk(folder, followlinks=True, onerror=unreadable):
-        real = os.path.realpath(root)
-        if real in seen:  # a link cycle
-            dirs[:] = []
-            continue
-        seen.add(real)
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        out.extend(
-            str(Path(root) / f) for f in sorted(files) if not f.startswith(".") and is_image_path(f)
-        )
-    return out
+    return list(walk_images(folder, follow_links=True, onerror=unreadable))
 
 
 def _class_items(folder: Path, label: int) -> list[tuple[str, int]]:
@@ -89,7 +78,7 @@ def _real_fake(folder: Path) -> list[tuple[str, int]]:
     """`folder/0_real` + `folder/1_fake`, or the same under each category subfolder."""
     if (folder / "0_real").is_dir() or (folder / "1_fake").is_dir():
         return _class_items(folder / "0_real", REAL) + _class_items(folder / "1_fake", FAKE)
-    categories = sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    categories = sorted(d for d in folder.iterdir() if d.is_dir() and not is_hidden(d.name))
     if not categories:
         raise LayoutError(
             f"{folder} has neither 0_real/1_fake nor category subfolders holding them"
@@ -183,7 +172,7 @@ def read_genimage(root: Path, sets: list[str] | None = None, split: str = "val")
     One test set per generator folder; `ai` is fake, `nature` real, by name."""
     if not root.is_dir():
         raise LayoutError(f"missing folder: {root}")
-    generators = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    generators = sorted(d for d in root.iterdir() if d.is_dir() and not is_hidden(d.name))
     if sets is not None:
         known = {d.name for d in generators}
         unknown = [s for s in sets if s not in known]
@@ -221,7 +210,7 @@ def read_folder(
     found_class: dict[str, set[int]] = {}
 
     def walk(folder: Path, depth: int) -> None:
-        for d in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for d in sorted(p for p in folder.iterdir() if p.is_dir() and not is_hidden(p.name)):
             low = d.name.lower()
             if low in REAL_NAMES or low in FAKE_NAMES:
                 label = REAL if low in REAL_NAMES else FAKE

@@ -4,7 +4,9 @@ Same definitions as scikit-learn (tested against it), in NumPy so that the core
 needs no scikit-learn. Accuracy uses `score > threshold`, as the reference does
 (`accuracy_score(y, y_score > 0.5)`), so a score of exactly 0.5 counts as real.
 A metric that is undefined on the given labels (AP with no fake image, AUC with one
-class) is returned as None by `compute_metrics`, with the reason in `notes`.
+class) or trivial on them (AP and the oracle-threshold `acc_best`, 100 % whatever the
+scores on a one-class set) is returned as None by `compute_metrics`, with the reason in
+`notes`, and left out of the means.
 """
 
 from __future__ import annotations
@@ -144,11 +146,13 @@ def compute_metrics(
     out["acc_fake"] = class_accuracy(y, s, 1, threshold)
     out["f1"] = f1(y, s, threshold)
     out["ece"] = expected_calibration_error(y, s)
-    out["acc_best"] = best_threshold_accuracy(y, s)
+    # One class: a threshold beyond every score is right on every image, so the oracle
+    # accuracy is 100 % whatever the scores -- it would only inflate the mean.
+    out["acc_best"] = best_threshold_accuracy(y, s) if n_real and n_fake else None
     if n_fake == 0:
-        notes.append("only real images: ap, auc, acc_fake undefined")
+        notes.append("only real images: ap, auc, acc_fake, acc_best undefined")
     elif n_real == 0:
-        notes.append("only fake images: ap, auc, acc_real undefined")
+        notes.append("only fake images: ap, auc, acc_real, acc_best undefined")
     if out["f1"] is None:
         notes.append("f1 undefined: no fake image and no fake prediction")
     if notes:
@@ -168,3 +172,18 @@ def mean_metrics(per_set: dict[str, dict[str, Any]]) -> dict[str, Any]:
         if len(vals) != len(per_set):
             out[f"n_sets_{key}"] = len(vals)
     return out
+
+
+def sets_counted(mean: dict[str, Any], key: str) -> int:
+    """Over how many test sets the mean of `key` (from `mean_metrics`) was taken: all of
+    `n_sets` unless the metric was undefined on some (then `n_sets_<key>`)."""
+    return int(mean.get(f"n_sets_{key}", mean.get("n_sets", 0)))
+
+
+def mean_text(mean: dict[str, Any], key: str) -> str:
+    """A mean in % with its support, for reports: "70.5", "60.0 (6 of 9 sets)" or "n/a"."""
+    value, n = mean.get(key), sets_counted(mean, key)
+    if value is None:
+        return "n/a"
+    partial = f" ({n} of {mean['n_sets']} sets)" if n != mean.get("n_sets", n) else ""
+    return f"{100 * value:.1f}{partial}"

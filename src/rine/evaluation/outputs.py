@@ -13,13 +13,24 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .metrics import mean_text, sets_counted
 from .results import EvalResult, RunResult
 
 TABLE_METRICS = ("acc", "ap", "auc", "acc_real", "acc_fake", "f1", "ece", "acc_best")
 
 
 def _pct(v: float | None) -> str:
-    return "-" if v is None else f"{100 * v:.1f}"
+    return "n/a" if v is None else f"{100 * v:.1f}"
+
+
+def _partial_note(means: Sequence[dict[str, Any]], keys: Sequence[str]) -> str:
+    """A line saying which means are over fewer sets than there are ("" if none)."""
+    parts = sorted({f"{k} over {sets_counted(m, k)} of {m['n_sets']}" for m in means for k in keys
+                    if m.get(k) is not None and sets_counted(m, k) != m.get("n_sets")})  # fmt: skip
+    if not parts:
+        return ""
+    return ("Partial means: " + ", ".join(parts) + " sets (the metric is undefined on the others, "
+            "e.g. AP on a set with one class; see the notes).\n")
 
 
 def paper_table_markdown(runs: Sequence[RunResult], sets: Sequence[str]) -> str:
@@ -28,11 +39,15 @@ def paper_table_markdown(runs: Sequence[RunResult], sets: Sequence[str]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for run in runs:
         cells = [run.name]
-        for s in [*sets, None]:
-            m = run.metrics["mean"] if s is None else run.metrics["sets"].get(s, {})
+        for s in sets:
+            m = run.metrics["sets"].get(s, {})
             cells.append(f"{_pct(m.get('acc'))} / {_pct(m.get('ap'))}")
+        mean = run.metrics["mean"]
+        cells.append(f"{mean_text(mean, 'acc')} / {mean_text(mean, 'ap')}")
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n\nCells: ACC / AP in % (accuracy at 0.5, average precision).\n"
+    note = _partial_note([run.metrics["mean"] for run in runs], ("acc", "ap"))
+    return ("\n".join(lines) + "\n\nCells: ACC / AP in % (accuracy at 0.5, average precision); n/a: undefined.\n"
+            + note)  # fmt: skip
 
 
 def detail_table_markdown(run: RunResult) -> str:
@@ -47,14 +62,16 @@ def detail_table_markdown(run: RunResult) -> str:
             str(m.get("n_fake", "")),
             str(m.get("n_errors", "")),
         ]
-        vals += [_pct(m.get(k)) for k in TABLE_METRICS]
+        vals += [mean_text(m, k) if name == "mean" else _pct(m.get(k)) for k in TABLE_METRICS]
         lines.append("| " + " | ".join(vals) + " |")
     notes = [
         f"- {name}: {'; '.join(m['notes'])}"
         for name, m in run.metrics["sets"].items()
         if m.get("notes")
     ]
-    return "\n".join(lines) + "\n" + ("\nNotes:\n" + "\n".join(notes) + "\n" if notes else "")
+    note = _partial_note([run.metrics["mean"]], TABLE_METRICS)
+    return ("\n".join(lines) + "\n" + ("\n" + note if note else "")
+            + ("\nNotes:\n" + "\n".join(notes) + "\n" if notes else ""))  # fmt: skip
 
 
 def write_paper_csv(path: Path, runs: Sequence[RunResult], sets: Sequence[str]) -> None:

@@ -27,6 +27,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 from python_multipart.multipart import parse_options_header
 
+from .access import N_IMAGES, AccessLog
 from .guards import AllowedHosts, SecurityHeaders, same_site
 from .limits import (  # noqa: F401  (display_name, load_error_status: imported from here before the split)
     FILES_FIELD,
@@ -204,6 +205,7 @@ def create_app(
                 uploads = await asyncio.wait_for(reader.read(request, boundary), settings.read_timeout_s)
             except asyncio.TimeoutError:
                 raise HTTPError(408, f"request body not received within {settings.read_timeout_s:g} s") from None
+            setattr(request.state, N_IMAGES, len(uploads))  # for the access log
             if not uploads:
                 raise HTTPError(422, f"no images: send them in the multipart field '{FILES_FIELD}'")
             records = await svc.score_uploads(uploads)
@@ -231,6 +233,7 @@ def create_app(
     if settings.allowed_hosts is not None:  # added first: runs inside the security headers
         app.add_middleware(AllowedHosts, hosts=settings.allowed_hosts)
     app.add_middleware(SecurityHeaders)
+    app.add_middleware(AccessLog)  # outermost: every answer is logged, the guards' refusals too
     return app
 
 
