@@ -86,7 +86,7 @@ class BatchConfig:
     stall_timeout: float = 600.0  # Ray Data fails a job that makes no progress this long
     progress: bool = True
     # extension points, importable by name on every worker (tests put in decoders that crash)
-    decode_fn: str = "rine.inference.detector:prepare_views"
+    decode_fn: str = "rine.cluster.tasks:prepare_views"
     scorer: str = "rine.cluster.tasks:Scorer"
 
 
@@ -372,6 +372,17 @@ def build_dataset(todo, spec: DecodeSpec, plan: _Plan, actor_cls, actor_kwargs: 
     )  # fmt: skip
 
 
+def optimized_plan(ds) -> str:
+    """The physical plan Ray will run, after operator fusion (the last section of `explain`)."""
+    import contextlib
+    import io
+
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text):
+        ds.explain()
+    return text.getvalue().rsplit("Physical Plan (Optimized) --------", 1)[-1].strip()
+
+
 # --------------------------------------------------------------------------- the job
 
 
@@ -418,6 +429,7 @@ def _taps_setup(cfg: BatchConfig, inputs: InputList, shard_size: int):
 
 def run_batch(cfg: BatchConfig) -> BatchResult:
     """Run (or finish) the job `cfg` describes; see the module docstring."""
+    _import_ray()  # before any work: without the extra, say how to install it
     out = Path(cfg.out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     from .manifest import ManifestError
@@ -439,7 +451,7 @@ def run_batch(cfg: BatchConfig) -> BatchResult:
         commit = _store_committer(writer, views, row_shape, cfg.dtype)
         spec = DecodeSpec("taps", transform=cfg.transform, seed=cfg.seed, size=size, views=views,
                           max_pixels=cfg.max_pixels, max_bytes=cfg.max_bytes, timeout=cfg.decode_timeout,
-                          preload=("rine.data.augment", "rine.data.images"))  # fmt: skip
+                          preload=("__main__", "rine.cluster.tasks", "rine.data.augment"))  # fmt: skip
         actor_cls = resolve("rine.cluster.tasks:TapEncoder")
     else:
         model, config = describe_model(cfg)
@@ -504,6 +516,8 @@ def _execute(cfg, inputs, todo_shards, shard_size, done, commit, spec, actor_cls
         shard_of = pc.divide(inputs.table.column("item"), shard_size)
         todo = inputs.table.filter(pc.is_in(shard_of, value_pa(todo_shards)))
         ds = build_dataset(todo, spec, plan, actor_cls, actor_kwargs, cfg.decode_batch)
+        logger.info("plan: %s actor(s) x %g CPU %g GPU, decoding tasks %g CPU; %d inputs to do",
+                    plan.actors, plan.actor_cpus, plan.actor_gpus, plan.decode_cpus, todo.num_rows)  # fmt: skip
         if cfg.progress:
             from tqdm.auto import tqdm
 
