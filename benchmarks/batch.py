@@ -7,11 +7,14 @@
 Random-weight encoders of the real shapes (no download) and throughput.py's photo-like
 JPEG/PNG mix (256-2048 px). Each command runs as a subprocess, end to end from the files
 (model loading and, for rine batch, starting the local Ray included). Peak memory is the
-largest sum of resident memory over the command's whole process tree, sampled every 0.2 s
-(Ray's raylet, object store and workers included; pages shared between processes are
-counted once per process, so it overstates both). Then `rine batch` again on an input list
-10x as long (the same files listed ten times: distinct inputs to the job) to show that
-memory does not grow with the number of inputs (the target: at most 1.2x the 1x run).
+largest sum of proportional set size (PSS: a shared page counts once in all) over the
+command's whole process tree, sampled every 0.2 s (Ray's raylet, object store and workers
+included). Then `rine batch` again on an input list 10x as long (the same files listed ten
+times: distinct inputs to the job) to show that memory does not grow with the number of
+inputs (the target: at most 1.2x the 1x run). Ray's memory grows with the number of tasks
+running at once (a worker process per decoding slot), up to the CPU count: the 1x run must
+have more decoding tasks than CPUs for the comparison to be about the list (200 images at
+32 per task do; --quick uses 4 per task).
 
 With `--device cuda`: one GPU actor, decoding spread over every host CPU, against
 `rine detect --device cuda` (decoding in worker processes), same precision.
@@ -81,13 +84,16 @@ def _tree(root: int, marker: str | None) -> list[int]:
     return sorted(found | set(named))
 
 
-def _rss_mb(pids: list[int]) -> float:
+def _pss_mb(pids: list[int]) -> float:
+    """Proportional set size summed over `pids`: a page shared by k processes counts 1/k in
+    each (RSS would count the torch libraries of every Ray worker again)."""
     total = 0
     for pid in pids:
         try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
                     total += int(line.split()[1])
+                    break
         except OSError:
             continue
     return total / 1024
@@ -99,7 +105,7 @@ def run_measured(cmd: list[str], marker: str | None = None) -> dict:
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     peak = 0.0
     while proc.poll() is None:
-        peak = max(peak, _rss_mb(_tree(proc.pid, marker)))
+        peak = max(peak, _pss_mb(_tree(proc.pid, marker)))
         time.sleep(0.2)
     err = proc.stderr.read().decode(errors="replace")
     wall = time.monotonic() - start
@@ -120,6 +126,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:
         args.arch, args.images = "tiny", 24
+    extra = ["--decode-batch", "4"] if args.quick else []
     work = Path(args.work or tempfile.mkdtemp(prefix="rine-batch-bench-"))
     images = make_images(work / "images", args.images)
     ckpt = build_checkpoint(work / f"ckpt-{args.arch.replace('/', '-')}", args.arch)
@@ -133,7 +140,8 @@ def main() -> None:
     def batch(name: str, inputs: list[str], n: int) -> None:
         out = Path(tempfile.mkdtemp(prefix="out-", dir=work))
         temp = tempfile.mkdtemp(prefix="rt-", dir="/tmp")
-        r = run_measured([*rine, "batch", *inputs, "--out", str(out), "--temp-dir", temp, "--no-progress", *model], temp)
+        r = run_measured([*rine, "batch", *inputs, "--out", str(out), "--temp-dir", temp, "--no-progress", *model, *extra],
+                         temp)  # fmt: skip
         r["n"] = n
         results[name] = r
 

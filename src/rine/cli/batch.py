@@ -77,6 +77,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..cluster import INSTALL_HINT, ray_available
+
+    if not ray_available():
+        return fail(INSTALL_HINT)
     from ..cluster.batch import BatchConfig, BatchError, run_batch
 
     try:

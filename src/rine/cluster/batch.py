@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from ..data.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+from . import INSTALL_HINT
 from .manifest import InputList, list_inputs
 from .reconcile import Reconciliation, committed_parts, part_name, reconcile_parts, reconcile_store
 from .tasks import DecodeSpec, resolve
@@ -43,8 +44,6 @@ logger = logging.getLogger(__name__)
 
 FORMAT = "rine-batch/1"
 MANIFEST_NAME = "_manifest.json"
-RAY_RANGE = ">=2.60,<2.64"  # map_batches(compute=ActorPoolStrategy(...), num_cpus=, num_gpus=)
-INSTALL_HINT = "rine batch needs Ray Data: pip install 'rine[cluster]' (ray[data]" + RAY_RANGE + ")"
 
 
 class BatchError(Exception):
@@ -309,13 +308,18 @@ def _connect(cfg: BatchConfig, cpus_wanted: int) -> bool:
     ray = _import_ray()
     if ray.is_initialized():
         return False
-    if cfg.address in (None, "", "local"):
-        # Logical CPUs: the scoring actor's threads plus at least two decoding tasks, even on a
-        # two-core machine (a pool that holds every CPU starves decoding: the job would hang).
-        ray.init(num_cpus=max(os.cpu_count() or 1, cpus_wanted), include_dashboard=False, log_to_driver=False,
-                 _temp_dir=os.path.abspath(cfg.temp_dir) if cfg.temp_dir else None)  # fmt: skip
-    else:
-        ray.init(address=cfg.address, log_to_driver=False)
+    try:
+        if cfg.address in (None, "", "local"):
+            # Logical CPUs: the scoring actor's threads plus at least two decoding tasks, even on a
+            # two-core machine (a pool that holds every CPU starves decoding: the job would hang).
+            ray.init(num_cpus=max(os.cpu_count() or 1, cpus_wanted), include_dashboard=False, log_to_driver=False,
+                     _temp_dir=os.path.abspath(cfg.temp_dir) if cfg.temp_dir else None)  # fmt: skip
+        else:
+            ray.init(address=cfg.address, log_to_driver=False)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        where = "start a local Ray" if cfg.address in (None, "", "local") else f"connect to the Ray cluster at {cfg.address}"
+        raise BatchError(f"cannot {where}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__} "
+                         "(start one with `ray start --head`, or use --address local)") from None  # fmt: skip
     return True
 
 
@@ -514,7 +518,7 @@ def _execute(cfg, inputs, todo_shards, shard_size, done, commit, spec, actor_cls
         ctx.execution_no_progress_timeout_s = cfg.stall_timeout
         ctx.enable_progress_bars = False  # ours counts images; Ray's count blocks per operator
         shard_of = pc.divide(inputs.table.column("item"), shard_size)
-        todo = inputs.table.filter(pc.is_in(shard_of, value_pa(todo_shards)))
+        todo = inputs.table.filter(pc.is_in(shard_of, _int_array(todo_shards)))
         ds = build_dataset(todo, spec, plan, actor_cls, actor_kwargs, cfg.decode_batch)
         logger.info("plan: %s actor(s) x %g CPU %g GPU, decoding tasks %g CPU; %d inputs to do",
                     plan.actors, plan.actor_cpus, plan.actor_gpus, plan.decode_cpus, todo.num_rows)  # fmt: skip
@@ -542,7 +546,7 @@ def _execute(cfg, inputs, todo_shards, shard_size, done, commit, spec, actor_cls
             ray.shutdown()
 
 
-def value_pa(values: list[int]):
+def _int_array(values: list[int]):
     import pyarrow as pa
 
     return pa.array(values, pa.int64())
