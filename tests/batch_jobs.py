@@ -9,7 +9,8 @@ import signal
 import time
 from pathlib import Path
 
-from rine.cluster.tasks import Scorer, prepare_views
+from rine.cluster.tasks import Scorer
+from rine.inference.detector import prepare_views
 
 
 def prepare_views_or_die(source, *args):

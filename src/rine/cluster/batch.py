@@ -85,7 +85,7 @@ class BatchConfig:
     stall_timeout: float = 600.0  # Ray Data fails a job that makes no progress this long
     progress: bool = True
     # extension points, importable by name on every worker (tests put in decoders that crash)
-    decode_fn: str = "rine.cluster.tasks:prepare_views"
+    decode_fn: str = "rine.inference.detector:prepare_views"  # rine detect's own
     scorer: str = "rine.cluster.tasks:Scorer"
 
 
@@ -396,7 +396,8 @@ def _taps_setup(cfg: BatchConfig, inputs: InputList, shard_size: int):
 
     from ..data.datasets import Item
     from ..model.backbones import load_backbone
-    from ..training.features import StoreError, StoreWriter
+    from ..training.features import StoreError
+    from .store_writer import StoreWriter
 
     if not cfg.backbone:
         raise BatchError("--taps needs --backbone (the CLIP encoder whose taps are stored)")

@@ -70,17 +70,9 @@ def read_source(source: str, max_bytes: int | None) -> str | bytes:
         raise ImageLoadError(f"cannot read file: {str(e).splitlines()[0]}", "unreadable") from None
 
 
-def prepare_views(source: str | bytes, preprocess, max_pixels: int | None, max_bytes: int | None) -> np.ndarray:
-    """`rine.inference.detector.prepare_views` (decode with rine's limits, cut the views) without
-    importing the model stack: decoding processes start from a light forkserver."""
-    from ..data.images import load_image
-    from ..data.preprocess import crop_views
-
-    return crop_views(load_image(source, max_pixels=max_pixels, max_bytes=max_bytes), preprocess)
-
-
 def score_views_of(source: str, decode_fn: str, preprocess, max_pixels: int | None, max_bytes: int | None) -> np.ndarray:
-    """In a decoding worker process: one file -> uint8 views [V, S, S, 3] (`prepare_views` by default)."""
+    """In a decoding worker process: one file -> uint8 views [V, S, S, 3] (by default `rine detect`'s
+    `prepare_views`: its limits, crops and errors, whatever its decoder does)."""
     return resolve(decode_fn)(read_source(source, max_bytes), preprocess, max_pixels, max_bytes)
 
 
@@ -117,7 +109,7 @@ class DecodeSpec:
 
     mode: str  # "score" or "taps"
     preprocess: Any = None  # PreprocessConfig (score)
-    decode_fn: str = "rine.cluster.tasks:prepare_views"
+    decode_fn: str = "rine.inference.detector:prepare_views"
     transform: str = "center"  # taps
     seed: int = 0
     size: int = 224
@@ -126,9 +118,10 @@ class DecodeSpec:
     max_bytes: int | None = None
     timeout: float | None = 300.0
     workers: int = 1  # decoding processes per task (a task asks Ray for this many CPUs)
-    # "__main__" (in a Ray worker: Ray's worker script) is imported once by the fork server, so
-    # that each decoding process forked from it skips re-importing it (about a second each)
-    preload: tuple[str, ...] = field(default=("__main__", "rine.cluster.tasks", "rine.data.preprocess"))
+    # The fork server imports these once, so that each decoding process forked from it starts
+    # warm: rine detect's decoder, and "__main__" (in a Ray worker: Ray's worker script, which
+    # each process would otherwise re-import, about a second each).
+    preload: tuple[str, ...] = field(default=("__main__", "rine.cluster.tasks", "rine.inference.detector"))
 
 
 def _empty_views() -> bytes:
