@@ -162,6 +162,21 @@ def test_reconcile_finds_missing_and_duplicated_inputs(tmp_path):
     assert rec.duplicates == [1] and rec.exit_code == 2
 
 
+def test_a_plan_the_cluster_cannot_run_is_refused_not_left_waiting():
+    pytest.importorskip("pyarrow")
+    from rine.cluster.batch import BatchConfig, BatchError, check_fits, plan_resources
+
+    gpu = plan_resources(BatchConfig(inputs=[], out="", device="cuda", num_gpus=2), 1, 16)
+    assert (gpu.actors, gpu.actor_gpus, gpu.actor_cpus) == (2, 1, 1)
+    with pytest.raises(BatchError, match="need 2 GPUs, the cluster has 1"):
+        check_fits(gpu, 16, 1)
+    check_fits(gpu, 16, 2)
+    cpu = plan_resources(BatchConfig(inputs=[], out="", device="cpu", actor_cpus=4), 0, 4)
+    with pytest.raises(BatchError, match="leave none for decoding"):
+        check_fits(cpu, 4, 0)  # Ray would schedule the actor and starve every decoding task
+    check_fits(cpu, 5, 0)
+
+
 # --------------------------------------------------------------------------- local cluster
 
 

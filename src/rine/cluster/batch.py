@@ -358,6 +358,16 @@ def plan_resources(cfg: BatchConfig, cluster_gpus: float, cores: int) -> _Plan:
     return plan
 
 
+def check_fits(plan: _Plan, cluster_cpus: float, cluster_gpus: float) -> None:
+    """BatchError for a plan the cluster cannot run: Ray would wait for the resources forever."""
+    if plan.use_gpu and plan.actors * plan.actor_gpus > cluster_gpus:
+        raise BatchError(f"{plan.actors} GPU actor(s) need {plan.actors * plan.actor_gpus:g} GPUs, the cluster has "
+                         f"{cluster_gpus:g}: lower --num-gpus/--actors, or use --device cpu")  # fmt: skip
+    if plan.actors * plan.actor_cpus + plan.decode_cpus > cluster_cpus:
+        raise BatchError(f"the scoring actors take {plan.actors * plan.actor_cpus:g} of the cluster's {cluster_cpus:g} "
+                         "CPUs and leave none for decoding: lower --actors or --actor-cpus")  # fmt: skip
+
+
 def build_dataset(todo, spec: DecodeSpec, plan: _Plan, actor_cls, actor_kwargs: dict, decode_batch: int):
     """The Ray Data plan: input blocks -> decode_block (tasks) -> actor pool."""
     import ray.data
@@ -507,7 +517,10 @@ def _execute(cfg, inputs, todo_shards, shard_size, done, commit, spec, actor_cls
     buffer = _ShardBuffer(shard_size, len(inputs), done, commit)
     bar = None
     try:
-        plan = plan_resources(cfg, ray.cluster_resources().get("GPU", 0), int(ray.cluster_resources().get("CPU", cores)))
+        resources = ray.cluster_resources()
+        cluster_cpus, cluster_gpus = float(resources.get("CPU", cores)), float(resources.get("GPU", 0))
+        plan = plan_resources(cfg, cluster_gpus, int(cluster_cpus))
+        check_fits(plan, cluster_cpus, cluster_gpus)
         if cfg.taps:
             actor_kwargs = {**actor_kwargs, "device": plan.device if cfg.device == "auto" else cfg.device,
                             "threads": plan.threads}  # fmt: skip
@@ -535,7 +548,7 @@ def _execute(cfg, inputs, todo_shards, shard_size, done, commit, spec, actor_cls
         if buffer.open:
             return buffer.written, f"{sum(map(len, buffer.open.values()))} records of unfinished shards never came back"
         return buffer.written, None
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, BatchError):
         raise
     except Exception as e:  # noqa: BLE001 - a lost cluster, an actor that cannot load: the job stops here
         logger.debug("the Ray job failed", exc_info=True)
