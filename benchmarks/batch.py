@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -140,8 +141,11 @@ def main() -> None:
     def batch(name: str, inputs: list[str], n: int) -> None:
         out = Path(tempfile.mkdtemp(prefix="out-", dir=work))
         temp = tempfile.mkdtemp(prefix="rt-", dir="/tmp")
-        r = run_measured([*rine, "batch", *inputs, "--out", str(out), "--temp-dir", temp, "--no-progress", *model, *extra],
-                         temp)  # fmt: skip
+        try:
+            r = run_measured([*rine, "batch", *inputs, "--out", str(out), "--temp-dir", temp, "--no-progress", *model,
+                              *extra], temp)  # fmt: skip
+        finally:
+            shutil.rmtree(temp, ignore_errors=True)  # the local Ray's session folder
         r["n"] = n
         results[name] = r
 
