@@ -15,9 +15,12 @@ from rine.inference.detector import prepare_views
 
 def prepare_views_or_die(source, *args):
     """`prepare_views`, except that a file named `kills-worker.png` kills its decoding process
-    (as a segfaulting decoder or the out-of-memory killer would)."""
+    (as a segfaulting decoder or the out-of-memory killer would) and one named `hangs.png`
+    never finishes (a decoder stuck on a hostile file)."""
     if str(source).endswith("kills-worker.png"):
         os.kill(os.getpid(), signal.SIGKILL)
+    if str(source).endswith("hangs.png"):
+        time.sleep(3600)
     return prepare_views(source, *args)
 
 

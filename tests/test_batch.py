@@ -196,33 +196,35 @@ def test_decoding_and_scoring_are_separate_operators(ray_cluster):
     assert plan.actors == 2 and plan.actor_gpus == 1  # one actor per GPU
 
 
-def test_records_equal_rine_detect_with_ten_crop_and_a_file_that_kills_its_decoder(ray_cluster, tiny_checkpoint_dir, tmp_path):
+def test_records_equal_rine_detect_with_ten_crop_and_files_that_kill_or_hang_their_decoder(ray_cluster, tiny_checkpoint_dir, tmp_path):
     """One job: ten-crop records equal `Detector.predict`'s (logits within 1e-6, as the mean
-    view logit), error texts identical, a file that kills its decoding process is one error
-    record, manifest labels/sets are carried, and file:// URIs are read through pyarrow."""
+    view logit), error texts identical, a file that kills its decoding process and one that
+    hangs it are one error record each, manifest labels/sets are carried, and file:// URIs
+    are read through pyarrow."""
     import torch
 
     from rine.cluster.batch import MANIFEST_NAME, run_batch
-    from rine.data.decoding import DecoderCrashed
+    from rine.data.decoding import DecoderCrashed, DecoderTimedOut
     from rine.inference.detector import Detector
 
     imgs = _images(tmp_path / "imgs", 7)
     poison = write_image(tmp_path / "imgs" / "kills-worker.png", seed=50)
+    hangs = write_image(tmp_path / "imgs" / "hangs.png", seed=51)
     (tmp_path / "imgs" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
     (tmp_path / "imgs" / "empty.jpg").write_bytes(b"")
     manifest = tmp_path / "list.csv"
     manifest.write_text(f"path,label,set\nfile://{imgs[0]},1,uri\n{tmp_path / 'missing.png'},0,gone\n"
                         f"file://{tmp_path / 'missing.png'},0,gone\n")  # fmt: skip
     out = tmp_path / "out"
-    result = run_batch(_cfg([tmp_path / "imgs", manifest], out, tiny_checkpoint_dir, crop="ten",
+    result = run_batch(_cfg([tmp_path / "imgs", manifest], out, tiny_checkpoint_dir, crop="ten", decode_timeout=10,
                             decode_fn="batch_jobs:prepare_views_or_die"))  # fmt: skip
     rows = _records(out)
     assert result.error is None and result.exit_code == 1  # error records, all there
-    assert sorted(r["item"] for r in rows) == list(range(13))
+    assert sorted(r["item"] for r in rows) == list(range(14))
 
     det = Detector.from_pretrained(str(tiny_checkpoint_dir), precision="fp32", crop="ten")
     by_path = {r["path"]: r for r in rows}
-    others = [str(p) for p in sorted((tmp_path / "imgs").iterdir()) if p != poison]
+    others = [str(p) for p in sorted((tmp_path / "imgs").iterdir()) if p not in (poison, hangs)]
     expected = det.predict(others + [str(tmp_path / "missing.png")], decoder="threads")
     for pred in expected:
         rec = by_path[pred.path]
@@ -232,6 +234,7 @@ def test_records_equal_rine_detect_with_ten_crop_and_a_file_that_kills_its_decod
             assert rec["is_fake"] == pred.is_fake
     assert sum(p.error is None for p in expected) == 7
     assert by_path[str(poison)]["error"] == str(DecoderCrashed())
+    assert by_path[str(hangs)]["error"] == str(DecoderTimedOut(10))
     assert by_path[f"file://{imgs[0]}"]["logit"] == pytest.approx(by_path[str(imgs[0])]["logit"], abs=0)
     assert by_path[f"file://{tmp_path / 'missing.png'}"]["error"] == "no such file"
     assert by_path[f"file://{imgs[0]}"]["label"] == 1 and by_path[f"file://{imgs[0]}"]["set"] == "uri"
@@ -245,7 +248,7 @@ def test_records_equal_rine_detect_with_ten_crop_and_a_file_that_kills_its_decod
     assert by_path[str(imgs[2])]["prob_fake"] == pytest.approx(torch.sigmoid(logits.mean()).item(), abs=1e-6)
     assert (logits - logits.mean()).abs().max() > 1e-4  # the views differ: no one crop's logit is the mean
     job = json.loads((out / MANIFEST_NAME).read_text())
-    assert job["counts"] == {"inputs": 13, "records": 13, "scored": 8, "errors": 5, "missing": 0, "duplicates": 0,
+    assert job["counts"] == {"inputs": 14, "records": 14, "scored": 8, "errors": 6, "missing": 0, "duplicates": 0,
                              "mismatched": 0, "complete": True}  # fmt: skip
     assert job["model_config"]["preprocess"]["crop"] == "ten" and job["status"] == "complete"
 
