@@ -327,6 +327,11 @@ class Detector:
             start += n
         return preds
 
+    def predict_views(self, names: Sequence[str], views: Sequence[np.ndarray]) -> list[Prediction]:
+        """Score images already decoded and cut by `prepare_views` (uint8 [V, S, S, 3] each), e.g.
+        in another process or on another machine (`rine batch`): the records `predict` gives."""
+        return self._finish(list(names), list(views)) if len(views) else []
+
     def predict_iter(
         self,
         sources: Iterable[ImageSource],

@@ -1,0 +1,258 @@
+"""What runs on the cluster for `rine batch`: decoding tasks and the scoring / tap actors.
+
+Decoding (`decode_block`, a Ray Data task on CPUs) runs each file through rine's own
+crash-isolated decoder (`rine.data.decoding.ordered_map` with worker processes): a file
+that kills or hangs its decoder becomes an error row for that file, the task itself
+finishes, so Ray never retries the block (forever, by default) nor drops it (with retries
+capped). Its output rows carry the uint8 views [V, S, S, 3] as bytes.
+
+Scoring (`Scorer`) and tap encoding (`TapEncoder`) are Ray Data actors: the model is loaded
+once per actor, and records come from `Detector.predict_views` / the backbone forward of
+`rine extract`, so they equal `rine detect`'s and `rine extract`'s for the same files.
+
+No ray import here: these functions are plain Python over pyarrow tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from .manifest import is_uri
+
+logger = logging.getLogger(__name__)
+
+# the columns that travel from the input list to the output records
+PASS_THROUGH = ("item", "path", "label", "set")
+
+
+def resolve(name: str) -> Callable[..., Any]:
+    """`module:attribute` -> the object (the decode function and actor classes are named so
+    that a test or an extension can put its own in; workers import them by name)."""
+    module, _, attr = name.partition(":")
+    if not attr:
+        raise ValueError(f"{name!r}: expected module:attribute")
+    return getattr(importlib.import_module(module), attr)
+
+
+def read_source(source: str, max_bytes: int | None) -> str | bytes:
+    """A local path as it is (load_image reads it: `rine detect`'s checks and errors); the bytes
+    of a URI, read here through pyarrow's file systems with the same checks and errors."""
+    if not is_uri(source):
+        return source
+    import pyarrow.fs
+
+    from ..data.images import ImageLoadError
+
+    try:
+        fs, inner = pyarrow.fs.FileSystem.from_uri(source)
+        info = fs.get_file_info(inner)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise ImageLoadError(f"cannot read file: {str(e).splitlines()[0]}", "unreadable") from None
+    if info.type == pyarrow.fs.FileType.NotFound:
+        raise ImageLoadError("no such file", "missing")
+    if info.type != pyarrow.fs.FileType.File:
+        raise ImageLoadError("not a regular file", "unreadable")
+    if max_bytes is not None and info.size > max_bytes:
+        raise ImageLoadError(f"file too large: {info.size} bytes > limit {max_bytes}", "too_large")
+    try:
+        with fs.open_input_stream(inner) as f:
+            return f.read()
+    except OSError as e:
+        raise ImageLoadError(f"cannot read file: {str(e).splitlines()[0]}", "unreadable") from None
+
+
+def score_views_of(source: str, decode_fn: str, preprocess, max_pixels: int | None, max_bytes: int | None) -> np.ndarray:
+    """In a decoding worker process: one file -> uint8 views [V, S, S, 3] (by default `rine detect`'s
+    `prepare_views`: its limits, crops and errors, whatever its decoder does)."""
+    return resolve(decode_fn)(read_source(source, max_bytes), preprocess, max_pixels, max_bytes)
+
+
+def make_views_for(transform: str, seed: int, size: int):
+    """`rine extract`'s make_views for --transform train / center / ten."""
+    from ..data.augment import CenterView, TenCropViews, TrainAugment
+
+    if transform == "train":
+        return TrainAugment(seed)
+    return TenCropViews(size) if transform == "ten" else CenterView(size)
+
+
+def tap_views_of(source: str, item: int, transform: str, seed: int, size: int, views: int,
+                 max_pixels: int | None, max_bytes: int | None) -> np.ndarray | str:  # fmt: skip
+    """In a decoding worker process: one file -> uint8 views [views, S, S, 3] as `rine extract`
+    cuts them (view v of item i depends only on seed, i, v), or the reason it is unusable, in
+    `rine extract`'s words (a store lists its skipped inputs)."""
+    from ..data.images import ImageLoadError, load_image
+
+    make_views = make_views_for(transform, seed, size)
+    try:
+        image = load_image(read_source(source, max_bytes), max_pixels=max_pixels, max_bytes=max_bytes)
+        all_views = getattr(make_views, "all_views", None)
+        if all_views is not None:
+            return np.asarray(all_views(image, item))
+        return np.stack([make_views(image, item, v) for v in range(views)])
+    except (ImageLoadError, ValueError, OSError) as e:
+        return str(e) or type(e).__name__
+
+
+@dataclass
+class DecodeSpec:
+    """What a decoding task needs (pickled to every task)."""
+
+    mode: str  # "score" or "taps"
+    preprocess: Any = None  # PreprocessConfig (score)
+    decode_fn: str = "rine.inference.detector:prepare_views"
+    transform: str = "center"  # taps
+    seed: int = 0
+    size: int = 224
+    views: int = 1
+    max_pixels: int | None = None
+    max_bytes: int | None = None
+    timeout: float | None = 300.0
+    workers: int = 1  # decoding processes per task (a task asks Ray for this many CPUs)
+    # The fork server imports these once, so that each decoding process forked from it starts
+    # warm: rine detect's decoder, and "__main__" (in a Ray worker: Ray's worker script, which
+    # each process would otherwise re-import, about a second each).
+    preload: tuple[str, ...] = field(default=("__main__", "rine.cluster.tasks", "rine.inference.detector"))
+
+
+def _empty_views() -> bytes:
+    return b""
+
+
+def decode_block(batch: pa.Table, spec: DecodeSpec) -> pa.Table:
+    """A Ray Data task: rows of the input list -> the same rows plus `views` (uint8 bytes of
+    [n_views, S, S, 3]), `n_views` and `error` (None, or the file's one-line error)."""
+    from ..data.decoding import error_text, ordered_map
+
+    rows = batch.to_pydict()
+    n = batch.num_rows
+    errors: list[str | None] = list(rows["preset_error"])
+    views: list[bytes] = [_empty_views()] * n
+    n_views = [0] * n
+    if spec.mode == "score":
+        fn: Callable[..., Any] = score_views_of
+        jobs = ((i, (rows["source"][i], spec.decode_fn, spec.preprocess, spec.max_pixels, spec.max_bytes))
+                for i in range(n) if errors[i] is None)  # fmt: skip
+    else:
+        fn = tap_views_of
+        jobs = ((i, (rows["source"][i], rows["item"][i], spec.transform, spec.seed, spec.size, spec.views,
+                     spec.max_pixels, spec.max_bytes)) for i in range(n) if errors[i] is None)  # fmt: skip
+    decoded = ordered_map(fn, jobs, kind="processes", workers=spec.workers, max_in_flight=2 * spec.workers,
+                          preload=spec.preload, timeout=spec.timeout)  # fmt: skip
+    try:
+        for i, result, error in decoded:
+            if error is not None:
+                errors[i] = error_text(error, rows["path"][i])  # a crash or timeout: DecoderCrashed's text
+            elif isinstance(result, str):  # taps: the reason an image is unusable
+                errors[i] = result
+            else:
+                arr = np.ascontiguousarray(result, dtype=np.uint8)
+                views[i], n_views[i] = arr.tobytes(), len(arr)
+    finally:
+        decoded.close()
+    out = {c: batch.column(c) for c in PASS_THROUGH}
+    out["views"] = pa.array(views, pa.large_binary())
+    out["n_views"] = pa.array(n_views, pa.int32())
+    out["error"] = pa.array(errors, pa.string())
+    return pa.table(out)
+
+
+def _views_of(batch: pa.Table, size: int) -> tuple[list[int], list[np.ndarray]]:
+    """Rows without an error and their uint8 views [V, S, S, 3]."""
+    errors = batch.column("error").to_pylist()
+    data = batch.column("views").to_pylist()
+    counts = batch.column("n_views").to_pylist()
+    good = [i for i, e in enumerate(errors) if e is None]
+    return good, [np.frombuffer(data[i], np.uint8).reshape(counts[i], size, size, 3) for i in good]
+
+
+def _set_threads(threads: int | None) -> None:
+    import torch
+
+    if threads:
+        # Ray gives an actor one torch thread unless told: use the CPUs the actor asked for.
+        torch.set_num_threads(int(threads))
+
+
+class Scorer:
+    """A Ray Data actor: the detector is loaded once; each call scores one batch of decoded
+    rows -> item, path, label, set, prob_fake, logit, is_fake, error."""
+
+    def __init__(self, model: dict[str, Any], threads: int | None = None):
+        from ..cli.common import load_detector
+
+        _set_threads(threads)
+        args = argparse.Namespace(compile=False, no_progress=True, **model)
+        self.detector = load_detector(args, keep_reference=False)  # scoring only: half the memory
+        self.size = self.detector.config.preprocess.image_size
+        logger.info("scoring actor %d ready on %s (%s)", os.getpid(), self.detector.device, self.detector.precision)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        n = batch.num_rows
+        good, arrays = _views_of(batch, self.size)
+        paths = batch.column("path").to_pylist()
+        preds = self.detector.predict_views([paths[i] for i in good], arrays)
+        prob: list[float | None] = [None] * n
+        logit: list[float | None] = [None] * n
+        fake: list[bool | None] = [None] * n
+        for i, p in zip(good, preds, strict=True):
+            prob[i], logit[i], fake[i] = p.prob_fake, p.logit, p.is_fake
+        out = {c: batch.column(c) for c in PASS_THROUGH}
+        out.update(prob_fake=pa.array(prob, pa.float64()), logit=pa.array(logit, pa.float64()),
+                   is_fake=pa.array(fake, pa.bool_()), error=batch.column("error"))  # fmt: skip
+        return pa.table(out)
+
+
+class TapEncoder:
+    """A Ray Data actor: the backbone is loaded once; each call encodes one batch of decoded
+    rows -> item, path, label, set, error, n_views, taps (bytes of [views, blocks, width] in
+    the store's dtype), with `rine extract`'s forward (normalise, backbone, float, cast)."""
+
+    def __init__(self, backbone: str, revision: str | None, device: str, precision: str, dtype: str,
+                 batch_size: int, threads: int | None = None):  # fmt: skip
+        import torch
+
+        from ..inference.detector import resolve_device
+        from ..model.backbones import load_backbone
+
+        _set_threads(threads)
+        torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+        self.device = resolve_device(device)
+        self.backbone = load_backbone(backbone, revision).to(self.device, dtype=torch_dtype)
+        self.size, self.dtype, self.batch_size = int(self.backbone.image_size), dtype, int(batch_size)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        import torch
+
+        from ..data.preprocess import normalize
+        from ..training.features import backbone_mean, backbone_std
+
+        n = batch.num_rows
+        good, arrays = _views_of(batch, self.size)
+        taps: list[bytes] = [b""] * n
+        if arrays:
+            views = torch.from_numpy(np.concatenate(arrays))  # [sum V, S, S, 3]
+            out = []
+            with torch.no_grad():
+                for b0 in range(0, len(views), self.batch_size):
+                    pixels = normalize(views[b0 : b0 + self.batch_size], backbone_mean(self.backbone),
+                                       backbone_std(self.backbone)).to(self.device)  # fmt: skip
+                    out.append(self.backbone(pixels).float().cpu().numpy().astype(self.dtype))  # [b, blocks, width]
+            flat = np.concatenate(out)
+            start = 0
+            for i, arr in zip(good, arrays, strict=True):
+                taps[i] = flat[start : start + len(arr)].tobytes()
+                start += len(arr)
+        out_cols = {c: batch.column(c) for c in PASS_THROUGH}
+        out_cols.update(error=batch.column("error"), n_views=batch.column("n_views"),
+                        taps=pa.array(taps, pa.large_binary()))  # fmt: skip
+        return pa.table(out_cols)

@@ -1,0 +1,362 @@
+"""`rine batch` on a local Ray cluster: records equal `rine detect`'s, decoding and scoring are
+separate operators, nothing lost and nothing twice (a decoder killed by a file, a killed
+actor, a killed driver then rerun, a rerun of a finished job), and `--taps` stores that train
+to the same weights as `rine extract`'s."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import REPO, write_image
+
+TESTS = Path(__file__).resolve().parent
+SRC = REPO / "src"
+
+
+def _pids_under(marker: str) -> list[int]:
+    """Processes of a cluster of our own: their command line or environment names `marker`
+    (its session folder, also in RINE_TEST_CLUSTER, which every Ray process inherits: workers
+    rename themselves `ray::...`, so their command line alone would not tell)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            seen = Path(f"/proc/{entry}/cmdline").read_bytes() + Path(f"/proc/{entry}/environ").read_bytes()
+        except OSError:
+            continue
+        if marker.encode() in seen:
+            pids.append(int(entry))
+    return pids
+
+
+def _kill_cluster(temp_dir: str) -> None:
+    """End the processes of a local Ray started with `temp_dir` (by pid: only ours)."""
+    for pid in _pids_under(temp_dir):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _worker_env() -> dict[str, str]:
+    # Ray workers inherit the driver's environment: they import this worktree's rine and the
+    # fault helpers of batch_jobs.py from here.
+    return {"PYTHONPATH": os.pathsep.join([str(SRC), str(TESTS), os.environ.get("PYTHONPATH", "")])}
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray = pytest.importorskip("ray")
+    from ray.data import DataContext
+
+    temp = tempfile.mkdtemp(prefix="rt-", dir="/tmp")  # short: Ray's socket paths live under it
+    old = {k: os.environ.get(k) for k in ("PYTHONPATH", "RINE_TEST_KILL_DIR", "RINE_TEST_CLUSTER")}
+    os.environ.update({**_worker_env(), "RINE_TEST_KILL_DIR": temp, "RINE_TEST_CLUSTER": temp})
+    ray.init(num_cpus=4, _temp_dir=temp, include_dashboard=False, log_to_driver=False)
+    DataContext.get_current().execution_no_progress_timeout_s = 60
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+        for k, v in old.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+        _kill_cluster(temp)  # after ray.shutdown(), only stragglers (this process no longer names it)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _cfg(inputs, out, model, **kw):
+    from rine.cluster.batch import BatchConfig
+
+    kw.setdefault("shard_size", 4)
+    kw.setdefault("batch_size", 3)
+    kw.setdefault("decode_batch", 4)
+    return BatchConfig(inputs=[str(i) for i in inputs], out=str(out), model=str(model), precision="fp32",
+                       progress=False, stall_timeout=60, **kw)  # fmt: skip
+
+
+def _records(out: Path) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    parts = sorted(out.glob("part-*.parquet"))
+    return [r for p in parts for r in pq.read_table(p).to_pylist()]
+
+
+def _images(folder: Path, n: int, seed: int = 0) -> list[Path]:
+    # sizes around 224 (smaller ones are zero-padded, larger cropped) and every mode the loader converts
+    modes = ["RGB", "L", "RGBA"]
+    return [write_image(folder / f"img{i:02d}.png", size=(200 + 17 * i, 230 + 5 * (i % 3)), mode=modes[i % 3],
+                        seed=seed + i) for i in range(n)]  # fmt: skip
+
+
+# --------------------------------------------------------------------------- no cluster
+
+
+def test_without_ray_it_says_how_to_install(tmp_path, monkeypatch, capsys):
+    from rine.cli import main
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
+    monkeypatch.setitem(sys.modules, "ray.data", None)
+    write_image(tmp_path / "a.png")
+    assert main(["batch", str(tmp_path / "a.png"), "--out", str(tmp_path / "o")]) == 2
+    assert "pip install 'rine[cluster]'" in capsys.readouterr().err
+
+
+def test_input_list_from_folders_and_manifests(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    from rine.cluster.manifest import ManifestError, list_inputs
+
+    imgs = _images(tmp_path / "d", 2)
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "list.csv").write_text("path,label,set\n../d/img00.png,1,2024\n/abs/x.jpg,0,b\n")
+    (tmp_path / "m" / "list.jsonl").write_text('{"path": "file:///data/y.png", "label": 1}\n')
+    pq.write_table(pa.table({"path": ["z.png"]}), tmp_path / "m" / "list.parquet")
+    got = list_inputs([str(tmp_path / "d"), str(tmp_path / "m" / "list.csv"), str(tmp_path / "m" / "list.jsonl"),
+                       str(tmp_path / "m" / "list.parquet")]).table.to_pylist()  # fmt: skip
+    assert [r["item"] for r in got] == list(range(6))
+    assert [r["path"] for r in got] == [str(p) for p in imgs] + ["../d/img00.png", "/abs/x.jpg", "file:///data/y.png", "z.png"]
+    # relative manifest paths are read relative to the manifest; URIs and absolute paths as they are
+    assert got[2]["source"] == str(tmp_path / "m" / "../d/img00.png")
+    assert [r["source"] for r in got[3:]] == ["/abs/x.jpg", "file:///data/y.png", str(tmp_path / "m" / "z.png")]
+    assert [r["label"] for r in got] == [None, None, 1, 0, 1, None]
+    assert got[2]["set"] == "2024"  # a set name that looks like a number stays text
+    (tmp_path / "bad.csv").write_text("file\na.png\n")
+    with pytest.raises(ManifestError, match="no `path` column"):
+        list_inputs([str(tmp_path / "bad.csv")])
+
+
+def test_reconcile_finds_missing_and_duplicated_inputs(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    from rine.cluster.manifest import list_inputs
+    from rine.cluster.reconcile import reconcile_parts
+
+    paths = [str(p) for p in _images(tmp_path / "d", 3)]
+    inputs = list_inputs(paths)
+
+    def part(k, items, errors=None):
+        pq.write_table(pa.table({"path": [paths[i] for i in items], "item": items,
+                                 "error": errors or [None] * len(items)}), tmp_path / f"part-{k:06d}.parquet")  # fmt: skip
+
+    part(0, [0, 1], [None, "corrupt"])
+    assert reconcile_parts(tmp_path, inputs).exit_code == 2  # item 2 missing
+    part(1, [2])
+    rec = reconcile_parts(tmp_path, inputs)
+    assert (rec.exit_code, rec.errors, rec.scored) == (1, 1, 2)
+    part(2, [1])  # item 1 twice
+    rec = reconcile_parts(tmp_path, inputs)
+    assert rec.duplicates == [1] and rec.exit_code == 2
+
+
+def test_a_plan_the_cluster_cannot_run_is_refused_not_left_waiting():
+    pytest.importorskip("pyarrow")
+    from rine.cluster.batch import BatchConfig, BatchError, check_fits, plan_resources
+
+    gpu = plan_resources(BatchConfig(inputs=[], out="", device="cuda", num_gpus=2), 1, 16)
+    assert (gpu.actors, gpu.actor_gpus, gpu.actor_cpus) == (2, 1, 1)
+    with pytest.raises(BatchError, match="need 2 GPUs, the cluster has 1"):
+        check_fits(gpu, 16, 1)
+    check_fits(gpu, 16, 2)
+    cpu = plan_resources(BatchConfig(inputs=[], out="", device="cpu", actor_cpus=4), 0, 4)
+    with pytest.raises(BatchError, match="leave none for decoding"):
+        check_fits(cpu, 4, 0)  # Ray would schedule the actor and starve every decoding task
+    check_fits(cpu, 5, 0)
+
+
+# --------------------------------------------------------------------------- local cluster
+
+
+def test_decoding_and_scoring_are_separate_operators(ray_cluster):
+    import pyarrow as pa
+
+    from rine.cluster.batch import BatchConfig, build_dataset, optimized_plan, plan_resources
+    from rine.cluster.tasks import DecodeSpec, Scorer
+
+    table = pa.table({"item": [0, 1]})
+    for threads, gpus in ((1, 0), (2, 0), (None, 2)):
+        plan = plan_resources(BatchConfig(inputs=[], out="", actor_cpus=threads), gpus, 4)
+        ds = build_dataset(table, DecodeSpec("score"), plan, Scorer, {"model": {}}, 4)
+        text = optimized_plan(ds)
+        assert "TaskPoolMapOperator[MapBatches(decode_block)]" in text, text
+        assert "ActorPoolMapOperator[MapBatches(Scorer)]" in text, text
+    assert plan.actors == 2 and plan.actor_gpus == 1  # one actor per GPU
+
+
+def test_records_equal_rine_detect_with_ten_crop_and_files_that_kill_or_hang_their_decoder(ray_cluster, tiny_checkpoint_dir, tmp_path):
+    """One job: ten-crop records equal `Detector.predict`'s (logits within 1e-6, as the mean
+    view logit), error texts identical, a file that kills its decoding process and one that
+    hangs it are one error record each, manifest labels/sets are carried, and file:// URIs
+    are read through pyarrow."""
+    import torch
+
+    from rine.cluster.batch import MANIFEST_NAME, run_batch
+    from rine.data.decoding import DecoderCrashed, DecoderTimedOut
+    from rine.inference.detector import Detector
+
+    imgs = _images(tmp_path / "imgs", 7)
+    poison = write_image(tmp_path / "imgs" / "kills-worker.png", seed=50)
+    hangs = write_image(tmp_path / "imgs" / "hangs.png", seed=51)
+    (tmp_path / "imgs" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    (tmp_path / "imgs" / "empty.jpg").write_bytes(b"")
+    manifest = tmp_path / "list.csv"
+    manifest.write_text(f"path,label,set\nfile://{imgs[0]},1,uri\n{tmp_path / 'missing.png'},0,gone\n"
+                        f"file://{tmp_path / 'missing.png'},0,gone\n")  # fmt: skip
+    out = tmp_path / "out"
+    result = run_batch(_cfg([tmp_path / "imgs", manifest], out, tiny_checkpoint_dir, crop="ten", decode_timeout=10,
+                            decode_fn="batch_jobs:prepare_views_or_die"))  # fmt: skip
+    rows = _records(out)
+    assert result.error is None and result.exit_code == 1  # error records, all there
+    assert sorted(r["item"] for r in rows) == list(range(14))
+
+    det = Detector.from_pretrained(str(tiny_checkpoint_dir), precision="fp32", crop="ten")
+    by_path = {r["path"]: r for r in rows}
+    others = [str(p) for p in sorted((tmp_path / "imgs").iterdir()) if p not in (poison, hangs)]
+    expected = det.predict(others + [str(tmp_path / "missing.png")], decoder="threads")
+    for pred in expected:
+        rec = by_path[pred.path]
+        assert rec["error"] == pred.error
+        if pred.error is None:
+            assert abs(rec["logit"] - pred.logit) < 1e-6 and abs(rec["prob_fake"] - pred.prob_fake) < 1e-6
+            assert rec["is_fake"] == pred.is_fake
+    assert sum(p.error is None for p in expected) == 7
+    assert by_path[str(poison)]["error"] == str(DecoderCrashed())
+    assert by_path[str(hangs)]["error"] == str(DecoderTimedOut(10))
+    assert by_path[f"file://{imgs[0]}"]["logit"] == pytest.approx(by_path[str(imgs[0])]["logit"], abs=0)
+    assert by_path[f"file://{tmp_path / 'missing.png'}"]["error"] == "no such file"
+    assert by_path[f"file://{imgs[0]}"]["label"] == 1 and by_path[f"file://{imgs[0]}"]["set"] == "uri"
+    assert by_path[str(imgs[1])]["label"] is None
+    # ten-crop: the probability is sigmoid of the mean of the ten views' logits (not the mean probability)
+    from rine.inference.detector import prepare_views
+
+    views = prepare_views(str(imgs[2]), det.config.preprocess, None)
+    logits, _ = det.score_views(views)
+    assert len(views) == 10 and by_path[str(imgs[2])]["logit"] == pytest.approx(logits.mean().item(), abs=1e-6)
+    assert by_path[str(imgs[2])]["prob_fake"] == pytest.approx(torch.sigmoid(logits.mean()).item(), abs=1e-6)
+    assert (logits - logits.mean()).abs().max() > 1e-4  # the views differ: no one crop's logit is the mean
+    job = json.loads((out / MANIFEST_NAME).read_text())
+    assert job["counts"] == {"inputs": 14, "records": 14, "scored": 8, "errors": 6, "missing": 0, "duplicates": 0,
+                             "mismatched": 0, "complete": True}  # fmt: skip
+    assert job["model_config"]["preprocess"]["crop"] == "ten" and job["status"] == "complete"
+
+
+def test_a_killed_actor_is_survived_and_a_finished_job_is_not_redone(ray_cluster, tiny_checkpoint_dir, tmp_path, capsys):
+    from rine.cli import main
+    from rine.cluster.batch import BatchError, run_batch
+
+    marker = Path(os.environ["RINE_TEST_KILL_DIR"]) / "actor-killed"
+    imgs = _images(tmp_path / "imgs", 12)
+    out = tmp_path / "out"
+    cfg = _cfg([tmp_path / "imgs"], out, tiny_checkpoint_dir, scorer="batch_jobs:ScorerKilledOnce")
+    result = run_batch(cfg)
+    assert marker.exists()  # the actor was killed mid-job
+    assert result.error is None and result.exit_code == 0
+    rows = _records(out)
+    assert sorted(r["item"] for r in rows) == list(range(12)) and {r["path"] for r in rows} == {str(p) for p in imgs}
+
+    before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.glob("part-*")}
+    capsys.readouterr()
+    # the same job from the command line: nothing left to do, nothing written again
+    assert main(["batch", str(tmp_path / "imgs"), "--out", str(out), "--model", str(tiny_checkpoint_dir),
+                 "--precision", "fp32", "--shard-size", "4", "--no-progress"]) == 0  # fmt: skip
+    err = capsys.readouterr().err
+    assert "12 inputs: 12 scored, 0 errors; this run 0 records" in err and "3 shards were finished" in err
+    assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.glob("part-*")} == before
+    assert len(_records(out)) == 12
+    with pytest.raises(BatchError, match="other settings"):  # another model in the same folder would mix records
+        run_batch(_cfg([tmp_path / "imgs"], out, tiny_checkpoint_dir, crop="ten"))
+    write_image(tmp_path / "imgs" / "new.png")
+    with pytest.raises(BatchError, match="the input list"):
+        run_batch(cfg)
+
+
+KILL_SCRIPT = """
+import sys
+from rine.cluster.batch import BatchConfig, run_batch
+r = run_batch(BatchConfig(inputs=[sys.argv[1]], out=sys.argv[2], model=sys.argv[3], precision="fp32", shard_size=2,
+              batch_size=2, decode_batch=2, progress=False, stall_timeout=60, temp_dir=sys.argv[4],
+              scorer="batch_jobs:SlowScorer"))
+sys.exit(r.exit_code)
+"""
+
+
+@pytest.mark.slow
+def test_a_driver_killed_hard_then_rerun_finishes_with_every_input_once(tiny_checkpoint_dir, tmp_path):
+    pytest.importorskip("ray")
+    imgs = _images(tmp_path / "imgs", 12)
+    out = tmp_path / "out"
+    temp = tempfile.mkdtemp(prefix="rk-", dir="/tmp")
+    env = {**os.environ, **_worker_env(), "RINE_TEST_SLOW": "0.4", "RINE_TEST_CLUSTER": temp}
+    cmd = [sys.executable, "-c", KILL_SCRIPT, str(tmp_path / "imgs"), str(out), str(tiny_checkpoint_dir), temp]
+    try:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 90
+        while len(list(out.glob("part-*.parquet"))) < 2 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        proc.kill()  # kill -9 of the driver, mid-job
+        proc.wait()
+        proc.stderr.close()
+        _kill_cluster(temp)  # its local Ray outlives it
+        kept = {p.name: (p.stat().st_ino, p.read_bytes()) for p in out.glob("part-*.parquet")}
+        assert 2 <= len(kept) < 6  # killed with some shards finished and some not
+        rerun = subprocess.run(cmd, env={**env, "RINE_TEST_SLOW": "0"}, capture_output=True, timeout=120)
+        assert rerun.returncode == 0, rerun.stderr.decode()[-2000:]
+    finally:
+        _kill_cluster(temp)
+        shutil.rmtree(temp, ignore_errors=True)
+    rows = _records(out)
+    assert sorted(r["item"] for r in rows) == list(range(12))  # every input exactly once
+    assert sorted(r["path"] for r in rows) == sorted(str(p) for p in imgs)
+    # the shards finished before the kill were kept, not redone
+    assert {n: (out / n).stat().st_ino for n in kept} == {n: ino for n, (ino, _) in kept.items()}
+    assert not list(out.glob("*.tmp"))
+
+
+def test_taps_store_trains_the_same_weights_as_rine_extract(ray_cluster, tiny_backbone_dir, tmp_path):
+    from rine.cli import main
+    from rine.training.features import FeatureStore
+
+    root = tmp_path / "data"
+    paths = []
+    for cls in ("car", "cat"):
+        for label_dir, seed in (("0_real", 0), ("1_fake", 100)):
+            paths += _images(root / "train" / cls / label_dir, 3, seed=seed + len(paths))
+    (root / "train" / "cat" / "1_fake" / "broken.png").write_bytes(b"not an image")
+    from rine.data.datasets import progan_items
+
+    items = progan_items(root, "train")
+    manifest = tmp_path / "train.jsonl"
+    manifest.write_text("".join(json.dumps({"path": it.path, "label": it.label, "set": it.set}) + "\n" for it in items))
+    common = ["--backbone", str(tiny_backbone_dir), "--transform", "train", "--views", "2", "--seed", "3",
+              "--shard-size", "5", "--dtype", "float32", "--no-progress"]  # fmt: skip
+    assert main(["extract", "--root", str(root), "--layout", "progan", "--out", str(tmp_path / "ext"), *common]) == 1
+    assert main(["batch", str(manifest), "--taps", "--out", str(tmp_path / "bat"), "--batch-size", "4",
+                 "--decode-batch", "3", *common]) == 1  # fmt: skip
+    ext, bat = FeatureStore.open(tmp_path / "ext"), FeatureStore.open(tmp_path / "bat")
+    assert bat.complete and len(bat) == len(ext) == 2 * (len(items) - 1)
+    assert np.array_equal(np.asarray(bat.taps), np.asarray(ext.taps))
+    assert (bat.items.tolist(), bat.views.tolist(), bat.errors) == (ext.items.tolist(), ext.views.tolist(), ext.errors)
+    skip = {"layout", "split", "classes", "root", "inputs"}
+    assert {k: v for k, v in bat.meta.items() if k not in skip} == {k: v for k, v in ext.meta.items() if k not in skip}
+    train = ["--epochs", "2", "--batch-size", "4", "--nproj", "1", "--proj-dim", "8", "--seed", "1"]
+    assert main(["train", "--features", str(tmp_path / "ext"), "--out", str(tmp_path / "c1"), *train]) == 0
+    assert main(["train", "--features", str(tmp_path / "bat"), "--out", str(tmp_path / "c2"), *train]) == 0
+    assert (tmp_path / "c1" / "model.safetensors").read_bytes() == (tmp_path / "c2" / "model.safetensors").read_bytes()
+    assert main(["grid", "--features", str(tmp_path / "bat"), "--test-features", str(tmp_path / "bat"),
+                 "--out", str(tmp_path / "g"), "--factors", "0.1", "--nproj", "1", "--proj-dims", "8",
+                 "--epochs", "1", "--batch-size", "4"]) == 0  # fmt: skip
+    assert (tmp_path / "g" / "best" / "model.safetensors").is_file()
