@@ -19,7 +19,16 @@ import logging
 import os
 import socket
 
-from .common import CLIError, add_model_options, check_device, fail, load_detector, pixel_count
+from .common import (
+    CLIError,
+    add_decision_options,
+    add_model_options,
+    apply_decision_options,
+    check_device,
+    fail,
+    load_detector,
+    pixel_count,
+)
 
 logger = logging.getLogger(__name__)
 MB = 1024 * 1024
@@ -44,6 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "rebinding). A port or scheme given here is ignored")  # fmt: skip
     n.add_argument("--no-access-log", action="store_true", help="do not log each request")
     add_model_options(p, batch_jobs=False)
+    add_decision_options(p.add_argument_group("decision"))
     lim = p.add_argument_group("limits")
     lim.add_argument("--max-file-mb", type=float, default=20, help="largest image accepted, MB (default 20)")
     lim.add_argument("--max-request-mb", type=float, default=64, help="largest request body, MB (default 64)")
@@ -145,6 +155,8 @@ def run(args: argparse.Namespace) -> int:
         return fail(str(e))
     if args.head and args.model:
         return fail("give either --model or --backbone/--head, not both")
+    if args.uncertain_band is not None and not 0.0 <= args.uncertain_band < 0.5:
+        return fail(f"--uncertain-band must be within [0, 0.5), got {args.uncertain_band}")
     if args.threads is not None:
         if args.threads < 1:
             return fail("--threads must be at least 1")
@@ -163,7 +175,8 @@ def run(args: argparse.Namespace) -> int:
         if server is not None:
             server.should_exit = True  # a server that can never be ready should not linger
 
-    app = create_app(settings=settings, detector_factory=lambda: load_detector(args, keep_reference=False), on_load_error=on_load_error)
+    app = create_app(settings=settings, detector_factory=lambda: apply_decision_options(load_detector(args, keep_reference=False), args),
+                     on_load_error=on_load_error)
     config = uvicorn.Config(
         app,
         host=args.host,
