@@ -348,10 +348,11 @@ def test_sensitive_head_spreads_logits(sensitive_checkpoint, image_data):
 def test_calibrate_reals_target_fpr_end_to_end(capsys, tmp_path, sensitive_checkpoint, image_data):
     out = tmp_path / "cal"
     code, text, err = run_cli(capsys, "calibrate", "--model", sensitive_checkpoint, "--reals", image_data / "calib",
-                              "--target-fpr", 0.1, "--precision", "fp32", "--out", out)  # fmt: skip
+                              "--target-fpr", 0.1, "--precision", "fp32", "--uncertain-band", "auto", "--out", out)  # fmt: skip
     assert code == 0, err
     cfg = json.loads((out / "config.json").read_text())
     cal = cfg["calibration"]
+    assert cal["uncertain_low"] < cfg["threshold"] < cal["uncertain_high"]  # the cut's bootstrap interval
     assert cal["method"] == "threshold" and cal["target"] == {"fpr": 0.1, "confidence": 0.95}
     assert cal["fitted_on"]["n_real"] == 70 and cal["fitted_on"]["fingerprint"].startswith("sha256:")
     assert cfg["threshold"] == pytest.approx(expit(cal["threshold_logit"]))
@@ -368,6 +369,7 @@ def test_calibrate_reals_target_fpr_end_to_end(capsys, tmp_path, sensitive_check
     held = _jsonl(o)
     assert all(r["threshold"] == cfg["threshold"] for r in held)
     assert all(r["is_fake"] == (r["logit"] > cal["threshold_logit"]) for r in held)
+    assert all((r["verdict"] == "uncertain") == (cal["uncertain_low"] <= r["prob_fake"] <= cal["uncertain_high"]) for r in held)
     assert np.mean([r["is_fake"] for r in held]) <= bound
 
 

@@ -265,6 +265,9 @@ def _fit_and_write(args, out: Path, head, config, records, options, band, where:
         return fail(str(e))
     cal = fit.config
     if band == "auto":
+        if spread.size < N_BOOT // 2:
+            return fail(f"--uncertain-band auto: only {spread.size} of {N_BOOT} bootstrap refits succeeded; "
+                        "give a width instead (e.g. --uncertain-band 0.1)")  # fmt: skip
         lo, hi = band_from_boundaries(cal, spread)
         cal = dataclasses.replace(cal, uncertain_low=lo, uncertain_high=hi)
     elif band:

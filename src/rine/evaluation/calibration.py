@@ -354,15 +354,19 @@ def bootstrap_boundaries(
 ) -> np.ndarray:
     """The cut (head-logit units) refitted on `n_boot` resamples of the data [n_boot]
     (stratified by class when labelled, so both classes stay present); how much the fitted
-    cut would move with another draw of as many calibration images."""
+    cut would move with another draw of as many calibration images. A resample the fit
+    refuses (e.g. Platt inverting a near-chance set) is left out, so fewer may come back."""
     z, y = _arrays(logits, labels)
     rng = np.random.default_rng(seed)
-    out = np.empty(n_boot)
+    out = np.full(n_boot, np.nan)
     groups = [np.arange(z.size)] if y is None else [np.flatnonzero(y == 0), np.flatnonzero(y == 1)]
     for b in range(n_boot):
         idx = np.concatenate([rng.choice(g, size=g.size, replace=True) for g in groups if g.size])
-        out[b] = fit_calibration(z[idx], None if y is None else y[idx], **fit_options).boundary
-    return out
+        try:
+            out[b] = fit_calibration(z[idx], None if y is None else y[idx], **fit_options).boundary
+        except CalibrationError:
+            continue
+    return out[np.isfinite(out)]
 
 
 def band_from_boundaries(config: CalibrationConfig, boundaries: np.ndarray, coverage: float = 0.95) -> tuple[float, float]:
