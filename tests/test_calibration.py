@@ -213,7 +213,7 @@ def test_calibrated_rule_band_and_override():
     far = DecisionRule.of(_config(CalibrationConfig(method="threshold", threshold_logit=40.0)))
     assert far.decide(40.5).is_fake and not far.decide(39.5).is_fake
     over = DecisionRule.of(_config(cal), threshold=0.3, uncertain_band=0.0)
-    assert over.threshold == pytest.approx(0.3) and over.band is None
+    assert over.threshold == 0.3 and over.band is None
     assert over.decide(0.0).is_fake == (expit(-0.25) > 0.3)
     with pytest.raises(ValueError, match="within"):
         DecisionRule.of(_config(cal), threshold=1.2)
@@ -491,3 +491,20 @@ def test_eval_honours_calibration_and_transfers_it(capsys, tmp_path, sensitive_c
     assert code == 0, err
     again = json.loads((tmp_path / "again" / "config.json").read_text())["calibration"]
     assert again["threshold_logit"] == pytest.approx(cut)
+
+
+def test_eval_calibrate_on_a_folder_of_reals(capsys, tmp_path, sensitive_checkpoint, image_data):
+    code, _, err = run_cli(capsys, "eval", "--suite", "folder", "--root", image_data / "labelled", "--model",
+                           sensitive_checkpoint, "--calibrate-on", image_data / "calib", "--target-fpr", 0.1,
+                           "--out", tmp_path / "t", "--no-plots", "--precision", "fp32")  # fmt: skip
+    assert code == 0, err
+    m = json.loads((tmp_path / "t" / "metrics.json").read_text())
+    assert sorted(m["sets"]) == ["a", "b"]  # the calibration folder is not reported
+    cal = m["calibration"]
+    assert cal["fitted_on"]["n_real"] == 70 and cal["target"]["fpr"] == 0.1 and "95%" in cal["guarantee"]
+    recs = _jsonl((tmp_path / "t" / "predictions.jsonl").read_text())
+    assert {r["set"] for r in recs} == {"a", "b"}
+    assert all(r["verdict"] == ("synthetic" if r["logit"] > cal["threshold_logit"] else "real") for r in recs)
+    code, _, err = run_cli(capsys, "eval", "--suite", "folder", "--root", image_data / "labelled", "--model",
+                           sensitive_checkpoint, "--calibrate-on", "nope", "--target-fpr", 0.1, "--out", tmp_path / "u")  # fmt: skip
+    assert code == 2 and "neither a test set of this layout (a, b)" in err

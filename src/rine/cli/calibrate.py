@@ -165,8 +165,9 @@ def run(args: argparse.Namespace) -> int:
         return fail(str(e))
     if args.decode_timeout < 0:
         return fail("--decode-timeout must be at least 0 (0: no limit)")
-    if source == "--unlabelled" and args.method != "prior-shift" and args.target_fpr is None:
-        return fail("--unlabelled images have no labels: use --method prior-shift (or --reals for a target FPR)")
+    if source == "--unlabelled" and args.method != "prior-shift":
+        return fail("--unlabelled images go with --method prior-shift, which needs no labels (for a target "
+                    "false-positive rate on authentic images, give them with --reals)")
     try:
         if source == "--predictions":
             sets = [s.strip() for s in args.sets.split(",")] if args.sets else None

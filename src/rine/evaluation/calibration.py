@@ -258,7 +258,8 @@ def achieved_rates(z: np.ndarray, y: np.ndarray | None, boundary: float, confide
     flagged = z > boundary
     out: dict[str, Any] = {"confidence": confidence, "flagged": int(flagged.sum()), "n": int(z.size)}
     if y is None:
-        out["flagged_rate"] = {"value": float(flagged.mean()), "ci": binomial_ci(int(flagged.sum()), z.size, confidence)}
+        out["flagged_rate"] = {"value": float(flagged.mean()), "ci": binomial_ci(int(flagged.sum()), z.size, confidence),
+                               "n": int(z.size)}
         return out
     for name, mask in (("fpr", y == 0), ("tpr", y == 1), ("accuracy", None)):
         if mask is None:

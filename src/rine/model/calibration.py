@@ -91,7 +91,7 @@ class DecisionRule:
             band = None
         else:
             cut = cal.threshold_logit if threshold is None else logit_of(threshold)
-            t = sigmoid(cut) if math.isfinite(cut) else (0.0 if cut < 0 else 1.0)
+            t = threshold if threshold is not None else sigmoid(cut)
             band = None if cal.uncertain_low is None else (cal.uncertain_low, cal.uncertain_high)
         if uncertain_band is not None:
             band = (max(0.0, t - uncertain_band), min(1.0, t + uncertain_band)) if uncertain_band > 0 else None
