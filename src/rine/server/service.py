@@ -11,14 +11,13 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from ..data.images import ImageLoadError, load_image
 from ..data.preprocess import crop_views
-from ..model.calibration import DecisionRule
 from .batching import Batcher, Overloaded, ScoringFailed, ViewScores
 from .limits import (
     HTTPError,
@@ -29,6 +28,9 @@ from .limits import (
     _Upload,
     load_error_status,
 )
+
+if TYPE_CHECKING:
+    from ..model.calibration import DecisionRule
 
 logger = logging.getLogger(__name__)
 
@@ -218,6 +220,8 @@ class Service:
 def decision_rule(detector: Any) -> DecisionRule:
     """The detector's decision rule; one built from its config for a detector-like object
     without one (a wrapper that only scores views)."""
+    from ..model.calibration import DecisionRule
+
     rule = getattr(detector, "decision", None)
     return rule if isinstance(rule, DecisionRule) else DecisionRule.of(detector.config)
 
