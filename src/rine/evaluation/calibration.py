@@ -113,9 +113,16 @@ def fit_target_fpr(real_logits, target_fpr: float, confidence: float = DEFAULT_C
             f"a false-positive rate of at most {target_fpr:g} with {confidence:.0%} confidence needs at least "
             f"{need} real images; got {n}. Add {need - n} more real images, or ask for a larger rate"
         )
-    ks = np.arange(1, n + 1)
-    ok = np.flatnonzero(fpr_upper_bound(n, ks, confidence) <= target_fpr)
-    k = int(ks[ok[-1]])  # the bound grows with k: the largest admissible k flags the most fakes
+    # The bound grows with k (Beta(k, n + 1 - k) moves right): the largest admissible k, the
+    # cut that flags the most fakes, by bisection (k = 1 is admissible since n >= need).
+    lo, hi = 1, n
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fpr_upper_bound(n, mid, confidence) <= target_fpr:
+            lo = mid
+        else:
+            hi = mid - 1
+    k = lo
     desc = np.sort(z)[::-1]
     cut = float(desc[k - 1])
     return FPRCut(cut, k, float(fpr_upper_bound(n, k, confidence)), n, int(np.sum(z > cut)))
