@@ -314,13 +314,14 @@ def fit_calibration(
     fake_share: float | None = None,
     confidence: float = DEFAULT_CONFIDENCE,
     fitted_on: dict[str, Any] | None = None,
+    with_rates: bool = True,
 ) -> CalibrationFit:
     """Fit `method` (the probability map: threshold = none, temperature, platt, prior-shift),
     then the cut: at `target_fpr` (on the real images), at the best `objective`, or at 0.5.
 
     logits [N] are the head's raw logits (for ten-crop: the mean of the views'); labels [N]
     (0 real, 1 fake) or None for unlabelled images (prior-shift, or a target FPR on images
-    that are all real)."""
+    that are all real). `with_rates=False` skips the achieved rates (the bootstrap's refits)."""
     if method not in CALIBRATION_METHODS:
         raise CalibrationError(f"method must be one of {CALIBRATION_METHODS}, got {method!r}")
     if target_fpr is not None and objective is not None:
@@ -366,7 +367,7 @@ def fit_calibration(
     if method == "prior-shift" and fake_share is not None:
         target.setdefault("fake_share", fake_share)
     boundary = (cut_logit - offset) / scale
-    rates = achieved_rates(z, y, boundary, confidence)
+    rates = achieved_rates(z, y, boundary, confidence) if with_rates else {}
     config = CalibrationConfig(
         method=method, threshold_logit=float(cut_logit), scale=float(scale), offset=float(offset),
         target=target, fitted_on=dict(fitted_on or {}), rates=rates, guarantee=guarantee,
@@ -388,7 +389,7 @@ def bootstrap_boundaries(
     for b in range(n_boot):
         idx = np.concatenate([rng.choice(g, size=g.size, replace=True) for g in groups if g.size])
         try:
-            out[b] = fit_calibration(z[idx], None if y is None else y[idx], **fit_options).boundary
+            out[b] = fit_calibration(z[idx], None if y is None else y[idx], with_rates=False, **fit_options).boundary
         except CalibrationError:
             continue
     return out[np.isfinite(out)]
