@@ -508,3 +508,68 @@ def test_eval_calibrate_on_a_folder_of_reals(capsys, tmp_path, sensitive_checkpo
     code, _, err = run_cli(capsys, "eval", "--suite", "folder", "--root", image_data / "labelled", "--model",
                            sensitive_checkpoint, "--calibrate-on", "nope", "--target-fpr", 0.1, "--out", tmp_path / "u")  # fmt: skip
     assert code == 2 and "neither a test set of this layout (a, b)" in err
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_page_says_uncertain_in_words(tiny_checkpoint_dir, tmp_path):
+    """`rine serve --uncertain-band` and the page: the card reads "Uncertain: too close to call"
+    and the model line explains the band (headless Chromium, as tests/test_browser.py)."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from test_browser import CHROMIUM, CHROMIUM_ARGS, free_port
+
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} not found")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright for Python is not installed")
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("uvicorn")
+    image = varied_image(tmp_path / "x.png", 0, False)
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    log = open(tmp_path / "server.log", "wb")
+    # the tiny head's probabilities are all near 0.54: a band of 0.4 around 0.5 holds them
+    proc = subprocess.Popen([sys.executable, "-m", "rine", "serve", "--host", "127.0.0.1", "--port", str(port),
+                             "--model", str(tiny_checkpoint_dir), "--device", "cpu", "--no-access-log",
+                             "--uncertain-band", "0.4"], stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, (tmp_path / "server.log").read_text()
+            try:
+                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "rine serve did not become ready"
+            time.sleep(0.1)
+        api = httpx.post(f"{base}/v1/detect", files=[("files", ("x.png", image.read_bytes()))], timeout=30).json()
+        assert api["results"][0]["verdict"] == "uncertain" and api["results"][0]["threshold"] == 0.5
+        with sync_api.sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+            try:
+                page = browser.new_page(bypass_csp=True)
+                page.goto(base + "/")
+                page.wait_for_function("document.querySelector('#model').textContent.startsWith('Model ')")
+                assert '"uncertain"' in page.inner_text("#model") and "human look" in page.inner_text("#model")
+                page.set_input_files("#file-input", [str(image)])
+                page.wait_for_function("document.querySelectorAll('#results .card[data-state=done]').length === 1",
+                                       timeout=30_000)  # fmt: skip
+                verdict = page.query_selector("#results .card .verdict")
+                assert verdict.get_attribute("data-verdict") == "uncertain"
+                assert verdict.inner_text().strip() == "Uncertain: too close to call"
+                assert "Uncertain: too close to call" in page.inner_text("#announce")
+            finally:
+                browser.close()
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
