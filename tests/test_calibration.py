@@ -175,6 +175,14 @@ def test_one_class_where_two_are_needed_is_a_clear_error(kwargs):
         fit_calibration(np.linspace(-1, 1, 100), np.zeros(100, int), **kwargs)
 
 
+def test_prior_shift_refuses_a_cut_that_needs_labels(capsys, tmp_path):
+    with pytest.raises(CalibrationError, match="needs labelled images"):
+        fit_calibration(np.linspace(-1, 1, 100), None, method="prior-shift", target_fpr=0.1)
+    code, _, err = run_cli(capsys, "calibrate", "--unlabelled", tmp_path, "--method", "prior-shift",
+                           "--target-fpr", 0.1, "--out", tmp_path / "o")  # fmt: skip
+    assert code == 2 and "--target-fpr known real images" in err
+
+
 def test_platt_refuses_inverted_scores():
     z = np.linspace(-3, 3, 200)
     with pytest.raises(CalibrationError, match="scores real images above fakes"):

@@ -66,8 +66,9 @@ def fit_options_from_args(args: argparse.Namespace) -> dict:
             raise CLIError("--fake-share goes with --method prior-shift")
         if not 0.0 < args.fake_share < 1.0:
             raise CLIError(f"--fake-share must be between 0 and 1 (exclusive), got {args.fake_share}")
-    if args.method == "prior-shift" and args.objective is not None:
-        raise CLIError("--method prior-shift uses no labels: combine it with --target-fpr or nothing, not --objective")
+    if args.method == "prior-shift" and (args.objective is not None or args.target_fpr is not None):
+        raise CLIError("--method prior-shift uses no labels, so it cuts at its own balance point: --objective needs "
+                       "labels and --target-fpr known real images (give those with --reals, without prior-shift)")
     fit = {"method": args.method or "threshold", "target_fpr": args.target_fpr, "objective": args.objective,
            "fake_share": args.fake_share, "confidence": args.confidence}  # fmt: skip
     return {"fit": fit, "labelled": args.method != "prior-shift"}

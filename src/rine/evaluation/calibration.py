@@ -333,6 +333,9 @@ def fit_calibration(
         raise CalibrationError("a threshold fit needs a target false-positive rate or an objective")
     if target_fpr is not None:
         check_fpr(target_fpr, confidence)
+    if method == "prior-shift" and (target_fpr is not None or objective is not None):
+        raise CalibrationError("prior-shift fits its own cut from unlabelled images; a target FPR or an objective "
+                               "needs labelled images")  # fmt: skip
     scale, offset = 1.0, 0.0
     if method == "temperature":
         scale = fit_temperature(z, y)
