@@ -5,6 +5,7 @@ Examples:
   rine detect photos/ 'shots/**/*.png' --output scores.csv   # format from the file name
   rine detect img.jpg --backbone ./clip-vit-large-patch14 --head ./model_4class_trainable.pth
   rine detect archive/ -o scores.jsonl --resume   # after an interruption: score only the rest
+  rine detect photos/ --model my-rine/            # a model calibrated by rine calibrate: its threshold
 
 Exit status: 0 all files scored, 1 some files could not be read (they get an error
 record; with --resume, also those of the earlier run), 2 bad usage or missing weights.
