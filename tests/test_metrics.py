@@ -96,3 +96,73 @@ def test_bad_input():
         M.accuracy([0, 2], [0.1, 0.2])
     with pytest.raises(ValueError):
         M.accuracy([0, 1], [0.1])
+
+
+# ---------------------------------------------------------------------------- deployment metrics
+@pytest.mark.parametrize("case", list(_cases()))
+def test_deployment_metrics_same_as_sklearn(case):
+    from sklearn.metrics import balanced_accuracy_score, brier_score_loss, log_loss
+
+    y, s = case
+    assert M.brier_score(y, s) == pytest.approx(brier_score_loss(y, s), abs=1e-12)
+    assert M.log_loss(y, s) == pytest.approx(log_loss(y, s, labels=[0, 1]), abs=1e-9)
+    assert M.balanced_accuracy(y, s) == pytest.approx(balanced_accuracy_score(y, s > 0.5))
+    assert M.balanced_accuracy(y, s, 0.3) == pytest.approx(balanced_accuracy_score(y, s > 0.3))
+    sk_fpr, sk_tpr, _ = roc_curve(y, s, drop_intermediate=False)
+    for limit in (0.0, 0.01, 0.05, 0.2):
+        assert M.tpr_at_fpr(y, s, limit) == pytest.approx(sk_tpr[sk_fpr <= limit].max())
+    # EER: where FPR = FNR on sklearn's ROC polyline, found by sampling every segment densely
+    # (independent of the closed form in rine.metrics)
+    t = np.linspace(0, 1, 2001)[:, None]
+    f = (sk_fpr[:-1] + t * np.diff(sk_fpr)).ravel()
+    fn = 1 - (sk_tpr[:-1] + t * np.diff(sk_tpr)).ravel()
+    i = np.argmin(np.abs(f - fn))
+    assert M.equal_error_rate(y, s) == pytest.approx((f[i] + fn[i]) / 2, abs=2e-3)
+
+
+def test_eer_hand_cases():
+    assert M.equal_error_rate([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9]) == 0.0  # separable
+    assert M.equal_error_rate([0, 0, 1, 1], [0.9, 0.8, 0.2, 0.1]) == 1.0  # inverted
+    assert M.equal_error_rate([0, 1], [0.5, 0.5]) == pytest.approx(0.5)  # one tie: chance
+    assert M.equal_error_rate([0, 0], [0.1, 0.2]) is None and M.tpr_at_fpr([1, 1], [0.1, 0.2], 0.05) is None
+
+
+def test_bootstrap_ci_seeded_stratified_and_shrinking():
+    rng = np.random.default_rng(0)
+
+    def data(n):
+        y = np.r_[np.zeros(n, int), np.ones(n, int)]
+        return y, np.r_[rng.normal(0.4, 0.15, n), rng.normal(0.6, 0.15, n)]
+
+    y, s = data(100)
+    a = M.bootstrap_ci(y, s, 300, seed=1)
+    assert a == M.bootstrap_ci(y, s, 300, seed=1)  # seeded
+    assert a != M.bootstrap_ci(y, s, 300, seed=2)
+    for key, point in (("acc", M.accuracy(y, s)), ("ap", M.average_precision(y, s)), ("auc", M.roc_auc(y, s))):
+        lo, hi = a[f"{key}_ci"]
+        assert lo < point < hi
+    # ten times the images: intervals about sqrt(10) ~ 3.2 times narrower
+    yb, sb = data(1000)
+    b = M.bootstrap_ci(yb, sb, 300, seed=1)
+    for key in ("acc_ci", "ap_ci", "auc_ci"):
+        ratio = (a[key][1] - a[key][0]) / (b[key][1] - b[key][0])
+        assert 2.0 < ratio < 5.0, (key, ratio)
+    one = M.bootstrap_ci(np.zeros(20, int), np.linspace(0, 1, 20), 50)
+    assert one["ap_ci"] is None and one["auc_ci"] is None and one["acc_ci"] is not None
+
+
+def test_metrics_of_adds_the_new_keys_without_touching_the_old(tmp_path):
+    from rine.evaluation.results import metrics_of
+
+    rng = np.random.default_rng(3)
+    recs = [{"label": int(i % 2), "prob_fake": float(p), "logit": float(np.log(p / (1 - p))), "error": None}
+            for i, p in enumerate(rng.uniform(0.05, 0.95, 40))]  # fmt: skip
+    m = metrics_of({"s": recs}, 0.5, bootstrap=20, seed=0, calibrated=True)
+    one = m["sets"]["s"]
+    y, s = [r["label"] for r in recs], [r["prob_fake"] for r in recs]
+    base = M.compute_metrics(y, s)
+    assert {k: one[k] for k in base} == base  # the paper's metrics as before
+    for k in (*M.DEPLOYMENT_KEYS, "acc_ci", "ap_ci", "auc_ci", "ece_uncalibrated"):
+        assert k in one
+    assert one["ece_uncalibrated"] == pytest.approx(one["ece"])  # prob_fake == sigmoid(logit) here
+    assert m["mean"]["eer"] == one["eer"] and m["mean"]["nll"] == one["nll"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,10 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 BLOCK_SELECTIONS = ("all", "last")
+# How a calibration turns the head's logit into a decision (rine.model.calibration):
+# "threshold" keeps the probability and moves the cut; the others also change the probability.
+CALIBRATION_METHODS = ("threshold", "temperature", "platt", "prior-shift")
+CALIBRATION_OBJECTIVES = ("balanced", "f1", "accuracy")
 
 
 @dataclass
@@ -72,6 +77,58 @@ class PreprocessConfig:
 
 
 @dataclass
+class CalibrationConfig:
+    """A fitted decision rule (written by `rine calibrate`, applied by `rine.model.calibration`).
+
+    Every method is an affine map of the head's logit z, then a cut on the result:
+        calibrated logit  c = scale * z + offset
+        prob_fake         = sigmoid(c)
+        is_fake           = c > threshold_logit        (threshold = sigmoid(threshold_logit))
+        verdict           = "uncertain" when uncertain_low <= prob_fake <= uncertain_high
+    The cut is kept as a logit because a strict false-positive target can put it where
+    float probabilities are all 1.0. `fitted_on`, `target` and `rates` are provenance and
+    the achieved rates with their confidence intervals (JSON objects, read by people).
+    """
+
+    method: str
+    threshold_logit: float
+    scale: float = 1.0
+    offset: float = 0.0
+    uncertain_low: float | None = None
+    uncertain_high: float | None = None
+    target: dict[str, Any] = field(default_factory=dict)
+    fitted_on: dict[str, Any] = field(default_factory=dict)
+    rates: dict[str, Any] = field(default_factory=dict)
+    guarantee: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in CALIBRATION_METHODS:
+            raise ValueError(f"calibration method must be one of {CALIBRATION_METHODS}, got {self.method!r}")
+        for name in ("threshold_logit", "scale", "offset"):
+            if not math.isfinite(float(getattr(self, name))):
+                raise ValueError(f"calibration {name} must be a finite number, got {getattr(self, name)!r}")
+        if self.scale <= 0:
+            raise ValueError(f"calibration scale must be positive (a negative one would invert the scores), got {self.scale}")
+        if (self.uncertain_low is None) != (self.uncertain_high is None):
+            raise ValueError("calibration uncertain_low and uncertain_high go together")
+        if self.uncertain_low is not None and not 0.0 <= self.uncertain_low <= self.uncertain_high <= 1.0:
+            raise ValueError(f"calibration uncertain band [{self.uncertain_low}, {self.uncertain_high}] is not inside [0, 1]")
+
+    @property
+    def threshold(self) -> float:
+        """The cut as a probability (for display; decisions use `threshold_logit`)."""
+        return sigmoid(self.threshold_logit)
+
+
+def sigmoid(x: float) -> float:
+    """1 / (1 + exp(-x)) in float64 without overflow."""
+    if x >= 0:
+        return 1.0 / (1.0 + math.exp(-x))
+    e = math.exp(x)
+    return e / (1.0 + e)
+
+
+@dataclass
 class RINEConfig:
     """Everything needed to rebuild a detector, minus the weights.
 
@@ -86,9 +143,15 @@ class RINEConfig:
     name: str | None = None
     # Free-form provenance (training data, source URL, blob id...).
     meta: dict[str, Any] = field(default_factory=dict)
+    # Written by `rine calibrate`; absent (and not serialised) for an uncalibrated head, so
+    # config.json files from before calibration existed load and save unchanged.
+    calibration: CalibrationConfig | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if d["calibration"] is None:
+            del d["calibration"]
+        return d
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RINEConfig:
@@ -96,11 +159,18 @@ class RINEConfig:
         head = HeadConfig(**data.pop("head"))
         pre = data.pop("preprocess", None)
         preprocess = PreprocessConfig(**pre) if pre is not None else PreprocessConfig()
+        cal = data.pop("calibration", None)
+        calibration = None
+        if cal is not None:
+            extra = set(cal) - {f.name for f in dataclasses.fields(CalibrationConfig)}
+            if extra:
+                raise ValueError(f"unknown keys in the calibration block: {sorted(extra)}")
+            calibration = CalibrationConfig(**cal)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown keys in RINE config: {sorted(unknown)}")
-        return cls(head=head, preprocess=preprocess, **data)
+        return cls(head=head, preprocess=preprocess, calibration=calibration, **data)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")

@@ -232,6 +232,38 @@ def add_decoding_options(group: argparse._ArgumentGroup) -> None:
                             f"its worker (default {DEFAULT_DECODE_TIMEOUT:g}; 0: no limit)")  # fmt: skip
 
 
+def probability(text: str) -> float:
+    """argparse type: a number within [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a probability is within [0, 1]")
+    return value
+
+
+def add_decision_options(group: argparse._ArgumentGroup) -> None:
+    """--threshold and --uncertain-band: override the cut of the model (calibrated or not)."""
+    group.add_argument("--threshold", type=probability, default=None, metavar="P",
+                       help="call an image synthetic when its probability is above P (default: the model's "
+                            "own: 0.5, or the one fitted by rine calibrate)")  # fmt: skip
+    group.add_argument("--uncertain-band", type=float, default=None, metavar="W",
+                       help="give the verdict `uncertain` to probabilities within W of the threshold (e.g. "
+                            "0.1; 0: none). Default: the model's own band (none unless rine calibrate set one)")  # fmt: skip
+
+
+def apply_decision_options(detector, args: argparse.Namespace):
+    """The detector with --threshold / --uncertain-band applied (CLIError if out of range)."""
+    threshold, band = getattr(args, "threshold", None), getattr(args, "uncertain_band", None)
+    if threshold is not None or band is not None:
+        try:
+            detector.set_decision(threshold, band)
+        except ValueError as e:
+            raise CLIError(str(e)) from None
+    return detector
+
+
 def load_detector(args: argparse.Namespace, keep_reference: bool = True):
     """Build a Detector from the model options, turning known failures into CLIError."""
     from ..inference.detector import Detector

@@ -5,6 +5,7 @@ Examples:
   rine detect photos/ 'shots/**/*.png' --output scores.csv   # format from the file name
   rine detect img.jpg --backbone ./clip-vit-large-patch14 --head ./model_4class_trainable.pth
   rine detect archive/ -o scores.jsonl --resume   # after an interruption: score only the rest
+  rine detect photos/ --model my-rine/            # a model calibrated by rine calibrate: its threshold
 
 Exit status: 0 all files scored, 1 some files could not be read (they get an error
 record; with --resume, also those of the earlier run), 2 bad usage or missing weights.
@@ -27,8 +28,10 @@ from ..data.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from ..data.scan import Skipped
 from .common import (
     CLIError,
+    add_decision_options,
     add_decoding_options,
     add_model_options,
+    apply_decision_options,
     byte_size,
     check_device,
     check_output_file,
@@ -45,6 +48,8 @@ logger = logging.getLogger(__name__)
 
 FORMATS = ("table", "json", "jsonl", "csv")
 CSV_FIELDS = ("path", "prob_fake", "logit", "is_fake", "error")
+# a calibrated model (or --threshold / --uncertain-band) adds the cut and the verdict
+CSV_FIELDS_DECIDED = (*CSV_FIELDS, "threshold", "verdict")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -59,6 +64,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "left out; the summary counts what was skipped, -v lists it) or globs. A file given "
                    "twice (or inside a folder also given) is scored once")
     add_model_options(p)
+    add_decision_options(p.add_argument_group("decision"))
     o = p.add_argument_group("output")
     o.add_argument("--format", choices=FORMATS, default=None, help="default: from the --output file's name (.csv, .json; else jsonl), "
                    "or a table on a terminal, jsonl otherwise")
@@ -97,11 +103,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 class _Writer:
     """Writes records as they arrive for streaming formats (nothing lost on interrupt)."""
 
-    def __init__(self, stream: TextIO, fmt: str, with_blocks: bool, header: bool = True):
+    def __init__(self, stream: TextIO, fmt: str, with_blocks: bool, header: bool = True, decided: bool = False):
         self.stream, self.fmt, self.with_blocks = stream, fmt, with_blocks
         self.rows: list[dict] = []
         if fmt == "csv":
-            self.csv = csv.DictWriter(stream, fieldnames=CSV_FIELDS, extrasaction="ignore")
+            fields = CSV_FIELDS_DECIDED if decided else CSV_FIELDS
+            self.csv = csv.DictWriter(stream, fieldnames=fields, extrasaction="ignore")
             if header:
                 self.csv.writeheader()
 
@@ -140,7 +147,7 @@ def _table(rows: list[dict]) -> str:
         if r["error"]:
             out.write(f"{path:<{width}}  {'-':>9}  error: {r['error']}\n")
         else:
-            verdict = "synthetic" if r["is_fake"] else "real"
+            verdict = r.get("verdict") or ("synthetic" if r["is_fake"] else "real")
             out.write(f"{path:<{width}}  {r['prob_fake']:>9.4f}  {verdict}\n")
     return out.getvalue()
 
@@ -168,7 +175,7 @@ def _is_cut_record(tail: bytes, fmt: str, first_line: bool) -> bool:
         elif ch in "\r\n" and not in_quotes:
             return False
     fields = next(csv.reader(io.StringIO(text, newline="")), [])
-    return len(fields) <= len(CSV_FIELDS)
+    return len(fields) <= len(CSV_FIELDS_DECIDED)
 
 
 def records_done(output: Path, fmt: str) -> dict[str, bool]:
@@ -205,10 +212,10 @@ def records_done(output: Path, fmt: str) -> dict[str, bool]:
         rows = csv.reader(io.StringIO(text, newline=""), strict=True)
         try:
             header = next(rows, None)
-            if header is not None and tuple(header) != CSV_FIELDS:
+            if header is not None and tuple(header) not in (CSV_FIELDS, CSV_FIELDS_DECIDED):
                 raise CLIError(f"--resume: {output} has the header {header}, not rine detect's {list(CSV_FIELDS)}{redo}")
             for row in rows:
-                if len(row) != len(CSV_FIELDS):
+                if len(row) != len(header or CSV_FIELDS):
                     raise CLIError(f"--resume: {output}, line {rows.line_num}, is not a rine detect record: "
                                    f"fix or remove it{redo}")  # fmt: skip
                 done[row[0]] = bool(row[CSV_FIELDS.index("error")])
@@ -358,6 +365,7 @@ def run(args: argparse.Namespace) -> int:
         paths, unreadable, header, failed_before = plan.todo, plan.unreadable, plan.header, plan.failed_before
     try:
         detector = load_detector(args, keep_reference=False)  # scoring only: half the memory
+        apply_decision_options(detector, args)
     except CLIError as e:
         return fail(str(e))
     detector.max_pixels = args.max_pixels
@@ -373,7 +381,7 @@ def run(args: argparse.Namespace) -> int:
         if fmt == "csv" and hasattr(stream, "reconfigure"):  # a real console stream; set back below
             stdout_errors = stream.errors
             stream.reconfigure(errors=errors)
-    writer = _Writer(stream, fmt, args.blocks, header=header)
+    writer = _Writer(stream, fmt, args.blocks, header=header, decided=detector.decision.reports_threshold)
     n_failed = n_written = n_pixels = n_bytes = 0
     # SIGTERM (kill, a CI timeout, a service manager) stops the run as Ctrl-C does: the records
     # written stay, the decoding workers are stopped, and the resume hint is printed.

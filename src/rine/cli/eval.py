@@ -50,8 +50,62 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    add_data_options(p)
+    add_model_options(p, repeatable=True)
+    r = p.add_argument_group("robustness")
+    r.add_argument("--perturb", action="append", default=None, metavar="KIND[,KIND]",
+                   help=f"one or more of {', '.join(PERTURB_CHOICES)} (none = clean); repeatable. Default: none")  # fmt: skip
+    r.add_argument("--seed", type=int, default=0, help="seed of the perturbations (default 0)")
+    r.add_argument(
+        "--perturb-p",
+        type=float,
+        default=0.5,
+        help="probability that an image is perturbed (default %(default)s, the paper's)",
+    )
+    r.add_argument("--perturb-quirks", choices=("none", "reference"), default="none",
+                   help="reference: reproduce the reference code's blur sigma 4, JPEG quality 95, transposed "
+                        "crop size and resize of the perturbed half only (see docs/evaluation.md). "
+                        "Default: none")  # fmt: skip
+    o = p.add_argument_group("output and run")
+    o.add_argument("--out", required=True, metavar="DIR", help="output folder (created; must not be a file)")
+    o.add_argument(
+        "--threshold", type=float, default=None,
+        help="decision threshold of ACC, a probability (default: the model's own: 0.5, the paper's, "
+        "or the calibrated one of a model from rine calibrate)",
+    )
+    o.add_argument("--bootstrap", type=positive_int, default=None, metavar="N",
+                   help="add 95%% bootstrap intervals of ACC, AP and AUC per set from N resamples "
+                        "(e.g. 1000; seeded by --bootstrap-seed)")  # fmt: skip
+    o.add_argument("--bootstrap-seed", type=int, default=0, help="seed of --bootstrap (default 0)")
+    c = p.add_argument_group("calibration transfer (docs/calibration.md)")
+    c.add_argument("--calibrate-on", metavar="SET|DIR|FILE",
+                   help="fit a calibration on this test set of the layout (or on a folder / manifest of "
+                        "other images) and report the other sets with it; the set used is left out of "
+                        "the metrics. Choose the fit with the options below")  # fmt: skip
+    from .fitting import add_fit_options
+
+    add_fit_options(c, band=False)
+    o.add_argument(
+        "--features-cache",
+        metavar="DIR",
+        help="keep backbone taps here (rine.features stores) for later runs (default: no cache)",
+    )
+    o.add_argument("--cache-dtype", choices=("float32", "float16"), default="float32",
+                   help="dtype of cached taps (default float32; float16 halves the disk, changes "
+                        "scores by ~1e-3)")  # fmt: skip
+    o.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    o.add_argument(
+        "--batch-size", type=positive_int, default=None, help="images per encoder batch (default 16 on CPU, 64 on GPU)"
+    )
+    add_decoding_options(o)
+    o.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def add_data_options(p: argparse.ArgumentParser, required: bool = True) -> argparse._ArgumentGroup:
+    """--suite/--root and the options of each layout (shared with rine calibrate); the group."""
     d = p.add_argument_group("data")
-    d.add_argument("--suite", required=True, choices=SUITES, help="layout of --root")
+    d.add_argument("--suite", required=required, choices=SUITES, help="layout of --root")
     d.add_argument(
         "--root",
         metavar="DIR|FILE",
@@ -80,41 +134,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     from .hubdata import add_hub_options
 
     add_hub_options(p)
-    add_model_options(p, repeatable=True)
-    r = p.add_argument_group("robustness")
-    r.add_argument("--perturb", action="append", default=None, metavar="KIND[,KIND]",
-                   help=f"one or more of {', '.join(PERTURB_CHOICES)} (none = clean); repeatable. Default: none")  # fmt: skip
-    r.add_argument("--seed", type=int, default=0, help="seed of the perturbations (default 0)")
-    r.add_argument(
-        "--perturb-p",
-        type=float,
-        default=0.5,
-        help="probability that an image is perturbed (default %(default)s, the paper's)",
-    )
-    r.add_argument("--perturb-quirks", choices=("none", "reference"), default="none",
-                   help="reference: reproduce the reference code's blur sigma 4, JPEG quality 95, transposed "
-                        "crop size and resize of the perturbed half only (see docs/evaluation.md). "
-                        "Default: none")  # fmt: skip
-    o = p.add_argument_group("output and run")
-    o.add_argument("--out", required=True, metavar="DIR", help="output folder (created; must not be a file)")
-    o.add_argument(
-        "--threshold", type=float, default=0.5, help="decision threshold of ACC (default %(default)s, the paper's)"
-    )
-    o.add_argument(
-        "--features-cache",
-        metavar="DIR",
-        help="keep backbone taps here (rine.features stores) for later runs (default: no cache)",
-    )
-    o.add_argument("--cache-dtype", choices=("float32", "float16"), default="float32",
-                   help="dtype of cached taps (default float32; float16 halves the disk, changes "
-                        "scores by ~1e-3)")  # fmt: skip
-    o.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    o.add_argument(
-        "--batch-size", type=positive_int, default=None, help="images per encoder batch (default 16 on CPU, 64 on GPU)"
-    )
-    add_decoding_options(o)
-    o.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=run)
+    return d
+
+
+def read_data(args: argparse.Namespace):
+    """(layout, options) from the data options (a folder, a manifest, Parquet or --hub);
+    LayoutError or CLIError on a bad root."""
+    from .hubdata import read_sets
+
+    options: dict = {}
+    if args.sets:
+        options["sets"] = [s.strip() for s in args.sets.split(",") if s.strip()]
+    if args.suite == "synthbuster" and args.real_dir:
+        options["real_dir"] = args.real_dir
+    if args.suite == "genimage":
+        options["split"] = args.split
+    if args.suite in ("folder", "aigibench", "holmes", "chameleon"):
+        options.update(max_depth=args.max_depth, set_depth=args.set_depth)
+    return read_sets(args, args.suite, options), options
 
 
 def _conditions(args):
@@ -208,9 +245,67 @@ def _suite_table(args, result, layout) -> None:
             logger.warning("%s: %d real / %d fake, the benchmark publishes %d / %d", s.name, s.n_real, s.n_fake,
                            *expected)  # fmt: skip
     path = write_suite_table([r for r in result.runs if r.condition.kind is None] or result.runs,
-                             [s.name for s in layout.sets], info.table, args.out, OPENSDI_LABELS, args.threshold)  # fmt: skip
+                             [s.name for s in layout.sets], info.table, args.out, OPENSDI_LABELS,
+                             args.threshold if args.threshold is not None else 0.5)  # fmt: skip
     if path is not None:
         print(path.read_text(encoding="utf-8"), file=sys.stderr, end="")
+
+
+def _with_calibration_set(sets: list, calibrate_on: str | None, fit_options: dict | None):
+    """(sets to score, name of the set to fit on): a set of the layout, or a folder / manifest
+    scored as one more set."""
+    if calibrate_on is None:
+        return list(sets), None
+    names = [s.name for s in sets]
+    if calibrate_on in names:
+        if len(sets) < 2:
+            raise CLIError(f"--calibrate-on {calibrate_on}: it is the only test set, so none is left to report on")
+        return list(sets), calibrate_on
+    if not Path(calibrate_on).expanduser().exists():
+        raise CLIError(f"--calibrate-on {calibrate_on}: neither a test set of this layout ({', '.join(names)}) "
+                       "nor an existing folder or manifest file")  # fmt: skip
+    from .fitting import read_images_arg
+
+    extra = read_images_arg(calibrate_on, "--calibrate-on")
+    extra.name = "calibrate-on:" + extra.name
+    return [*sets, extra], extra.name
+
+
+def _transfer(result, fit_set: str, fit_options: dict, args: argparse.Namespace) -> None:
+    """Fit a calibration per run on `fit_set`'s records, drop that set, and recompute the
+    metrics of the others with it (`metrics["calibration"]` says what was fitted)."""
+    import dataclasses
+
+    import numpy as np
+
+    from ..evaluation.calibration import apply_rule, fingerprint, fit_calibration, records_arrays
+    from ..evaluation.results import metrics_of
+    from ..model.calibration import DecisionRule
+
+    for run_ in result.runs:
+        recs = run_.records.pop(fit_set)
+        z, y = records_arrays(recs)
+        fitted_on = {"set": fit_set, "n": int(z.size), "n_real": int(np.sum(y == 0)), "n_fake": int(np.sum(y == 1)),
+                     "fingerprint": fingerprint([r["key"] for r in recs if r["error"] is None])}  # fmt: skip
+        labels = y if fit_options["labelled"] else None
+        fit = fit_calibration(z, labels, fitted_on=fitted_on, **fit_options["fit"])
+        cal = fit.config
+        rule = DecisionRule(threshold=cal.threshold, calibration=cal, cut_logit=cal.threshold_logit)
+        if args.threshold is not None:
+            rule = dataclasses.replace(rule, threshold=args.threshold, cut_logit=_logit(args.threshold), overridden=True)
+        apply_rule(run_.records, rule)
+        missing = run_.metrics.get("missing_sets")
+        run_.metrics = metrics_of(run_.records, rule.threshold, args.bootstrap or 0, args.bootstrap_seed, True)
+        run_.metrics["calibration"] = dataclasses.asdict(cal)
+        if missing is not None:
+            run_.metrics["missing_sets"] = missing
+    result.sets = [s for s in result.sets if s != fit_set]
+
+
+def _logit(p: float) -> float:
+    from ..model.calibration import logit_of
+
+    return logit_of(p)
 
 
 def _label(source: str, config_name: str | None) -> str:
@@ -232,20 +327,14 @@ def run(args: argparse.Namespace) -> int:
         return fail("--decode-timeout must be at least 0 (0: no limit)")
     from ..data.layouts import LayoutError
     from ..evaluation.engine import evaluate, write_outputs
+    from .fitting import fit_options_from_args
 
-    options: dict = {}
-    if args.sets:
-        options["sets"] = [s.strip() for s in args.sets.split(",") if s.strip()]
-    if args.suite == "synthbuster" and args.real_dir:
-        options["real_dir"] = args.real_dir
-    if args.suite == "genimage":
-        options["split"] = args.split
-    if args.suite in ("folder", "aigibench", "holmes", "chameleon"):
-        options.update(max_depth=args.max_depth, set_depth=args.set_depth)
-    from .hubdata import read_sets
-
+    if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
+        return fail(f"--threshold must be a probability within [0, 1], got {args.threshold}")
     try:
-        layout = read_sets(args, args.suite, options)
+        fit_options = fit_options_from_args(args) if args.calibrate_on else None
+        layout, options = read_data(args)
+        sets, fit_set = _with_calibration_set(layout.sets, args.calibrate_on, fit_options)
     except (LayoutError, CLIError) as e:
         return fail(str(e))
     if args.suite == "synthbuster" and args.crop is None:
@@ -262,7 +351,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = evaluate(
             detector,
-            layout.sets,
+            sets,
             heads=heads,
             conditions=conditions,
             root=root,
@@ -274,8 +363,12 @@ def run(args: argparse.Namespace) -> int:
             cache_dtype=args.cache_dtype,
             decoder=args.decoder,
             decode_timeout=args.decode_timeout or None,
+            bootstrap=args.bootstrap or 0,
+            bootstrap_seed=args.bootstrap_seed,
         )
-    except ValueError as e:
+        if fit_set is not None:
+            _transfer(result, fit_set, fit_options, args)
+    except ValueError as e:  # CalibrationError included: it says what the data lacks
         return fail(str(e))
     from .. import __version__
 
@@ -293,7 +386,9 @@ def run(args: argparse.Namespace) -> int:
         "models": {h.name: (h.config.to_dict() if h.config else None) for h in heads},
         "conditions": [c.id for c in conditions],
         "perturb": {"seed": args.seed, "p": args.perturb_p, "quirks": args.perturb_quirks},
-        "threshold": args.threshold,
+        "threshold": "each model's own" if args.threshold is None else args.threshold,
+        "bootstrap": {"n": args.bootstrap, "seed": args.bootstrap_seed} if args.bootstrap else None,
+        "calibrate_on": args.calibrate_on,
         "device": str(detector.device),
         "precision": args.precision,
     }

@@ -22,7 +22,16 @@ import socket
 import sys
 import threading
 
-from .common import CLIError, add_model_options, check_device, fail, load_detector, pixel_count
+from .common import (
+    CLIError,
+    add_decision_options,
+    add_model_options,
+    apply_decision_options,
+    check_device,
+    fail,
+    load_detector,
+    pixel_count,
+)
 
 logger = logging.getLogger(__name__)
 MB = 1024 * 1024
@@ -49,6 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="do not log each request (by default one line each on stderr: client address, method, "
                         "path, status, number of images, time; never headers, file names or image content)")
     add_model_options(p, batch_jobs=False)
+    add_decision_options(p.add_argument_group("decision"))
     lim = p.add_argument_group("limits")
     lim.add_argument("--max-file-mb", type=float, default=20, help="largest image accepted, MB (default 20)")
     lim.add_argument("--max-request-mb", type=float, default=64, help="largest request body, MB (default 64)")
@@ -150,6 +160,8 @@ def run(args: argparse.Namespace) -> int:
         return fail(str(e))
     if args.head and args.model:
         return fail("give either --model or --backbone/--head, not both")
+    if args.uncertain_band is not None and not 0.0 <= args.uncertain_band < 0.5:
+        return fail(f"--uncertain-band must be within [0, 0.5), got {args.uncertain_band}")
     if args.threads is not None:
         if args.threads < 1:
             return fail("--threads must be at least 1")
@@ -170,7 +182,8 @@ def run(args: argparse.Namespace) -> int:
 
     # One line per request by default, whatever -v says (uvicorn's own logs stay at warning).
     logging.getLogger("rine.server.access").setLevel(logging.WARNING if args.no_access_log else logging.INFO)
-    app = create_app(settings=settings, detector_factory=lambda: load_detector(args, keep_reference=False), on_load_error=on_load_error)
+    app = create_app(settings=settings, detector_factory=lambda: apply_decision_options(load_detector(args, keep_reference=False), args),
+                     on_load_error=on_load_error)
     config = uvicorn.Config(
         app,
         host=args.host,

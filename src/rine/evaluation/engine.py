@@ -26,6 +26,8 @@ import torch
 from ..data.decoding import DECODERS, DEFAULT_DECODE_TIMEOUT
 from ..data.layouts import TestSet
 from ..inference.detector import default_batch_size
+from ..model.calibration import DecisionRule
+from .calibration import apply_rule
 from .outputs import (  # noqa: F401  (rine.evaluation's names before the split)
     TABLE_METRICS,
     detail_table_markdown,
@@ -48,6 +50,14 @@ from .scoring import (  # noqa: F401
 logger = logging.getLogger(__name__)
 
 
+def head_rule(head: EvalHead, threshold: float | None = None) -> DecisionRule:
+    """The decision rule of an evaluated head: its config's (calibrated or not), `threshold`
+    (a probability) replacing the cut; a head without a config cuts at 0.5."""
+    if head.config is None:
+        return DecisionRule(threshold=0.5 if threshold is None else threshold, overridden=threshold is not None)
+    return DecisionRule.of(head.config, threshold)
+
+
 def evaluate(
     detector,
     sets: Sequence[TestSet],
@@ -58,16 +68,21 @@ def evaluate(
     batch_size: int | None = None,
     num_workers: int | None = None,
     progress: bool = False,
-    threshold: float = 0.5,
+    threshold: float | None = None,
     cache_dir: str | Path | None = None,
     cache_dtype: str = "float32",
     decoder: str = "auto",
     decode_timeout: float | None = DEFAULT_DECODE_TIMEOUT,
+    bootstrap: int = 0,
+    bootstrap_seed: int = 0,
 ) -> EvalResult:
     """Score every set under every condition with every head (default: the detector's own).
 
     The backbone runs once per (image, condition); `root` is the data root images are
-    seeded by (see `image_key`). Metrics use `score > threshold` (0.5: the paper's ACC).
+    seeded by (see `image_key`). Metrics use `score > threshold`; None: each head's own cut
+    (0.5, the paper's ACC, for an uncalibrated head). A calibrated head (config.calibration)
+    gets calibrated probabilities in its records (rine.model.calibration), a float `threshold`
+    replacing its cut. `bootstrap` N adds seeded 95 % intervals of ACC, AP and AUC per set.
     `decoder` ("threads", "processes" or "auto": processes with a GPU) decodes the live path;
     with processes, an image still decoding after `decode_timeout` s is skipped.
     """
@@ -105,7 +120,9 @@ def evaluate(
                 runs[ci * len(heads) + hi].records[ts.name] = recs[ci][hi]
     for i, run in enumerate(runs):
         hi = i % len(heads)
-        run.metrics = metrics_of(run.records, threshold)
+        rule = head_rule(heads[hi], threshold)
+        calibrated = apply_rule(run.records, rule)
+        run.metrics = metrics_of(run.records, rule.threshold, bootstrap, bootstrap_seed, calibrated)
         with torch.no_grad():
             run.block_importance = heads[hi].head.block_importance().float().cpu().tolist()
     return EvalResult(runs, [ts.name for ts in sets])

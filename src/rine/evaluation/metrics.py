@@ -187,3 +187,120 @@ def mean_text(mean: dict[str, Any], key: str) -> str:
         return "n/a"
     partial = f" ({n} of {mean['n_sets']} sets)" if n != mean.get("n_sets", n) else ""
     return f"{100 * value:.1f}{partial}"
+
+
+# ---------------------------------------------------------------------------- deployment metrics
+# What a deployment needs besides the paper's ACC/AP: detection at a fixed false-positive rate,
+# the equal error rate, the quality of the probabilities (Brier, NLL) and balanced accuracy.
+DEPLOYMENT_KEYS = ("tpr_at_fpr_1", "tpr_at_fpr_5", "eer", "brier", "nll", "balanced_acc")
+BOOTSTRAP_KEYS = ("acc", "ap", "auc")
+
+
+def tpr_at_fpr(y_true: ArrayLike, y_score: ArrayLike, max_fpr: float) -> float | None:
+    """The highest TPR of any cut whose FPR is at most `max_fpr` (a point of the ROC curve,
+    not interpolated: a cut that exists); None unless both classes are present."""
+    y, s = _arrays(y_true, y_score)
+    if y.all() or not y.any():
+        return None
+    fpr, tpr, _ = roc_curve(y, s)
+    return float(tpr[fpr <= max_fpr + 1e-12].max())
+
+
+def equal_error_rate(y_true: ArrayLike, y_score: ArrayLike) -> float | None:
+    """The rate where the false-positive rate equals the false-negative rate, linearly
+    interpolated between the two ROC points around the crossing; None with one class."""
+    y, s = _arrays(y_true, y_score)
+    if y.all() or not y.any():
+        return None
+    fpr, tpr, _ = roc_curve(y, s)
+    fnr = 1.0 - tpr
+    d = fpr - fnr  # rises from -1 (flag nothing) to +1 (flag everything)
+    i = int(np.flatnonzero(d >= 0)[0])
+    if d[i] == 0 or i == 0:
+        return float(fpr[i])
+    # the segment from point i-1 (d < 0) to point i (d > 0): where fpr = fnr on it
+    w = -d[i - 1] / (d[i] - d[i - 1])
+    return float(fpr[i - 1] + w * (fpr[i] - fpr[i - 1]))
+
+
+def brier_score(y_true: ArrayLike, y_prob: ArrayLike) -> float | None:
+    """Mean squared error of the probabilities (scikit-learn's `brier_score_loss`)."""
+    y, p = _arrays(y_true, y_prob)
+    return float(np.mean((p - y) ** 2)) if y.size else None
+
+
+def log_loss(y_true: ArrayLike, y_prob: ArrayLike) -> float | None:
+    """Mean negative log-likelihood of the labels (scikit-learn's `log_loss`): probabilities
+    are clipped to [eps, 1 - eps], eps = float64's, so a confident mistake costs ~36, not inf."""
+    y, p = _arrays(y_true, y_prob)
+    if not y.size:
+        return None
+    eps = np.finfo(np.float64).eps
+    p = np.clip(p, eps, 1 - eps)
+    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+
+
+def balanced_accuracy(y_true: ArrayLike, y_score: ArrayLike, threshold: float = 0.5) -> float | None:
+    """Mean of the real and fake accuracies (scikit-learn's `balanced_accuracy_score` on
+    `score > threshold`); None with one class, where it is only that class's accuracy."""
+    real = class_accuracy(y_true, y_score, 0, threshold)
+    fake = class_accuracy(y_true, y_score, 1, threshold)
+    return None if real is None or fake is None else (real + fake) / 2
+
+
+def deployment_metrics(y_true: ArrayLike, y_score: ArrayLike, threshold: float = 0.5) -> dict[str, Any]:
+    """The DEPLOYMENT_KEYS of one set (y_score: probabilities); undefined ones are None."""
+    y, s = _arrays(y_true, y_score)
+    return {
+        "tpr_at_fpr_1": tpr_at_fpr(y, s, 0.01),
+        "tpr_at_fpr_5": tpr_at_fpr(y, s, 0.05),
+        "eer": equal_error_rate(y, s),
+        "brier": brier_score(y, s),
+        "nll": log_loss(y, s),
+        "balanced_acc": balanced_accuracy(y, s, threshold),
+    }
+
+
+def bootstrap_ci(
+    y_true: ArrayLike,
+    y_score: ArrayLike,
+    n_boot: int,
+    seed: int = 0,
+    threshold: float = 0.5,
+    confidence: float = 0.95,
+) -> dict[str, list[float] | None]:
+    """Percentile bootstrap intervals of ACC, AP and AUC: {"acc_ci": [lo, hi], ...}.
+
+    Images are resampled with replacement within each class (a stratified bootstrap keeps
+    both classes, so AP and AUC stay defined, and the class balance of the set as it is).
+    Seeded: the same call gives the same intervals. None where the metric is undefined."""
+    y, s = _arrays(y_true, y_score)
+    if n_boot < 1:
+        raise ValueError(f"the number of bootstrap resamples must be at least 1, got {n_boot}")
+    rng = np.random.default_rng(seed)
+    groups = [np.flatnonzero(y == c) for c in (0, 1)]
+    fns = {"acc": lambda yy, ss: accuracy(yy, ss, threshold), "ap": average_precision, "auc": roc_auc}
+    both = all(g.size for g in groups)
+    vals: dict[str, list[float]] = {k: [] for k in BOOTSTRAP_KEYS}
+    if y.size:
+        for _ in range(n_boot):
+            idx = np.concatenate([rng.choice(g, size=g.size, replace=True) for g in groups if g.size])
+            yy, ss = y[idx], s[idx]
+            for k in BOOTSTRAP_KEYS:
+                if k == "acc" or both:
+                    vals[k].append(fns[k](yy, ss))
+    a = (1 - confidence) / 2
+    return {
+        f"{k}_ci": [float(q) for q in np.quantile(v, [a, 1 - a])] if v else None for k, v in vals.items()
+    }
+
+
+def mean_deployment_metrics(per_set: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Mean of each DEPLOYMENT_KEYS metric (and `ece_uncalibrated`) over the sets where it is defined."""
+    out: dict[str, Any] = {}
+    for key in (*DEPLOYMENT_KEYS, "ece_uncalibrated"):
+        vals = [m[key] for m in per_set.values() if m.get(key) is not None]
+        if key == "ece_uncalibrated" and not vals:
+            continue
+        out[key] = float(np.mean(vals)) if vals else None
+    return out

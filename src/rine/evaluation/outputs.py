@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .metrics import mean_text, sets_counted
+from .metrics import DEPLOYMENT_KEYS, mean_text, sets_counted
 from .results import EvalResult, RunResult
 
 TABLE_METRICS = ("acc", "ap", "auc", "acc_real", "acc_fake", "f1", "ece", "acc_best")
@@ -112,7 +112,7 @@ def write_run(run: RunResult, folder: Path, meta: dict[str, Any], plots: bool = 
     )
     write_paper_csv(folder / "table.csv", [run], sets)
     with open(folder / "metrics.csv", "w", newline="", encoding="utf-8") as f:
-        cols = ["set", "n_real", "n_fake", "n_errors", *TABLE_METRICS]
+        cols = ["set", "n_real", "n_fake", "n_errors", *TABLE_METRICS, *DEPLOYMENT_KEYS]
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
         w.writeheader()
         for name, m in [*run.metrics["sets"].items(), ("mean", run.metrics["mean"])]:

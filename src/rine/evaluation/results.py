@@ -14,7 +14,14 @@ from typing import Any
 from ..config import RINEConfig
 from ..data.perturb import QUIRKS, transform_id
 from ..model.head import RINEHead
-from .metrics import compute_metrics, mean_metrics
+from .metrics import (
+    bootstrap_ci,
+    compute_metrics,
+    deployment_metrics,
+    expected_calibration_error,
+    mean_deployment_metrics,
+    mean_metrics,
+)
 
 
 @dataclass
@@ -66,15 +73,36 @@ class EvalResult:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-def metrics_of(records: dict[str, list[dict[str, Any]]], threshold: float = 0.5) -> dict[str, Any]:
-    """{"sets": {name: metrics}, "mean": {...}} from prediction records (errors excluded)."""
+def metrics_of(
+    records: dict[str, list[dict[str, Any]]],
+    threshold: float = 0.5,
+    bootstrap: int = 0,
+    seed: int = 0,
+    calibrated: bool = False,
+) -> dict[str, Any]:
+    """{"sets": {name: metrics}, "mean": {...}} from prediction records (errors excluded).
+
+    `bootstrap` N > 0 adds seeded 95 % intervals `acc_ci`, `ap_ci`, `auc_ci` per set;
+    `calibrated` (prob_fake is a calibrated probability) adds `ece_uncalibrated`, the ECE of
+    sigmoid(logit), the head's own probability."""
+    import numpy as np
+
     per_set = {}
     for name, recs in records.items():
         ok = [r for r in recs if r["error"] is None]
-        m = compute_metrics([r["label"] for r in ok], [r["prob_fake"] for r in ok], threshold)
+        labels, probs = [r["label"] for r in ok], [r["prob_fake"] for r in ok]
+        m = compute_metrics(labels, probs, threshold)
+        m.update(deployment_metrics(labels, probs, threshold))
+        if calibrated and ok:
+            raw = 1.0 / (1.0 + np.exp(-np.asarray([r["logit"] for r in ok], dtype=np.float64)))
+            m["ece_uncalibrated"] = expected_calibration_error(labels, raw)
+        if bootstrap:
+            m.update(bootstrap_ci(labels, probs, bootstrap, seed, threshold))
         m["n_errors"] = len(recs) - len(ok)
         # counts on disk, readable or not: what the layout found
         m["n_real_listed"] = sum(1 for r in recs if r["label"] == 0)
         m["n_fake_listed"] = sum(1 for r in recs if r["label"] == 1)
         per_set[name] = m
-    return {"sets": per_set, "mean": mean_metrics(per_set), "threshold": threshold}
+    mean = mean_metrics(per_set)
+    mean.update(mean_deployment_metrics(per_set))
+    return {"sets": per_set, "mean": mean, "threshold": threshold}

@@ -39,6 +39,7 @@ from ..data.jpeg_crop import decode_views
 from ..data.preprocess import normalize
 from ..model.accel import PRECISIONS, FastTapEncoder, resolve_precision
 from ..model.backbones import load_backbone
+from ..model.calibration import DecisionRule
 from ..model.checkpoints import load_head, load_pretrained
 from ..model.rine_model import RINEModel
 
@@ -61,7 +62,12 @@ ImageSource = str | Path | bytes | Image.Image | np.ndarray  # arrays: uint8 [H,
 
 @dataclass
 class Prediction:
-    """One image's result. `prob_fake` = sigmoid(logit); None when `error` is set.
+    """One image's result. `prob_fake` = sigmoid(logit) (of the calibrated logit when the model
+    is calibrated: `logit` stays the head's own); None when `error` is set.
+
+    threshold, verdict: the probability cut that made `is_fake` and "real" / "synthetic" /
+    "uncertain" (rine.model.calibration); set only for a calibrated model or when a threshold
+    or uncertain band is given, so an uncalibrated model's records are unchanged.
 
     block_contribution [blocks]: share of each encoder block in this image's pooled
     feature (L1 norm of its importance-weighted projection, normalised to sum 1).
@@ -73,11 +79,16 @@ class Prediction:
     is_fake: bool | None = None
     error: str | None = None
     block_contribution: list[float] | None = None
+    threshold: float | None = None
+    verdict: str | None = None
 
     def to_dict(self, with_blocks: bool = False) -> dict[str, Any]:
         d = asdict(self)
         if not with_blocks:
             d.pop("block_contribution")
+        for key in ("threshold", "verdict"):
+            if d[key] is None:
+                del d[key]
         return d
 
 
@@ -162,6 +173,8 @@ class Detector:
         self.precision = resolve_precision(precision, self.device)
         self.model = model.to(self.device).eval()
         self.config = config
+        # logit -> probability, cut, verdict: the one post-processing step of every record path
+        self.decision = DecisionRule.of(config)
         self.max_pixels = max_pixels  # per image, from the header, before decoding
         self.max_bytes = max_bytes  # per file, before reading it
         self.encoder = self._build_encoder(compile)
@@ -262,7 +275,21 @@ class Detector:
     # ------------------------------------------------------------------ info
     @property
     def threshold(self) -> float:
-        return self.config.threshold
+        """The probability cut of `is_fake` (the calibrated one for a calibrated model)."""
+        return self.decision.threshold
+
+    def set_decision(self, threshold: float | None = None, uncertain_band: float | None = None) -> None:
+        """Override the cut (a probability) and/or the uncertain band half-width (0: none)."""
+        self.decision = DecisionRule.of(self.config, threshold, uncertain_band)
+
+    def decide(self, logit: float, name: str, block_contribution: list[float] | None = None) -> Prediction:
+        """One image's head logit -> its Prediction (probability, cut and verdict from
+        `self.decision`); every scoring backend builds its records here."""
+        d = self.decision.decide(logit)
+        extra = self.decision.reports_threshold
+        return Prediction(path=name, prob_fake=d.prob_fake, logit=float(logit), is_fake=d.is_fake,
+                          block_contribution=block_contribution,
+                          threshold=d.threshold if extra else None, verdict=d.verdict if extra else None)  # fmt: skip
 
     def block_importance(self) -> list[float]:
         """The TIE's learned importance of each block (mean over channels) -> [blocks]."""
@@ -313,17 +340,8 @@ class Detector:
         preds, start = [], 0
         for name, n in zip(names, counts, strict=True):
             # Ten-crop: the probability is sigmoid of the MEAN logit, as the reference does.
-            logit = logits[start : start + n].mean()
-            prob = torch.sigmoid(logit).item()
-            preds.append(
-                Prediction(
-                    path=name,
-                    prob_fake=prob,
-                    logit=logit.item(),
-                    is_fake=prob > self.threshold,  # the reference counts p > 0.5 as fake
-                    block_contribution=contrib[start : start + n].mean(dim=0).tolist(),
-                )
-            )
+            logit = logits[start : start + n].mean().item()
+            preds.append(self.decide(logit, name, contrib[start : start + n].mean(dim=0).tolist()))
             start += n
         return preds
 

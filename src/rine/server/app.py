@@ -54,9 +54,10 @@ class ImageResult(BaseModel):
     prob_fake: float | None = None
     logit: float | None = None
     is_fake: bool | None = None
-    verdict: str | None = None
+    verdict: str | None = None  # real, synthetic, or uncertain (in the calibration's band)
     block_importance: list[float] | None = None
     error: str | None = None
+    threshold: float | None = None  # the cut that made is_fake (calibrated model or override)
 
 
 class DetectResponse(BaseModel):
@@ -71,6 +72,7 @@ class ModelInfo(BaseModel):
     backbone: str
     revision: str | None
     threshold: float
+    calibration: dict[str, Any] | None = None
     crop: str
     image_size: int
     n_blocks: int

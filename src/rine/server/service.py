@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -28,6 +28,9 @@ from .limits import (
     _Upload,
     load_error_status,
 )
+
+if TYPE_CHECKING:
+    from ..model.calibration import DecisionRule
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +120,10 @@ class Service:
             "name": cfg.name,
             "backbone": _public_source(cfg.backbone),
             "revision": cfg.backbone_revision,
-            "threshold": cfg.threshold,
+            "threshold": self.detector.threshold,
+            # method, scale, offset, cut and uncertain band: what the page needs to decide from a
+            # logit as the server does (None: plain sigmoid(logit) > threshold)
+            "calibration": decision_rule(self.detector).public(),
             "crop": cfg.preprocess.crop,
             "image_size": cfg.preprocess.image_size,
             "n_blocks": len(self._model_block_importance),
@@ -192,19 +198,33 @@ class Service:
         # Ten-crop: the probability is the sigmoid of the MEAN logit, as in the reference.
         # Computed as Detector.predict does (float32 mean, then sigmoid) so that the API and
         # `rine detect` give the same number for the same file.
-        mean_logit = torch.from_numpy(np.ascontiguousarray(vs.logits)).mean()
-        logit, prob = mean_logit.item(), torch.sigmoid(mean_logit).item()
-        is_fake = prob > self.detector.threshold  # as the reference and rine.metrics: p > threshold
-        return {
+        # The detector's decision rule (rine.model.calibration) turns it into the probability,
+        # the cut and the verdict, calibrated or not, as for `rine detect`.
+        logit = torch.from_numpy(np.ascontiguousarray(vs.logits)).mean().item()
+        rule = decision_rule(self.detector)
+        d = rule.decide(logit)
+        record = {
             "name": name,
             "status": 200,
-            "prob_fake": prob,
+            "prob_fake": d.prob_fake,
             "logit": logit,
-            "is_fake": is_fake,
-            "verdict": "synthetic" if is_fake else "real",
+            "is_fake": d.is_fake,
+            "verdict": d.verdict,
             "block_importance": [round(float(x), 6) for x in vs.contributions.mean(axis=0)],
             "error": None,
         }
+        if rule.reports_threshold:
+            record["threshold"] = d.threshold
+        return record
+
+
+def decision_rule(detector: Any) -> DecisionRule:
+    """The detector's decision rule; one built from its config for a detector-like object
+    without one (a wrapper that only scores views)."""
+    from ..model.calibration import DecisionRule
+
+    rule = getattr(detector, "decision", None)
+    return rule if isinstance(rule, DecisionRule) else DecisionRule.of(detector.config)
 
 
 def _public_source(source: str) -> str:

@@ -11,6 +11,7 @@ let running = 0;
 let waiting = 0;  // files waiting out a 503 before they are queued again
 let infoGeneration = 0;  // a new key restarts the model-info poll; older polls stop
 let threshold = 0.5;
+let calibration = null;  // /v1/model's calibration block (null: plain sigmoid(logit) > threshold)
 let maxFileBytes = null;  // from /v1/model: larger files are refused before uploading
 let unsaved = 0;  // results not yet downloaded
 
@@ -31,6 +32,38 @@ function apiHeaders() {
   return key && !keyProblem(key) ? { "X-API-Key": key } : {};
 }
 
+// --- decideFromLogit: keep in step with rine/model/calibration.py (DecisionRule.decide) ---
+// A head logit -> {probFake, isFake, verdict} as the server decides it, for a page that scores
+// images itself. `cal` is /v1/model's `calibration` (null: uncalibrated, the reference's rule
+// sigmoid(logit) > threshold); with it: c = scale * logit + offset, probFake = sigmoid(c),
+// isFake = c > threshold_logit (or probFake > threshold where the cut is 0 or 1), and
+// "uncertain" when probFake lies in [uncertain_low, uncertain_high].
+function decideFromLogit(logit, cal, threshold) {
+  const sigmoid = (x) => (x >= 0 ? 1 / (1 + Math.exp(-x)) : Math.exp(x) / (1 + Math.exp(x)));
+  let probFake, isFake;
+  if (!cal) {
+    probFake = sigmoid(logit);
+    isFake = probFake > threshold;
+    return { probFake, isFake, verdict: isFake ? "synthetic" : "real" };
+  }
+  const c = cal.scale * logit + cal.offset;
+  probFake = sigmoid(c);
+  isFake = cal.threshold_logit === null ? probFake > cal.threshold : c > cal.threshold_logit;
+  let verdict = isFake ? "synthetic" : "real";
+  if (cal.uncertain_low !== null && probFake >= cal.uncertain_low && probFake <= cal.uncertain_high) {
+    verdict = "uncertain";
+  }
+  return { probFake, isFake, verdict };
+}
+// --- end decideFromLogit ---
+
+// What a verdict means, in words for the card and the screen reader.
+const VERDICT_WORDS = {
+  synthetic: "Synthetic",
+  real: "Real",
+  uncertain: "Uncertain: too close to call",
+};
+
 function percent(p) {
   return (p * 100).toFixed(1) + "%";
 }
@@ -42,6 +75,22 @@ function shownProbability(p) {
   if (p < 0.001) return "<0.1%";
   if (Math.abs(p - threshold) < 0.001) return (p * 100).toFixed(3) + "%";
   return percent(p);
+}
+
+// A threshold with the digits it needs (a strict false-positive target can put it at 99.98 %).
+function thresholdText(p) {
+  if (p > 0.999 || p < 0.001) return (p * 100).toPrecision(6).replace(/0+$/, "") + "%";
+  return percent(p);
+}
+
+function calibrationText(cal) {
+  if (!cal) return "";
+  let text = cal.method ? ` The model was calibrated for this use (${cal.method === "threshold" ? "its threshold was set" : cal.method} on the owner's own images).` : "";
+  if (cal.uncertain_low !== null) {
+    text += ` Between ${thresholdText(cal.uncertain_low)} and ${thresholdText(cal.uncertain_high)} the verdict is "uncertain": ` +
+      "a score that close to the threshold could go either way, so the image needs a human look.";
+  }
+  return text;
 }
 
 function megabytes(n) {
@@ -71,8 +120,9 @@ async function loadModelInfo() {
       if (res.ok) {
         const m = await res.json();
         threshold = m.threshold;
+        calibration = m.calibration || null;
         maxFileBytes = m.max_file_bytes || null;
-        el.textContent = `Model ${m.name} on ${m.backbone} (${m.n_blocks} blocks); verdict "synthetic" when the probability is above ${percent(m.threshold)}.`;
+        el.textContent = `Model ${m.name} on ${m.backbone} (${m.n_blocks} blocks); verdict "synthetic" when the probability is above ${thresholdText(m.threshold)}.` + calibrationText(calibration);
         return;
       }
       if (res.status === 401) {
@@ -157,7 +207,10 @@ function showResult(card, r) {
   }
   status.hidden = true;
   const verdict = card.querySelector(".verdict");
-  verdict.textContent = r.verdict === "synthetic" ? "Synthetic" : "Real";
+  verdict.textContent = VERDICT_WORDS[r.verdict] || (r.is_fake ? "Synthetic" : "Real");
+  if (r.verdict === "uncertain") {
+    verdict.title = "The score is too close to the threshold to call: look at this image yourself, or get a second opinion.";
+  }
   verdict.classList.add(r.verdict);
   verdict.dataset.verdict = r.verdict;
   verdict.hidden = false;

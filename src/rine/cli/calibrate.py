@@ -1,0 +1,286 @@
+"""`rine calibrate`: fit the decision rule of a model on your own images, with a guarantee.
+
+Examples:
+  # flag at most 5 % of authentic photos, with 95 % confidence (needs >= 59 real images)
+  rine calibrate --reals my_photos/ --target-fpr 0.05 --out my-rine/
+  # labelled real/fake folders: the best balanced-accuracy cut, or calibrated probabilities
+  rine calibrate --suite folder --root labelled/ --objective balanced --out my-rine/
+  rine calibrate --suite folder --root labelled/ --method platt --out my-rine/
+  # unlabelled images of the target domain (about 30 % fakes expected)
+  rine calibrate --unlabelled inbox/ --method prior-shift --fake-share 0.3 --out my-rine/
+  # no second backbone pass: the predictions.jsonl of an earlier `rine eval` of this model
+  rine calibrate --predictions runs/ufd20/predictions.jsonl --sets progan --objective f1 --out my-rine/
+
+  rine detect --model my-rine/ photo.jpg      # calibrated probability, threshold and verdict
+
+--out receives a checkpoint folder (the same head; config.json gains a `calibration` block:
+method, parameters, cut, what it was fitted on, the achieved rates with their intervals)
+and a report: calibration.md (printed), histograms.png, reliability.png (with labels).
+See docs/calibration.md for which method to use and how many images each needs.
+
+Exit status: 0 fitted, 2 bad usage, too few images for the asked guarantee, or a
+calibration set without the classes the method needs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .common import (
+    CLIError,
+    add_decoding_options,
+    add_model_options,
+    check_output_dir,
+    fail,
+    positive_int,
+)
+from .fitting import add_fit_options, fit_options_from_args, read_images_arg
+
+logger = logging.getLogger(__name__)
+
+N_BOOT = 200  # refits for the stability line of the report and --uncertain-band auto
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "calibrate",
+        help="fit the decision threshold / calibrated probability on your own images",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    from .eval import add_data_options
+
+    d = add_data_options(p, required=False)  # the other sources of images join its group
+    d.add_argument("--reals", metavar="DIR|FILE",
+                   help="authentic images only (a folder, searched recursively, or a manifest): enough "
+                        "for --target-fpr")  # fmt: skip
+    d.add_argument("--unlabelled", metavar="DIR|FILE",
+                   help="images of the target domain without labels, for --method prior-shift")
+    d.add_argument("--predictions", metavar="FILE",
+                   help="the predictions.jsonl of a `rine eval` of this model: its logits are used and no "
+                        "image is scored (choose sets with --sets)")  # fmt: skip
+    add_model_options(p)
+    f = p.add_argument_group("fit")
+    add_fit_options(f)
+    o = p.add_argument_group("output and run")
+    o.add_argument("--out", required=True, metavar="DIR",
+                   help="the calibrated checkpoint folder and its report (created)")
+    o.add_argument("--features-cache", metavar="DIR",
+                   help="keep / reuse backbone taps here (the stores of rine eval --features-cache)")
+    o.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    o.add_argument("--batch-size", type=positive_int, default=None,
+                   help="images per encoder batch (default 16 on CPU, 64 on GPU)")
+    add_decoding_options(o)
+    o.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default 0)")
+    o.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+# ---------------------------------------------------------------------------- data
+def _read_predictions(path: str, sets: list[str] | None):
+    """{set: [record]} from a rine eval predictions.jsonl (records with label and logit)."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise CLIError(f"--predictions {path}: no such file (the predictions.jsonl of a rine eval run)")
+    records: dict[str, list[dict]] = {}
+    with file.open(encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+                r["label"], r["set"], r["error"] = int(r["label"]), str(r["set"]), r.get("error")
+                r["logit"] = None if r.get("logit") is None else float(r["logit"])
+            except (ValueError, KeyError, TypeError):
+                raise CLIError(f"--predictions {path}, line {n}: not a rine eval record (path, set, label, logit)") from None
+            r["key"] = r.get("key") or r.get("path", "")
+            if sets is None or r["set"] in sets:
+                records.setdefault(r["set"], []).append(r)
+    if not records:
+        raise CLIError(f"--predictions {path}: no records" + (f" of the sets {', '.join(sets)}" if sets else ""))
+    return records
+
+
+def _model_for_predictions(args):
+    """(head, config) of --model / --head DIR without loading the backbone."""
+    from ..model.checkpoints import CheckpointError, load_pretrained
+    from ..model.pretrained import DEFAULT_MODEL, WeightsUnavailableError, resolve_pretrained
+
+    source = args.head or args.model or DEFAULT_MODEL
+    folder = Path(source).expanduser()
+    try:
+        if not folder.is_dir():
+            if args.head:
+                raise CLIError("--predictions with --head needs a checkpoint folder (config.json + model.safetensors)")
+            folder = resolve_pretrained(source, backbone_given=args.backbone)
+        return load_pretrained(folder)
+    except WeightsUnavailableError as e:
+        raise CLIError(str(e)) from None
+    except (CheckpointError, FileNotFoundError, KeyError, ValueError) as e:
+        raise CLIError(str(e)) from None
+
+
+def _score(args, sets, root):
+    """(head, config, {set: [record]}) scoring `sets` with the model options."""
+    from ..evaluation.engine import evaluate
+    from .common import load_detector
+
+    detector = load_detector(args, keep_reference=False)
+    result = evaluate(
+        detector, sets, root=root, batch_size=args.batch_size, num_workers=args.workers,
+        progress=not args.no_progress and sys.stderr.isatty(), cache_dir=args.features_cache,
+        decoder=args.decoder, decode_timeout=args.decode_timeout or None,
+    )  # fmt: skip
+    return detector.model.head, detector.config, result.runs[0].records
+
+
+def _sources(args) -> list[str]:
+    given = [name for name, v in (("--suite/--root", args.suite or args.root), ("--reals", args.reals),
+             ("--unlabelled", args.unlabelled), ("--predictions", args.predictions)) if v]  # fmt: skip
+    if len(given) != 1:
+        raise CLIError("give one source of images: --reals DIR, --suite S --root DIR, --unlabelled DIR or "
+                       "--predictions FILE" + (f" (got {', '.join(given)})" if given else ""))  # fmt: skip
+    if given[0] == "--suite/--root" and not (args.suite and args.root):
+        raise CLIError("--suite and --root go together")
+    return given
+
+
+# ---------------------------------------------------------------------------- run
+def run(args: argparse.Namespace) -> int:
+    from ..data.layouts import LayoutError
+
+    try:
+        out = check_output_dir(args.out)
+        if args.features_cache:
+            args.features_cache = str(check_output_dir(args.features_cache, "--features-cache"))
+        source = _sources(args)[0]
+        options = fit_options_from_args(args)
+        band = _band_arg(args.uncertain_band)
+    except CLIError as e:
+        return fail(str(e))
+    if args.decode_timeout < 0:
+        return fail("--decode-timeout must be at least 0 (0: no limit)")
+    if source == "--unlabelled" and args.method != "prior-shift":
+        return fail("--unlabelled images go with --method prior-shift, which needs no labels (for a target "
+                    "false-positive rate on authentic images, give them with --reals)")
+    try:
+        if source == "--predictions":
+            sets = [s.strip() for s in args.sets.split(",")] if args.sets else None
+            records = _read_predictions(args.predictions, sets)
+            head, config = _model_for_predictions(args)
+            where = str(Path(args.predictions).expanduser())
+        else:
+            if source == "--suite/--root":
+                from .eval import read_data
+
+                layout, _ = read_data(args)
+                test_sets, root = layout.sets, (layout.root.parent if layout.root.is_file() else layout.root)
+                where = str(layout.root)
+            else:
+                arg = args.reals or args.unlabelled
+                ts = read_images_arg(arg, source, reals_only=source == "--reals")
+                test_sets, where = [ts], str(Path(arg).expanduser())
+                root = Path(arg).expanduser()
+                root = root.parent if root.is_file() else root
+            _check_enough(test_sets, options)  # before the backbone runs
+            head, config, records = _score(args, test_sets, root)
+    except LayoutError as e:
+        return fail(str(e))
+    except CLIError as e:
+        return fail(str(e))
+    except ValueError as e:
+        return fail(str(e))
+    return _fit_and_write(args, out, head, config, records, options, band, where, source)
+
+
+def _band_arg(text: str | None) -> float | str | None:
+    if text is None or text == "auto":
+        return text
+    try:
+        w = float(text)
+    except ValueError:
+        raise CLIError(f"--uncertain-band {text!r}: a number (e.g. 0.1) or auto") from None
+    if not 0.0 <= w < 0.5:
+        raise CLIError(f"--uncertain-band must be within [0, 0.5), got {w}")
+    return w
+
+
+def _check_enough(test_sets, options: dict) -> None:
+    """Refuse before scoring when the listed images cannot support the fit."""
+    from ..evaluation.calibration import min_reals_for
+
+    fit = options["fit"]
+    n_real = sum(s.n_real for s in test_sets)
+    n_fake = sum(s.n_fake for s in test_sets)
+    if fit["target_fpr"] is not None and options["labelled"]:
+        need = min_reals_for(fit["target_fpr"], fit["confidence"])
+        if n_real < need:
+            raise CLIError(f"--target-fpr {fit['target_fpr']:g} with {fit['confidence']:.0%} confidence needs at least "
+                           f"{need} real images; the data lists {n_real}. Add {need - n_real} more, or ask for a "
+                           "larger rate")  # fmt: skip
+    two = fit["objective"] is not None or fit["method"] in ("temperature", "platt")
+    if two and options["labelled"] and (n_real == 0 or n_fake == 0):
+        what = f"--objective {fit['objective']}" if fit["objective"] else f"--method {fit['method']}"
+        raise CLIError(f"{what} needs labelled real and fake images; the data lists {n_real} real and {n_fake} fake")
+
+
+def _fit_and_write(args, out: Path, head, config, records, options, band, where: str, source: str) -> int:
+    import numpy as np
+
+    from ..evaluation.calibration import (
+        CalibrationError,
+        band_from_boundaries,
+        bootstrap_boundaries,
+        fingerprint,
+        fit_calibration,
+        records_arrays,
+    )
+    from ..evaluation.calibration_report import write_report
+    from ..model.checkpoints import save_pretrained
+
+    zs, ys, keys, n_errors = [], [], [], 0
+    for recs in records.values():
+        z, y = records_arrays(recs)
+        zs.append(z)
+        ys.append(y)
+        keys += [str(r.get("key") or r.get("path")) for r in recs if r.get("error") is None and r.get("logit") is not None]
+        n_errors += sum(1 for r in recs if r.get("error") is not None)
+    z, y = np.concatenate(zs), np.concatenate(ys)
+    labels = y if options["labelled"] else None
+    fitted_on = {
+        "source": source.lstrip("-"), "where": where, "sets": sorted(records), "n": int(z.size),
+        "n_real": int(np.sum(y == 0)) if labels is not None else None,
+        "n_fake": int(np.sum(y == 1)) if labels is not None else None,
+        "n_errors": n_errors, "fingerprint": fingerprint(keys),
+    }  # fmt: skip
+    fit_kwargs = options["fit"]
+    try:
+        fit = fit_calibration(z, labels, fitted_on=fitted_on, **fit_kwargs)
+        spread = bootstrap_boundaries(z, labels, n_boot=N_BOOT, seed=args.seed, **fit_kwargs)
+    except CalibrationError as e:
+        return fail(str(e))
+    cal = fit.config
+    if band == "auto":
+        if spread.size < N_BOOT // 2:
+            return fail(f"--uncertain-band auto: only {spread.size} of {N_BOOT} bootstrap refits succeeded; "
+                        "give a width instead (e.g. --uncertain-band 0.1)")  # fmt: skip
+        lo, hi = band_from_boundaries(cal, spread)
+        cal = dataclasses.replace(cal, uncertain_low=lo, uncertain_high=hi)
+    elif band:
+        cal = dataclasses.replace(cal, uncertain_low=max(0.0, cal.threshold - band), uncertain_high=min(1.0, cal.threshold + band))
+    fit.config = cal
+    meta = dict(config.meta)
+    meta["calibrated_from"] = args.head or args.model or config.name
+    new = dataclasses.replace(config, calibration=cal, threshold=cal.threshold, meta=meta)
+    save_pretrained(head, new, out)
+    if n_errors:
+        print(f"rine: {n_errors} images could not be read and were left out (see the report)", file=sys.stderr)
+    text = write_report(out, fit, z, labels, config.name or "model", spread, plots=not args.no_plots)
+    print(text)
+    print(f"rine: calibrated checkpoint in {out}; use it with: rine detect --model {out} IMAGES", file=sys.stderr)
+    return 0
