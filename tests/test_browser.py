@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import OFFICIAL
+from conftest import OFFICIAL, require_shared
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -83,9 +83,8 @@ def test_page_shows_what_the_api_returns(server, tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright for Python is not installed")
     import httpx
 
+    require_shared()
     files = [OFFICIAL / name for name in DEMO_IMAGES]
-    if not all(f.exists() for f in files):
-        pytest.skip(f"demo images not found under {OFFICIAL}")
     expected = {}
     for f in files:
         r = httpx.post(f"{server}/v1/detect", files=[("files", (f.name, f.read_bytes()))], timeout=30)
@@ -153,9 +152,8 @@ def test_page_waits_out_503s_refuses_big_files_and_exports(server, tmp_path):
     if not CHROMIUM.exists():
         pytest.skip(f"{CHROMIUM} not found: install Debian's chromium (scripts/setup.sh --dev does)")
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright for Python is not installed")
+    require_shared()
     demo = OFFICIAL / DEMO_IMAGES[0]
-    if not demo.exists():
-        pytest.skip(f"demo image not found under {OFFICIAL}")
     big = tmp_path / "huge.png"
     big.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(21 * 1024 * 1024))  # over the default 20 MB
     with sync_api.sync_playwright() as pw:

@@ -140,19 +140,22 @@ def test_bad_files_get_error_records_and_the_rest_is_scored(capsys, tmp_path, ti
         assert records[name]["error"] is None and 0 <= records[name]["prob_fake"] <= 1
 
 
-def test_ten_crop_is_sigmoid_of_mean_logit(capsys, tiny_checkpoint_dir, tiny_detector, demo_images):
+def test_ten_crop_is_sigmoid_of_mean_logit(capsys, tmp_path, sensitive_checkpoint_dir, sensitive_detector):
+    path = str(write_image(tmp_path / "big.png", size=(700, 500), seed=9))
     code, out, _ = run_cli(
-        capsys, "detect", demo_images[1], "--model", str(tiny_checkpoint_dir), "--crop", "ten", "--format", "json",
+        capsys, "detect", path, "--model", str(sensitive_checkpoint_dir), "--crop", "ten", "--format", "json",
         "--precision", "fp32",
     )  # fmt: skip
     assert code == 0
     from rine.config import PreprocessConfig
 
-    views = preprocess(load_image(demo_images[1]), PreprocessConfig(crop="ten"))
+    views = preprocess(load_image(path), PreprocessConfig(crop="ten"))
     assert views.shape == (10, 3, 224, 224)
     with torch.no_grad():
-        logits = tiny_detector.model(views).logits
-    assert json.loads(out)[0]["prob_fake"] == pytest.approx(torch.sigmoid(logits.mean()).item(), abs=1e-6)
+        logits = sensitive_detector.model(views).logits
+    prob = json.loads(out)[0]["prob_fake"]
+    assert prob == pytest.approx(torch.sigmoid(logits.mean()).item(), abs=1e-6)
+    assert abs(prob - torch.sigmoid(logits).mean().item()) > 0.01  # the other protocol would be caught
 
 
 def test_missing_weights_stop_with_a_helpful_message(capsys, tmp_path, demo_images):

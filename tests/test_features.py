@@ -208,7 +208,7 @@ def test_extract_checks_out_and_device_before_any_work(tmp_path, monkeypatch, ca
     assert capsys.readouterr().err == "rine: error: no dataset here\n"
 
 
-def test_ten_crop_stores_score_as_the_live_ten_crop(tiny_checkpoint_dir, tmp_path):
+def test_ten_crop_stores_score_as_the_live_ten_crop(sensitive_checkpoint_dir, tmp_path):
     """`rine extract --transform ten` stores the ten crops of each image; scored as the
     mean of their logits they give the detector's own ten-crop scores, and `rine grid`
     takes such a store as a test transform."""
@@ -223,19 +223,21 @@ def test_ten_crop_stores_score_as_the_live_ten_crop(tiny_checkpoint_dir, tmp_pat
     for i, p in enumerate(sorted(root.rglob("*.png"))[:2]):  # some smaller than the crop: padded
         write_image(p, (150 + 20 * i, 260), seed=40 + i)
     store_dir = tmp_path / "ten"
-    head, config = load_pretrained(tiny_checkpoint_dir)
+    head, config = load_pretrained(sensitive_checkpoint_dir)
     base = ["extract", "--root", str(root), "--layout", "progan", "--split", "val", "--backbone", config.backbone,
             "--no-progress", "--transform", "ten"]  # fmt: skip
     assert main([*base, "--out", str(store_dir)]) == 0
     assert main([*base, "--views", "2", "--out", str(tmp_path / "x")]) == 2
     store = FeatureStore.open(store_dir)
     assert store.n_views == 10 and store.meta["transform"] == "ten-crop/v1(size=224)"
-    detector = Detector.from_pretrained(str(tiny_checkpoint_dir), crop="ten", precision="fp32")
+    detector = Detector.from_pretrained(str(sensitive_checkpoint_dir), crop="ten", precision="fp32")
     paths = [it.path for it in progan_items(root, "val")]
     live = [p.logit for p in detector.predict(paths)]
     src = StoreTaps(store)
     stored = score_taps(head, src.cache if src.cache is not None else store.taps)[src.rows].mean(axis=1)
-    np.testing.assert_allclose(stored, live, atol=1e-4)
+    # float16 taps (the store's default) round by 2^-11 relative: measured 4.2e-4 on logits up to 10
+    np.testing.assert_allclose(stored, live, rtol=2e-3, atol=1e-4)
+    assert np.ptp(live) > 1.0  # the sensitive head: logits that a wrong crop or view order would move
     labels = np.array([it.label for it in progan_items(root, "val")])
     assert evaluate_store(head, store)["ap"] == pytest.approx(average_precision(labels, probabilities(np.array(live))))
     assert is_test_transform(store.meta["transform"]) and is_test_transform("eval:ten:224:clean")

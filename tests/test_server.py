@@ -193,10 +193,10 @@ def test_detect_matches_detector_predict(client, tiny_detector):
         assert sum(rec["block_importance"]) == pytest.approx(1.0, abs=1e-4)
 
 
-def test_ten_crop_is_sigmoid_of_mean_logit(tiny_checkpoint_dir):
+def test_ten_crop_is_sigmoid_of_mean_logit(sensitive_checkpoint_dir):
     from rine.inference.detector import Detector
 
-    det = Detector.from_pretrained(str(tiny_checkpoint_dir), crop="ten")
+    det = Detector.from_pretrained(str(sensitive_checkpoint_dir), crop="ten", precision="fp32")
     data = png_bytes((300, 260), seed=3)
     with make_client(det) as c:
         rec = c.post("/v1/detect", files=upload(("a.png", data))).json()["results"][0]
@@ -209,6 +209,8 @@ def test_ten_crop_is_sigmoid_of_mean_logit(tiny_checkpoint_dir):
     logits, _ = det.score_views(views)
     assert rec["prob_fake"] == pytest.approx(torch.sigmoid(logits.mean()).item(), abs=1e-5)
     assert rec["logit"] == pytest.approx(logits.mean().item(), abs=1e-6)
+    # Negative control: the mean of the ten probabilities is another score on this image.
+    assert abs(rec["prob_fake"] - torch.sigmoid(logits).mean().item()) > 0.01
 
 
 @pytest.mark.parametrize("mode,fmt", [("RGBA", "PNG"), ("L", "PNG"), ("RGB", "JPEG"), ("RGB", "WEBP")])
