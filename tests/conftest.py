@@ -212,6 +212,57 @@ def write_image(path: Path, size=(256, 256), mode="RGB", seed=0, fmt=None) -> Pa
     return path
 
 
+def _open(source):
+    import io
+
+    from PIL import Image
+
+    return Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+
+
+def reference_decode(source) -> np.ndarray:
+    """The reference's decode of a file or bytes: `Image.open(p).convert("RGB")` -> uint8 [H, W, 3]."""
+    return np.asarray(_open(source).convert("RGB"))
+
+
+def wrong_decode(source) -> np.ndarray:
+    """A plausible wrong decode of the same file, per mode: RGBA composited over white (what
+    a browser shows), greyscale put in the red channel only, colour read as BGR (OpenCV's
+    order). A score check that cannot tell these from the reference's decode proves nothing."""
+    image = _open(source)
+    if image.mode == "RGBA":
+        from PIL import Image
+
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return np.asarray(Image.alpha_composite(white, image).convert("RGB"))
+    if image.mode == "L":
+        grey = np.asarray(image)
+        return np.stack([grey, np.zeros_like(grey), np.zeros_like(grey)], axis=-1)
+    return np.ascontiguousarray(np.asarray(image.convert("RGB"))[..., ::-1])
+
+
+def score_pixels(detector, pixels: np.ndarray) -> float:
+    """The detector's probability for uint8 RGB pixels [H, W, 3], past rine's decoding: the
+    oracle must not share the code it checks (`Detector.predict` on an array decodes too)."""
+    from PIL import Image
+
+    from rine.data.preprocess import crop_views
+
+    logits, _ = detector.score_views(crop_views(Image.fromarray(pixels, "RGB"), detector.config.preprocess))
+    return torch.sigmoid(logits.mean()).item()
+
+
+def assert_scores_as_reference_decode(detector, sources, probs, abs_tol: float = 1e-6) -> None:
+    """`probs` (what a command or the API returned for `sources`) equal the detector's score
+    of the reference's decode of each source, and differ from its score of a wrong decode."""
+    expected = [score_pixels(detector, reference_decode(s)) for s in sources]
+    wrong = [score_pixels(detector, wrong_decode(s)) for s in sources]
+    np.testing.assert_allclose(probs, expected, atol=abs_tol, rtol=0)
+    gaps = np.abs(np.array(wrong) - np.array(probs))
+    # 100x the tolerance: the comparison above would fail on every wrongly decoded source
+    assert gaps.min() > 100 * abs_tol, f"a wrong decode scores too close to the real one: {gaps.tolist()}"
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
     """No test reads or writes the user's caches, and none reaches the network."""

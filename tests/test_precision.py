@@ -214,11 +214,11 @@ def test_auto_within_tolerance_on_benchmark_images_with_the_official_head(tmp_pa
     48 generated photos, and the official 2-class head (trained weights, the real head shape):
     bf16 (what auto picks on CPUs with native bf16) within the stated max and mean of fp32."""
     require_shared()
-    from conftest import OFFICIAL
-
     from rine.config import PreprocessConfig, RINEConfig
     from rine.model.checkpoints import load_official_head
     from rine.model.rine_model import RINEModel
+
+    from conftest import OFFICIAL
 
     bench = _import_benchmark(request, monkeypatch, "throughput")
     paths = bench.make_images(tmp_path / "imgs", 48, jobs=2)
