@@ -404,3 +404,19 @@ def test_help_states_each_default(command, capsys):
         out = " ".join(capsys.readouterr().out.split())
         default = parser.get_default("max_depth")
         assert default == 6 and "how deep to look for real/fake folders (default 6)" in out
+
+
+def test_exit_1_when_no_image_could_be_scored(tmp_path, tiny_checkpoint_dir, capsys):
+    """A run whose every image is unreadable has empty metrics: exit 1, saying so; one readable
+    image is enough for 0 (the unreadable ones are counted apart)."""
+    root = tmp_path / "bench"
+    for label in ("0_real", "1_fake"):
+        (root / "s" / label).mkdir(parents=True)
+        (root / "s" / label / "broken.png").write_bytes(b"not an image")
+    base = ["eval", "--suite", "folder", "--root", str(root), "--no-progress", "--no-plots", "--model", str(tiny_checkpoint_dir)]
+    assert main([*base, "--out", str(tmp_path / "none")]) == 1
+    err = capsys.readouterr().err
+    assert "no image could be scored" in err and "2 images could not be read" in err
+    write_image(root / "s" / "1_fake" / "good.png", (64, 64))
+    assert main([*base, "--out", str(tmp_path / "one")]) == 0
+    assert "no image could be scored" not in capsys.readouterr().err

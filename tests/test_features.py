@@ -98,6 +98,38 @@ def test_refuses_to_mix_settings(backbone, data, tmp_path):
         extract_features(backbone, items, tmp_path / "s", CenterView(), seed=0)
     with pytest.raises(StoreError, match="items_sha1"):
         extract_features(backbone, items[:-1], tmp_path / "s", TrainAugment(0), seed=0)
+    # rows of another backbone, revision, dtype or number of views cannot join the store
+    with pytest.raises(StoreError, match=r"dtype: store has 'float16', this run has 'float32'"):
+        extract_features(backbone, items, tmp_path / "s", TrainAugment(0), seed=0, dtype="float32")
+    with pytest.raises(StoreError, match=r"views: store has 1, this run has 2"):
+        extract_features(backbone, items, tmp_path / "s", TrainAugment(0), seed=0, views=2)
+    source, revision = backbone.source, backbone.revision
+    try:
+        backbone.source = str(tmp_path / "another-clip")
+        with pytest.raises(StoreError, match=r"backbone: store has '.*', this run has '.*another-clip'"):
+            extract_features(backbone, items, tmp_path / "s", TrainAugment(0), seed=0)
+        backbone.source, backbone.revision = source, "0123abc"
+        with pytest.raises(StoreError, match=r"revision: store has .*, this run has '0123abc'"):
+            extract_features(backbone, items, tmp_path / "s", TrainAugment(0), seed=0)
+    finally:
+        backbone.source, backbone.revision = source, revision
+    # and the settings the store was made with still resume it
+    assert extract_features(backbone, items, tmp_path / "s", TrainAugment(0), seed=0).complete
+
+
+def test_cli_extract_exits_1_when_images_are_unreadable(data, tiny_backbone_dir, tmp_path, capsys):
+    """The readable images are stored, the unreadable one is listed, and the exit status says
+    that not everything was extracted (0 once no image is unreadable)."""
+    from rine.cli import main
+
+    args = ["extract", "--root", str(data), "--layout", "progan", "--split", "train", "--backbone",
+            str(tiny_backbone_dir), "--no-progress", "--dtype", "float32"]  # fmt: skip
+    assert main([*args, "--classes", "car", "--out", str(tmp_path / "car")]) == 1
+    assert "1 skipped" in capsys.readouterr().err
+    store = FeatureStore.open(tmp_path / "car")
+    assert store.complete and [p for p, _ in store.errors] == [str(data / "train/car/0_real/broken.png")]
+    assert len(store) == 6
+    assert main([*args, "--classes", "cat", "--out", str(tmp_path / "cat")]) == 0  # no broken file there
 
 
 def test_resume_after_torn_commit_and_stray_tmp(backbone, data, tmp_path):
