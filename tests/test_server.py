@@ -508,7 +508,53 @@ def test_load_error_status_mapping():
     assert set(ImageLoadError.KINDS) >= {"too_large", "too_many_pixels", "not_image", "corrupt", "empty"}
 
 
+def test_model_that_failed_to_load_is_503_failed(tiny_detector):
+    """`reason: failed` (do not retry: the operator must act), unlike `loading` (retry soon)."""
+
+    def factory():
+        raise RuntimeError("weights are corrupt")
+
+    errors = []
+    with TestClient(create_app(detector_factory=factory, on_load_error=errors.append)) as c:
+        wait_until(lambda: errors)
+        r = c.get("/readyz")
+        assert r.status_code == 503 and r.json()["reason"] == "failed"
+        r = c.post("/v1/detect", files=upload(("a.png", png_bytes())))
+        assert r.status_code == 503 and r.json()["reason"] == "failed" and "failed to load" in r.json()["detail"]
+
+
+def test_invalid_content_length_is_400(client):
+    for bad in ("12abc", "-5", "1e3"):
+        r = client.post("/v1/detect", content=b"--b--\r\n", headers={
+            "Content-Type": "multipart/form-data; boundary=b", "Content-Length": bad})  # fmt: skip
+        assert r.status_code == 400 and r.json()["detail"] == "invalid Content-Length", (bad, r.text)
+
+
+def test_unconvertible_mode_is_415_for_that_file_only(client):
+    """A float TIFF (mode F) cannot be turned into 8-bit RGB without inventing a scale: that
+    file's record is 415; the other file in the request is still scored."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.linspace(0, 1, 64 * 48, dtype=np.float32).reshape(48, 64)).save(buf, format="TIFF")
+    r = client.post("/v1/detect", files=upload(("float.tif", buf.getvalue()), ("ok.png", png_bytes())))
+    assert r.status_code == 200
+    bad, ok = r.json()["results"]
+    assert bad["status"] == 415 and "unsupported image mode 'F'" in bad["error"] and bad["prob_fake"] is None
+    assert ok["status"] == 200 and ok["prob_fake"] is not None
+
+
 # ---------------------------------------------------------------------------- API key
+def test_non_ascii_api_key(tiny_detector):
+    """A key with non-ASCII characters, sent as its UTF-8 bytes (what clients send), matches;
+    the same text in another encoding does not."""
+    key = "clé-ключ-鍵"
+    with make_client(tiny_detector, api_key=key) as c:
+        assert c.get("/v1/model", headers={"X-API-Key": key.encode("utf-8")}).status_code == 200
+        assert c.get("/v1/model", headers={"X-API-Key": "clé".encode("latin-1")}).status_code == 401
+        assert c.get("/v1/model", headers={"X-API-Key": key.encode("utf-8")[:-1]}).status_code == 401
+
+
 def test_api_key(tiny_detector):
     with make_client(tiny_detector, api_key="s3cret-key") as c:
         img = png_bytes()
@@ -539,7 +585,7 @@ def test_full_queue_is_503_with_retry_after(tiny_detector):
         wait_until(lambda: batcher.depth == 1)  # request 2 fills the queue
         r = c.post("/v1/detect", files=upload(("3.png", png_bytes())))
         assert r.status_code == 503 and r.headers["Retry-After"] == "2"
-        assert "queue full" in r.json()["detail"]
+        assert "queue full" in r.json()["detail"] and r.json()["reason"] == "busy"
         gated.gate.set()
         first.join(30)
         second.join(30)
@@ -565,7 +611,7 @@ def test_memory_budget_is_503(tiny_detector):
     assert 5_000 < len(small) <= 10_000
     with make_client(tiny_detector, max_file_bytes=10_000, memory_budget_bytes=10_000) as c:
         r = c.post("/v1/detect", files=upload(("a.png", small), ("b.png", small)))
-        assert r.status_code == 503 and "memory budget" in r.json()["detail"]
+        assert r.status_code == 503 and "memory budget" in r.json()["detail"] and r.json()["reason"] == "busy"
         assert c.app.state.service.budget.used == 0
         assert c.post("/v1/detect", files=upload(("a.png", png_bytes((16, 16))))).status_code == 200
 
@@ -795,18 +841,30 @@ def test_allowed_hosts_against_dns_rebinding(tiny_detector, monkeypatch):
             assert c.post("/v1/detect", files=upload(("a.png", img)), headers={"Host": host}).status_code == 200, host
 
 
-def test_rine_serve_exits_2_when_the_model_cannot_load(tmp_path):
-    import socket
-
+def test_rine_serve_exits_2_when_the_model_cannot_load(tmp_path, caplog):
     from rine.cli import main
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     missing = tmp_path / "no-such-checkpoint"
     t0 = time.monotonic()
-    assert main(["serve", "--port", str(port), "--model", str(missing), "--no-access-log"]) == 2
+    with caplog.at_level("WARNING", logger="rine.cli.serve"):
+        assert main(["serve", "--port", "0", "--model", str(missing), "--no-access-log"]) == 2  # port 0: any free one
     assert time.monotonic() - t0 < 30  # it gave up instead of serving an unready model forever
+    assert "without an API key" not in caplog.text  # loopback: no warning
+
+
+def test_rine_serve_beyond_loopback_without_a_key_warns(tmp_path, caplog, monkeypatch):
+    from rine.cli import main
+
+    missing = str(tmp_path / "no-such-checkpoint")  # the server exits once the load fails
+    with caplog.at_level("WARNING", logger="rine.cli.serve"):
+        assert main(["serve", "--host", "0.0.0.0", "--port", "0", "--model", missing, "--no-access-log"]) == 2
+    assert "listening on 0.0.0.0 without an API key" in caplog.text
+    caplog.clear()
+    monkeypatch.setenv("RINE_TEST_KEY", "k1")
+    with caplog.at_level("WARNING", logger="rine.cli.serve"):
+        assert main(["serve", "--host", "0.0.0.0", "--port", "0", "--model", missing, "--no-access-log",
+                     "--api-key-env", "RINE_TEST_KEY"]) == 2  # fmt: skip
+    assert "without an API key" not in caplog.text
 
 
 def test_rine_serve_on_a_busy_port_says_so_before_serving(tiny_checkpoint_dir, capsys):
@@ -850,20 +908,23 @@ def test_rine_serve_subprocess_with_api_key(tiny_checkpoint_dir, tmp_path):
 
     import httpx
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    require_shared()
     env = {**os.environ, "RINE_TEST_SERVE_KEY": "k-123"}
+    # --port 0 and the port read from "serving on": a port found free, closed, then handed to
+    # the child could be taken by another process in between.
     proc = subprocess.Popen(
-        [sys.executable, "-m", "rine", "serve", "--port", str(port), "--model", str(tiny_checkpoint_dir),
+        [sys.executable, "-m", "rine", "serve", "--port", "0", "--model", str(tiny_checkpoint_dir),
          "--api-key-env", "RINE_TEST_SERVE_KEY", "--no-access-log"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
-    base = f"http://127.0.0.1:{port}"
     try:
+        line = proc.stdout.readline()  # "" if the child exits first
+        assert "serving on http://127.0.0.1:" in line, (line, proc.poll())
+        port = int(line.split("http://127.0.0.1:", 1)[1].split()[0])
+        base = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 60
         while True:
-            assert proc.poll() is None, proc.stderr.read().decode()
+            assert proc.poll() is None, proc.stderr.read()
             try:
                 if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
                     break
@@ -884,4 +945,4 @@ def test_rine_serve_subprocess_with_api_key(tiny_checkpoint_dir, tmp_path):
     finally:
         proc.terminate()
         proc.wait(15)
-    assert b"k-123" not in proc.stderr.read()
+    assert "k-123" not in proc.stderr.read()
