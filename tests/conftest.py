@@ -263,6 +263,24 @@ def assert_scores_as_reference_decode(detector, sources, probs, abs_tol: float =
     assert gaps.min() > 100 * abs_tol, f"a wrong decode scores too close to the real one: {gaps.tolist()}"
 
 
+# Every module a test's worker pool preloads: the forkserver keeps the preload list of the
+# first pool opened in the process, so without this the workers' imports (and timings)
+# would depend on which test ran first.
+FORKSERVER_PRELOAD = ["worker_jobs", "rine.inference.detector", "rine.evaluation.engine"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_forkserver_preload_list():
+    import multiprocessing
+
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        from multiprocessing import forkserver
+
+        multiprocessing.get_context("forkserver").set_forkserver_preload(FORKSERVER_PRELOAD)
+        forkserver.ensure_running()  # started now, with this list; later set_forkserver_preload calls are no-ops
+    yield
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
     """No test reads or writes the user's caches, and none reaches the network."""

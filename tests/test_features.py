@@ -164,6 +164,18 @@ def _commits(store: Path) -> int:
         return 0
 
 
+# `rine extract` with a pause before each shard (12 shards here): the kills land while the
+# extraction runs however fast the machine is, instead of only when it is slow enough.
+SLOW_EXTRACT = """
+import sys, time
+import rine.training.features as features
+shard = features._extract_shard
+features._extract_shard = lambda *a, **k: (time.sleep(0.3), shard(*a, **k))[1]
+from rine.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 @pytest.mark.slow
 def test_kill_9_at_several_points_then_resume(tiny_backbone_dir, tmp_path):
     """A real SIGKILL of `python -m rine extract` at several points; the resumed store equals
@@ -179,7 +191,7 @@ def test_kill_9_at_several_points_then_resume(tiny_backbone_dir, tmp_path):
     killed_incomplete = 0
     # kill points: as soon as the store exists, after 1 commit, after 4 commits
     for wait_for in (lambda: (store / "meta.json").exists(), lambda: _commits(store) >= 1, lambda: _commits(store) >= 4):
-        proc = subprocess.Popen([sys.executable, "-m", "rine", *args, "--out", str(store)], env=env,
+        proc = subprocess.Popen([sys.executable, "-c", SLOW_EXTRACT, *args, "--out", str(store)], env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
         deadline = time.monotonic() + 120
         while not wait_for() and proc.poll() is None and time.monotonic() < deadline:

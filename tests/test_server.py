@@ -670,7 +670,9 @@ def views_of(value, n=1):
 
 
 def test_batcher_splits_results_per_item():
-    b = Batcher(echo_scores, max_batch=64, max_wait_s=0.2, max_queue=16).start()
+    # The window is long and the batch fills at exactly 13 views: one batch however slowly the
+    # three submits arrive (a 0.2 s window could close between them on a loaded machine).
+    b = Batcher(echo_scores, max_batch=13, max_wait_s=60, max_queue=16).start()
     try:
         futures = [b.submit(views_of(v, n)) for v, n in [(1, 1), (2, 10), (3, 2)]]
         out = [f.result(10) for f in futures]
@@ -741,16 +743,25 @@ def test_batcher_skips_cancelled_and_reports_errors():
         calls.append(len(views))
         raise RuntimeError("encoder exploded")
 
-    b = Batcher(failing, max_batch=8, max_wait_s=0.3, max_queue=8).start()
+    gate = threading.Event()
+    # The encoder is held by a first item while the others queue: the cancel always lands
+    # before the batcher could take the item (no timing window to win).
+    b = Batcher(lambda v: gate.wait(10) and failing(v), max_batch=8, max_wait_s=0.0, max_queue=8).start()
     try:
+        blocker = b.submit(views_of(0))
+        wait_until(lambda: b.depth == 0)
         cancelled = b.submit(views_of(1))
         assert cancelled.cancel()
         kept = b.submit(views_of(2, 3))
+        gate.set()
         with pytest.raises(ScoringFailed, match="RuntimeError"):  # the type, not the message
             kept.result(10)
+        with pytest.raises(ScoringFailed):
+            blocker.result(10)
     finally:
+        gate.set()
         b.close()
-    assert calls == [3]  # a lone image is not retried
+    assert calls == [1, 3]  # the cancelled item is skipped; a lone image is not retried
 
 
 def test_batcher_isolates_the_image_that_breaks_a_batch():
