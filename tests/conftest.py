@@ -25,7 +25,8 @@ def _must_have_shared() -> bool:
     """Under CI (any non-empty `CI`, as CI services set it) or `RINE_REQUIRE_SHARED=1` (what
     scripts/test.sh exports), a missing fixture fails the run: a green run with the parity
     checks skipped would claim a parity it never checked."""
-    return bool(os.environ.get("CI")) or os.environ.get("RINE_REQUIRE_SHARED") == "1"
+    ci = os.environ.get("CI", "").strip().lower()
+    return ci not in ("", "0", "false", "no") or os.environ.get("RINE_REQUIRE_SHARED") == "1"
 
 
 def require_shared(path: Path | None = None) -> None:
