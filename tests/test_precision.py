@@ -168,6 +168,7 @@ def test_fast_modes_within_tolerance_on_random_backbones(tmp_path, sensitive_che
     assert np.ptp(ref) > 0.1, ref  # the images are told apart
     fast_det = Detector.from_pretrained(str(sensitive_checkpoint_dir), crop=crop, precision=precision)
     fast = np.array([p.prob_fake for p in fast_det.predict(images)])
+    # measured on an AMX Xeon: bf16 0.0077 (center) / 0.0025 (ten), fp16 0.0014 / 0.0010
     assert np.abs(fast - ref).max() < TOLERANCE
     assert not np.array_equal(fast, ref)  # the mode really ran in lower precision
     _identity_block(fast_det.encoder, 1)  # negative control
