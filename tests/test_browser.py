@@ -10,7 +10,6 @@ import csv
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import OFFICIAL
+from conftest import OFFICIAL, require_shared
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -34,37 +33,35 @@ DEMO_IMAGES = ("real_aadlygmazf.jpg", "fake_dalle_zzrybysskm.png")
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def server(tiny_checkpoint_dir, tmp_path):
     """`python -m rine serve` on a free loopback port; yields its base URL once ready."""
     httpx = pytest.importorskip("httpx")
     pytest.importorskip("uvicorn")
-    port = free_port()
     log = open(tmp_path / "server.log", "wb")
+    # --port 0: the server picks a free port and prints it ("serving on http://127.0.0.1:N");
+    # a port found free here and closed before the child binds it could be taken meanwhile.
     proc = subprocess.Popen(
-        [sys.executable, "-m", "rine", "serve", "--host", "127.0.0.1", "--port", str(port),
+        [sys.executable, "-m", "rine", "serve", "--host", "127.0.0.1", "--port", "0",
          "--model", str(tiny_checkpoint_dir), "--device", "cpu", "--no-access-log"],
         stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
-    base = f"http://127.0.0.1:{port}"
+    base = None
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 180  # a liveness bound: a loaded 2-core machine takes its time
         while True:
             if proc.poll() is not None:
                 pytest.fail(f"rine serve exited with {proc.returncode}:\n{(tmp_path / 'server.log').read_text()}")
+            if base is None:
+                found = re.search(r"serving on (http://127\.0\.0\.1:\d+)", (tmp_path / "server.log").read_text())
+                base = found.group(1) if found else None
             try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                if base is not None and httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
                     break
             except httpx.TransportError:
                 pass
             if time.monotonic() > deadline:
-                pytest.fail("rine serve did not become ready in 60 s")
+                pytest.fail("rine serve did not become ready in 180 s")
             time.sleep(0.1)
         yield base
     finally:
@@ -83,9 +80,8 @@ def test_page_shows_what_the_api_returns(server, tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright for Python is not installed")
     import httpx
 
+    require_shared()
     files = [OFFICIAL / name for name in DEMO_IMAGES]
-    if not all(f.exists() for f in files):
-        pytest.skip(f"demo images not found under {OFFICIAL}")
     expected = {}
     for f in files:
         r = httpx.post(f"{server}/v1/detect", files=[("files", (f.name, f.read_bytes()))], timeout=30)
@@ -153,9 +149,8 @@ def test_page_waits_out_503s_refuses_big_files_and_exports(server, tmp_path):
     if not CHROMIUM.exists():
         pytest.skip(f"{CHROMIUM} not found: install Debian's chromium (scripts/setup.sh --dev does)")
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright for Python is not installed")
+    require_shared()
     demo = OFFICIAL / DEMO_IMAGES[0]
-    if not demo.exists():
-        pytest.skip(f"demo image not found under {OFFICIAL}")
     big = tmp_path / "huge.png"
     big.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(21 * 1024 * 1024))  # over the default 20 MB
     with sync_api.sync_playwright() as pw:
@@ -196,3 +191,35 @@ def test_page_waits_out_503s_refuses_big_files_and_exports(server, tmp_path):
             assert row["verdict"] in ("real", "synthetic") and 0 < float(row["prob_fake"]) < 1 and not row["error"]
         finally:
             browser.close()
+
+
+def test_csv_download_does_not_turn_file_names_into_formulas(server, tmp_path):
+    """File names come from whoever sent the files: one named `=cmd|...` must reach the CSV
+    as text (a leading quote), not as a formula a spreadsheet would run; numbers stay numbers."""
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} not found: install Debian's chromium (scripts/setup.sh --dev does)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright for Python is not installed")
+    from conftest import write_image
+
+    names = ["=cmd|' -C calc'!A0.png", "+SUM(1,2).png", "-2+3.png", "@now.png", "plain.png"]
+    files = [write_image(tmp_path / "up" / name, (64, 64), seed=i) for i, name in enumerate(names)]
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_context(accept_downloads=True, bypass_csp=True).new_page()
+            page.goto(server + "/")
+            page.wait_for_function("document.querySelector('#model').textContent.startsWith('Model ')")
+            page.set_input_files("#file-input", [str(f) for f in files])
+            page.wait_for_function(f"document.querySelectorAll('#results .card[data-state=done]').length === {len(files)}",
+                                   timeout=60_000)  # fmt: skip
+            with page.expect_download() as download:
+                page.click("#download")
+            raw = open(download.value.path(), newline="", encoding="utf-8").read()
+        finally:
+            browser.close()
+    rows = list(csv.DictReader(raw.splitlines()))
+    assert sorted(r["name"] for r in rows) == sorted(("'" + n) if n[0] in "=+-@" else n for n in names), raw
+    for r in rows:
+        assert r["verdict"] in ("real", "synthetic") and not r["error"]
+        float(r["prob_fake"]), float(r["logit"])  # numbers are written as numbers, even negative logits
+        assert not r["logit"].startswith("'")

@@ -20,7 +20,7 @@ from rine.data.images import load_image
 from rine.data.preprocess import preprocess
 from rine.inference.detector import Detector
 
-from conftest import OFFICIAL, require_shared, write_image
+from conftest import OFFICIAL, assert_scores_as_reference_decode, require_shared, write_image
 
 
 @pytest.fixture(scope="module")
@@ -69,23 +69,30 @@ def test_backbone_and_head_files(capsys, tmp_path, tiny_openai_file, tiny_checkp
         assert ra["prob_fake"] == pytest.approx(rb["prob_fake"], abs=1e-5)
 
 
-def test_folders_globs_csv_and_output_file(capsys, tmp_path, tiny_checkpoint_dir):
+def test_folders_globs_csv_and_output_file(capsys, tmp_path, sensitive_checkpoint_dir, sensitive_detector):
     root = tmp_path / "photos"
     write_image(root / "a" / "one.JPG", (240, 260), fmt="JPEG")
     write_image(root / "a" / "b" / "two.v2.final.png", (300, 230))
     write_image(root / "ünïcode ß.webp", (256, 256), fmt="WEBP")
+    write_image(root / "alpha.png", (250, 240), mode="RGBA", seed=3)
+    write_image(root / "grey.png", (230, 260), mode="L", seed=4)
     (root / "notes.txt").write_text("not scanned: folders only yield image files")
     write_image(tmp_path / "loose" / "x.png", (230, 230))
     out_csv = tmp_path / "scores.csv"
     code, _, err = run_cli(
-        capsys, "detect", str(root), str(tmp_path / "loose" / "*.png"),
-        "--model", str(tiny_checkpoint_dir), "--format", "csv", "--output", str(out_csv), "--batch-size", "2",
+        capsys, "detect", str(root), str(tmp_path / "loose" / "*.png"), "--precision", "fp32",
+        "--model", str(sensitive_checkpoint_dir), "--format", "csv", "--output", str(out_csv), "--batch-size", "2",
     )  # fmt: skip
     assert code == 0, err
     rows = list(csv.DictReader(out_csv.open()))
     names = sorted(r["path"].split("/")[-1] for r in rows)
-    assert names == sorted(["one.JPG", "two.v2.final.png", "ünïcode ß.webp", "x.png"])
-    assert all(0 <= float(r["prob_fake"]) <= 1 and r["error"] == "" for r in rows)
+    assert names == sorted(["one.JPG", "two.v2.final.png", "ünïcode ß.webp", "x.png", "alpha.png", "grey.png"])
+    assert all(r["error"] == "" for r in rows)
+    # Each score is the detector's on the reference's decode (RGBA: alpha dropped; L: grey
+    # replicated; WebP/JPEG: RGB order), and a wrong decode would be caught.
+    assert_scores_as_reference_decode(
+        sensitive_detector, [r["path"] for r in rows], [float(r["prob_fake"]) for r in rows], abs_tol=1e-5
+    )
 
 
 def make_bad_files(folder):
@@ -137,21 +144,26 @@ def test_bad_files_get_error_records_and_the_rest_is_scored(capsys, tmp_path, ti
         assert "\n" not in records[name]["error"]
     for name in ("good.jpg", "also_good.png", "sixteen_bit.png"):  # 16-bit grey: scaled to 8 bits (issue 14)
         assert records[name]["error"] is None and 0 <= records[name]["prob_fake"] <= 1
+    # the tiny head's scores are alike for every noise image: the values are checked on the
+    # sensitive head in test_folders_globs_csv_and_output_file
 
 
-def test_ten_crop_is_sigmoid_of_mean_logit(capsys, tiny_checkpoint_dir, tiny_detector, demo_images):
+def test_ten_crop_is_sigmoid_of_mean_logit(capsys, tmp_path, sensitive_checkpoint_dir, sensitive_detector):
+    path = str(write_image(tmp_path / "big.png", size=(700, 500), seed=9))
     code, out, _ = run_cli(
-        capsys, "detect", demo_images[1], "--model", str(tiny_checkpoint_dir), "--crop", "ten", "--format", "json",
+        capsys, "detect", path, "--model", str(sensitive_checkpoint_dir), "--crop", "ten", "--format", "json",
         "--precision", "fp32",
     )  # fmt: skip
     assert code == 0
     from rine.config import PreprocessConfig
 
-    views = preprocess(load_image(demo_images[1]), PreprocessConfig(crop="ten"))
+    views = preprocess(load_image(path), PreprocessConfig(crop="ten"))
     assert views.shape == (10, 3, 224, 224)
     with torch.no_grad():
-        logits = tiny_detector.model(views).logits
-    assert json.loads(out)[0]["prob_fake"] == pytest.approx(torch.sigmoid(logits.mean()).item(), abs=1e-6)
+        logits = sensitive_detector.model(views).logits
+    prob = json.loads(out)[0]["prob_fake"]
+    assert prob == pytest.approx(torch.sigmoid(logits.mean()).item(), abs=1e-6)
+    assert abs(prob - torch.sigmoid(logits).mean().item()) > 0.01  # the other protocol would be caught
 
 
 def test_missing_weights_stop_with_a_helpful_message(capsys, tmp_path, demo_images):

@@ -112,33 +112,29 @@ def test_eval_ufd20_counts_and_metrics(tmp_path, tiny_checkpoint_dir, count_view
     assert config["suite"] == "ufd20" and config["conditions"] == ["clean"]
 
 
-def test_ten_crop_is_sigmoid_of_mean_single_crop_logits(
-    tmp_path, tiny_checkpoint_dir, tiny_detector
-):
+def test_ten_crop_is_sigmoid_of_mean_single_crop_logits(tmp_path, sensitive_checkpoint_dir, sensitive_detector):
+    from PIL import Image
+
     from rine.data.preprocess import ten_crop_arrays
 
     make_files(tmp_path / "RAISEpng", 2, size=(260, 240))
     make_files(tmp_path / "synthbuster" / "glide", 1, size=(300, 230))
     out = tmp_path / "out"
-    rc = main(["eval", "--suite", "synthbuster", "--root", str(tmp_path), "--out", str(out),
-               "--model", str(tiny_checkpoint_dir), "--no-progress", "--no-plots"])  # fmt: skip
+    rc = main(["eval", "--suite", "synthbuster", "--root", str(tmp_path), "--out", str(out), "--precision", "fp32",
+               "--model", str(sensitive_checkpoint_dir), "--no-progress", "--no-plots"])  # fmt: skip
     assert rc == 0
     preds = read_jsonl(out / "predictions.jsonl")
     assert json.loads((out / "eval_config.json").read_text())["preprocess"]["crop"] == "ten"
     assert len(preds) == 3
-    from PIL import Image
-
+    wrong_protocol = []
     for p in preds:
-        crops = ten_crop_arrays(
-            np.asarray(Image.open(p["path"]).convert("RGB")), TINY["image_size"]
-        )
+        crops = ten_crop_arrays(np.asarray(Image.open(p["path"]).convert("RGB")), TINY["image_size"])
         # each crop scored on its own, through the single-view path
-        logits = [tiny_detector.score_views(np.ascontiguousarray(c[None]))[0].item() for c in crops]
-        expected = 1 / (1 + np.exp(-np.mean(logits)))
-        assert p["prob_fake"] == pytest.approx(expected, abs=1e-5)
-        assert p["prob_fake"] != pytest.approx(
-            np.mean(1 / (1 + np.exp(-np.array(logits)))), abs=1e-9
-        )
+        logits = np.array([sensitive_detector.score_views(np.ascontiguousarray(c[None]))[0].item() for c in crops])
+        assert p["prob_fake"] == pytest.approx(1 / (1 + np.exp(-logits.mean())), abs=1e-5)
+        wrong_protocol.append(abs(p["prob_fake"] - np.mean(1 / (1 + np.exp(-logits)))))
+    # Negative control: the mean of the ten probabilities would be caught on these images.
+    assert max(wrong_protocol) > 0.01, wrong_protocol
 
 
 def test_heads_and_perturbations_share_backbone_passes(
@@ -408,3 +404,19 @@ def test_help_states_each_default(command, capsys):
         out = " ".join(capsys.readouterr().out.split())
         default = parser.get_default("max_depth")
         assert default == 6 and "how deep to look for real/fake folders (default 6)" in out
+
+
+def test_exit_1_when_no_image_could_be_scored(tmp_path, tiny_checkpoint_dir, capsys):
+    """A run whose every image is unreadable has empty metrics: exit 1, saying so; one readable
+    image is enough for 0 (the unreadable ones are counted apart)."""
+    root = tmp_path / "bench"
+    for label in ("0_real", "1_fake"):
+        (root / "s" / label).mkdir(parents=True)
+        (root / "s" / label / "broken.png").write_bytes(b"not an image")
+    base = ["eval", "--suite", "folder", "--root", str(root), "--no-progress", "--no-plots", "--model", str(tiny_checkpoint_dir)]
+    assert main([*base, "--out", str(tmp_path / "none")]) == 1
+    err = capsys.readouterr().err
+    assert "no image could be scored" in err and "2 images could not be read" in err
+    write_image(root / "s" / "1_fake" / "good.png", (64, 64))
+    assert main([*base, "--out", str(tmp_path / "one")]) == 0
+    assert "no image could be scored" not in capsys.readouterr().err

@@ -24,7 +24,11 @@ from rine.model.rine_model import RINEModel
 from conftest import PARITY, make_openai_visual_state, require_shared
 from openai_style_vit import reference_taps
 
-ATOL = 1e-4
+# Measured against the reference's float32 outputs (this machine, 1 and 2 threads alike):
+# largest |difference| 1.2e-6 on taps (values up to 3.1), 1.7e-6 on proj2's output,
+# 9.8e-7 on logits: rounding of a different operation order (fused attention, HF vs
+# OpenAI modules), not bit-exact. The tolerance is 10x the largest; README states the figures.
+ATOL = 1e-5
 
 
 @pytest.fixture(scope="module")
@@ -128,12 +132,13 @@ def test_taps_match_independent_openai_style_encoder(tmp_path, width, layers, pa
     pixels = torch.randn(3, 3, image_size, image_size, generator=torch.Generator().manual_seed(seed))
     expected, _ = reference_taps(state, pixels, heads=width // 64)
 
+    # Same machine, same float32 operations: bit-exact (measured max |difference| 0.0).
     ours_openai = load_backbone(str(path))(pixels)
-    torch.testing.assert_close(ours_openai, expected, atol=ATOL, rtol=0)
+    torch.testing.assert_close(ours_openai, expected, atol=0, rtol=0)
 
     folder = tmp_path / "hf"
     load_openai_clip_vision(path).save_pretrained(folder)
-    torch.testing.assert_close(load_backbone(str(folder))(pixels), expected, atol=ATOL, rtol=0)
+    torch.testing.assert_close(load_backbone(str(folder))(pixels), expected, atol=0, rtol=0)
 
 
 def test_fewer_blocks_are_a_prefix_of_all_taps(tiny_openai_file):

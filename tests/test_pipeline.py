@@ -3,6 +3,8 @@ worker counts, ten-crop averaging, and device-side normalisation."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -73,14 +75,19 @@ def test_stream_is_consumed_lazily(fp32_detector, tmp_path):
     it.close()
 
 
-def test_ten_crop_is_sigmoid_of_mean_logit(tiny_checkpoint_dir, tmp_path):
-    det = Detector.from_pretrained(str(tiny_checkpoint_dir), crop="ten", precision="fp32")
+def test_ten_crop_is_sigmoid_of_mean_logit(sensitive_checkpoint_dir, tmp_path):
+    det = Detector.from_pretrained(str(sensitive_checkpoint_dir), crop="ten", precision="fp32")
     path = str(write_image(tmp_path / "big.jpg", size=(700, 500), seed=9))
     pred = det.predict(path)[0]
     logits, _ = det.score_views(crop_views(load_image(path), det.config.preprocess))
     assert logits.shape == (10,)
     assert pred.logit == pytest.approx(logits.mean().item(), abs=1e-6)
     assert pred.prob_fake == pytest.approx(torch.sigmoid(logits.mean()).item(), abs=1e-6)
+    # Negative control: the crops disagree enough that the other protocol (mean of the ten
+    # probabilities) or the centre crop alone would give another score.
+    assert abs(pred.prob_fake - torch.sigmoid(logits).mean().item()) > 0.01
+    center = det.score_views(crop_views(load_image(path), replace(det.config.preprocess, crop="center")))[0]
+    assert abs(pred.prob_fake - torch.sigmoid(center).item()) > 0.01
 
 
 def test_device_normalisation_equals_cpu_normalisation():

@@ -137,7 +137,7 @@ def test_fp32_detector_reproduces_reference_logits(parity_detectors):
     images = sorted((PARITY / "images").iterdir())
     preds = parity_detectors["fp32"].predict(images, batch_size=3)
     reference = np.load(PARITY / "tiny" / "logits.npy").ravel()
-    np.testing.assert_allclose([p.logit for p in preds], reference, atol=1e-4)
+    np.testing.assert_allclose([p.logit for p in preds], reference, atol=1e-5, rtol=0)  # measured: 9.8e-7
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
@@ -150,15 +150,30 @@ def test_fast_modes_within_tolerance_on_parity_fixtures(parity_detectors, precis
     assert not np.array_equal(fast, ref)  # the mode really ran in lower precision
 
 
+def _identity_block(encoder: FastTapEncoder, i: int) -> None:
+    """Break the encoder on purpose: block i adds nothing to the residual stream."""
+    qkv, out, fc1, fc2 = encoder.blocks[i]
+    width = encoder.width
+    encoder.blocks[i] = (qkv, lambda x: torch.zeros_like(x), fc1, lambda x: x.new_zeros((*x.shape[:-1], width)))
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 @pytest.mark.parametrize("crop", ["center", "ten"])
-def test_fast_modes_within_tolerance_on_random_backbones(tmp_path, tiny_checkpoint_dir, precision, crop):
+def test_fast_modes_within_tolerance_on_random_backbones(tmp_path, sensitive_checkpoint_dir, precision, crop):
+    """On the sensitive head (logits spanning several units) the fast modes stay within the
+    tolerance, and an encoder with one block's output zeroed does not: the check can fail."""
     sizes = [(256, 256), (640, 480), (224, 300), (1024, 200)]
     images = [write_image(tmp_path / f"{i}.png", size=s, seed=i) for i, s in enumerate(sizes)]
-    ref = Detector.from_pretrained(str(tiny_checkpoint_dir), crop=crop, precision="fp32").predict(images)
-    fast = Detector.from_pretrained(str(tiny_checkpoint_dir), crop=crop, precision=precision).predict(images)
-    diff = np.abs(np.array([p.prob_fake for p in fast]) - np.array([p.prob_fake for p in ref]))
-    assert diff.max() < TOLERANCE
+    ref = np.array([p.prob_fake for p in Detector.from_pretrained(str(sensitive_checkpoint_dir), crop=crop, precision="fp32").predict(images)])
+    assert np.ptp(ref) > 0.1, ref  # the images are told apart
+    fast_det = Detector.from_pretrained(str(sensitive_checkpoint_dir), crop=crop, precision=precision)
+    fast = np.array([p.prob_fake for p in fast_det.predict(images)])
+    # measured on an AMX Xeon: bf16 0.0077 (center) / 0.0025 (ten), fp16 0.0014 / 0.0010
+    assert np.abs(fast - ref).max() < TOLERANCE
+    assert not np.array_equal(fast, ref)  # the mode really ran in lower precision
+    _identity_block(fast_det.encoder, 1)  # negative control
+    broken = np.array([p.prob_fake for p in fast_det.predict(images)])
+    assert np.abs(broken - ref).max() > 5 * TOLERANCE
 
 
 def test_detector_resolves_auto_and_encode_views_uses_it(tiny_checkpoint_dir, monkeypatch):
@@ -173,32 +188,53 @@ def test_detector_resolves_auto_and_encode_views_uses_it(tiny_checkpoint_dir, mo
     torch.testing.assert_close(det.model.head(taps).logits, logits)
 
 
-@pytest.mark.slow
-def test_auto_within_tolerance_on_benchmark_images_with_the_official_head(tmp_path):
-    """The benchmark's setting at full size: a random ViT-L/14-shaped encoder, the benchmark's
-    generated photos, and the official 2-class head (trained weights, the real head shape)."""
-    require_shared()
+# What the project states for CPU bf16 on the benchmark's 48 ViT-L/14 images with the
+# official head (README "Tolerance"; measured there: max 0.0152, mean 0.0014).
+BENCH_MAX_DP, BENCH_MEAN_DP = 0.02, 0.002
+
+
+def _import_benchmark(request, monkeypatch, name: str):
+    """A benchmarks/ script as a module; sys.path (which it extends) and sys.modules are
+    restored after the test, so no later test imports from benchmarks/ by accident."""
+    import importlib
     import sys
 
-    from conftest import OFFICIAL, REPO
+    from conftest import REPO
 
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    import throughput as bench
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    had = name in sys.modules
+    module = importlib.import_module(name)
+    if not had:
+        request.addfinalizer(lambda: sys.modules.pop(name, None))
+    return module
 
+
+@pytest.mark.slow
+def test_auto_within_tolerance_on_benchmark_images_with_the_official_head(tmp_path, monkeypatch, request):
+    """The benchmark's setting at full size: a random ViT-L/14-shaped encoder, the benchmark's
+    48 generated photos, and the official 2-class head (trained weights, the real head shape):
+    bf16 (what auto picks on CPUs with native bf16) within the stated max and mean of fp32."""
+    require_shared()
     from rine.config import PreprocessConfig, RINEConfig
     from rine.model.checkpoints import load_official_head
     from rine.model.rine_model import RINEModel
 
-    paths = bench.make_images(tmp_path / "imgs", 6)
+    from conftest import OFFICIAL
+
+    bench = _import_benchmark(request, monkeypatch, "throughput")
+    paths = bench.make_images(tmp_path / "imgs", 48, jobs=2)
     backbone = bench.build_hf_backbone(bench.random_openai_state("ViT-L/14"))
     head = load_official_head(OFFICIAL / "model_2class_trainable.pth")
     config = RINEConfig(backbone="ViT-L/14", head=head.config, preprocess=PreprocessConfig())
     probs = {}
-    for precision in ("fp32", "bf16"):  # bf16 is what auto picks on CPUs with native bf16
+    for precision in ("fp32", "bf16"):
         det = Detector(RINEModel(backbone, head), config, precision=precision)
-        probs[precision] = np.array([p.prob_fake for p in det.predict(paths, batch_size=6)])
+        probs[precision] = np.array([p.prob_fake for p in det.predict(paths, batch_size=8)])
     assert np.std(probs["fp32"]) > 0.01  # the images get different scores: the check is not vacuous
-    assert np.max(np.abs(probs["bf16"] - probs["fp32"])) <= TOLERANCE
+    dp = np.abs(probs["bf16"] - probs["fp32"])
+    print(f"bf16 vs fp32 on {len(paths)} images: max |dp| {dp.max():.4f}, mean {dp.mean():.5f}")
+    assert dp.max() <= BENCH_MAX_DP and dp.mean() <= BENCH_MEAN_DP, (dp.max(), dp.mean())
+    assert dp.max() > 0  # bf16 really ran
 
 
 def test_exact_fp32_flags_survive_overlapping_threads():

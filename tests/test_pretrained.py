@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 
@@ -95,15 +96,13 @@ NAMED_FLOW = textwrap.dedent(
 )
 
 
-def test_named_model_downloads_backbone_and_head_then_works_offline(hub, tiny_backbone_dir, tmp_path):
+def test_named_model_downloads_backbone_and_head_then_works_offline(hub, tiny_backbone_dir, sensitive_checkpoint_dir, tmp_path):
     """The whole first-use path in a fresh process: HF_ENDPOINT and the head URL on loopback."""
     require_shared()
-    from rine.config import HeadConfig
-    from rine.model.head import RINEHead
+    from rine.inference.detector import Detector
 
-    torch.manual_seed(3)
-    head_file = tmp_path / "tiny_trainable.pth"
-    torch.save(RINEHead(HeadConfig(in_dim=64, n_blocks=3, nproj=1, proj_dim=16)).state_dict(), head_file)
+    head_file = tmp_path / "tiny_trainable.pth"  # the sensitive head, in the official format
+    torch.save(load_pretrained(sensitive_checkpoint_dir)[0].state_dict(), head_file)
     hub.raw["ckpt/tiny_trainable.pth"] = head_file.read_bytes()
     commit = hub.add_repo_folder("tiny-org/tiny-clip", tiny_backbone_dir)
     images = [str(OFFICIAL / "real_aadlygmazf.jpg"), str(OFFICIAL / "fake_dalle_zzrybysskm.png")]
@@ -127,7 +126,10 @@ def test_named_model_downloads_backbone_and_head_then_works_offline(hub, tiny_ba
     assert first.returncode == 0, first.stderr
     records = json.loads(first.stdout)
     assert [r["path"] for r in records] == images
-    assert all(0.0 <= r["prob_fake"] <= 1.0 and r["error"] is None for r in records)
+    assert all(r["error"] is None for r in records)
+    # the downloaded model scores as the same backbone and head loaded from local files
+    local = Detector.from_files(str(tiny_backbone_dir), str(head_file)).predict(images)
+    np.testing.assert_allclose([r["prob_fake"] for r in records], [p.prob_fake for p in local], atol=1e-6, rtol=0)
     assert any("/resolve/" in r and "model.safetensors" in r for r in hub.requests)
     assert any(r.endswith("/tiny_trainable.pth") for r in hub.requests)
 
@@ -136,3 +138,30 @@ def test_named_model_downloads_backbone_and_head_then_works_offline(hub, tiny_ba
     second = run(HF_HUB_OFFLINE="1", RINE_OFFLINE="1")
     assert second.returncode == 0, second.stderr
     assert json.loads(second.stdout) == records
+
+
+def test_ldm_model_defaults_to_ten_crop(hub, monkeypatch, tiny_backbone_dir, sensitive_checkpoint_dir, sensitive_detector, tmp_path):
+    """`rine-vitl14-ldm` scores with the ten-crop protocol unless told otherwise (the paper's
+    Synthbuster setting): its spec as registered, with the sensitive head served as its file."""
+    from dataclasses import replace
+
+    from rine.inference.detector import Detector
+    from rine.model.pretrained import PRETRAINED
+
+    from conftest import write_image
+
+    head_file = tmp_path / "model_ldm_trainable.pth"
+    torch.save(load_pretrained(sensitive_checkpoint_dir)[0].state_dict(), head_file)
+    hub.raw["ckpt/model_ldm_trainable.pth"] = head_file.read_bytes()
+    monkeypatch.setenv("RINE_HEAD_BASE_URL", f"{hub.url}/raw/ckpt")
+    spec = PRETRAINED["rine-vitl14-ldm"]
+    monkeypatch.setitem(PRETRAINED, spec.name, replace(spec, head_blob_sha1=git_blob_sha1(head_file)))
+    det = Detector.from_pretrained("rine-vitl14-ldm", backbone=str(tiny_backbone_dir), precision="fp32")
+    assert det.config.preprocess.crop == "ten"
+    image = str(write_image(tmp_path / "x.png", size=(600, 400), seed=4))
+    ten = det.predict([image])[0].prob_fake
+    center = Detector.from_pretrained("rine-vitl14-ldm", backbone=str(tiny_backbone_dir), crop="center", precision="fp32")
+    assert center.config.preprocess.crop == "center"  # --crop still overrides it
+    assert abs(ten - center.predict([image])[0].prob_fake) > 0.01  # the two protocols differ on this image
+    assert ten == pytest.approx(Detector.from_pretrained(str(sensitive_checkpoint_dir), crop="ten", precision="fp32").predict([image])[0].prob_fake, abs=1e-6)
+    assert sensitive_detector.config.preprocess.crop == "center"

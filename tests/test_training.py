@@ -204,3 +204,85 @@ def test_preloaded_taps_keep_the_store_dtype_and_train_the_same_head(stores, mon
     assert StoreTaps(val, preload=None).cache is None
     monkeypatch.setattr(rine.training.trainer, "_fits_in_memory", lambda nbytes: nbytes == val.taps.nbytes)
     assert StoreTaps(val, preload=None).cache is not None
+
+
+def test_cli_train_from_images_equals_training_on_their_store(stores, data, tiny_backbone_dir, tmp_path):
+    """`rine train --root --layout progan --classes` through the CLI trains the head that the
+    same images' float32 store trains (same seed, same augmented views)."""
+    from rine.cli import main
+    from rine.model.checkpoints import load_pretrained
+
+    _, train32, _ = stores
+    common = ["--nproj", "2", "--proj-dim", "32", "--epochs", "1", "--seed", "0", "--batch-size", "6",
+              "--no-progress", "--no-plot"]  # fmt: skip
+    assert main(["train", "--features", str(train32.root), "--out", str(tmp_path / "store"), *common]) == 0
+    assert main(["train", "--root", str(data), "--layout", "progan", "--classes", "car,cat",
+                 "--backbone", str(tiny_backbone_dir), "--out", str(tmp_path / "images"), *common]) == 0  # fmt: skip
+    a, _ = load_pretrained(tmp_path / "store")
+    b, config = load_pretrained(tmp_path / "images")
+    for k, v in a.state_dict().items():
+        torch.testing.assert_close(b.state_dict()[k], v, rtol=1e-5, atol=1e-6)
+    assert config.meta["layout"] == "progan" and config.meta["classes"] == ["car", "cat"]
+    # Negative control: one class fewer is other training data, hence another head.
+    assert main(["train", "--root", str(data), "--layout", "progan", "--classes", "car",
+                 "--backbone", str(tiny_backbone_dir), "--out", str(tmp_path / "car"), *common]) == 0  # fmt: skip
+    assert not torch.allclose(load_pretrained(tmp_path / "car")[0].state_dict()["proj1.1.weight"], a.state_dict()["proj1.1.weight"])
+
+
+def test_fraction_is_a_seeded_share_of_the_training_items(stores, tmp_path):
+    """--fraction f trains on floor(n * f) items drawn by the seed: the same seed draws the same
+    subset (byte-identical heads), another seed another subset."""
+    from rine.cli import main
+    from rine.training.trainer import subset
+
+    n = 40
+    a, b, c = subset(n, 0, 0.25), subset(n, 0, 0.25), subset(n, 1, 0.25)
+    assert len(a) == 10 and a.tolist() == b.tolist() and a.tolist() != c.tolist()
+    assert len(set(a.tolist())) == 10 and a.tolist() == sorted(a.tolist()) and 0 <= a.min() and a.max() < n
+    assert a.tolist() != list(range(10))  # a random share, not the first items
+    assert subset(n, 0, 1.0).tolist() == list(range(n))
+
+    _, train32, _ = stores
+    args = ["train", "--features", str(train32.root), "--nproj", "2", "--proj-dim", "32", "--epochs", "1",
+            "--batch-size", "4", "--fraction", "0.5", "--no-progress", "--no-plot"]  # fmt: skip
+    for name, seed in (("a", "0"), ("b", "0"), ("c", "1")):
+        assert main([*args, "--seed", seed, "--out", str(tmp_path / name)]) == 0
+    start = json.loads((tmp_path / "a" / "train_log.jsonl").read_text().splitlines()[0])
+    assert start["items"] == len(train32) // 2 and start["config"]["fraction"] == 0.5
+    weights = {n: (tmp_path / n / "model.safetensors").read_bytes() for n in "abc"}
+    assert weights["a"] == weights["b"] and weights["a"] != weights["c"]
+
+
+def test_ldm_layout_reads_the_reference_lists(tmp_path):
+    """The latent-diffusion training set as the reference reads it: LSUN reals named
+    <class>_<file> in real_lsun.txt, COCO reals from train2014 or else val2014, one folder of
+    fakes per generator; "val" means the "valid" split."""
+    from rine.data.datasets import layout_items
+
+    from conftest import write_image
+
+    base = tmp_path / "latent_diffusion_trainingset"
+    for split in ("train", "valid"):
+        (base / split).mkdir(parents=True)
+        (base / split / "real_lsun.txt").write_text(f"car_{split}1.png\ncat_{split}2.png\n")
+        (base / split / "real_coco.txt").write_text("000001.jpg\n000002.jpg\n")
+        write_image(base / split / "ldm_a" / "0.png", (32, 32))
+        write_image(base / split / "ldm_a" / "1.png", (32, 32))
+        write_image(base / split / "ldm_b" / "0.png", (32, 32))
+    write_image(tmp_path / "coco" / "train2014" / "COCO_train2014_000001.jpg", (32, 32), fmt="JPEG")
+    write_image(tmp_path / "coco" / "val2014" / "COCO_val2014_000002.jpg", (32, 32), fmt="JPEG")
+    items = layout_items(tmp_path, "ldm", "train")
+    assert [(Path(it.path).relative_to(tmp_path).as_posix(), it.label, it.set) for it in items] == [
+        ("train/car/0_real/train1.png", 0, "lsun"),
+        ("train/cat/0_real/train2.png", 0, "lsun"),
+        ("coco/train2014/COCO_train2014_000001.jpg", 0, "coco"),
+        ("coco/val2014/COCO_val2014_000002.jpg", 0, "coco"),
+        ("latent_diffusion_trainingset/train/ldm_a/0.png", 1, "ldm_a"),
+        ("latent_diffusion_trainingset/train/ldm_a/1.png", 1, "ldm_a"),
+        ("latent_diffusion_trainingset/train/ldm_b/0.png", 1, "ldm_b"),
+    ]
+    val = layout_items(tmp_path, "ldm", "val")
+    assert [it.path for it in val][:2] == [str(tmp_path / "train/car/0_real/valid1.png"), str(tmp_path / "train/cat/0_real/valid2.png")]
+    assert {it.set for it in val if it.label == 1} == {"ldm_a", "ldm_b"}
+    with pytest.raises(FileNotFoundError, match="latent_diffusion_trainingset"):
+        layout_items(tmp_path / "nothing", "ldm", "train")
