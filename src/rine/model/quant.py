@@ -11,14 +11,14 @@ Each Linear of an encoder block becomes an `Int8Linear`:
 LayerNorms, the residual stream, attention and the head stay as in the bf16 mode
 (`accel.FastTapEncoder`): only the four GEMMs of each block change.
 
-Why these choices (ViT-L/14 shapes, 2 cores of a Sapphire Rapids Xeon, best of several
-interleaved runs on a loaded machine, so indicative only): oneDNN's int8 GEMM ran the
-[4112 x 1024] x [1024 x 4096] MLP product 2-3x faster than its bf16 one, while
-`torch.ao.quantization.quantize_dynamic` (its x86/fbgemm engine, 7-bit activations)
-was no faster than bf16 and `torch._int_mm` with per-token scales was slower than bf16
-(no fused dequantization). Per-image activation scales (one GEMM per image) were half as
-fast as one GEMM per batch, so the scale is the batch's: an image's int8 score depends
-slightly on the other images of its batch (see docs/performance.md).
+Why these kernels (ViT-L/14's MLP product, 2 cores of a Sapphire Rapids Xeon under heavy
+load, so a first ranking only: `benchmarks/int8_kernels.py` measures it): oneDNN's int8 GEMM
+alone ran 2-3x faster than its bf16 one at a quieter moment; `torch.ao.quantization`'s
+dynamic Linear (deprecated in 2.13), with its default per-tensor weight scale, had 1.8x the
+error (2.5e-2 relative, against 1.4e-2) and has no fused activation or residual add, and `torch._int_mm` with per-token scales needs a
+separate dequantization pass and was the slowest. Per-image input scales (one GEMM per
+image) halve the input error but ran at half the speed, so the scale is the batch's: an
+image's int8 score depends slightly on the other images of its batch.
 
 Without VNNI/AMX-INT8 oneDNN falls back to AVX2/AVX-512 sequences whose 16-bit
 intermediate sums can saturate and that are no faster than bf16: the mode is refused
