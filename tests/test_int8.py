@@ -235,6 +235,8 @@ def test_int8_refuses_compile(tiny_detector):
         pytest.skip("no int8 on this CPU")
     with pytest.raises(ValueError, match="--compile"):
         FastTapEncoder(tiny_detector.model.backbone, "int8", compile=True)
+    with pytest.raises(ValueError, match="--compile does not apply to --precision int8"):
+        Detector(tiny_detector.model, tiny_detector.config, precision="int8", compile=True)
 
 
 def test_weight_quantization_is_per_output_channel():
