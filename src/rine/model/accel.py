@@ -344,7 +344,7 @@ class FastTapEncoder(nn.Module):
             # Same scale as HF CLIP (head_dim ** -0.5), applied inside SDPA.
             attn = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], scale=1.0 / math.sqrt(hd))
             attn = attn.transpose(1, 2).reshape(b, t, d).to(self.dtype)  # [B, T, D]
-            out_lin.add_to(attn, hidden)  # residual stream stays fp32 (in place, no copy of the product)
+            out_lin.add_to(attn, hidden)  # residual stream stays fp32, updated in place (int8: inside its GEMM)
             normed = self.norms2[i](hidden)  # RINE's tap point (`ln_2`), fp32
             taps.append(normed[:, 0])
             if i + 1 < n:  # the last needed block's MLP does not affect any tap
