@@ -1,13 +1,19 @@
-"""Where bf16's probability error comes from: rounding sites and blocks, emulated exactly.
+"""Where bf16's (or int8's) probability error comes from: rounding sites and blocks, emulated exactly.
 
     python benchmarks/precision_sources.py                 # 48 benchmark images, ~10 min on 2 cores
     python benchmarks/precision_sources.py --by blocks     # bf16 in one group of blocks at a time
+    python benchmarks/precision_sources.py --format int8   # the same for int8 (rine.model.quant)
+    python benchmarks/precision_sources.py --by none       # only the real bf16 and int8 encoders
 
-The encoder is run in float32 with chosen values rounded to bf16 (`x.bfloat16().float()`),
-which is what a bf16 GEMM with float32 accumulation sees. Sites: the weights ("W"), each
-GEMM's input ("in_*") and output ("out_*"). Each line gives the error of the official 2-class
-head's probability against exact float32 on the benchmark's images and ViT-L/14-shaped random
-encoder (benchmarks/throughput.py), and the taps' relative error at the first and last block.
+First the real fast encoders (`FastTapEncoder` bf16 and int8, where this CPU runs int8)
+against exact float32. Then the encoder is run in float32 with chosen values rounded as the
+format rounds them: bf16 (`x.bfloat16().float()`, what a bf16 GEMM with float32
+accumulation sees), or int8 (weights to int8 with one scale per output channel,
+GEMM inputs to uint8 with one scale and zero point per batch of 16, as `--precision int8`).
+Sites: the weights ("W"), each GEMM's input ("in_*") and, in bf16, output ("out_*"; int8
+GEMMs write float32). Each line gives the error of the official 2-class head's probability
+against exact float32 on the benchmark's images and ViT-L/14-shaped random encoder
+(benchmarks/throughput.py), and the taps' relative error at the first and last block.
 """
 
 from __future__ import annotations
@@ -24,18 +30,37 @@ sys.path.insert(0, str(HERE))
 
 import throughput as bench  # noqa: E402
 
-SITES = ("W", "in_qkv", "out_qkv", "in_out", "out_out", "in_fc1", "in_fc2", "out_fc2")
+SITES = {
+    "bf16": ("W", "in_qkv", "out_qkv", "in_out", "out_out", "in_fc1", "in_fc2", "out_fc2"),
+    "int8": ("W", "in_qkv", "in_out", "in_fc1", "in_fc2"),
+}
+BATCH = 16  # the Detector's CPU batch: int8's activation scales are per batch
 
 
-def _bf16(x: torch.Tensor) -> torch.Tensor:
+def _bf16(site: str, x: torch.Tensor) -> torch.Tensor:
     return x.bfloat16().float()
 
 
+def _int8(site: str, x: torch.Tensor) -> torch.Tensor:
+    """int8 weights per output channel (symmetric), uint8 inputs per tensor (asymmetric)."""
+    if site == "W":
+        scale = x.abs().amax(dim=1, keepdim=True) / 127
+        return torch.round(x / scale).clamp(-127, 127) * scale
+    lo, hi = min(x.min().item(), 0.0), max(x.max().item(), 0.0)
+    scale = (hi - lo) / 255
+    zp = round(-lo / scale)
+    return (torch.round(x / scale) + zp).clamp(0, 255).sub(zp) * scale
+
+
+ROUND = {"bf16": _bf16, "int8": _int8}
+
+
 @torch.no_grad()
-def emulated_taps(clip, pixels: torch.Tensor, sites: set[str], blocks: set[int]) -> torch.Tensor:
-    """Taps [N, blocks, width] with `sites` rounded to bf16 in `blocks` (fused-swish MLP)."""
+def emulated_taps(clip, pixels: torch.Tensor, sites: set[str], blocks: set[int], fmt: str = "bf16") -> torch.Tensor:
+    """Taps [N, blocks, width] with `sites` rounded to `fmt` in `blocks` (fused-swish MLP)."""
+    rnd = ROUND[fmt]
     out = []
-    for x in pixels.split(16):
+    for x in pixels.split(BATCH):
         hidden = clip.pre_layrnorm(clip.embeddings(x))
         b, t, d = hidden.shape
         heads = clip.config.num_attention_heads
@@ -44,7 +69,7 @@ def emulated_taps(clip, pixels: torch.Tensor, sites: set[str], blocks: set[int])
             on = sites if i in blocks else set()
 
             def r(name, v, on=on):
-                return _bf16(v) if name in on else v
+                return rnd(name, v) if name in on else v
 
             a = layer.self_attn
             y = r("in_qkv", layer.layer_norm1(hidden))
@@ -66,7 +91,9 @@ def emulated_taps(clip, pixels: torch.Tensor, sites: set[str], blocks: set[int])
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=48, help="benchmark images (default 48, as throughput.py)")
-    p.add_argument("--by", choices=("sites", "blocks"), default="sites")
+    p.add_argument("--by", choices=("sites", "blocks", "none"), default="sites",
+                   help="what the emulated lines vary (none: only the real encoders, a few minutes)")  # fmt: skip
+    p.add_argument("--format", choices=tuple(ROUND), default="bf16", help="the format emulated (default bf16)")
     p.add_argument("--image-dir", default="/tmp/rine-bench-imgs")
     p.add_argument("--head", default=None, help="default: the official 2-class head from ../shared/fixtures")
     args = p.parse_args()
@@ -75,6 +102,7 @@ def main() -> None:
     from rine.data.images import load_image
     from rine.data.preprocess import preprocess
     from rine.model.accel import FastTapEncoder
+    from rine.model.quant import int8_unavailable
 
     head_file = args.head or bench.default_trained_head("ViT-L/14")
     if not head_file:
@@ -96,20 +124,38 @@ def main() -> None:
         print(f"{name:<34} max|dp| {dp.max():.4f}  mean|dp| {dp.mean():.5f}  rms dlogit {dl.pow(2).mean().sqrt():.4f}"
               f"  tap rel err first/last {rel[0]:.1e}/{rel[-1]:.1e}", flush=True)  # fmt: skip
 
-    print(f"# {len(paths)} images, head {Path(head_file).name}, ViT-L/14-shaped random encoder")
-    with torch.no_grad():
-        report("FastTapEncoder bf16 (the real one)", torch.cat([FastTapEncoder(backbone, "bf16")(x) for x in pixels.split(16)]))
-    report("emulated: every site, every block", emulated_taps(clip, pixels, set(SITES), everywhere))
+    print(f"# {len(paths)} images, head {Path(head_file).name}, ViT-L/14-shaped random encoder; "
+          f"tolerance of a fast mode: max|dp| <= 0.02, mean|dp| <= 0.002")  # fmt: skip
+    for precision in ("bf16", "int8"):
+        why = int8_unavailable(torch.device("cpu")) if precision == "int8" else None
+        if why:
+            print(f"FastTapEncoder {precision}: not run here ({why})")
+            continue
+        with torch.no_grad():
+            encoder = FastTapEncoder(backbone, precision)
+            report(f"FastTapEncoder {precision} (the real one)", torch.cat([encoder(x) for x in pixels.split(BATCH)]))
+            del encoder
+    fmt, sites = args.format, set(SITES[args.format])
+
+    def emulated(sites: set[str], blocks: set[int]) -> torch.Tensor:
+        return emulated_taps(clip, pixels, sites, blocks, fmt)
+
+    if args.by == "none":
+        return
+    report(f"emulated {fmt}: every site, every block", emulated(sites, everywhere))
     if args.by == "sites":
-        for site in SITES:
-            report(f"emulated: all sites but {site}", emulated_taps(clip, pixels, set(SITES) - {site}, everywhere))
-        outs = {"out_qkv", "out_out", "out_fc2"}
-        report("emulated: fp32 GEMM outputs", emulated_taps(clip, pixels, set(SITES) - outs, everywhere))
+        for site in SITES[fmt]:
+            report(f"emulated {fmt}: all sites but {site}", emulated(sites - {site}, everywhere))
+        if fmt == "bf16":
+            outs = {"out_qkv", "out_out", "out_fc2"}
+            report("emulated bf16: fp32 GEMM outputs", emulated(sites - outs, everywhere))
+        else:
+            report("emulated int8: weights only", emulated({"W"}, everywhere))
     else:
         for g in range(0, len(everywhere), 4):
             group = set(range(g, g + 4))
-            report(f"emulated: bf16 in blocks {g}-{g + 3} only", emulated_taps(clip, pixels, set(SITES), group))
-        report("emulated: blocks 0-1 in fp32", emulated_taps(clip, pixels, set(SITES), everywhere - {0, 1}))
+            report(f"emulated {fmt} in blocks {g}-{g + 3} only", emulated(sites, group))
+        report(f"emulated {fmt}: blocks 0-1 in fp32", emulated(sites, everywhere - {0, 1}))
 
 
 if __name__ == "__main__":

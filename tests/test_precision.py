@@ -21,7 +21,7 @@ TOLERANCE = 0.01  # the issue's bound on |p_fast - p_fp32|
 
 def test_auto_is_first_and_default():
     assert PRECISIONS[0] == "auto"
-    assert set(PRECISIONS) == {"auto", "fp32", "bf16", "fp16"}
+    assert set(PRECISIONS) == {"auto", "fp32", "bf16", "fp16", "int8"}
 
 
 @pytest.mark.parametrize("native_bf16, expected", [(True, "bf16"), (False, "fp32")])
@@ -35,7 +35,7 @@ def test_auto_on_cuda_is_half_and_explicit_modes_pass_through():
     for p in ("fp32", "bf16", "fp16"):
         assert resolve_precision(p, torch.device("cpu")) == p
     with pytest.raises(ValueError, match="precision must be one of"):
-        resolve_precision("int8", torch.device("cpu"))
+        resolve_precision("int4", torch.device("cpu"))
 
 
 def test_native_bf16_detection_matches_cpu_flags():

@@ -204,7 +204,10 @@ def add_model_options(
         default=PRECISIONS[0],
         help="encoder arithmetic. auto (default): bf16 on CPUs with AVX-512 BF16/AMX (about 3x "
         "faster; a probability may move by about 0.01), fp16 on CUDA, else fp32; fp32: exact, "
-        "the mode the parity tests check (docs/performance.md)",
+        "the mode the parity tests check; int8: int8 matrix products, CPUs with VNNI or AMX-INT8 "
+        "only, outside the tolerance and so never chosen by auto: on the benchmark images with the "
+        "official head it moved probabilities by up to 0.11 (mean 0.0085; bf16: 0.015, mean "
+        "0.0014) (docs/performance.md)",
     )
     if not batch_jobs:
         return

@@ -16,8 +16,10 @@
     after a 1-minute compile; bf16 1.04x). Needs a C++ compiler on CPU; if compiling
     fails, the forward runs uncompiled with a warning.
 
-Precision names: "fp32" (exact: the parity tests' mode), "bf16", "fp16", and "auto"
-(bf16 on CPUs with native bf16 dot products, fp16 on CUDA, else fp32).
+Precision names: "fp32" (exact: the parity tests' mode), "bf16", "fp16", "int8" (the four
+GEMMs of each block in int8, `rine.model.quant`; CPUs with VNNI/AMX-INT8 only, outside the
+tolerance, so never chosen by "auto"), and "auto" (bf16 on CPUs with native bf16 dot
+products, fp16 on CUDA, else fp32).
 """
 
 from __future__ import annotations
@@ -34,10 +36,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import PRECISIONS
+from . import quant
 
 logger = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# The modes FastTapEncoder runs: a GEMM dtype, or int8 (float32 in and out of its GEMMs).
+ENCODER_PRECISIONS = (*DTYPES, "int8")
 
 
 @lru_cache(maxsize=1)
@@ -73,9 +78,17 @@ def _cpu_flags() -> set[str]:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """"auto" -> the fastest mode the device runs within tolerance; others checked as is."""
+    """"auto" -> the fastest mode the device runs within tolerance; others checked as is.
+
+    "int8" raises ValueError (with the reason) on GPUs and on CPUs without int8 dot
+    products; "auto" never picks it: its error is above the tolerance (docs/performance.md)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "int8":
+        reason = quant.int8_unavailable(device)
+        if reason:
+            raise ValueError(f"--precision int8 is not available here: {reason}")
+        return precision
     if precision != "auto":
         if precision == "fp16" and device.type == "cpu":
             logger.warning("fp16 on CPU has no fast kernels here; bf16 or fp32 is faster")
@@ -115,6 +128,10 @@ class _Linear:
         if self.onednn:
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, self.post, [], "")
         return F.linear(x, self.weight, self.bias)
+
+    def add_to(self, x: torch.Tensor, acc: torch.Tensor) -> torch.Tensor:
+        """acc += self(x), in place (mixed-dtype add: no float32 copy of the product)."""
+        return acc.add_(self(x))
 
 
 _tf32_lock = threading.Lock()
@@ -175,14 +192,22 @@ class FastTapEncoder(nn.Module):
         compile: bool = False,
     ):
         super().__init__()
-        if precision not in DTYPES:
-            raise ValueError(f"FastTapEncoder needs a concrete precision ({', '.join(DTYPES)}), got {precision!r}")
+        if precision not in ENCODER_PRECISIONS:
+            raise ValueError(f"FastTapEncoder needs a concrete precision ({', '.join(ENCODER_PRECISIONS)}), got {precision!r}")
         device = torch.device(device)
+        int8 = precision == "int8"
+        if int8:
+            reason = quant.int8_unavailable(device)
+            if reason:
+                raise ValueError(reason)
+            if compile or onednn is False:
+                raise ValueError("int8 runs oneDNN's int8 kernels uncompiled: drop --compile (and onednn=False)")
         clip = backbone.clip
         cfg = clip.config
         if getattr(cfg, "hidden_act", "quick_gelu") != "quick_gelu":
             raise ValueError(f"FastTapEncoder supports CLIP's quick_gelu MLP only, not {cfg.hidden_act!r}")
-        self.dtype = DTYPES[precision]
+        # int8: the GEMMs quantize float32 inputs themselves (rine.model.quant).
+        self.dtype = torch.float32 if int8 else DTYPES[precision]
         self.precision = precision
         if compile:
             onednn = False  # inductor's freezing packs plain weights itself, fused with their neighbours
@@ -192,8 +217,10 @@ class FastTapEncoder(nn.Module):
         self.onednn = onednn
         # PyTorch's CPU flash attention in bf16 is faster than in fp32 only with AMX
         # (ViT-L block of 16 images: 29 vs 42 ms on a Sapphire Rapids core pair, 118 vs
-        # 75 ms on an AVX-512-BF16 AMD EPYC); elsewhere it runs in fp32 on CPU.
-        self.attn_fp32 = device.type == "cpu" and not (self.dtype == torch.bfloat16 and cpu_has_amx())
+        # 75 ms on an AVX-512-BF16 AMD EPYC); elsewhere it runs in fp32 on CPU. In int8
+        # the QKV GEMM writes bf16 for it on AMX CPUs, float32 elsewhere.
+        bf16_attn = (self.dtype == torch.bfloat16 or int8) and cpu_has_amx()
+        self.attn_fp32 = device.type == "cpu" and not bf16_attn
         self.width = cfg.hidden_size
         self.heads = cfg.num_attention_heads
         self.n_blocks = cfg.num_hidden_layers
@@ -211,6 +238,20 @@ class FastTapEncoder(nn.Module):
             mk = dict(dtype=self.dtype, onednn=onednn)
             fc1_w, fc1_b = layer.mlp.fc1.weight.to(device), layer.mlp.fc1.bias.to(device)
             fc2_w, fc2_b = layer.mlp.fc2.weight.to(device), layer.mlp.fc2.bias.to(device)
+            out_w, out_b = attn.out_proj.weight.to(device), attn.out_proj.bias.to(device)
+            if int8:
+                # As below, QuickGELU as oneDNN's fused swish; per-channel weight scales absorb
+                # the 1.702 factors exactly.
+                qkv_dtype = torch.float32 if self.attn_fp32 else torch.bfloat16
+                self.blocks.append(
+                    (
+                        quant.Int8Linear(qkv_w, qkv_b, out_dtype=qkv_dtype),
+                        quant.Int8Linear(out_w, out_b),
+                        quant.Int8Linear(fc1_w * QUICK_GELU, fc1_b * QUICK_GELU, post="swish"),
+                        quant.Int8Linear(fc2_w / QUICK_GELU, fc2_b),
+                    )
+                )
+                continue
             if onednn:
                 # quick_gelu(h) = swish(1.702 h) / 1.702: fc1 scaled by 1.702 with oneDNN's fused
                 # swish epilogue, and the 1 / 1.702 folded into fc2's weight (not its bias).
@@ -221,7 +262,7 @@ class FastTapEncoder(nn.Module):
             self.blocks.append(
                 (
                     _Linear(qkv_w, qkv_b, **mk),
-                    _Linear(attn.out_proj.weight.to(device), attn.out_proj.bias.to(device), **mk),
+                    _Linear(out_w, out_b, **mk),
                     fc1,
                     fc2,
                 )
@@ -303,10 +344,10 @@ class FastTapEncoder(nn.Module):
             # Same scale as HF CLIP (head_dim ** -0.5), applied inside SDPA.
             attn = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], scale=1.0 / math.sqrt(hd))
             attn = attn.transpose(1, 2).reshape(b, t, d).to(self.dtype)  # [B, T, D]
-            hidden.add_(out_lin(attn))  # residual stream stays fp32 (mixed-dtype add, no copy)
+            out_lin.add_to(attn, hidden)  # residual stream stays fp32, updated in place (int8: inside its GEMM)
             normed = self.norms2[i](hidden)  # RINE's tap point (`ln_2`), fp32
             taps.append(normed[:, 0])
             if i + 1 < n:  # the last needed block's MLP does not affect any tap
                 act = fc1(normed.to(self.dtype))  # [B, T, 4D]
-                hidden.add_(fc2(act if fc1.post == "swish" else _quick_gelu(act)))
+                fc2.add_to(act if fc1.post == "swish" else _quick_gelu(act), hidden)
         return torch.stack(taps, dim=1)

@@ -1,0 +1,168 @@
+"""int8 matrix products for the fast encoder (`--precision int8`, CPUs with VNNI or AMX-INT8).
+
+Each Linear of an encoder block becomes an `Int8Linear`:
+  * weights: int8, symmetric, one scale per output channel (max |w| / 127), packed once
+    into oneDNN's blocked layout (`onednn::qlinear_prepack`);
+  * activations: quantized on the fly to uint8 with one scale and zero point per call,
+    from the batch's min and max (so that 0 is exact and no value is clipped);
+  * oneDNN's int8 GEMM (`onednn::qlinear_pointwise`: VNNI or AMX-INT8 dot products,
+    int32 sums) dequantizes in its epilogue and adds the float32 bias there, with the
+    MLP's activation (swish) or the residual add (oneDNN's in-place "sum") fused.
+LayerNorms, the residual stream, attention and the head stay as in the bf16 mode
+(`accel.FastTapEncoder`): only the four GEMMs of each block change.
+
+Why these kernels (ViT-L/14's MLP product, 2 cores of a Sapphire Rapids Xeon under heavy
+load, so a first ranking only: `benchmarks/int8_kernels.py` measures it): oneDNN's int8 GEMM
+alone ran 2-3x faster than its bf16 one at a quieter moment; `torch.ao.quantization`'s
+dynamic Linear (deprecated in 2.13), with its default per-tensor weight scale, had 1.8x the
+error (2.5e-2 relative, against 1.4e-2) and has no fused activation or residual add, and `torch._int_mm` with per-token scales needs a
+separate dequantization pass and was the slowest. Per-image input scales (one GEMM per
+image) halve the input error but ran at half the speed, so the scale is the batch's: an
+image's int8 score depends slightly on the other images of its batch.
+
+Without VNNI/AMX-INT8 oneDNN falls back to AVX2/AVX-512 sequences whose 16-bit
+intermediate sums can saturate and that are no faster than bf16: the mode is refused
+there, and on GPUs (`int8_unavailable`).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from functools import lru_cache
+
+import torch
+
+# CPU extensions with int8 dot products (u8 x s8 -> s32) that oneDNN uses, best first.
+INT8_ISAS = ("amx_int8", "avx512_vnni", "avx_vnni")
+# On a GPU the encoder is not the bottleneck (docs/performance.md: ViT-L/14 in fp16 needs
+# about 0.2 ms of H100 time per image, while 16 cores decode ~700 images/s).
+CUDA_REASON = (
+    "int8 runs on CPUs only: its kernels are oneDNN's (VNNI/AMX-INT8), and on a GPU the "
+    "encoder already waits for the image decoder in fp16, so int8 could not speed scoring "
+    "up; use --precision auto (fp16) there"
+)
+
+
+def _cpu_flags() -> set[str]:
+    """CPU feature names, from PyTorch's cpuinfo probe and /proc/cpuinfo (the same names)."""
+    flags: set[str] = set()
+    try:
+        flags |= {k for k, v in torch._C._cpu._get_cpu_capability().items() if v is True}
+    except (AttributeError, RuntimeError):
+        pass
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags |= set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    return flags
+
+
+@lru_cache(maxsize=1)
+def cpu_int8_isa() -> str | None:
+    """The best int8 dot-product extension of this CPU ("amx_int8", "avx512_vnni",
+    "avx_vnni"), or None where it has none."""
+    flags = _cpu_flags()
+    return next((isa for isa in INT8_ISAS if isa in flags), None)
+
+
+def int8_unavailable(device: torch.device) -> str | None:
+    """Why `--precision int8` cannot run on `device`, or None where it can."""
+    if device.type != "cpu":
+        return CUDA_REASON if device.type == "cuda" else f"int8 runs on CPUs only, not on {device.type}"
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")):
+        return "int8 needs PyTorch's oneDNN int8 kernels (onednn::qlinear_pointwise), which this build lacks; use bf16 or fp32"
+    if cpu_int8_isa() is None:
+        return (
+            "int8 needs a CPU with int8 dot products (VNNI: avx512_vnni or avx_vnni, or AMX-INT8); "
+            "this one has none, so int8 would be emulated, no faster than bf16 and with saturating "
+            "16-bit sums; use --precision auto (bf16 or fp32 on this CPU)"
+        )
+    return None
+
+
+def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight [out, in] float -> (int8 [out, in], float32 scales [out]) with
+    weight ~= int8 * scale[:, None]; symmetric, one scale per output channel."""
+    w = weight.detach().float()
+    scale = w.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / 127.0
+    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q.contiguous(), scale.contiguous()
+
+
+def activation_qparams(x: torch.Tensor) -> tuple[float, int]:
+    """(scale, zero point) of uint8 for x's range widened to include 0:
+    x ~= (q - zero_point) * scale with q in [0, 255]."""
+    lo, hi = torch.aminmax(x)
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError("int8: the encoder's activations are not finite (NaN or inf); check the input pixels")
+    scale = max(hi - lo, 1e-30) / 255.0
+    return scale, min(255, max(0, round(-lo / scale)))
+
+
+_quiet = False
+
+
+def quantize_activation(x: torch.Tensor) -> tuple[torch.Tensor, float, int]:
+    """x float32 [..., K] -> (uint8 [..., K], scale, zero point): one pass for the range,
+    one for the rounding (fbgemm's vectorised `quantize_per_tensor`)."""
+    global _quiet
+    scale, zp = activation_qparams(x)
+    if not _quiet:
+        # PyTorch 2.13 warns once that quantized tensors are deprecated; we use one only as
+        # the fastest rounding kernel and take its plain uint8 values at once.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*deprecated", category=UserWarning)
+            q = torch.quantize_per_tensor(x.contiguous(), scale, zp, torch.quint8)
+        _quiet = True
+    else:
+        q = torch.quantize_per_tensor(x.contiguous(), scale, zp, torch.quint8)
+    return q.int_repr(), scale, zp
+
+
+class Int8Linear:
+    """y = x @ W.T + b with W in int8 (per-output-channel scales) and x quantized per call.
+
+    `post`: "none" or "swish" (x * sigmoid(x), fused); `out_dtype`: float32 or bfloat16.
+    __call__(x float32 [..., in]) -> [..., out] out_dtype; add_to(x, acc) adds the
+    product into the float32 tensor `acc` [..., out] in place (the residual stream).
+    """
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        post: str = "none",
+        out_dtype: torch.dtype = torch.float32,
+    ):
+        if post not in ("none", "swish"):
+            raise ValueError(f"post must be 'none' or 'swish', got {post!r}")
+        self.out_features, self.in_features = weight.shape
+        q, self.w_scale = quantize_weight(weight)
+        self.w_zero = torch.zeros(self.out_features, dtype=torch.int64)
+        self.weight = torch.ops.onednn.qlinear_prepack(q, None)
+        self.bias = None if bias is None else bias.detach().float().contiguous()
+        self.post = post
+        self.out_dtype = out_dtype
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        xq, scale, zp = quantize_activation(x)
+        return torch.ops.onednn.qlinear_pointwise(
+            xq, scale, zp, self.weight, self.w_scale, self.w_zero, self.bias,
+            1.0, 0, self.out_dtype, self.post, [], "",
+        )  # fmt: skip
+
+    def add_to(self, x: torch.Tensor, acc: torch.Tensor) -> torch.Tensor:
+        if self.post != "none" or acc.dtype != torch.float32 or not acc.is_contiguous():
+            return acc.add_(self(x))
+        xq, scale, zp = quantize_activation(x)
+        # oneDNN's "sum" post-op accumulates into `acc` (the returned tensor is `acc`).
+        return torch.ops.onednn.qlinear_pointwise.binary(
+            xq, scale, zp, self.weight, self.w_scale, self.w_zero, acc, self.bias,
+            1.0, 0, torch.float32, 1.0, 0, "sum", 1.0, "none", [], "",
+        )  # fmt: skip
