@@ -13,7 +13,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-COMMANDS = ("detect", "eval", "extract", "train", "grid", "serve", "models")
+COMMANDS = ("detect", "eval", "extract", "train", "grid", "serve", "models", "export")
 
 
 def build_parser() -> argparse.ArgumentParser:

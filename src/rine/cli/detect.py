@@ -35,6 +35,7 @@ from .common import (
     load_detector,
     pixel_count,
     positive_int,
+    resolve_backend,
 )
 
 FORMATS = ("table", "json", "jsonl", "csv")
@@ -291,7 +292,8 @@ def run(args: argparse.Namespace) -> int:
         return fail("--decode-timeout must be at least 0 (0: no limit)")
     try:
         output = check_output_file(args.output, "--output") if args.output else None
-        check_device(args.device)
+        if resolve_backend(args) == "torch":  # ONNX Runtime checks its own providers
+            check_device(args.device)
     except CLIError as e:
         return fail(str(e))
     unreadable: list[tuple[str, str]] = []

@@ -156,7 +156,7 @@ def _load_models(args):
     sources = models or heads or [DEFAULT_MODEL]
     out = [
         EvalHead(
-            unique(_label(sources[0], detector.config.name)), detector.model.head, detector.config
+            unique(_label(sources[0], detector.config.name)), detector.head, detector.config
         )
     ]
     for src in sources[1:]:
@@ -271,6 +271,7 @@ def run(args: argparse.Namespace) -> int:
         "threshold": args.threshold,
         "device": str(detector.device),
         "precision": args.precision,
+        "backend": detector.backend.name,
     }
     for run_ in result.runs:
         run_.metrics["missing_sets"] = layout.missing

@@ -19,7 +19,15 @@ import logging
 import os
 import socket
 
-from .common import CLIError, add_model_options, check_device, fail, load_detector, pixel_count
+from .common import (
+    CLIError,
+    add_model_options,
+    check_device,
+    fail,
+    load_detector,
+    pixel_count,
+    resolve_backend,
+)
 
 logger = logging.getLogger(__name__)
 MB = 1024 * 1024
@@ -140,7 +148,8 @@ def run(args: argparse.Namespace) -> int:
         return fail("--port must be between 0 and 65535")
     try:
         settings = settings_from_args(args)
-        check_device(args.device)  # now, not in the background load after "serving on"
+        if resolve_backend(args) == "torch":  # ONNX Runtime checks its own providers
+            check_device(args.device)  # now, not in the background load after "serving on"
     except CLIError as e:
         return fail(str(e))
     if args.head and args.model:

@@ -41,14 +41,10 @@ from ..model.backbones import TappedCLIPVision
 from ..model.checkpoints import save_pretrained
 from ..model.head import RINEHead
 from ..model.rine_model import RINEModel
+from . import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
 
 logger = logging.getLogger(__name__)
 
-# torch's exporter (the dynamo one) writes opset 18 and later; 20 is its default and what
-# ONNX Runtime runs everywhere. 23 adds the fused `Attention` op (docs/deployment.md).
-DEFAULT_OPSET = 20
-MIN_OPSET = 18
-MAX_OPSET = 23
 # protobuf cannot serialise a message of 2 GiB or more; the graph's own bytes need room too.
 MAX_SINGLE_FILE_BYTES = 2**31 - 64 * 2**20
 # Largest |logit| difference of an fp32 export from torch accepted before refusing it: the
@@ -96,8 +92,8 @@ def graph_bytes(model: RINEModel) -> int:
     return sum(p.numel() * 4 for p in model.parameters())
 
 
-def check_exportable(model: RINEModel, *, opset: int, precision: str) -> None:
-    """ExportError for what cannot be exported faithfully, before any work."""
+def check_precision(precision: str, opset: int) -> None:
+    """ExportError for a precision or opset that cannot be exported (no model needed)."""
     if precision == "bf16":
         raise ExportError("bf16 cannot be exported: ONNX Runtime's CPU provider has no bfloat16 kernels "
                           "(its Conv and MatMul are not defined for bfloat16, so the file would not load); "
@@ -106,7 +102,12 @@ def check_exportable(model: RINEModel, *, opset: int, precision: str) -> None:
         raise ExportError(f"precision {precision!r}: export fp32 or fp16")
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise ExportError(f"--opset {opset}: torch's exporter writes opsets {MIN_OPSET} to {MAX_OPSET} for this "
-                          f"graph; the default, {DEFAULT_OPSET}, runs on every ONNX Runtime since 1.16")  # fmt: skip
+                          f"graph; the default, {DEFAULT_OPSET}, runs on every ONNX Runtime since 1.17")  # fmt: skip
+
+
+def check_exportable(model: RINEModel, *, opset: int, precision: str) -> None:
+    """ExportError for what cannot be exported faithfully, before any work."""
+    check_precision(precision, opset)
     backbone = model.backbone
     if not isinstance(backbone, TappedCLIPVision):
         raise ExportError(f"only CLIP vision backbones (rine.model.backbones) export, not {type(backbone).__name__}")
