@@ -52,6 +52,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "rebinding). A port or scheme given here is ignored")  # fmt: skip
     n.add_argument("--no-access-log", action="store_true", help="do not log each request")
     add_model_options(p, batch_jobs=False)
+    p.add_argument("--client-side", action="store_true",
+                   help="let the page score images in the browser, with nothing uploaded: it downloads the "
+                        "ONNX export given as --model DIR (at most 400 MB: ViT-B/32 and smaller) and "
+                        "onnxruntime-web from this server; the page can still send images to the server "
+                        "when the user chooses (docs/deployment.md)")  # fmt: skip
     lim = p.add_argument_group("limits")
     lim.add_argument("--max-file-mb", type=float, default=20, help="largest image accepted, MB (default 20)")
     lim.add_argument("--max-request-mb", type=float, default=64, help="largest request body, MB (default 64)")
@@ -154,6 +159,12 @@ def run(args: argparse.Namespace) -> int:
         return fail(str(e))
     if args.head and args.model:
         return fail("give either --model or --backbone/--head, not both")
+    client_side = None
+    if args.client_side:
+        try:
+            client_side = _client_side(args)
+        except CLIError as e:
+            return fail(str(e))
     if args.threads is not None:
         if args.threads < 1:
             return fail("--threads must be at least 1")
@@ -172,7 +183,8 @@ def run(args: argparse.Namespace) -> int:
         if server is not None:
             server.should_exit = True  # a server that can never be ready should not linger
 
-    app = create_app(settings=settings, detector_factory=lambda: load_detector(args, keep_reference=False), on_load_error=on_load_error)
+    app = create_app(settings=settings, detector_factory=lambda: load_detector(args, keep_reference=False),
+                     on_load_error=on_load_error, client_side=client_side)  # fmt: skip
     config = uvicorn.Config(
         app,
         host=args.host,
@@ -204,6 +216,21 @@ def run(args: argparse.Namespace) -> int:
     if load_failure:
         return fail(f"model failed to load: {load_failure[0]}")
     return 0
+
+
+def _client_side(args: argparse.Namespace):
+    """The export the page will score with (`--client-side`), checked before serving; CLIError."""
+    from ..config import CONFIG_NAME, RINEConfig
+    from ..server.client_side import ClientSideError, check_client_side
+
+    if resolve_backend(args) != "onnxruntime":
+        raise CLIError("--client-side needs an ONNX export as --model DIR (the browser runs model.onnx): make "
+                       "one with `rine export --format onnx --model NAME --out DIR`")  # fmt: skip
+    try:
+        crop = args.crop or RINEConfig.load(f"{args.model}/{CONFIG_NAME}").preprocess.crop
+        return check_client_side(args.model, crop)
+    except (ClientSideError, ValueError, OSError) as e:
+        raise CLIError(str(e)) from None
 
 
 def _listen(host: str, port: int) -> list[socket.socket]:

@@ -136,6 +136,7 @@ class TorchBackend:
 
     def __init__(self, model: RINEModel, encoder: torch.nn.Module, preprocess: PreprocessConfig, device: torch.device):
         self.model, self.encoder, self.preprocess, self.device = model, encoder, preprocess, device
+        self.n_blocks, self.width = model.backbone.n_blocks, model.backbone.width
 
     @torch.no_grad()
     def score_views(self, views_uint8: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
