@@ -263,7 +263,7 @@ def test_vendor_and_model_routes_take_only_their_names(export):
     app = create_app(load_onnx_detector(export), client_side=check_client_side(export, "center"))
     with TestClient(app) as client:
         info = client.get("/v1/client-side").json()
-        assert info["crop"] == "center" and info["image_size"] == 224 and info["n_blocks"] == 3
+        assert info["enabled"] and info["crop"] == "center" and info["image_size"] == 224 and info["n_blocks"] == 3
         model = client.get(info["model_url"])
         assert model.status_code == 200 and model.content == (export / "model.onnx").read_bytes()
         wasm = client.get("/vendor/onnxruntime-web/ort-wasm-simd-threaded.wasm")
@@ -273,5 +273,5 @@ def test_vendor_and_model_routes_take_only_their_names(export):
             assert client.get("/vendor/onnxruntime-web/" + bad).status_code == 404, bad
         assert client.get("/vendor/onnxruntime-web/../../app.py").status_code == 404
     with TestClient(create_app(load_onnx_detector(export))) as client:  # not started with --client-side
-        assert client.get("/v1/client-side").status_code == 404
+        assert client.get("/v1/client-side").json() == {"enabled": False}
         assert client.get("/vendor/onnxruntime-web/ort.wasm.min.mjs").status_code == 404

@@ -240,8 +240,8 @@ def create_app(
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     page_csp = PAGE_CSP
+    add_client_side_routes(app, client_side, settings, require_ready, check_key)
     if client_side is not None:
-        add_client_side_routes(app, client_side, settings, require_ready, check_key)
         page_csp = PAGE_CSP.replace("script-src 'self'", f"script-src 'self' {WASM_CSP_SOURCE}")
     if settings.allowed_hosts is not None:  # added first: runs inside the security headers
         app.add_middleware(AllowedHosts, hosts=settings.allowed_hosts)
@@ -249,15 +249,21 @@ def create_app(
     return app
 
 
-def add_client_side_routes(app: FastAPI, client: ClientSide, settings: ServerSettings,
+def add_client_side_routes(app: FastAPI, client: ClientSide | None, settings: ServerSettings,
                            require_ready: Callable[[], Service], check_key) -> None:
-    """GET /v1/client-side (the page's settings), the export's model.onnx, onnxruntime-web's files.
-    Fixed names only: a URL never becomes a file-system path."""
+    """GET /v1/client-side (the page's settings; `enabled: false` without --client-side), and
+    with it the export's model.onnx and onnxruntime-web's files. Fixed names only: a URL never
+    becomes a file-system path."""
 
     @app.get("/v1/client-side", tags=["detect"], dependencies=[Depends(check_key)],
              summary="what the page needs to score images in the browser (rine serve --client-side)")
     async def client_side_info() -> dict[str, Any]:
-        return client_info(client, require_ready().detector, settings.max_pixels)
+        if client is None:
+            return {"enabled": False}
+        return {"enabled": True, **client_info(client, require_ready().detector, settings.max_pixels)}
+
+    if client is None:
+        return
 
     @app.get(MODEL_URL, include_in_schema=False, dependencies=[Depends(check_key)])
     async def client_side_model() -> FileResponse:

@@ -332,11 +332,13 @@
       try {
         const res = await fetch("/v1/client-side", { headers: typeof apiHeaders === "function" ? apiHeaders() : {} });
         if (res.ok) {
-          state.info = await res.json();
-          addControls(state.info);
+          const info = await res.json();
+          if (!info.enabled) return;  // not started with --client-side
+          state.info = info;
+          addControls(info);
           return;
         }
-        if (res.status !== 503) return;  // 404: not started with --client-side; 401: no key yet
+        if (res.status !== 503) return;  // 401: no key yet
       } catch (e) { /* the server is restarting: try again */ }
       await new Promise((r) => setTimeout(r, 2000));  // the model is loading
     }
@@ -348,5 +350,10 @@
     crops: (blob, info) => crops(blob, info || state.info),
     ready: () => loadSession().then(() => true),
   };
-  document.addEventListener("DOMContentLoaded", init);
+  document.addEventListener("DOMContentLoaded", () => {
+    init();
+    // A server with an API key answers 401 until the key is entered: ask again then.
+    const key = $("#api-key");
+    if (key) key.addEventListener("change", () => { if (!state.info) init(); });
+  });
 })();
