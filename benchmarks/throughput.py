@@ -322,6 +322,10 @@ def children_peak_rss_mb() -> float:
 # ----------------------------------------------------------------------------- one mode
 def run_mode(args: argparse.Namespace) -> dict:
     """Child process: load one mode, score the image list, report figures as JSON."""
+    if args.mode.startswith("ort-"):  # ONNX Runtime modes: benchmarks/onnx_rows.py
+        import onnx_rows
+
+        return onnx_rows.run_mode(args, json.loads(Path(args.paths_file).read_text())[: args.n])
     torch.set_num_threads(args.threads)
     on_gpu = args.device.startswith("cuda")
     paths = json.loads(Path(args.paths_file).read_text())[: args.n]
@@ -426,6 +430,8 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=1, help="repeat each mode, report the median images/s")
     p.add_argument("--compile", action="store_true", help="also measure (d) fp32 and (e) auto with --compile "
                    "(torch.compile; its compile time is reported, not counted in images/s)")  # fmt: skip
+    p.add_argument("--onnx", action="store_true", help="also (f) ONNX Runtime fp32 and (g) fp16 rows (benchmarks/onnx_rows.py)")
+    p.add_argument("--onnx-opsets", default="20", help="with --onnx: opsets, e.g. 20,23 (fp32 rows for the others)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--image-dir", default=None, help="where to generate the images (default: a temp folder)")
     p.add_argument("--head", default=None, help="a trained head (.pth or folder) of the arch's shape; default for "
@@ -510,6 +516,10 @@ def main() -> None:
             print(f"{label:<24}{med[mode]:>10.2f}{med[mode] / med['baseline']:>12.2f}{r['model_rss_mb']:>15.0f}"
                   f"{r['peak_rss_mb']:>17.0f}{gpu}{dps.max():>18.2e}{dps.mean():>11.1e}  "
                   + ", ".join(f"{x['images_per_s']:.2f}" for x in rs))
+        if args.onnx:  # ONNX Runtime rows: benchmarks/onnx_rows.py
+            import onnx_rows
+
+            onnx_rows.print_rows(args, arch, n, paths_file, calib, med["baseline"], ref_probs, spawn)
         for mode in ("fp32+compile", "auto+compile"):
             if mode in results:
                 warm = ", ".join(f"{r['warmup_s']:.0f}" for r in results[mode])
