@@ -18,8 +18,11 @@ config.json and model.safetensors (the same RINEConfig and head as a checkpoint 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
+import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +53,8 @@ MAX_SINGLE_FILE_BYTES = 2**31 - 64 * 2**20
 # Largest |logit| difference of an fp32 export from torch accepted before refusing it: the
 # tests find < 1e-5; anything near 1e-3 means an op was translated wrongly.
 FP32_LOGIT_TOLERANCE = 1e-4
+# An fp16 export whose probabilities move more than this (fp16 overflow gives inf/NaN) is refused.
+FP16_PROB_TOLERANCE = 0.05
 CHECK_BATCH_SIZES = (1, 3)
 
 
@@ -201,17 +206,20 @@ def export_onnx(
     model = model.float().cpu().eval()
     graph = ExportGraph(model.backbone, model.head, config.preprocess.mean, config.preprocess.std, taps).eval()
     s = config.preprocess.image_size
-    tmp = out / (ONNX_NAME + ".tmp")
+    # Built and checked in a folder of its own: a failed export (or a refused one) leaves `out`
+    # as it was, an earlier export there included.
+    work = out / ".rine-export.tmp"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
     try:
-        _export(graph, tmp, s, opset, taps)
+        _export(graph, work / ONNX_NAME, s, opset, taps)
         if precision == "fp16":
-            _to_fp16(tmp)
-        size = tmp.stat().st_size
+            _to_fp16(work / ONNX_NAME)
         manifest = OnnxManifest(opset=opset, precision=precision, image_size=s, n_blocks=model.head.config.n_blocks,
                                 width=model.backbone.width, outputs=list(OUTPUTS if taps else OUTPUTS[:2]),
-                                onnx_bytes=size, onnx_file=tmp.name, versions=onnx_versions())  # fmt: skip
-        manifest.save(out)  # read by the backend below; rewritten with the check
-        backend = OnnxRuntimeBackend(out)
+                                onnx_bytes=(work / ONNX_NAME).stat().st_size, versions=onnx_versions())  # fmt: skip
+        manifest.save(work)  # what the backend reads
+        backend = OnnxRuntimeBackend(work)
         crops = check_views if check_views is not None else check_crops(config)
         manifest.check = {**compare(backend, graph, crops), "source": check_source or "test patterns"}
         del backend
@@ -219,14 +227,16 @@ def export_onnx(
         if precision == "fp32" and not worst <= FP32_LOGIT_TOLERANCE:
             raise ExportError(f"ONNX Runtime's logits differ from torch's by {worst:.3g} (more than "
                               f"{FP32_LOGIT_TOLERANCE:g}): this export would not be faithful; try another --opset")  # fmt: skip
-        tmp.replace(out / ONNX_NAME)
-        manifest.onnx_file = ONNX_NAME
+        worst_p = manifest.check["max_abs_diff"]["prob_fake"]
+        if precision == "fp16" and not worst_p <= FP16_PROB_TOLERANCE:
+            raise ExportError(f"in fp16 the probabilities move by up to {worst_p:.3g} (more than "
+                              f"{FP16_PROB_TOLERANCE:g}; values beyond fp16's range?): export fp32")  # fmt: skip
+        (out / MANIFEST_NAME).unlink(missing_ok=True)  # never a manifest beside another graph
+        os.replace(work / ONNX_NAME, out / ONNX_NAME)
         save_pretrained(model.head, config, out)
         manifest.save(out)
-    except BaseException:
-        for name in (tmp.name, MANIFEST_NAME):
-            (out / name).unlink(missing_ok=True)
-        raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     logger.info("exported %s", out / ONNX_NAME)
     return ExportResult(out, manifest)
 
@@ -234,33 +244,26 @@ def export_onnx(
 def _export(graph: ExportGraph, path: Path, size: int, opset: int, taps: bool) -> None:
     example = torch.zeros(2, size, size, 3, dtype=torch.uint8)
     batch = torch.export.Dim("batch", min=1, max=4096)
-    with warnings.catch_warnings(), _quiet_exporter():
-        warnings.simplefilter("ignore")  # the exporter's notes on its own internals
-        torch.onnx.export(
-            graph, (example,), str(path), input_names=[INPUT_NAME],
-            output_names=list(OUTPUTS if taps else OUTPUTS[:2]), dynamic_shapes={"crops": {0: batch}},
-            opset_version=opset, external_data=False, dynamo=True, verbose=False,
-        )  # fmt: skip
+    # The dynamo exporter prints its progress to stdout and logs notes on its own internals
+    # (torchvision ops it skips); `rine export` prints its own summary.
+    exporter_log = logging.getLogger("torch.onnx")
+    level = exporter_log.level
+    exporter_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                graph, (example,), str(path), input_names=[INPUT_NAME],
+                output_names=list(OUTPUTS if taps else OUTPUTS[:2]), dynamic_shapes={"crops": {0: batch}},
+                opset_version=opset, external_data=False, dynamo=True, verbose=False,
+            )  # fmt: skip
+    finally:
+        exporter_log.setLevel(level)
     if not path.is_file():
         raise ExportError(f"torch's exporter wrote no {path.name}")
     extra = [p.name for p in path.parent.iterdir() if p.name.startswith(path.name) and p != path]
     if extra:  # an external-data side file: not a single-file export
         raise ExportError(f"torch's exporter wrote side files {extra}: the graph is too large for a single file")
-
-
-class _quiet_exporter:
-    """The dynamo exporter prints its progress to stdout; `rine export` prints its own summary."""
-
-    def __enter__(self):
-        import contextlib
-        import io
-
-        self._redirect = contextlib.redirect_stdout(io.StringIO())
-        self._redirect.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        return self._redirect.__exit__(*exc)
 
 
 def _to_fp16(path: Path) -> None:
