@@ -10,7 +10,7 @@ it must stay below 2 GB. The probability (sigmoid of the mean logit over an imag
 the threshold, calibration) is NOT in the graph: it stays in rine's shared Python code, so
 every backend gives it the same way. fp16 goes through ONNX Runtime's float16 converter with
 uint8/float32 inputs and outputs kept (a `.half()` module exports but ONNX Runtime does not
-load it); bf16 is refused, since ONNX Runtime's CPU provider has no bfloat16 kernels.
+load it); bf16 is refused, since ONNX Runtime's CPU provider has no bfloat16 Conv.
 
 Written into the output folder: model.onnx, onnx.json (`OnnxManifest`, with the check),
 config.json and model.safetensors (the same RINEConfig and head as a checkpoint folder).
@@ -100,9 +100,9 @@ def graph_bytes(model: RINEModel) -> int:
 def check_precision(precision: str, opset: int) -> None:
     """ExportError for a precision or opset that cannot be exported (no model needed)."""
     if precision == "bf16":
-        raise ExportError("bf16 cannot be exported: ONNX Runtime's CPU provider has no bfloat16 kernels "
-                          "(its Conv and MatMul are not defined for bfloat16, so the file would not load); "
-                          "export fp32 (the default) or --fp16")  # fmt: skip
+        raise ExportError("bf16 cannot be exported: ONNX Runtime's CPU provider has no bfloat16 kernel for "
+                          "Conv (the patch embedding), so the file would not load; export fp32 (the default) "
+                          "or --fp16")  # fmt: skip
     if precision not in ("fp32", "fp16"):
         raise ExportError(f"precision {precision!r}: export fp32 or fp16")
     if not MIN_OPSET <= opset <= MAX_OPSET:

@@ -11,6 +11,10 @@ device (pinned memory, non-blocking, on CUDA), normalised there and scored.
 The encoder runs through `accel.FastTapEncoder` in the chosen precision
 (`PRECISIONS`, "auto" by default). A file that cannot be read gives a Prediction
 with `error` set; the others are scored.
+
+The encoder + head call is the Detector's `backend`: `TorchBackend` (the encoder above), or an ONNX
+export run by ONNX Runtime (`onnx_backend.load_onnx_detector`); decoding, batching and the
+probability (sigmoid of the mean logit, threshold) are this module's whatever the backend.
 """
 
 from __future__ import annotations
