@@ -109,6 +109,8 @@ def run(args: argparse.Namespace) -> int:
         return fail(str(e))
     except ExportError as e:
         return fail(f"cannot export: {e}")
+    except ImportError as e:  # torch's exporter needs onnx and onnxscript, the check onnxruntime
+        return fail(f"rine export needs the onnx extra ({e.name or e} is missing): pip install 'rine[onnx]'")
     print(result.summary())
     print(f"score with: rine detect --model {out} IMAGES   (ONNX Runtime; --backend torch for PyTorch)")
     return 0
