@@ -62,6 +62,10 @@ def client_server(export, tmp_path_factory):
     """`rine serve --client-side` on `export`; yields its base URL."""
     httpx = pytest.importorskip("httpx")
     pytest.importorskip("uvicorn")
+    from rine.server.client_side import missing_vendor_files
+
+    if missing_vendor_files():
+        pytest.skip("onnxruntime-web is not installed: bash scripts/vendor_onnxruntime_web.sh")
     tmp = tmp_path_factory.mktemp("serve")
     port = free_port()
     log = open(tmp / "server.log", "wb")
