@@ -73,6 +73,8 @@ def main() -> None:
     p.add_argument("--no-int8", action="store_true", help="leave out (f), --precision int8")
     p.add_argument("--compile", action="store_true", help="also measure (d) fp32 and (e) auto with --compile "
                    "(torch.compile; its compile time is reported, not counted in images/s)")  # fmt: skip
+    p.add_argument("--onnx", action="store_true", help="also (g) ONNX Runtime fp32 and (h) fp16 rows (benchmarks/onnx_rows.py)")
+    p.add_argument("--onnx-opsets", default="20", help="with --onnx: opsets, e.g. 20,23 (fp32 rows for the others)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--image-dir", default=None, help="where to generate the images (default: a temp folder)")
     p.add_argument("--head", default=None, help="a trained head (.pth or folder) of the arch's shape; default for "
@@ -148,6 +150,12 @@ def main() -> None:
         precision_probe(arch, paths[:16], head_file, calib, args.device, probed)
         print_table(arch, n, results, med, args, skipped)
         print_memory(n, results, half)
+        if args.onnx:  # ONNX Runtime rows (g) fp32, (h) fp16: benchmarks/onnx_rows.py
+            import onnx_rows
+
+            ref_probs = np.array(results["fp32"][0]["probs"]) if "fp32" in results else None
+            onnx_rows.print_rows(args, arch, n, paths_file, calib, med["baseline"], ref_probs,
+                                 lambda a, ar, mode, k, pf, cal: spawn(a, __file__, ar, mode, k, pf, cal, head_file))
         if peaks:
             measure_peaks(f"after {arch}")
             print_matmul_shares(arch, results, med, peaks)

@@ -21,6 +21,12 @@ if [[ "${1:-}" == "--dev" ]]; then
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) \
       || echo "setup: could not install chromium; browser tests will be skipped" >&2
   fi
+  # In-browser scoring (rine serve --client-side) serves onnxruntime-web, fetched from npm.
+  if ! command -v npm >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [[ $(id -u) == 0 ]]; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq npm >/dev/null) || true
+  fi
+  bash scripts/vendor_onnxruntime_web.sh \
+    || echo "setup: could not fetch onnxruntime-web; the client-side browser test will be skipped" >&2
 else
   python -m pip install --quiet -e .
 fi

@@ -148,6 +148,10 @@ def rows_for(args: argparse.Namespace) -> tuple[list[Row], list[tuple[Row, str]]
 
 def run_mode(args: argparse.Namespace) -> dict:
     """Child process: load one mode, score the image list, report figures as JSON."""
+    if args.mode.startswith("ort-"):  # ONNX Runtime modes: benchmarks/onnx_rows.py
+        import onnx_rows
+
+        return onnx_rows.run_mode(args, json.loads(Path(args.paths_file).read_text())[: args.n])
     torch.set_num_threads(args.threads)
     on_gpu = args.device.startswith("cuda")
     paths = json.loads(Path(args.paths_file).read_text())[: args.n]

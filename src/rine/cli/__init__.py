@@ -13,7 +13,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-COMMANDS = ("detect", "batch", "eval", "calibrate", "extract", "train", "grid", "serve", "models", "push")
+COMMANDS = ("detect", "batch", "eval", "calibrate", "extract", "train", "grid", "serve", "models", "push", "export")
 
 
 def build_parser() -> argparse.ArgumentParser:

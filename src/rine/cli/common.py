@@ -157,6 +157,7 @@ def add_model_options(
     crops: tuple[str, ...] = ("center", "ten", "resize"),
     repeatable: bool = False,
     batch_jobs: bool = True,
+    backends: bool = True,
 ) -> None:
     """The model options shared by every command; `repeatable` lets --model and --head be
     given several times (a list in `args`), for commands that compare heads. `batch_jobs`
@@ -209,6 +210,8 @@ def add_model_options(
         "official head it moved probabilities by up to 0.11 (mean 0.0085; bf16: 0.015, mean "
         "0.0014) (docs/performance.md)",
     )
+    if backends:
+        add_backend_options(g)
     if not batch_jobs:
         return
     g.add_argument(
@@ -219,6 +222,72 @@ def add_model_options(
         "uncompiled with a warning). Then about 15%% faster with --precision fp32 on CPU; no "
         "gain in bf16. Worth it for thousands of images in fp32",
     )
+
+
+BACKENDS = ("auto", "torch", "onnxruntime")
+
+
+def add_backend_options(group: argparse._ArgumentGroup) -> None:
+    """--backend and --providers: who runs the encoder + head (docs/deployment.md)."""
+    group.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="auto",
+        help="torch: the PyTorch model; onnxruntime: an ONNX export folder (made by `rine export "
+        "--format onnx`) given as --model DIR, run by ONNX Runtime. Default auto: onnxruntime "
+        "when --model is an export folder, else torch. Decoding, batching and the probability "
+        "are the same code either way",
+    )
+    group.add_argument(
+        "--providers",
+        metavar="LIST",
+        help="with onnxruntime: execution providers in priority order, e.g. tensorrt,cuda "
+        "(short names cpu, cuda, tensorrt, or ONNX Runtime's full names; CUDA and TensorRT need "
+        "the onnxruntime-gpu package). Default: cpu, or cuda with --device cuda",
+    )
+
+
+def resolve_backend(args: argparse.Namespace) -> str:
+    """"torch" or "onnxruntime" for the model options in `args` (CLIError when they do not fit)."""
+    from ..inference.onnx_backend import is_onnx_export
+
+    backend = getattr(args, "backend", "torch") or "torch"
+    model = args.model[0] if isinstance(args.model, list) and args.model else args.model
+    export = bool(model) and not args.head and is_onnx_export(model)
+    if backend == "auto":
+        backend = "onnxruntime" if export else "torch"
+    if backend == "onnxruntime" and not export:
+        given = f"--model {model} is not an export folder" if model else "no --model export folder was given"
+        raise CLIError(f"--backend onnxruntime: {given}; make one with `rine export --format onnx "
+                       "--model NAME --out DIR` and pass --model DIR")  # fmt: skip
+    if backend == "torch" and getattr(args, "providers", None):
+        raise CLIError("--providers is for --backend onnxruntime")
+    return backend
+
+
+def load_onnx(args: argparse.Namespace, threads: int | None = None):
+    """A Detector on ONNX Runtime from `--model DIR` (an export folder), or CLIError."""
+    from ..inference.onnx_backend import OnnxBackendError, OnnxManifest, load_onnx_detector
+    from ..model.checkpoints import CheckpointError
+
+    model = args.model[0] if isinstance(args.model, list) else args.model
+    if args.backbone:
+        raise CLIError("--backbone does not apply to an ONNX export: the encoder is inside model.onnx")
+    if getattr(args, "compile", False):
+        raise CLIError("--compile is for the torch backend (ONNX Runtime optimises the graph itself)")
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        raise CLIError("--backend onnxruntime needs the onnx extra: pip install 'rine[onnx]'") from None
+    try:
+        precision = OnnxManifest.load(model).precision
+        if args.precision not in ("auto", precision):
+            raise CLIError(f"--precision {args.precision}: this export is {precision} (fixed at export: "
+                           "`rine export --fp16` makes an fp16 one); leave --precision out")  # fmt: skip
+        return load_onnx_detector(model, providers=args.providers, device=None if args.device == "auto" else args.device,
+                                  crop=args.crop, threads=threads)  # fmt: skip
+    except (OnnxBackendError, CheckpointError, ValueError) as e:
+        raise CLIError(error_message(e)) from None
 
 
 def add_decoding_options(group: argparse._ArgumentGroup) -> None:
@@ -273,6 +342,8 @@ def load_detector(args: argparse.Namespace, keep_reference: bool = True):
     from ..model.checkpoints import CheckpointError
     from ..model.pretrained import DEFAULT_MODEL, WeightsUnavailableError
 
+    if resolve_backend(args) == "onnxruntime":
+        return load_onnx(args, threads=getattr(args, "threads", None))
     kwargs = dict(device=args.device, precision=args.precision, keep_reference=keep_reference,
                   compile=getattr(args, "compile", False))  # fmt: skip
     check_device(args.device)

@@ -42,6 +42,7 @@ from .common import (
     plural,
     positive_int,
     sigterm_as_interrupt,
+    resolve_backend,
 )
 
 logger = logging.getLogger(__name__)
@@ -334,7 +335,8 @@ def run(args: argparse.Namespace) -> int:
         return fail("--decode-timeout must be at least 0 (0: no limit)")
     try:
         output = check_output_file(args.output, "--output") if args.output else None
-        check_device(args.device)
+        if resolve_backend(args) == "torch":  # ONNX Runtime checks its own providers
+            check_device(args.device)
     except CLIError as e:
         return fail(str(e))
     unreadable: list[tuple[str, str]] = []

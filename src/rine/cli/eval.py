@@ -198,7 +198,7 @@ def _load_models(args):
     sources = models or heads or [DEFAULT_MODEL]
     out = [
         EvalHead(
-            unique(_label(sources[0], detector.config.name)), detector.model.head, detector.config
+            unique(_label(sources[0], detector.config.name)), detector.head, detector.config
         )
     ]
     for src in sources[1:]:
@@ -391,6 +391,7 @@ def run(args: argparse.Namespace) -> int:
         "calibrate_on": args.calibrate_on,
         "device": str(detector.device),
         "precision": args.precision,
+        "backend": detector.backend.name,
     }
     for run_ in result.runs:
         run_.metrics["missing_sets"] = layout.missing

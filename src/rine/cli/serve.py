@@ -31,6 +31,7 @@ from .common import (
     fail,
     load_detector,
     pixel_count,
+    resolve_backend,
 )
 
 logger = logging.getLogger(__name__)
@@ -59,6 +60,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "path, status, number of images, time; never headers, file names or image content)")
     add_model_options(p, batch_jobs=False)
     add_decision_options(p.add_argument_group("decision"))
+    p.add_argument("--client-side", action="store_true",
+                   help="let the page score images in the browser, with nothing uploaded: it downloads the "
+                        "ONNX export given as --model DIR (at most 400 MB: ViT-B/32 and smaller) and "
+                        "onnxruntime-web from this server; the page can still send images to the server "
+                        "when the user chooses (docs/deployment.md)")  # fmt: skip
     lim = p.add_argument_group("limits")
     lim.add_argument("--max-file-mb", type=float, default=20, help="largest image accepted, MB (default 20)")
     lim.add_argument("--max-request-mb", type=float, default=64, help="largest request body, MB (default 64)")
@@ -155,13 +161,20 @@ def run(args: argparse.Namespace) -> int:
         return fail("--port must be between 0 and 65535")
     try:
         settings = settings_from_args(args)
-        check_device(args.device)  # now, not in the background load after "serving on"
+        if resolve_backend(args) == "torch":  # ONNX Runtime checks its own providers
+            check_device(args.device)  # now, not in the background load after "serving on"
     except CLIError as e:
         return fail(str(e))
     if args.head and args.model:
         return fail("give either --model or --backbone/--head, not both")
     if args.uncertain_band is not None and not 0.0 <= args.uncertain_band < 0.5:
         return fail(f"--uncertain-band must be within [0, 0.5), got {args.uncertain_band}")
+    client_side = None
+    if args.client_side:
+        try:
+            client_side = _client_side(args)
+        except CLIError as e:
+            return fail(str(e))
     if args.threads is not None:
         if args.threads < 1:
             return fail("--threads must be at least 1")
@@ -183,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
     # One line per request by default, whatever -v says (uvicorn's own logs stay at warning).
     logging.getLogger("rine.server.access").setLevel(logging.WARNING if args.no_access_log else logging.INFO)
     app = create_app(settings=settings, detector_factory=lambda: apply_decision_options(load_detector(args, keep_reference=False), args),
-                     on_load_error=on_load_error)
+                     on_load_error=on_load_error, client_side=client_side)
     config = uvicorn.Config(
         app,
         host=args.host,
@@ -225,6 +238,24 @@ def run(args: argparse.Namespace) -> int:
     if stopped:
         print("rine: stopped by SIGTERM, after answering the requests in flight", file=sys.stderr)
     return 0
+
+
+def _client_side(args: argparse.Namespace):
+    """The export the page will score with (`--client-side`), checked before serving; CLIError."""
+    from ..config import CONFIG_NAME, RINEConfig
+    from ..server.client_side import ClientSideError, check_client_side
+
+    if resolve_backend(args) != "onnxruntime":
+        raise CLIError("--client-side needs an ONNX export as --model DIR (the browser runs model.onnx): make "
+                       "one with `rine export --format onnx --model NAME --out DIR`")  # fmt: skip
+    try:
+        config = RINEConfig.load(f"{args.model}/{CONFIG_NAME}")
+        if getattr(config, "calibration", None) is not None:
+            raise ClientSideError("--client-side: this model has a calibration, which the page does not apply yet; "
+                                  "serve it without --client-side")  # fmt: skip
+        return check_client_side(args.model, args.crop or config.preprocess.crop)
+    except (ClientSideError, ValueError, OSError) as e:
+        raise CLIError(str(e)) from None
 
 
 def _listen(host: str, port: int) -> list[socket.socket]:

@@ -91,12 +91,17 @@ def evaluate(
     heads = (
         list(heads)
         if heads
-        else [EvalHead(detector.config.name or "model", detector.model.head, detector.config)]
+        else [EvalHead(detector.config.name or "model", detector.head, detector.config)]
     )
     conditions = list(conditions) if conditions else [Condition()]
     batch_size = batch_size or default_batch_size(detector.device)
-    backbone = detector.model.backbone
+    # The encoder's shape, whichever backend runs it (torch or an ONNX export's taps output).
+    backbone = detector.backend
+    if cache_dir is not None and detector.model is None:
+        raise ValueError(f"a features cache needs the torch backend (this detector runs on {backbone.name})")
     for h in heads:
+        if h.head is None:
+            raise ValueError(f"model {h.name!r} has no head weights to score taps with")
         cfg = h.head.config
         if cfg.in_dim != backbone.width or (
             cfg.blocks == "all" and cfg.n_blocks != backbone.n_blocks

@@ -11,6 +11,10 @@ device (pinned memory, non-blocking, on CUDA), normalised there and scored.
 The encoder runs through `accel.FastTapEncoder` in the chosen precision
 (`PRECISIONS`, "auto" by default). A file that cannot be read gives a Prediction
 with `error` set; the others are scored.
+
+The encoder + head call is the Detector's `backend`: `TorchBackend` (the encoder above), or an ONNX
+export run by ONNX Runtime (`onnx_backend.load_onnx_detector`); decoding, batching and the
+probability (sigmoid of the mean logit, threshold) are this module's whatever the backend.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from ..model.accel import PRECISIONS, FastTapEncoder, resolve_precision
 from ..model.backbones import load_backbone
 from ..model.calibration import DecisionRule
 from ..model.checkpoints import load_head, load_pretrained
+from ..model.head import RINEHead
 from ..model.rine_model import RINEModel
 
 logger = logging.getLogger(__name__)
@@ -141,6 +146,53 @@ def _normalize_on(batch_uint8: torch.Tensor, mean, std) -> torch.Tensor:
     return (x - m) / s
 
 
+class TorchBackend:
+    """The torch encoder (`accel.FastTapEncoder` or the reference path) + head of a Detector:
+    uint8 views in, logits, contributions or taps out; pixels are normalised on the device."""
+
+    name = "torch"
+
+    def __init__(self, model: RINEModel, encoder: torch.nn.Module, preprocess: PreprocessConfig, device: torch.device):
+        self.model, self.encoder, self.preprocess, self.device = model, encoder, preprocess, device
+        self.n_blocks, self.width = model.backbone.n_blocks, model.backbone.width
+
+    @torch.no_grad()
+    def score_views(self, views_uint8: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 views [N, S, S, 3] -> (logits [N], block contribution [N, blocks]) on CPU."""
+        taps = self._encode(torch.as_tensor(views_uint8))  # [N, blocks, width] float32
+        out = self.model.head(taps.float())
+        contrib = out.contributions.abs().sum(dim=-1)  # [N, blocks]
+        contrib = contrib / contrib.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+        return out.logits.float().cpu(), contrib.float().cpu()
+
+    @torch.no_grad()
+    def encode_views(self, views_uint8: np.ndarray | torch.Tensor, batch_size: int = 32) -> torch.Tensor:
+        """uint8 views [N, S, S, 3] -> taps [N, blocks, width] float32 on CPU."""
+        x = torch.as_tensor(views_uint8)
+        self.plan_batch(batch_size)
+        out = [self._encode(x[i : i + batch_size]).float().cpu() for i in range(0, len(x), batch_size)]
+        if not out:
+            return torch.empty(0, self.model.backbone.n_blocks, self.model.backbone.width)
+        return torch.cat(out)
+
+    def plan_batch(self, views: int) -> None:
+        """Tell a compiled encoder the batch size to build its one graph for."""
+        if isinstance(self.encoder, FastTapEncoder):
+            self.encoder.plan_batch(views)
+
+    def _encode(self, x_uint8: torch.Tensor) -> torch.Tensor:
+        """uint8 [N, S, S, 3] (CPU) -> taps [N, blocks, width] on the device."""
+        mean, std = self.preprocess.mean, self.preprocess.std
+        if self.device.type == "cuda":
+            # uint8 crosses the bus (4x less than float32) from page-locked memory,
+            # asynchronously; normalisation runs on the GPU.
+            x = x_uint8.pin_memory().to(self.device, non_blocking=True)
+            pixels = _normalize_on(x, mean, std)
+        else:
+            pixels = normalize(x_uint8, mean, std).to(self.device)
+        return self.encoder(pixels)
+
+
 class Detector:
     """A loaded RINE model plus its preprocessing: images in, probabilities out.
 
@@ -185,6 +237,10 @@ class Detector:
             # (HF) ones would only double the memory (+1.2 GB for ViT-L in float32).
             freed = self.model.backbone.release_block_weights()
             logger.info("released %.0f MB of reference block weights", freed / 2**20)
+        self.head = self.model.head
+        # What runs the encoder + head; everything else (decoding, batching, probabilities)
+        # is this class's, whatever the backend (`rine.inference.onnx_backend` for ONNX Runtime).
+        self.backend: Any = TorchBackend(self.model, self.encoder, config.preprocess, self.device)
         logger.info("encoder precision %s (asked: %s) on %s", self.precision, precision, self.device)
 
     def _build_encoder(self, compile: bool) -> torch.nn.Module:
@@ -199,6 +255,28 @@ class Detector:
             return self.model.backbone
 
     # ------------------------------------------------------------------ construction
+    @classmethod
+    def with_backend(
+        cls,
+        backend: Any,
+        config: RINEConfig,
+        *,
+        head: RINEHead | None = None,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        max_bytes: int | None = DEFAULT_MAX_BYTES,
+    ) -> Detector:
+        """A detector whose encoder + head run elsewhere (`backend.score_views`, `encode_views`,
+        `plan_batch`, `precision`: e.g. `onnx_backend.OnnxRuntimeBackend`); `head`, when
+        given, gives the block importance and is what `rine eval` scores taps with. There is
+        no torch model: `detector.model` is None."""
+        self = cls.__new__(cls)
+        self.device = torch.device("cpu")  # where results come back; the backend runs where it was told
+        self.requested_precision = self.precision = backend.precision
+        self.model, self.encoder, self.head = None, None, head
+        self.config, self.max_pixels, self.max_bytes = config, max_pixels, max_bytes
+        self.backend = backend
+        return self
+
     @classmethod
     def from_pretrained(
         cls,
@@ -295,46 +373,23 @@ class Detector:
 
     def block_importance(self) -> list[float]:
         """The TIE's learned importance of each block (mean over channels) -> [blocks]."""
+        if self.head is None:
+            return []
         with torch.no_grad():
-            return self.model.head.block_importance().cpu().tolist()
+            return self.head.block_importance().cpu().tolist()
 
     # ------------------------------------------------------------------ scoring
-    @torch.no_grad()
     def score_views(self, views_uint8: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 views [N, S, S, 3] -> (logits [N], block contribution [N, blocks]) on CPU."""
-        taps = self._encode(torch.as_tensor(views_uint8))  # [N, blocks, width] float32
-        out = self.model.head(taps.float())
-        contrib = out.contributions.abs().sum(dim=-1)  # [N, blocks]
-        contrib = contrib / contrib.sum(dim=-1, keepdim=True).clamp_min(1e-12)
-        return out.logits.float().cpu(), contrib.float().cpu()
+        return self.backend.score_views(views_uint8)
 
-    @torch.no_grad()
     def encode_views(self, views_uint8: np.ndarray | torch.Tensor, batch_size: int = 32) -> torch.Tensor:
         """uint8 views [N, S, S, 3] -> taps [N, blocks, width] float32 on CPU, through the
-        same fast encoder and precision as `score_views` (used by evaluation)."""
-        x = torch.as_tensor(views_uint8)
-        self._plan_batch(batch_size)
-        out = [self._encode(x[i : i + batch_size]).float().cpu() for i in range(0, len(x), batch_size)]
-        if not out:
-            return torch.empty(0, self.model.backbone.n_blocks, self.model.backbone.width)
-        return torch.cat(out)
+        same backend, encoder and precision as `score_views` (used by evaluation)."""
+        return self.backend.encode_views(views_uint8, batch_size=batch_size)
 
     def _plan_batch(self, views: int) -> None:
-        """Tell a compiled encoder the batch size to build its one graph for."""
-        if isinstance(self.encoder, FastTapEncoder):
-            self.encoder.plan_batch(views)
-
-    def _encode(self, x_uint8: torch.Tensor) -> torch.Tensor:
-        """uint8 [N, S, S, 3] (CPU) -> taps [N, blocks, width] on the device."""
-        mean, std = self.config.preprocess.mean, self.config.preprocess.std
-        if self.device.type == "cuda":
-            # uint8 crosses the bus (4x less than float32) from page-locked memory,
-            # asynchronously; normalisation runs on the GPU.
-            x = x_uint8.pin_memory().to(self.device, non_blocking=True)
-            pixels = _normalize_on(x, mean, std)
-        else:
-            pixels = normalize(x_uint8, mean, std).to(self.device)
-        return self.encoder(pixels)
+        self.backend.plan_batch(views)
 
     def _finish(self, names: list[str], arrays: list[np.ndarray]) -> list[Prediction]:
         counts = [len(a) for a in arrays]

@@ -28,7 +28,16 @@ from pydantic import BaseModel
 from python_multipart.multipart import parse_options_header
 
 from .access import N_IMAGES, AccessLog
-from .guards import AllowedHosts, SecurityHeaders, same_site
+from .client_side import (
+    MODEL_URL,
+    VENDOR_DIR,
+    VENDOR_FILES,
+    VENDOR_URL,
+    WASM_CSP_SOURCE,
+    ClientSide,
+    client_info,
+)
+from .guards import PAGE_CSP, AllowedHosts, SecurityHeaders, same_site
 from .limits import (  # noqa: F401  (display_name, load_error_status: imported from here before the split)
     FILES_FIELD,
     MB,
@@ -93,10 +102,12 @@ def create_app(
     *,
     detector_factory: Callable[[], Any] | None = None,
     on_load_error: Callable[[BaseException], None] | None = None,
+    client_side: ClientSide | None = None,
 ) -> FastAPI:
     """The FastAPI app around a loaded `Detector`, or a factory run in a background thread
     at startup (then `/readyz` answers 503 until it returns). Resources start with the
-    app's lifespan: use `with TestClient(app)` in tests."""
+    app's lifespan: use `with TestClient(app)` in tests. `client_side` (an ONNX export, see
+    `client_side.check_client_side`) lets the page score images in the browser."""
     settings = settings or ServerSettings()
     service = Service(settings, detector, detector_factory, on_load_error)
 
@@ -232,11 +243,44 @@ def create_app(
         return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    page_csp = PAGE_CSP
+    add_client_side_routes(app, client_side, settings, require_ready, check_key)
+    if client_side is not None:
+        page_csp = PAGE_CSP.replace("script-src 'self'", f"script-src 'self' {WASM_CSP_SOURCE}")
     if settings.allowed_hosts is not None:  # added first: runs inside the security headers
         app.add_middleware(AllowedHosts, hosts=settings.allowed_hosts)
-    app.add_middleware(SecurityHeaders)
+    app.add_middleware(SecurityHeaders, page_csp=page_csp)
     app.add_middleware(AccessLog)  # outermost: every answer is logged, the guards' refusals too
     return app
+
+
+def add_client_side_routes(app: FastAPI, client: ClientSide | None, settings: ServerSettings,
+                           require_ready: Callable[[], Service], check_key) -> None:
+    """GET /v1/client-side (the page's settings; `enabled: false` without --client-side), and
+    with it the export's model.onnx and onnxruntime-web's files. Fixed names only: a URL never
+    becomes a file-system path."""
+
+    @app.get("/v1/client-side", tags=["detect"], dependencies=[Depends(check_key)],
+             summary="what the page needs to score images in the browser (rine serve --client-side)")
+    async def client_side_info() -> dict[str, Any]:
+        if client is None:
+            return {"enabled": False}
+        return {"enabled": True, **client_info(client, require_ready().detector, settings.max_pixels)}
+
+    if client is None:
+        return
+
+    @app.get(MODEL_URL, include_in_schema=False, dependencies=[Depends(check_key)])
+    async def client_side_model() -> FileResponse:
+        return FileResponse(client.onnx_path, media_type="application/octet-stream",
+                            headers={"Cache-Control": "no-cache"})  # revalidated: a new export may replace it
+
+    @app.get(VENDOR_URL + "{name}", include_in_schema=False)
+    async def vendor_file(name: str) -> FileResponse:
+        media_type = VENDOR_FILES.get(name)
+        if media_type is None:
+            raise HTTPError(404, "not found")
+        return FileResponse(VENDOR_DIR / name, media_type=media_type)
 
 
 def _multipart_boundary(content_type: str) -> bytes:

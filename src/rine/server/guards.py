@@ -63,8 +63,9 @@ class AllowedHosts:
 class SecurityHeaders:
     """Pure ASGI (no body buffering): no MIME sniffing anywhere, a strict CSP on the page."""
 
-    def __init__(self, app):
+    def __init__(self, app, page_csp: str = PAGE_CSP):
         self.app = app
+        self.page_csp = page_csp.encode()
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -78,7 +79,7 @@ class SecurityHeaders:
                 headers.append((b"x-content-type-options", b"nosniff"))
                 headers.append((b"referrer-policy", b"no-referrer"))
                 if page:
-                    headers.append((b"content-security-policy", PAGE_CSP.encode()))
+                    headers.append((b"content-security-policy", self.page_csp))
                 message = {**message, "headers": headers}
             await send(message)
 

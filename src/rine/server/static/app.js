@@ -231,6 +231,9 @@ function showResult(card, r) {
 }
 
 async function score(file, card, waits, timeouts) {
+  if (window.rineClientSide && window.rineClientSide.active()) {
+    return window.rineClientSide.score(file, card, showResult);  // client_side.js: nothing uploaded
+  }
   if (maxFileBytes !== null && file.size > maxFileBytes) {
     showResult(card, { error: sizeRefusal(file.size, maxFileBytes) });
     return;
