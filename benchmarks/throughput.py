@@ -153,9 +153,12 @@ def main() -> None:
         if args.onnx:  # ONNX Runtime rows (g) fp32, (h) fp16: benchmarks/onnx_rows.py
             import onnx_rows
 
-            ref_probs = np.array(results["fp32"][0]["probs"]) if "fp32" in results else None
-            onnx_rows.print_rows(args, arch, n, paths_file, calib, med["baseline"], ref_probs,
-                                 lambda a, ar, mode, k, pf, cal: spawn(a, __file__, ar, mode, k, pf, cal, head_file))
+            ref_probs = onnx_rows.np.array(results["fp32"][0]["probs"]) if "fp32" in results else None
+
+            def spawn_onnx(a, ar, mode, k, pf, cal, head_file=head_file):
+                return spawn(a, __file__, ar, mode, k, pf, cal, head_file)
+
+            onnx_rows.print_rows(args, arch, n, paths_file, calib, med["baseline"], ref_probs, spawn_onnx)
         if peaks:
             measure_peaks(f"after {arch}")
             print_matmul_shares(arch, results, med, peaks)

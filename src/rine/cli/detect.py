@@ -41,8 +41,8 @@ from .common import (
     pixel_count,
     plural,
     positive_int,
-    sigterm_as_interrupt,
     resolve_backend,
+    sigterm_as_interrupt,
 )
 
 logger = logging.getLogger(__name__)
