@@ -10,14 +10,12 @@ import csv
 import os
 import re
 import shutil
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from conftest import OFFICIAL, require_shared
+from serve_proc import running_server
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -36,42 +34,11 @@ pytestmark = [pytest.mark.slow, pytest.mark.browser]
 @pytest.fixture
 def server(tiny_checkpoint_dir, tmp_path):
     """`python -m rine serve` on a free loopback port; yields its base URL once ready."""
-    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("httpx")
     pytest.importorskip("uvicorn")
-    log = open(tmp_path / "server.log", "wb")
-    # --port 0: the server picks a free port and prints it ("serving on http://127.0.0.1:N");
-    # a port found free here and closed before the child binds it could be taken meanwhile.
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "rine", "serve", "--host", "127.0.0.1", "--port", "0",
-         "--model", str(tiny_checkpoint_dir), "--device", "cpu", "--no-access-log"],
-        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    base = None
-    try:
-        deadline = time.monotonic() + 180  # a liveness bound: a loaded 2-core machine takes its time
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"rine serve exited with {proc.returncode}:\n{(tmp_path / 'server.log').read_text()}")
-            if base is None:
-                found = re.search(r"serving on (http://127\.0\.0\.1:\d+)", (tmp_path / "server.log").read_text())
-                base = found.group(1) if found else None
-            try:
-                if base is not None and httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("rine serve did not become ready in 180 s")
-            time.sleep(0.1)
+    with running_server(["--model", str(tiny_checkpoint_dir), "--device", "cpu", "--no-access-log"],
+                        tmp_path / "server.log") as base:
         yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
 
 
 def test_page_shows_what_the_api_returns(server, tmp_path):

@@ -13,20 +13,17 @@ scripts/vendor_onnxruntime_web.sh, which scripts/setup.sh --dev runs).
 from __future__ import annotations
 
 import base64
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from test_browser import CHROMIUM, CHROMIUM_ARGS, free_port
+from test_browser import CHROMIUM, CHROMIUM_ARGS
 
 from conftest import OFFICIAL, require_shared
 from onnx_fixtures import DEMO_IMAGES, export_with_cli, image_paths, make_sensitive_checkpoint
+from serve_proc import running_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
@@ -60,43 +57,15 @@ def export(tiny_backbone_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def client_server(export, tmp_path_factory):
     """`rine serve --client-side` on `export`; yields its base URL."""
-    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("httpx")
     pytest.importorskip("uvicorn")
     from rine.server.client_side import missing_vendor_files
 
     if missing_vendor_files():
         pytest.skip("onnxruntime-web is not installed: bash scripts/vendor_onnxruntime_web.sh")
     tmp = tmp_path_factory.mktemp("serve")
-    port = free_port()
-    log = open(tmp / "server.log", "wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "rine", "serve", "--host", "127.0.0.1", "--port", str(port), "--model", str(export),
-         "--client-side", "--no-access-log"],
-        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"rine serve exited with {proc.returncode}:\n{(tmp / 'server.log').read_text()}")
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("rine serve did not become ready in 60 s")
-            time.sleep(0.1)
+    with running_server(["--model", str(export), "--client-side", "--no-access-log"], tmp / "server.log") as base:
         yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
 
 
 def tricky_images(folder: Path) -> list[Path]:

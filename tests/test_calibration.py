@@ -523,12 +523,9 @@ def test_eval_calibrate_on_a_folder_of_reals(capsys, tmp_path, sensitive_checkpo
 def test_page_says_uncertain_in_words(tiny_checkpoint_dir, tmp_path):
     """`rine serve --uncertain-band` and the page: the card reads "Uncertain: too close to call"
     and the model line explains the band (headless Chromium, as tests/test_browser.py)."""
-    import os
-    import subprocess
-    import sys
-    import time
+    from test_browser import CHROMIUM, CHROMIUM_ARGS
 
-    from test_browser import CHROMIUM, CHROMIUM_ARGS, free_port
+    from serve_proc import running_server
 
     if not CHROMIUM.exists():
         pytest.skip(f"{CHROMIUM} not found")
@@ -536,25 +533,9 @@ def test_page_says_uncertain_in_words(tiny_checkpoint_dir, tmp_path):
     httpx = pytest.importorskip("httpx")
     pytest.importorskip("uvicorn")
     image = varied_image(tmp_path / "x.png", 0, False)
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    log = open(tmp_path / "server.log", "wb")
     # the tiny head's probabilities are all near 0.54: a band of 0.4 around 0.5 holds them
-    proc = subprocess.Popen([sys.executable, "-m", "rine", "serve", "--host", "127.0.0.1", "--port", str(port),
-                             "--model", str(tiny_checkpoint_dir), "--device", "cpu", "--no-access-log",
-                             "--uncertain-band", "0.4"], stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, (tmp_path / "server.log").read_text()
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "rine serve did not become ready"
-            time.sleep(0.1)
+    args = ["--model", str(tiny_checkpoint_dir), "--device", "cpu", "--no-access-log", "--uncertain-band", "0.4"]
+    with running_server(args, tmp_path / "server.log") as base:
         api = httpx.post(f"{base}/v1/detect", files=[("files", ("x.png", image.read_bytes()))], timeout=30).json()
         assert api["results"][0]["verdict"] == "uncertain" and api["results"][0]["threshold"] == 0.5
         with sync_api.sync_playwright() as pw:
@@ -573,11 +554,3 @@ def test_page_says_uncertain_in_words(tiny_checkpoint_dir, tmp_path):
                 assert "Uncertain: too close to call" in page.inner_text("#announce")
             finally:
                 browser.close()
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()

@@ -268,3 +268,33 @@ def test_rine_eval_onnxruntime_equals_torch(fp32_export, sensitive_checkpoint, t
     err = _fails(capsys, "eval", "--suite", "folder", "--root", str(tmp_path / "data"), "--out", str(tmp_path / "c"),
                  "--model", str(fp32_export), "--features-cache", str(tmp_path / "cache"))  # fmt: skip
     assert "features cache needs the torch backend" in err
+
+
+def test_a_calibrated_export_decides_as_the_calibrated_checkpoint(fp32_export, sensitive_checkpoint, tmp_path, capsys):
+    """The calibration in an export's config.json is applied by the shared decision rule: the
+    ONNX Runtime records equal the torch records of the same calibrated checkpoint, threshold
+    and verdict included (a backend built without the rule answered 500 in rine serve)."""
+    import shutil
+
+    calibration = {"method": "platt", "threshold_logit": 0.4, "scale": 0.5, "offset": -0.3,
+                   "uncertain_low": 0.45, "uncertain_high": 0.6}  # fmt: skip
+    folders = []
+    for src, name in ((sensitive_checkpoint, "ckpt"), (fp32_export, "export")):
+        dst = tmp_path / name
+        shutil.copytree(src, dst)
+        cfg = json.loads((dst / "config.json").read_text())
+        cfg["calibration"] = calibration
+        (dst / "config.json").write_text(json.dumps(cfg))
+        folders.append(dst)
+    inputs = [str(p) for p in image_paths()]
+    _, torch_recs, _ = _detect(capsys, *inputs, "--model", str(folders[0]), "--precision", "fp32")
+    _, ort_recs, err = _detect(capsys, *inputs, "--model", str(folders[1]), "--backend", "onnxruntime")
+    assert len(ort_recs) == len(inputs), err
+    verdicts = {r["verdict"] for r in torch_recs}
+    assert {"real", "synthetic"} <= verdicts  # the cut falls inside the scores
+    for t, o in zip(torch_recs, ort_recs, strict=True):
+        assert o["threshold"] == t["threshold"] == pytest.approx(1 / (1 + np.exp(-0.4)))
+        assert o["verdict"] == t["verdict"] and o["is_fake"] == t["is_fake"]
+        assert o["prob_fake"] == pytest.approx(t["prob_fake"], abs=1e-5)
+        # calibrated probability: sigmoid(0.5 * logit - 0.3), not sigmoid(logit)
+        assert t["prob_fake"] == pytest.approx(1 / (1 + np.exp(-(0.5 * t["logit"] - 0.3))), abs=1e-6)

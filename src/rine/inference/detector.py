@@ -275,6 +275,7 @@ class Detector:
         self.model, self.encoder, self.head = None, None, head
         self.config, self.max_pixels, self.max_bytes = config, max_pixels, max_bytes
         self.backend = backend
+        self.decision = DecisionRule.of(config)  # the calibration, threshold and band, as __init__ sets them
         return self
 
     @classmethod
