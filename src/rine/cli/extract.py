@@ -125,7 +125,9 @@ def run(args: argparse.Namespace) -> int:
             batch_size=args.batch_size, shard_size=args.shard_size, num_workers=args.workers,
             progress=not args.no_progress and sys.stderr.isatty(),
             extra_meta={"layout": args.layout, "split": split, "classes": classes, "root": str(args.root),
-                        "precision": args.precision, "hub": args.hub, "hub_revision": args.hub_revision},
+                        "precision": args.precision,
+                        # only for Hub data: a store of folders keeps the meta.json it always had
+                        **({"hub": args.hub, "hub_revision": args.hub_revision} if args.hub else {})},
             sources=None if sources is None else sources.iter_images,
         )  # fmt: skip
     except StoreError as e:
