@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from ..data.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+from ..training.store import _fsync_dir  # the same durable rename as the tap store's
 from . import INSTALL_HINT
 from .manifest import InputList, list_inputs
 from .reconcile import Reconciliation, committed_parts, part_name, reconcile_parts, reconcile_store
@@ -242,16 +243,6 @@ def _score_schema(inputs: InputList):
     if inputs.has_set:
         fields.append(("set", pa.string()))
     return pa.schema([*fields, ("item", pa.int64())])
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _part_committer(out: Path, schema):
