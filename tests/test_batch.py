@@ -129,13 +129,47 @@ def test_input_list_from_folders_and_manifests(tmp_path):
     assert [r["item"] for r in got] == list(range(6))
     assert [r["path"] for r in got] == [str(p) for p in imgs] + ["../d/img00.png", "/abs/x.jpg", "file:///data/y.png", "z.png"]
     # relative manifest paths are read relative to the manifest; URIs and absolute paths as they are
-    assert got[2]["source"] == str(tmp_path / "m" / "../d/img00.png")
-    assert [r["source"] for r in got[3:]] == ["/abs/x.jpg", "file:///data/y.png", str(tmp_path / "m" / "z.png")]
+    assert got[2]["source"] == os.fsencode(tmp_path / "m" / "../d/img00.png")
+    assert [r["source"] for r in got[3:]] == [b"/abs/x.jpg", b"file:///data/y.png", os.fsencode(tmp_path / "m" / "z.png")]
     assert [r["label"] for r in got] == [None, None, 1, 0, 1, None]
     assert got[2]["set"] == "2024"  # a set name that looks like a number stays text
     (tmp_path / "bad.csv").write_text("file\na.png\n")
     with pytest.raises(ManifestError, match="no `path` column"):
         list_inputs([str(tmp_path / "bad.csv")])
+
+
+def test_file_names_that_are_not_utf8_are_listed_and_read_back():
+    pytest.importorskip("pyarrow")
+    from rine.cluster.manifest import display_path, list_inputs, source_path
+
+    folder = Path(tempfile.mkdtemp())
+    try:
+        raw = os.fsencode(folder) + b"/caf\xe9.png"  # Latin-1 bytes: not UTF-8
+        write_image(Path(os.fsdecode(raw)))
+        row = list_inputs([str(folder)]).table.to_pylist()[0]
+        assert row["source"] == raw and os.path.isfile(source_path(row["source"]))
+        assert row["path"] == str(folder) + "/caf\\xe9.png"  # Parquet text is UTF-8: the byte is escaped
+        assert display_path("café.png") == "café.png"  # real UTF-8 names stay as they are
+    finally:
+        shutil.rmtree(folder)
+
+
+def test_the_object_store_buffer_is_bounded_by_the_pipeline_not_the_input_list():
+    pytest.importorskip("pyarrow")
+    from rine.cluster.batch import MIN_BUFFER_BYTES, BatchConfig, buffer_bytes, plan_resources
+    from rine.cluster.tasks import DecodeSpec
+    from rine.config import PreprocessConfig
+
+    cfg = BatchConfig(inputs=[], out="", device="cpu", actor_cpus=1)  # one 1-thread actor, 4 CPUs
+    plan = plan_resources(cfg, 0, 4)
+    center = DecodeSpec("score", preprocess=PreprocessConfig(image_size=224, crop="center"))
+    assert buffer_bytes(cfg, center, plan, 4) == MIN_BUFFER_BYTES  # 6 slots x 2 + 4 blocks of 4.8 MB < the floor
+    ten = DecodeSpec("score", preprocess=PreprocessConfig(image_size=224, crop="ten"))
+    block = 32 * 10 * 224 * 224 * 3
+    assert buffer_bytes(cfg, ten, plan, 4) == block * (2 * 6 + 4)  # (4 - 1) CPUs / 0.5 per task = 6 slots
+    gpu = plan_resources(BatchConfig(inputs=[], out="", device="cuda"), 8, 128)  # 8 actors, 64 images a batch
+    assert buffer_bytes(BatchConfig(inputs=[], out=""), ten, gpu, 128) == block * (2 * 120 + 4 * 2 * 8)
+    assert buffer_bytes(BatchConfig(inputs=[], out="", buffer_mb=64), ten, gpu, 128) == 64 * 2**20
 
 
 def test_reconcile_finds_missing_and_duplicated_inputs(tmp_path):
@@ -212,6 +246,8 @@ def test_records_equal_rine_detect_with_ten_crop_and_files_that_kill_or_hang_the
     hangs = write_image(tmp_path / "imgs" / "hangs.png", seed=51)
     (tmp_path / "imgs" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
     (tmp_path / "imgs" / "empty.jpg").write_bytes(b"")
+    latin1 = Path(os.fsdecode(os.fsencode(tmp_path / "imgs") + b"/\xe9t\xe9.png"))  # a name that is not UTF-8
+    write_image(latin1, seed=52)
     manifest = tmp_path / "list.csv"
     manifest.write_text(f"path,label,set\nfile://{imgs[0]},1,uri\n{tmp_path / 'missing.png'},0,gone\n"
                         f"file://{tmp_path / 'missing.png'},0,gone\n")  # fmt: skip
@@ -220,10 +256,17 @@ def test_records_equal_rine_detect_with_ten_crop_and_files_that_kill_or_hang_the
                             decode_fn="batch_jobs:prepare_views_or_die"))  # fmt: skip
     rows = _records(out)
     assert result.error is None and result.exit_code == 1  # error records, all there
-    assert sorted(r["item"] for r in rows) == list(range(14))
+    assert sorted(r["item"] for r in rows) == list(range(15))
+    from ray.data import DataContext
+
+    from rine.cluster.manifest import display_path
+
+    # the decoded views the object store may hold are bounded (buffer_bytes), not Ray's default
+    assert DataContext.get_current().execution_options.resource_limits.object_store_memory == 128 * 2**20
 
     det = Detector.from_pretrained(str(tiny_checkpoint_dir), precision="fp32", crop="ten")
     by_path = {r["path"]: r for r in rows}
+    by_path[str(latin1)] = by_path[display_path(str(latin1))]
     others = [str(p) for p in sorted((tmp_path / "imgs").iterdir()) if p not in (poison, hangs)]
     expected = det.predict(others + [str(tmp_path / "missing.png")], decoder="threads")
     for pred in expected:
@@ -232,7 +275,7 @@ def test_records_equal_rine_detect_with_ten_crop_and_files_that_kill_or_hang_the
         if pred.error is None:
             assert abs(rec["logit"] - pred.logit) < 1e-6 and abs(rec["prob_fake"] - pred.prob_fake) < 1e-6
             assert rec["is_fake"] == pred.is_fake
-    assert sum(p.error is None for p in expected) == 7
+    assert sum(p.error is None for p in expected) == 8
     assert by_path[str(poison)]["error"] == str(DecoderCrashed())
     assert by_path[str(hangs)]["error"] == str(DecoderTimedOut(10))
     assert by_path[f"file://{imgs[0]}"]["logit"] == pytest.approx(by_path[str(imgs[0])]["logit"], abs=0)
@@ -248,7 +291,7 @@ def test_records_equal_rine_detect_with_ten_crop_and_files_that_kill_or_hang_the
     assert by_path[str(imgs[2])]["prob_fake"] == pytest.approx(torch.sigmoid(logits.mean()).item(), abs=1e-6)
     assert (logits - logits.mean()).abs().max() > 1e-4  # the views differ: no one crop's logit is the mean
     job = json.loads((out / MANIFEST_NAME).read_text())
-    assert job["counts"] == {"inputs": 14, "records": 14, "scored": 8, "errors": 6, "missing": 0, "duplicates": 0,
+    assert job["counts"] == {"inputs": 15, "records": 15, "scored": 9, "errors": 6, "missing": 0, "duplicates": 0,
                              "mismatched": 0, "complete": True}  # fmt: skip
     assert job["model_config"]["preprocess"]["crop"] == "ten" and job["status"] == "complete"
 

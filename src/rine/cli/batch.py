@@ -54,6 +54,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "(default: half the CPUs without a GPU, 1 with one)")  # fmt: skip
     e.add_argument("--batch-size", type=positive_int, default=None, help="images per scoring batch (default 16 on CPU, 64 on GPU)")
     e.add_argument("--decode-batch", type=positive_int, default=32, help="images per decoding task (default 32)")
+    e.add_argument("--buffer-mb", type=float, default=None, metavar="MB",
+                   help="object store memory the decoded images may hold at once; decoding waits beyond it, so "
+                   "memory does not grow with the input list (default: two blocks per decoding slot and four "
+                   "batches per actor, at least 128)")  # fmt: skip
     e.add_argument("--shard-size", type=positive_int, default=None, help="inputs per committed output file "
                    "(default 4096; with --taps 1024, as rine extract)")  # fmt: skip
     e.add_argument("--decode-timeout", type=float, default=300.0, metavar="SECONDS",
@@ -97,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
         head=args.head, crop=args.crop, device=args.device, precision=precision, taps=args.taps,
         transform=args.transform, views=args.views, seed=args.seed, dtype=args.dtype, address=args.address,
         num_gpus=args.num_gpus, actors=args.actors, actor_cpus=args.actor_cpus, batch_size=args.batch_size,
-        decode_batch=args.decode_batch, shard_size=args.shard_size, max_pixels=args.max_pixels,
+        decode_batch=args.decode_batch, buffer_mb=args.buffer_mb, shard_size=args.shard_size, max_pixels=args.max_pixels,
         max_bytes=args.max_bytes, decode_timeout=args.decode_timeout or None, temp_dir=args.temp_dir,
         stall_timeout=args.stall_timeout, progress=not args.no_progress and sys.stderr.isatty(),
     )  # fmt: skip

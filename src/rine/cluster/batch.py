@@ -78,6 +78,7 @@ class BatchConfig:
     actor_cpus: int | None = None  # CPUs (torch threads) per CPU scoring actor; default half the cores
     batch_size: int | None = None  # images per scoring batch; default 16 on CPU, 64 on GPU
     decode_batch: int = 32  # inputs per decoding task
+    buffer_mb: float | None = None  # object store the decoded views may hold; default: see buffer_bytes
     shard_size: int | None = None  # inputs per committed output file; default 4096 (taps: 1024, as rine extract)
     max_pixels: int | None = DEFAULT_MAX_PIXELS
     max_bytes: int | None = DEFAULT_MAX_BYTES
@@ -359,6 +360,31 @@ def check_fits(plan: _Plan, cluster_cpus: float, cluster_gpus: float) -> None:
                          "CPUs and leave none for decoding: lower --actors or --actor-cpus")  # fmt: skip
 
 
+MIN_BUFFER_BYTES = 128 * 2**20
+
+
+def buffer_bytes(cfg: BatchConfig, spec: DecodeSpec, plan: _Plan, cluster_cpus: float) -> int:
+    """The object store memory this job's blocks may hold at once (Ray Data backpressures
+    decoding beyond it).
+
+    Without a bound, decoding (fast) runs ahead of scoring (slow) and the decoded views of the
+    whole input list pile up in the object store: peak memory grows with the list (Ray's own
+    limit is a fraction of the object store, gigabytes). Enough for every decoding slot to hold
+    two finished blocks and every actor four batches queued keeps the actors fed; at least
+    MIN_BUFFER_BYTES."""
+    if cfg.buffer_mb is not None:
+        return int(cfg.buffer_mb * 2**20)
+    if spec.mode == "score":
+        size = spec.preprocess.image_size
+        views = 10 if spec.preprocess.crop == "ten" else 1
+    else:
+        size, views = spec.size, spec.views
+    block = cfg.decode_batch * views * size * size * 3  # uint8 views of one decoding task's inputs
+    slots = max(1, int((cluster_cpus - plan.actors * plan.actor_cpus) / plan.decode_cpus))
+    per_actor = 4 * math.ceil(plan.batch_size / cfg.decode_batch)
+    return max(MIN_BUFFER_BYTES, block * (2 * slots + per_actor * plan.actors))
+
+
 def build_dataset(todo, spec: DecodeSpec, plan: _Plan, actor_cls, actor_kwargs: dict, decode_batch: int):
     """The Ray Data plan: input blocks -> decode_block (tasks) -> actor pool."""
     import ray.data
@@ -522,11 +548,16 @@ def _execute(cfg, inputs, todo_shards, shard_size, done, commit, spec, actor_cls
         ctx = DataContext.get_current()
         ctx.execution_no_progress_timeout_s = cfg.stall_timeout
         ctx.enable_progress_bars = False  # ours counts images; Ray's count blocks per operator
+        from ray.data import ExecutionResources
+
+        budget = buffer_bytes(cfg, spec, plan, cluster_cpus)
+        ctx.execution_options.resource_limits = ExecutionResources.for_limits(object_store_memory=budget)
         shard_of = pc.divide(inputs.table.column("item"), shard_size)
         todo = inputs.table.filter(pc.is_in(shard_of, _int_array(todo_shards)))
         ds = build_dataset(todo, spec, plan, actor_cls, actor_kwargs, cfg.decode_batch)
-        logger.info("plan: %s actor(s) x %g CPU %g GPU, decoding tasks %g CPU; %d inputs to do",
-                    plan.actors, plan.actor_cpus, plan.actor_gpus, plan.decode_cpus, todo.num_rows)  # fmt: skip
+        logger.info("plan: %s actor(s) x %g CPU %g GPU, decoding tasks %g CPU, buffer %d MB; %d inputs to do",
+                    plan.actors, plan.actor_cpus, plan.actor_gpus, plan.decode_cpus, budget // 2**20,
+                    todo.num_rows)  # fmt: skip
         if cfg.progress:
             from tqdm.auto import tqdm
 

@@ -9,9 +9,10 @@ glob, or a manifest: a `.csv`, `.jsonl` or `.parquet` file with a `path` column 
 systems read (`s3://`, `gs://`, `file://`); only the listing is read here, never an image.
 
 Columns: `item` the row's index (the identity used for exactly-once bookkeeping), `path` as
-the user wrote it (what the output records carry, like `rine detect`'s), `source` where
-workers read it (absolute, or a URI; a relative path in a manifest is relative to the
-manifest's folder), `preset_error` the reason a path could not even be listed (a folder
+the user wrote it (what the output records carry, like `rine detect`'s; a byte of a file name
+that is not UTF-8 is written `\\xe9`, as Parquet text must be UTF-8), `source` where workers read
+it (the file system's bytes of an absolute path, or a URI; a relative path in a manifest is
+relative to the manifest's folder; `source_path` gives it back as `str`), `preset_error` the reason a path could not even be listed (a folder
 without permission), which becomes that input's error record.
 """
 
@@ -29,7 +30,7 @@ MANIFEST_SUFFIXES = (".csv", ".jsonl", ".parquet")
 SCHEMA = pa.schema([
     ("item", pa.int64()),
     ("path", pa.string()),
-    ("source", pa.string()),
+    ("source", pa.binary()),  # file-system bytes: names need not be UTF-8
     ("label", pa.int64()),
     ("set", pa.string()),
     ("preset_error", pa.string()),
@@ -44,6 +45,21 @@ def is_uri(path: str) -> bool:
     """`s3://b/k`, `gs://...`, `file:///...` (not a Windows drive letter such as `C:\\`)."""
     scheme, sep, _ = path.partition("://")
     return bool(sep) and len(scheme) > 1 and scheme.replace("+", "").isalnum()
+
+
+def display_path(path: str) -> str:
+    """`path` as UTF-8 text: a file-name byte that is not UTF-8 (decoded by Python as a lone
+    surrogate) is written as a `\\xNN` escape."""
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def source_path(source: bytes | str) -> str:
+    """A `source` cell back as the `str` that `open()` takes (`os.fsdecode`)."""
+    return os.fsdecode(source) if isinstance(source, bytes) else source
 
 
 def is_manifest(path: str) -> bool:
@@ -182,7 +198,8 @@ def list_inputs(inputs: list[str]) -> InputList:
             for path, reason in unreadable:
                 add(path, os.path.abspath(path), error=reason)
     table = pa.table(
-        [pa.array(range(len(paths)), pa.int64()), pa.array(paths, pa.string()), pa.array(sources, pa.string()),
+        [pa.array(range(len(paths)), pa.int64()), pa.array([display_path(p) for p in paths], pa.string()),
+         pa.array([os.fsencode(s) for s in sources], pa.binary()),
          pa.array(labels, pa.int64()), pa.array(sets, pa.string()), pa.array(errors, pa.string())],
         schema=SCHEMA,
     )  # fmt: skip

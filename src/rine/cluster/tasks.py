@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from .manifest import is_uri
+from .manifest import is_uri, source_path
 
 logger = logging.getLogger(__name__)
 
@@ -140,11 +140,11 @@ def decode_block(batch: pa.Table, spec: DecodeSpec) -> pa.Table:
     n_views = [0] * n
     if spec.mode == "score":
         fn: Callable[..., Any] = score_views_of
-        jobs = ((i, (rows["source"][i], spec.decode_fn, spec.preprocess, spec.max_pixels, spec.max_bytes))
+        jobs = ((i, (source_path(rows["source"][i]), spec.decode_fn, spec.preprocess, spec.max_pixels, spec.max_bytes))
                 for i in range(n) if errors[i] is None)  # fmt: skip
     else:
         fn = tap_views_of
-        jobs = ((i, (rows["source"][i], rows["item"][i], spec.transform, spec.seed, spec.size, spec.views,
+        jobs = ((i, (source_path(rows["source"][i]), rows["item"][i], spec.transform, spec.seed, spec.size, spec.views,
                      spec.max_pixels, spec.max_bytes)) for i in range(n) if errors[i] is None)  # fmt: skip
     decoded = ordered_map(fn, jobs, kind="processes", workers=spec.workers, max_in_flight=2 * spec.workers,
                           preload=spec.preload, timeout=spec.timeout)  # fmt: skip
