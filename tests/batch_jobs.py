@@ -9,19 +9,21 @@ import signal
 import time
 from pathlib import Path
 
-from rine.cluster.tasks import Scorer
-from rine.inference.detector import prepare_views
+from rine.cluster.batch import BatchConfig
+from rine.cluster.tasks import Scorer, resolve
+
+default_decode = resolve(BatchConfig.decode_fn)  # what rine batch decodes with unless told
 
 
 def prepare_views_or_die(source, *args):
-    """`prepare_views`, except that a file named `kills-worker.png` kills its decoding process
+    """rine batch's default decode function, except that a file named `kills-worker.png` kills its decoding process
     (as a segfaulting decoder or the out-of-memory killer would) and one named `hangs.png`
     never finishes (a decoder stuck on a hostile file)."""
     if str(source).endswith("kills-worker.png"):
         os.kill(os.getpid(), signal.SIGKILL)
     if str(source).endswith("hangs.png"):
         time.sleep(3600)
-    return prepare_views(source, *args)
+    return default_decode(source, *args)
 
 
 class ScorerKilledOnce(Scorer):

@@ -154,6 +154,19 @@ def test_file_names_that_are_not_utf8_are_listed_and_read_back():
         shutil.rmtree(folder)
 
 
+def test_decoding_processes_import_no_torch():
+    """Each decoding slot runs a fork server and a worker: with torch imported they hold ~100 MB
+    more each (the steady-state memory of a job). The broken variant: a torch import at module
+    level in the decode path (rine.data.preprocess once had one)."""
+    code = ("import sys\nfrom rine.cluster.batch import BatchConfig\nfrom rine.cluster.tasks import DecodeSpec, resolve\n"
+            "import importlib\n[importlib.import_module(m) for m in DecodeSpec('score').preload if m != '__main__']\n"
+            "resolve(BatchConfig.decode_fn); import rine.data.augment, rine.data.decoding\n"
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **_worker_env()})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
 def test_the_object_store_buffer_is_bounded_by_the_pipeline_not_the_input_list():
     pytest.importorskip("pyarrow")
     from rine.cluster.batch import MIN_BUFFER_BYTES, BatchConfig, buffer_bytes, plan_resources
@@ -170,6 +183,8 @@ def test_the_object_store_buffer_is_bounded_by_the_pipeline_not_the_input_list()
     gpu = plan_resources(BatchConfig(inputs=[], out="", device="cuda"), 8, 128)  # 8 actors, 64 images a batch
     assert buffer_bytes(BatchConfig(inputs=[], out=""), ten, gpu, 128) == block * (2 * 120 + 4 * 2 * 8)
     assert buffer_bytes(BatchConfig(inputs=[], out="", buffer_mb=64), ten, gpu, 128) == 64 * 2**20
+    gpu.decode_tasks = 15  # a local Ray on a 16-core GPU host: decoding capped at the cores the actors leave
+    assert buffer_bytes(BatchConfig(inputs=[], out=""), ten, gpu, 128) == block * (2 * 15 + 4 * 2 * 8)
 
 
 def test_reconcile_finds_missing_and_duplicated_inputs(tmp_path):

@@ -54,6 +54,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "(default: half the CPUs without a GPU, 1 with one)")  # fmt: skip
     e.add_argument("--batch-size", type=positive_int, default=None, help="images per scoring batch (default 16 on CPU, 64 on GPU)")
     e.add_argument("--decode-batch", type=positive_int, default=32, help="images per decoding task (default 32)")
+    e.add_argument("--decode-tasks", type=positive_int, default=None, metavar="N",
+                   help="decoding tasks running at once (default: with a local Ray, the cores the scoring actors "
+                   "leave; on a cluster, as many as its CPUs allow)")  # fmt: skip
     e.add_argument("--buffer-mb", type=float, default=None, metavar="MB",
                    help="object store memory the decoded images may hold at once; decoding waits beyond it, so "
                    "memory does not grow with the input list (default: two blocks per decoding slot and four "
@@ -91,6 +94,8 @@ def run(args: argparse.Namespace) -> int:
         out = check_output_dir(args.out)
     except CLIError as e:
         return fail(str(e))
+    if args.buffer_mb is not None and args.buffer_mb <= 0:
+        return fail("--buffer-mb must be above 0")
     if args.decode_timeout < 0:
         return fail("--decode-timeout must be at least 0 (0: no limit)")
     precision = args.precision
@@ -101,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
         head=args.head, crop=args.crop, device=args.device, precision=precision, taps=args.taps,
         transform=args.transform, views=args.views, seed=args.seed, dtype=args.dtype, address=args.address,
         num_gpus=args.num_gpus, actors=args.actors, actor_cpus=args.actor_cpus, batch_size=args.batch_size,
-        decode_batch=args.decode_batch, buffer_mb=args.buffer_mb, shard_size=args.shard_size, max_pixels=args.max_pixels,
+        decode_batch=args.decode_batch, buffer_mb=args.buffer_mb, decode_tasks=args.decode_tasks, shard_size=args.shard_size, max_pixels=args.max_pixels,
         max_bytes=args.max_bytes, decode_timeout=args.decode_timeout or None, temp_dir=args.temp_dir,
         stall_timeout=args.stall_timeout, progress=not args.no_progress and sys.stderr.isatty(),
     )  # fmt: skip

@@ -78,6 +78,7 @@ class BatchConfig:
     actor_cpus: int | None = None  # CPUs (torch threads) per CPU scoring actor; default half the cores
     batch_size: int | None = None  # images per scoring batch; default 16 on CPU, 64 on GPU
     decode_batch: int = 32  # inputs per decoding task
+    decode_tasks: int | None = None  # decoding tasks at once; default: a local Ray, the cores the actors leave; a cluster, no cap
     buffer_mb: float | None = None  # object store the decoded views may hold; default: see buffer_bytes
     shard_size: int | None = None  # inputs per committed output file; default 4096 (taps: 1024, as rine extract)
     max_pixels: int | None = DEFAULT_MAX_PIXELS
@@ -87,7 +88,9 @@ class BatchConfig:
     stall_timeout: float = 600.0  # Ray Data fails a job that makes no progress this long
     progress: bool = True
     # extension points, importable by name on every worker (tests put in decoders that crash)
-    decode_fn: str = "rine.inference.detector:prepare_views"  # rine detect's own
+    # rine detect's own decode (`prepare_views` is this function), from a module without torch:
+    # each decoding slot's fork server and worker would otherwise hold a torch import (~100 MB)
+    decode_fn: str = "rine.data.jpeg_crop:decode_views"
     scorer: str = "rine.cluster.tasks:Scorer"
 
 
@@ -327,6 +330,7 @@ class _Plan:
     batch_size: int
     device: str
     threads: int | None = None
+    decode_tasks: int | None = None  # a cap on decoding tasks running at once (None: as many as the CPUs allow)
     notes: list[str] = field(default_factory=list)
 
 
@@ -381,6 +385,8 @@ def buffer_bytes(cfg: BatchConfig, spec: DecodeSpec, plan: _Plan, cluster_cpus: 
         size, views = spec.size, spec.views
     block = cfg.decode_batch * views * size * size * 3  # uint8 views of one decoding task's inputs
     slots = max(1, int((cluster_cpus - plan.actors * plan.actor_cpus) / plan.decode_cpus))
+    if plan.decode_tasks:
+        slots = min(slots, plan.decode_tasks)
     per_actor = 4 * math.ceil(plan.batch_size / cfg.decode_batch)
     return max(MIN_BUFFER_BYTES, block * (2 * slots + per_actor * plan.actors))
 
@@ -388,14 +394,14 @@ def buffer_bytes(cfg: BatchConfig, spec: DecodeSpec, plan: _Plan, cluster_cpus: 
 def build_dataset(todo, spec: DecodeSpec, plan: _Plan, actor_cls, actor_kwargs: dict, decode_batch: int):
     """The Ray Data plan: input blocks -> decode_block (tasks) -> actor pool."""
     import ray.data
-    from ray.data import ActorPoolStrategy
+    from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
     from .tasks import decode_block
 
     blocks = [todo.slice(i, decode_batch) for i in range(0, todo.num_rows, decode_batch)]
     ds = ray.data.from_arrow(blocks)
     ds = ds.map_batches(decode_block, fn_kwargs={"spec": spec}, batch_size=None, batch_format="pyarrow",
-                        num_cpus=plan.decode_cpus)  # fmt: skip
+                        num_cpus=plan.decode_cpus, compute=TaskPoolStrategy(size=plan.decode_tasks))  # fmt: skip
     return ds.map_batches(
         actor_cls, fn_constructor_kwargs=actor_kwargs, compute=ActorPoolStrategy(size=plan.actors),
         batch_size=plan.batch_size, batch_format="pyarrow", num_cpus=plan.actor_cpus,
@@ -538,6 +544,7 @@ def _execute(cfg, inputs, todo_shards, shard_size, done, commit, spec, actor_cls
         cluster_cpus, cluster_gpus = float(resources.get("CPU", cores)), float(resources.get("GPU", 0))
         plan = plan_resources(cfg, cluster_gpus, int(cluster_cpus))
         check_fits(plan, cluster_cpus, cluster_gpus)
+        plan.decode_tasks = cfg.decode_tasks or (_local_decode_tasks(plan, cores) if started_here else None)
         if cfg.taps:
             actor_kwargs = {**actor_kwargs, "device": plan.device if cfg.device == "auto" else cfg.device,
                             "threads": plan.threads}  # fmt: skip
@@ -555,8 +562,9 @@ def _execute(cfg, inputs, todo_shards, shard_size, done, commit, spec, actor_cls
         shard_of = pc.divide(inputs.table.column("item"), shard_size)
         todo = inputs.table.filter(pc.is_in(shard_of, _int_array(todo_shards)))
         ds = build_dataset(todo, spec, plan, actor_cls, actor_kwargs, cfg.decode_batch)
-        logger.info("plan: %s actor(s) x %g CPU %g GPU, decoding tasks %g CPU, buffer %d MB; %d inputs to do",
-                    plan.actors, plan.actor_cpus, plan.actor_gpus, plan.decode_cpus, budget // 2**20,
+        logger.info("plan: %s actor(s) x %g CPU %g GPU, decoding tasks %g CPU (at most %s at once), buffer %d MB; "
+                    "%d inputs to do", plan.actors, plan.actor_cpus, plan.actor_gpus, plan.decode_cpus,
+                    plan.decode_tasks or "any number", budget // 2**20,
                     todo.num_rows)  # fmt: skip
         if cfg.progress:
             from tqdm.auto import tqdm
@@ -580,6 +588,15 @@ def _execute(cfg, inputs, todo_shards, shard_size, done, commit, spec, actor_cls
             bar.close()
         if started_here:
             ray.shutdown()
+
+
+def _local_decode_tasks(plan: _Plan, cores: int) -> int:
+    """Decoding tasks for a local Ray: the cores the scoring actors leave (at least one). Ray's
+    logical CPUs are more than the cores (so that decoding is never starved: see _connect), and
+    each decoding task holds a worker process, a fork server and a decoder (~250 MB): more tasks
+    than cores would add memory, not speed."""
+    busy = plan.actors * (plan.actor_cpus if not plan.use_gpu else 1)
+    return max(1, cores - int(busy))
 
 
 def _int_array(values: list[int]):

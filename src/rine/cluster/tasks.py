@@ -109,7 +109,7 @@ class DecodeSpec:
 
     mode: str  # "score" or "taps"
     preprocess: Any = None  # PreprocessConfig (score)
-    decode_fn: str = "rine.inference.detector:prepare_views"
+    decode_fn: str = "rine.data.jpeg_crop:decode_views"  # = rine detect's prepare_views, without torch
     transform: str = "center"  # taps
     seed: int = 0
     size: int = 224
@@ -120,8 +120,8 @@ class DecodeSpec:
     workers: int = 1  # decoding processes per task (a task asks Ray for this many CPUs)
     # The fork server imports these once, so that each decoding process forked from it starts
     # warm: rine detect's decoder, and "__main__" (in a Ray worker: Ray's worker script, which
-    # each process would otherwise re-import, about a second each).
-    preload: tuple[str, ...] = field(default=("__main__", "rine.cluster.tasks", "rine.inference.detector"))
+    # each process would otherwise re-import, about a second each). None of them imports torch.
+    preload: tuple[str, ...] = field(default=("__main__", "rine.cluster.tasks", "rine.data.jpeg_crop"))
 
 
 def _empty_views() -> bytes:

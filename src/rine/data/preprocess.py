@@ -9,12 +9,16 @@ Then `/255` and `(x - mean) / std` in float32, in that order (ToTensor + Normali
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 from PIL import Image
 
 from ..config import PreprocessConfig
 from .images import ImageLoadError
+
+if TYPE_CHECKING:
+    import torch
 
 
 def pad_to_min_size(array: np.ndarray, size: int) -> np.ndarray:
@@ -103,6 +107,8 @@ def resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
 
 def normalize(batch_uint8: torch.Tensor, mean, std) -> torch.Tensor:
     """[N, H, W, 3] uint8 -> [N, 3, H, W] float32, `(x / 255 - mean) / std`."""
+    import torch  # here: decoding processes import this module and need no torch
+
     x = batch_uint8.permute(0, 3, 1, 2).float().div(255)
     m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
     s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
@@ -132,4 +138,6 @@ def crop_views(image: Image.Image, config: PreprocessConfig) -> np.ndarray:
 
 def preprocess(image: Image.Image, config: PreprocessConfig) -> torch.Tensor:
     """RGB PIL image -> normalised views [V, 3, S, S] float32."""
+    import torch
+
     return normalize(torch.from_numpy(crop_views(image, config)), config.mean, config.std)
