@@ -248,3 +248,133 @@ def test_vendor_and_model_routes_take_only_their_names(export):
     with TestClient(create_app(load_onnx_detector(export))) as client:  # not started with --client-side
         assert client.get("/v1/client-side").json() == {"enabled": False}
         assert client.get("/vendor/onnxruntime-web/ort.wasm.min.mjs").status_code == 404
+
+
+# ---------------------------------------------------------------------------- a calibrated export
+# Platt-like map, so that a page ignoring it is wrong in the probability as well as in the verdict.
+CAL_SCALE, CAL_OFFSET = 0.8, -0.3
+
+
+@pytest.fixture(scope="module")
+def calibrated(export, tmp_path_factory):
+    """A copy of `export` whose config.json carries a calibration fitted to the test images'
+    ten-crop logits: the cut sits just above the least synthetic-looking image that plain
+    sigmoid > 0.5 calls synthetic (so it flips to real), and the uncertain band holds only the
+    next image up. Returns (folder, files, {name: expected verdict}, {name: per-view logits})
+    for five files: those two, the next one up (synthetic) and two others."""
+    import dataclasses
+    import shutil
+
+    from rine.config import CONFIG_NAME, CalibrationConfig, RINEConfig
+    from rine.data.images import load_image
+    from rine.data.preprocess import crop_views
+    from rine.inference.onnx_backend import load_onnx_detector
+    from rine.model.calibration import expit
+
+    folder = tmp_path_factory.mktemp("calibrated") / "export"
+    shutil.copytree(export, folder)
+    files = image_paths()
+    det = load_onnx_detector(folder, crop="ten")
+    views = {p.name: det.backend.score_views(crop_views(load_image(p), det.config.preprocess))[0].numpy() for p in files}
+    z = {name: float(np.float32(v.mean())) for name, v in views.items()}
+    c = {name: CAL_SCALE * v + CAL_OFFSET for name, v in z.items()}
+    up = sorted((n for n in z if z[n] > 0), key=c.get)  # plain verdict "synthetic", least sure first
+    assert len(up) >= 3, f"the test needs 3 images with a positive logit: {z}"
+    flip, unsure, above = up[0], up[1], up[2]
+    assert min(c[unsure] - c[flip], c[above] - c[unsure]) > 0.05, c  # margins far beyond float noise
+    cut = (c[flip] + c[unsure]) / 2
+    low, high = expit((c[flip] + 3 * c[unsure]) / 4).item(), expit((c[unsure] + c[above]) / 2).item()
+    cal = CalibrationConfig(method="platt", threshold_logit=cut, scale=CAL_SCALE, offset=CAL_OFFSET,
+                            uncertain_low=low, uncertain_high=high)  # fmt: skip
+    dataclasses.replace(RINEConfig.load(folder / CONFIG_NAME), calibration=cal).save(folder / CONFIG_NAME)
+    # Scored in the page: those three and the two smallest of the others (less to decode in
+    # JavaScript; the crop test above covers every file).
+    others = sorted((p for p in files if p.name not in (flip, unsure, above)), key=lambda p: p.stat().st_size)
+    files = [p for p in files if p.name in (flip, unsure, above)] + others[:2]
+    verdicts = {p.name: "uncertain" if p.name == unsure else "synthetic" if c[p.name] > cut else "real" for p in files}
+    assert verdicts[flip] == "real" and verdicts[above] == "synthetic" and list(verdicts.values()).count("real") >= 2
+    return folder, files, verdicts, {p.name: views[p.name] for p in files}
+
+
+def test_page_applies_the_calibration_as_the_server(calibrated, browser_page, tmp_path):
+    """`rine serve --client-side --crop ten` on a calibrated export: the page, scoring in the
+    browser, shows each file's verdict, threshold and probability as /v1/detect records them
+    (calibrated probability of the MEAN logit of the ten crops, the calibrated cut, "uncertain"
+    in the band), and the model line explains the calibration as in server mode."""
+    import httpx
+
+    from rine.model.calibration import expit
+
+    folder, files, verdicts, views = calibrated
+    # The broken pages this must tell apart from the right one, on these very files:
+    plain = {n: float(expit(v.mean()).item()) for n, v in views.items()}  # calibration ignored
+    per_crop = {n: float(expit(CAL_SCALE * v.astype(np.float64) + CAL_OFFSET).mean()) for n, v in views.items()}
+    args = ["--model", str(folder), "--client-side", "--crop", "ten", "--no-access-log"]
+    with running_server(args, tmp_path / "server.log") as base:
+        api = {}
+        for f in files:
+            r = httpx.post(f"{base}/v1/detect", files=[("files", (f.name, f.read_bytes()))], timeout=30)
+            assert r.status_code == 200, r.text
+            api[f.name] = r.json()["results"][0]
+        assert {n: r["verdict"] for n, r in api.items()} == verdicts
+        assert max(abs(plain[n] - r["prob_fake"]) for n, r in api.items()) > 1e-2
+        assert max(abs(per_crop[n] - r["prob_fake"]) for n, r in api.items()) > 1e-3
+
+        context = browser_page.new_context()
+        page = context.new_page()
+        uploads: list[str] = []
+        page.route("**/v1/detect*", lambda route: (uploads.append(route.request.url), route.abort()))
+        console_errors: list[str] = []
+        page.on("console", lambda m: console_errors.append(m.text) if m.type == "error" else None)
+        page.goto(base + "/")
+        page.wait_for_selector("#client-side-toggle:checked")
+        # (the page's own CSP stays on, which forbids wait_for_function: selectors only)
+        page.wait_for_selector('#model:text-matches("^Model ")')
+        model_line = page.inner_text("#model")
+        assert "calibrated for this use (platt" in model_line and '"uncertain"' in model_line, model_line
+        page.set_input_files("#file-input", [str(f) for f in files])
+        page.wait_for_selector(f"#results .card[data-state=done] >> nth={len(files) - 1}", timeout=60_000)
+        shown = {}
+        for card in page.query_selector_all("#results .card"):
+            prob = card.query_selector(".prob")
+            shown[card.get_attribute("data-name")] = (
+                card.query_selector(".verdict").get_attribute("data-verdict"),
+                float(prob.get_attribute("data-threshold")), float(prob.get_attribute("data-prob")),
+                "not uploaded" in card.inner_text())  # fmt: skip
+        context.close()
+    assert uploads == [] and not console_errors, (uploads, console_errors)
+    assert all(local for *_, local in shown.values()) and shown.keys() == api.keys()
+    assert {n: s[0] for n, s in shown.items()} == verdicts  # the flip and the uncertain one included
+    assert {n: s[1] for n, s in shown.items()} == {n: r["threshold"] for n, r in api.items()}
+    for name, (_, _, prob, _) in shown.items():
+        assert prob == pytest.approx(api[name]["prob_fake"], abs=1e-5), name
+
+
+def test_client_side_info_carries_the_servers_decision_rule(calibrated, export, capsys):
+    """/v1/client-side gives the page the rule /v1/model describes and /v1/detect applies: the
+    export's calibration, or --threshold / --uncertain-band on a plain one; and `rine serve
+    --client-side` no longer refuses a calibrated export (it stops here at --threads 0, a check
+    that comes after the client-side one)."""
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from rine.cli import main
+    from rine.inference.onnx_backend import load_onnx_detector
+    from rine.server.app import create_app
+    from rine.server.client_side import check_client_side
+
+    folder = calibrated[0]
+    code = main(["serve", "--model", str(folder), "--client-side", "--crop", "ten", "--threads", "0", "--port", "0"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--threads must be at least 1" in err and "calibration" not in err, err
+    plain = load_onnx_detector(export)
+    overridden = load_onnx_detector(export)
+    overridden.set_decision(threshold=0.3, uncertain_band=0.1)
+    for det, folder_ in ((load_onnx_detector(folder, crop="ten"), folder), (plain, export), (overridden, export)):
+        with TestClient(create_app(det, client_side=check_client_side(folder_, det.config.preprocess.crop))) as client:
+            info, model = client.get("/v1/client-side").json(), client.get("/v1/model").json()
+        assert info["calibration"] == model["calibration"] == det.decision.public()
+        assert info["threshold"] == model["threshold"] == det.threshold
+    assert load_onnx_detector(folder).decision.public()["method"] == "platt"
+    assert plain.decision.public() is None and plain.threshold == 0.5
+    assert overridden.threshold == 0.3 and overridden.decision.public()["uncertain_low"] == pytest.approx(0.2)

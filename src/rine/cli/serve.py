@@ -249,10 +249,8 @@ def _client_side(args: argparse.Namespace):
         raise CLIError("--client-side needs an ONNX export as --model DIR (the browser runs model.onnx): make "
                        "one with `rine export --format onnx --model NAME --out DIR`")  # fmt: skip
     try:
+        # A calibration in config.json is applied by the page as by the server (client_info).
         config = RINEConfig.load(f"{args.model}/{CONFIG_NAME}")
-        if getattr(config, "calibration", None) is not None:
-            raise ClientSideError("--client-side: this model has a calibration, which the page does not apply yet; "
-                                  "serve it without --client-side")  # fmt: skip
         return check_client_side(args.model, args.crop or config.preprocess.crop)
     except (ClientSideError, ValueError, OSError) as e:
         raise CLIError(str(e)) from None

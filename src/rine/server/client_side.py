@@ -5,8 +5,9 @@ Served here: `GET /v1/client-side` (what the page needs: sizes, preprocessing, t
 export's `model.onnx`, and onnxruntime-web's wasm backend (three files from npm, fetched by
 scripts/vendor_onnxruntime_web.sh into server/vendor/, never from a CDN). Every path is a
 fixed name from an allow-list: nothing in a URL reaches the file system. The page decodes and
-crops exactly as rine does (static/client_side.js); the probability is sigmoid of the mean
-logit of an image's views, as `Detector.predict` computes it.
+crops exactly as rine does (static/client_side.js) and decides from the mean logit of an
+image's views with the detector's decision rule (`DecisionRule.public()`: the export's calibration,
+threshold and uncertain band, or --threshold / --uncertain-band), as `/v1/detect` does.
 """
 
 from __future__ import annotations
@@ -82,7 +83,10 @@ def check_client_side(folder: str | Path, crop: str) -> ClientSide:
 
 def client_info(client: ClientSide, detector: Any, max_pixels: int | None = None) -> dict[str, Any]:
     """What the page needs to score exactly as the server does (GET /v1/client-side)."""
+    from .service import decision_rule
+
     cfg = detector.config
+    rule = decision_rule(detector)
     return {
         "max_pixels": max_pixels,
         "model_url": MODEL_URL,
@@ -91,7 +95,9 @@ def client_info(client: ClientSide, detector: Any, max_pixels: int | None = None
         "input": detector.backend.manifest.input,
         "image_size": cfg.preprocess.image_size,
         "crop": cfg.preprocess.crop,
-        "threshold": cfg.threshold,
+        # the rule /v1/detect applies: app.js's decideFromLogit repeats it from these two
+        "threshold": rule.threshold,
+        "calibration": rule.public(),
         "n_blocks": detector.backend.n_blocks,
         "runtime": f"onnxruntime-web {ORT_WEB_VERSION} (wasm)",
         "runtime_url": VENDOR_URL,

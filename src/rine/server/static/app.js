@@ -216,6 +216,7 @@ function showResult(card, r) {
   verdict.hidden = false;
   const prob = card.querySelector(".prob");
   prob.dataset.prob = String(r.prob_fake);
+  if (r.threshold !== undefined && r.threshold !== null) prob.dataset.threshold = String(r.threshold);
   prob.replaceChildren("Probability of being synthetic: ");
   const strong = document.createElement("strong");
   strong.textContent = shownProbability(r.prob_fake);

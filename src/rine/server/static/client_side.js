@@ -10,7 +10,10 @@
 //    orientation tag set to 1 first (createImageBitmap would otherwise rotate);
 //  * centre crop of the un-resized image, zero-padded when smaller, corner at Python's
 //    round((H - S) / 2) (halves to even), or ten-crop (torchvision's order);
-//  * probability = sigmoid of the mean logit of the views, as Detector.predict.
+//  * the decision from the MEAN logit of the views, as Detector.predict: app.js's
+//    decideFromLogit with /v1/client-side's `calibration` and `threshold` (the server's
+//    DecisionRule: calibrated probability, cut, "uncertain" band), so a record here is the
+//    record /v1/detect gives for the same file.
 "use strict";
 
 (() => {
@@ -270,16 +273,19 @@
     const blocks = contrib.length / c.n;
     let sum = 0;
     for (const v of logits) sum += v;
-    const logit = sum / c.n;  // ten-crop: sigmoid of the MEAN logit, as the reference
-    const prob = 1 / (1 + Math.exp(-logit));
+    // Ten-crop: the MEAN logit, calibrated after averaging (as the reference and the server:
+    // never a mean of the views' calibrated probabilities).
+    const logit = sum / c.n;
     const importance = Array.from({ length: blocks }, (_, b) => {
       let s = 0;
       for (let v = 0; v < c.n; v++) s += contrib[v * blocks + b];
       return s / c.n;
     });
-    const isFake = prob > info.threshold;
-    return { name: file.name, status: 200, prob_fake: prob, logit, is_fake: isFake,
-      verdict: isFake ? "synthetic" : "real", block_importance: importance, error: null, client_side: true };
+    const d = decideFromLogit(logit, info.calibration, info.threshold);  // app.js, DecisionRule's twin
+    const record = { name: file.name, status: 200, prob_fake: d.probFake, logit, is_fake: d.isFake,
+      verdict: d.verdict, block_importance: importance, error: null, client_side: true };
+    if (info.calibration) record.threshold = info.threshold;  // as /v1/detect: a calibration or an override
+    return record;
   }
 
   async function score(file, card, show) {
