@@ -38,6 +38,7 @@ from .common import (
     check_output_dir,
     fail,
     positive_int,
+    report_skipped,
 )
 from .fitting import add_fit_options, fit_options_from_args, read_images_arg
 
@@ -187,6 +188,8 @@ def run(args: argparse.Namespace) -> int:
                 test_sets, where = [ts], str(Path(arg).expanduser())
                 root = Path(arg).expanduser()
                 root = root.parent if root.is_file() else root
+            for ts in test_sets:  # what the folder scans left out (-v lists the files)
+                report_skipped(ts.skipped, logger, ts.name)
             _check_enough(test_sets, options)  # before the backbone runs
             head, config, records = _score(args, test_sets, root)
     except LayoutError as e:

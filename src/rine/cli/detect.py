@@ -41,7 +41,9 @@ from .common import (
     pixel_count,
     plural,
     positive_int,
+    report_skipped,
     resolve_backend,
+    shown,
     sigterm_as_interrupt,
 )
 
@@ -132,13 +134,8 @@ class _Writer:
         self.stream.flush()
 
 
-def _shown(path: str) -> str:
-    """A path for display: name bytes that are not UTF-8 as \\xNN escapes (a terminal may be strict)."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
-
-
 def _table(rows: list[dict]) -> str:
-    rows = [{**r, "path": _shown(r["path"])} for r in rows]
+    rows = [{**r, "path": shown(r["path"])} for r in rows]
     out = io.StringIO()
     width = max([len("path")] + [len(r["path"]) for r in rows])
     width = min(width, 80)
@@ -308,11 +305,7 @@ def _first_seen(paths) -> tuple[list[str], int]:
 
 def _report_scan(skipped: Skipped, n_duplicates: int) -> None:
     """What the expansion of the inputs left out, on stderr; -v lists the skipped files."""
-    if skipped.total:
-        for reason, names in skipped.by_reason.items():
-            for name in names:
-                logger.info("skipped %s (%s)", _shown(name), reason)
-        print(f"rine: {skipped.summary()} (-v lists them)", file=sys.stderr)
+    report_skipped(skipped, logger)
     if n_duplicates:
         print(f"rine: {plural(n_duplicates, 'duplicate input')} dropped (the same file given twice, or inside a "
               "folder also given): each file is scored once", file=sys.stderr)  # fmt: skip

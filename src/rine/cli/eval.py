@@ -34,6 +34,7 @@ from .common import (
     load_detector,
     plural,
     positive_int,
+    report_skipped,
 )
 
 logger = logging.getLogger(__name__)
@@ -337,6 +338,8 @@ def run(args: argparse.Namespace) -> int:
         sets, fit_set = _with_calibration_set(layout.sets, args.calibrate_on, fit_options)
     except (LayoutError, CLIError) as e:
         return fail(str(e))
+    for s in sets:  # what the folder scans left out, per set (-v lists the files)
+        report_skipped(s.skipped, logger, s.name)
     if args.suite == "synthbuster" and args.crop is None:
         args.crop = "ten"  # the paper's protocol for the large Synthbuster images
         logger.info("synthbuster: using ten-crop (pass --crop center to change)")
@@ -395,6 +398,9 @@ def run(args: argparse.Namespace) -> int:
     }
     for run_ in result.runs:
         run_.metrics["missing_sets"] = layout.missing
+        for s in sets:
+            if s.name in run_.metrics["sets"]:
+                run_.metrics["sets"][s.name].update(n_skipped=s.skipped.total, skipped=s.skipped.counts())
     write_outputs(result, args.out, plots=not args.no_plots)
     _suite_table(args, result, layout)
     n_err = sum(run_.metrics["mean"]["n_errors"] for run_ in result.runs[:1])
