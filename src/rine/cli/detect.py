@@ -80,7 +80,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "there (relative and absolute spellings of a path are one input; a symlink is its own), "
         "e.g. after an interrupted run; an unfinished last record is replaced. Error "
         "records count as done (and in the exit status): remove their lines to retry them. "
-        "Without --resume, --output is overwritten",
+        "A csv of other columns (threshold and verdict come with a calibrated model, --threshold "
+        "or --uncertain-band) is refused. Without --resume, --output is overwritten",
     )
     r = p.add_argument_group("run")
     r.add_argument("--batch-size", type=positive_int, default=None, help="images per encoder batch (default 16 on CPU, 64 on GPU)")
