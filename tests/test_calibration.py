@@ -501,6 +501,78 @@ def test_eval_honours_calibration_and_transfers_it(capsys, tmp_path, sensitive_c
     assert again["threshold_logit"] == pytest.approx(cut)
 
 
+def test_head_digest_follows_the_weights_not_the_file(tmp_path, tiny_checkpoint_dir, sensitive_checkpoint):
+    from rine.model.checkpoints import head_digest, load_head, load_pretrained
+
+    head, _ = load_pretrained(tiny_checkpoint_dir)
+    torch.save(head.state_dict(), tmp_path / "head_trainable.pth")
+    official, _ = load_head(tmp_path / "head_trainable.pth")
+    assert head_digest(official) == head_digest(head)
+    with torch.no_grad():
+        next(iter(official.parameters())).view(-1)[0] += 1e-6  # one weight, nudged
+    assert head_digest(official) != head_digest(head)
+    assert head_digest(load_pretrained(sensitive_checkpoint)[0]) != head_digest(head)
+
+
+def test_calibrate_from_predictions_is_the_fit_from_the_folder_and_checks_the_model(
+    capsys, tmp_path, sensitive_checkpoint, tiny_checkpoint_dir, image_data
+):
+    """The same images, scored by rine calibrate or read from rine eval's predictions.jsonl:
+    one fitted-on fingerprint (paths relative to the data root) and one cut; predictions of
+    another model are refused."""
+    data = ("--suite", "folder", "--root", image_data / "labelled", "--sets", "a")
+    fit = ("--objective", "balanced", "--no-plots")
+    code, _, err = run_cli(capsys, "eval", *data, "--model", sensitive_checkpoint, "--out", tmp_path / "ev",
+                           "--no-plots", "--precision", "fp32")  # fmt: skip
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "calibrate", *data, "--model", sensitive_checkpoint, *fit, "--precision", "fp32",
+                           "--out", tmp_path / "folder")  # fmt: skip
+    assert code == 0, err
+
+    def fitted(out):
+        cal = json.loads((tmp_path / out / "config.json").read_text())["calibration"]
+        return cal["fitted_on"]["fingerprint"], cal["threshold_logit"]
+
+    preds = tmp_path / "ev" / "predictions.jsonl"
+    code, _, err = run_cli(capsys, "calibrate", "--predictions", preds, "--model", sensitive_checkpoint, *fit,
+                           "--out", tmp_path / "file")  # fmt: skip
+    assert code == 0, err
+    (fp, cut), (fp_file, cut_file) = fitted("folder"), fitted("file")
+    assert fp_file == fp and cut_file == pytest.approx(cut, abs=1e-6)
+    # A predictions.jsonl from before it carried `key`: the key from the data root in the
+    # metrics.json beside it; one copied away alone keeps its keys (nothing to check the model by).
+    old = tmp_path / "old"
+    old.mkdir()
+    shutil.copy(tmp_path / "ev" / "metrics.json", old)
+    lines = [{k: v for k, v in r.items() if k != "key"} for r in _jsonl(preds.read_text())]
+    (old / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    alone = tmp_path / "alone" / "predictions.jsonl"
+    alone.parent.mkdir()
+    shutil.copy(preds, alone)
+    for i, (file, warned) in enumerate(((old / "predictions.jsonl", False), (alone, True))):
+        code, _, err = run_cli(capsys, "calibrate", "--predictions", file, "--model", sensitive_checkpoint, *fit,
+                               "--out", tmp_path / f"again{i}")  # fmt: skip
+        assert code == 0, err
+        assert fitted(f"again{i}")[0] == fp and ("cannot be checked" in err) == warned, err
+    # Another model's logits: refused by the digest of the head's weights ...
+    code, _, err = run_cli(capsys, "calibrate", "--predictions", preds, "--model", tiny_checkpoint_dir, *fit,
+                           "--out", tmp_path / "other")  # fmt: skip
+    assert code == 2 and f"the logits in {preds} were made by the model 'sensitive-rine'" in err, err
+    assert "head weights sha256:" in err and not (tmp_path / "other").exists()
+    # ... and, in a run from before the digests, by the head's shape where it differs.
+    run_info = json.loads((old / "metrics.json").read_text())
+    del run_info["meta"]["head_digests"]
+    (old / "metrics.json").write_text(json.dumps(run_info))
+    code, _, err = run_cli(capsys, "calibrate", "--predictions", old / "predictions.jsonl", "--model",
+                           tiny_checkpoint_dir, *fit, "--out", tmp_path / "same-shape")  # fmt: skip
+    assert code == 0, err  # the same architecture: nothing tells them apart
+    run_info["meta"]["models"]["sensitive-rine"]["head"]["nproj"] += 1
+    (old / "metrics.json").write_text(json.dumps(run_info))
+    code, _, err = run_cli(capsys, "calibrate", "--predictions", old / "predictions.jsonl", "--model",
+                           tiny_checkpoint_dir, *fit, "--out", tmp_path / "other-shape")  # fmt: skip
+    assert code == 2 and "nproj=" in err, err
+
+
 def test_eval_calibrate_on_a_folder_of_reals(capsys, tmp_path, sensitive_checkpoint, image_data):
     code, _, err = run_cli(capsys, "eval", "--suite", "folder", "--root", image_data / "labelled", "--model",
                            sensitive_checkpoint, "--calibrate-on", image_data / "calib", "--target-fpr", 0.1,
@@ -510,6 +582,13 @@ def test_eval_calibrate_on_a_folder_of_reals(capsys, tmp_path, sensitive_checkpo
     assert sorted(m["sets"]) == ["a", "b"]  # the calibration folder is not reported
     cal = m["calibration"]
     assert cal["fitted_on"]["n_real"] == 70 and cal["target"]["fpr"] == 0.1 and "95%" in cal["guarantee"]
+    # rine calibrate --reals on the same folder: the same fit and fingerprint (paths relative to it)
+    code, _, err = run_cli(capsys, "calibrate", "--reals", image_data / "calib", "--target-fpr", 0.1, "--model",
+                           sensitive_checkpoint, "--precision", "fp32", "--no-plots", "--out", tmp_path / "c")  # fmt: skip
+    assert code == 0, err
+    alone = json.loads((tmp_path / "c" / "config.json").read_text())["calibration"]
+    assert alone["fitted_on"]["fingerprint"] == cal["fitted_on"]["fingerprint"]
+    assert alone["threshold_logit"] == pytest.approx(cal["threshold_logit"], abs=1e-6)
     recs = _jsonl((tmp_path / "t" / "predictions.jsonl").read_text())
     assert {r["set"] for r in recs} == {"a", "b"}
     assert all(r["verdict"] == ("synthetic" if r["logit"] > cal["threshold_logit"] else "real") for r in recs)

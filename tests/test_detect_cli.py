@@ -346,6 +346,46 @@ def test_resume_csv_and_what_it_refuses(capsys, tmp_path, tiny_checkpoint_dir):
     assert code == 2 and "jsonl or csv" in err
 
 
+def test_resume_refuses_a_csv_with_other_columns(capsys, tmp_path, tiny_checkpoint_dir, monkeypatch):
+    """An uncalibrated run writes 5 columns, one with a threshold (a calibrated model or
+    --threshold) 7: resuming one file with the other run is refused before scoring, the file
+    untouched (its unfinished last row included); the same columns resume as before."""
+    images = [str(write_image(tmp_path / f"img{i}.png", (240, 240), seed=i)) for i in range(3)]
+    model = ("--model", str(tiny_checkpoint_dir))
+    plain, decided = tmp_path / "plain.csv", tmp_path / "decided.csv"
+    assert run_cli(capsys, "detect", *images[:2], *model, "-o", str(plain))[0] == 0
+    assert run_cli(capsys, "detect", *images[:2], *model, "--threshold", "0.7", "-o", str(decided))[0] == 0
+    assert plain.read_bytes().startswith(b"path,prob_fake,logit,is_fake,error\r\n")
+    assert decided.read_bytes().startswith(b"path,prob_fake,logit,is_fake,error,threshold,verdict\r\n")
+    plain.write_bytes(plain.read_bytes() + b"cut.png,0.4")  # killed while writing a row
+    import rine.inference.detector as detector_module
+
+    real_predict_iter = detector_module.Detector.predict_iter
+
+    def no_scoring(*a, **k):
+        raise AssertionError("scored although the resume was refused")
+
+    monkeypatch.setattr(detector_module.Detector, "predict_iter", no_scoring)
+    for out, extra, theirs, ours in ((plain, ("--threshold", "0.7"), "error", "error,threshold,verdict"),
+                                     (decided, (), "error,threshold,verdict", "error (")):  # fmt: skip
+        before = out.read_bytes()
+        code, _, err = run_cli(capsys, "detect", *images, *model, *extra, "-o", str(out), "--resume")
+        assert code == 2, err
+        assert str(out) in err and f"has the columns path,prob_fake,logit,is_fake,{theirs}, but" in err, err
+        assert f"this run writes path,prob_fake,logit,is_fake,{ours}" in err, err
+        assert "another -o" in err and "without --resume" in err
+        assert out.read_bytes() == before
+    # The same columns: the cut row goes, the third image is appended, the first two are kept.
+    monkeypatch.setattr(detector_module.Detector, "predict_iter", real_predict_iter)
+    for out, extra in ((plain, ()), (decided, ("--threshold", "0.7"))):
+        kept = out.read_bytes().split(b"cut.png")[0]
+        code, _, err = run_cli(capsys, "detect", *images, *model, *extra, "-o", str(out), "--resume")
+        assert code == 0 and "2 of 3 inputs already have a record; scoring 1" in err, err
+        assert out.read_bytes().startswith(kept)
+        rows = list(csv.reader(out.open(newline="")))
+        assert [r[0] for r in rows[1:]] == images and len({len(r) for r in rows}) == 1
+
+
 def test_ctrl_c_keeps_the_records_written_and_says_how_to_resume(capsys, tmp_path, tiny_checkpoint_dir, monkeypatch):
     images = [str(write_image(tmp_path / f"img{i}.png", (240, 240), seed=i)) for i in range(3)]
     model = ("--model", str(tiny_checkpoint_dir))

@@ -224,6 +224,34 @@ def test_single_class_set_and_errors(tmp_path, tiny_checkpoint_dir, capsys):
                  "--model", str(tiny_checkpoint_dir)]) == 2  # fmt: skip
 
 
+def test_eval_says_what_the_folder_scans_skipped_per_set(tmp_path, tiny_checkpoint_dir, capsys, caplog):
+    """The rule of rine detect (hidden files and other formats left out), and its summary:
+    one line per set on stderr, the files at -v, the counts in metrics.json."""
+    import logging
+
+    root = tmp_path / "bench"
+    make_files(root / "a" / "0_real", 2, size=(30, 30))
+    make_files(root / "a" / "1_fake", 2, size=(30, 30), seed=5)
+    make_files(root / "b" / "0_real", 2, size=(30, 30), seed=9)
+    make_files(root / "b" / "1_fake", 2, size=(30, 30), seed=12)
+    write_image(root / "a" / "0_real" / "._00.png", (30, 30), seed=20)  # macOS metadata: an image name, hidden
+    (root / "a" / "1_fake" / "phone.heic").write_bytes(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic")
+    out = tmp_path / "out"
+    caplog.set_level(logging.INFO, logger="rine.cli.eval")
+    assert main(["eval", "--suite", "folder", "--root", str(root), "--out", str(out), "--no-progress", "--no-plots",
+                 "--model", str(tiny_checkpoint_dir)]) == 0  # fmt: skip
+    err = capsys.readouterr().err
+    assert "rine: a: 2 files skipped: 1 .heic (HEIC, an unsupported format), 1 hidden (-v lists them)" in err, err
+    assert "rine: b:" not in err
+    for name in ("0_real/._00.png", "1_fake/phone.heic"):
+        assert f"skipped {root / 'a' / name}" in caplog.text
+    m = json.loads((out / "metrics.json").read_text())["sets"]
+    assert (m["a"]["n_skipped"], m["a"]["skipped"]) == (2, {".heic": 1, "hidden": 1})
+    assert (m["b"]["n_skipped"], m["b"]["skipped"]) == (0, {})
+    assert (m["a"]["n_real"], m["a"]["n_fake"], m["a"]["n_errors"]) == (2, 2, 0)  # neither was scored
+    assert "._00.png" not in (out / "predictions.jsonl").read_text()
+
+
 def test_a_folder_that_cannot_be_read_stops_the_evaluation(tmp_path, tiny_checkpoint_dir, capsys, monkeypatch):
     """Skipping it would silently change a set's counts and metrics. Tests run as root in
     CI, where permissions do not stop reading: the refusal is simulated."""

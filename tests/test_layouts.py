@@ -106,8 +106,12 @@ def test_synthbuster(tmp_path, real_name):
     make_files(tmp_path / "synthbuster" / "dalle2", 2)
     make_files(tmp_path / "synthbuster" / "midjourney-v5", 3)
     (tmp_path / "synthbuster" / "dalle2" / "prompts.csv").write_text("a,b\n")
+    (tmp_path / real_name / ".DS_Store").write_bytes(b"\0")
     result = read_layout("synthbuster", tmp_path)
     assert counts(result) == {"dalle2": (5, 2), "midjourney-v5": (5, 3)}
+    # what the scans left out, per set: the shared real folder's in each
+    assert {s.name: s.skipped.counts() for s in result.sets} == {"dalle2": {".csv": 1, "hidden": 1},
+                                                                 "midjourney-v5": {"hidden": 1}}  # fmt: skip
     assert len(result.missing) == 7
     # the synthbuster folder itself as root, real folder beside it
     assert counts(read_layout("synthbuster", tmp_path / "synthbuster")) == counts(result)

@@ -38,6 +38,7 @@ from .common import (
     check_output_dir,
     fail,
     positive_int,
+    report_skipped,
 )
 from .fitting import add_fit_options, fit_options_from_args, read_images_arg
 
@@ -63,7 +64,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="images of the target domain without labels, for --method prior-shift")
     d.add_argument("--predictions", metavar="FILE",
                    help="the predictions.jsonl of a `rine eval` of this model: its logits are used and no "
-                        "image is scored (choose sets with --sets)")  # fmt: skip
+                        "image is scored (choose sets with --sets); a --model whose head weights differ from "
+                        "the ones the metrics.json beside it records is refused")  # fmt: skip
     add_model_options(p)
     f = p.add_argument_group("fit")
     add_fit_options(f)
@@ -82,11 +84,37 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 # ---------------------------------------------------------------------------- data
-def _read_predictions(path: str, sets: list[str] | None):
-    """{set: [record]} from a rine eval predictions.jsonl (records with label and logit)."""
+def _run_of(file: Path) -> dict | None:
+    """The metrics.json that rine eval wrote beside a predictions.jsonl (its run: the model's
+    name and the meta with the data root and head digests); None where there is none."""
+    try:
+        data = json.loads(file.with_name("metrics.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and isinstance(data.get("meta"), dict) else None
+
+
+def _key_base(run: dict | None) -> Path | None:
+    """The folder that rine eval made image keys relative to (its data root), for records
+    written before predictions.jsonl carried `key`; None: the paths as written."""
+    meta = (run or {}).get("meta", {})
+    root = meta.get("root")
+    if not isinstance(root, str) or meta.get("hub") or meta.get("suite") in ("parquet", "opensdi", "commfor"):
+        return None  # a Parquet record's key is not its path
+    base = Path(root)
+    return base.parent if base.is_file() else base
+
+
+def _read_predictions(path: str, sets: list[str] | None, run: dict | None = None):
+    """{set: [record]} from a rine eval predictions.jsonl (records with label and logit).
+    Each record's `key` is the image's path relative to the data root, as when the images are
+    scored from the folder (so both give one fingerprint): as written, or from `run`'s root."""
+    from ..evaluation.scoring import image_key
+
     file = Path(path).expanduser()
     if not file.is_file():
         raise CLIError(f"--predictions {path}: no such file (the predictions.jsonl of a rine eval run)")
+    base = _key_base(run)
     records: dict[str, list[dict]] = {}
     with file.open(encoding="utf-8") as fh:
         for n, line in enumerate(fh, 1):
@@ -98,12 +126,48 @@ def _read_predictions(path: str, sets: list[str] | None):
                 r["logit"] = None if r.get("logit") is None else float(r["logit"])
             except (ValueError, KeyError, TypeError):
                 raise CLIError(f"--predictions {path}, line {n}: not a rine eval record (path, set, label, logit)") from None
-            r["key"] = r.get("key") or r.get("path", "")
+            if not r.get("key"):
+                r["key"] = image_key(str(r.get("path", "")), base)
             if sets is None or r["set"] in sets:
                 records.setdefault(r["set"], []).append(r)
     if not records:
         raise CLIError(f"--predictions {path}: no records" + (f" of the sets {', '.join(sets)}" if sets else ""))
     return records
+
+
+def _check_model(path: str, run: dict | None, head, config, given: str) -> None:
+    """CLIError when the rine eval run of `path` says another model made its logits: by the
+    digest of the head's weights (rine eval writes it), else by the head's architecture."""
+    from ..model.checkpoints import head_digest
+
+    if run is None:
+        print(f"rine: warning: --predictions {path}: no metrics.json beside it, so the model that made these "
+              f"logits cannot be checked against --model {given}", file=sys.stderr)  # fmt: skip
+        return
+    name, meta = run.get("model"), run["meta"]
+    recorded = (meta.get("head_digests") or {}).get(name)
+    ours = head_digest(head)
+    if recorded is not None:
+        if recorded == ours:
+            return
+        found, wanted = f"head weights {recorded}", f"head weights {ours}"
+    else:  # a run from before the digests: the architecture at least
+        theirs = ((meta.get("models") or {}).get(name) or {}).get("head")
+        mine = dataclasses.asdict(config.head)
+        if not isinstance(theirs, dict) or all(theirs.get(k) == mine[k] for k in _SHAPE_KEYS):
+            return
+        found, wanted = f"a head {_head_text(theirs)}", f"a head {_head_text(mine)}"
+    raise CLIError(f"--predictions: the logits in {path} were made by the model {name!r} ({found}, says the metrics.json beside "
+                   f"it), but --model {given} has {wanted}: a cut fitted on another model's logits would be wrong "
+                   f"for this one. Pass the model that rine eval scored, or score the images with this one "
+                   "(--suite/--root, --reals)")  # fmt: skip
+
+
+_SHAPE_KEYS = ("in_dim", "n_blocks", "nproj", "proj_dim", "use_tie", "blocks")  # dropout: not at inference
+
+
+def _head_text(head: dict) -> str:
+    return ", ".join(f"{k}={head.get(k)}" for k in _SHAPE_KEYS)
 
 
 def _model_for_predictions(args):
@@ -171,8 +235,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         if source == "--predictions":
             sets = [s.strip() for s in args.sets.split(",")] if args.sets else None
-            records = _read_predictions(args.predictions, sets)
+            run_info = _run_of(Path(args.predictions).expanduser())
+            records = _read_predictions(args.predictions, sets, run_info)
             head, config = _model_for_predictions(args)
+            _check_model(args.predictions, run_info, head, config, args.head or args.model or config.name or "")
             where = str(Path(args.predictions).expanduser())
         else:
             if source == "--suite/--root":
@@ -187,6 +253,8 @@ def run(args: argparse.Namespace) -> int:
                 test_sets, where = [ts], str(Path(arg).expanduser())
                 root = Path(arg).expanduser()
                 root = root.parent if root.is_file() else root
+            for ts in test_sets:  # what the folder scans left out (-v lists the files)
+                report_skipped(ts.skipped, logger, ts.name)
             _check_enough(test_sets, options)  # before the backbone runs
             head, config, records = _score(args, test_sets, root)
     except LayoutError as e:

@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import decimal
 import glob
+import logging
 import math
 import os
 import signal
@@ -417,6 +418,22 @@ def expand_inputs(
                     yield m
         else:
             yield item
+
+
+def shown(path: str) -> str:
+    """A path for display: name bytes that are not UTF-8 as \\xNN escapes (a terminal may be strict)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def report_skipped(skipped: Skipped, log: logging.Logger, where: str = "") -> None:
+    """What a folder scan left out, as one line on stderr ("rine: WHERE: 6 files skipped: 3
+    hidden, 1 .heic (...)"); each file goes to `log` at INFO, so -v lists them."""
+    if not skipped.total:
+        return
+    for reason, names in skipped.by_reason.items():
+        for name in names:
+            log.info("skipped %s (%s)", shown(name), reason)
+    print(f"rine: {where + ': ' if where else ''}{skipped.summary()} (-v lists them)", file=sys.stderr)
 
 
 def plural(n: int, word: str, many: str | None = None) -> str:

@@ -41,7 +41,9 @@ from .common import (
     pixel_count,
     plural,
     positive_int,
+    report_skipped,
     resolve_backend,
+    shown,
     sigterm_as_interrupt,
 )
 
@@ -78,7 +80,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "there (relative and absolute spellings of a path are one input; a symlink is its own), "
         "e.g. after an interrupted run; an unfinished last record is replaced. Error "
         "records count as done (and in the exit status): remove their lines to retry them. "
-        "Without --resume, --output is overwritten",
+        "A csv of other columns (threshold and verdict come with a calibrated model, --threshold "
+        "or --uncertain-band) is refused. Without --resume, --output is overwritten",
     )
     r = p.add_argument_group("run")
     r.add_argument("--batch-size", type=positive_int, default=None, help="images per encoder batch (default 16 on CPU, 64 on GPU)")
@@ -132,13 +135,8 @@ class _Writer:
         self.stream.flush()
 
 
-def _shown(path: str) -> str:
-    """A path for display: name bytes that are not UTF-8 as \\xNN escapes (a terminal may be strict)."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
-
-
 def _table(rows: list[dict]) -> str:
-    rows = [{**r, "path": _shown(r["path"])} for r in rows]
+    rows = [{**r, "path": shown(r["path"])} for r in rows]
     out = io.StringIO()
     width = max([len("path")] + [len(r["path"]) for r in rows])
     width = min(width, 80)
@@ -159,8 +157,8 @@ def _is_cut_record(tail: bytes, fmt: str, first_line: bool) -> bool:
     someone appended by hand, which must not be deleted."""
     if fmt == "jsonl":
         return tail.startswith(b'{"path": ') or b'{"path": '.startswith(tail)
-    if first_line:
-        return (",".join(CSV_FIELDS) + "\r\n").encode().startswith(tail)
+    if first_line:  # a header, cut
+        return any((",".join(f) + "\r\n").encode().startswith(tail) for f in (CSV_FIELDS, CSV_FIELDS_DECIDED))
     for cut in range(4):  # the last UTF-8 character may itself be cut
         try:
             text = tail[: len(tail) - cut].decode("utf-8")
@@ -179,13 +177,21 @@ def _is_cut_record(tail: bytes, fmt: str, first_line: bool) -> bool:
     return len(fields) <= len(CSV_FIELDS_DECIDED)
 
 
-def records_done(output: Path, fmt: str) -> dict[str, bool]:
-    """The paths that already have a record in `output`, the jsonl or csv file of an earlier
-    run, each mapped to whether that record is an error; raises CLIError if `output` is not
-    such a file. A last record without its line end (the run was killed while writing it) is
-    cut off, once the rest has been read."""
+@dataclass
+class _Earlier:
+    """What an earlier run left in its --output file."""
+
+    done: dict[str, bool]  # path -> whether its record is an error
+    columns: tuple[str, ...] | None  # a csv file's header (None: jsonl, or no whole line yet)
+    complete: int  # bytes of whole records; what follows is an unfinished last record
+
+
+def read_earlier(output: Path, fmt: str) -> _Earlier:
+    """The records of `output`, the jsonl or csv file of an earlier run, without touching
+    it; raises CLIError if `output` is not such a file. A last record without its line end
+    (the run was killed while writing it) is not counted: `drop_unfinished` cuts it off."""
     if not output.exists():
-        return {}
+        return _Earlier({}, None, 0)
     if not output.is_file():
         raise CLIError(f"--output {output} is not a file")
     data = output.read_bytes()
@@ -200,6 +206,7 @@ def records_done(output: Path, fmt: str) -> dict[str, bool]:
     except UnicodeDecodeError:
         raise CLIError(f"--resume: {output} is not a text file written by rine detect{redo}") from None
     done: dict[str, bool] = {}
+    columns = None
     if fmt == "jsonl":
         for n, line in enumerate(text.split("\n")[:-1], 1):
             if not line.strip():
@@ -215,6 +222,7 @@ def records_done(output: Path, fmt: str) -> dict[str, bool]:
             header = next(rows, None)
             if header is not None and tuple(header) not in (CSV_FIELDS, CSV_FIELDS_DECIDED):
                 raise CLIError(f"--resume: {output} has the header {header}, not rine detect's {list(CSV_FIELDS)}{redo}")
+            columns = None if header is None else tuple(header)
             for row in rows:
                 if len(row) != len(header or CSV_FIELDS):
                     raise CLIError(f"--resume: {output}, line {rows.line_num}, is not a rine detect record: "
@@ -222,11 +230,29 @@ def records_done(output: Path, fmt: str) -> dict[str, bool]:
                 done[row[0]] = bool(row[CSV_FIELDS.index("error")])
         except csv.Error as e:
             raise CLIError(f"--resume: {output} cannot be read as csv ({e}){redo}") from None
-    if tail:
+    return _Earlier(done, columns, complete)
+
+
+def drop_unfinished(output: Path, earlier: _Earlier) -> None:
+    """Cut off the unfinished last record `read_earlier` found (it is scored again)."""
+    if output.exists() and output.stat().st_size > earlier.complete:
         with output.open("r+b") as f:
-            f.truncate(complete)
+            f.truncate(earlier.complete)
         print(f"rine: {output}: removed an unfinished last record (it is scored again)", file=sys.stderr)
-    return done
+
+
+def check_columns(output: Path, earlier: _Earlier, fields: tuple[str, ...]) -> None:
+    """CLIError unless the csv header of `output` is `fields`, the columns this run writes:
+    rows of another width appended under it would make a corrupt file."""
+    if earlier.columns is None or earlier.columns == fields:
+        return
+    raise CLIError(
+        f"--resume: {output} has the columns {','.join(earlier.columns)}, but this run writes "
+        f"{','.join(fields)} (threshold and verdict come with a calibrated model, --threshold or "
+        "--uncertain-band); appending would mix rows of two widths. The file is left as it was: "
+        "write this run to a new file (another -o), rerun without --resume to score every input "
+        "again (the file is then overwritten), or resume with the model and options of the first run"
+    )
 
 
 def format_for(output: str | None) -> str:
@@ -280,11 +306,7 @@ def _first_seen(paths) -> tuple[list[str], int]:
 
 def _report_scan(skipped: Skipped, n_duplicates: int) -> None:
     """What the expansion of the inputs left out, on stderr; -v lists the skipped files."""
-    if skipped.total:
-        for reason, names in skipped.by_reason.items():
-            for name in names:
-                logger.info("skipped %s (%s)", _shown(name), reason)
-        print(f"rine: {skipped.summary()} (-v lists them)", file=sys.stderr)
+    report_skipped(skipped, logger)
     if n_duplicates:
         print(f"rine: {plural(n_duplicates, 'duplicate input')} dropped (the same file given twice, or inside a "
               "folder also given): each file is scored once", file=sys.stderr)  # fmt: skip
@@ -294,14 +316,16 @@ def _report_scan(skipped: Skipped, n_duplicates: int) -> None:
 class _ResumePlan:
     todo: list[str]  # inputs without a record
     unreadable: list[tuple[str, str]]  # unlistable folders without a record
-    header: bool  # the file is empty: csv needs its header
+    header: bool  # no whole line yet: csv needs its header
     failed_before: int  # inputs whose earlier record is an error
+    earlier: _Earlier  # what the file holds (untouched until the run is known to go on)
 
 
 def _plan_resume(output: Path, fmt: str, paths: list[str], unreadable: list[tuple[str, str]]) -> _ResumePlan:
     """What a --resume run has left to do, from the records in `output` (CLIError if it is
-    not a file of ours); says so on stderr."""
-    recorded = records_done(output, fmt)
+    not a file of ours); says so on stderr. The file is not changed."""
+    earlier = read_earlier(output, fmt)
+    recorded = earlier.done
     # An input's record: the one under its own spelling, else one under another spelling
     # of the same place (relative against absolute, `./`).
     by_place: dict[str, bool] = {}
@@ -315,8 +339,9 @@ def _plan_resume(output: Path, fmt: str, paths: list[str], unreadable: list[tupl
     plan = _ResumePlan(
         todo=[p for p in paths if record_of(p) is None],
         unreadable=[(p, why) for p, why in unreadable if record_of(p) is None],
-        header=not output.exists() or output.stat().st_size == 0,
+        header=earlier.complete == 0,
         failed_before=sum(bool(record_of(p)) for p in [*paths, *(p for p, _ in unreadable)]),
+        earlier=earlier,
     )
     n_todo = len(plan.todo) + len(plan.unreadable)
     if recorded and n_todo == n_inputs:
@@ -352,7 +377,7 @@ def run(args: argparse.Namespace) -> int:
     # Resuming: the file's own format first, so that runs started before the format followed
     # the file name (jsonl in a .json or .csv file) go on as they began.
     fmt = args.format or (args.resume and output and _sniff_format(output)) or format_for(args.output)
-    header, failed_before = True, 0
+    header, failed_before, plan = True, 0, None
     if args.resume:
         if output is None:
             return fail("--resume needs --output FILE: the file of the run to resume")
@@ -363,11 +388,19 @@ def run(args: argparse.Namespace) -> int:
         except CLIError as e:
             return fail(str(e))
         if not plan.todo and not plan.unreadable:
+            drop_unfinished(output, plan.earlier)
             return 1 if plan.failed_before else 0
         paths, unreadable, header, failed_before = plan.todo, plan.unreadable, plan.header, plan.failed_before
     try:
         detector = load_detector(args, keep_reference=False)  # scoring only: half the memory
         apply_decision_options(detector, args)
+        decided = detector.decision.reports_threshold
+        if plan is not None:
+            # Only now are the columns of this run known (a calibrated model adds two): a
+            # file with others is refused before anything is scored or cut off.
+            if fmt == "csv":
+                check_columns(output, plan.earlier, CSV_FIELDS_DECIDED if decided else CSV_FIELDS)
+            drop_unfinished(output, plan.earlier)
     except CLIError as e:
         return fail(str(e))
     detector.max_pixels = args.max_pixels
@@ -383,7 +416,7 @@ def run(args: argparse.Namespace) -> int:
         if fmt == "csv" and hasattr(stream, "reconfigure"):  # a real console stream; set back below
             stdout_errors = stream.errors
             stream.reconfigure(errors=errors)
-    writer = _Writer(stream, fmt, args.blocks, header=header, decided=detector.decision.reports_threshold)
+    writer = _Writer(stream, fmt, args.blocks, header=header, decided=decided)
     n_failed = n_written = n_pixels = n_bytes = 0
     # SIGTERM (kill, a CI timeout, a service manager) stops the run as Ctrl-C does: the records
     # written stay, the decoding workers are stopped, and the resume hint is printed.

@@ -34,6 +34,7 @@ from .common import (
     load_detector,
     plural,
     positive_int,
+    report_skipped,
 )
 
 logger = logging.getLogger(__name__)
@@ -271,22 +272,30 @@ def _with_calibration_set(sets: list, calibrate_on: str | None, fit_options: dic
     return [*sets, extra], extra.name
 
 
-def _transfer(result, fit_set: str, fit_options: dict, args: argparse.Namespace) -> None:
+def _transfer(result, fit_set: str, fit_options: dict, args: argparse.Namespace, fit_root: Path | None = None) -> None:
     """Fit a calibration per run on `fit_set`'s records, drop that set, and recompute the
-    metrics of the others with it (`metrics["calibration"]` says what was fitted)."""
+    metrics of the others with it (`metrics["calibration"]` says what was fitted). A set
+    from a folder or manifest outside the layout is fingerprinted by its paths relative to
+    `fit_root`, as `rine calibrate --reals` fingerprints the same images."""
     import dataclasses
 
     import numpy as np
 
     from ..evaluation.calibration import apply_rule, fingerprint, fit_calibration, records_arrays
     from ..evaluation.results import metrics_of
+    from ..evaluation.scoring import image_key
     from ..model.calibration import DecisionRule
 
     for run_ in result.runs:
         recs = run_.records.pop(fit_set)
         z, y = records_arrays(recs)
+        if fit_root is not None:
+            base = fit_root.parent if fit_root.is_file() else fit_root
+            keys = [image_key(r["path"], base) for r in recs if r["error"] is None]
+        else:
+            keys = [r["key"] for r in recs if r["error"] is None]
         fitted_on = {"set": fit_set, "n": int(z.size), "n_real": int(np.sum(y == 0)), "n_fake": int(np.sum(y == 1)),
-                     "fingerprint": fingerprint([r["key"] for r in recs if r["error"] is None])}  # fmt: skip
+                     "fingerprint": fingerprint(keys)}  # fmt: skip
         labels = y if fit_options["labelled"] else None
         fit = fit_calibration(z, labels, fitted_on=fitted_on, **fit_options["fit"])
         cal = fit.config
@@ -337,6 +346,8 @@ def run(args: argparse.Namespace) -> int:
         sets, fit_set = _with_calibration_set(layout.sets, args.calibrate_on, fit_options)
     except (LayoutError, CLIError) as e:
         return fail(str(e))
+    for s in sets:  # what the folder scans left out, per set (-v lists the files)
+        report_skipped(s.skipped, logger, s.name)
     if args.suite == "synthbuster" and args.crop is None:
         args.crop = "ten"  # the paper's protocol for the large Synthbuster images
         logger.info("synthbuster: using ten-crop (pass --crop center to change)")
@@ -367,10 +378,12 @@ def run(args: argparse.Namespace) -> int:
             bootstrap_seed=args.bootstrap_seed,
         )
         if fit_set is not None:
-            _transfer(result, fit_set, fit_options, args)
+            fit_root = None if fit_set == args.calibrate_on else Path(args.calibrate_on).expanduser()
+            _transfer(result, fit_set, fit_options, args, fit_root)
     except ValueError as e:  # CalibrationError included: it says what the data lacks
         return fail(str(e))
     from .. import __version__
+    from ..model.checkpoints import head_digest
 
     result.meta = {
         "rine_version": __version__,
@@ -384,6 +397,8 @@ def run(args: argparse.Namespace) -> int:
         "backbone_revision": detector.config.backbone_revision,
         "preprocess": detector.config.to_dict()["preprocess"],
         "models": {h.name: (h.config.to_dict() if h.config else None) for h in heads},
+        # which weights made the logits: rine calibrate --predictions checks its --model by it
+        "head_digests": {h.name: head_digest(h.head) for h in heads},
         "conditions": [c.id for c in conditions],
         "perturb": {"seed": args.seed, "p": args.perturb_p, "quirks": args.perturb_quirks},
         "threshold": "each model's own" if args.threshold is None else args.threshold,
@@ -395,6 +410,9 @@ def run(args: argparse.Namespace) -> int:
     }
     for run_ in result.runs:
         run_.metrics["missing_sets"] = layout.missing
+        for s in sets:
+            if s.name in run_.metrics["sets"]:
+                run_.metrics["sets"][s.name].update(n_skipped=s.skipped.total, skipped=s.skipped.counts())
     write_outputs(result, args.out, plots=not args.no_plots)
     _suite_table(args, result, layout)
     n_err = sum(run_.metrics["mean"]["n_errors"] for run_ in result.runs[:1])

@@ -94,8 +94,11 @@ def read_images_arg(source: str, option: str, reals_only: bool = False):
     the `folder` layout (labels from the folder names); any other folder's images are all
     real (label 0). `reals_only` refuses fakes (--reals)."""
     from ..data.layouts import LayoutError, TestSet, list_images, read_folder, read_manifest
+    from ..data.scan import Skipped
 
     path = Path(source).expanduser()
+    items: list[tuple[str, int]] = []
+    skipped = Skipped()
     if path.is_file():
         sets = read_manifest(path).sets
         items = [it for s in sets for it in s.items]
@@ -108,10 +111,12 @@ def read_images_arg(source: str, option: str, reals_only: bool = False):
             raise LayoutError(f"{option} {source}: it holds real/fake class folders; use --suite folder --root "
                               f"{source} for labelled images")  # fmt: skip
         if not reals_only and _has_class_folders(path):
-            items = [it for s in read_folder(path).sets for it in s.items]
+            for s in read_folder(path).sets:
+                items += s.items
+                skipped.update(s.skipped)
         else:
             try:
-                items = [(p, 0) for p in list_images(path)]
+                items = [(p, 0) for p in list_images(path, skipped)]
             except OSError as e:
                 raise LayoutError(f"{option} {source}: cannot read {e.filename}: {e.strerror}") from None
     else:
@@ -122,4 +127,4 @@ def read_images_arg(source: str, option: str, reals_only: bool = False):
     if reals_only and n_fake:
         raise LayoutError(f"{option} {source}: the manifest lists {n_fake} fake images; --reals takes authentic "
                           "images only (use --suite manifest --root FILE for labelled ones)")  # fmt: skip
-    return TestSet(name, items)
+    return TestSet(name, items, skipped=skipped)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .scan import is_hidden, walk_images
+from .scan import Skipped, is_hidden, walk_images
 from .testsets import FAKE, REAL, LayoutError, LayoutResult, TestSet  # noqa: F401  (their home before)
 
 logger = logging.getLogger(__name__)
@@ -52,21 +52,21 @@ SYNTHBUSTER_REAL_DIRS = ("RAISEpng", "real_RAISE_1k")
 
 
 # ---------------------------------------------------------------------------- helpers
-def list_images(folder: Path) -> list[str]:
+def list_images(folder: Path, skipped: Skipped | None = None) -> list[str]:
     """Image files under `folder`, recursively, sorted; hidden files and folders (`.x`, `._x`)
-    skipped (the rule of `scan`). Symbolic links are followed (datasets are often linked
-    in), each real folder once."""
+    and files of other formats go to `skipped` (the rule of `scan`). Symbolic links are
+    followed (datasets are often linked in), each real folder once."""
 
     def unreadable(error: OSError) -> None:
         raise error  # not skipped: the set's counts and metrics would silently change
 
-    return list(walk_images(folder, follow_links=True, onerror=unreadable))
+    return list(walk_images(folder, follow_links=True, onerror=unreadable, skipped=skipped))
 
 
-def _class_items(folder: Path, label: int) -> list[tuple[str, int]]:
+def _class_items(folder: Path, label: int, skipped: Skipped | None = None) -> list[tuple[str, int]]:
     if not folder.is_dir():
         raise LayoutError(f"missing folder: {folder}")
-    paths = list_images(folder)
+    paths = list_images(folder, skipped)
     if not paths:
         raise LayoutError(
             f"no images in {folder} (expected {'real' if label == REAL else 'fake'} images)"
@@ -74,10 +74,10 @@ def _class_items(folder: Path, label: int) -> list[tuple[str, int]]:
     return [(p, label) for p in paths]
 
 
-def _real_fake(folder: Path) -> list[tuple[str, int]]:
+def _real_fake(folder: Path, skipped: Skipped) -> list[tuple[str, int]]:
     """`folder/0_real` + `folder/1_fake`, or the same under each category subfolder."""
     if (folder / "0_real").is_dir() or (folder / "1_fake").is_dir():
-        return _class_items(folder / "0_real", REAL) + _class_items(folder / "1_fake", FAKE)
+        return _class_items(folder / "0_real", REAL, skipped) + _class_items(folder / "1_fake", FAKE, skipped)
     categories = sorted(d for d in folder.iterdir() if d.is_dir() and not is_hidden(d.name))
     if not categories:
         raise LayoutError(
@@ -85,7 +85,7 @@ def _real_fake(folder: Path) -> list[tuple[str, int]]:
         )
     items: list[tuple[str, int]] = []
     for cat in categories:
-        items += _class_items(cat / "0_real", REAL) + _class_items(cat / "1_fake", FAKE)
+        items += _class_items(cat / "0_real", REAL, skipped) + _class_items(cat / "1_fake", FAKE, skipped)
     return items
 
 
@@ -120,20 +120,21 @@ def read_ufd20(root: Path, sets: list[str] | None = None) -> LayoutResult:
     names, explicit = _pick(sets, UFD20_SETS)
     out, missing = [], []
     for name in names:
+        skipped = Skipped()
         if name in UFD20_DIFFUSION_REAL:
             fake = root / "diffusion_datasets" / name
             if not fake.is_dir():
                 _missing(name, fake, explicit, missing)
                 continue
             real = root / "diffusion_datasets" / UFD20_DIFFUSION_REAL[name] / "0_real"
-            items = _class_items(real, REAL) + _class_items(fake / "1_fake", FAKE)
+            items = _class_items(real, REAL, skipped) + _class_items(fake / "1_fake", FAKE, skipped)
         else:
             folder = root / name
             if not folder.is_dir():
                 _missing(name, folder, explicit, missing)
                 continue
-            items = _real_fake(folder)
-        out.append(TestSet(name, items))
+            items = _real_fake(folder, skipped)
+        out.append(TestSet(name, items, skipped=skipped))
     return _nonempty(LayoutResult("ufd20", root, out, missing))
 
 
@@ -155,7 +156,8 @@ def read_synthbuster(
                 f"no real (RAISE) folder: looked for {', '.join(SYNTHBUSTER_REAL_DIRS)} in {root} "
                 f"and {root.parent}; pass real_dir (--real-dir)"
             )
-    real_items = _class_items(real, REAL)
+    real_skipped = Skipped()
+    real_items = _class_items(real, REAL, real_skipped)
     names, explicit = _pick(sets, SYNTHBUSTER_SETS)
     out, missing = [], []
     for name in names:
@@ -163,7 +165,9 @@ def read_synthbuster(
         if not folder.is_dir():
             _missing(name, folder, explicit, missing)
             continue
-        out.append(TestSet(name, real_items + _class_items(folder, FAKE)))
+        skipped = Skipped()
+        skipped.update(real_skipped)  # each set holds the shared real images, and counts what they left out
+        out.append(TestSet(name, real_items + _class_items(folder, FAKE, skipped), skipped=skipped))
     return _nonempty(LayoutResult("synthbuster", root, out, missing))
 
 
@@ -188,9 +192,10 @@ def read_genimage(root: Path, sets: list[str] | None = None, split: str = "val")
                 f"generator {gen.name}: no {split}/ folder in {gen} or its subfolders"
             )
         items: list[tuple[str, int]] = []
+        skipped = Skipped()
         for s in splits:
-            items += _class_items(s / "nature", REAL) + _class_items(s / "ai", FAKE)
-        out.append(TestSet(gen.name, items))
+            items += _class_items(s / "nature", REAL, skipped) + _class_items(s / "ai", FAKE, skipped)
+        out.append(TestSet(gen.name, items, skipped=skipped))
     return _nonempty(LayoutResult("genimage", root, out))
 
 
@@ -208,6 +213,7 @@ def read_folder(
         raise LayoutError(f"missing folder: {root}")
     grouped: dict[str, list[tuple[str, int]]] = {}
     found_class: dict[str, set[int]] = {}
+    skipped: dict[str, Skipped] = {}
 
     def walk(folder: Path, depth: int) -> None:
         for d in sorted(p for p in folder.iterdir() if p.is_dir() and not is_hidden(p.name)):
@@ -216,7 +222,7 @@ def read_folder(
                 label = REAL if low in REAL_NAMES else FAKE
                 rel = folder.relative_to(root).parts
                 name = "/".join(rel[:set_depth]) if rel else root.resolve().name
-                grouped.setdefault(name, []).extend(_class_items(d, label))
+                grouped.setdefault(name, []).extend(_class_items(d, label, skipped.setdefault(name, Skipped())))
                 found_class.setdefault(name, set()).add(label)
             elif depth < max_depth:
                 walk(d, depth + 1)
@@ -233,7 +239,7 @@ def read_folder(
         if name in grouped and len(labels) == 1:
             which = "real" if REAL in labels else "fake"
             logger.warning("test set %s has only %s images (under %s)", name, which, root / name)
-    out = [TestSet(name, sorted(items)) for name, items in sorted(grouped.items())]
+    out = [TestSet(name, sorted(items), skipped=skipped[name]) for name, items in sorted(grouped.items())]
     if not out:
         raise LayoutError(
             f"no real/fake folders ({'|'.join(sorted(REAL_NAMES))} / {'|'.join(sorted(FAKE_NAMES))}) "

@@ -41,6 +41,15 @@ class Skipped:
     def add(self, path: str, reason: str) -> None:
         self.by_reason.setdefault(reason, []).append(path)
 
+    def update(self, other: Skipped) -> None:
+        """Add what another scan passed over (e.g. a real folder shared by several test sets)."""
+        for reason, paths in other.by_reason.items():
+            self.by_reason.setdefault(reason, []).extend(paths)
+
+    def counts(self) -> dict[str, int]:
+        """{reason: how many}, most frequent first (as in `summary`)."""
+        return {reason: len(paths) for reason, paths in self._ordered()}
+
     @property
     def total(self) -> int:
         return sum(len(v) for v in self.by_reason.values())
@@ -50,10 +59,13 @@ class Skipped:
         if not self.total:
             return ""
         parts = []
-        for reason, paths in sorted(self.by_reason.items(), key=lambda kv: (-len(kv[1]), kv[0])):
+        for reason, paths in self._ordered():
             why = UNSUPPORTED_EXTENSIONS.get(reason)
             parts.append(f"{len(paths)} {reason}" + (f" ({why})" if why else ""))
         return f"{self.total} {'file' if self.total == 1 else 'files'} skipped: {', '.join(parts)}"
+
+    def _ordered(self) -> list[tuple[str, list[str]]]:
+        return sorted(self.by_reason.items(), key=lambda kv: (-len(kv[1]), kv[0]))
 
 
 def _reason(name: str) -> str:

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .scan import Skipped
+
 REAL, FAKE = 0, 1
 
 
@@ -28,6 +30,8 @@ class TestSet:
     # Where the images are when `items[i][0]` is not a file path: a `ParquetSource`
     # (`iter_images()` yields each item's bytes, path or RowError in item order).
     source: Any = None
+    # What the folder scans of this set's folders passed over (hidden files, other formats).
+    skipped: Skipped = field(default_factory=Skipped)
 
     @property
     def n_real(self) -> int:

@@ -102,10 +102,9 @@ def write_run(run: RunResult, folder: Path, meta: dict[str, Any], plots: bool = 
     with open(folder / "predictions.jsonl", "w", encoding="utf-8") as f:
         for recs in run.records.values():
             for r in recs:
-                f.write(
-                    json.dumps({k: v for k, v in r.items() if k != "key"}, ensure_ascii=False)
-                    + "\n"
-                )
+                # `key` (the path relative to the data root) too: rine calibrate --predictions
+                # fingerprints the images by it, as when it scores the folder itself.
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
     sets = list(run.records)
     (folder / "table.md").write_text(
         paper_table_markdown([run], sets) + "\n" + detail_table_markdown(run), encoding="utf-8"

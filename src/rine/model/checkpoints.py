@@ -29,6 +29,18 @@ def git_blob_sha1(path: str | Path) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
+def head_digest(head: RINEHead) -> str:
+    """A short digest of a head's weights (names, shapes and float32 values): the same for
+    the same head however it was stored (config.json + model.safetensors, an official .pth,
+    a calibrated copy, which shares the weights), so that its scores can be traced to it."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(head.state_dict().items()):
+        values = tensor.detach().to("cpu", torch.float32).contiguous()
+        h.update(f"{name}:{tuple(values.shape)}\n".encode())
+        h.update(values.numpy().tobytes())
+    return "sha256:" + h.hexdigest()[:16]
+
+
 def read_official_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """The tensors of an official `*_trainable.pth` (safe load, CPU)."""
     try:
