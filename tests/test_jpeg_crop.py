@@ -492,3 +492,54 @@ def test_detect_cli_scores_from_crop_aware_views(capsys, tmp_path, tiny_checkpoi
             with torch.no_grad():
                 logit = tiny_detector.model(views).logits.mean()
             assert records[name]["prob_fake"] == pytest.approx(torch.sigmoid(logit).item(), abs=1e-6), (name, crop)
+
+
+# ----------------------------------------------------------------------------- tap extraction
+@needs_native
+def test_tap_extraction_decodes_only_the_windows_to_the_same_views(tmp_path, monkeypatch):
+    """`rine extract` and `rine batch --taps` (center and ten transforms) go through the
+    crop-aware decoder with the views of the full decode, errors included. Broken variants:
+    the extraction path not asking the extension (the call count), a window or mirror
+    different from the transform's (the views)."""
+    from rine.cluster.tasks import tap_views_of
+    from rine.data.augment import CenterView, TenCropViews
+    from rine.data.datasets import Item
+    from rine.training.features import _load_views
+
+    calls = []
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(native, name)
+
+        def decode_bands(self, *args):
+            calls.append(args[0][:4])
+            return native.decode_bands(*args)
+
+    monkeypatch.setattr(jpeg_crop, "_native", lambda: Spy())
+    files = [tmp_path / "a.jpg", tmp_path / "b.jpg", tmp_path / "small.jpg", tmp_path / "c.png", tmp_path / "bad.jpg"]
+    files[0].write_bytes(pil_jpeg(picture(517, 403, 1), quality=90))
+    files[1].write_bytes(pil_jpeg(picture(300, 640, 2), quality=85, subsampling="4:2:2"))
+    files[2].write_bytes(pil_jpeg(picture(200, 150, 3), quality=90))  # padded: Pillow's path
+    Image.fromarray(picture(260, 240, 4)).save(files[3])
+    files[4].write_bytes(pil_jpeg(picture(300, 300, 5), quality=90)[:600])  # truncated
+    for make_views, views in ((CenterView(224), 1), (TenCropViews(224), 10)):
+        for i, f in enumerate(files):
+            try:
+                image = load_image(str(f))
+                all_views = getattr(make_views, "all_views", None)
+                want = all_views(image, i) if all_views else np.stack([make_views(image, i, v) for v in range(views)])
+            except ImageLoadError as e:
+                want = str(e)
+            for path in ("rine extract", "rine batch --taps"):
+                before = len(calls)
+                if path == "rine extract":
+                    g = _load_views(Item(str(f), 0, ""), i, make_views, views, None)
+                else:
+                    g = tap_views_of(str(f), i, make_views.crop, 0, 224, views, None, None)
+                if f.name in ("a.jpg", "b.jpg"):  # baseline JPEGs of at least 224 x 224
+                    assert len(calls) == before + 1, (path, f.name, "the extension was not asked")
+                if isinstance(want, str):
+                    assert g == want, (path, f.name, g)
+                else:
+                    assert isinstance(g, np.ndarray) and np.array_equal(g, np.asarray(want)), (path, f.name)

@@ -90,11 +90,17 @@ def tap_views_of(source: str, item: int, transform: str, seed: int, size: int, v
     """In a decoding worker process: one file -> uint8 views [views, S, S, 3] as `rine extract`
     cuts them (view v of item i depends only on seed, i, v), or the reason it is unusable, in
     `rine extract`'s words (a store lists its skipped inputs)."""
+    from ..config import PreprocessConfig
     from ..data.images import ImageLoadError, load_image
+    from ..data.jpeg_crop import CROPS, decode_views
 
     make_views = make_views_for(transform, seed, size)
     try:
-        image = load_image(read_source(source, max_bytes), max_pixels=max_pixels, max_bytes=max_bytes)
+        data = read_source(source, max_bytes)
+        crop = getattr(make_views, "crop", None)
+        if crop in CROPS:  # as rine extract: only the windows' pixels of a baseline JPEG are decoded
+            return decode_views(data, PreprocessConfig(image_size=size, crop=crop), max_pixels, max_bytes)
+        image = load_image(data, max_pixels=max_pixels, max_bytes=max_bytes)
         all_views = getattr(make_views, "all_views", None)
         if all_views is not None:
             return np.asarray(all_views(image, item))

@@ -123,6 +123,8 @@ class TrainAugment:
 class CenterView:
     """The reference's validation/test transform as a `make_views`: CenterCrop(size), zero pad."""
 
+    crop = "center"  # = crop_views(image, PreprocessConfig(size, crop="center")): jpeg_crop may decode it
+
     def __init__(self, size: int = 224):
         self.size = int(size)
 
@@ -140,6 +142,7 @@ class TenCropViews:
     of its ten view logits (how stores with several views are scored)."""
 
     VIEWS = 10
+    crop = "ten"  # = crop_views(image, PreprocessConfig(size, crop="ten")): jpeg_crop may decode it
 
     def __init__(self, size: int = 224):
         self.size = int(size)

@@ -20,9 +20,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..config import PreprocessConfig
 from ..data.datasets import Item
 from ..data.decoding import ordered_map
 from ..data.images import ImageLoadError
+from ..data.jpeg_crop import CROPS, decode_views
 from ..data.parquet import open_source
 from ..data.preprocess import normalize
 from .store import (  # noqa: F401  (rine.features' names before the split)
@@ -150,12 +152,21 @@ def extract_features(
 
 def _load_views(item: Item, index: int, make_views: MakeViews, views: int, max_pixels, max_bytes=None,
                 source: Any = None) -> np.ndarray | str:  # fmt: skip
-    """uint8 [views, S, S, 3], or the one-line reason the image is unusable."""
+    """uint8 [views, S, S, 3], or the one-line reason the image is unusable. The centre and
+    ten crops of a baseline JPEG decode only their windows' pixels (`data.jpeg_crop`: the same
+    bytes and errors as a full decode)."""
     try:
         kwargs = {} if max_pixels is None else {"max_pixels": max_pixels}
         if max_bytes is not None:
             kwargs["max_bytes"] = max_bytes
-        image = open_source(item.path if source is None else source, **kwargs)
+        src = item.path if source is None else source
+        crop = getattr(make_views, "crop", None)
+        if crop in CROPS and isinstance(src, (str, Path, bytes)):
+            out = decode_views(src, PreprocessConfig(image_size=make_views.size, crop=crop), **kwargs)
+            if len(out) != views:
+                raise RuntimeError(f"{type(make_views).__name__} gave {len(out)} views, expected {views}")
+            return out
+        image = open_source(src, **kwargs)
         all_views = getattr(make_views, "all_views", None)  # every slot from one derivation
         if all_views is not None:
             out = np.asarray(all_views(image, index))
