@@ -591,12 +591,13 @@ def _execute(cfg, inputs, todo_shards, shard_size, done, commit, spec, actor_cls
 
 
 def _local_decode_tasks(plan: _Plan, cores: int) -> int:
-    """Decoding tasks for a local Ray: the cores the scoring actors leave (at least one). Ray's
-    logical CPUs are more than the cores (so that decoding is never starved: see _connect), and
-    each decoding task holds a worker process, a fork server and a decoder (~250 MB): more tasks
-    than cores would add memory, not speed."""
+    """Decoding tasks for a local Ray: the cores the scoring actors leave, and at least two (a
+    task's start, its decoding process and its hand-over then overlap another's decoding).
+    Ray's logical CPUs are more than the cores (so that decoding is never starved: see
+    _connect), and each decoding task holds a worker process, a fork server and a decoder
+    (~250 MB): more tasks than that would add memory, not speed."""
     busy = plan.actors * (plan.actor_cpus if not plan.use_gpu else 1)
-    return max(1, cores - int(busy))
+    return max(2, cores - int(busy))
 
 
 def _int_array(values: list[int]):
