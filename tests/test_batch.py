@@ -56,8 +56,42 @@ def _worker_env() -> dict[str, str]:
     return {"PYTHONPATH": os.pathsep.join([str(SRC), str(TESTS), os.environ.get("PYTHONPATH", "")])}
 
 
+S3_BUCKET = "rine-test"
+
+
 @pytest.fixture(scope="module")
-def ray_cluster():
+def s3_endpoint():
+    """A loopback S3 (moto's server) and the environment that points pyarrow's S3 file system
+    at it (AWS_ENDPOINT_URL and dummy keys); the cluster's workers inherit it."""
+    pytest.importorskip("moto")
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}  # fmt: skip
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"]).create_bucket(Bucket=S3_BUCKET)
+    try:
+        yield env["AWS_ENDPOINT_URL"]
+    finally:
+        for k, v in old.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+        server.stop()
+
+
+def _s3_put(endpoint: str, key: str, data: bytes) -> str:
+    import boto3
+
+    boto3.client("s3", endpoint_url=endpoint).put_object(Bucket=S3_BUCKET, Key=key, Body=data)
+    return f"s3://{S3_BUCKET}/{key}"
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(s3_endpoint):
     ray = pytest.importorskip("ray")
     from ray.data import DataContext
 
@@ -245,11 +279,13 @@ def test_decoding_and_scoring_are_separate_operators(ray_cluster):
     assert plan.actors == 2 and plan.actor_gpus == 1  # one actor per GPU
 
 
-def test_records_equal_rine_detect_with_ten_crop_and_files_that_kill_or_hang_their_decoder(ray_cluster, tiny_checkpoint_dir, tmp_path):
+def test_records_equal_rine_detect_with_ten_crop_and_files_that_kill_or_hang_their_decoder(ray_cluster, s3_endpoint,
+                                                                                          tiny_checkpoint_dir, tmp_path):  # fmt: skip
     """One job: ten-crop records equal `Detector.predict`'s (logits within 1e-6, as the mean
     view logit), error texts identical, a file that kills its decoding process and one that
-    hangs it are one error record each, manifest labels/sets are carried, and file:// URIs
-    are read through pyarrow."""
+    hangs it are one error record each, manifest labels/sets are carried, and file:// and
+    s3:// URIs (a loopback S3: an object, a missing key, a prefix listed as a folder) are
+    read through pyarrow by the decoding tasks."""
     import torch
 
     from rine.cluster.batch import MANIFEST_NAME, run_batch
@@ -263,15 +299,17 @@ def test_records_equal_rine_detect_with_ten_crop_and_files_that_kill_or_hang_the
     (tmp_path / "imgs" / "empty.jpg").write_bytes(b"")
     latin1 = Path(os.fsdecode(os.fsencode(tmp_path / "imgs") + b"/\xe9t\xe9.png"))  # a name that is not UTF-8
     write_image(latin1, seed=52)
+    s3_img = _s3_put(s3_endpoint, "up/img03.png", imgs[3].read_bytes())
+    s3_dir = _s3_put(s3_endpoint, "day/a/img04.png", imgs[4].read_bytes()).rsplit("/", 2)[0] + "/"
     manifest = tmp_path / "list.csv"
     manifest.write_text(f"path,label,set\nfile://{imgs[0]},1,uri\n{tmp_path / 'missing.png'},0,gone\n"
-                        f"file://{tmp_path / 'missing.png'},0,gone\n")  # fmt: skip
+                        f"file://{tmp_path / 'missing.png'},0,gone\n{s3_img},1,s3\ns3://{S3_BUCKET}/no/such.png,0,s3\n")  # fmt: skip
     out = tmp_path / "out"
-    result = run_batch(_cfg([tmp_path / "imgs", manifest], out, tiny_checkpoint_dir, crop="ten", decode_timeout=10,
-                            decode_fn="batch_jobs:prepare_views_or_die"))  # fmt: skip
+    result = run_batch(_cfg([tmp_path / "imgs", manifest, s3_dir], out, tiny_checkpoint_dir, crop="ten",
+                            decode_timeout=10, decode_fn="batch_jobs:prepare_views_or_die"))  # fmt: skip
     rows = _records(out)
     assert result.error is None and result.exit_code == 1  # error records, all there
-    assert sorted(r["item"] for r in rows) == list(range(15))
+    assert sorted(r["item"] for r in rows) == list(range(18))
     from ray.data import DataContext
 
     from rine.cluster.manifest import display_path
@@ -295,6 +333,11 @@ def test_records_equal_rine_detect_with_ten_crop_and_files_that_kill_or_hang_the
     assert by_path[str(hangs)]["error"] == str(DecoderTimedOut(10))
     assert by_path[f"file://{imgs[0]}"]["logit"] == pytest.approx(by_path[str(imgs[0])]["logit"], abs=0)
     assert by_path[f"file://{tmp_path / 'missing.png'}"]["error"] == "no such file"
+    # s3://: the object's record is the local copy's; a missing key and a listed prefix
+    assert by_path[s3_img]["logit"] == pytest.approx(by_path[str(imgs[3])]["logit"], abs=0)
+    assert by_path[s3_img]["label"] == 1 and by_path[s3_img]["set"] == "s3"
+    assert by_path[f"s3://{S3_BUCKET}/no/such.png"]["error"] == "no such file"
+    assert by_path[f"{s3_dir}a/img04.png"]["logit"] == pytest.approx(by_path[str(imgs[4])]["logit"], abs=0)
     assert by_path[f"file://{imgs[0]}"]["label"] == 1 and by_path[f"file://{imgs[0]}"]["set"] == "uri"
     assert by_path[str(imgs[1])]["label"] is None
     # ten-crop: the probability is sigmoid of the mean of the ten views' logits (not the mean probability)
@@ -306,7 +349,7 @@ def test_records_equal_rine_detect_with_ten_crop_and_files_that_kill_or_hang_the
     assert by_path[str(imgs[2])]["prob_fake"] == pytest.approx(torch.sigmoid(logits.mean()).item(), abs=1e-6)
     assert (logits - logits.mean()).abs().max() > 1e-4  # the views differ: no one crop's logit is the mean
     job = json.loads((out / MANIFEST_NAME).read_text())
-    assert job["counts"] == {"inputs": 15, "records": 15, "scored": 9, "errors": 6, "missing": 0, "duplicates": 0,
+    assert job["counts"] == {"inputs": 18, "records": 18, "scored": 11, "errors": 7, "missing": 0, "duplicates": 0,
                              "mismatched": 0, "complete": True}  # fmt: skip
     assert job["model_config"]["preprocess"]["crop"] == "ten" and job["status"] == "complete"
 
