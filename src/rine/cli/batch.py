@@ -56,7 +56,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--decode-batch", type=positive_int, default=32, help="images per decoding task (default 32)")
     e.add_argument("--decode-tasks", type=positive_int, default=None, metavar="N",
                    help="decoding tasks running at once (default: with a local Ray, the cores the scoring actors "
-                   "leave; on a cluster, as many as its CPUs allow)")  # fmt: skip
+                   "leave, at least 2; on a cluster, as many as its CPUs allow)")  # fmt: skip
     e.add_argument("--buffer-mb", type=float, default=None, metavar="MB",
                    help="object store memory the decoded images may hold at once; decoding waits beyond it, so "
                    "memory does not grow with the input list (default: two blocks per decoding slot and four "

@@ -78,7 +78,7 @@ class BatchConfig:
     actor_cpus: int | None = None  # CPUs (torch threads) per CPU scoring actor; default half the cores
     batch_size: int | None = None  # images per scoring batch; default 16 on CPU, 64 on GPU
     decode_batch: int = 32  # inputs per decoding task
-    decode_tasks: int | None = None  # decoding tasks at once; default: a local Ray, the cores the actors leave; a cluster, no cap
+    decode_tasks: int | None = None  # decoding tasks at once; default: a local Ray, the cores the actors leave (>= 2); a cluster, no cap
     buffer_mb: float | None = None  # object store the decoded views may hold; default: see buffer_bytes
     shard_size: int | None = None  # inputs per committed output file; default 4096 (taps: 1024, as rine extract)
     max_pixels: int | None = DEFAULT_MAX_PIXELS
