@@ -6,7 +6,7 @@ Each Linear of an encoder block becomes an `Int8Linear`:
   * activations: quantized on the fly to uint8 with one scale and zero point per call,
     from the batch's min and max (so that 0 is exact and no value is clipped),
     rounded by fbgemm's one-pass kernel (`torch.quantize_per_tensor`, deprecated in 2.13 but
-    1.6-4x faster than the same rounding in tensor ops), or by those ops (`round_to_uint8`,
+    1.8-2.9x faster than the same rounding in tensor ops), or by those ops (`round_to_uint8`,
     the same values bit for bit) where PyTorch no longer has it;
   * oneDNN's int8 GEMM (`onednn::qlinear_pointwise`: VNNI or AMX-INT8 dot products,
     int32 sums) dequantizes in its epilogue and adds the float32 bias there, with the
@@ -100,7 +100,7 @@ def round_to_uint8(x: torch.Tensor, scale: float, zero_point: int) -> torch.Tens
     """x float32 [...] -> uint8 [...]: clamp(round(x / scale) + zero_point, 0, 255) exactly
     as `torch.quantize_per_tensor` (fbgemm's `QuantizeAvx2`) rounds, in plain tensor ops.
 
-    Bit for bit, ties included (tests/test_int8.py checks it against the fbgemm kernel):
+    Bit for bit, ties included (tests/test_int8_rounding.py checks it against fbgemm's):
       * 1/scale in float32 and a multiplication, as fbgemm does: x / scale differs from
         x * (1/scale) in the last bit, so at some ties (fbgemm's own example: 0.273939937
         with scale 0.00214854861 gives 127.5 by the product and 127.499992 by the quotient);
@@ -109,7 +109,7 @@ def round_to_uint8(x: torch.Tensor, scale: float, zero_point: int) -> torch.Tens
         tail, which every CPU that runs int8 uses; not with ATEN_CPU_CAPABILITY=default,
         whose plain a * b + c can differ near ties). Rounding the product
         first, or adding the zero point after the integer rounding, each changes the
-        result near ties (thousands of times in tests/test_int8.py's near-tie inputs);
+        result near ties (thousands of times in that test's near-tie inputs);
       * then to the nearest integer, ties to even (`_mm256_cvtps_epi32`, `torch.round`),
         saturated to [0, 255]: +inf -> 255, -inf -> 0. NaN is left unspecified (fbgemm
         writes 255): `activation_qparams` refuses non-finite inputs before any rounding.
@@ -130,7 +130,8 @@ def _round_fbgemm(x: torch.Tensor, scale: float, zero_point: int) -> torch.Tenso
 @lru_cache(maxsize=1)
 def rounding_kernel() -> Callable[[torch.Tensor, float, int], torch.Tensor]:
     """The rounding `quantize_activation` uses: fbgemm's while PyTorch has it (the ops of
-    `round_to_uint8` give the same values 1.6-4x slower), else `round_to_uint8`."""
+    `round_to_uint8` give the same values 1.8-2.9x slower: `benchmarks/int8_kernels.py
+    --rounding`, a loaded 2-core Xeon), else `round_to_uint8`."""
     try:
         # PyTorch 2.13 warns once per process that quantized tensors are deprecated: this
         # first call takes the warning, so that scoring never shows it.
