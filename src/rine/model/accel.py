@@ -37,6 +37,7 @@ from torch import nn
 
 from ..config import PRECISIONS
 from . import quant
+from .cpu_features import cpu_flags as _cpu_flags  # a module name, so tests can patch it
 
 logger = logging.getLogger(__name__)
 
@@ -64,17 +65,6 @@ def cpu_has_amx() -> bool:
     """True on CPUs with AMX tiles for bf16 (Intel Sapphire Rapids and later), where
     PyTorch's CPU flash attention is faster in bf16 than in fp32."""
     return "amx_bf16" in _cpu_flags()
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

@@ -4,7 +4,10 @@ Each Linear of an encoder block becomes an `Int8Linear`:
   * weights: int8, symmetric, one scale per output channel (max |w| / 127), packed once
     into oneDNN's blocked layout (`onednn::qlinear_prepack`);
   * activations: quantized on the fly to uint8 with one scale and zero point per call,
-    from the batch's min and max (so that 0 is exact and no value is clipped);
+    from the batch's min and max (so that 0 is exact and no value is clipped),
+    rounded by fbgemm's one-pass kernel (`torch.quantize_per_tensor`, deprecated in 2.13 but
+    1.8-2.9x faster than the same rounding in tensor ops), or by those ops (`round_to_uint8`,
+    the same values bit for bit) where PyTorch no longer has it;
   * oneDNN's int8 GEMM (`onednn::qlinear_pointwise`: VNNI or AMX-INT8 dot products,
     int32 sums) dequantizes in its epilogue and adds the float32 bias there, with the
     MLP's activation (swish) or the residual add (oneDNN's in-place "sum") fused.
@@ -27,11 +30,17 @@ there, and on GPUs (`int8_unavailable`).
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
+from collections.abc import Callable
 from functools import lru_cache
 
 import torch
+
+from .cpu_features import cpu_flags as _cpu_flags  # a module name, so tests can patch it
+
+logger = logging.getLogger(__name__)
 
 # CPU extensions with int8 dot products (u8 x s8 -> s32) that oneDNN uses, best first.
 INT8_ISAS = ("amx_int8", "avx512_vnni", "avx_vnni")
@@ -42,24 +51,6 @@ CUDA_REASON = (
     "encoder already waits for the image decoder in fp16, so int8 could not speed scoring "
     "up; use --precision auto (fp16) there"
 )
-
-
-def _cpu_flags() -> set[str]:
-    """CPU feature names, from PyTorch's cpuinfo probe and /proc/cpuinfo (the same names)."""
-    flags: set[str] = set()
-    try:
-        flags |= {k for k, v in torch._C._cpu._get_cpu_capability().items() if v is True}
-    except (AttributeError, RuntimeError):
-        pass
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags |= set(line.split(":", 1)[1].split())
-                    break
-    except OSError:
-        pass
-    return flags
 
 
 @lru_cache(maxsize=1)
@@ -105,24 +96,59 @@ def activation_qparams(x: torch.Tensor) -> tuple[float, int]:
     return scale, min(255, max(0, round(-lo / scale)))
 
 
-_quiet = False
+def round_to_uint8(x: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
+    """x float32 [...] -> uint8 [...]: clamp(round(x / scale) + zero_point, 0, 255) exactly
+    as `torch.quantize_per_tensor` (fbgemm's `QuantizeAvx2`) rounds, in plain tensor ops.
+
+    Bit for bit, ties included (tests/test_int8_rounding.py checks it against fbgemm's):
+      * 1/scale in float32 and a multiplication, as fbgemm does: x / scale differs from
+        x * (1/scale) in the last bit, so at some ties (fbgemm's own example: 0.273939937
+        with scale 0.00214854861 gives 127.5 by the product and 127.499992 by the quotient);
+      * x * (1/scale) + zero_point in ONE rounding to float32 (fbgemm's fused multiply-add;
+        PyTorch's CPU add with alpha is one in its AVX2 and AVX-512 kernels, vector body and
+        tail, which every CPU that runs int8 uses; not with ATEN_CPU_CAPABILITY=default,
+        whose plain a * b + c can differ near ties). Rounding the product
+        first, or adding the zero point after the integer rounding, each changes the
+        result near ties (thousands of times in that test's near-tie inputs);
+      * then to the nearest integer, ties to even (`_mm256_cvtps_epi32`, `torch.round`),
+        saturated to [0, 255]: +inf -> 255, -inf -> 0. NaN is left unspecified (fbgemm
+        writes 255): `activation_qparams` refuses non-finite inputs before any rounding.
+    Four passes over float32 where fbgemm makes one, so it is the slower kernel
+    (`benchmarks/int8_kernels.py --rounding`) and runs only where PyTorch no longer has
+    `quantize_per_tensor`."""
+    inv = float(torch.tensor(scale, dtype=torch.float32).reciprocal())  # fbgemm: 1.f / scale
+    t = torch.add(torch.tensor(float(zero_point), dtype=torch.float32), x, alpha=inv)
+    return t.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def _round_fbgemm(x: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
+    """round_to_uint8 by fbgemm's one-pass kernel, through a quantized tensor (deprecated
+    in PyTorch 2.13) whose plain uint8 values are taken at once."""
+    return torch.quantize_per_tensor(x, scale, zero_point, torch.quint8).int_repr()
+
+
+@lru_cache(maxsize=1)
+def rounding_kernel() -> Callable[[torch.Tensor, float, int], torch.Tensor]:
+    """The rounding `quantize_activation` uses: fbgemm's while PyTorch has it (the ops of
+    `round_to_uint8` give the same values 1.8-2.9x slower: `benchmarks/int8_kernels.py
+    --rounding`, a loaded 2-core Xeon), else `round_to_uint8`."""
+    try:
+        # PyTorch 2.13 warns once per process that quantized tensors are deprecated: this
+        # first call takes the warning, so that scoring never shows it.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*deprecated", category=UserWarning)
+            _round_fbgemm(torch.zeros(8), 1.0, 0)
+    except (AttributeError, NotImplementedError, RuntimeError) as e:
+        logger.info("int8: torch.quantize_per_tensor is unavailable (%s); rounding with tensor ops", e)
+        return round_to_uint8
+    return _round_fbgemm
 
 
 def quantize_activation(x: torch.Tensor) -> tuple[torch.Tensor, float, int]:
     """x float32 [..., K] -> (uint8 [..., K], scale, zero point): one pass for the range,
-    one for the rounding (fbgemm's vectorised `quantize_per_tensor`)."""
-    global _quiet
+    one for the rounding (`round_to_uint8`'s values)."""
     scale, zp = activation_qparams(x)
-    if not _quiet:
-        # PyTorch 2.13 warns once that quantized tensors are deprecated; we use one only as
-        # the fastest rounding kernel and take its plain uint8 values at once.
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*deprecated", category=UserWarning)
-            q = torch.quantize_per_tensor(x.contiguous(), scale, zp, torch.quint8)
-        _quiet = True
-    else:
-        q = torch.quantize_per_tensor(x.contiguous(), scale, zp, torch.quint8)
-    return q.int_repr(), scale, zp
+    return rounding_kernel()(x.contiguous(), scale, zp), scale, zp
 
 
 class Int8Linear:
