@@ -48,6 +48,7 @@ from .preprocess import crop_views
 log = logging.getLogger(__name__)
 
 CROPS = ("center", "ten")  # the crops whose windows lie in the un-resized image
+_PIXEL = np.dtype((np.void, 3))  # one RGB pixel as a single item
 _FORMATS = ("JPEG", "MPO")  # MPO: how Pillow opens many camera JPEGs (frame 0 is the JPEG at offset 0)
 
 
@@ -162,12 +163,19 @@ def _crop_aware(module, image: Image.Image, data: bytes, size: int, crop: str) -
         offsets.append(acc)
         acc += b - a
     views = np.empty((len(windows), size, size, 3), np.uint8)
+    # A mirrored copy moves whole pixels: as one 3-byte item each it is 2.5x faster than
+    # numpy's byte-wise copy of window[:, ::-1] (0.17 against 0.42 ms a window).
+    pixels = strip.view(_PIXEL)[..., 0] if channels == 3 else None
     for i, (top, left, mirrored) in enumerate(windows):
         band = max(j for j, a in enumerate(starts) if a <= top)
         r = offsets[band] + top - starts[band]
-        window = strip[r : r + size, left - col0 : left - col0 + size]
-        # Greyscale: Pillow's convert("RGB") replicates L into the three channels.
-        views[i] = window[:, ::-1] if mirrored else window
+        c = left - col0
+        if not mirrored:
+            views[i] = strip[r : r + size, c : c + size]  # greyscale: replicated, as convert("RGB") does
+        elif pixels is not None:
+            views[i].view(_PIXEL)[..., 0] = pixels[r : r + size, c : c + size][:, ::-1]
+        else:
+            views[i] = strip[r : r + size, c : c + size][:, ::-1]
     return views
 
 
