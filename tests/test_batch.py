@@ -245,6 +245,19 @@ def test_reconcile_finds_missing_and_duplicated_inputs(tmp_path):
     assert rec.duplicates == [1] and rec.exit_code == 2
 
 
+def test_ray_client_addresses_are_refused_with_the_way_that_works(tmp_path, capsys):
+    """ray:// connects, then Ray Data fails at the first block (measured, ray 2.60): refuse
+    before any work, and say what to do instead."""
+    pytest.importorskip("ray")
+    from rine.cli import main
+
+    write_image(tmp_path / "a.png")
+    assert main(["batch", str(tmp_path / "a.png"), "--out", str(tmp_path / "o"), "--address", "ray://10.0.0.1:10001"]) == 2
+    err = capsys.readouterr().err
+    assert "Ray Client" in err and "ray job submit" in err and "--address auto" in err
+    assert not (tmp_path / "o" / "_manifest.json").exists()
+
+
 def test_a_plan_the_cluster_cannot_run_is_refused_not_left_waiting():
     pytest.importorskip("pyarrow")
     from rine.cluster.batch import BatchConfig, BatchError, check_fits, plan_resources

@@ -46,7 +46,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_options(p, batch_jobs=False)
     e = p.add_argument_group("engine")
     e.add_argument("--address", default="local", help="local (default): start a Ray of this machine; auto: the cluster "
-                   "this machine belongs to (`ray start`); ray://host:10001: a remote cluster's client port")  # fmt: skip
+                   "this machine belongs to (`ray start`), or HOST:6379 from a node of it. Not ray:// (Ray Data does not run "
+                   "through Ray Client): from elsewhere, `ray job submit -- rine batch ... --address auto`")  # fmt: skip
     e.add_argument("--num-gpus", type=positive_int, default=None, help="GPUs to use, one scoring actor each "
                    "(default: every GPU of the cluster with --device auto/cuda)")  # fmt: skip
     e.add_argument("--actors", type=positive_int, default=None, help="scoring actors (default: one per GPU, else 1)")

@@ -72,7 +72,7 @@ class BatchConfig:
     seed: int = 0
     dtype: str = "float16"
     # engine
-    address: str = "local"  # local: start a Ray of this machine; auto: the running cluster; ray://host:port
+    address: str = "local"  # local: start a Ray of this machine; auto or host:port: a running cluster (not ray://)
     num_gpus: int | None = None  # GPUs to use (one scoring actor each); default: all the cluster has
     actors: int | None = None  # scoring actors; default: one per GPU, else 1
     actor_cpus: int | None = None  # CPUs (torch threads) per CPU scoring actor; default half the cores
@@ -465,9 +465,21 @@ def _taps_setup(cfg: BatchConfig, inputs: InputList, shard_size: int):
     return writer, views, int(meta["image_size"]), actor_kwargs, (int(meta["blocks"]), int(meta["width"]))
 
 
+def check_address(address: str | None) -> None:
+    """BatchError for an address the pipeline cannot run from. Through Ray Client (`ray://`)
+    Ray Data 2.60's streaming executor fails at its first block (`'Worker' object has no
+    attribute 'core_worker'`: it needs a driver that is a process of the cluster), measured
+    against a `ray start --head` with its client server."""
+    if address and address.startswith("ray://"):
+        raise BatchError(f"--address {address}: Ray Data does not run through Ray Client (ray://); run rine batch on "
+                         "a node of the cluster with --address auto, or submit it as a Ray job: ray job submit "
+                         "--address http://HEAD:8265 -- rine batch ... --address auto")  # fmt: skip
+
+
 def run_batch(cfg: BatchConfig) -> BatchResult:
     """Run (or finish) the job `cfg` describes; see the module docstring."""
     _import_ray()  # before any work: without the extra, say how to install it
+    check_address(cfg.address)
     out = Path(cfg.out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     from .manifest import ManifestError
