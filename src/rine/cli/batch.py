@@ -110,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
         decode_batch=args.decode_batch, buffer_mb=args.buffer_mb, decode_tasks=args.decode_tasks, shard_size=args.shard_size, max_pixels=args.max_pixels,
         max_bytes=args.max_bytes, decode_timeout=args.decode_timeout or None, temp_dir=args.temp_dir,
         stall_timeout=args.stall_timeout, progress=not args.no_progress and sys.stderr.isatty(),
+        ray_logs=args.verbose > 0,
     )  # fmt: skip
     try:
         result = run_batch(cfg)

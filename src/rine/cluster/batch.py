@@ -87,6 +87,7 @@ class BatchConfig:
     temp_dir: str | None = None  # the local Ray's session folder
     stall_timeout: float = 600.0  # Ray Data fails a job that makes no progress this long
     progress: bool = True
+    ray_logs: bool = False  # Ray Data's own INFO/WARNING lines on stderr (rine batch -v)
     # extension points, importable by name on every worker (tests put in decoders that crash)
     # rine detect's own decode (`prepare_views` is this function), from a module without torch:
     # each decoding slot's fork server and worker would otherwise hold a torch import (~100 MB)
@@ -303,14 +304,15 @@ def _connect(cfg: BatchConfig, cpus_wanted: int) -> bool:
     ray = _import_ray()
     if ray.is_initialized():
         return False
+    level = logging.INFO if cfg.ray_logs else logging.ERROR  # Ray's start-up lines, shown with -v
     try:
         if cfg.address in (None, "", "local"):
             # Logical CPUs: the scoring actor's threads plus at least two decoding tasks, even on a
             # two-core machine (a pool that holds every CPU starves decoding: the job would hang).
             ray.init(num_cpus=max(os.cpu_count() or 1, cpus_wanted), include_dashboard=False, log_to_driver=False,
-                     _temp_dir=os.path.abspath(cfg.temp_dir) if cfg.temp_dir else None)  # fmt: skip
+                     _temp_dir=os.path.abspath(cfg.temp_dir) if cfg.temp_dir else None, logging_level=level)  # fmt: skip
         else:
-            ray.init(address=cfg.address, log_to_driver=False)
+            ray.init(address=cfg.address, log_to_driver=False, logging_level=level)
     except (ConnectionError, RuntimeError, ValueError) as e:
         where = "start a local Ray" if cfg.address in (None, "", "local") else f"connect to the Ray cluster at {cfg.address}"
         raise BatchError(f"cannot {where}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__} "
@@ -574,6 +576,10 @@ def _execute(cfg, inputs, todo_shards, shard_size, done, commit, spec, actor_cls
         shard_of = pc.divide(inputs.table.column("item"), shard_size)
         todo = inputs.table.filter(pc.is_in(shard_of, _int_array(todo_shards)))
         ds = build_dataset(todo, spec, plan, actor_cls, actor_kwargs, cfg.decode_batch)
+        if not cfg.ray_logs:
+            # after Ray Data has configured its loggers (it sets their levels when first used):
+            # its execution plan and "progress bars disabled" lines say nothing to a user of ours
+            logging.getLogger("ray.data").setLevel(logging.ERROR)
         logger.info("plan: %s actor(s) x %g CPU %g GPU, decoding tasks %g CPU (at most %s at once), buffer %d MB; "
                     "%d inputs to do", plan.actors, plan.actor_cpus, plan.actor_gpus, plan.decode_cpus,
                     plan.decode_tasks or "any number", budget // 2**20,
