@@ -126,8 +126,8 @@ def _floor_fn(crop_aware, size: int, crop: str):
         if module is None:
             return crop_aware(data)
         with Image.open(io.BytesIO(data)) as im:
-            w, h, mode, fmt, prog = im.width, im.height, im.mode, im.format, im.info.get("progressive")
-        if fmt not in ("JPEG", "MPO") or mode not in ("RGB", "L") or prog or w < size or h < size:
+            w, h, mode, taken = im.width, im.height, im.mode, jpeg_crop.takes(im, size)
+        if not taken:
             return crop_aware(data)
         last = max(t for t, _, _ in jpeg_crop.crop_windows(w, h, size, crop)) + size
         channels = 3 if mode == "RGB" else 1

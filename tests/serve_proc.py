@@ -18,6 +18,23 @@ from pathlib import Path
 import pytest
 
 
+def wait_ready(base: str, proc: subprocess.Popen, timeout_s: float) -> None:
+    """Poll `base`/readyz until it answers 200; fail with the child's stderr (a pipe) if it
+    exits first, or after `timeout_s` (a liveness bound, not a speed check)."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        try:
+            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "server not ready"
+        time.sleep(0.1)
+
+
 @contextlib.contextmanager
 def running_server(args: list[str], log_path: Path, ready_s: float = 180) -> Iterator[str]:
     """Start `rine serve --host 127.0.0.1 --port 0 ARGS`, wait until /readyz answers 200, yield

@@ -28,6 +28,7 @@ from rine.evaluation.metrics import compute_metrics, mean_metrics
 from rine.evaluation.results import Condition, RunResult, metrics_of
 
 from conftest import write_image
+from serve_proc import wait_ready
 
 
 def run_cli(capsys, *argv):
@@ -412,15 +413,7 @@ def test_sigterm_answers_the_uploads_in_flight_and_exits_cleanly(tiny_checkpoint
 
     try:
         deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server not ready"
-            time.sleep(0.1)
+        wait_ready(base, proc, 120)
         clients = [threading.Thread(target=half_then_rest) for _ in range(4)]
         for c in clients:
             c.start()

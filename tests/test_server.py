@@ -21,6 +21,7 @@ from rine.server.app import display_name, load_error_status  # noqa: E402
 from rine.server.batching import ScoringFailed  # noqa: E402
 
 from conftest import OFFICIAL, assert_scores_as_reference_decode, require_shared  # noqa: E402
+from serve_proc import wait_ready  # noqa: E402
 
 
 def png_bytes(size=(64, 48), mode="RGB", seed=0, fmt="PNG") -> bytes:
@@ -933,16 +934,7 @@ def test_rine_serve_subprocess_with_api_key(tiny_checkpoint_dir, tmp_path):
         assert "serving on http://127.0.0.1:" in line, (line, proc.poll())
         port = int(line.split("http://127.0.0.1:", 1)[1].split()[0])
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, proc.stderr.read()
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server not ready"
-            time.sleep(0.1)
+        wait_ready(base, proc, 60)
         img = (OFFICIAL / "real_aadlygmazf.jpg").read_bytes()
         assert httpx.post(f"{base}/v1/detect", files=upload(("a.jpg", img))).status_code == 401
         r = httpx.post(f"{base}/v1/detect", files=upload(("a.jpg", img)), headers={"X-API-Key": "k-123"})

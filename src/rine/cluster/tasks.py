@@ -90,21 +90,12 @@ def tap_views_of(source: str, item: int, transform: str, seed: int, size: int, v
     """In a decoding worker process: one file -> uint8 views [views, S, S, 3] as `rine extract`
     cuts them (view v of item i depends only on seed, i, v), or the reason it is unusable, in
     `rine extract`'s words (a store lists its skipped inputs)."""
-    from ..config import PreprocessConfig
-    from ..data.images import ImageLoadError, load_image
-    from ..data.jpeg_crop import CROPS, decode_views
+    from ..data.augment import cut_views
+    from ..data.images import ImageLoadError
 
-    make_views = make_views_for(transform, seed, size)
     try:
-        data = read_source(source, max_bytes)
-        crop = getattr(make_views, "crop", None)
-        if crop in CROPS:  # as rine extract: only the windows' pixels of a baseline JPEG are decoded
-            return decode_views(data, PreprocessConfig(image_size=size, crop=crop), max_pixels, max_bytes)
-        image = load_image(data, max_pixels=max_pixels, max_bytes=max_bytes)
-        all_views = getattr(make_views, "all_views", None)
-        if all_views is not None:
-            return np.asarray(all_views(image, item))
-        return np.stack([make_views(image, item, v) for v in range(views)])
+        return cut_views(read_source(source, max_bytes), make_views_for(transform, seed, size), item, views,
+                         max_pixels, max_bytes)  # fmt: skip
     except (ImageLoadError, ValueError, OSError) as e:
         return str(e) or type(e).__name__
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -158,3 +159,25 @@ class TenCropViews:
             last = self._last = (index, ten_crop_arrays(np.asarray(image, dtype=np.uint8), self.size))
         return np.ascontiguousarray(last[1][view])
 
+
+def cut_views(source, make_views, index: int, views: int, max_pixels: int | None, max_bytes: int | None) -> np.ndarray:
+    """One image (a path or encoded bytes) -> uint8 [views, S, S, 3] as `make_views` cuts them
+    for item `index` (`all_views` once if it has it, else view by view). The centre and ten
+    crops of a baseline JPEG decode only their windows' pixels (`jpeg_crop`: the same bytes and
+    errors as a full decode). Raises ImageLoadError for an unusable image; limits as given
+    (None: no limit)."""
+    from ..config import PreprocessConfig
+    from .images import load_image
+    from .jpeg_crop import CROPS, decode_views
+
+    crop = getattr(make_views, "crop", None)
+    if crop in CROPS and isinstance(source, (str, Path, bytes)):
+        out = decode_views(source, PreprocessConfig(image_size=make_views.size, crop=crop), max_pixels, max_bytes)
+    else:
+        image = load_image(source, max_pixels=max_pixels, max_bytes=max_bytes)
+        all_views = getattr(make_views, "all_views", None)  # every slot from one derivation
+        out = np.asarray(all_views(image, index)) if all_views is not None else \
+            np.stack([make_views(image, index, v) for v in range(views)])
+    if len(out) != views:
+        raise RuntimeError(f"{type(make_views).__name__} gave {len(out)} views, expected {views}")
+    return out

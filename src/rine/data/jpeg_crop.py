@@ -138,13 +138,20 @@ def _bands(windows: list[tuple[int, int, bool]], size: int) -> list[tuple[int, i
     return bands
 
 
-def _crop_aware(module, image: Image.Image, data: bytes, size: int, crop: str) -> np.ndarray | None:
-    """The views [V, S, S, 3] decoded by the extension, or None where Pillow must decode."""
+def takes(image: Image.Image, size: int) -> bool:
+    """Whether the extension may decode this opened header's windows of `size` (else Pillow)."""
     width, height = image.size
     if image.format not in _FORMATS or image.mode not in ("RGB", "L") or width < size or height < size:
+        return False
+    # progressive files: the extension refuses them too; this saves it the header parse
+    return not (image.info.get("progressive") or image.info.get("progression"))
+
+
+def _crop_aware(module, image: Image.Image, data: bytes, size: int, crop: str) -> np.ndarray | None:
+    """The views [V, S, S, 3] decoded by the extension, or None where Pillow must decode."""
+    if not takes(image, size):
         return None
-    if image.info.get("progressive") or image.info.get("progression"):
-        return None  # the extension refuses them too; this saves it the header parse
+    width, height = image.size
     windows = crop_windows(width, height, size, crop)
     bands = _bands(windows, size)
     col0 = min(le for _, le, _ in windows)

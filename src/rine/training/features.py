@@ -20,12 +20,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..config import PreprocessConfig
+from ..data.augment import cut_views
 from ..data.datasets import Item
 from ..data.decoding import ordered_map
-from ..data.images import ImageLoadError
-from ..data.jpeg_crop import CROPS, decode_views
-from ..data.parquet import open_source
+from ..data.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageLoadError
+from ..data.parquet import RowError
 from ..data.preprocess import normalize
 from .store import (  # noqa: F401  (rine.features' names before the split)
     COMMITS_NAME,
@@ -152,28 +151,14 @@ def extract_features(
 
 def _load_views(item: Item, index: int, make_views: MakeViews, views: int, max_pixels, max_bytes=None,
                 source: Any = None) -> np.ndarray | str:  # fmt: skip
-    """uint8 [views, S, S, 3], or the one-line reason the image is unusable. The centre and
-    ten crops of a baseline JPEG decode only their windows' pixels (`data.jpeg_crop`: the same
-    bytes and errors as a full decode)."""
+    """uint8 [views, S, S, 3] (`augment.cut_views`), or the one-line reason the image is
+    unusable; limits left as None are load_image's defaults."""
     try:
-        kwargs = {} if max_pixels is None else {"max_pixels": max_pixels}
-        if max_bytes is not None:
-            kwargs["max_bytes"] = max_bytes
         src = item.path if source is None else source
-        crop = getattr(make_views, "crop", None)
-        if crop in CROPS and isinstance(src, (str, Path, bytes)):
-            out = decode_views(src, PreprocessConfig(image_size=make_views.size, crop=crop), **kwargs)
-            if len(out) != views:
-                raise RuntimeError(f"{type(make_views).__name__} gave {len(out)} views, expected {views}")
-            return out
-        image = open_source(src, **kwargs)
-        all_views = getattr(make_views, "all_views", None)  # every slot from one derivation
-        if all_views is not None:
-            out = np.asarray(all_views(image, index))
-            if len(out) != views:
-                raise RuntimeError(f"make_views.all_views gave {len(out)} views, expected {views}")
-            return out
-        return np.stack([make_views(image, index, v) for v in range(views)])
+        if isinstance(src, RowError):
+            raise ImageLoadError(src.message, src.kind)
+        return cut_views(src, make_views, index, views, DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels,
+                         DEFAULT_MAX_BYTES if max_bytes is None else max_bytes)  # fmt: skip
     except (ImageLoadError, ValueError, OSError) as e:
         return str(e) or type(e).__name__
 
