@@ -1,0 +1,335 @@
+"""`--stability`: the re-encoding conditions, the per-image stability and the evaluation's table.
+
+The conditions are checked against files the test writes itself with Pillow, exactly as
+docs/stability.md defines them, and scored by `Detector.predict` like any file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from rine.config import CalibrationConfig, PreprocessConfig
+from rine.data.images import load_image
+from rine.data.reencode import (
+    DEFAULT_CONDITIONS,
+    REENCODINGS,
+    encode,
+    reencode,
+    resolve_conditions,
+    stability_views,
+)
+from rine.inference.stability import assess, split_logits
+from rine.model.calibration import DecisionRule
+
+
+def photo(size, seed=0, mode="RGB") -> Image.Image:
+    """A photo-like image (smooth shapes, texture and noise): re-encodings change it, but
+    not beyond recognition, as they change photos."""
+    w, h = size
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    base = np.stack([120 + 100 * np.sin(x / (7 + 13 * c) + c) * np.cos(y / (11 + 5 * c)) for c in range(3)], -1)
+    base += 25 * (((x // 37) + (y // 29)) % 2)[..., None]  # edges, where JPEG rings
+    base += rng.normal(0, 12, base.shape)
+    arr = np.clip(base, 0, 255).astype(np.uint8)
+    img = Image.fromarray(arr, "RGB")
+    return img.convert(mode) if mode != "RGB" else img
+
+
+# name -> (size, mode, format, save options): the inputs the issue lists
+INPUTS = {
+    "jpeg": ((400, 300), "RGB", "JPEG", {"quality": 95}),
+    "png": ((320, 256), "RGB", "PNG", {}),
+    "webp": ((300, 330), "RGB", "WEBP", {"quality": 90}),
+    "grey": ((288, 240), "L", "PNG", {}),
+    "greyjpeg": ((260, 300), "L", "JPEG", {"quality": 92}),
+    "small": ((150, 100), "RGB", "PNG", {}),
+    "large": ((2400, 1600), "RGB", "JPEG", {"quality": 93}),
+}
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("stability-inputs")
+    out = {}
+    for i, (name, (size, mode, fmt, opts)) in enumerate(INPUTS.items()):
+        path = folder / f"{name}.{fmt.lower()}"
+        photo(size, seed=i, mode=mode).save(path, fmt, **opts)
+        out[name] = path
+    return out
+
+
+@pytest.fixture(scope="module")
+def photo_checkpoint(sensitive_checkpoint_dir, inputs, tmp_path_factory):
+    """The sensitive head with its last layer rescaled so that these photos' logits have
+    mean 0 and std 2: probabilities away from 0 and 1, where 1e-5 tells conditions apart."""
+    import torch
+
+    from rine.inference.detector import Detector
+    from rine.model.checkpoints import save_pretrained
+
+    det = Detector.from_pretrained(str(sensitive_checkpoint_dir), device="cpu", precision="fp32")
+    logits = torch.tensor([p.logit for p in det.predict([str(p) for p in inputs.values()])])
+    with torch.no_grad():
+        last = det.head.head[-1]
+        scale = 2.0 / logits.std()
+        last.weight.mul_(scale)
+        last.bias.copy_((last.bias - logits.mean()) * scale)
+    folder = tmp_path_factory.mktemp("photo-ckpt") / "ckpt"
+    save_pretrained(det.head, det.config, folder)
+    return folder
+
+
+def pillow_file(src, name: str, folder) -> str:
+    """The file docs/stability.md describes, written here with Pillow directly (not through
+    rine.data.reencode): the decoded RGB image, downscaled where the condition says, saved."""
+    im = Image.open(src)
+    im.load()
+    im = im.convert("RGB")  # as rine decodes (no EXIF rotation, alpha dropped, grey replicated)
+    path = folder / f"{src.stem}-{name}"
+    if name == "jpeg90":
+        im.save(path, "JPEG", quality=90)
+    elif name == "jpeg70":
+        im.save(path, "JPEG", quality=70)
+    elif name == "fit1080":
+        w, h = im.size
+        if max(w, h) > 1080:
+            im = im.resize((round(w * 1080 / max(w, h)), round(h * 1080 / max(w, h))), Image.Resampling.LANCZOS)
+        im.save(path, "JPEG", quality=85)
+    elif name == "webp80":
+        im.save(path, "WEBP", quality=80, method=4)
+    else:
+        raise AssertionError(name)
+    return str(path)
+
+
+def stability_of(detector, source, conditions=None):
+    """(file's Prediction-equivalent probability, Stability) through the stability views."""
+    sv = stability_views(source, detector.config.preprocess, resolve_conditions(conditions))
+    logits, _ = detector.score_views(sv.views)
+    own, per = split_logits(logits, sv.applied, sv.per_image)
+    return own, assess(detector.decision, own, per, sv.skipped), sv
+
+
+def test_the_set_is_fixed_and_documented():
+    assert DEFAULT_CONDITIONS == ("jpeg90", "jpeg70", "fit1080", "webp80")
+    spec = {n: (r.format, r.quality, r.method, r.max_side, r.resample) for n, r in REENCODINGS.items()}
+    assert spec == {"jpeg90": ("JPEG", 90, None, None, "LANCZOS"), "jpeg70": ("JPEG", 70, None, None, "LANCZOS"),
+                    "fit1080": ("JPEG", 85, None, 1080, "LANCZOS"), "webp80": ("WEBP", 80, 4, None, "LANCZOS")}
+    with pytest.raises(ValueError, match="unknown re-encoding 'jpeg50'"):
+        resolve_conditions(["jpeg50"])
+
+
+@pytest.mark.parametrize("name", list(INPUTS))
+def test_reencoded_pixels_are_those_of_the_pillow_file(inputs, name, tmp_path):
+    """Catches any drift from the documented definition (quality, filter, size rounding,
+    a missing downscale, RGB handling of grey inputs): decoded pixels equal exactly."""
+    image = load_image(inputs[name])
+    for cond in DEFAULT_CONDITIONS:
+        ours = np.asarray(reencode(image, REENCODINGS[cond]))
+        theirs = np.asarray(load_image(pillow_file(inputs[name], cond, tmp_path)))
+        assert ours.shape == theirs.shape and np.array_equal(ours, theirs), (name, cond)
+        assert not np.array_equal(ours, np.asarray(image)), f"{cond} left {name} unchanged: the test is blind"
+
+
+def test_fit1080_downscales_only_larger_images_to_exactly_1080():
+    r = REENCODINGS["fit1080"]
+    assert r.target_size(2400, 1600) == (1080, 720)
+    assert r.target_size(1000, 4000) == (270, 1080)
+    assert r.target_size(1081, 7) == (1080, 7)
+    assert r.target_size(1080, 500) == (1080, 500) and r.target_size(200, 100) == (200, 100)
+    assert r.target_size(30000, 1) == (1080, 1)  # never 0 px
+    big = Image.open(__import__("io").BytesIO(encode(photo((2400, 1600)), r)))
+    assert big.size == (1080, 720) and big.format == "JPEG"
+
+
+@pytest.mark.parametrize("crop", ["center", "ten", "resize"])
+@pytest.mark.parametrize("name", list(INPUTS))
+def test_each_condition_scores_as_detect_on_the_reencoded_file(photo_checkpoint, inputs, name, crop, tmp_path):
+    """The issue's check: a condition's probability is `Detector.predict` on the file that
+    Pillow writes as documented, to 1e-5 (fp32); the file's own equals predict on the file."""
+    from rine.inference.detector import Detector
+
+    det = Detector.from_pretrained(str(photo_checkpoint), device="cpu", precision="fp32", crop=crop)
+    own, st, sv = stability_of(det, inputs[name])
+    assert sv.applied == DEFAULT_CONDITIONS and not sv.skipped
+    assert sv.per_image == (10 if crop == "ten" else 1)
+    direct = det.predict(str(inputs[name]))[0]
+    assert abs(det.decision.decide(own).prob_fake - direct.prob_fake) < 1e-5
+    files = [pillow_file(inputs[name], c, tmp_path) for c in DEFAULT_CONDITIONS]
+    preds = det.predict(files)
+    expected = {c: p.prob_fake for c, p in zip(DEFAULT_CONDITIONS, preds, strict=True)}
+    for c in DEFAULT_CONDITIONS:
+        assert abs(st.conditions[c] - expected[c]) < 1e-5, (name, crop, c, st.conditions[c], expected[c])
+    probs = [direct.prob_fake, *expected.values()]
+    assert st.spread == pytest.approx(max(probs) - min(probs), abs=2e-5)
+    # the conditions are told apart: a mix-up of their order would not pass unseen
+    assert len({round(v, 4) for v in expected.values()}) >= 3, expected
+    assert 0.001 < direct.prob_fake < 0.999, direct.prob_fake  # not saturated: 1e-5 means something
+
+
+def _rule_cutting_between(values: list[float], own: float) -> float:
+    """A logit cut between two adjacent values such that both sides hold a condition."""
+    ranked = sorted([own, *values])
+    r = ranked.index(own)
+    lo, hi = (ranked[-2], ranked[-1]) if r <= len(ranked) // 2 else (ranked[0], ranked[1])
+    assert hi - lo > 1e-4, ranked
+    return (lo + hi) / 2
+
+
+def test_flips_and_uncertain_follow_from_the_numbers_near_the_threshold(photo_checkpoint, inputs):
+    """A head whose cut sits among the file's and its conditions' logits: exactly the
+    conditions on the other side of the cut flip, the record becomes uncertain and the
+    reason names them in words; with the cut away from all of them nothing flips."""
+    import torch
+
+    from rine.inference.detector import Detector
+
+    det = Detector.from_pretrained(str(photo_checkpoint), device="cpu", precision="fp32")
+    own, _, sv = stability_of(det, inputs["jpeg"])
+    _, per = split_logits(det.score_views(sv.views)[0], sv.applied, sv.per_image)
+    cut = _rule_cutting_between(list(per.values()), own)
+    with torch.no_grad():
+        det.head.head[-1].bias -= cut  # the head's logits now sit around 0, the 0.5 cut
+    own2, st2, _ = stability_of(det, inputs["jpeg"])
+    _, per2 = split_logits(det.score_views(sv.views)[0], sv.applied, sv.per_image)
+    expected = [c for c in DEFAULT_CONDITIONS if (per2[c] > 0) != (own2 > 0)]
+    assert 0 < len(expected) < len(DEFAULT_CONDITIONS), (own2, per2)
+    assert list(st2.flipped) == expected and st2.flips == len(expected)
+    d = det.decision.decide(own2)
+    assert st2.verdict(d) == "uncertain"
+    assert st2.reason.endswith("would change this answer")
+    for c in DEFAULT_CONDITIONS:
+        assert (REENCODINGS[c].words in st2.reason) == (c in expected)
+    rec = st2.to_dict()
+    assert rec["flips"] == len(expected) and set(rec["conditions"]) == set(DEFAULT_CONDITIONS)
+    assert rec["spread"] == pytest.approx(max([d.prob_fake, *st2.conditions.values()]) -
+                                          min([d.prob_fake, *st2.conditions.values()]))
+    # the same numbers cut far below all of them: stable, the decision's own verdict
+    det.set_decision(threshold=1e-6)
+    own3, st3, _ = stability_of(det, inputs["jpeg"])
+    assert st3.flips == 0 and st3.verdict(det.decision.decide(own3)) == "synthetic"
+
+
+def test_a_calibrated_rule_flips_at_its_own_cut_not_at_one_half():
+    """Calibrated: c = 2 z + 1, cut at c > 3 (p > 0.953): a condition moving z from 1.2 to
+    0.9 flips (c 3.4 -> 2.8) although both are far above p = 0.5; one at 1.1 (c 3.2) does not."""
+    cal = CalibrationConfig(method="platt", threshold_logit=3.0, scale=2.0, offset=1.0)
+    rule = DecisionRule(threshold=1 / (1 + math.exp(-3.0)), calibration=cal, cut_logit=3.0)
+    st = assess(rule, 1.2, {"jpeg90": 1.1, "jpeg70": 0.9})
+    assert st.flipped == ("jpeg70",)
+    assert st.conditions["jpeg70"] == pytest.approx(1 / (1 + math.exp(-2.8)))
+    assert st.spread == pytest.approx(1 / (1 + math.exp(-3.4)) - 1 / (1 + math.exp(-2.8)))
+    assert st.verdict(rule.decide(1.2)) == "uncertain"
+    assert st.reason == "a JPEG re-save at quality 70 would change this answer"
+    plain = assess(DecisionRule(), 1.2, {"jpeg90": 1.1, "jpeg70": 0.9})
+    assert plain.flips == 0 and plain.verdict(DecisionRule().decide(1.2)) == "synthetic"
+
+
+def test_reasons_list_several_conditions_in_words():
+    st = assess(DecisionRule(), -0.1, {"jpeg90": -0.2, "jpeg70": 0.3, "fit1080": -0.5, "webp80": 0.01})
+    assert st.flipped == ("jpeg70", "webp80")
+    assert st.reason == "a JPEG re-save at quality 70 or a WebP re-encode at quality 80 would change this answer"
+    stable = assess(DecisionRule(), -0.1, {"jpeg90": -0.2})
+    assert stable.reason == "none of 1 everyday re-encodings changes this answer"
+
+
+def test_a_band_verdict_stays_uncertain_without_flips():
+    cal = CalibrationConfig(method="platt", threshold_logit=0.0, uncertain_low=0.4, uncertain_high=0.6)
+    rule = DecisionRule(threshold=0.5, calibration=cal, cut_logit=0.0, band=(0.4, 0.6))
+    st = assess(rule, 0.1, {"jpeg90": 0.2})
+    assert st.flips == 0 and st.verdict(rule.decide(0.1)) == "uncertain"
+
+
+def test_webp_too_wide_is_skipped_with_its_reason_and_the_rest_applies(tmp_path):
+    path = tmp_path / "pano.png"
+    Image.fromarray(np.full((2, 16400, 3), 90, np.uint8)).save(path)
+    sv = stability_views(str(path), PreprocessConfig(), resolve_conditions())
+    assert sv.applied == ("jpeg90", "jpeg70", "fit1080") and list(sv.skipped) == ["webp80"]
+    assert "16383" in sv.skipped["webp80"]
+    assert sv.views.shape == (4, 224, 224, 3)
+
+
+def test_the_files_own_views_are_those_detect_scores(inputs):
+    """The stability path decodes with Pillow (it needs the whole image); its first views
+    must equal the crop-aware decoder's, which `rine detect` uses without the flag."""
+    from rine.data.jpeg_crop import decode_views
+
+    for crop in ("center", "ten", "resize"):
+        pre = dataclasses.replace(PreprocessConfig(), crop=crop)
+        for name in ("jpeg", "large", "small"):
+            sv = stability_views(str(inputs[name]), pre, resolve_conditions(["jpeg70"]))
+            own = decode_views(str(inputs[name]), pre)
+            assert np.array_equal(sv.views[: len(own)], own)
+            assert not np.array_equal(sv.views[len(own):], own)
+
+
+def _recs(logits, labels, errors=()):
+    return [{"path": f"{i}.png", "label": y, "logit": z, "prob_fake": None, "error": "bad" if i in errors else None}
+            for i, (z, y) in enumerate(zip(logits, labels, strict=True))]
+
+
+def test_eval_flip_rates_and_selective_table_follow_from_the_records():
+    """Six images (labels 0,0,0,1,1,1). At the paper's cut (logit 0): jpeg70 flips images 1
+    and 4, webp80 flips image 4 -> 2 unstable of 6; image 5 has an error in webp80 and is
+    left out everywhere (5 counted). The calibrated cut (c = z + 0 > 1) sees other flips."""
+    from rine.evaluation.stability import paper_rule, set_stability
+
+    labels = [0, 0, 0, 1, 1, 1]
+    clean = _recs([-2.0, -0.1, 0.5, 2.0, 0.2, 3.0], labels)
+    under = {"jpeg70": _recs([-1.9, 0.3, 0.6, 2.1, -0.2, 3.0], labels),
+             "webp80": _recs([-2.0, -0.2, 1.5, 1.8, -0.1, 3.0], labels, errors=(5,))}
+    m = set_stability(clean, under, paper_rule())
+    assert m["n"] == 5 and m["n_stable"] == 3
+    assert m["flip_rate"] == {"jpeg70": pytest.approx(2 / 5), "webp80": pytest.approx(1 / 5)}
+    assert m["any_flip"] == pytest.approx(2 / 5) and m["coverage"] == pytest.approx(3 / 5)
+    # clean calls at 0: [F, F, T, T, T] vs labels [0, 0, 0, 1, 1]: image 2 wrong
+    assert m["acc_all"] == pytest.approx(4 / 5)
+    assert m["acc_stable"] == pytest.approx(2 / 3)  # images 0, 2, 3: image 2 wrong
+    assert m["acc_unstable"] == pytest.approx(1.0)  # images 1, 4 both right
+
+    cal = CalibrationConfig(method="platt", threshold_logit=1.0)
+    m2 = set_stability(clean, under, DecisionRule(threshold=1 / (1 + math.exp(-1)), calibration=cal, cut_logit=1.0))
+    # calls at z > 1: clean [F, F, F, T, F]; webp80 flips image 2 (1.5), jpeg70 none
+    assert m2["flip_rate"] == {"jpeg70": 0.0, "webp80": pytest.approx(1 / 5)}
+    assert m2["coverage"] == pytest.approx(4 / 5) and m2["acc_all"] == pytest.approx(4 / 5)  # image 4 wrong
+    assert m2["acc_stable"] == pytest.approx(3 / 4) and m2["acc_unstable"] == 1.0
+
+
+def test_eval_stability_refuses_records_of_other_images():
+    from rine.evaluation.stability import paper_rule, set_stability
+
+    clean = _recs([0.1, 0.2], [0, 1])
+    with pytest.raises(ValueError, match="not those of the clean run"):
+        set_stability(clean, {"jpeg70": _recs([0.1], [0])}, paper_rule())
+    swapped = _recs([0.2, 0.1], [1, 0])
+    swapped.reverse()
+    with pytest.raises(ValueError, match="not those of the clean run"):
+        set_stability(clean, {"jpeg70": swapped}, paper_rule())
+
+
+def test_eval_stability_report_means_and_markdown():
+    from rine.evaluation.results import Condition, EvalResult, RunResult
+    from rine.evaluation.stability import result_stability, stability_markdown
+
+    a = _recs([-1.0, 1.0], [0, 1])
+    b = _recs([-1.0, -1.0, 1.0, 1.0], [0, 1, 0, 1])
+    clean = RunResult("m", Condition(), {"A": a, "B": b})
+    j70 = RunResult("m", Condition(reencode="jpeg70"), {"A": _recs([1.0, 1.0], [0, 1]), "B": b})
+    rep = result_stability(EvalResult([clean, j70], ["A", "B"]), {"m": DecisionRule()})
+    paper = rep["m"]["rules"]["paper"]
+    assert paper["sets"]["A"]["flip_rate"]["jpeg70"] == 0.5 and paper["sets"]["B"]["flip_rate"]["jpeg70"] == 0.0
+    assert paper["mean"]["flip_rate"]["jpeg70"] == pytest.approx(0.25)  # mean over sets, unweighted
+    assert paper["mean"]["coverage"] == pytest.approx(0.75) and paper["mean"]["n"] == 6
+    assert paper["sets"]["A"]["acc_unstable"] == 1.0 and paper["sets"]["B"]["acc_unstable"] is None
+    md = stability_markdown(rep)
+    assert "| A | 2 | 50.0 | 50.0 | 50.0 | 100.0 | 100.0 | 100.0 |" in md
+    assert "| B | 4 | 0.0 | 0.0 | 100.0 | 50.0 | 50.0 | n/a |" in md
+    assert Condition(reencode="jpeg70").id == "reencode-jpeg70" and not Condition(reencode="jpeg70").is_clean
+    with pytest.raises(ValueError):
+        Condition(kind="jpeg", reencode="jpeg70")
