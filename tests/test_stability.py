@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -333,3 +334,60 @@ def test_eval_stability_report_means_and_markdown():
     assert Condition(reencode="jpeg70").id == "reencode-jpeg70" and not Condition(reencode="jpeg70").is_clean
     with pytest.raises(ValueError):
         Condition(kind="jpeg", reencode="jpeg70")
+
+
+def test_rine_eval_stability_end_to_end(photo_checkpoint, tmp_path, capsys):
+    """`rine eval --stability`: one backbone pass per image and condition, records under each
+    re-encoding equal to `rine detect`'s on the Pillow-written file, flip rates and coverage
+    that follow from those records, at 0.5 and at --threshold; the clean run is unchanged."""
+    import json
+
+    from rine.cli import main
+    from rine.inference.detector import Detector
+
+    root = tmp_path / "bench"
+    for label in ("0_real", "1_fake"):
+        (root / "s" / label).mkdir(parents=True)
+        for i in range(3):
+            photo((240 + 30 * i, 230), seed=10 * i + len(label) + (label == "1_fake")).save(
+                root / "s" / label / f"{i}.png")
+    det = Detector.from_pretrained(str(photo_checkpoint), device="cpu", precision="fp32")
+    files = sorted(str(p) for p in root.rglob("*.png"))
+    clean_logits = sorted(p.logit for p in det.predict(files))
+    cut = (clean_logits[2] + clean_logits[3]) / 2  # a model threshold amid the logits: flips there
+    threshold = float(1 / (1 + math.exp(-cut)))
+    base = ["eval", "--suite", "folder", "--root", str(root), "--no-progress", "--no-plots",
+            "--model", str(photo_checkpoint), "--precision", "fp32"]
+    assert main([*base, "--out", str(tmp_path / "plain")]) == 0
+    assert main([*base, "--out", str(tmp_path / "st"), "--stability", "--threshold", str(threshold)]) == 0
+    err = capsys.readouterr().err
+    assert "stability at the paper, p > 0.5" in err and "flips jpeg70" in err
+    out = tmp_path / "st"
+    report = json.loads((out / "stability.json").read_text())
+    (head,) = report
+    preds = {c: {r["path"]: r for r in map(json.loads, (out / head / c / "predictions.jsonl").read_text().splitlines())}
+             for c in ("clean", *[f"reencode-{n}" for n in DEFAULT_CONDITIONS])}
+    # the clean run is what the plain evaluation gives
+    plain = [json.loads(line) for line in (tmp_path / "plain" / "predictions.jsonl").read_text().splitlines()]
+    assert [(r["path"], r["logit"]) for r in plain] == [(r["path"], r["logit"]) for r in preds["clean"].values()]
+    # a condition's record is detect on the file Pillow writes
+    one = files[0]
+    direct = det.predict(pillow_file(Path(one), "jpeg70", tmp_path))[0]
+    assert abs(preds["reencode-jpeg70"][one]["prob_fake"] - direct.prob_fake) < 1e-5
+    for rname, cut_logit in (("paper", 0.0), ("model", cut)):
+        r = report[head]["rules"][rname]["sets"]["s"]
+        calls = {p: rec["logit"] > cut_logit for p, rec in preds["clean"].items()}
+        flips = {n: {p for p, rec in preds[f"reencode-{n}"].items() if (rec["logit"] > cut_logit) != calls[p]}
+                 for n in DEFAULT_CONDITIONS}
+        unstable = set().union(*flips.values())
+        assert r["flip_rate"] == {n: pytest.approx(len(f) / 6) for n, f in flips.items()}, rname
+        assert r["coverage"] == pytest.approx(1 - len(unstable) / 6)
+        right = {p: calls[p] == (preds["clean"][p]["label"] == 1) for p in calls}
+        assert r["acc_all"] == pytest.approx(sum(right.values()) / 6)
+        kept = [right[p] for p in calls if p not in unstable]
+        assert r["acc_stable"] == (pytest.approx(sum(kept) / len(kept)) if kept else None)
+    assert report[head]["rules"]["model"]["threshold"] == pytest.approx(threshold)
+    assert any(report[head]["rules"]["model"]["sets"]["s"]["flip_rate"].values()), "no flip: the test is blind"
+    metrics = json.loads((out / head / "clean" / "metrics.json").read_text())
+    assert metrics["stability"] == report[head]
+    assert "flips webp80" in (out / "stability.md").read_text()

@@ -83,9 +83,13 @@ class RunResult:
 
 @dataclass
 class EvalResult:
+    """Every run of an evaluation; `stability` ({head: report}, `evaluation.stability`) when
+    it ran with the re-encodings of `--stability`."""
+
     runs: list[RunResult]
     sets: list[str]
     meta: dict[str, Any] = field(default_factory=dict)
+    stability: dict[str, Any] = field(default_factory=dict)
 
 
 def metrics_of(
