@@ -97,13 +97,14 @@ def pillow_file(src, name: str, folder) -> str:
         im.save(path, "JPEG", quality=90)
     elif name == "jpeg70":
         im.save(path, "JPEG", quality=70)
-    elif name == "fit1080":
+    elif name in ("fit1080", "webp80"):
         w, h = im.size
         if max(w, h) > 1080:
             im = im.resize((round(w * 1080 / max(w, h)), round(h * 1080 / max(w, h))), Image.Resampling.LANCZOS)
-        im.save(path, "JPEG", quality=85)
-    elif name == "webp80":
-        im.save(path, "WEBP", quality=80, method=4)
+        if name == "fit1080":
+            im.save(path, "JPEG", quality=85)
+        else:
+            im.save(path, "WEBP", quality=80, method=4)
     else:
         raise AssertionError(name)
     return str(path)
@@ -121,7 +122,7 @@ def test_the_set_is_fixed_and_documented():
     assert DEFAULT_CONDITIONS == ("jpeg90", "jpeg70", "fit1080", "webp80")
     spec = {n: (r.format, r.quality, r.method, r.max_side, r.resample) for n, r in REENCODINGS.items()}
     assert spec == {"jpeg90": ("JPEG", 90, None, None, "LANCZOS"), "jpeg70": ("JPEG", 70, None, None, "LANCZOS"),
-                    "fit1080": ("JPEG", 85, None, 1080, "LANCZOS"), "webp80": ("WEBP", 80, 4, None, "LANCZOS")}
+                    "fit1080": ("JPEG", 85, None, 1080, "LANCZOS"), "webp80": ("WEBP", 80, 4, 1080, "LANCZOS")}
     with pytest.raises(ValueError, match="unknown re-encoding 'jpeg50'"):
         resolve_conditions(["jpeg50"])
 
@@ -235,7 +236,8 @@ def test_a_calibrated_rule_flips_at_its_own_cut_not_at_one_half():
 def test_reasons_list_several_conditions_in_words():
     st = assess(DecisionRule(), -0.1, {"jpeg90": -0.2, "jpeg70": 0.3, "fit1080": -0.5, "webp80": 0.01})
     assert st.flipped == ("jpeg70", "webp80")
-    assert st.reason == "a JPEG re-save at quality 70 or a WebP re-encode at quality 80 would change this answer"
+    assert st.reason == ("a JPEG re-save at quality 70 or a WebP re-encode at quality 80 (at most 1080 px) "
+                         "would change this answer")
     stable = assess(DecisionRule(), -0.1, {"jpeg90": -0.2})
     assert stable.reason == "none of 1 everyday re-encodings changes this answer"
 
@@ -247,13 +249,17 @@ def test_a_band_verdict_stays_uncertain_without_flips():
     assert st.flips == 0 and st.verdict(rule.decide(0.1)) == "uncertain"
 
 
-def test_webp_too_wide_is_skipped_with_its_reason_and_the_rest_applies(tmp_path):
-    path = tmp_path / "pano.png"
-    Image.fromarray(np.full((2, 16400, 3), 90, np.uint8)).save(path)
+def test_a_condition_the_format_cannot_hold_is_skipped_with_its_reason(tmp_path):
+    """JPEG holds at most 65500 px a side: a 65501 x 2 strip skips both JPEG re-saves at full
+    size; the downscaled ones (1080 x 1 px) still apply."""
+    path = tmp_path / "strip.png"
+    Image.fromarray(np.full((2, 65501, 3), 90, np.uint8)).save(path)
     sv = stability_views(str(path), PreprocessConfig(), resolve_conditions())
-    assert sv.applied == ("jpeg90", "jpeg70", "fit1080") and list(sv.skipped) == ["webp80"]
-    assert "16383" in sv.skipped["webp80"]
-    assert sv.views.shape == (4, 224, 224, 3)
+    assert sv.applied == ("fit1080", "webp80") and list(sv.skipped) == ["jpeg90", "jpeg70"]
+    assert "Pillow could not save" in sv.skipped["jpeg70"]
+    assert sv.views.shape == (3, 224, 224, 3)
+    st = assess(DecisionRule(), 0.3, {"fit1080": 0.2, "webp80": -0.1}, sv.skipped)
+    assert st.to_dict()["skipped"] == sv.skipped and st.flipped == ("webp80",)
 
 
 def test_the_files_own_views_are_those_detect_scores(inputs):
