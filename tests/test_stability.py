@@ -397,3 +397,40 @@ def test_rine_eval_stability_end_to_end(photo_checkpoint, tmp_path, capsys):
     metrics = json.loads((out / head / "clean" / "metrics.json").read_text())
     assert metrics["stability"] == report[head]
     assert "flips webp80" in (out / "stability.md").read_text()
+
+
+@pytest.mark.parametrize("crop", ["center", "ten"])
+def test_rine_serve_form_field_stability(photo_checkpoint, inputs, crop, tmp_path):
+    """POST /v1/detect with stability=true: each record gains the conditions `rine detect` gives
+    the Pillow-written files, a verdict and a threshold; without the field the answer is what
+    it was (no key added); a bad value is a 400. Ten-crop: 50 views per image, more than a
+    batch, still scored."""
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from rine.inference.detector import Detector
+    from rine.server import create_app
+
+    det = Detector.from_pretrained(str(photo_checkpoint), device="cpu", precision="fp32", crop=crop)
+    names = ("jpeg", "grey", "small")
+    files = [("files", (f"{n}.img", inputs[n].read_bytes(), "application/octet-stream")) for n in names]
+    with TestClient(create_app(det)) as client:
+        plain = client.post("/v1/detect", files=files)
+        off = client.post("/v1/detect", files=files, data={"stability": "false"})
+        on = client.post("/v1/detect", files=files, data={"stability": "true"})
+        bad = client.post("/v1/detect", files=files, data={"stability": "maybe"})
+    assert plain.status_code == off.status_code == on.status_code == 200
+    assert bad.status_code == 400 and "stability" in bad.json()["detail"]
+    assert off.json()["results"] == plain.json()["results"]
+    assert all("stability" not in r and "threshold" not in r for r in plain.json()["results"])
+    for n, rec, old in zip(names, on.json()["results"], plain.json()["results"], strict=True):
+        assert rec["logit"] == pytest.approx(old["logit"], abs=1e-5)
+        assert rec["block_importance"] == pytest.approx(old["block_importance"], abs=1e-5)
+        st = rec["stability"]
+        expected = det.predict([pillow_file(inputs[n], c, tmp_path) for c in DEFAULT_CONDITIONS])
+        for c, p in zip(DEFAULT_CONDITIONS, expected, strict=True):
+            assert st["conditions"][c] == pytest.approx(p.prob_fake, abs=1e-5), (n, c)
+        flipped = [c for c, p in zip(DEFAULT_CONDITIONS, expected, strict=True) if p.is_fake != old["is_fake"]]
+        assert st["flipped"] == flipped and st["flips"] == len(flipped)
+        assert rec["threshold"] == 0.5
+        assert rec["verdict"] == ("uncertain" if flipped else old["verdict"])

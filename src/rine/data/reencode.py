@@ -28,7 +28,7 @@ No torch here: decoding workers (threads or processes) import this module.
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -180,11 +180,12 @@ def stability_views(
     conditions: Sequence[Reencoding],
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     max_bytes: int | None = DEFAULT_MAX_BYTES,
+    reserve_pixels: Callable[[int], None] | None = None,
 ) -> StabilityViews:
     """Decode one image once and cut its views as it is and under every condition; runs in the
     decoding workers. The file's own views equal `jpeg_crop.decode_views` (what is scored
-    without `--stability`), byte for byte."""
-    image = load_image(source, max_pixels=max_pixels, max_bytes=max_bytes)
+    without `--stability`), byte for byte; limits and `reserve_pixels` as `load_image`'s."""
+    image = load_image(source, max_pixels=max_pixels, max_bytes=max_bytes, reserve_pixels=reserve_pixels)
     parts, applied, skipped = [crop_views(image, preprocess)], [], {}
     for c in conditions:
         try:

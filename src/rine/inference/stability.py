@@ -85,6 +85,22 @@ def assess(
     return Stability(probs, float(max(values) - min(values)), tuple(flipped), dict(skipped or {}))
 
 
+def decide_with_stability(
+    rule: DecisionRule, view_logits: Sequence[float], applied: Sequence[str], per_image: int,
+    skipped: Mapping[str, str] | None = None,
+) -> tuple[float, Decision, Stability]:
+    """One image's view logits [(1 + conditions) * V] (`data.reencode.StabilityViews` order) ->
+    (the file's mean logit, its Decision, its Stability): what the Detector and the server put
+    in a record."""
+    own, per = split_logits(view_logits, applied, per_image)
+    return own, rule.decide(own), assess(rule, own, per, skipped)
+
+
+def stability_fields(decision: Decision, stability: Stability) -> dict[str, Any]:
+    """The record keys `--stability` sets: every record gets a threshold and a verdict."""
+    return {"threshold": decision.threshold, "verdict": stability.verdict(decision), "stability": stability.to_dict()}
+
+
 def split_logits(logits: Sequence[float], applied: Sequence[str], per_image: int) -> tuple[float, dict[str, float]]:
     """One image's view logits [(1 + conditions) * V] (the file's V views first, then each
     applied condition's) -> (the file's mean logit, {condition: mean logit})."""

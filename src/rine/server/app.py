@@ -53,6 +53,7 @@ from .service import Service
 logger = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).parent / "static"
+STABILITY_FIELD = "stability"
 API_KEY_HEADER = "X-API-Key"
 
 
@@ -66,7 +67,9 @@ class ImageResult(BaseModel):
     verdict: str | None = None  # real, synthetic, or uncertain (in the calibration's band)
     block_importance: list[float] | None = None
     error: str | None = None
-    threshold: float | None = None  # the cut that made is_fake (calibrated model or override)
+    threshold: float | None = None  # the cut that made is_fake (calibrated model, override or stability)
+    # with the form field stability=true: conditions (name -> prob_fake), spread, flips, flipped, reason
+    stability: dict[str, Any] | None = None
 
 
 class DetectResponse(BaseModel):
@@ -183,7 +186,10 @@ def create_app(
         dependencies=[Depends(check_key)],
         summary="probability that each uploaded image is synthetic",
         description=(
-            f"multipart/form-data with one or more images in the repeatable field `{FILES_FIELD}`. "
+            f"multipart/form-data with one or more images in the repeatable field `{FILES_FIELD}`, and "
+            f"optionally `{STABILITY_FIELD}=true`: each image is also scored after the everyday re-encodings of "
+            "docs/stability.md (JPEG 90 and 70, a 1080 px downscale, WebP; about 5x the work), and its record "
+            "gains `stability` and a verdict that is `uncertain` when one of them changes the answer. "
             "One record per image, in upload order. With several files, a file that cannot be "
             "scored gets `error` and its own `status` in a 200 answer; with one file, its error "
             "status is the answer's status (413 too large, 415 not an image, 422 undecodable)."
@@ -192,7 +198,8 @@ def create_app(
                    413: {"model": ErrorResponse}, 415: {"model": ErrorResponse}, 422: {"model": ErrorResponse}},
         openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
             "type": "object", "required": [FILES_FIELD],
-            "properties": {FILES_FIELD: {"type": "array", "items": {"type": "string", "format": "binary"}}},
+            "properties": {FILES_FIELD: {"type": "array", "items": {"type": "string", "format": "binary"}},
+                           STABILITY_FIELD: {"type": "boolean", "default": False}},
         }}}}},
     )
     async def detect(request: Request):
@@ -221,7 +228,7 @@ def create_app(
             setattr(request.state, N_IMAGES, len(uploads))  # for the access log
             if not uploads:
                 raise HTTPError(422, f"no images: send them in the multipart field '{FILES_FIELD}'")
-            records = await svc.score_uploads(uploads)
+            records = await svc.score_uploads(uploads, stability=_form_flag(reader.fields, STABILITY_FIELD))
         finally:
             reader.release()
             svc.in_flight -= 1
@@ -281,6 +288,16 @@ def add_client_side_routes(app: FastAPI, client: ClientSide | None, settings: Se
         if media_type is None:
             raise HTTPError(404, "not found")
         return FileResponse(VENDOR_DIR / name, media_type=media_type)
+
+
+def _form_flag(fields: dict[str, bytes], name: str) -> bool:
+    """A boolean form field: absent, "", 0, false, off, no -> False; 1, true, on, yes -> True."""
+    raw = fields.get(name, b"").strip().lower()
+    if raw in (b"", b"0", b"false", b"off", b"no"):
+        return False
+    if raw in (b"1", b"true", b"on", b"yes"):
+        return True
+    raise HTTPError(400, f"form field '{name}' must be true or false")
 
 
 def _multipart_boundary(content_type: str) -> bytes:

@@ -18,6 +18,8 @@ import torch
 
 from ..data.images import ImageLoadError
 from ..data.jpeg_crop import decode_views
+from ..data.reencode import StabilityViews, resolve_conditions, stability_views
+from ..inference.stability import decide_with_stability, stability_fields
 from .batching import Batcher, Overloaded, ScoringFailed, ViewScores
 from .limits import (
     HTTPError,
@@ -107,8 +109,14 @@ class Service:
         return HTTPError(503, detail, {"Retry-After": str(self.settings.retry_after_s)}, {"reason": reason})
 
     # -------------------------------------------------------------- work
-    def prepare(self, data: bytes, request_pixels: _PixelBudget | None = None) -> np.ndarray:
-        """Encoded image bytes -> uint8 views [V, S, S, 3]; runs in the decode pool."""
+    def prepare(self, data: bytes, request_pixels: _PixelBudget | None = None,
+                stability: bool = False) -> np.ndarray | StabilityViews:
+        """Encoded image bytes -> uint8 views [V, S, S, 3]; runs in the decode pool. With
+        `stability`, also the views of the re-encoded copies (`data.reencode.StabilityViews`)."""
+        if stability:
+            return stability_views(data, self.detector.config.preprocess, resolve_conditions(),
+                                   max_pixels=self.settings.max_pixels, max_bytes=self.settings.max_file_bytes,
+                                   reserve_pixels=request_pixels.take if request_pixels is not None else None)
         # crop-aware for baseline JPEGs, the same bytes as load_image + crop_views otherwise
         return decode_views(data, self.detector.config.preprocess, max_pixels=self.settings.max_pixels,
                             max_bytes=self.settings.max_file_bytes,
@@ -133,7 +141,9 @@ class Service:
             "max_files": self.settings.max_files,
         }
 
-    async def score_uploads(self, uploads: list[_Upload]) -> list[dict[str, Any]]:
+    async def score_uploads(self, uploads: list[_Upload], stability: bool = False) -> list[dict[str, Any]]:
+        """One record per upload; `stability`: each also scored under the re-encodings of
+        docs/stability.md, in the same encoder batch (records gain `stability`)."""
         loop = asyncio.get_running_loop()
         s = self.settings
         records: list[dict[str, Any] | None] = [None] * len(uploads)
@@ -145,10 +155,12 @@ class Service:
             elif up.size == 0:
                 records[i] = _error_record(up.filename, 422, "empty file")
             else:
-                decodes[i] = loop.run_in_executor(self.decode_pool, self.prepare, bytes(up.data), request_pixels)
+                decodes[i] = loop.run_in_executor(self.decode_pool, self.prepare, bytes(up.data), request_pixels,
+                                                  stability)
                 # The pool holds its own copy; the request's buffer can go now.
                 up.data = bytearray()
         scores: dict[int, asyncio.Future] = {}
+        prepared: dict[int, StabilityViews] = {}
         # One deadline from the end of the upload to the last score, decoding included.
         deadline = loop.time() + s.score_timeout_s
 
@@ -171,6 +183,8 @@ class Service:
                 batcher = self.batcher
                 if batcher is None:
                     raise self.busy("model not loaded", "loading")
+                if isinstance(views, StabilityViews):
+                    prepared[i], views = views, views.views
                 try:
                     scores[i] = asyncio.wrap_future(batcher.submit(views))
                 except Overloaded as e:
@@ -188,21 +202,27 @@ class Service:
                     elif isinstance(vs, BaseException):
                         raise vs
                     else:
-                        records[i] = self._record(uploads[i].filename, vs)
+                        records[i] = self._record(uploads[i].filename, vs, prepared.get(i))
         finally:
             for fut in list(decodes.values()) + list(scores.values()):
                 fut.cancel()
         return [r for r in records if r is not None]
 
-    def _record(self, name: str, vs: ViewScores) -> dict[str, Any]:
+    def _record(self, name: str, vs: ViewScores, sv: StabilityViews | None = None) -> dict[str, Any]:
         # Ten-crop: the probability is the sigmoid of the MEAN logit, as in the reference.
         # Computed as Detector.predict does (float32 mean, then sigmoid) so that the API and
         # `rine detect` give the same number for the same file.
         # The detector's decision rule (rine.model.calibration) turns it into the probability,
         # the cut and the verdict, calibrated or not, as for `rine detect`.
-        logit = torch.from_numpy(np.ascontiguousarray(vs.logits)).mean().item()
         rule = decision_rule(self.detector)
-        d = rule.decide(logit)
+        extra: dict[str, Any] = {}
+        if sv is not None:  # the file's views first, then each re-encoded copy's
+            logit, d, st = decide_with_stability(rule, vs.logits, sv.applied, sv.per_image, sv.skipped)
+            extra = stability_fields(d, st)
+            vs = ViewScores(vs.logits[: sv.per_image], vs.contributions[: sv.per_image])
+        else:
+            logit = torch.from_numpy(np.ascontiguousarray(vs.logits)).mean().item()
+            d = rule.decide(logit)
         record = {
             "name": name,
             "status": 200,
@@ -215,7 +235,7 @@ class Service:
         }
         if rule.reports_threshold:
             record["threshold"] = d.threshold
-        return record
+        return {**record, **extra}
 
 
 def decision_rule(detector: Any) -> DecisionRule:
