@@ -151,28 +151,71 @@ def test_fit1080_downscales_only_larger_images_to_exactly_1080():
 
 
 @pytest.mark.parametrize("crop", ["center", "ten", "resize"])
-@pytest.mark.parametrize("name", list(INPUTS))
-def test_each_condition_scores_as_detect_on_the_reencoded_file(photo_checkpoint, inputs, name, crop, tmp_path):
+def test_each_condition_scores_as_detect_on_the_reencoded_file(photo_checkpoint, inputs, crop, tmp_path):
     """The issue's check: a condition's probability is `Detector.predict` on the file that
-    Pillow writes as documented, to 1e-5 (fp32); the file's own equals predict on the file."""
+    Pillow writes as documented, to 1e-5 (fp32), for every input kind, all scored in one
+    stream with `stability=True` (copies batched with other images'); the file's own numbers
+    are those of predict without stability."""
     from rine.inference.detector import Detector
 
     det = Detector.from_pretrained(str(photo_checkpoint), device="cpu", precision="fp32", crop=crop)
-    own, st, sv = stability_of(det, inputs[name])
-    assert sv.applied == DEFAULT_CONDITIONS and not sv.skipped
-    assert sv.per_image == (10 if crop == "ten" else 1)
-    direct = det.predict(str(inputs[name]))[0]
-    assert abs(det.decision.decide(own).prob_fake - direct.prob_fake) < 1e-5
-    files = [pillow_file(inputs[name], c, tmp_path) for c in DEFAULT_CONDITIONS]
-    preds = det.predict(files)
-    expected = {c: p.prob_fake for c, p in zip(DEFAULT_CONDITIONS, preds, strict=True)}
-    for c in DEFAULT_CONDITIONS:
-        assert abs(st.conditions[c] - expected[c]) < 1e-5, (name, crop, c, st.conditions[c], expected[c])
-    probs = [direct.prob_fake, *expected.values()]
-    assert st.spread == pytest.approx(max(probs) - min(probs), abs=2e-5)
-    # the conditions are told apart: a mix-up of their order would not pass unseen
-    assert len({round(v, 4) for v in expected.values()}) >= 3, expected
-    assert 0.001 < direct.prob_fake < 0.999, direct.prob_fake  # not saturated: 1e-5 means something
+    paths = [str(p) for p in inputs.values()]
+    with_st = det.predict(paths, stability=True, batch_size=3)
+    plain = det.predict(paths)
+    files = [pillow_file(inputs[n], c, tmp_path) for n in inputs for c in DEFAULT_CONDITIONS]
+    expected = iter(det.predict(files))
+    for name, rec, direct in zip(inputs, with_st, plain, strict=True):
+        assert rec.error is None and rec.path == direct.path
+        assert abs(rec.prob_fake - direct.prob_fake) < 1e-5 and abs(rec.logit - direct.logit) < 1e-5
+        assert rec.is_fake == direct.is_fake
+        assert np.allclose(rec.block_contribution, direct.block_contribution, atol=1e-5)
+        st = rec.stability
+        assert list(st["conditions"]) == list(DEFAULT_CONDITIONS) and "skipped" not in st
+        want = {c: next(expected) for c in DEFAULT_CONDITIONS}
+        for c, p in want.items():
+            assert abs(st["conditions"][c] - p.prob_fake) < 1e-5, (name, crop, c, st["conditions"][c], p.prob_fake)
+        probs = [direct.prob_fake, *(p.prob_fake for p in want.values())]
+        assert st["spread"] == pytest.approx(max(probs) - min(probs), abs=2e-5)
+        assert st["flipped"] == [c for c, p in want.items() if p.is_fake != direct.is_fake]
+        assert rec.verdict == ("uncertain" if st["flipped"] else "synthetic" if direct.is_fake else "real")
+        assert rec.threshold == 0.5 and direct.threshold is None and direct.verdict is None
+        # the conditions are told apart: a mix-up of their order would not pass unseen
+        assert len({round(p.logit, 3) for p in want.values()}) >= 3, (name, want)
+    assert any(0.01 < r.prob_fake < 0.99 for r in plain)  # not saturated: 1e-5 means something
+
+
+def test_stability_stream_keeps_order_errors_and_matches_processes(photo_checkpoint, inputs, tmp_path):
+    """A bad file in the stream is its own error record (no stability), the others keep their
+    order; worker processes give the records threads give."""
+    from rine.inference.detector import Detector
+
+    det = Detector.from_pretrained(str(photo_checkpoint), device="cpu", precision="fp32")
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image")
+    paths = [str(inputs["jpeg"]), str(bad), str(inputs["small"]), str(tmp_path / "missing.png"), str(inputs["grey"])]
+    threads = det.predict(paths, stability=["jpeg70", "webp80"], batch_size=2)
+    procs = det.predict(paths, stability=["jpeg70", "webp80"], batch_size=2, decoder="processes", num_workers=2)
+    assert [r.path for r in threads] == paths
+    assert [r.error is None for r in threads] == [True, False, True, False, True]
+    assert threads[1].stability is None and "stability" not in threads[1].to_dict()
+    for a, b in zip(threads, procs, strict=True):
+        assert a.to_dict() == b.to_dict() or abs(a.prob_fake - b.prob_fake) < 1e-6
+    assert list(threads[0].stability["conditions"]) == ["jpeg70", "webp80"]
+
+
+def test_without_stability_records_are_unchanged(photo_checkpoint, inputs):
+    """No flag, no change: the records keep exactly the keys they had (no verdict, threshold or
+    stability for an uncalibrated model) and the numbers of the file's own views."""
+    from rine.inference.detector import Detector
+
+    det = Detector.from_pretrained(str(photo_checkpoint), device="cpu", precision="fp32")
+    paths = [str(p) for p in inputs.values()]
+    plain = [p.to_dict() for p in det.predict(paths)]
+    assert all(set(d) == {"path", "prob_fake", "logit", "is_fake", "error"} for d in plain)
+    stable = [p.to_dict() for p in det.predict(paths, stability=True)]
+    for a, b in zip(plain, stable, strict=True):
+        assert set(b) - set(a) == {"threshold", "verdict", "stability"}
+        assert abs(a["logit"] - b["logit"]) < 1e-5 and a["is_fake"] == b["is_fake"]
 
 
 def _rule_cutting_between(values: list[float], own: float) -> float:
@@ -198,24 +241,24 @@ def test_flips_and_uncertain_follow_from_the_numbers_near_the_threshold(photo_ch
     cut = _rule_cutting_between(list(per.values()), own)
     with torch.no_grad():
         det.head.head[-1].bias -= cut  # the head's logits now sit around 0, the 0.5 cut
-    own2, st2, _ = stability_of(det, inputs["jpeg"])
+    rec = det.predict(str(inputs["jpeg"]), stability=True)[0]
+    own2, _, _ = stability_of(det, inputs["jpeg"])
     _, per2 = split_logits(det.score_views(sv.views)[0], sv.applied, sv.per_image)
+    assert abs(own2 - rec.logit) < 1e-5
     expected = [c for c in DEFAULT_CONDITIONS if (per2[c] > 0) != (own2 > 0)]
     assert 0 < len(expected) < len(DEFAULT_CONDITIONS), (own2, per2)
-    assert list(st2.flipped) == expected and st2.flips == len(expected)
-    d = det.decision.decide(own2)
-    assert st2.verdict(d) == "uncertain"
-    assert st2.reason.endswith("would change this answer")
+    st = rec.stability
+    assert st["flipped"] == expected and st["flips"] == len(expected)
+    assert rec.verdict == "uncertain" and rec.is_fake == (own2 > 0)
+    assert st["reason"].endswith("would change this answer")
     for c in DEFAULT_CONDITIONS:
-        assert (REENCODINGS[c].words in st2.reason) == (c in expected)
-    rec = st2.to_dict()
-    assert rec["flips"] == len(expected) and set(rec["conditions"]) == set(DEFAULT_CONDITIONS)
-    assert rec["spread"] == pytest.approx(max([d.prob_fake, *st2.conditions.values()]) -
-                                          min([d.prob_fake, *st2.conditions.values()]))
+        assert (REENCODINGS[c].words in st["reason"]) == (c in expected)
+    probs = [rec.prob_fake, *st["conditions"].values()]
+    assert st["spread"] == pytest.approx(max(probs) - min(probs))
     # the same numbers cut far below all of them: stable, the decision's own verdict
     det.set_decision(threshold=1e-6)
-    own3, st3, _ = stability_of(det, inputs["jpeg"])
-    assert st3.flips == 0 and st3.verdict(det.decision.decide(own3)) == "synthetic"
+    rec3 = det.predict(str(inputs["jpeg"]), stability=True)[0]
+    assert rec3.stability["flips"] == 0 and rec3.verdict == "synthetic" and rec3.threshold == 1e-6
 
 
 def test_a_calibrated_rule_flips_at_its_own_cut_not_at_one_half():

@@ -41,12 +41,14 @@ from ..data.decoding import (
 from ..data.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from ..data.jpeg_crop import decode_views
 from ..data.preprocess import normalize
+from ..data.reencode import StabilityViews, resolve_conditions, stability_views
 from ..model.accel import PRECISIONS, FastTapEncoder, resolve_precision
 from ..model.backbones import load_backbone
 from ..model.calibration import DecisionRule
 from ..model.checkpoints import load_head, load_pretrained
 from ..model.head import RINEHead
 from ..model.rine_model import RINEModel
+from .stability import predict_with_stability
 
 logger = logging.getLogger(__name__)
 
@@ -71,8 +73,12 @@ class Prediction:
     is calibrated: `logit` stays the head's own); None when `error` is set.
 
     threshold, verdict: the probability cut that made `is_fake` and "real" / "synthetic" /
-    "uncertain" (rine.model.calibration); set only for a calibrated model or when a threshold
-    or uncertain band is given, so an uncalibrated model's records are unchanged.
+    "uncertain" (rine.model.calibration); set only for a calibrated model, when a threshold
+    or uncertain band is given, or with `stability`, so an uncalibrated model's records are unchanged.
+
+    stability: with `predict(..., stability=True)`, the image's answer under the everyday
+    re-encodings (`rine.inference.stability.Stability.to_dict`: conditions, spread, flips,
+    flipped, reason); a record with flips has the verdict "uncertain".
 
     block_contribution [blocks]: share of each encoder block in this image's pooled
     feature (L1 norm of its importance-weighted projection, normalised to sum 1).
@@ -86,12 +92,13 @@ class Prediction:
     block_contribution: list[float] | None = None
     threshold: float | None = None
     verdict: str | None = None
+    stability: dict[str, Any] | None = None
 
     def to_dict(self, with_blocks: bool = False) -> dict[str, Any]:
         d = asdict(self)
         if not with_blocks:
             d.pop("block_contribution")
-        for key in ("threshold", "verdict"):
+        for key in ("threshold", "verdict", "stability"):
             if d[key] is None:
                 del d[key]
         return d
@@ -403,10 +410,15 @@ class Detector:
             start += n
         return preds
 
-    def predict_views(self, names: Sequence[str], views: Sequence[np.ndarray]) -> list[Prediction]:
+    def predict_views(self, names: Sequence[str], views: Sequence[np.ndarray | StabilityViews]) -> list[Prediction]:
         """Score images already decoded and cut by `prepare_views` (uint8 [V, S, S, 3] each), e.g.
-        in another process or on another machine (`rine batch`): the records `predict` gives."""
-        return self._finish(list(names), list(views)) if len(views) else []
+        in another process or on another machine (`rine batch`): the records `predict` gives.
+        `data.reencode.stability_views` results give the records of `stability=True`."""
+        if not len(views):
+            return []
+        if isinstance(views[0], StabilityViews):
+            return predict_with_stability(self, list(names), list(views))
+        return self._finish(list(names), list(views))
 
     def predict_iter(
         self,
@@ -417,8 +429,13 @@ class Detector:
         total: int | None = None,
         decoder: str = "auto",
         decode_timeout: float | None = DEFAULT_DECODE_TIMEOUT,
+        stability: bool | Sequence[str] = False,
     ) -> Iterator[Prediction]:
         """Score a stream of images in input order; failures come back with `error` set.
+
+        `stability` (True: `data.reencode.DEFAULT_CONDITIONS`, or condition names): each image
+        is also scored re-encoded under each condition, decoded once and batched with its
+        copies (records gain `stability`, a threshold and a verdict; docs/stability.md).
 
         `batch_size`, `num_workers` and `decoder` ("threads" or "processes") default to
         `default_batch_size` / `default_workers` / `default_decoder` of the device. With
@@ -431,7 +448,9 @@ class Detector:
         batch_size = batch_size or default_batch_size(self.device)
         workers = num_workers or default_workers(self.device)
         decoder = default_decoder(self.device) if decoder == "auto" else decoder
-        self._plan_batch(batch_size * (10 if self.config.preprocess.crop == "ten" else 1))
+        conditions = resolve_conditions(None if stability is True else stability) if stability else ()
+        per_image = (10 if self.config.preprocess.crop == "ten" else 1) * (1 + len(conditions))
+        self._plan_batch(batch_size * per_image)
         bar = tqdm(total=total, unit="img", disable=not progress, dynamic_ncols=True)
         names: list[str] = []
         arrays: list[np.ndarray] = []
@@ -439,7 +458,7 @@ class Detector:
 
         def flush() -> Iterator[Prediction]:
             nonlocal out_buffer
-            scored = iter(self._finish(names, arrays)) if arrays else iter(())
+            scored = iter(self.predict_views(names, arrays))
             for item in out_buffer:
                 bar.update(1)
                 yield next(scored) if item is None else item
@@ -447,9 +466,12 @@ class Detector:
             names.clear()
             arrays.clear()
 
-        jobs = ((_name_of(s, i), (s, self.config.preprocess, self.max_pixels, self.max_bytes)) for i, s in enumerate(sources))
+        pre, limits = self.config.preprocess, (self.max_pixels, self.max_bytes)
+        fn, jobs = prepare_views, ((_name_of(s, i), (s, pre, *limits)) for i, s in enumerate(sources))
+        if conditions:  # the whole image decoded once, then re-encoded: stability_views
+            fn, jobs = stability_views, ((_name_of(s, i), (s, pre, conditions, *limits)) for i, s in enumerate(sources))
         decoded = ordered_map(
-            prepare_views, jobs, kind=decoder, workers=workers,
+            fn, jobs, kind=decoder, workers=workers,
             max_in_flight=max(2 * batch_size, 2 * workers), preload=("rine.inference.detector",), timeout=decode_timeout,
         )  # fmt: skip
         try:

@@ -12,11 +12,12 @@ from the file's. A record with flips gets the verdict "uncertain" with the reaso
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..data.reencode import REENCODINGS
+from ..data.reencode import REENCODINGS, StabilityViews
 from ..model.calibration import Decision, DecisionRule
 
 
@@ -99,6 +100,24 @@ def decide_with_stability(
 def stability_fields(decision: Decision, stability: Stability) -> dict[str, Any]:
     """The record keys `--stability` sets: every record gets a threshold and a verdict."""
     return {"threshold": decision.threshold, "verdict": stability.verdict(decision), "stability": stability.to_dict()}
+
+
+def predict_with_stability(detector: Any, names: Sequence[str], prepared: Sequence[StabilityViews]) -> list:
+    """`Detector.predict_views` for `data.reencode.stability_views` results: every image's views
+    and its re-encoded copies' through the encoder in ONE batch -> Predictions with `stability`,
+    a threshold and a verdict. The file's probability, logit and block contribution are those
+    of its own views, computed as without stability."""
+    import numpy as np
+
+    logits, contrib = detector.score_views(np.concatenate([sv.views for sv in prepared]))
+    preds, start = [], 0
+    for name, sv in zip(names, prepared, strict=True):
+        n, v = len(sv.views), sv.per_image
+        logit, d, st = decide_with_stability(detector.decision, logits[start : start + n], sv.applied, v, sv.skipped)
+        pred = detector.decide(logit, name, contrib[start : start + v].mean(dim=0).tolist())
+        preds.append(dataclasses.replace(pred, **stability_fields(d, st)))
+        start += n
+    return preds
 
 
 def split_logits(logits: Sequence[float], applied: Sequence[str], per_image: int) -> tuple[float, dict[str, float]]:
