@@ -259,7 +259,15 @@ function showResult(card, r) {
 
 async function score(file, card, waits, timeouts) {
   if (window.rineClientSide && window.rineClientSide.active()) {
-    return window.rineClientSide.score(file, card, showResult);  // client_side.js: nothing uploaded
+    // client_side.js: nothing uploaded, so no stability check (it runs on the server only)
+    const show = !$("#stability").checked ? showResult : (c, r) => {
+      showResult(c, r);
+      if (r.error) return;
+      const st = c.querySelector(".stability");
+      st.textContent = "Stability not checked: it runs on the server only, and this image was scored in your browser.";
+      st.hidden = false;
+    };
+    return window.rineClientSide.score(file, card, show);
   }
   if (maxFileBytes !== null && file.size > maxFileBytes) {
     showResult(card, { error: sizeRefusal(file.size, maxFileBytes) });
