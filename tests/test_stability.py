@@ -477,3 +477,56 @@ def test_rine_serve_form_field_stability(photo_checkpoint, inputs, crop, tmp_pat
         assert st["flipped"] == flipped and st["flips"] == len(flipped)
         assert rec["threshold"] == 0.5
         assert rec["verdict"] == ("uncertain" if flipped else old["verdict"])
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_page_checkbox_says_the_reason_in_words(photo_checkpoint, inputs, tmp_path):
+    """`rine serve` with a head cut among one image's re-encodings: with the box ticked the page
+    shows "Uncertain: an ordinary re-save would change this answer" and the API's reason as a
+    sentence; unticked, the card is as before (no stability line)."""
+    import torch
+
+    from rine.inference.detector import Detector
+    from rine.model.checkpoints import save_pretrained
+
+    if not Path("/usr/bin/chromium").exists():
+        pytest.skip("/usr/bin/chromium not found: install Debian's chromium (scripts/setup.sh --dev does)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright for Python is not installed")
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("uvicorn")
+    from serve_proc import running_server
+
+    det = Detector.from_pretrained(str(photo_checkpoint), device="cpu", precision="fp32")
+    own, _, sv = stability_of(det, inputs["jpeg"])
+    _, per = split_logits(det.score_views(sv.views)[0], sv.applied, sv.per_image)
+    with torch.no_grad():
+        det.head.head[-1].bias -= _rule_cutting_between(list(per.values()), own)
+    save_pretrained(det.head, det.config, tmp_path / "flippy")
+    image = inputs["jpeg"]
+    with running_server(["--model", str(tmp_path / "flippy"), "--device", "cpu", "--no-access-log"],
+                        tmp_path / "server.log") as base:
+        api = httpx.post(f"{base}/v1/detect", files=[("files", (image.name, image.read_bytes()))],
+                         data={"stability": "true"}, timeout=60).json()["results"][0]
+        assert api["stability"]["flips"] > 0 and api["verdict"] == "uncertain"
+        with sync_api.sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path="/usr/bin/chromium", headless=True,
+                                         args=["--no-sandbox", "--disable-gpu", "--no-first-run"])
+            try:
+                page = browser.new_page(bypass_csp=True)
+                page.goto(base + "/")
+                page.wait_for_function("document.querySelector('#model').textContent.startsWith('Model ')")
+                page.set_input_files("#file-input", [str(image)])
+                page.wait_for_function("document.querySelectorAll('.card[data-state=done]').length === 1", timeout=60_000)
+                assert page.query_selector(".card .stability").is_hidden()
+                page.check("#stability")
+                page.set_input_files("#file-input", [str(image)])
+                page.wait_for_function("document.querySelectorAll('.card[data-state=done]').length === 2", timeout=60_000)
+                card = page.query_selector_all(".card")[1]
+                assert card.query_selector(".verdict").inner_text() == "Uncertain: an ordinary re-save would change this answer"
+                line = card.query_selector(".stability").inner_text()
+                reason = api["stability"]["reason"]
+                assert line.startswith(reason[0].upper() + reason[1:] + ".")
+                assert "treat this answer as uncertain" in line
+            finally:
+                browser.close()
