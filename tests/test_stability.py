@@ -530,3 +530,57 @@ def test_page_checkbox_says_the_reason_in_words(photo_checkpoint, inputs, tmp_pa
                 assert "treat this answer as uncertain" in line
             finally:
                 browser.close()
+
+
+def test_a_calibrated_model_flips_at_its_own_cut(photo_checkpoint, inputs, tmp_path):
+    """A calibrated checkpoint (c = 2 z + 0.3, cut among this image's re-encodings, far from
+    p = 0.5): the conditions are the calibrated probabilities `predict` gives the Pillow files,
+    the flips those of the calibrated calls, and the record's threshold the calibrated one."""
+    from rine.inference.detector import Detector
+    from rine.model.checkpoints import load_pretrained, save_pretrained
+
+    det = Detector.from_pretrained(str(photo_checkpoint), device="cpu", precision="fp32")
+    own, _, sv = stability_of(det, inputs["jpeg"])
+    _, per = split_logits(det.score_views(sv.views)[0], sv.applied, sv.per_image)
+    cut = _rule_cutting_between(list(per.values()), own)
+    head, config = load_pretrained(photo_checkpoint)
+    cal = CalibrationConfig(method="platt", scale=2.0, offset=0.3, threshold_logit=2.0 * cut + 0.3)
+    save_pretrained(head, dataclasses.replace(config, calibration=cal), tmp_path / "cal")
+    det = Detector.from_pretrained(str(tmp_path / "cal"), device="cpu", precision="fp32")
+    assert abs(det.threshold - 0.5) > 0.01 or abs(cut) > 0.01
+    rec = det.predict(str(inputs["jpeg"]), stability=True)[0]
+    files = det.predict([pillow_file(inputs["jpeg"], c, tmp_path) for c in DEFAULT_CONDITIONS])
+    assert rec.threshold == pytest.approx(det.threshold)
+    for c, p in zip(DEFAULT_CONDITIONS, files, strict=True):
+        assert rec.stability["conditions"][c] == pytest.approx(p.prob_fake, abs=1e-5)
+    flipped = [c for c, p in zip(DEFAULT_CONDITIONS, files, strict=True) if p.is_fake != rec.is_fake]
+    assert 0 < len(flipped) < len(DEFAULT_CONDITIONS)
+    assert rec.stability["flipped"] == flipped and rec.verdict == "uncertain"
+    # the same image at the paper's 0.5 on the raw logits would flip differently (or not at all)
+    at_half = [c for c in DEFAULT_CONDITIONS if (per[c] > 0) != (own > 0)]
+    assert at_half != flipped
+
+
+def test_rine_eval_stability_through_the_features_cache(photo_checkpoint, tmp_path):
+    """--features-cache stores taps per re-encoding like per perturbation: the second run
+    reads them and its stability table equals the live one."""
+    import json
+
+    from rine.cli import main
+
+    root = tmp_path / "bench"
+    for label in ("0_real", "1_fake"):
+        (root / "s" / label).mkdir(parents=True)
+        for i in range(2):
+            photo((230, 240 + 20 * i), seed=7 * i + len(label)).save(root / "s" / label / f"{i}.jpg", quality=90)
+    base = ["eval", "--suite", "folder", "--root", str(root), "--no-progress", "--no-plots", "--stability",
+            "--model", str(photo_checkpoint), "--precision", "fp32"]
+    assert main([*base, "--out", str(tmp_path / "live")]) == 0
+    for run in ("c1", "c2"):
+        assert main([*base, "--out", str(tmp_path / run), "--features-cache", str(tmp_path / "cache")]) == 0
+    assert len([p for p in (tmp_path / "cache").iterdir() if "reencode-" in p.name]) == len(DEFAULT_CONDITIONS)
+    live, c2 = (json.loads((tmp_path / r / "stability.json").read_text()) for r in ("live", "c2"))
+    for head in live:
+        for rule in ("paper", "model"):
+            a, b = live[head]["rules"][rule]["sets"]["s"], c2[head]["rules"][rule]["sets"]["s"]
+            assert a == b, (rule, a, b)
