@@ -448,7 +448,8 @@ class Detector:
         batch_size = batch_size or default_batch_size(self.device)
         workers = num_workers or default_workers(self.device)
         decoder = default_decoder(self.device) if decoder == "auto" else decoder
-        conditions = resolve_conditions(None if stability is True else stability) if stability else ()
+        conditions = resolve_conditions(None if stability is True else [stability] if isinstance(stability, str)
+                                        else stability) if stability else ()  # fmt: skip
         per_image = (10 if self.config.preprocess.crop == "ten" else 1) * (1 + len(conditions))
         self._plan_batch(batch_size * per_image)
         bar = tqdm(total=total, unit="img", disable=not progress, dynamic_ncols=True)
