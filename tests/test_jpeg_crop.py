@@ -23,7 +23,7 @@ from rine.data import jpeg_crop
 from rine.data.images import ImageLoadError, load_image, open_header
 from rine.data.preprocess import crop_views, ten_crop_arrays
 
-from conftest import OFFICIAL, PARITY, require_shared
+from conftest import OFFICIAL, PARITY
 
 CROPS = ("center", "ten")
 native = jpeg_crop._native()
@@ -314,7 +314,6 @@ def test_resize_crop_uses_todays_path(monkeypatch):
 # ----------------------------------------------------------------------------- real photos
 @needs_native
 def test_real_photos_in_the_fixtures():
-    require_shared()
     files = sorted((PARITY / "images").glob("*")) + sorted(OFFICIAL.glob("*.jpg"))
     taken = 0
     for f in files:

@@ -16,7 +16,7 @@ import torch
 from rine.model.checkpoints import git_blob_sha1, load_pretrained
 from rine.model.pretrained import WeightsUnavailableError, resolve_pretrained
 
-from conftest import OFFICIAL, REPO, require_shared
+from conftest import OFFICIAL, REPO
 from loopback_hub import LoopbackHub
 
 
@@ -28,7 +28,6 @@ def hub(monkeypatch):
 
 
 def test_head_download_verify_convert_and_cache(hub, monkeypatch):
-    require_shared()
     hub.raw["ckpt/model_2class_trainable.pth"] = (OFFICIAL / "model_2class_trainable.pth").read_bytes()
     monkeypatch.setenv("RINE_HEAD_BASE_URL", f"{hub.url}/raw/ckpt")
     folder = resolve_pretrained("rine-vitl14-2class")
@@ -98,7 +97,6 @@ NAMED_FLOW = textwrap.dedent(
 
 def test_named_model_downloads_backbone_and_head_then_works_offline(hub, tiny_backbone_dir, sensitive_checkpoint_dir, tmp_path):
     """The whole first-use path in a fresh process: HF_ENDPOINT and the head URL on loopback."""
-    require_shared()
     from rine.inference.detector import Detector
 
     head_file = tmp_path / "tiny_trainable.pth"  # the sensitive head, in the official format
