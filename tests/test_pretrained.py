@@ -222,6 +222,12 @@ def test_a_named_backbone_without_network_fails_fast_with_the_fix(network, capsy
     assert ("offline mode is on" if network == "offline" else "http://127.0.0.1:9 unreachable") in err
     assert "fix: " in err and "hf download openai/clip-vit-large-patch14" in err and "--backbone /path/to/" in err
     assert took < 15, took  # loading the head included; the Hub's retries took 30 s
+    # an OSError too, as transformers' own was: rine extract, train and batch catch that
+    from rine.model.backbones import load_backbone
+
+    with pytest.raises(OSError) as raised:
+        load_backbone("ViT-L/14")
+    assert isinstance(raised.value, WeightsUnavailableError) and raised.value.missing[0].what.startswith("backbone")
 
 
 def test_every_missing_piece_is_named_at_once_with_its_own_fix(monkeypatch, no_hub_downloads):

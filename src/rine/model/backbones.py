@@ -123,7 +123,7 @@ def load_backbone(
         model = CLIPVisionModel.from_pretrained(path, attn_implementation=attn_implementation)
         return TappedCLIPVision(model, str(path))
     from .pretrained import (
-        WeightsUnavailableError,
+        BackboneUnavailableError,
         backbone_cached,
         backbone_problem,
         is_offline,
@@ -148,7 +148,7 @@ def load_backbone(
     # not by transformers' retries (30 s and a traceback).
     problem = backbone_problem(hub_id, rev)
     if problem is not None:
-        raise WeightsUnavailableError(missing_message(f"backbone {source!r}", [problem]), [problem])
+        raise BackboneUnavailableError(missing_message(f"backbone {source!r}", [problem]), [problem])
     local = is_offline() or backbone_cached(hub_id, rev)
     model = CLIPVisionModel.from_pretrained(
         hub_id, revision=rev, attn_implementation=attn_implementation, local_files_only=local

@@ -137,6 +137,11 @@ class WeightsUnavailableError(RuntimeError):
         self.missing = tuple(missing)
 
 
+class BackboneUnavailableError(WeightsUnavailableError, OSError):
+    """A backbone neither cached nor downloadable. An OSError too, as transformers' own error
+    was: callers that catch OSError around `load_backbone` (extract, train, batch) still do."""
+
+
 def missing_message(subject: str, missing: Sequence[MissingPiece]) -> str:
     """"<subject> could not be loaded; missing:" and each piece with its reason and fix."""
     lines = [f"{subject} could not be loaded; missing:"]
