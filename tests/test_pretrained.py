@@ -248,6 +248,9 @@ def test_every_missing_piece_is_named_at_once_with_its_own_fix(monkeypatch, no_h
         resolve_pretrained("rine-vitl14-2class")
     assert [p.what.split()[0] for p in one.value.missing] == ["backbone"]
     assert "model_2class_trainable.pth" not in str(one.value) and str(one.value).count("fix: ") == 1
+    # what needs the head only (rine calibrate --predictions) still gets it
+    head, config = load_pretrained(resolve_pretrained("rine-vitl14-2class", check_backbone=False))
+    assert config.name == "rine-vitl14-2class"
 
 
 def test_each_download_failure_is_said_once(hub, monkeypatch, capsys, caplog, tiny_backbone_dir):

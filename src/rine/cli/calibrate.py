@@ -181,7 +181,7 @@ def _model_for_predictions(args):
         if not folder.is_dir():
             if args.head:
                 raise CLIError("--predictions with --head needs a checkpoint folder (config.json + model.safetensors)")
-            folder = resolve_pretrained(source, backbone_given=args.backbone)
+            folder = resolve_pretrained(source, backbone_given=args.backbone, check_backbone=False)
         return load_pretrained(folder)
     except WeightsUnavailableError as e:
         raise CLIError(str(e)) from None

@@ -207,7 +207,8 @@ def _load_models(args):
             if heads:
                 head, config = load_head(src)
             else:
-                head, config = load_pretrained(resolve_model(src, args.model_revision))
+                # the backbone is loaded already (the first model's, or --backbone)
+                head, config = load_pretrained(resolve_model(src, args.model_revision, backbone_given=args.backbone))
                 if not args.backbone and (config.backbone, config.backbone_revision) != (
                     detector.config.backbone,
                     detector.config.backbone_revision,

@@ -281,7 +281,7 @@ def _head_piece(spec: PretrainedSpec, reason: str, backbone_given: str | None) -
     )  # fmt: skip
 
 
-def resolve_pretrained(name: str, backbone_given: str | None = None) -> Path:
+def resolve_pretrained(name: str, backbone_given: str | None = None, *, check_backbone: bool = True) -> Path:
     """Return the local checkpoint folder of a named model, downloading the head if needed.
 
     The folder holds our format (config.json + model.safetensors). The backbone is not
@@ -289,7 +289,8 @@ def resolve_pretrained(name: str, backbone_given: str | None = None) -> Path:
     `backbone_given`, the caller's own, which a missing-weights message then leaves out.
     WeightsUnavailableError names every piece that cannot be had (the head; a backbone
     neither cached nor downloadable; a `backbone_given` path that does not exist), each
-    with its fix, before the backbone is loaded.
+    with its fix, before the backbone is loaded. `check_backbone=False`: the caller needs
+    the head only (no backbone is checked).
     """
     if name not in PRETRAINED:
         raise KeyError(f"unknown pretrained model {name!r}; known: {', '.join(list_pretrained())}")
@@ -303,10 +304,10 @@ def resolve_pretrained(name: str, backbone_given: str | None = None) -> Path:
     converted = (folder / CONFIG_NAME).is_file() and (folder / WEIGHTS_NAME).is_file()
     missing: list[MissingPiece] = []
     # Every piece is checked before anything is fetched, so one message names all of them.
-    if backbone_given is not None:
+    if check_backbone and backbone_given is not None:
         if looks_like_path(backbone_given) and not Path(backbone_given).expanduser().exists():
             missing.append(missing_path_piece("backbone", backbone_given))
-    else:
+    elif check_backbone:
         # a backbone that is neither cached nor downloadable (offline, Hub unreachable): found
         # now, in a file stat or one short request, not after the head and 30 s of retries
         problem = backbone_problem(bb.hub_id, bb.revision)
