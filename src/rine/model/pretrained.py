@@ -163,9 +163,10 @@ def looks_like_path(source: str) -> bool:
 
 
 def missing_path_piece(kind: str, source: str) -> MissingPiece:
+    """A --backbone (`kind`) path that does not exist."""
     return MissingPiece(f"{kind} {source}", f"no such file or folder ({Path(source).expanduser().absolute()})",
-                        "check the path; a backbone is a save_pretrained folder of a CLIP model or an OpenAI-format "
-                        "CLIP file (.pt, .safetensors), a model a checkpoint folder (config.json + model.safetensors)")  # fmt: skip
+                        "check the path: a save_pretrained folder of a CLIP model, or an OpenAI-format CLIP file "
+                        "(.pt, .safetensors)")  # fmt: skip
 
 
 # One attempt, a few seconds: offline, the Hub's own retries took 30 s before failing.
@@ -203,16 +204,14 @@ def backbone_fix(hub_id: str, revision: str | None) -> str:
             "or OpenAI's CLIP .pt file")  # fmt: skip
 
 
-def backbone_problem(hub_id: str, revision: str | None, *, probe: bool = True) -> MissingPiece | None:
-    """Why a Hub backbone cannot be loaded now, or None: it is cached, or (online, `probe`)
-    the Hub answers and it will be downloaded. Never more than one short request."""
+def backbone_problem(hub_id: str, revision: str | None) -> MissingPiece | None:
+    """Why a Hub backbone cannot be loaded now, or None: it is cached, or (online) the Hub
+    answers and it will be downloaded. Never more than one short request."""
     if backbone_cached(hub_id, revision):
         return None
     where = f"not in the Hugging Face cache (HF_HOME={_hf_home()})"
     if is_offline():
         reason = f"{where}, and offline mode is on (RINE_OFFLINE/HF_HUB_OFFLINE)"
-    elif not probe:
-        reason = where
     else:
         unreachable = hub_unreachable()
         if unreachable is None:
