@@ -153,13 +153,15 @@ def create_app(
                               description="required when the server was started with an API key")
     expected_key = settings.api_key.encode() if settings.api_key else None
 
-    async def check_key(key: str | None = Depends(key_header)) -> None:
-        if expected_key is None:
-            return
-        # Starlette decodes header bytes as latin-1: re-encoding gives the raw bytes back.
-        given = (key or "").encode("latin-1", "replace")
-        if not hmac.compare_digest(given, expected_key):
-            raise HTTPError(401, f"missing or wrong {API_KEY_HEADER} header")
+    if expected_key is None:
+        async def check_key() -> None:  # no key asked for: the schema declares no security scheme
+            return None
+    else:
+        async def check_key(key: str | None = Depends(key_header)) -> None:
+            # Starlette decodes header bytes as latin-1: re-encoding gives the raw bytes back.
+            given = (key or "").encode("latin-1", "replace")
+            if not hmac.compare_digest(given, expected_key):
+                raise HTTPError(401, f"missing or wrong {API_KEY_HEADER} header")
 
     def require_ready() -> Service:
         if app.state.stopping:
@@ -306,7 +308,7 @@ def create_app(
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     page_csp = PAGE_CSP
-    add_client_side_routes(app, client_side, settings, require_ready, check_key)
+    add_client_side_routes(app, client_side, settings, require_ready, check_key, errors)
     if client_side is not None:
         page_csp = PAGE_CSP.replace("script-src 'self'", f"script-src 'self' {WASM_CSP_SOURCE}")
     if settings.allowed_hosts is not None:  # added first: runs inside the security headers
@@ -337,12 +339,12 @@ def _timed(factory: Callable[[], Any], metrics: ServiceMetrics) -> Callable[[], 
 
 
 def add_client_side_routes(app: FastAPI, client: ClientSide | None, settings: ServerSettings,
-                           require_ready: Callable[[], Service], check_key) -> None:
+                           require_ready: Callable[[], Service], check_key, errors: dict) -> None:
     """GET /v1/client-side (the page's settings; `enabled: false` without --client-side), and
     with it the export's model.onnx and onnxruntime-web's files. Fixed names only: a URL never
     becomes a file-system path."""
 
-    @app.get("/v1/client-side", tags=["detect"], dependencies=[Depends(check_key)],
+    @app.get("/v1/client-side", tags=["detect"], dependencies=[Depends(check_key)], responses=errors,
              summary="what the page needs to score images in the browser (rine serve --client-side)")
     async def client_side_info() -> dict[str, Any]:
         if client is None:
