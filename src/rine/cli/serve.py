@@ -70,6 +70,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     ops.add_argument("--graceful-timeout", type=float, default=10, metavar="S",
                      help="on SIGTERM: new requests get 503 at once, the ones in flight get up to S seconds "
                           "to finish (default 10)")
+    ops.add_argument("--stop-delay", type=float, default=0, metavar="S",
+                     help="on SIGTERM, keep listening S seconds before stopping, with /readyz and new requests "
+                          "answered 503 (reason stopping), so that a load balancer takes this instance out "
+                          "before it stops listening (default 0; a second signal stops at once)")
     add_model_options(p, batch_jobs=False)
     add_decision_options(p.add_argument_group("decision"))
     p.add_argument("--client-side", action="store_true",
@@ -174,8 +178,8 @@ def run(args: argparse.Namespace) -> int:
         return fail(f"rine serve needs the serve extra ({e.name} is missing): pip install 'rine[serve]'")
     if not 0 <= args.port <= 65535:
         return fail("--port must be between 0 and 65535")
-    if args.graceful_timeout < 0:
-        return fail("--graceful-timeout must not be negative")
+    if args.graceful_timeout < 0 or args.stop_delay < 0:
+        return fail("--graceful-timeout and --stop-delay must not be negative")
     try:
         settings = settings_from_args(args)
         if resolve_backend(args) == "torch":  # ONNX Runtime checks its own providers
@@ -230,10 +234,19 @@ def run(args: argparse.Namespace) -> int:
     )
 
     class Server(uvicorn.Server):
+        delayed: threading.Timer | None = None
+
         def handle_exit(self, sig, frame) -> None:
             # Before uvicorn stops listening: a request that arrives meanwhile, or on a connection
             # already open, gets 503 "stopping" instead of starting work that may be cut off.
             stop_accepting(app)
+            if args.stop_delay > 0 and self.delayed is None:
+                self.delayed = threading.Timer(args.stop_delay, super().handle_exit, (sig, frame))
+                self.delayed.daemon = True
+                self.delayed.start()
+                return
+            if self.delayed is not None:
+                self.delayed.cancel()
             super().handle_exit(sig, frame)
 
     server = Server(config)
