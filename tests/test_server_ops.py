@@ -395,3 +395,59 @@ def test_cli_operations_flags():
     assert settings_from_args(parser.parse_args(["serve", "--no-metrics"])).metrics is False
     with pytest.raises(SystemExit):
         parser.parse_args(["serve", "--log-format", "xml"])
+
+
+@pytest.mark.slow
+def test_sigterm_finishes_the_upload_in_flight_and_refuses_new_work(tiny_checkpoint_dir, tmp_path):
+    """`rine serve --stop-delay`: after SIGTERM, /readyz and new uploads get 503 "stopping" while
+    an upload already in flight is answered 200, and the process exits with status 0."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    import httpx
+
+    from serve_proc import wait_ready
+
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "rine", "serve", "--host", "127.0.0.1", "--port", "0", "--model",
+             str(tiny_checkpoint_dir), "--stop-delay", "4", "--graceful-timeout", "20", "--threads", "1"],
+            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+    try:
+        deadline = time.monotonic() + 180
+        while not (found := re.search(r"serving on (http://127\.0\.0\.1:(\d+))", log.read_text())):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        base, port = found.group(1), int(found.group(2))
+        proc.stderr = open(log)  # wait_ready reports the child's output from here
+        wait_ready(base, proc, 180)
+        boundary = b"rine-sigterm"
+        body = (b"--" + boundary + b'\r\nContent-Disposition: form-data; name="files"; filename="a.png"\r\n\r\n'
+                + png_bytes() + b"\r\n--" + boundary + b"--\r\n")  # fmt: skip
+        held = socket.create_connection(("127.0.0.1", port), timeout=60)
+        held.sendall(b"POST /v1/detect HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary="
+                     + boundary + b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body[:50])
+        while httpx.get(f"{base}/readyz", timeout=10).json().get("in_flight") != 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        ready = httpx.get(f"{base}/readyz", timeout=10)
+        assert ready.status_code == 503 and ready.json()["reason"] == "stopping"
+        fresh = httpx.post(f"{base}/v1/detect", files=files(("b.png", png_bytes())), timeout=30)
+        assert fresh.status_code == 503 and fresh.json()["reason"] == "stopping"
+        held.sendall(body[50:])
+        answer = b""
+        while chunk := held.recv(65536):
+            answer += chunk
+        held.close()
+        assert answer.startswith(b"HTTP/1.1 200 "), answer[:300]
+        assert proc.wait(60) == 0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
