@@ -128,8 +128,9 @@ class AccessLog:
                 message = {**message, "headers": [*message.get("headers", []), *extra]}
             elif (message["type"] == "http.response.body" and not message.get("more_body", False)
                   and early and not body.done):  # fmt: skip
-                # A client waiting for 100 Continue sends nothing more: there is nothing to drain.
-                if not (body.expects_continue and body.received == 0):
+                # A client waiting for 100 Continue sends nothing more: there is nothing to drain;
+                # one too slow to send its body in time (408) is not waited for a second time.
+                if not (body.expects_continue and body.received == 0) and status[0] != 408:
                     too_long = body.length is not None and body.length - body.received > self.drain_bytes
                     if not too_long:
                         await body.drain(self.drain_bytes, self.drain_s)
