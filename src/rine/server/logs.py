@@ -103,7 +103,7 @@ def configure(log_format: str, handlers: list[logging.Handler] | None = None) ->
             handler.addFilter(RequestIdFilter())
         if log_format == "json":
             handler.setFormatter(JsonFormatter())
-        else:
+        elif not isinstance(handler.formatter, _TextWithId):  # once, however often it is called
             handler.setFormatter(_TextWithId(handler.formatter))
 
 
