@@ -35,7 +35,7 @@ def test_schemathesis_finds_nothing_in_the_served_schema(tiny_checkpoint_dir, tm
              "-H", "X-API-Key: st-key-0123456789", "--max-examples", "12", "--max-time", "25", "--seed", "27",
              "--workers", "1", "--request-timeout", "30", "--report", "junit",
              "--report-dir", str(tmp_path / "report")],
-            capture_output=True, text=True, timeout=240,
+            capture_output=True, text=True, timeout=240, cwd=tmp_path,  # its example database goes there
         )  # fmt: skip
     summary = run.stdout[-6000:]
     assert run.returncode == 0, summary
