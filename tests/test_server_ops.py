@@ -123,14 +123,24 @@ class FailingEncoder:
         raise RuntimeError("encoder broke")
 
 
-def test_every_log_line_of_a_request_carries_its_id_in_json(tiny_detector):
+def test_every_log_line_of_a_request_carries_its_id_in_json(tiny_detector, monkeypatch):
+    from rine.server.service import Service
+
+    prepare = Service.prepare
+
+    def logging_prepare(self, *args, **kwargs):  # runs in the decode pool's threads
+        logging.getLogger("rine.server.service").info("decoding in %s", threading.current_thread().name)
+        return prepare(self, *args, **kwargs)
+
+    monkeypatch.setattr(Service, "prepare", logging_prepare)
     with collect_logs() as lines, TestClient(create_app(FailingEncoder(tiny_detector))) as c:
         r = c.post("/v1/detect", files=files(("a.png", png_bytes())), headers={"X-Request-ID": "req-42"})
         assert r.status_code == 500 and r.headers["x-request-id"] == "req-42"
         c.get("/healthz", headers={"X-Request-ID": "req-43"})
     entries = [json.loads(line) for line in lines]  # every line is one JSON object
     mine = [e for e in entries if e["request_id"] == "req-42"]
-    # the encoder thread's error line, and the access line, both carry the id
+    # the decode thread's line, the encoder thread's error line and the access line carry the id
+    assert any(e["message"].startswith("decoding in rine-decode") for e in mine), entries
     assert any(e["logger"] == "rine.server.batching" and e["level"] == "ERROR" for e in mine), entries
     access = [e for e in mine if e["logger"] == "rine.server.access"]
     assert len(access) == 1
