@@ -5,6 +5,7 @@ the cross-request batcher, and turning uploaded bytes into result records.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import threading
 import time
@@ -58,6 +59,7 @@ class Service:
         self._lock = threading.Lock()
         self._closed = False
         self._model_block_importance: list[float] = []
+        self.on_batch = None  # Batcher.on_batch of the encoder's batcher (the app's metrics)
 
     @property
     def ready(self) -> bool:
@@ -92,7 +94,8 @@ class Service:
             self.detector = detector
             self._model_block_importance = [round(float(x), 6) for x in detector.block_importance()]
             s = self.settings
-            self.batcher = Batcher(detector.score_views, s.max_batch, s.max_wait_ms / 1000, s.max_queue).start()
+            self.batcher = Batcher(detector.score_views, s.max_batch, s.max_wait_ms / 1000, s.max_queue,
+                                   on_batch=self.on_batch).start()
 
     def close(self) -> None:
         with self._lock:
@@ -113,14 +116,20 @@ class Service:
                 stability: bool = False) -> np.ndarray | StabilityViews:
         """Encoded image bytes -> uint8 views [V, S, S, 3]; runs in the decode pool. With
         `stability`, also the views of the re-encoded copies (`data.reencode.StabilityViews`)."""
-        if stability:
-            return stability_views(data, self.detector.config.preprocess, resolve_conditions(),
-                                   max_pixels=self.settings.max_pixels, max_bytes=self.settings.max_file_bytes,
-                                   reserve_pixels=request_pixels.take if request_pixels is not None else None)
-        # crop-aware for baseline JPEGs, the same bytes as load_image + crop_views otherwise
-        return decode_views(data, self.detector.config.preprocess, max_pixels=self.settings.max_pixels,
-                            max_bytes=self.settings.max_file_bytes,
-                            reserve_pixels=request_pixels.take if request_pixels is not None else None)
+        reserve = request_pixels.take if request_pixels is not None else None
+        try:
+            if stability:
+                return stability_views(data, self.detector.config.preprocess, resolve_conditions(),
+                                       max_pixels=self.settings.max_pixels, max_bytes=self.settings.max_file_bytes,
+                                       reserve_pixels=reserve)  # fmt: skip
+            # crop-aware for baseline JPEGs, the same bytes as load_image + crop_views otherwise
+            return decode_views(data, self.detector.config.preprocess, max_pixels=self.settings.max_pixels,
+                                max_bytes=self.settings.max_file_bytes, reserve_pixels=reserve)
+        except RuntimeError as e:
+            # Pillow's AVIF decoder reports a broken file as RuntimeError ("Failed to decode
+            # image: Missing or empty image item"): a corrupt image, not a server fault.
+            reason = (str(e).splitlines() or [type(e).__name__])[0][:200]
+            raise ImageLoadError(f"corrupt or truncated image: {reason}", "corrupt") from None
 
     def model_info(self) -> dict[str, Any]:
         cfg = self.detector.config
@@ -155,8 +164,9 @@ class Service:
             elif up.size == 0:
                 records[i] = _error_record(up.filename, 422, "empty file")
             else:
-                decodes[i] = loop.run_in_executor(self.decode_pool, self.prepare, bytes(up.data), request_pixels,
-                                                  stability)
+                # in a copy of the request's context: the decoder's log lines carry its request id
+                decodes[i] = loop.run_in_executor(self.decode_pool, contextvars.copy_context().run, self.prepare,
+                                                  bytes(up.data), request_pixels, stability)
                 # The pool holds its own copy; the request's buffer can go now.
                 up.data = bytearray()
         scores: dict[int, asyncio.Future] = {}
