@@ -23,6 +23,7 @@ logger = logging.getLogger(__name__)
 
 MB = 1024 * 1024
 FILES_FIELD = "files"
+FORM_FIELDS = ("stability",)  # the non-file fields a request may set (the others are ignored)
 
 
 @dataclass
@@ -161,7 +162,7 @@ class _UploadReader:
     def __init__(self, settings: ServerSettings, budget: _MemoryBudget):
         self.settings, self.budget = settings, budget
         self.uploads: list[_Upload] = []
-        self.fields: dict[str, bytes] = {}  # the other form fields (e.g. `stability`), bounded in total
+        self.fields: dict[str, bytes] = {}  # the values of FORM_FIELDS, bounded in total
         self._field: str | None = None
         self.held = 0  # bytes taken from the budget, given back by release()
         self.received = 0
@@ -199,8 +200,9 @@ class _UploadReader:
             self._part = _Upload(display_name(filename, len(self.uploads)))
             self.uploads.append(self._part)
             self._in_file = True
-        else:
-            self._field = name.decode("utf-8", "replace")
+        elif name.decode("utf-8", "replace") in FORM_FIELDS:  # others are read and dropped
+            self._field = name.decode("utf-8")
+            self.fields.setdefault(self._field, b"")  # present, even when empty
 
     def on_part_data(self, data: bytes, start: int, end: int) -> None:
         n = end - start
