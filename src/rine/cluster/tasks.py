@@ -15,7 +15,6 @@ No ray import here: these functions are plain Python over pyarrow tables.
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import logging
 import os
@@ -185,11 +184,12 @@ class Scorer:
     rows -> item, path, label, set, prob_fake, logit, is_fake, error."""
 
     def __init__(self, model: dict[str, Any], threads: int | None = None):
-        from ..cli.common import load_detector
+        from ..inference.loading import ModelOptions, load_detector
 
         _set_threads(threads)
-        args = argparse.Namespace(compile=False, no_progress=True, **model)
-        self.detector = load_detector(args, keep_reference=False)  # scoring only: half the memory
+        # the driver's options (job.describe_model): the loader `rine detect` uses, so the same model
+        self.detector = load_detector(ModelOptions(**model, backend="torch"), keep_reference=False,  # scoring only: half the memory
+                                      progress=False)  # fmt: skip
         self.size = self.detector.config.preprocess.image_size
         logger.info("scoring actor %d ready on %s (%s)", os.getpid(), self.detector.device, self.detector.precision)
 

@@ -114,6 +114,15 @@ def resolve_device(device: str | None) -> torch.device:
     return dev
 
 
+def official_head_config(head: RINEHead, source: str | Path, backbone: str, revision: str | None, image_size: int,
+                         crop: str | None = None) -> RINEConfig:  # fmt: skip
+    """The config of an official `*_trainable.pth` head (which records none): the backbone's
+    image size and, unless `crop` says otherwise, the paper's centre crop."""
+    return RINEConfig(backbone=backbone, backbone_revision=revision, head=head.config,
+                      preprocess=PreprocessConfig(image_size=image_size, crop=crop or "center"),
+                      name=Path(source).stem, meta={"head_source": str(source)})  # fmt: skip
+
+
 def default_batch_size(device: torch.device) -> int:
     """Images per encoder batch: 16 keeps a CPU's caches warm, a GPU wants more in flight."""
     return 64 if device.type == "cuda" else 16
@@ -343,14 +352,7 @@ class Detector:
             if crop:
                 config = replace(config, preprocess=replace(config.preprocess, crop=crop))
         else:
-            config = RINEConfig(
-                backbone=backbone,
-                backbone_revision=revision,
-                head=head_module.config,
-                preprocess=PreprocessConfig(image_size=bb.image_size, crop=crop or "center"),
-                name=Path(head).stem,
-                meta={"head_source": str(head)},
-            )
+            config = official_head_config(head_module, head, backbone, revision, bb.image_size, crop)
         return cls(RINEModel(bb, head_module), config, **kwargs)
 
     # ------------------------------------------------------------------ info

@@ -21,6 +21,7 @@ from pathlib import Path
 # torch-free at import (checkpoints and backbones are imported where weights are handled):
 # the CLI builds its --help from this registry.
 from ..config import CONFIG_NAME, WEIGHTS_NAME, PreprocessConfig, RINEConfig
+from ..errors import UnknownNameError
 
 logger = logging.getLogger(__name__)
 
@@ -201,7 +202,7 @@ def resolve_pretrained(name: str, backbone_given: str | None = None) -> Path:
     `backbone_given`, the caller's own, which a missing-weights message then leaves out.
     """
     if name not in PRETRAINED:
-        raise KeyError(f"unknown pretrained model {name!r}; known: {', '.join(list_pretrained())}")
+        raise UnknownNameError("pretrained model", name, list_pretrained())
     spec = PRETRAINED[name]
     folder = rine_home() / "models" / name
     if (folder / CONFIG_NAME).is_file() and (folder / WEIGHTS_NAME).is_file():
