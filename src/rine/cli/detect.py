@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TextIO
 
 from ..data.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
-from ..data.scan import Skipped
+from ..data.scan import Skipped, expand_inputs
 from .common import (
     CLIError,
     add_decision_options,
@@ -35,7 +35,6 @@ from .common import (
     byte_size,
     check_device,
     check_output_file,
-    expand_inputs,
     fail,
     load_detector,
     pixel_count,
