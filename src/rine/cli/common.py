@@ -290,6 +290,15 @@ def add_decoding_options(group: argparse._ArgumentGroup) -> None:
                             f"its worker (default {DEFAULT_DECODE_TIMEOUT:g}; 0: no limit)")  # fmt: skip
 
 
+def decode_options(args: argparse.Namespace, detector=None):
+    """--workers, --decoder and --decode-timeout (0: no limit) as `DecodeOptions`, with the
+    detector's image limits (--max-pixels / --max-bytes where the command has them)."""
+    from ..data.decoding import DecodeOptions
+
+    limits = {k: getattr(detector, k, None) for k in ("max_pixels", "max_bytes")} if detector is not None else {}
+    return DecodeOptions(workers=args.workers, decoder=args.decoder, timeout=args.decode_timeout or None, **limits)
+
+
 def probability(text: str) -> float:
     """argparse type: a number within [0, 1]."""
     try:

@@ -33,6 +33,7 @@ from .common import (
     byte_size,
     check_device,
     check_output_file,
+    decode_options,
     fail,
     load_detector,
     pixel_count,
@@ -251,15 +252,13 @@ def run(args: argparse.Namespace) -> int:
             for pred in detector.predict_iter(
                 paths,
                 batch_size=args.batch_size,
-                num_workers=args.workers,
-                decoder=args.decoder,
-                decode_timeout=args.decode_timeout or None,
+                decode=decode_options(args, detector),
                 progress=not args.no_progress and sys.stderr.isatty(),
                 total=len(paths),
             ):
                 n_failed += pred.error is not None
-                n_pixels += pred.error is not None and pred.error.startswith("too many pixels:")
-                n_bytes += pred.error is not None and pred.error.startswith("file too large:")
+                n_pixels += pred.error_kind == "too_many_pixels"
+                n_bytes += pred.error_kind == "too_large"
                 writer.add(pred.to_dict(with_blocks=args.blocks))
                 n_written += 1
         except KeyboardInterrupt:

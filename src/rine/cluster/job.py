@@ -252,10 +252,10 @@ def taps_setup(cfg: BatchConfig, inputs: InputList, shard_size: int):
         bb = load_backbone(source, cfg.revision)
     except (FileNotFoundError, OSError, ValueError) as e:
         raise BatchError(f"cannot load backbone {cfg.backbone!r}: {e}") from None
-    from .tasks import make_views_for
+    from ..data.augment import views_for
 
-    views = 10 if cfg.transform == "ten" else cfg.views
-    transform_id = make_views_for(cfg.transform, cfg.seed, bb.image_size).transform_id
+    make_views, views = views_for(cfg.transform, cfg.seed, bb.image_size, cfg.views)
+    transform_id = make_views.transform_id
     sets = inputs.table.column("set").to_pylist()
     items = [Item(p, int(lab), s or "") for p, lab, s in zip(inputs.table.column("path").to_pylist(), labels, sets, strict=True)]
     meta = {"backbone": source, "revision": cfg.revision, "blocks": bb.n_blocks, "width": bb.width,

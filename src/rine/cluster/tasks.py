@@ -75,25 +75,16 @@ def score_views_of(source: str, decode_fn: str, preprocess, max_pixels: int | No
     return resolve(decode_fn)(read_source(source, max_bytes), preprocess, max_pixels, max_bytes)
 
 
-def make_views_for(transform: str, seed: int, size: int):
-    """`rine extract`'s make_views for --transform train / center / ten."""
-    from ..data.augment import CenterView, TenCropViews, TrainAugment
-
-    if transform == "train":
-        return TrainAugment(seed)
-    return TenCropViews(size) if transform == "ten" else CenterView(size)
-
-
 def tap_views_of(source: str, item: int, transform: str, seed: int, size: int, views: int,
                  max_pixels: int | None, max_bytes: int | None) -> np.ndarray | str:  # fmt: skip
     """In a decoding worker process: one file -> uint8 views [views, S, S, 3] as `rine extract`
     cuts them (view v of item i depends only on seed, i, v), or the reason it is unusable, in
     `rine extract`'s words (a store lists its skipped inputs)."""
-    from ..data.augment import cut_views
+    from ..data.augment import cut_views, views_for
     from ..data.images import ImageLoadError
 
     try:
-        return cut_views(read_source(source, max_bytes), make_views_for(transform, seed, size), item, views,
+        return cut_views(read_source(source, max_bytes), views_for(transform, seed, size)[0], item, views,
                          max_pixels, max_bytes)  # fmt: skip
     except (ImageLoadError, ValueError, OSError) as e:
         return str(e) or type(e).__name__
