@@ -54,6 +54,11 @@ class HeadConfig:
         if self.nproj < 1 or self.proj_dim < 1 or self.n_blocks < 1 or self.in_dim < 1:
             raise ValueError(f"invalid head shape: {self}")
 
+    def takes(self, n_blocks: int) -> bool:
+        """Whether taps of a backbone with `n_blocks` blocks fit this head: "all" needs as
+        many as it was trained on, "last" takes the last of any number."""
+        return self.blocks == "last" or self.n_blocks == n_blocks
+
 
 @dataclass
 class PreprocessConfig:

@@ -39,6 +39,7 @@ from .job import (
     BatchError,
     BatchResult,
     ShardBuffer,
+    decode_options,
     describe_model,
     identity,
     open_job,
@@ -121,8 +122,7 @@ def run_batch(cfg: BatchConfig) -> BatchResult:
         done = set(writer.done)
         commit = store_committer(writer, views, row_shape, cfg.dtype)
         spec = DecodeSpec("taps", transform=cfg.transform, seed=cfg.seed, size=size, views=views,
-                          max_pixels=cfg.max_pixels, max_bytes=cfg.max_bytes, timeout=cfg.decode_timeout,
-                          preload=("__main__", "rine.cluster.tasks", "rine.data.augment"))  # fmt: skip
+                          decode=decode_options(cfg), preload=("__main__", "rine.cluster.tasks", "rine.data.augment"))  # fmt: skip
         actor_cls = resolve("rine.cluster.tasks:TapEncoder")
     else:
         model, config = describe_model(cfg)
@@ -131,8 +131,7 @@ def run_batch(cfg: BatchConfig) -> BatchResult:
             stale.unlink()
         done = set(committed_parts(out))
         commit = part_committer(out, score_schema(inputs))
-        spec = DecodeSpec("score", preprocess=config.preprocess, decode_fn=cfg.decode_fn, max_pixels=cfg.max_pixels,
-                          max_bytes=cfg.max_bytes, timeout=cfg.decode_timeout)  # fmt: skip
+        spec = DecodeSpec("score", preprocess=config.preprocess, decode_fn=cfg.decode_fn, decode=decode_options(cfg))
         actor_cls = resolve(cfg.scorer)
         actor_kwargs = {"model": model}
     ident = identity(cfg, inputs, shard_size, model)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..data.decoding import DecodeOptions
 from ..data.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from ..errors import OptionError, RineError, message_of
 from ..inference.loading import absolute_path
@@ -92,6 +93,13 @@ class BatchResult:
     @property
     def images_per_s(self) -> float:
         return self.written / self.seconds if self.seconds > 0 else 0.0
+
+
+def decode_options(cfg: BatchConfig) -> DecodeOptions:
+    """How a decoding task decodes: the job's limits and timeout, in one worker process
+    (crash-isolated: a file that kills or hangs it costs its own record only)."""
+    return DecodeOptions(max_pixels=cfg.max_pixels, max_bytes=cfg.max_bytes, workers=1, decoder="processes",
+                         timeout=cfg.decode_timeout)  # fmt: skip
 
 
 def describe_model(cfg: BatchConfig) -> tuple[dict[str, Any], RINEConfig]:

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from ..data.decoding import DecodeOptions
 from .manifest import is_uri, source_path
 
 logger = logging.getLogger(__name__)
@@ -101,10 +102,8 @@ class DecodeSpec:
     seed: int = 0
     size: int = 224
     views: int = 1
-    max_pixels: int | None = None
-    max_bytes: int | None = None
-    timeout: float | None = 300.0
-    workers: int = 1  # decoding processes per task (a task asks Ray for this many CPUs)
+    # limits and timeout; decoding processes per task (a task asks Ray for this many CPUs)
+    decode: DecodeOptions = field(default_factory=lambda: DecodeOptions(workers=1, decoder="processes"))
     # The fork server imports these once, so that each decoding process forked from it starts
     # warm: rine detect's decoder, and "__main__" (in a Ray worker: Ray's worker script, which
     # each process would otherwise re-import, about a second each). None of them imports torch.
@@ -127,14 +126,15 @@ def decode_block(batch: pa.Table, spec: DecodeSpec) -> pa.Table:
     n_views = [0] * n
     if spec.mode == "score":
         fn: Callable[..., Any] = score_views_of
-        jobs = ((i, (source_path(rows["source"][i]), spec.decode_fn, spec.preprocess, spec.max_pixels, spec.max_bytes))
+        jobs = ((i, (source_path(rows["source"][i]), spec.decode_fn, spec.preprocess, spec.decode.max_pixels, spec.decode.max_bytes))
                 for i in range(n) if errors[i] is None)  # fmt: skip
     else:
         fn = tap_views_of
         jobs = ((i, (source_path(rows["source"][i]), rows["item"][i], spec.transform, spec.seed, spec.size, spec.views,
-                     spec.max_pixels, spec.max_bytes)) for i in range(n) if errors[i] is None)  # fmt: skip
-    decoded = ordered_map(fn, jobs, kind="processes", workers=spec.workers, max_in_flight=2 * spec.workers,
-                          preload=spec.preload, timeout=spec.timeout)  # fmt: skip
+                     spec.decode.max_pixels, spec.decode.max_bytes)) for i in range(n) if errors[i] is None)  # fmt: skip
+    kind, workers = spec.decode.decoder, spec.decode.workers or 1
+    decoded = ordered_map(fn, jobs, kind=kind, workers=workers, max_in_flight=2 * workers, preload=spec.preload,
+                          timeout=spec.decode.timeout)  # fmt: skip
     try:
         for i, result, error in decoded:
             if error is not None:

@@ -108,9 +108,7 @@ def evaluate(
         if h.head is None:
             raise ValueError(f"model {h.name!r} has no head weights to score taps with")
         cfg = h.head.config
-        if cfg.in_dim != backbone.width or (
-            cfg.blocks == "all" and cfg.n_blocks != backbone.n_blocks
-        ):
+        if cfg.in_dim != backbone.width or not cfg.takes(backbone.n_blocks):
             raise ValueError(
                 f"head {h.name!r} expects {cfg.n_blocks} blocks of width {cfg.in_dim}; the backbone "
                 f"has {backbone.n_blocks} of width {backbone.width}"
