@@ -22,12 +22,12 @@ class UnknownNameError(RineError, KeyError):
     A `LookupError` (a `KeyError`, for the callers that caught one), whose `str()` is the
     plain message, without the quotes `KeyError` adds."""
 
-    def __init__(self, kind: str, name: str, known: Iterable[str] = (), hint: str = ""):
+    def __init__(self, kind: str, name: str, known: Iterable[str] = (), hint: str = "", message: str | None = None):
         self.kind, self.name, self.known = kind, name, list(known)
         text = f"unknown {kind} {name!r}"
         if self.known:
             text += f"; known: {', '.join(self.known)}"
-        super().__init__(text + (f" ({hint})" if hint else ""))
+        super().__init__(message or text + (f" ({hint})" if hint else ""))
 
     def __str__(self) -> str:
         return str(self.args[0])
@@ -60,6 +60,11 @@ class OptionError(RineError, ValueError):
 
     def __str__(self) -> str:
         return self.render()
+
+
+def literal(text: object) -> str:
+    """`text` (a path, a user's value) made safe to put inside an `OptionError` template."""
+    return str(text).replace("{", "{{").replace("}", "}}")
 
 
 def _fields(template: str) -> set[str]:

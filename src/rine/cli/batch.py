@@ -117,10 +117,10 @@ def run(args: argparse.Namespace) -> int:
     )  # fmt: skip
     try:
         result = run_batch(cfg)
+    except OptionError as e:  # settings that do not fit, named by the library's parameters: the flags here
+        return fail(str(cli_error(e)))
     except BatchError as e:
         return fail(str(e))
-    except OptionError as e:  # model options that do not fit, named by the library's parameters
-        return fail(str(cli_error(e)))
     except KeyboardInterrupt:
         print(f"rine: interrupted; the finished shards are kept in {out}: run the same command to do the rest",
               file=sys.stderr)  # fmt: skip

@@ -37,6 +37,7 @@ from .job import (
     MANIFEST_NAME,
     BatchConfig,
     BatchError,
+    BatchOptionError,
     BatchResult,
     ShardBuffer,
     decode_options,
@@ -93,9 +94,9 @@ def check_address(address: str | None) -> None:
     attribute 'core_worker'`: it needs a driver that is a process of the cluster), measured
     against a `ray start --head` with its client server."""
     if address and address.startswith("ray://"):
-        raise BatchError(f"--address {address}: Ray Data does not run through Ray Client (ray://); run rine batch on "
-                         "a node of the cluster with --address auto, or submit it as a Ray job: ray job submit "
-                         "--address http://HEAD:8265 -- rine batch ... --address auto")  # fmt: skip
+        raise BatchOptionError("{address}: Ray Data does not run through Ray Client (ray://); run rine batch on a node "
+                               "of the cluster with {address=auto}, or submit it as a Ray job: ray job submit "
+                               "--address http://HEAD:8265 -- rine batch ... --address auto", address=address)  # fmt: skip
 
 
 def run_batch(cfg: BatchConfig) -> BatchResult:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..data.decoding import DecodeOptions
 from ..data.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
-from ..errors import OptionError, RineError, message_of
+from ..errors import OptionError, RineError, literal, message_of
 from ..inference.loading import absolute_path
 from ..training.store import _fsync_dir  # the same durable rename as the tap store's
 from .manifest import InputList
@@ -31,6 +31,11 @@ MODEL_KEYS = ("model", "backbone", "revision", "head", "crop", "device", "precis
 
 class BatchError(RineError):
     """A job that cannot start or be resumed; `str()` is a user-facing message (exit 2)."""
+
+
+class BatchOptionError(BatchError, OptionError):
+    """A job whose settings do not fit: the message names `BatchConfig`'s fields as
+    `OptionError` does (the CLI renders them as its flags)."""
 
 
 @dataclass
@@ -146,16 +151,16 @@ def open_job(out: Path, identity: dict) -> dict:
         try:
             manifest = json.loads(path.read_text(encoding="utf-8"))
         except ValueError:
-            raise BatchError(f"{path} is not a rine batch manifest; use another --out") from None
+            raise BatchOptionError(f"{literal(path)} is not a rine batch manifest; use another {{out}}") from None
         old = manifest.get("identity", {})
         diffs = [k for k in sorted(set(old) | set(identity)) if old.get(k) != identity.get(k)]
         if diffs:
             what = ", ".join("the input list" if k in ("inputs_sha1", "n_inputs") else k for k in diffs)
-            raise BatchError(f"{out} holds a job with other settings ({what} differ); rerun it with its own "
-                             "command to finish it, or give another --out")  # fmt: skip
+            raise BatchOptionError(f"{literal(out)} holds a job with other settings ({what} differ); rerun it with its "
+                                   "own command to finish it, or give another {out}")  # fmt: skip
         return manifest
     if out.is_dir() and any(committed_parts(out)):
-        raise BatchError(f"{out} holds part files but no {MANIFEST_NAME}; give another --out")
+        raise BatchOptionError(f"{literal(out)} holds part files but no {MANIFEST_NAME}; give another {{out}}")
     return {"format": FORMAT, "identity": identity, "runs": []}
 
 
@@ -248,13 +253,13 @@ def taps_setup(cfg: BatchConfig, inputs: InputList, shard_size: int):
     from .store_writer import StoreWriter
 
     if not cfg.backbone:
-        raise BatchError("--taps needs --backbone (the CLIP encoder whose taps are stored)")
+        raise BatchOptionError("{taps} needs {backbone} (the CLIP encoder whose taps are stored)")
     labels = inputs.table.column("label").to_pylist()
     if not inputs.has_label or any(lab is None for lab in labels):
-        raise BatchError("--taps needs a label for every input: give a manifest (.csv/.jsonl/.parquet) with "
+        raise BatchOptionError("{taps} needs a label for every input: give a manifest (.csv/.jsonl/.parquet) with "
                          "`path` and `label` (0 real, 1 fake) columns")  # fmt: skip
     if cfg.transform != "train" and cfg.views != 1:
-        raise BatchError("--views > 1 only makes sense with --transform train (ten always stores its ten crops)")
+        raise BatchOptionError("{views} > 1 only makes sense with {transform=train} (ten always stores its ten crops)")
     source = absolute_path(cfg.backbone)
     try:
         bb = load_backbone(source, cfg.revision)

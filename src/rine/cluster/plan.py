@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from .job import BatchConfig, BatchError
+from .job import BatchConfig, BatchOptionError
 from .tasks import DecodeSpec
 
 
@@ -49,11 +49,11 @@ def plan_resources(cfg: BatchConfig, cluster_gpus: float, cores: int) -> Resourc
 def check_fits(plan: ResourcePlan, cluster_cpus: float, cluster_gpus: float) -> None:
     """BatchError for a plan the cluster cannot run: Ray would wait for the resources forever."""
     if plan.use_gpu and plan.actors * plan.actor_gpus > cluster_gpus:
-        raise BatchError(f"{plan.actors} GPU actor(s) need {plan.actors * plan.actor_gpus:g} GPUs, the cluster has "
-                         f"{cluster_gpus:g}: lower --num-gpus/--actors, or use --device cpu")  # fmt: skip
+        raise BatchOptionError(f"{plan.actors} GPU actor(s) need {plan.actors * plan.actor_gpus:g} GPUs, the cluster "
+                               f"has {cluster_gpus:g}: lower {{num_gpus}}/{{actors}}, or use {{device=cpu}}")  # fmt: skip
     if plan.actors * plan.actor_cpus + plan.decode_cpus > cluster_cpus:
-        raise BatchError(f"the scoring actors take {plan.actors * plan.actor_cpus:g} of the cluster's {cluster_cpus:g} "
-                         "CPUs and leave none for decoding: lower --actors or --actor-cpus")  # fmt: skip
+        raise BatchOptionError(f"the scoring actors take {plan.actors * plan.actor_cpus:g} of the cluster's "
+                               f"{cluster_cpus:g} CPUs and leave none for decoding: lower {{actors}} or {{actor_cpus}}")  # fmt: skip
 
 
 MIN_BUFFER_BYTES = 128 * 2**20

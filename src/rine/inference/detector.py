@@ -43,6 +43,7 @@ from ..data.decoding import (
 from ..data.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from ..data.jpeg_crop import decode_views
 from ..data.preprocess import normalize
+from ..errors import UnknownNameError
 from ..model.accel import PRECISIONS, FastTapEncoder, resolve_precision
 from ..model.backbones import load_backbone
 from ..model.calibration import DecisionRule
@@ -313,10 +314,9 @@ class Detector:
 
         if not Path(name_or_path).expanduser().is_dir() and name_or_path not in PRETRAINED \
                 and not is_hub_model_id(name_or_path):  # fmt: skip
-            raise FileNotFoundError(
+            raise UnknownNameError("model", name_or_path, sorted(PRETRAINED), message=(
                 f"{name_or_path!r} is neither a checkpoint folder, a known model "
-                f"({', '.join(sorted(PRETRAINED))}) nor a Hub model id (user/repo)"
-            )
+                f"({', '.join(sorted(PRETRAINED))}) nor a Hub model id (user/repo)"))  # fmt: skip
         folder = resolve_model(name_or_path, revision, backbone_given=str(backbone) if backbone else None)
         head, config = load_pretrained(folder)
         source = backbone or config.backbone
