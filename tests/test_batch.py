@@ -385,8 +385,8 @@ def test_an_official_pth_head_with_backbone_scores_as_rine_detect(ray_cluster, t
     assert main(["detect", *map(str, imgs), *model, "--format", "jsonl", "--output", str(tmp_path / "d.jsonl")]) == 0
     detect = {r["path"]: r for r in map(json.loads, (tmp_path / "d.jsonl").read_text().splitlines())}
     assert len(rows := _records(tmp_path / "out")) == len(imgs) == len(detect) and np.ptp([r["logit"] for r in rows]) > 0.1  # a head that tells them apart
-    assert [(r["error"], r["is_fake"], round(r["logit"] - detect[r["path"]]["logit"], 6)) for r in rows] == \
-        [(None, detect[r["path"]]["is_fake"], 0.0) for r in rows]  # logits within 1e-6
+    assert [(r["error"], r["is_fake"], abs(r["logit"] - detect[r["path"]]["logit"]) < 1e-5) for r in rows] == \
+        [(None, detect[r["path"]]["is_fake"], True) for r in rows]  # fp32 noise of other batch sizes: 2e-6 seen
 
 
 def test_a_killed_actor_is_survived_and_a_finished_job_is_not_redone(ray_cluster, tiny_checkpoint_dir, tmp_path, capsys):
