@@ -86,6 +86,25 @@ def photo_checkpoint(sensitive_checkpoint_dir, inputs, tmp_path_factory):
     return folder
 
 
+@pytest.fixture(scope="module")
+def flippy_checkpoint(photo_checkpoint, inputs, tmp_path_factory):
+    """The photo head with its bias moved so that the 0.5 cut lies among the jpeg input's
+    re-encodings: some flip it, some do not."""
+    import torch
+
+    from rine.inference.detector import Detector
+    from rine.model.checkpoints import save_pretrained
+
+    det = Detector.from_pretrained(str(photo_checkpoint), device="cpu", precision="fp32")
+    own, _, sv = stability_of(det, inputs["jpeg"])
+    _, per = split_logits(det.score_views(sv.views)[0], sv.applied, sv.per_image)
+    with torch.no_grad():
+        det.head.head[-1].bias -= _rule_cutting_between(list(per.values()), own)
+    folder = tmp_path_factory.mktemp("flippy") / "ckpt"
+    save_pretrained(det.head, det.config, folder)
+    return folder
+
+
 def pillow_file(src, name: str, folder) -> str:
     """The file docs/stability.md describes, written here with Pillow directly (not through
     rine.data.reencode): the decoded RGB image, downscaled where the condition says, saved."""
@@ -481,15 +500,10 @@ def test_rine_serve_form_field_stability(photo_checkpoint, inputs, crop, tmp_pat
 
 @pytest.mark.slow
 @pytest.mark.browser
-def test_page_checkbox_says_the_reason_in_words(photo_checkpoint, inputs, tmp_path):
+def test_page_checkbox_says_the_reason_in_words(flippy_checkpoint, inputs, tmp_path):
     """`rine serve` with a head cut among one image's re-encodings: with the box ticked the page
     shows "Uncertain: an ordinary re-save would change this answer" and the API's reason as a
     sentence; unticked, the card is as before (no stability line)."""
-    import torch
-
-    from rine.inference.detector import Detector
-    from rine.model.checkpoints import save_pretrained
-
     if not Path("/usr/bin/chromium").exists():
         pytest.skip("/usr/bin/chromium not found: install Debian's chromium (scripts/setup.sh --dev does)")
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright for Python is not installed")
@@ -497,14 +511,8 @@ def test_page_checkbox_says_the_reason_in_words(photo_checkpoint, inputs, tmp_pa
     pytest.importorskip("uvicorn")
     from serve_proc import running_server
 
-    det = Detector.from_pretrained(str(photo_checkpoint), device="cpu", precision="fp32")
-    own, _, sv = stability_of(det, inputs["jpeg"])
-    _, per = split_logits(det.score_views(sv.views)[0], sv.applied, sv.per_image)
-    with torch.no_grad():
-        det.head.head[-1].bias -= _rule_cutting_between(list(per.values()), own)
-    save_pretrained(det.head, det.config, tmp_path / "flippy")
     image = inputs["jpeg"]
-    with running_server(["--model", str(tmp_path / "flippy"), "--device", "cpu", "--no-access-log"],
+    with running_server(["--model", str(flippy_checkpoint), "--device", "cpu", "--no-access-log"],
                         tmp_path / "server.log") as base:
         api = httpx.post(f"{base}/v1/detect", files=[("files", (image.name, image.read_bytes()))],
                          data={"stability": "true"}, timeout=60).json()["results"][0]
@@ -584,3 +592,69 @@ def test_rine_eval_stability_through_the_features_cache(photo_checkpoint, tmp_pa
         for rule in ("paper", "model"):
             a, b = live[head]["rules"][rule]["sets"]["s"], c2[head]["rules"][rule]["sets"]["s"]
             assert a == b, (rule, a, b)
+
+
+def _run_detect(args, capsys):
+    from rine.cli import main
+
+    rc = main(["detect", "--no-progress", "--precision", "fp32", "--device", "cpu", *args])
+    return rc, capsys.readouterr()
+
+
+def test_rine_detect_stability_records_csv_table_and_resume(flippy_checkpoint, inputs, tmp_path, capsys):
+    """`rine detect --stability`: the jsonl records are `Detector.predict(stability=True)`'s;
+    the csv has the stability columns and resumes; the table says the reason; a csv written
+    without --stability is not resumed with it (rows of two widths)."""
+    import csv
+    import json
+
+    from rine.cli.resume import CSV_FIELDS, CSV_FIELDS_STABILITY
+    from rine.inference.detector import Detector
+
+    paths = [str(inputs[n]) for n in ("jpeg", "small", "grey")]
+    model = ["--model", str(flippy_checkpoint)]
+    rc, out = _run_detect([*model, "--stability", "--format", "jsonl", *paths], capsys)
+    assert rc == 0
+    records = [json.loads(line) for line in out.out.splitlines()]
+    det = Detector.from_pretrained(str(flippy_checkpoint), device="cpu", precision="fp32")
+    expected = [p.to_dict() for p in det.predict(paths, stability=True)]
+    assert [r["path"] for r in records] == paths
+    for r, e in zip(records, expected, strict=True):
+        assert set(r) == set(e) == {"path", "prob_fake", "logit", "is_fake", "error", "threshold", "verdict", "stability"}
+        assert r["stability"]["flipped"] == e["stability"]["flipped"] and r["verdict"] == e["verdict"]
+        assert r["stability"]["conditions"] == pytest.approx(e["stability"]["conditions"], abs=1e-6)
+    assert records[0]["verdict"] == "uncertain"  # the head is cut among this image's re-encodings
+
+    rc, out = _run_detect([*model, "--stability", "--format", "table", paths[0]], capsys)
+    assert rc == 0 and f"uncertain: {records[0]['stability']['reason']}" in out.out
+
+    out_csv = tmp_path / "scores.csv"
+    assert _run_detect([*model, "--stability", "-o", str(out_csv), *paths[:2]], capsys)[0] == 0
+    assert _run_detect([*model, "--stability", "-o", str(out_csv), "--resume", *paths], capsys)[0] == 0
+    rows = list(csv.DictReader(out_csv.open(newline="")))
+    assert tuple(rows[0]) == CSV_FIELDS_STABILITY and [r["path"] for r in rows] == paths
+    for row, rec in zip(rows, records, strict=True):
+        assert int(row["stability_flips"]) == rec["stability"]["flips"] and row["stability_reason"] == rec["stability"]["reason"]
+        assert float(row["stability_jpeg70"]) == pytest.approx(rec["stability"]["conditions"]["jpeg70"], abs=1e-6)
+    plain_csv = tmp_path / "plain.csv"
+    assert _run_detect([*model, "-o", str(plain_csv), paths[0]], capsys)[0] == 0
+    assert tuple(next(csv.reader(plain_csv.open(newline="")))) == CSV_FIELDS
+    rc, out = _run_detect([*model, "--stability", "-o", str(plain_csv), "--resume", *paths], capsys)
+    assert rc == 2 and "stability" in out.err
+
+
+def test_rine_detect_without_the_flag_writes_the_records_it_always_wrote(photo_checkpoint, inputs, capsys):
+    """No --stability: the same keys and numbers as `Detector.predict` without it, for every
+    crop (and ten-crop), and nothing of the stability run leaks in."""
+    import json
+
+    from rine.inference.detector import Detector
+
+    paths = [str(p) for p in inputs.values()]
+    for crop in ("center", "ten"):
+        rc, out = _run_detect(["--model", str(photo_checkpoint), "--crop", crop, "--format", "jsonl", *paths], capsys)
+        assert rc == 0
+        got = [json.loads(line) for line in out.out.splitlines()]
+        det = Detector.from_pretrained(str(photo_checkpoint), device="cpu", precision="fp32", crop=crop)
+        assert got == [p.to_dict() for p in det.predict(paths)]
+        assert all(set(r) == {"path", "prob_fake", "logit", "is_fake", "error"} for r in got)

@@ -22,7 +22,8 @@ on every machine:
 A condition a format cannot hold (JPEG is limited to 65500 px a side) is skipped for that
 image, with the reason (`ReencodeError`); the others still apply.
 
-No torch here: decoding workers (threads or processes) import this module.
+No torch here: decoding workers (threads or processes) import this module; nor numpy at
+import time (the CLI reads DEFAULT_CONDITIONS from here, and `rine --help` stays light).
 """
 
 from __future__ import annotations
@@ -30,13 +31,16 @@ from __future__ import annotations
 import io
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import numpy as np
 from PIL import Image
 
-from ..config import PreprocessConfig
 from .images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, load_image
-from .preprocess import crop_views
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from ..config import PreprocessConfig
 
 __all__ = [
     "DEFAULT_CONDITIONS",
@@ -185,6 +189,10 @@ def stability_views(
     """Decode one image once and cut its views as it is and under every condition; runs in the
     decoding workers. The file's own views equal `jpeg_crop.decode_views` (what is scored
     without `--stability`), byte for byte; limits and `reserve_pixels` as `load_image`'s."""
+    import numpy as np
+
+    from .preprocess import crop_views
+
     image = load_image(source, max_pixels=max_pixels, max_bytes=max_bytes, reserve_pixels=reserve_pixels)
     parts, applied, skipped = [crop_views(image, preprocess)], [], {}
     for c in conditions:
