@@ -658,3 +658,53 @@ def test_rine_detect_without_the_flag_writes_the_records_it_always_wrote(photo_c
         det = Detector.from_pretrained(str(photo_checkpoint), device="cpu", precision="fp32", crop=crop)
         assert got == [p.to_dict() for p in det.predict(paths)]
         assert all(set(r) == {"path", "prob_fake", "logit", "is_fake", "error"} for r in got)
+
+
+@pytest.mark.slow
+def test_rine_batch_stability_records_equal_detect(flippy_checkpoint, inputs, tmp_path, monkeypatch):
+    """`rine batch --stability` (Ray Data; re-encoding in the decoding tasks): each record's
+    threshold, verdict, flips, reason and per-condition probabilities are those of
+    `rine detect --stability`; an error file stays one error record; a job keeps its choice."""
+    pytest.importorskip("ray")
+    import shutil
+    import tempfile
+
+    from rine.cluster.batch import run_batch
+    from rine.cluster.job import BatchConfig, BatchError
+    from rine.inference.detector import Detector
+    from test_batch import _records, _worker_env
+
+    monkeypatch.setenv("PYTHONPATH", _worker_env()["PYTHONPATH"])  # the local Ray's workers import this rine
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for name in ("jpeg", "small", "grey", "webp"):
+        shutil.copy(inputs[name], folder / inputs[name].name)
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    out = tmp_path / "out"
+    cfg = BatchConfig(inputs=[str(folder)], out=str(out), model=str(flippy_checkpoint), precision="fp32",
+                      stability=True, shard_size=4, batch_size=3, decode_batch=2, address="local",
+                      progress=False, temp_dir=tempfile.mkdtemp(prefix="rs-", dir="/tmp"))
+    try:
+        result = run_batch(cfg)
+        with pytest.raises(BatchError, match="stability"):  # a job keeps the choice it started with
+            run_batch(BatchConfig(**{**cfg.__dict__, "stability": False}))
+    finally:
+        shutil.rmtree(cfg.temp_dir, ignore_errors=True)
+    assert result.error is None and result.exit_code == 1  # the broken file's error record
+    rows = {r["path"]: r for r in _records(out)}
+    det = Detector.from_pretrained(str(flippy_checkpoint), device="cpu", precision="fp32")
+    expected = det.predict(sorted(rows), stability=True, decoder="threads")
+    assert sum(p.error is None for p in expected) == 4
+    for p in expected:
+        r = rows[p.path]
+        assert r["error"] == p.error
+        if p.error is not None:
+            assert r["verdict"] is None and r["stability_flips"] is None
+            continue
+        assert abs(r["logit"] - p.logit) < 1e-5 and r["verdict"] == p.verdict and r["threshold"] == p.threshold
+        assert r["stability_flips"] == p.stability["flips"] and r["stability_reason"] == p.stability["reason"]
+        assert r["stability_spread"] == pytest.approx(p.stability["spread"], abs=1e-5)
+        for c, prob in p.stability["conditions"].items():
+            assert r[f"stability_{c}"] == pytest.approx(prob, abs=1e-5)
+    assert any(rows[p.path]["verdict"] == "uncertain" for p in expected if p.error is None)
