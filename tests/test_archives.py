@@ -24,7 +24,7 @@ from rine.cli import main
 from rine.data.images import ImageLoadError, load_image
 from rine.data.layouts import list_images
 from rine.data.scan import Skipped, walk_images
-from rine.evaluation.metrics import compute_metrics, mean_metrics
+from rine.metrics import compute_metrics, mean_metrics
 from rine.evaluation.results import Condition, RunResult, metrics_of
 
 from conftest import write_image
@@ -345,7 +345,7 @@ def test_each_request_is_logged_once_without_key_or_content(tiny_detector, caplo
     pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient
 
-    from rine.server import ServerSettings, create_app
+    from rine.server.app import ServerSettings, create_app
 
     caplog.set_level(logging.INFO, logger="rine.server.access")
     buf = io.BytesIO()

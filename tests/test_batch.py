@@ -442,7 +442,7 @@ def test_a_driver_killed_hard_then_rerun_finishes_with_every_input_once(tiny_che
 
 def test_taps_store_trains_the_same_weights_as_rine_extract(ray_cluster, tiny_backbone_dir, tmp_path):
     from rine.cli import main
-    from rine.training.features import FeatureStore
+    from rine.data.tap_store import FeatureStore
 
     root = tmp_path / "data"
     paths = []

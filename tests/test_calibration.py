@@ -347,7 +347,7 @@ def test_sensitive_head_spreads_logits(sensitive_checkpoint, image_data):
     det = Detector.from_pretrained(str(sensitive_checkpoint), precision="fp32")
     logits = [p.logit for p in det.predict(sorted(str(p) for p in (image_data / "calib").rglob("*.png")))]
     assert np.std(logits) > 0.5 and np.ptp(logits) > 2
-    from rine.evaluation.metrics import roc_auc
+    from rine.metrics import roc_auc
 
     preds = det.predict(sorted(str(p) for p in (image_data / "labelled").rglob("*.png")))
     assert roc_auc([int("/fake/" in p.path) for p in preds], [p.logit for p in preds]) > 0.7
@@ -386,7 +386,7 @@ def test_calibrated_checkpoint_round_trips_through_detector_detect_and_serve(cap
     from fastapi.testclient import TestClient
 
     from rine.inference.detector import Detector
-    from rine.server import create_app
+    from rine.server.app import create_app
 
     out = tmp_path / "platt"
     code, _, err = run_cli(capsys, "calibrate", "--model", sensitive_checkpoint, "--suite", "folder", "--root",
@@ -420,7 +420,7 @@ def test_uncalibrated_head_records_stay_as_today(capsys, tmp_path, tiny_checkpoi
     from fastapi.testclient import TestClient
 
     from rine.inference.detector import Detector
-    from rine.server import create_app
+    from rine.server.app import create_app
 
     assert "calibration" not in json.loads((tiny_checkpoint_dir / "config.json").read_text())
     files = sorted(str(p) for p in (image_data / "heldout").rglob("*.png"))[:3]

@@ -166,7 +166,7 @@ def test_extract_reads_parquet_rows(opensdi, tiny_backbone_dir, tmp_path):
     code = main(["extract", "--layout", "parquet", "--root", str(root), "--splits", "sd15", "--backbone",
                  str(tiny_backbone_dir), "--transform", "train", "--out", str(store), "--no-progress"])
     assert code == 1  # one unreadable row: reported, the rest stored
-    from rine.training.store import FeatureStore
+    from rine.data.tap_store import FeatureStore
 
     fs = FeatureStore.open(store)
     assert fs.meta["n_items"] == len(rows["sd15"])

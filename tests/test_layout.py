@@ -2,9 +2,11 @@
 
 Every `import` and `from ... import` in src/rine (module level and inside functions, but not
 under `if TYPE_CHECKING:`) is an edge from one module to another. The layers, bottom up:
-config -> model, data -> inference, training, evaluation (pipelines) -> cli, server, cluster,
-export (interfaces). A module may import its own layer or lower ones, never a higher one, and
-no chain of imports may lead back to where it started.
+config, fileio, metrics (base) -> model, data -> inference, training, evaluation (pipelines)
+-> cli, server, cluster, export (interfaces). A module may import its own layer or lower ones,
+never a higher one, and no chain of imports may lead back to where it started. Training and
+evaluation, side by side in one layer, do not import each other: what both need (the tap
+store, the metrics) sits below them.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src" / "rine"
 
 LAYERS = {  # top-level folder or module under rine -> its rank
-    "_moved": 0, "config": 0,
+    "config": 0, "fileio": 0, "metrics": 0,
     "model": 1, "data": 1,
     "inference": 2, "training": 2, "evaluation": 2,
     "cli": 3, "server": 3, "cluster": 3, "export": 3, "__main__": 3,
@@ -71,6 +73,12 @@ def import_graph() -> dict[str, set[str]]:
     return {module_name(f): imports_of(f, modules) for f in files}
 
 
+def top(module: str) -> str:
+    """The top-level folder or module under rine ('' for rine itself)."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else ""
+
+
 def layer(module: str) -> int:
     parts = module.split(".")
     return LAYERS[parts[1]] if len(parts) > 1 else 0
@@ -86,7 +94,7 @@ def test_the_graph_sees_imports():
     graph = import_graph()
     assert "rine.model.head" in graph["rine.model.rine_model"]
     assert "rine.inference.detector" in graph["rine.cli.common"]  # imported inside a function
-    assert "rine.training.features" in graph["rine.evaluation.scoring"]  # inside a function
+    assert "rine.data.tap_extract" in graph["rine.evaluation.scoring"]  # inside a function
     assert "rine.evaluation.results" not in graph["rine.evaluation.plots"]  # TYPE_CHECKING only
 
 
@@ -141,21 +149,39 @@ def test_a_cycle_and_an_upward_import_would_be_caught(tmp_path, monkeypatch):
         test_imports_flow_downwards()
 
 
-def test_old_module_paths_still_import():
-    """Users' scripts import the pre-layout paths; they name the moved modules themselves."""
-    import rine.backbones
-    import rine.metrics
-    import rine.model.backbones
-    from rine import Detector, HeadConfig, RINEHead, load_backbone, load_pretrained, save_pretrained
-    from rine.evaluation import evaluate, write_outputs
-    from rine.evaluation.engine import evaluate as engine_evaluate
-    from rine.inference import Detector as inference_detector
-    from rine.metrics import compute_metrics
-    from rine.training import train_head
+# Pairs of top-level folders that may not import each other in either direction.
+SEPARATE = (("training", "evaluation"),)
 
-    assert rine.backbones is rine.model.backbones
-    assert rine.backbones.__spec__.name == "rine.model.backbones"
-    assert compute_metrics.__module__ == "rine.evaluation.metrics"
-    assert evaluate is engine_evaluate and callable(write_outputs) and callable(train_head)
-    assert inference_detector is Detector
-    assert all(callable(x) for x in (HeadConfig, RINEHead, load_backbone, load_pretrained, save_pretrained))
+
+def test_training_and_evaluation_stay_apart():
+    crossing = [
+        f"{m} imports {t}"
+        for m, targets in import_graph().items()
+        for t in targets
+        for a, b in SEPARATE
+        if {top(m), top(t)} == {a, b}
+    ]
+    assert not crossing, "training and evaluation import each other (move what both need below them):\n" + "\n".join(
+        sorted(crossing)
+    )
+
+
+def test_a_training_evaluation_import_would_be_caught(tmp_path, monkeypatch):
+    """Negative control: evaluation -> training (inside a function) and training -> evaluation
+    are both flagged, although neither goes against the layers."""
+    pkg = tmp_path / "rine"
+    for folder in ("training", "evaluation", "data"):
+        (pkg / folder).mkdir(parents=True)
+        (pkg / folder / "__init__.py").write_text("")
+    (pkg / "__init__.py").write_text("")
+    (pkg / "data" / "store.py").write_text("")
+    (pkg / "training" / "trainer.py").write_text("from ..evaluation import metrics\nfrom ..data import store\n")
+    (pkg / "evaluation" / "metrics.py").write_text("")
+    (pkg / "evaluation" / "scoring.py").write_text("def f():\n    from ..training.trainer import g\n")
+    monkeypatch.setattr(__import__(__name__), "SRC", pkg)
+    test_imports_flow_downwards()  # same layer: the layer rule alone would let these pass
+    with pytest.raises(AssertionError) as e:
+        test_training_and_evaluation_stay_apart()
+    assert "rine.training.trainer imports rine.evaluation.metrics" in str(e.value)
+    assert "rine.evaluation.scoring imports rine.training.trainer" in str(e.value)
+    assert "rine.data.store" not in str(e.value)

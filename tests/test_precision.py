@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from rine import accel
+from rine.model import accel
 from rine.inference.detector import Detector
 from rine.model.accel import PRECISIONS, FastTapEncoder, resolve_precision
 

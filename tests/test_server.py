@@ -16,7 +16,8 @@ pytest.importorskip("python_multipart")
 
 from fastapi.testclient import TestClient  # noqa: E402
 
-from rine.server import Batcher, Overloaded, ServerSettings, create_app  # noqa: E402
+from rine.server.app import ServerSettings, create_app  # noqa: E402
+from rine.server.batching import Batcher, Overloaded  # noqa: E402
 from rine.server.app import display_name, load_error_status  # noqa: E402
 from rine.server.batching import ScoringFailed  # noqa: E402
 
@@ -405,7 +406,7 @@ import io, json, resource, sys
 from fastapi.testclient import TestClient
 from PIL import Image
 from rine.inference.detector import Detector
-from rine.server import create_app
+from rine.server.app import create_app
 
 buf = io.BytesIO()
 Image.new("L", (1, 5_000_000)).save(buf, format="PNG", optimize=True)

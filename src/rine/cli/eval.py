@@ -416,7 +416,7 @@ def run(args: argparse.Namespace) -> int:
     write_outputs(result, args.out, plots=not args.no_plots)
     _suite_table(args, result, layout)
     n_err = sum(run_.metrics["mean"]["n_errors"] for run_ in result.runs[:1])
-    from ..evaluation.metrics import mean_text
+    from ..metrics import mean_text
 
     for run_ in result.runs:
         m = run_.metrics["mean"]

@@ -18,7 +18,7 @@ retried batch of a restarted actor) is dropped by item. `_manifest.json` records
 identity (inputs, model, settings: a rerun with others is refused) and its counts; the
 output is reconciled against the input list at the end (`reconcile.py`).
 
-With `taps=True` the same engine writes a feature store (`rine.training.features`), shard
+With `taps=True` the same engine writes a feature store (`rine.data.tap_store`), shard
 for shard what `rine extract` writes, which `rine train --features` and `rine grid` read.
 """
 
@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from ..data.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
-from ..training.store import _fsync_dir  # the same durable rename as the tap store's
+from ..fileio import fsync_dir as _fsync_dir  # the same durable rename as the tap store's
 from . import INSTALL_HINT
 from .manifest import InputList, list_inputs
 from .reconcile import Reconciliation, committed_parts, part_name, reconcile_parts, reconcile_store
@@ -431,8 +431,7 @@ def _taps_setup(cfg: BatchConfig, inputs: InputList, shard_size: int):
 
     from ..data.datasets import Item
     from ..model.backbones import load_backbone
-    from ..training.features import StoreError
-    from .store_writer import StoreWriter
+    from ..data.tap_store import StoreError, StoreWriter
 
     if not cfg.backbone:
         raise BatchError("--taps needs --backbone (the CLIP encoder whose taps are stored)")

@@ -17,7 +17,7 @@ import numpy as np
 
 from ..model.calibration import expit
 from .calibration import CalibrationFit
-from .metrics import brier_score, expected_calibration_error, log_loss
+from ..metrics import brier_score, expected_calibration_error, log_loss
 
 
 def _pct(rate: dict[str, Any] | None) -> str:

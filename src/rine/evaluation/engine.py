@@ -11,7 +11,7 @@ into uint8 views [V, S, S, 3]; the frozen backbone turns the views into taps
 is sigmoid(mean of its views' logits) (ten-crop, as the reference). Unreadable images
 get an `error` record and are left out of the metrics (counted as `n_errors`).
 
-With `cache_dir`, taps are kept across runs in `rine.training.features` stores (one per test set
+With `cache_dir`, taps are kept across runs in tap stores (`rine.data.tap_store`) (one per test set
 and transform), so a second evaluation of other heads on the same data skips the backbone.
 """
 

@@ -14,7 +14,7 @@ from typing import Any
 from ..config import RINEConfig
 from ..data.perturb import QUIRKS, transform_id
 from ..model.head import RINEHead
-from .metrics import (
+from ..metrics import (
     bootstrap_ci,
     compute_metrics,
     deployment_metrics,
