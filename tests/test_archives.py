@@ -24,8 +24,8 @@ from rine.cli import main
 from rine.data.images import ImageLoadError, load_image
 from rine.data.layouts import list_images
 from rine.data.scan import Skipped, walk_images
-from rine.metrics import compute_metrics, mean_metrics
 from rine.evaluation.results import Condition, RunResult, metrics_of
+from rine.metrics import compute_metrics, mean_metrics
 
 from conftest import write_image
 from serve_proc import wait_ready

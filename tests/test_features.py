@@ -15,11 +15,10 @@ import pytest
 import torch
 
 from rine.data.augment import CenterView, TrainAugment
-from rine.data.datasets import progan_items
+from rine.data.datasets import Item, progan_items
 from rine.data.preprocess import center_crop_array, normalize
-from rine.model.backbones import load_backbone
-from rine.data.datasets import Item
 from rine.data.tap_store import COMMITS_NAME, FeatureStore, StoreError
+from rine.model.backbones import load_backbone
 from rine.training.features import extract_features
 
 from conftest import write_image
@@ -260,8 +259,8 @@ def test_ten_crop_stores_score_as_the_live_ten_crop(sensitive_checkpoint_dir, tm
     takes such a store as a test transform."""
     from rine.cli import main
     from rine.cli.grid import is_test_transform
-    from rine.metrics import average_precision
     from rine.inference.detector import Detector
+    from rine.metrics import average_precision
     from rine.model.checkpoints import load_pretrained
     from rine.training.trainer import StoreTaps, evaluate_store, probabilities, score_taps
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from rine.model import accel
 from rine.inference.detector import Detector
+from rine.model import accel
 from rine.model.accel import PRECISIONS, FastTapEncoder, resolve_precision
 
 from conftest import PARITY, require_shared, write_image

@@ -16,10 +16,12 @@ pytest.importorskip("python_multipart")
 
 from fastapi.testclient import TestClient  # noqa: E402
 
-from rine.server.app import ServerSettings, create_app  # noqa: E402
-from rine.server.batching import Batcher, Overloaded  # noqa: E402
-from rine.server.app import display_name, load_error_status  # noqa: E402
-from rine.server.batching import ScoringFailed  # noqa: E402
+from rine.server.app import ServerSettings, create_app, display_name, load_error_status  # noqa: E402  # noqa: E402
+from rine.server.batching import (  # noqa: E402
+    Batcher,
+    Overloaded,
+    ScoringFailed,  # noqa: E402
+)
 
 from conftest import OFFICIAL, assert_scores_as_reference_decode, require_shared  # noqa: E402
 from serve_proc import wait_ready  # noqa: E402

@@ -11,8 +11,8 @@ import torch
 
 from rine.data.augment import CenterView, TrainAugment
 from rine.data.datasets import progan_items
-from rine.model.backbones import load_backbone
 from rine.data.tap_store import FeatureStore
+from rine.model.backbones import load_backbone
 from rine.training.features import extract_features
 from rine.training.trainer import (
     ImageTaps,

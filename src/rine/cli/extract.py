@@ -61,8 +61,8 @@ def run(args: argparse.Namespace) -> int:
 
     from ..data.augment import CenterView, TenCropViews, TrainAugment
     from ..data.datasets import layout_items
-    from ..model.backbones import load_backbone
     from ..data.tap_store import StoreError
+    from ..model.backbones import load_backbone
     from ..training.features import extract_features
 
     # Before any work: a bad --out or --device must not cost a dataset scan or a backbone load.

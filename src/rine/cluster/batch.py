@@ -430,8 +430,8 @@ def _taps_setup(cfg: BatchConfig, inputs: InputList, shard_size: int):
     import torch  # noqa: F401  (load_backbone needs it; imported here for a clear order)
 
     from ..data.datasets import Item
-    from ..model.backbones import load_backbone
     from ..data.tap_store import StoreError, StoreWriter
+    from ..model.backbones import load_backbone
 
     if not cfg.backbone:
         raise BatchError("--taps needs --backbone (the CLIP encoder whose taps are stored)")

@@ -13,7 +13,6 @@ from typing import Any
 
 from ..config import RINEConfig
 from ..data.perturb import QUIRKS, transform_id
-from ..model.head import RINEHead
 from ..metrics import (
     bootstrap_ci,
     compute_metrics,
@@ -22,6 +21,7 @@ from ..metrics import (
     mean_deployment_metrics,
     mean_metrics,
 )
+from ..model.head import RINEHead
 
 
 @dataclass
