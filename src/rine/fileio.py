@@ -4,7 +4,7 @@ after a crash or `kill -9` at any point.
 The protocol, once for the package: write a temporary file beside the target, flush and
 fsync it, rename it over the target (atomic on POSIX within one folder), fsync the folder
 so that the rename itself survives a power loss. Readers never see a half-written file;
-a crash leaves at most a stale `*.tmp` beside it.
+a crash leaves at most a stale `*.tmp` file beside it.
 
     atomic_write(path, b"...")                 bytes, or text (UTF-8)
     atomic_write_json(path, {"a": 1})          JSON, indented, with a final newline
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -43,11 +44,12 @@ def fsync_dir(path: str | Path) -> None:
 
 @contextmanager
 def atomic_file(path: str | Path, suffix: str = TMP_SUFFIX) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; when the block ends without an exception the
-    file written there is fsynced and renamed over `path`, and the folder fsynced. On an
-    exception the temporary file is removed and `path` is left as it was."""
+    """Yield a temporary path beside `path` (a name of its own, `<name>.<random><suffix>`, so
+    that concurrent writers of one target never share it); when the block ends without an
+    exception the file written there is fsynced and renamed over `path`, and the folder
+    fsynced. On an exception the temporary file is removed and `path` is left as it was."""
     path = Path(path)
-    tmp = path.with_name(path.name + suffix)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}-{secrets.token_hex(4)}{suffix}")
     try:
         yield tmp
         with open(tmp, "rb+") as f:
