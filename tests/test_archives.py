@@ -28,7 +28,7 @@ from rine.evaluation.results import Condition, RunResult, metrics_of
 from rine.metrics import compute_metrics, mean_metrics
 
 from conftest import write_image
-from serve_proc import wait_ready
+from support.serve_proc import wait_ready
 
 
 def run_cli(capsys, *argv):
@@ -284,7 +284,7 @@ def test_decoding_workers_die_with_a_killed_parent(tmp_path, how):
         "import itertools, sys\n"
         f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
         "from rine.data.decoding import ordered_map\n"
-        "import archives_jobs\n"
+        "from support import archives_jobs\n"
         "if __name__ == '__main__':\n"
         "    jobs = ((i, (i,)) for i in itertools.count())\n"
         "    for _, pid, _ in ordered_map(archives_jobs.pid_slowly, jobs, kind='processes', workers=2, max_in_flight=4):\n"

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import OFFICIAL, require_shared
-from serve_proc import running_server
+from support.serve_proc import running_server
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [

@@ -604,7 +604,7 @@ def test_page_says_uncertain_in_words(tiny_checkpoint_dir, tmp_path):
     and the model line explains the band (headless Chromium, as tests/test_browser.py)."""
     from test_browser import CHROMIUM, CHROMIUM_ARGS
 
-    from serve_proc import running_server
+    from support.serve_proc import running_server
 
     if not CHROMIUM.exists():
         pytest.skip(f"{CHROMIUM} not found")

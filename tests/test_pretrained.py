@@ -1,5 +1,5 @@
 """Named pretrained models: download, verification, caching and the offline message,
-against real HTTP on loopback (tests/loopback_hub.py), never a mock."""
+against real HTTP on loopback (tests/support/loopback_hub.py), never a mock."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from rine.model.checkpoints import git_blob_sha1, load_pretrained
 from rine.model.pretrained import WeightsUnavailableError, resolve_pretrained
 
 from conftest import OFFICIAL, REPO, require_shared
-from loopback_hub import LoopbackHub
+from support.loopback_hub import LoopbackHub
 
 
 @pytest.fixture

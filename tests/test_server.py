@@ -24,7 +24,7 @@ from rine.server.batching import (  # noqa: E402
 )
 
 from conftest import OFFICIAL, assert_scores_as_reference_decode, require_shared  # noqa: E402
-from serve_proc import wait_ready  # noqa: E402
+from support.serve_proc import wait_ready  # noqa: E402
 
 
 def png_bytes(size=(64, 48), mode="RGB", seed=0, fmt="PNG") -> bytes:
