@@ -345,7 +345,8 @@ def test_each_request_is_logged_once_without_key_or_content(tiny_detector, caplo
     pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient
 
-    from rine.server.app import ServerSettings, create_app
+    from rine.server.app import create_app
+    from rine.server.limits import ServerSettings
 
     caplog.set_level(logging.INFO, logger="rine.server.access")
     buf = io.BytesIO()

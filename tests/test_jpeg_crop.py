@@ -395,7 +395,8 @@ def test_extension_missing_is_a_debug_message(monkeypatch, caplog):
 def test_detector_and_eval_prepare_views_through_it(tmp_path, monkeypatch):
     import sys
 
-    from rine.evaluation.engine import Condition, prepare_conditions
+    from rine.evaluation.results import Condition
+    from rine.evaluation.scoring import prepare_conditions
     from rine.inference.detector import prepare_views
 
     # the module that defines prepare_conditions (engine.py, or scoring.py after the split)

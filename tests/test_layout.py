@@ -185,3 +185,67 @@ def test_a_training_evaluation_import_would_be_caught(tmp_path, monkeypatch):
     assert "rine.training.trainer imports rine.evaluation.metrics" in str(e.value)
     assert "rine.evaluation.scoring imports rine.training.trainer" in str(e.value)
     assert "rine.data.store" not in str(e.value)
+
+
+def _top_level_names(tree: ast.Module) -> set[str]:
+    """Names a module defines itself: functions, classes and assignments at its top level
+    (also under a top-level `if`/`try`), not the names it imports."""
+    names: set[str] = set()
+    for node in tree.body:
+        for child in ast.walk(node) if isinstance(node, (ast.If, ast.Try)) else (node,):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                names.add(child.name)
+            elif isinstance(child, (ast.Assign, ast.AnnAssign)):
+                targets = child.targets if isinstance(child, ast.Assign) else [child.target]
+                names |= {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+    return names
+
+
+def imports_from_elsewhere(roots: list[Path]) -> list[str]:
+    """`from rine.x import name` (in any file under `roots`) where `name` is neither a
+    submodule of rine.x nor defined in rine.x itself: a name reached through a re-export."""
+    files = sorted(SRC.rglob("*.py"))
+    modules = {module_name(f) for f in files}
+    # C extensions are submodules too (their sources sit beside the modules)
+    modules |= {module_name(c.with_suffix(".py")) for c in SRC.rglob("*.c")}
+    defined = {module_name(f): _top_level_names(ast.parse(f.read_text(encoding="utf-8"))) for f in files}
+    found = []
+    for path in sorted({p for root in roots for p in root.rglob("*.py")}):
+        in_pkg = path.is_relative_to(SRC)
+        name = module_name(path) if in_pkg else ""
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(node, ast.ImportFrom) or (node.level and not in_pkg):
+                continue
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                source = ".".join([*base, *([node.module] if node.module else [])])
+            else:
+                source = node.module or ""
+            for alias in node.names if source in defined else ():
+                if f"{source}.{alias.name}" not in modules and alias.name not in defined[source]:
+                    found.append(f"{path.relative_to(SRC.parents[1])}:{node.lineno} imports {alias.name} from {source}")
+    return found
+
+
+def test_names_are_imported_from_the_module_that_defines_them():
+    """No re-exports: the package, the tests and the benchmarks import each name from its home."""
+    repo = SRC.parents[1]
+    found = imports_from_elsewhere([SRC, repo / "tests", repo / "benchmarks"])
+    assert not found, "names imported through a re-export (import them from their module):\n" + "\n".join(found)
+
+
+def test_a_re_export_would_be_caught(tmp_path, monkeypatch):
+    """Negative control: a name that model.b only imports, taken from model.b, is flagged;
+    a submodule, a name model.a defines and a C extension are not."""
+    pkg = tmp_path / "src" / "rine"
+    (pkg / "model").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "model" / "__init__.py").write_text("")
+    (pkg / "model" / "_ext.c").write_text("")
+    (pkg / "model" / "a.py").write_text("X = 1\n\ndef f():\n    pass\n")
+    (pkg / "model" / "b.py").write_text("from .a import X, f\nfrom . import a, _ext\n")
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "test_x.py").write_text("from rine.model.b import f\nfrom rine.model.a import X\n")
+    monkeypatch.setattr(__import__(__name__), "SRC", pkg)
+    assert imports_from_elsewhere([pkg, tmp_path / "tests"]) == ["tests/test_x.py:1 imports f from rine.model.b"]

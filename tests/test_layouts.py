@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from rine.data.layouts import UFD20_SETS, LayoutError, list_images, read_layout
+from rine.data.layouts import UFD20_SETS, list_images, read_layout
+from rine.data.testsets import LayoutError
 
 from conftest import write_image
 

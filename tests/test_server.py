@@ -16,12 +16,9 @@ pytest.importorskip("python_multipart")
 
 from fastapi.testclient import TestClient  # noqa: E402
 
-from rine.server.app import ServerSettings, create_app, display_name, load_error_status  # noqa: E402  # noqa: E402
-from rine.server.batching import (  # noqa: E402
-    Batcher,
-    Overloaded,
-    ScoringFailed,  # noqa: E402
-)
+from rine.server.app import create_app  # noqa: E402
+from rine.server.batching import Batcher, Overloaded, ScoringFailed  # noqa: E402
+from rine.server.limits import ServerSettings, display_name, load_error_status  # noqa: E402
 
 from conftest import OFFICIAL, assert_scores_as_reference_decode, require_shared  # noqa: E402
 from support.serve_proc import wait_ready  # noqa: E402

@@ -20,7 +20,7 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 CROP_MODES = ("center", "resize", "ten")
-# Numeric modes of the encoder (rine.accel): "fp32" is exact, "auto" the fastest within tolerance.
+# Numeric modes of the encoder (rine.model.accel): "fp32" is exact, "auto" the fastest within tolerance.
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"

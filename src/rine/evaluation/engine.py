@@ -3,7 +3,7 @@
     det = Detector.from_pretrained("rine-vitl14-4class")
     sets = read_layout("ufd20", "data/test").sets
     result = evaluate(det, sets, conditions=[Condition(), Condition("jpeg", seed=0)])
-    write_outputs(result, "runs/ufd20")
+    evaluation.outputs.write_outputs(result, "runs/ufd20")
 
 Each image is decoded once; every transform (clean, or a robustness perturbation) turns it
 into uint8 views [V, S, S, 3]; the frozen backbone turns the views into taps
@@ -24,28 +24,12 @@ from pathlib import Path
 import torch
 
 from ..data.decoding import DECODERS, DEFAULT_DECODE_TIMEOUT
-from ..data.layouts import TestSet
+from ..data.testsets import TestSet
 from ..inference.detector import default_batch_size
 from ..model.calibration import DecisionRule
 from .calibration import apply_rule
-from .outputs import (  # noqa: F401  (rine.evaluation's names before the split)
-    TABLE_METRICS,
-    detail_table_markdown,
-    paper_table_markdown,
-    write_outputs,
-    write_paper_csv,
-    write_run,
-)
 from .results import Condition, EvalHead, EvalResult, RunResult, metrics_of
-from .scoring import (  # noqa: F401
-    encode_views,
-    head_logits,
-    image_key,
-    make_views,
-    prepare_conditions,
-    score_set_cached,
-    score_set_live,
-)
+from .scoring import score_set_cached, score_set_live
 
 logger = logging.getLogger(__name__)
 

@@ -25,10 +25,10 @@ from ..config import PreprocessConfig
 from ..data.decoding import DEFAULT_DECODE_TIMEOUT, default_decoder, error_text, ordered_map
 from ..data.images import DEFAULT_MAX_BYTES, load_image
 from ..data.jpeg_crop import decode_views
-from ..data.layouts import TestSet
 from ..data.parquet import RowError
 from ..data.perturb import is_perturbed, robustness_image
 from ..data.preprocess import crop_views
+from ..data.testsets import TestSet
 from ..inference.detector import default_workers
 from ..model.head import RINEHead
 from .results import Condition, EvalHead

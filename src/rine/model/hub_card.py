@@ -95,7 +95,7 @@ def model_card(config: RINEConfig, repo_id: str, eval_dir: Path | None = None, l
                   "CLIP weights with `--backbone` (or `backbone=`) to load it.", ""]  # fmt: skip
     lines += ["## Usage", "", "```bash", "pip install rine",
               f"rine detect --model {repo_id} image.jpg", "```", "", "```python",
-              "from rine import Detector", "",
+              "from rine.inference.detector import Detector", "",
               f'detector = Detector.from_pretrained("{repo_id}")  # revision="..." pins a commit',
               'print(detector.predict(["image.jpg"]))', "```", ""]  # fmt: skip
     return "\n".join(lines)
