@@ -19,9 +19,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from test_browser import CHROMIUM, CHROMIUM_ARGS
-
 from conftest import OFFICIAL, require_shared
+from support.browser import CHROMIUM, CHROMIUM_ARGS
 from support.onnx_fixtures import (
     DEMO_IMAGES,
     export_with_cli,

@@ -602,8 +602,7 @@ def test_eval_calibrate_on_a_folder_of_reals(capsys, tmp_path, sensitive_checkpo
 def test_page_says_uncertain_in_words(tiny_checkpoint_dir, tmp_path):
     """`rine serve --uncertain-band` and the page: the card reads "Uncertain: too close to call"
     and the model line explains the band (headless Chromium, as tests/test_browser.py)."""
-    from test_browser import CHROMIUM, CHROMIUM_ARGS
-
+    from support.browser import CHROMIUM, CHROMIUM_ARGS
     from support.serve_proc import running_server
 
     if not CHROMIUM.exists():

@@ -22,17 +22,7 @@ from rine.model.backbones import load_backbone
 from rine.training.features import extract_features
 
 from conftest import write_image
-
-
-def make_progan(root: Path, classes=("car", "cat"), per_label: int = 3, split: str = "train") -> Path:
-    seed = 0
-    for c in classes:
-        for label in ("0_real", "1_fake"):
-            for i in range(per_label):
-                seed += 1
-                # sizes vary, and some are smaller than 224 (padded by the transforms)
-                write_image(root / split / c / label / f"{i}.png", size=(180 + 30 * i, 250), seed=seed)
-    return root
+from support.image_trees import make_progan
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,8 @@ from rine.training.trainer import (
     score_taps,
     train_head,
 )
-from test_training import backbone, data, stores  # noqa: F401 - shared module fixtures
+
+from support.training_stores import backbone, data, stores  # noqa: F401 - shared module fixtures
 
 
 def test_paper_grid_has_48_runs():

@@ -249,3 +249,19 @@ def test_a_re_export_would_be_caught(tmp_path, monkeypatch):
     (tmp_path / "tests" / "test_x.py").write_text("from rine.model.b import f\nfrom rine.model.a import X\n")
     monkeypatch.setattr(__import__(__name__), "SRC", pkg)
     assert imports_from_elsewhere([pkg, tmp_path / "tests"]) == ["tests/test_x.py:1 imports f from rine.model.b"]
+
+
+def test_no_test_file_imports_another():
+    """What several test files share lives in tests/support/ or conftest.py (docs/architecture.md)."""
+    tests = SRC.parents[1] / "tests"
+    found = [
+        f"{path.name}:{node.lineno}"
+        for path in sorted(tests.rglob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+        for name in (
+            [node.module or ""] if isinstance(node, ast.ImportFrom) else
+            [a.name for a in node.names] if isinstance(node, ast.Import) else []
+        )  # fmt: skip
+        if name.split(".")[-1].startswith("test_") and not (path.name == "test_layout.py")
+    ]
+    assert not found, "test files importing test files (move the shared code to tests/support/): " + ", ".join(found)
