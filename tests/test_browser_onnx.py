@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import OFFICIAL, require_shared
+from conftest import OFFICIAL
 from support.browser import CHROMIUM, CHROMIUM_ARGS
 from support.onnx_fixtures import (
     DEMO_IMAGES,
@@ -53,7 +53,6 @@ def browser_page():
 @pytest.fixture(scope="module")
 def export(tiny_backbone_dir, tmp_path_factory):
     """An ONNX export of a sensitive tiny model."""
-    require_shared()
     tmp = tmp_path_factory.mktemp("client")
     return export_with_cli(make_sensitive_checkpoint(tiny_backbone_dir, tmp / "ckpt"), tmp / "export")
 

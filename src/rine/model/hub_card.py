@@ -24,7 +24,7 @@ EVAL_TABLES = ("leaderboard.md", "balanced.md", "table.md", "summary.md")
 
 
 def _backbone_hub_id(config: RINEConfig) -> str:
-    from .backbones import BACKBONES
+    from .registry import BACKBONES
 
     spec = BACKBONES.get(config.backbone)
     return spec.hub_id if spec is not None else config.backbone
