@@ -12,6 +12,7 @@ store, the metrics) sits below them.
 from __future__ import annotations
 
 import ast
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -201,6 +202,22 @@ def _top_level_names(tree: ast.Module) -> set[str]:
     return names
 
 
+def _import_nodes(tree: ast.Module) -> list[ast.ImportFrom]:
+    """The `from ... import` statements of a file, also those of the Python scripts it holds
+    in string literals (the code that tests run in a subprocess)."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            found.append(node)
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and "import rine" in node.value.replace("from rine", "import rine"):
+            try:
+                script = ast.parse(textwrap.dedent(node.value))
+            except SyntaxError:
+                continue
+            found += [ast.copy_location(n, node) for n in ast.walk(script) if isinstance(n, ast.ImportFrom) and not n.level]
+    return found
+
+
 def imports_from_elsewhere(roots: list[Path]) -> list[str]:
     """`from rine.x import name` (in any file under `roots`) where `name` is neither a
     submodule of rine.x nor defined in rine.x itself: a name reached through a re-export."""
@@ -214,8 +231,8 @@ def imports_from_elsewhere(roots: list[Path]) -> list[str]:
         in_pkg = path.is_relative_to(SRC)
         name = module_name(path) if in_pkg else ""
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if not isinstance(node, ast.ImportFrom) or (node.level and not in_pkg):
+        for node in _import_nodes(ast.parse(path.read_text(encoding="utf-8"))):
+            if node.level and not in_pkg:
                 continue
             if node.level:
                 base = package.split(".")[: len(package.split(".")) - node.level + 1]
@@ -246,9 +263,13 @@ def test_a_re_export_would_be_caught(tmp_path, monkeypatch):
     (pkg / "model" / "a.py").write_text("X = 1\n\ndef f():\n    pass\n")
     (pkg / "model" / "b.py").write_text("from .a import X, f\nfrom . import a, _ext\n")
     (tmp_path / "tests").mkdir()
-    (tmp_path / "tests" / "test_x.py").write_text("from rine.model.b import f\nfrom rine.model.a import X\n")
+    (tmp_path / "tests" / "test_x.py").write_text(
+        "from rine.model.b import f\nfrom rine.model.a import X\n\n"
+        "SCRIPT = \"\"\"\n    import sys\n    from rine.model.b import X\n\"\"\"\n"  # run in a subprocess
+    )
     monkeypatch.setattr(__import__(__name__), "SRC", pkg)
-    assert imports_from_elsewhere([pkg, tmp_path / "tests"]) == ["tests/test_x.py:1 imports f from rine.model.b"]
+    assert imports_from_elsewhere([pkg, tmp_path / "tests"]) == [
+        "tests/test_x.py:1 imports f from rine.model.b", "tests/test_x.py:4 imports X from rine.model.b"]
 
 
 def test_no_test_file_imports_another():

@@ -90,7 +90,7 @@ def test_offline_mode_does_not_touch_the_network(hub, monkeypatch):
 NAMED_FLOW = textwrap.dedent(
     """
     import json, sys
-    from rine.model.backbones import BACKBONES, BackboneSpec
+    from rine.model.registry import BACKBONES, BackboneSpec
     from rine.model.pretrained import PretrainedSpec, register_pretrained
     from rine.cli import main
     cfg = json.loads(sys.argv[1])
