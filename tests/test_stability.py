@@ -471,7 +471,7 @@ def test_rine_serve_form_field_stability(photo_checkpoint, inputs, crop, tmp_pat
     from fastapi.testclient import TestClient
 
     from rine.inference.detector import Detector
-    from rine.server import create_app
+    from rine.server.app import create_app
 
     det = Detector.from_pretrained(str(photo_checkpoint), device="cpu", precision="fp32", crop=crop)
     names = ("jpeg", "grey", "small")
@@ -509,7 +509,7 @@ def test_page_checkbox_says_the_reason_in_words(flippy_checkpoint, inputs, tmp_p
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright for Python is not installed")
     httpx = pytest.importorskip("httpx")
     pytest.importorskip("uvicorn")
-    from serve_proc import running_server
+    from support.serve_proc import running_server
 
     image = inputs["jpeg"]
     with running_server(["--model", str(flippy_checkpoint), "--device", "cpu", "--no-access-log"],
@@ -669,12 +669,14 @@ def test_rine_batch_stability_records_equal_detect(flippy_checkpoint, inputs, tm
     import shutil
     import tempfile
 
+    import pyarrow.parquet as pq
+
     from rine.cluster.batch import run_batch
     from rine.cluster.job import BatchConfig, BatchError
     from rine.inference.detector import Detector
-    from test_batch import _records, _worker_env
 
-    monkeypatch.setenv("PYTHONPATH", _worker_env()["PYTHONPATH"])  # the local Ray's workers import this rine
+    here = Path(__file__).resolve().parent  # the local Ray's workers import this checkout's rine
+    monkeypatch.setenv("PYTHONPATH", f"{here.parent / 'src'}:{here}")
 
     folder = tmp_path / "imgs"
     folder.mkdir()
@@ -692,7 +694,7 @@ def test_rine_batch_stability_records_equal_detect(flippy_checkpoint, inputs, tm
     finally:
         shutil.rmtree(cfg.temp_dir, ignore_errors=True)
     assert result.error is None and result.exit_code == 1  # the broken file's error record
-    rows = {r["path"]: r for r in _records(out)}
+    rows = {r["path"]: r for part in sorted(out.glob("part-*.parquet")) for r in pq.read_table(part).to_pylist()}
     det = Detector.from_pretrained(str(flippy_checkpoint), device="cpu", precision="fp32")
     expected = det.predict(sorted(rows), stability=True, decoder="threads")
     assert sum(p.error is None for p in expected) == 4

@@ -77,12 +77,8 @@ def score_detector(args: argparse.Namespace, paths: list[str], state: dict, head
     """Our pipeline: `Detector` in the mode's precision ("fp32", "auto", "int8", "fp32+compile", ...);
     "+stability": `--stability` (each image and its 4 re-encoded copies batched together)."""
     from rine.config import PreprocessConfig, RINEConfig
-    from rine.inference.detector import (
-        Detector,
-        default_batch_size,
-        default_decoder,
-        default_workers,
-    )
+    from rine.data.decoding import default_decoder, default_workers
+    from rine.inference.detector import Detector, default_batch_size
     from rine.model.rine_model import RINEModel
 
     backbone = build_hf_backbone(state)

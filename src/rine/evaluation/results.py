@@ -14,9 +14,7 @@ from typing import Any
 from ..config import RINEConfig
 from ..data.perturb import QUIRKS, transform_id
 from ..data.reencode import REENCODINGS
-from ..model.calibration import DecisionRule, expit
-from ..model.head import RINEHead
-from .metrics import (
+from ..metrics import (
     bootstrap_ci,
     compute_metrics,
     deployment_metrics,
@@ -24,6 +22,8 @@ from .metrics import (
     mean_deployment_metrics,
     mean_metrics,
 )
+from ..model.calibration import DecisionRule, expit
+from ..model.head import RINEHead
 
 
 @dataclass
