@@ -7,7 +7,7 @@ reconcile.py  the output checked against the input list: every input exactly onc
 watch.py      the driver's watch: a cluster that lost the nodes the plan needs stops the job at once
 store_writer.py  --taps: shards committed into a `rine extract` feature store
 
-Only batch.py imports ray, and only inside functions: `import rine.cluster` works without the extra.
+Ray is imported only inside functions (batch.py, plan.py, watch.py): `import rine.cluster` works without the extra.
 """
 
 RAY_RANGE = ">=2.60,<2.64"  # map_batches(compute=ActorPoolStrategy(...), num_cpus=, num_gpus=) as 2.60 has it
