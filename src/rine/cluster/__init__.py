@@ -5,7 +5,6 @@ tasks.py      what runs on the cluster: crash-isolated decoding tasks, scoring a
 batch.py      the pipeline: plan, Ray Data dataset, shard commits (exactly once), the job manifest
 reconcile.py  the output checked against the input list: every input exactly once
 watch.py      the driver's watch: a cluster that lost the nodes the plan needs stops the job at once
-store_writer.py  --taps: shards committed into a `rine extract` feature store
 
 Ray is imported only inside functions (batch.py, plan.py, watch.py): `import rine.cluster` works without the extra.
 """
