@@ -1,6 +1,7 @@
 """`rine batch` stops at once when the cluster shrinks below its plan (rine.cluster.watch): the
-decision over resource dicts, and the driver's loop that checks while Ray delivers nothing.
-No Ray needed: test_batch.py has the run on a real two-node cluster."""
+decision over resource dicts and the driver's loop that checks while Ray delivers nothing
+(no Ray needed), then a real two-node Ray cluster that loses the node of the scoring actor
+(slow)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ from rine.cluster.watch import (
     shortfall,
     watched,
 )
+
+from support.ray_cluster import images, kill_cluster, records, worker_env
 
 
 def _cpus(**nodes: float) -> dict[str, dict[str, float]]:
@@ -189,7 +192,7 @@ from rine.cluster.batch import run_batch
 from rine.cluster.job import BatchConfig
 r = run_batch(BatchConfig(inputs=[sys.argv[1]], out=sys.argv[2], model=sys.argv[3], address=sys.argv[4], precision="fp32",
               shard_size=4, batch_size=2, decode_batch=2, actor_cpus=2, progress=False, stall_timeout=600,
-              scorer="batch_jobs:SlowScorer"))
+              scorer="support.batch_jobs:SlowScorer"))
 print(r.error, file=sys.stderr)
 sys.exit(r.exit_code)
 """
@@ -207,14 +210,13 @@ def test_a_lost_node_stops_the_job_at_once_and_a_rerun_finishes(tiny_checkpoint_
     pytest.importorskip("ray")
     from ray.cluster_utils import Cluster
 
-    from test_batch import _images, _kill_cluster, _records, _worker_env
 
     temp = tempfile.mkdtemp(prefix="rw-", dir="/tmp")  # short: Ray's socket paths live under it
     # every node's files (and the cluster's address file) under `temp`, not /tmp/ray
     (Path(temp) / "ray").mkdir()
-    for k, v in {**_worker_env(), "RINE_TEST_CLUSTER": temp, "RINE_TEST_SLOW": "1.0", "RAY_TMPDIR": temp}.items():
+    for k, v in {**worker_env(), "RINE_TEST_CLUSTER": temp, "RINE_TEST_SLOW": "1.0", "RAY_TMPDIR": temp}.items():
         monkeypatch.setenv(k, v)  # the nodes' workers inherit them from this process
-    imgs = _images(tmp_path / "imgs", 16)
+    imgs = images(tmp_path / "imgs", 16)
     out = tmp_path / "out"
     cluster = driver = None
     try:
@@ -250,9 +252,9 @@ def test_a_lost_node_stops_the_job_at_once_and_a_rerun_finishes(tiny_checkpoint_
             driver.kill()
         if cluster is not None:
             cluster.shutdown()
-        _kill_cluster(temp)
+        kill_cluster(temp)
         shutil.rmtree(temp, ignore_errors=True)
-    rows = _records(out)
+    rows = records(out)
     assert sorted(r["item"] for r in rows) == list(range(16))  # every input exactly once
     assert sorted(r["path"] for r in rows) == sorted(str(p) for p in imgs)
     assert {n: (out / n).stat().st_ino for n in kept} == kept  # committed before the loss: kept, not redone
