@@ -19,7 +19,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 CROP_MODES = ("center", "resize", "ten")
 # Numeric modes of the encoder (rine.accel): "fp32" is exact, "auto" the fastest within tolerance.
-PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8", "int8-smooth")
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 BLOCK_SELECTIONS = ("all", "last")

@@ -177,7 +177,7 @@ class Int8Linear:
         self.out_dtype = out_dtype
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        xq, scale, zp = quantize_activation(x)
+        xq, scale, zp = quantize_activation(x.float())  # float32, or bf16 from a kept GEMM (int8-smooth)
         return torch.ops.onednn.qlinear_pointwise(
             xq, scale, zp, self.weight, self.w_scale, self.w_zero, self.bias,
             1.0, 0, self.out_dtype, self.post, [], "",
@@ -186,7 +186,7 @@ class Int8Linear:
     def add_to(self, x: torch.Tensor, acc: torch.Tensor) -> torch.Tensor:
         if self.post != "none" or acc.dtype != torch.float32 or not acc.is_contiguous():
             return acc.add_(self(x))
-        xq, scale, zp = quantize_activation(x)
+        xq, scale, zp = quantize_activation(x.float())
         # oneDNN's "sum" post-op accumulates into `acc` (the returned tensor is `acc`).
         return torch.ops.onednn.qlinear_pointwise.binary(
             xq, scale, zp, self.weight, self.w_scale, self.w_zero, acc, self.bias,
