@@ -52,9 +52,9 @@ def candidate_plans() -> dict:
     return {
         "int8 everywhere (--precision int8)": PLANS["int8"],
         "int8 everywhere, smoothed": Int8Plan(smooth=0.5),
-        "int8 from block 8": Int8Plan(int8_from=8),
-        "int8 from block 12": Int8Plan(int8_from=12),
-        "int8 from block 16": Int8Plan(int8_from=16),
+        "int8 in blocks 8-23": Int8Plan(kept_share=1 / 3),
+        "int8 in blocks 12-23": Int8Plan(kept_share=1 / 2),
+        "int8 in blocks 16-23": Int8Plan(kept_share=2 / 3),
         "int8 QKV and fc1 only, smoothed": Int8Plan(gemms=("qkv", "fc1"), smooth=0.5),
         "int8-smooth": PLANS["int8-smooth"],
     }

@@ -21,11 +21,15 @@ TOLERANCE = 0.01  # the issue's bound on |p_fast - p_fp32|
 
 def test_auto_is_first_and_default():
     assert PRECISIONS[0] == "auto"
-    assert set(PRECISIONS) == {"auto", "fp32", "bf16", "fp16", "int8"}
+    assert set(PRECISIONS) == {"auto", "fp32", "bf16", "fp16", "int8", "int8-smooth"}
 
 
 @pytest.mark.parametrize("native_bf16, expected", [(True, "bf16"), (False, "fp32")])
 def test_auto_on_cpu_follows_bf16_support(monkeypatch, native_bf16, expected):
+    """On a CPU without int8 dot products (with them auto is int8-smooth: tests/test_int8_smooth.py)."""
+    from rine.model import quant
+
+    monkeypatch.setattr(quant, "int8_unavailable", lambda device: "no VNNI")
     monkeypatch.setattr(accel, "cpu_has_native_bf16", lambda: native_bf16)
     assert resolve_precision("auto", torch.device("cpu")) == expected
 
@@ -189,6 +193,9 @@ def test_fast_modes_within_tolerance_on_random_backbones(tmp_path, sensitive_che
 
 
 def test_detector_resolves_auto_and_encode_views_uses_it(tiny_checkpoint_dir, monkeypatch):
+    from rine.model import quant
+
+    monkeypatch.setattr(quant, "int8_unavailable", lambda device: "no VNNI")
     monkeypatch.setattr(accel, "cpu_has_native_bf16", lambda: True)
     det = Detector.from_pretrained(str(tiny_checkpoint_dir), precision="auto")
     assert det.requested_precision == "auto" and det.precision == "bf16"

@@ -18,7 +18,9 @@
 
 Precision names: "fp32" (exact: the parity tests' mode), "bf16", "fp16", "int8" (the four
 GEMMs of each block in int8, `rine.model.quant`; CPUs with VNNI/AMX-INT8 only, outside the
-tolerance, so never chosen by "auto"), and "auto" (bf16 on CPUs with native bf16 dot
+tolerance, so never chosen by "auto"), "int8-smooth" (int8 in the last third of the blocks
+with SmoothQuant smoothing, the rest bf16: `rine.model.smooth`, within the tolerance), and
+"auto" (int8-smooth on CPUs with VNNI/AMX-INT8, else bf16 on CPUs with native bf16 dot
 products, fp16 on CUDA, else fp32).
 """
 
@@ -70,8 +72,9 @@ def cpu_has_amx() -> bool:
 def resolve_precision(precision: str, device: torch.device) -> str:
     """"auto" -> the fastest mode the device runs within tolerance; others checked as is.
 
-    "int8" raises ValueError (with the reason) on GPUs and on CPUs without int8 dot
-    products; "auto" never picks it: its error is above the tolerance (docs/performance.md)."""
+    "int8" and "int8-smooth" raise ValueError (with the reason) on GPUs and on CPUs without
+    int8 dot products; "auto" picks "int8-smooth" on CPUs with them (VNNI or AMX-INT8), never
+    "int8", whose error is above the tolerance (docs/performance.md)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if precision in smooth.PLANS:
@@ -85,6 +88,8 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         return precision
     if device.type == "cuda":
         return "fp16"
+    if device.type == "cpu" and quant.int8_unavailable(device) is None:
+        return "int8-smooth"  # within the tolerance (docs/performance.md); its kept blocks: bf16 or fp32
     if device.type == "cpu" and cpu_has_native_bf16():
         return "bf16"
     return "fp32"
@@ -228,10 +233,11 @@ class FastTapEncoder(nn.Module):
         # int8-smooth: LayerNorms with SmoothQuant's 1 / s folded in, feeding the smoothed
         # int8 GEMMs (None where a block's GEMM is not smoothed; the taps keep norms2).
         self.mlp_norms: list[nn.LayerNorm | None] = [None] * self.n_blocks
+        self.smoothed: list[str] = []  # the GEMMs smoothing was applied to ("3.qkv", "3.fc1", ...)
         maxima = None
-        if int8 and plan.smooth is not None:
+        if int8 and (plan.smooth is not None or plan.static is not None):
             pixels = smooth.calibration_pixels(plan.calibration).to(device)
-            maxima = smooth.ln_input_maxima(clip, pixels, self.n_blocks)
+            maxima = smooth.ln_inputs(clip, pixels, self.n_blocks)
         # GEMMs an int8 plan keeps out of int8: bf16 where the CPU multiplies bf16 natively.
         kept = torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else torch.float32
         for i, layer in enumerate(clip.encoder.layers):
@@ -275,17 +281,25 @@ class FastTapEncoder(nn.Module):
         absorb the 1.702 factors exactly."""
         qkv_dtype = torch.float32 if self.attn_fp32 else torch.bfloat16
         fc1_w, fc1_b, fc2_w = fc1_w * QUICK_GELU, fc1_b * QUICK_GELU, fc2_w / QUICK_GELU
-        if plan.smoothed(i, "qkv"):
-            s = smooth.smoothing_scales(maxima[i][0], qkv_w, plan.smooth)
+        s = smooth.choose_smoothing(maxima[i][0], qkv_w, plan.smooth) if plan.smoothed(i, "qkv", self.n_blocks) else None
+        if s is not None:
             self.norms1[i] = smooth.smoothed_layernorm(self.norms1[i], s)
             qkv_w = qkv_w * s
-        if plan.smoothed(i, "fc1"):
-            s = smooth.smoothing_scales(maxima[i][1], fc1_w, plan.smooth)
+            self.smoothed.append(f"{i}.qkv")
+        s_qkv = s
+        s = smooth.choose_smoothing(maxima[i][2], fc1_w, plan.smooth) if plan.smoothed(i, "fc1", self.n_blocks) else None
+        if s is not None:
             self.mlp_norms[i] = smooth.smoothed_layernorm(self.norms2[i], s)
             fc1_w = fc1_w * s
+            self.smoothed.append(f"{i}.fc1")
+
+        scales = {"qkv": s_qkv, "fc1": s}
 
         def make(gemm: str, w, b, **kw):
-            if plan.int8(i, gemm):
+            if plan.int8(i, gemm, self.n_blocks):
+                if plan.static is not None:
+                    lo, hi = maxima[i][smooth.GEMMS.index(gemm)].range(scales.get(gemm))
+                    kw["act_range"] = (lo * plan.static, hi * plan.static)
                 return quant.Int8Linear(w, b, **kw)
             kw.pop("out_dtype", None)
             return _Linear(w, b, dtype=kept, onednn=True, **kw)
