@@ -55,6 +55,7 @@ def candidate_plans() -> dict:
         "int8 in blocks 8-23": Int8Plan(kept_share=1 / 3),
         "int8 in blocks 12-23": Int8Plan(kept_share=1 / 2),
         "int8 in blocks 16-23": Int8Plan(kept_share=2 / 3),
+        "int8 in blocks 18-23": Int8Plan(kept_share=3 / 4),
         "int8 QKV and fc1 only, smoothed": Int8Plan(gemms=("qkv", "fc1"), smooth=0.5),
         "int8-smooth": PLANS["int8-smooth"],
     }
