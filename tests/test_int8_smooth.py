@@ -145,3 +145,15 @@ def test_auto_picks_int8_smooth_where_int8_runs(monkeypatch):
     with pytest.raises(ValueError, match="int8-smooth is not available here: no VNNI"):
         resolve_precision("int8-smooth", cpu)
     assert resolve_precision("auto", torch.device("cuda")) == "fp16"
+
+
+@needs_int8
+def test_int8_smooth_scores_do_not_depend_on_the_batch(outliers):
+    """Static input ranges (fixed at load): an image's taps are the same alone and among
+    others, unlike plain int8, whose ranges are the batch's."""
+    backbone, pixels, _, _ = outliers
+    for precision, same in (("int8-smooth", True), ("int8", False)):
+        encoder = FastTapEncoder(backbone, precision)
+        alone, among = encoder(pixels[:1]), encoder(pixels[:8])[:1]
+        diff = float((alone - among).abs().max() / among.abs().max())
+        assert (diff < 1e-5) == same, (precision, diff)

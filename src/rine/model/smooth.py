@@ -62,7 +62,7 @@ class Int8Plan:
 
 PLANS = {
     "int8": Int8Plan(),
-    "int8-smooth": Int8Plan(gemms=GEMMS, kept_share=2 / 3, smooth=0.5),
+    "int8-smooth": Int8Plan(gemms=GEMMS, kept_share=2 / 3, smooth=0.5, static=1.25),
 }
 
 
