@@ -87,7 +87,7 @@ def test_int8_smooth_within_tolerance_on_a_sensitive_head(outliers):
     dp = _dp(head, encoder(pixels), exact)
     bf16 = _dp(head, FastTapEncoder(backbone, "bf16")(pixels), exact)
     print(f"int8-smooth max |dp| {dp.max():.4f} mean {dp.mean():.5f}; bf16 {bf16.max():.4f} / {bf16.mean():.5f}")
-    assert dp.max() <= MAX_DP and dp.mean() <= MEAN_VS_BF16 * bf16.mean()  # measured 0.0125, 1.17x
+    assert dp.max() <= MAX_DP and dp.mean() <= MEAN_VS_BF16 * bf16.mean()  # measured 0.0148, 1.02x
     assert dp.mean() > bf16.mean()  # int8 ran: coarser than bf16 alone
     # Without smoothing the same mix is several times worse on these outlier channels.
     smooth.PLANS["unsmoothed"] = smooth.Int8Plan(gemms=plan.gemms, kept_share=plan.kept_share, static=plan.static)

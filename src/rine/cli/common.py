@@ -209,7 +209,7 @@ def add_model_options(
         "0.01), fp16 on CUDA, else fp32; fp32: exact, the mode the parity tests check; "
         "int8-smooth: int8 matrix products in the last third of the blocks (SmoothQuant-style "
         "smoothing folded into the LayerNorms), bf16 before, within the tolerance (benchmark, "
-        "official head: max 0.014, mean 0.0019); its scores depend slightly on the batch; "
+        "official head: max 0.011, mean 0.0015); "
         "int8: int8 in every block, faster, outside the tolerance and so never chosen by auto: "
         "up to 0.11 (mean 0.0085) (docs/performance.md)",
     )

@@ -15,7 +15,12 @@ mode `int8-smooth` (`PLANS["int8-smooth"]`) follows an `Int8Plan`:
     LayerNorm's weight and bias, so it costs nothing at run time; the tap itself is taken
     from the unsmoothed LayerNorm of the CLS token alone. Smoothing is kept per GEMM only
     where it makes the calibration tokens' quantized product more accurate
-    (`choose_smoothing`): without outlier channels it moves precision the wrong way.
+    (`choose_smoothing`): without outlier channels it moves precision the wrong way;
+  * static input ranges: each int8 GEMM's uint8 scale and zero point are fixed at load from
+    the calibration's range, widened by `static` (values beyond saturate), instead of each
+    batch's min and max: an image's score does not depend on the rest of its batch, and the
+    per-batch range pass is gone. On the benchmark this was also more accurate (the batch's
+    range is set by its most extreme image).
 
 The activation maxima and token samples come from a float32 calibration pass at load time
 (`ln_inputs`) over a few fixed synthetic images: SmoothQuant calibrates on data, and the
