@@ -181,7 +181,7 @@ def _model_for_predictions(args):
         if not folder.is_dir():
             if args.head:
                 raise CLIError("--predictions with --head needs a checkpoint folder (config.json + model.safetensors)")
-            folder = resolve_pretrained(source, backbone_given=args.backbone)
+            folder = resolve_pretrained(source, backbone_given=args.backbone, check_backbone=False)
         return load_pretrained(folder)
     except WeightsUnavailableError as e:
         raise CLIError(str(e)) from None
@@ -192,13 +192,12 @@ def _model_for_predictions(args):
 def _score(args, sets, root):
     """(head, config, {set: [record]}) scoring `sets` with the model options."""
     from ..evaluation.engine import evaluate
-    from .common import load_detector
+    from .common import decode_options, load_detector
 
     detector = load_detector(args, keep_reference=False)
     result = evaluate(
-        detector, sets, root=root, batch_size=args.batch_size, num_workers=args.workers,
+        detector, sets, root=root, batch_size=args.batch_size, decode=decode_options(args, detector),
         progress=not args.no_progress and sys.stderr.isatty(), cache_dir=args.features_cache,
-        decoder=args.decoder, decode_timeout=args.decode_timeout or None,
     )  # fmt: skip
     return detector.model.head, detector.config, result.runs[0].records
 
@@ -232,6 +231,12 @@ def run(args: argparse.Namespace) -> int:
     if source == "--unlabelled" and args.method != "prior-shift":
         return fail("--unlabelled images go with --method prior-shift, which needs no labels (for a target "
                     "false-positive rate on authentic images, give them with --reals)")
+    if source == "--reals" and args.method == "prior-shift":
+        # prior-shift puts the cut at the balance point of a real/fake mix (half of the mass
+        # above it by default): fitted on authentic images only, it would flag many of them.
+        return fail("--method prior-shift fits a mix of real and fake images of the target domain; on --reals "
+                    "(authentic images only) its cut would flag a large share of them. Give the mixed images "
+                    "with --unlabelled, or keep --reals and bound the false positives with --target-fpr F")
     try:
         if source == "--predictions":
             sets = [s.strip() for s in args.sets.split(",")] if args.sets else None

@@ -29,6 +29,7 @@ from .common import (
     add_decoding_options,
     add_model_options,
     check_output_dir,
+    decode_options,
     error_message,
     fail,
     load_detector,
@@ -207,7 +208,8 @@ def _load_models(args):
             if heads:
                 head, config = load_head(src)
             else:
-                head, config = load_pretrained(resolve_model(src, args.model_revision))
+                # the backbone is loaded already (the first model's, or --backbone)
+                head, config = load_pretrained(resolve_model(src, args.model_revision, backbone_given=args.backbone))
                 if not args.backbone and (config.backbone, config.backbone_revision) != (
                     detector.config.backbone,
                     detector.config.backbone_revision,
@@ -304,7 +306,7 @@ def _transfer(result, fit_set: str, fit_options: dict, args: argparse.Namespace,
             rule = dataclasses.replace(rule, threshold=args.threshold, cut_logit=_logit(args.threshold), overridden=True)
         apply_rule(run_.records, rule)
         missing = run_.metrics.get("missing_sets")
-        run_.metrics = metrics_of(run_.records, rule.threshold, args.bootstrap or 0, args.bootstrap_seed, True)
+        run_.metrics = metrics_of(run_.records, rule.threshold, args.bootstrap or 0, args.bootstrap_seed, True, rule)
         run_.metrics["calibration"] = dataclasses.asdict(cal)
         if missing is not None:
             run_.metrics["missing_sets"] = missing
@@ -367,13 +369,11 @@ def run(args: argparse.Namespace) -> int:
             conditions=conditions,
             root=root,
             batch_size=args.batch_size,
-            num_workers=args.workers,
             progress=not args.no_progress and sys.stderr.isatty(),
             threshold=args.threshold,
             cache_dir=args.features_cache,
             cache_dtype=args.cache_dtype,
-            decoder=args.decoder,
-            decode_timeout=args.decode_timeout or None,
+            decode=decode_options(args, detector),
             bootstrap=args.bootstrap or 0,
             bootstrap_seed=args.bootstrap_seed,
         )
