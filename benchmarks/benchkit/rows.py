@@ -131,6 +131,18 @@ def int8_unavailable(args: argparse.Namespace) -> str | None:
     return why(torch.device(args.device))
 
 
+def bf16_apart_unavailable(args: argparse.Namespace) -> str | None:
+    """Row (i), bf16, is measured where auto is not bf16 but bf16 runs natively (auto is
+    int8-smooth on CPUs with VNNI/AMX-INT8): the mode auto ran before it."""
+    from rine.model.accel import cpu_has_native_bf16, resolve_precision
+
+    device = torch.device(args.device)
+    if device.type != "cpu" or not cpu_has_native_bf16():
+        return "bf16 is not native here"
+    auto = resolve_precision("auto", device)
+    return "auto is bf16 here: row (c)" if auto == "bf16" else None
+
+
 @dataclass(frozen=True)
 class Row:
     mode: str  # the child's --mode
@@ -151,6 +163,7 @@ ROWS = (
     Row("fp32+compile", "(d)", lambda p: "ours fp32 compiled", score_detector, wanted=lambda a: a.compile),
     Row("auto+compile", "(e)", lambda p: f"ours {p} compiled", score_detector, wanted=lambda a: a.compile),
     Row("int8", "(f)", lambda p: "ours int8", score_detector, wanted=lambda a: not a.no_int8, unavailable=int8_unavailable),
+    Row("bf16", "(i)", lambda p: "ours bf16", score_detector, unavailable=bf16_apart_unavailable),
     Row("auto+stability", "(s)", lambda p: f"ours {p} --stability", score_detector,
         wanted=lambda a: getattr(a, "stability", False)),
 )
