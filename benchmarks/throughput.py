@@ -16,6 +16,9 @@ run, each in its own subprocess (so that peak RSS is that mode's own):
   (f) ours, --precision int8, on CPUs with VNNI or AMX-INT8 (a line says why where not;
       --no-int8 leaves it out),
   (i) ours, --precision bf16, where auto is not bf16 (int8-smooth) on a CPU with native bf16,
+  with --stability also (s) ours auto with `--stability` (docs/stability.md): expected about
+      1 / (1 + 4 conditions) of (c)'s images/s; a line gives the ratio and the re-encoding's
+      own work (timed apart on one thread) as a share of (s)'s time per image,
 and (c) again on half the images, to show that peak memory does not grow with the
 number of images. It prints images/s, the ratio to (a), peak RSS, the largest
 probability difference to fp32, and the fraction of the machine's attainable matmul
@@ -75,6 +78,8 @@ def main() -> None:
     p.add_argument("--no-int8", action="store_true", help="leave out (f), --precision int8")
     p.add_argument("--compile", action="store_true", help="also measure (d) fp32 and (e) auto with --compile "
                    "(torch.compile; its compile time is reported, not counted in images/s)")  # fmt: skip
+    p.add_argument("--stability", action="store_true", help="also (s): --stability, each image and its 4 re-encoded "
+                   "copies (docs/stability.md)")  # fmt: skip
     p.add_argument("--onnx", action="store_true", help="also (g) ONNX Runtime fp32 and (h) fp16 rows (benchmarks/onnx_rows.py)")
     p.add_argument("--onnx-opsets", default="20", help="with --onnx: opsets, e.g. 20,23 (fp32 rows for the others)")
     p.add_argument("--device", default="cpu")
@@ -152,6 +157,8 @@ def main() -> None:
         precision_probe(arch, paths[:16], head_file, calib, args.device, probed)
         print_table(arch, n, results, med, args, skipped)
         print_memory(n, results, half)
+        if "auto+stability" in results:
+            print_stability(results, med)
         if args.onnx:  # ONNX Runtime rows (g) fp32, (h) fp16: benchmarks/onnx_rows.py
             import onnx_rows
 
@@ -167,6 +174,16 @@ def main() -> None:
         print(f"# load avg after {arch}: {os.getloadavg()[0]:.2f}")
         if not math.isfinite(med["baseline"]):
             raise SystemExit("baseline failed")
+
+
+def print_stability(results: dict[str, list[dict]], med: dict[str, float]) -> None:
+    """(s) against (c): the cost of --stability, and how much of it is re-encoding."""
+    r = results["auto+stability"][0]
+    k = r["conditions"]
+    share = r["reencode_s_per_image"] * med["auto+stability"]  # re-encode seconds / seconds per image
+    print(f"(s) --stability: {med['auto+stability'] / med['auto']:.2f} x (c)'s images/s (1 / (1 + {k}) = "
+          f"{1 / (1 + k):.2f} if only the encoder's work grew); re-encoding alone {1000 * r['reencode_s_per_image']:.0f} "
+          f"ms per image on one thread = {100 * share:.0f} % of (s)'s time per image")
 
 
 if __name__ == "__main__":

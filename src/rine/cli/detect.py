@@ -6,6 +6,7 @@ Examples:
   rine detect img.jpg --backbone ./clip-vit-large-patch14 --head ./model_4class_trainable.pth
   rine detect archive/ -o scores.jsonl --resume   # after an interruption: score only the rest
   rine detect photos/ --model my-rine/            # a model calibrated by rine calibrate: its threshold
+  rine detect --stability photo.jpg               # "uncertain" when an everyday re-save flips the verdict
 
 Exit status: 0 all files scored, 1 some files could not be read (they get an error
 record; with --resume, also those of the earlier run), 2 bad usage or missing weights.
@@ -45,9 +46,8 @@ from .common import (
     sigterm_as_interrupt,
 )
 from .resume import (
-    CSV_FIELDS,
-    CSV_FIELDS_DECIDED,
     check_columns,
+    csv_fields,
     drop_unfinished,
     first_seen,
     place_of,
@@ -72,7 +72,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "left out; the summary counts what was skipped, -v lists it) or globs. A file given "
                    "twice (or inside a folder also given) is scored once")
     add_model_options(p)
-    add_decision_options(p.add_argument_group("decision"))
+    d = p.add_argument_group("decision")
+    add_decision_options(d)
+    d.add_argument("--stability", action="store_true",
+                   help="also score each image re-encoded as jpeg90, jpeg70, fit1080 and webp80 (docs/stability.md), "
+                        "decoded once and batched with it (about 5x the encoder's work): records gain `stability` "
+                        "(each one's probability, spread, flips, reason) and always a threshold and a verdict, "
+                        "`uncertain` when a re-encoding gives the other call")  # fmt: skip
     o = p.add_argument_group("output")
     o.add_argument("--format", choices=FORMATS, default=None, help="default: from the --output file's name (.csv, .json; else jsonl), "
                    "or a table on a terminal, jsonl otherwise")
@@ -85,8 +91,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "there (relative and absolute spellings of a path are one input; a symlink is its own), "
         "e.g. after an interrupted run; an unfinished last record is replaced. Error "
         "records count as done (and in the exit status): remove their lines to retry them. "
-        "A csv of other columns (threshold and verdict come with a calibrated model, --threshold "
-        "or --uncertain-band) is refused. Without --resume, --output is overwritten",
+        "A csv of other columns (threshold and verdict come with a calibrated model, --threshold, "
+        "--uncertain-band or --stability, the stability columns with --stability) is refused. "
+        "Without --resume, --output is overwritten",
     )
     r = p.add_argument_group("run")
     r.add_argument("--batch-size", type=positive_int, default=None, help="images per encoder batch (default 16 on CPU, 64 on GPU)")
@@ -112,11 +119,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 class _Writer:
     """Writes records as they arrive for streaming formats (nothing lost on interrupt)."""
 
-    def __init__(self, stream: TextIO, fmt: str, with_blocks: bool, header: bool = True, decided: bool = False):
+    def __init__(self, stream: TextIO, fmt: str, with_blocks: bool, header: bool = True,
+                 fields: tuple[str, ...] = csv_fields(False, False)):  # fmt: skip
         self.stream, self.fmt, self.with_blocks = stream, fmt, with_blocks
         self.rows: list[dict] = []
         if fmt == "csv":
-            fields = CSV_FIELDS_DECIDED if decided else CSV_FIELDS
             self.csv = csv.DictWriter(stream, fieldnames=fields, extrasaction="ignore")
             if header:
                 self.csv.writeheader()
@@ -126,7 +133,7 @@ class _Writer:
             self.stream.write(json.dumps(record) + "\n")
             self.stream.flush()
         elif self.fmt == "csv":
-            self.csv.writerow(record)
+            self.csv.writerow(_flat(record))
             self.stream.flush()
         else:
             self.rows.append(record)
@@ -138,6 +145,16 @@ class _Writer:
         elif self.fmt == "table":
             self.stream.write(_table(self.rows))
         self.stream.flush()
+
+
+def _flat(record: dict) -> dict:
+    """A record's `stability` as the csv's stability_* columns."""
+    st = record.get("stability")
+    if not st:
+        return record
+    flat = {**record, "stability_spread": st["spread"], "stability_flips": st["flips"], "stability_reason": st["reason"]}
+    flat.update({f"stability_{c}": p for c, p in st["conditions"].items()})
+    return flat
 
 
 def _table(rows: list[dict]) -> str:
@@ -152,6 +169,8 @@ def _table(rows: list[dict]) -> str:
             out.write(f"{path:<{width}}  {'-':>9}  error: {r['error']}\n")
         else:
             verdict = r.get("verdict") or ("synthetic" if r["is_fake"] else "real")
+            if r.get("stability") and r["stability"]["flips"]:
+                verdict += f": {r['stability']['reason']}"
             out.write(f"{path:<{width}}  {r['prob_fake']:>9.4f}  {verdict}\n")
     return out.getvalue()
 
@@ -216,12 +235,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         detector = load_detector(args, keep_reference=False)  # scoring only: half the memory
         apply_decision_options(detector, args)
-        decided = detector.decision.reports_threshold
+        fields = csv_fields(detector.decision.reports_threshold, args.stability)
         if plan is not None:
             # Only now are the columns of this run known (a calibrated model adds two): a
             # file with others is refused before anything is scored or cut off.
             if fmt == "csv":
-                check_columns(output, plan.earlier, CSV_FIELDS_DECIDED if decided else CSV_FIELDS)
+                check_columns(output, plan.earlier, fields)
             drop_unfinished(output, plan.earlier)
     except CLIError as e:
         return fail(str(e))
@@ -238,7 +257,7 @@ def run(args: argparse.Namespace) -> int:
         if fmt == "csv" and hasattr(stream, "reconfigure"):  # a real console stream; set back below
             stdout_errors = stream.errors
             stream.reconfigure(errors=errors)
-    writer = _Writer(stream, fmt, args.blocks, header=header, decided=decided)
+    writer = _Writer(stream, fmt, args.blocks, header=header, fields=fields)
     n_failed = n_written = n_pixels = n_bytes = 0
     # SIGTERM (kill, a CI timeout, a service manager) stops the run as Ctrl-C does: the records
     # written stay, the decoding workers are stopped, and the resume hint is printed.
@@ -255,6 +274,7 @@ def run(args: argparse.Namespace) -> int:
                 decode=decode_options(args, detector),
                 progress=not args.no_progress and sys.stderr.isatty(),
                 total=len(paths),
+                stability=args.stability,
             ):
                 n_failed += pred.error is not None
                 n_pixels += pred.error_kind == "too_many_pixels"

@@ -134,8 +134,12 @@ def run_batch(cfg: BatchConfig) -> BatchResult:
         for stale in out.glob("part-*.tmp"):  # a temporary of `fileio.atomic_write`
             stale.unlink()
         done = set(committed_parts(out))
-        commit = part_committer(out, score_schema(inputs))
+        commit = part_committer(out, score_schema(inputs, cfg.stability))
         spec = DecodeSpec("score", preprocess=config.preprocess, decode_fn=cfg.decode_fn, decode=decode_options(cfg))
+        if cfg.stability:  # each image decoded once in full, re-encoded in the decoding task
+            from ..data.reencode import DEFAULT_CONDITIONS
+
+            spec.stability, spec.preload = DEFAULT_CONDITIONS, (*spec.preload, "rine.data.reencode")
         actor_cls = resolve(cfg.scorer)
         actor_kwargs = {"model": model}
     ident = identity(cfg, inputs, shard_size, model)

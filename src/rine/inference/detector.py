@@ -43,6 +43,7 @@ from ..data.decoding import (
 from ..data.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from ..data.jpeg_crop import decode_views
 from ..data.preprocess import normalize
+from ..data.reencode import StabilityViews, resolve_conditions, stability_views
 from ..errors import UnknownNameError
 from ..model.accel import FastTapEncoder, resolve_precision
 from ..model.backbones import load_backbone
@@ -50,6 +51,7 @@ from ..model.calibration import DecisionRule
 from ..model.checkpoints import load_head, load_pretrained
 from ..model.head import RINEHead
 from ..model.rine_model import RINEModel
+from .stability import predict_with_stability
 
 logger = logging.getLogger(__name__)
 
@@ -93,12 +95,13 @@ class Prediction:
     threshold: float | None = None
     verdict: str | None = None
     error_kind: str | None = None
+    stability: dict[str, Any] | None = None
 
     def to_dict(self, with_blocks: bool = False) -> dict[str, Any]:
         d = asdict(self)
         if not with_blocks:
             d.pop("block_contribution")
-        for key in ("threshold", "verdict", "error_kind"):
+        for key in ("threshold", "verdict", "error_kind", "stability"):
             if d[key] is None:
                 del d[key]
         return d
@@ -404,10 +407,15 @@ class Detector:
             start += n
         return preds
 
-    def predict_views(self, names: Sequence[str], views: Sequence[np.ndarray]) -> list[Prediction]:
+    def predict_views(self, names: Sequence[str], views: Sequence[np.ndarray | StabilityViews]) -> list[Prediction]:
         """Score images already decoded and cut by `prepare_views` (uint8 [V, S, S, 3] each), e.g.
-        in another process or on another machine (`rine batch`): the records `predict` gives."""
-        return self._finish(list(names), list(views)) if len(views) else []
+        in another process or on another machine (`rine batch`): the records `predict` gives.
+        `data.reencode.stability_views` results give the records of `stability=True`."""
+        if not len(views):
+            return []
+        if isinstance(views[0], StabilityViews):
+            return predict_with_stability(self, list(names), list(views))
+        return self._finish(list(names), list(views))
 
     def predict_iter(
         self,
@@ -420,8 +428,13 @@ class Detector:
         decode_timeout: float | None = DEFAULT_DECODE_TIMEOUT,
         *,
         decode: DecodeOptions | None = None,
+        stability: bool | Sequence[str] = False,
     ) -> Iterator[Prediction]:
         """Score a stream of images in input order; failures come back with `error` set.
+
+        `stability` (True: `data.reencode.DEFAULT_CONDITIONS`, or condition names): each image
+        is also scored re-encoded under each condition, decoded once and batched with its
+        copies (records gain `stability`, a threshold and a verdict; docs/stability.md).
 
         `decode` says how images are decoded (`DecodeOptions`: pool, timeout, limits); without
         it, `num_workers`, `decoder` ("threads" or "processes") and `decode_timeout` (with
@@ -434,16 +447,20 @@ class Detector:
             decode = DecodeOptions(max_pixels=self.max_pixels, max_bytes=self.max_bytes, workers=num_workers,
                                    decoder=decoder, timeout=decode_timeout)  # fmt: skip
         batch_size = batch_size or default_batch_size(self.device)
-        self._plan_batch(batch_size * self.config.preprocess.n_views)
+        conditions = resolve_conditions(None if stability is True else [stability] if isinstance(stability, str)
+                                        else stability) if stability else ()  # fmt: skip
+        self._plan_batch(batch_size * self.config.preprocess.n_views * (1 + len(conditions)))
         bar = tqdm(total=total, unit="img", disable=not progress, dynamic_ncols=True)
-        jobs = ((_name_of(s, i), (s, self.config.preprocess, decode.max_pixels, decode.max_bytes))
-                for i, s in enumerate(sources))  # fmt: skip
-        batches = decode_batches(prepare_views, jobs, decode, batch_size=batch_size, device=self.device,
+        pre, limits = self.config.preprocess, (decode.max_pixels, decode.max_bytes)
+        fn, jobs = prepare_views, ((_name_of(s, i), (s, pre, *limits)) for i, s in enumerate(sources))
+        if conditions:  # the whole image decoded once, then re-encoded: stability_views
+            fn, jobs = stability_views, ((_name_of(s, i), (s, pre, conditions, *limits)) for i, s in enumerate(sources))
+        batches = decode_batches(fn, jobs, decode, batch_size=batch_size, device=self.device,
                                  preload=("rine.inference.detector",))  # fmt: skip
         try:
             for batch in batches:
                 ok = [(name, views) for name, views, error in batch if error is None]
-                scored = iter(self._finish([n for n, _ in ok], [v for _, v in ok]) if ok else ())
+                scored = iter(self.predict_views([n for n, _ in ok], [v for _, v in ok]))
                 for name, _, error in batch:
                     bar.update(1)
                     yield next(scored) if error is None else Prediction(path=name, error=error_text(error, name), error_kind=error_kind(error))
