@@ -1,0 +1,104 @@
+"""The invisible watermarks of Stable Diffusion: imwatermark's `dwtDct` method, as diffusers'
+SDXL pipeline (a fixed 48-bit message) and the SD 1.x/2.x reference scripts (the bytes
+`StableDiffusionV1`, `SDV2`) embed it.
+
+The decoder is imwatermark's `EmbedMaxDct.decode` written on numpy and PyWavelets, vectorised
+over blocks (tests/test_provenance_watermark.py proves it bit-identical to imwatermark's own
+decoder on its own encoder's output): the image's U channel (OpenCV's BGR->YUV, reproduced in
+integer arithmetic), one Haar DWT level, 4x4 blocks of the approximation band in raster order;
+block k votes for bit k mod L with whether its largest non-DC coefficient's magnitude, modulo
+the scale 36, lies in the upper half. Bits are majority votes; a message counts as found when
+at least `min_match` of its bits agree (decoding is not exact: FACTS.md).
+
+The watermark does not survive lossy re-encoding, so only lossless files (PNG, lossless WebP,
+TIFF, BMP, GIF) are read.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+
+from .catalogue import WATERMARKS
+from .types import ProvenanceLimits, Signal
+
+SCALE = 36.0  # imwatermark's default scales=[0, 36, 36]: only channel 1 (U) is used
+BLOCK = 4
+MIN_PIXELS = 256 * 256  # imwatermark refuses smaller images
+MISSING = "watermark: PyWavelets is not installed, so SD/SDXL watermarks are not read (pip install PyWavelets)"
+
+
+def available() -> bool:
+    try:
+        import pywt  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def yuv_u(bgr: np.ndarray) -> np.ndarray:
+    """OpenCV's `cvtColor(uint8 BGR, COLOR_BGR2YUV)[..., 1]`, bit for bit: its fixed-point
+    formula (14 fractional bits, round half up): Y = 0.114 B + 0.587 G + 0.299 R,
+    U = 0.492 (B - Y) + 128, saturated to uint8. [H, W, 3] uint8 -> [H, W] uint8"""
+    b, g, r = (bgr[..., i].astype(np.int32) for i in range(3))
+    y = (b * 1868 + g * 9617 + r * 4899 + (1 << 13)) >> 14
+    u = ((b - y) * 8061 + (128 << 14) + (1 << 13)) >> 14
+    return np.clip(u, 0, 255).astype(np.uint8)
+
+
+def block_votes(bgr: np.ndarray) -> np.ndarray:
+    """One vote per 4x4 block of the U channel's Haar approximation band, in raster order.
+    [H, W, 3] uint8 -> [blocks] bool"""
+    import pywt
+
+    h, w = bgr.shape[:2]
+    u = yuv_u(bgr[: h // 4 * 4, : w // 4 * 4])
+    ca, _ = pywt.dwt2(u, "haar")
+    rows, cols = ca.shape[0] // BLOCK, ca.shape[1] // BLOCK
+    blocks = ca[: rows * BLOCK, : cols * BLOCK].reshape(rows, BLOCK, cols, BLOCK).transpose(0, 2, 1, 3)
+    mags = np.abs(blocks.reshape(rows * cols, BLOCK * BLOCK)[:, 1:])  # the DC term is not used
+    top = mags[np.arange(len(mags)), mags.argmax(axis=1)]
+    return (top % SCALE) > 0.5 * SCALE
+
+
+def decode_bits(votes: np.ndarray, length: int) -> np.ndarray:
+    """Majority of the votes for each of `length` bits: [blocks] bool -> [length] bool (as
+    imwatermark: mean vote * 255 > 127)."""
+    index = np.arange(len(votes)) % length
+    ones = np.bincount(index, weights=votes.astype(np.float64), minlength=length)
+    counts = np.bincount(index, minlength=length)
+    return (ones / np.maximum(counts, 1)) * 255 > 127
+
+
+def read(data: bytes, limits: ProvenanceLimits) -> Signal | None:
+    """The best-matching known watermark as a signal; None when none reaches its threshold.
+    Both channel orders are tried: diffusers hands imwatermark RGB where it expects BGR, the
+    CompVis scripts convert to BGR first."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if im.width * im.height > limits.watermark_max_pixels:
+                return Signal("watermark", "watermark:dwtDct",
+                              error=f"not read: {im.width}x{im.height} is over the {limits.watermark_max_pixels}-pixel cap")  # fmt: skip
+            if im.width * im.height < MIN_PIXELS:
+                return None
+            rgb = np.asarray(im.convert("RGB"))
+    except Exception as e:  # a file the decoder refuses is reported by the detector's own path
+        return Signal("watermark", "watermark:dwtDct", error=f"pixels unreadable ({type(e).__name__})")
+    best: tuple[float, object, str] | None = None
+    for order, array in (("rgb", rgb), ("bgr", rgb[:, :, ::-1])):
+        votes = block_votes(array)
+        for sig in WATERMARKS:
+            if len(votes) < len(sig.bits):
+                continue
+            match = float(np.mean(decode_bits(votes, len(sig.bits)) == np.array(sig.bits, dtype=bool)))
+            if best is None or match > best[0]:
+                best = (match, sig, order)
+    if best is None or best[0] < best[1].min_match:  # type: ignore[union-attr]
+        return None
+    match, sig, _ = best
+    n = len(sig.bits)  # type: ignore[union-attr]
+    return Signal("watermark", f"watermark:dwtDct:{sig.name}", generator=sig.generator,  # type: ignore[union-attr]
+                  value=f"{round(match * n)}/{n} bits match", source_type="trainedAlgorithmicMedia")  # fmt: skip
