@@ -27,6 +27,7 @@ class Pieces:
     xmp: list[tuple[str, bytes]] = field(default_factory=list)  # (where, packet)
     exif: list[tuple[str, bytes]] = field(default_factory=list)  # (where, TIFF-structured bytes)
     has_jumbf: bool = False  # a C2PA manifest store may be present
+    jumbf_box: bool = False  # ... and its container box was seen (not just guessed from bytes)
     errors: list[tuple[str, str]] = field(default_factory=list)  # (where, message)
 
 
@@ -88,7 +89,7 @@ def _walk_png(data: bytes, pieces: Pieces, max_segments: int) -> None:
         elif kind == b"eXIf":
             pieces.exif.append(("png:eXIf", body))
         elif kind == b"caBX":  # C2PA's PNG chunk (C2PA 2.x spec, "Embedding manifests into PNG")
-            pieces.has_jumbf = True
+            pieces.has_jumbf = pieces.jumbf_box = True
         elif kind == b"IEND":
             return
         pos += 12 + length
@@ -126,7 +127,7 @@ def _walk_jpeg(data: bytes, pieces: Pieces, max_segments: int) -> None:
         elif marker == 0xE1 and body.startswith(EXIF_HEADER):
             pieces.exif.append(("jpeg:APP1", body[len(EXIF_HEADER) :]))
         elif marker == 0xEB and body[:2] == b"JP":  # APP11 JUMBF (ISO 19566-5), where C2PA lives
-            pieces.has_jumbf = True
+            pieces.has_jumbf = pieces.jumbf_box = True
         pos += 2 + length
 
 
@@ -149,7 +150,7 @@ def _walk_webp(data: bytes, pieces: Pieces, max_segments: int) -> None:
         elif kind == b"EXIF":
             pieces.exif.append(("webp:EXIF", body[6:] if body.startswith(EXIF_HEADER) else body))
         elif kind == b"C2PA":
-            pieces.has_jumbf = True
+            pieces.has_jumbf = pieces.jumbf_box = True
         pos += 8 + size + (size & 1)
 
 

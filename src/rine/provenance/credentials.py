@@ -66,8 +66,9 @@ def manifest_source_type(actions: list[dict]) -> str | None:
     return generative[0] if generative else (terms[0] if terms else None)
 
 
-def read(data: bytes, mime: str, trust: TrustConfig, limits: ProvenanceLimits) -> Signal | None:
-    """The active manifest as a signal; None when the file has no manifest."""
+def read(data: bytes, mime: str, trust: TrustConfig, limits: ProvenanceLimits, expected: bool) -> Signal | None:
+    """The active manifest as a signal; None when the file has no manifest. `expected`: the
+    container walk found a C2PA/JUMBF box, so finding no manifest means a corrupt one."""
     import c2pa
 
     try:
@@ -77,7 +78,9 @@ def read(data: bytes, mime: str, trust: TrustConfig, limits: ProvenanceLimits) -
     except Exception as e:  # c2pa-python raises its own C2paError subclasses; all mean "unreadable"
         name = type(e).__name__
         if "ManifestNotFound" in name or "no JUMBF" in str(e):
-            return None
+            if not expected:
+                return None
+            return Signal("c2pa", "c2pa:manifest-store", error="a JUMBF box is present but holds no readable C2PA manifest (corrupt?)")
         return Signal("c2pa", "c2pa:manifest-store", error=f"unreadable C2PA data ({cap(e, 160)})")
     manifest = store.get("manifests", {}).get(store.get("active_manifest") or "", {})
     actions = _actions(manifest, limits)

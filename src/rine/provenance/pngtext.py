@@ -42,7 +42,7 @@ def decode_chunk(kind: bytes, body: bytes, limit: int) -> tuple[str, str]:
         raise TextError("no keyword")
     try:
         if kind == b"tEXt":
-            return key, rest[:limit].decode("latin-1")
+            return key, _capped(rest, limit).decode("latin-1")
         if kind == b"zTXt":
             return key, inflate(rest[1:], limit).decode("latin-1")
         # iTXt: compression flag, method, language\0, translated keyword\0, UTF-8 text
@@ -51,7 +51,7 @@ def decode_chunk(kind: bytes, body: bytes, limit: int) -> tuple[str, str]:
         flag, text = rest[0], rest[2:].split(b"\x00", 2)
         if len(text) < 3:
             raise TextError("iTXt header truncated")
-        raw = inflate(text[2], limit) if flag else text[2][:limit]
+        raw = inflate(text[2], limit) if flag else _capped(text[2], limit)
         try:
             return key, raw.decode("utf-8")
         except UnicodeDecodeError as e:
@@ -61,6 +61,12 @@ def decode_chunk(kind: bytes, body: bytes, limit: int) -> tuple[str, str]:
     except TextError as e:
         e.key = key  # type: ignore[attr-defined]
         raise
+
+
+def _capped(raw: bytes, limit: int) -> bytes:
+    if len(raw) > limit:
+        raise TextError(f"text of {len(raw)} bytes is over the {limit}-byte cap; not read")
+    return raw
 
 
 _A1111_FIELD = re.compile(r"\s*([A-Za-z][\w .-]{0,40}):\s*(\"(?:\\.|[^\"])*\"|[^,]*)(?:,|$)")
@@ -125,7 +131,8 @@ def read(chunks: list[tuple[bytes, bytes]], limits: ProvenanceLimits) -> tuple[l
             total += len(text)
         except TextError as e:
             key = getattr(e, "key", "?")
-            decoded.append((key, getattr(e, "text", ""), str(e)))
+            why = str(e) + (" (the per-file cap on text is reached)" if budget < limits.max_text_bytes else "")
+            decoded.append((key, getattr(e, "text", ""), why))
     keys = {k for k, _, _ in decoded}
     for key, text, error in decoded:
         if key == XMP_KEY:

@@ -71,7 +71,7 @@ def read_provenance(data: bytes, *, filename: str | None = None, trust: TrustCon
 
     c2pa_signal = None
     if pieces.has_jumbf and mime and credentials.available() and not spent("c2pa", "c2pa:manifest-store"):
-        c2pa_signal = credentials.read(data, mime, trust, limits)
+        c2pa_signal = credentials.read(data, mime, trust, limits, expected=pieces.jumbf_box)
         if c2pa_signal:
             signals.append(c2pa_signal)
     text_signals, xmp_packets = pngtext.read(pieces.text_chunks, limits) if pieces.text_chunks else ([], [])
