@@ -189,3 +189,41 @@ def sd1_watermarked(array: np.ndarray) -> np.ndarray:
     enc = WatermarkEncoder()
     enc.set_watermark("bytes", b"StableDiffusionV1")
     return enc.encode(np.ascontiguousarray(array[:, :, ::-1]), "dwtDct")[:, :, ::-1].copy()
+
+
+# ---------------------------------------------------------------------------- fuzzing
+def metadata_seeds() -> dict[str, bytes]:
+    """Small files whose metadata the provenance readers parse: the fuzzer's starting points."""
+    img = texture(40, seed=2)
+    seeds = {
+        "png-a1111-ztxt": png_with_text(img, [("zTXt", "parameters", A1111_PARAMETERS)]),
+        "png-comfy-itxt": png_with_text(img, [("iTXt", "prompt", COMFY_PROMPT), ("tEXt", "Software", "NovelAI")]),
+        "png-xmp": png_with_xmp(img, xmp_packet(creator_tool="NovelAI")),
+        "jpeg-xmp": jpeg_with_xmp(img, xmp_packet()),
+        "webp-xmp": encode(img, "WEBP", lossless=True, xmp=xmp_packet().encode()),
+    }
+    try:
+        seeds["jpeg-c2pa"] = sign(encode(img, "JPEG", quality=80), "image/jpeg", make_authority(), "digitalCapture")
+    except ImportError:
+        pass
+    return seeds
+
+
+def fuzz_provenance(data: bytes, extra_memory: int) -> tuple[int, int]:
+    """Read provenance in a (memory-capped) worker: (signals, errors). Anything raised is a finding."""
+    from archives_jobs import _limit_memory
+
+    try:
+        _limit_memory(extra_memory)
+    except OSError:
+        pass
+    from rine.provenance.reader import read_provenance
+    from rine.provenance.types import ProvenanceLimits
+
+    limits = ProvenanceLimits()
+    p = read_provenance(data, limits=limits)
+    record = p.to_dict()
+    json.dumps(record)  # the record must serialise
+    for s in p.signals:
+        assert s.value is None or len(s.value) <= limits.max_value_chars, s.where
+    return len(p.signals), sum(1 for s in p.signals if s.error)

@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import provenance_files as pf
 from rine.provenance.decision import combine
 from rine.provenance.reader import read_provenance
 from rine.provenance.types import FLAT_FIELDS, TrustConfig
+
+import provenance_files as pf
 
 pytest.importorskip("c2pa")
 

@@ -10,9 +10,10 @@ import zlib
 
 import pytest
 
-import provenance_files as pf
 from rine.provenance.reader import read_provenance
 from rine.provenance.types import ProvenanceLimits
+
+import provenance_files as pf
 
 TIME_BOUND_S = 5.0  # a liveness bound on a loaded 2-core machine; each case takes milliseconds alone
 

@@ -8,10 +8,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import provenance_files as pf
 from rine.provenance import reader, watermark
 from rine.provenance.catalogue import WATERMARKS
 from rine.provenance.reader import read_provenance
+
+import provenance_files as pf
 
 pytest.importorskip("pywt")
 imwatermark = pytest.importorskip("imwatermark", reason="pip install --no-deps invisible-watermark")
