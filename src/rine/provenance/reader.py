@@ -105,6 +105,8 @@ def _summarise(signals: list[Signal], c2pa_signal: Signal | None, trust: TrustCo
         reason = credentials.why_not(c2pa_signal, trust)
         if top is not None and top is not c2pa_signal:
             reason += f"; the declaration shown is from {top.where}, unverified"
+    elif top is not None and top.kind == "watermark":
+        reason = f"found {top.where}, unverified: a watermark can be forged, and re-encoding removes it"
     elif top is not None:
         reason = f"declared by {top.where}, unverified: anyone can write (or remove) this metadata"
     else:
