@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-import provenance_files as pf
 from rine.cli import main
+
+import provenance_files as pf
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 

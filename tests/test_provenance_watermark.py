@@ -14,7 +14,7 @@ from rine.provenance.reader import read_provenance
 
 import provenance_files as pf
 
-pytest.importorskip("pywt")
+pywt = pytest.importorskip("pywt")
 imwatermark = pytest.importorskip("imwatermark", reason="pip install --no-deps invisible-watermark")
 cv2 = pytest.importorskip("cv2")
 
@@ -24,6 +24,11 @@ def test_u_channel_equals_opencv():
     bgr = rng.integers(0, 256, (67, 131, 3), dtype=np.uint8)
     bgr[0, :6] = [[0, 0, 255], [255, 0, 0], [255, 255, 255], [0, 0, 0], [0, 255, 0], [255, 0, 255]]  # saturating corners
     np.testing.assert_array_equal(watermark.yuv_u(bgr), cv2.cvtColor(bgr, cv2.COLOR_BGR2YUV)[..., 1])
+
+
+def test_haar_equals_pywavelets():
+    u = np.random.default_rng(2).integers(0, 256, (96, 130), dtype=np.uint8)
+    np.testing.assert_array_equal(watermark.haar_approx(u), pywt.dwt2(u, "haar")[0])  # exact, not close
 
 
 @pytest.mark.parametrize("seed,size,message", [(0, (512, 512), "sdxl"), (1, (300, 401), "sdxl"),

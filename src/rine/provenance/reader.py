@@ -45,8 +45,6 @@ def missing_readers() -> list[str]:
     out = []
     if not credentials.available():
         out.append(credentials.MISSING)
-    if not watermark.available():
-        out.append(watermark.MISSING)
     return out
 
 
@@ -81,7 +79,7 @@ def read_provenance(data: bytes, *, filename: str | None = None, trust: TrustCon
         signals += xmp.read(packets, limits)
     if pieces.exif and not spent("exif", "exif"):
         signals += exif.read(pieces.exif, limits)
-    if pieces.lossless and limits.watermark and watermark.available() and not spent("watermark", "watermark:dwtDct"):
+    if pieces.lossless and limits.watermark and not spent("watermark", "watermark:dwtDct"):
         found = watermark.read(data, limits)
         if found:
             signals.append(found)

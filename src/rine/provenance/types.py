@@ -51,7 +51,8 @@ class ProvenanceLimits:
     max_value_chars: int = 240  # a signal's shown value
     max_signals: int = 64
     watermark: bool = True
-    watermark_max_pixels: int = 16_000_000
+    watermark_max_pixels: int = 16_000_000  # files decoded for the watermark alone
+    watermark_rows: int = 1024  # the top band read (see watermark.py: full-width rows keep block numbers)
     time_budget_s: float = 2.0  # readers not yet started when it is spent are skipped, and say so
 
 

@@ -2,16 +2,19 @@
 SDXL pipeline (a fixed 48-bit message) and the SD 1.x/2.x reference scripts (the bytes
 `StableDiffusionV1`, `SDV2`) embed it.
 
-The decoder is imwatermark's `EmbedMaxDct.decode` written on numpy and PyWavelets, vectorised
-over blocks (tests/test_provenance_watermark.py proves it bit-identical to imwatermark's own
-decoder on its own encoder's output): the image's U channel (OpenCV's BGR->YUV, reproduced in
-integer arithmetic), one Haar DWT level, 4x4 blocks of the approximation band in raster order;
+The decoder is imwatermark's `EmbedMaxDct.decode` written on numpy alone, vectorised over
+blocks (tests/test_provenance_watermark.py proves it bit-identical to imwatermark's own decoder,
+which uses OpenCV and PyWavelets, on its own encoder's output): the image's U channel (OpenCV's
+BGR->YUV in its integer arithmetic), one Haar DWT level (PyWavelets' approximation band, in its
+order of float operations), 4x4 blocks of that band in raster order;
 block k votes for bit k mod L with whether its largest non-DC coefficient's magnitude, modulo
 the scale 36, lies in the upper half. Bits are majority votes; a message counts as found when
 at least `min_match` of its bits agree (decoding is not exact: FACTS.md).
 
 The watermark does not survive lossy re-encoding, so only lossless files (PNG, lossless WebP,
-TIFF, BMP, GIF) are read.
+TIFF, BMP, GIF) are read. Blocks are numbered across the full width, so the top
+`watermark_rows` rows alone give a correct subset of the votes (hundreds per bit): larger
+images cost no more than that band.
 """
 
 from __future__ import annotations
@@ -26,15 +29,7 @@ from .types import ProvenanceLimits, Signal
 SCALE = 36.0  # imwatermark's default scales=[0, 36, 36]: only channel 1 (U) is used
 BLOCK = 4
 MIN_PIXELS = 256 * 256  # imwatermark refuses smaller images
-MISSING = "watermark: PyWavelets is not installed, so SD/SDXL watermarks are not read (pip install PyWavelets)"
-
-
-def available() -> bool:
-    try:
-        import pywt  # noqa: F401
-    except ImportError:
-        return False
-    return True
+_HAAR = 0.7071067811865476  # PyWavelets' Haar filter taps (1/sqrt 2)
 
 
 def yuv_u(bgr: np.ndarray) -> np.ndarray:
@@ -47,14 +42,19 @@ def yuv_u(bgr: np.ndarray) -> np.ndarray:
     return np.clip(u, 0, 255).astype(np.uint8)
 
 
+def haar_approx(x: np.ndarray) -> np.ndarray:
+    """`pywt.dwt2(x, "haar")[0]` for even sizes, bit for bit (rows first, then columns, each
+    pair as a*c + b*c). [H, W] -> [H/2, W/2] float64"""
+    x = x.astype(np.float64)
+    r = x[0::2] * _HAAR + x[1::2] * _HAAR
+    return r[:, 0::2] * _HAAR + r[:, 1::2] * _HAAR
+
+
 def block_votes(bgr: np.ndarray) -> np.ndarray:
     """One vote per 4x4 block of the U channel's Haar approximation band, in raster order.
     [H, W, 3] uint8 -> [blocks] bool"""
-    import pywt
-
     h, w = bgr.shape[:2]
-    u = yuv_u(bgr[: h // 4 * 4, : w // 4 * 4])
-    ca, _ = pywt.dwt2(u, "haar")
+    ca = haar_approx(yuv_u(bgr[: h // 4 * 4, : w // 4 * 4]))
     rows, cols = ca.shape[0] // BLOCK, ca.shape[1] // BLOCK
     blocks = ca[: rows * BLOCK, : cols * BLOCK].reshape(rows, BLOCK, cols, BLOCK).transpose(0, 2, 1, 3)
     mags = np.abs(blocks.reshape(rows * cols, BLOCK * BLOCK)[:, 1:])  # the DC term is not used
@@ -71,12 +71,15 @@ def decode_bits(votes: np.ndarray, length: int) -> np.ndarray:
     return (ones / np.maximum(counts, 1)) * 255 > 127
 
 
-def read(data: bytes, limits: ProvenanceLimits) -> Signal | None:
+def read(data: bytes, limits: ProvenanceLimits, pixels: np.ndarray | None = None) -> Signal | None:
     """The best-matching known watermark as a signal; None when none reaches its threshold.
+    `pixels`: the file's RGB pixels when the caller has decoded them already ([H, W, 3] uint8).
     Both channel orders are tried: diffusers hands imwatermark RGB where it expects BGR, the
     CompVis scripts convert to BGR first."""
     from PIL import Image
 
+    if pixels is not None:
+        return _find(pixels, limits) if pixels.shape[0] * pixels.shape[1] >= MIN_PIXELS else None
     try:
         with Image.open(io.BytesIO(data)) as im:
             if im.width * im.height > limits.watermark_max_pixels:
@@ -87,6 +90,11 @@ def read(data: bytes, limits: ProvenanceLimits) -> Signal | None:
             rgb = np.asarray(im.convert("RGB"))
     except Exception:  # pixels Pillow refuses: the detector's decoder reports that file's error
         return None
+    return _find(rgb, limits)
+
+
+def _find(rgb: np.ndarray, limits: ProvenanceLimits) -> Signal | None:
+    rgb = rgb[: max(limits.watermark_rows, BLOCK * 2 * 16)]
     best: tuple[float, object, str] | None = None
     for order, array in (("rgb", rgb), ("bgr", rgb[:, :, ::-1])):
         votes = block_votes(array)
