@@ -190,3 +190,17 @@ def _jpeg_with_user_comment(image: np.ndarray, text: str) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, "JPEG", quality=90, exif=exif)
     return buf.getvalue()
+
+
+def test_records_keep_the_detector_fields(signed_jpeg, trust, image):
+    from rine.provenance.records import CSV_FIELDS, flat_columns, with_provenance
+
+    detector = {"path": "x.jpg", "prob_fake": 0.31, "logit": -0.8, "is_fake": False, "error": None}
+    p = read_provenance(signed_jpeg, trust=trust)
+    out = with_provenance(detector, p)
+    assert {k: out[k] for k in detector} == detector  # unchanged
+    assert out["decision"]["decision"] == "synthetic" and out["provenance"]["verified"] is True
+    plain = with_provenance({**detector, "verdict": "uncertain"}, read_provenance(pf.encode(image, "PNG")))
+    assert plain["decision"] == {"decision": "uncertain", "basis": "detector", "declared": None}
+    failed = flat_columns({"path": "y", "error": "not an image"}, None)
+    assert tuple(failed) == CSV_FIELDS and failed["decision"] == "" and failed["decision_basis"].startswith("none")
