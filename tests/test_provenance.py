@@ -204,3 +204,13 @@ def test_records_keep_the_detector_fields(signed_jpeg, trust, image):
     assert plain["decision"] == {"decision": "uncertain", "basis": "detector", "declared": None}
     failed = flat_columns({"path": "y", "error": "not an image"}, None)
     assert tuple(failed) == CSV_FIELDS and failed["decision"] == "" and failed["decision_basis"].startswith("none")
+
+
+def test_threads_read_the_same(signed_jpeg, trust, other_ca):
+    from concurrent.futures import ThreadPoolExecutor
+
+    other = TrustConfig(other_ca.root_pem.decode(), "other.pem")
+    jobs = [trust, other, None] * 6
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda t: read_provenance(signed_jpeg, trust=t).verified, jobs))
+    assert got == [True, False, False] * 6
