@@ -36,10 +36,17 @@ def yuv_u(bgr: np.ndarray) -> np.ndarray:
     """OpenCV's `cvtColor(uint8 BGR, COLOR_BGR2YUV)[..., 1]`, bit for bit: its fixed-point
     formula (14 fractional bits, round half up): Y = 0.114 B + 0.587 G + 0.299 R,
     U = 0.492 (B - Y) + 128, saturated to uint8. [H, W, 3] uint8 -> [H, W] uint8"""
-    b, g, r = (bgr[..., i].astype(np.int32) for i in range(3))
-    y = (b * 1868 + g * 9617 + r * 4899 + (1 << 13)) >> 14
-    u = ((b - y) * 8061 + (128 << 14) + (1 << 13)) >> 14
-    return np.clip(u, 0, 255).astype(np.uint8)
+    u = bgr[..., 0].astype(np.int32)  # in place from here: this runs on every lossless file
+    y = u * 1868
+    y += bgr[..., 1].astype(np.int32) * 9617
+    y += bgr[..., 2].astype(np.int32) * 4899
+    y += 1 << 13
+    y >>= 14
+    u -= y
+    u *= 8061
+    u += (128 << 14) + (1 << 13)
+    u >>= 14
+    return np.clip(u, 0, 255, out=u).astype(np.uint8)
 
 
 def haar_approx(x: np.ndarray) -> np.ndarray:
