@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import logging
 import sys
 from typing import TextIO
 
@@ -42,6 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", choices=FORMATS, default=None,
                    help="default: from the --output file's name (.csv, .json; else jsonl), or a table on a terminal, jsonl otherwise")  # fmt: skip
     p.add_argument("--output", "-o", metavar="FILE", help="write the records here instead of standard output")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (shown on a terminal when writing to --output)")
     p.add_argument("--max-bytes", type=byte_size, default=DEFAULT_MAX_BYTES, metavar="SIZE",
                    help=f"skip files larger than this (default {DEFAULT_MAX_BYTES // 2**20}M)")  # fmt: skip
     p.set_defaults(func=run)
@@ -77,14 +79,21 @@ def run(args: argparse.Namespace) -> int:
     unreadable: list[tuple[str, str]] = []
     skipped = Skipped()
     paths = list(dict.fromkeys(expand_inputs(args.inputs, unreadable, skipped)))
-    report_skipped(skipped, __import__("logging").getLogger(__name__))
+    report_skipped(skipped, logging.getLogger(__name__))
     records = [{"path": p, "provenance": None, "error": why} for p, why in unreadable]
     stream = open(args.output, "w", encoding="utf-8", newline="") if args.output else sys.stdout  # noqa: SIM115
     try:
         writer = _Writer(stream, fmt)
         for record in records:
             writer.add(record)
+        bar = None
+        if args.output and not args.no_progress and sys.stderr.isatty() and len(paths) > 1:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(paths), unit="file", desc="provenance", file=sys.stderr)
         for path in paths:
+            if bar is not None:
+                bar.update()
             try:
                 data = read_source(path, args.max_bytes)
             except ImageLoadError as e:
@@ -94,6 +103,8 @@ def run(args: argparse.Namespace) -> int:
             records.append(record)
             writer.add(record)
         writer.close()
+        if bar is not None:
+            bar.close()
     finally:
         if args.output:
             stream.close()
