@@ -24,9 +24,8 @@ import logging
 import sys
 from typing import TextIO
 
-from ..data.images import DEFAULT_MAX_BYTES, ImageLoadError, read_source
+from ..data.images import DEFAULT_MAX_BYTES
 from ..data.scan import Skipped
-from ..provenance.reader import read_provenance
 from ..provenance.types import FLAT_FIELDS, TRUST_ENV, TrustConfig
 from .common import byte_size, check_output_file, expand_inputs, fail, plural, report_skipped, shown
 
@@ -69,6 +68,9 @@ def _format(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..data.images import ImageLoadError, read_source
+    from ..provenance.reader import read_provenance  # numpy: imported when run, not for --help
+
     try:
         trust = resolve_trust(args)
     except ValueError as e:
