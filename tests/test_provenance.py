@@ -214,3 +214,27 @@ def test_threads_read_the_same(signed_jpeg, trust, other_ca):
     with ThreadPoolExecutor(4) as pool:
         got = list(pool.map(lambda t: read_provenance(signed_jpeg, trust=t).verified, jobs))
     assert got == [True, False, False] * 6
+
+
+def test_catalogue_entries_cite_sources_and_match(image):
+    from rine.provenance import catalogue
+
+    for entry in (*catalogue.PNG_TEXT, *catalogue.SOFTWARE, *catalogue.WATERMARKS):
+        assert entry.source and "/" in entry.source, entry
+    # every PNG text entry is reachable: a file built to its description gets its generator
+    for sig in catalogue.PNG_TEXT:
+        value = json.dumps({"x": 1, "sui_image_params": {}}) if sig.json else f"a cat, {sig.contains or ''} Steps: 1"
+        if sig.contains and sig.json:
+            value = json.dumps({sig.contains: {}})
+        marker = sig.marker.partition("=") if sig.marker else None
+        chunks = [("tEXt", sig.key, value)] + ([("tEXt", marker[0], marker[2] or "x")] if marker else [])
+        p = read_provenance(pf.png_with_text(image, chunks))
+        got = next(s for s in p.signals if s.where == f"png:{sig.key}")
+        assert got.generator == sig.generator and got.source_type == "trainedAlgorithmicMedia", sig
+
+
+def test_unknown_text_is_shown_but_declares_nothing(image):
+    p = read_provenance(pf.png_with_text(image, [("tEXt", "Title", "holiday"), ("tEXt", "parametersX", "Steps: 3"),
+                                                 ("tEXt", "Software", "GIMP 2.10"), ("tEXt", "Comment", '{"a": 1}')]))  # fmt: skip
+    assert [s.where for s in p.signals] == ["png:Title", "png:parametersX", "png:Software", "png:Comment"]
+    assert p.digital_source_type is None and all(s.generator is None for s in p.signals)

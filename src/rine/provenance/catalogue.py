@@ -13,8 +13,8 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class PngTextSignature:
     """A PNG text key written by a generator. `json`: the value must parse as JSON.
-    `marker`: a key whose presence picks this generator over others using the same key;
-    `contains`: a substring of the value that picks it."""
+    `marker`: another chunk that must be present to pick this generator, as `key` or
+    `key=substring of its value`; `contains`: a substring of this chunk's value that picks it."""
 
     key: str
     generator: str
@@ -48,7 +48,7 @@ PNG_TEXT: tuple[PngTextSignature, ...] = (
                      source="github.com/invoke-ai/InvokeAI v2 ldm/invoke/pngwriter.py ('Dream', 'sd-metadata')"),
     PngTextSignature("Software", "NovelAI", contains="NovelAI",
                      source="github.com/NovelAI/novelai-image-metadata (tEXt Software 'NovelAI', Source, Comment JSON)"),
-    PngTextSignature("Comment", "NovelAI", json=True, marker="Software",
+    PngTextSignature("Comment", "NovelAI", json=True, marker="Software=NovelAI",
                      source="github.com/NovelAI/novelai-image-metadata (tEXt Software 'NovelAI', Source, Comment JSON)"),
 )  # fmt: skip
 

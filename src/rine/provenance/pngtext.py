@@ -106,11 +106,17 @@ def comfy_parameters(graph: dict, limit: int) -> dict:
     return out
 
 
-def _match(key: str, text: str, keys: set[str]) -> PngTextSignature | None:
+def _marked(marker: str | None, texts: dict[str, str]) -> bool:
+    if marker is None:
+        return True
+    key, _, needle = marker.partition("=")
+    return key in texts and needle in texts[key]
+
+
+def _match(key: str, text: str, texts: dict[str, str]) -> PngTextSignature | None:
     for sig in PNG_TEXT:
-        if sig.key != key or (sig.marker and sig.marker not in keys) or (sig.contains and sig.contains not in text):
-            continue
-        return sig
+        if sig.key == key and _marked(sig.marker, texts) and (not sig.contains or sig.contains in text):
+            return sig
     return None
 
 
@@ -133,7 +139,7 @@ def read(chunks: list[tuple[bytes, bytes]], limits: ProvenanceLimits) -> tuple[l
             key = getattr(e, "key", "?")
             why = str(e) + (" (the per-file cap on text is reached)" if budget < limits.max_text_bytes else "")
             decoded.append((key, getattr(e, "text", ""), why))
-    keys = {k for k, _, _ in decoded}
+    texts = {k: t for k, t, e in decoded if e is None}
     for key, text, error in decoded:
         if key == XMP_KEY:
             if error:
@@ -141,14 +147,14 @@ def read(chunks: list[tuple[bytes, bytes]], limits: ProvenanceLimits) -> tuple[l
             else:
                 xmp.append(text)
             continue
-        signals.append(_signal(key, text, error, keys, limits))
+        signals.append(_signal(key, text, error, texts, limits))
     return signals, xmp
 
 
-def _signal(key: str, text: str, error: str | None, keys: set[str], limits: ProvenanceLimits) -> Signal:
+def _signal(key: str, text: str, error: str | None, texts: dict[str, str], limits: ProvenanceLimits) -> Signal:
     where = f"png:{cap(key, 80)}"
     value = cap(text, limits.max_value_chars)
-    sig = _match(key, text, keys)
+    sig = _match(key, text, texts)
     if sig is None:
         return Signal("png-text", where, value=value, error=error)
     signal = Signal("png-text", where, value=value, generator=sig.generator, error=error)

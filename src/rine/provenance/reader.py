@@ -23,7 +23,6 @@ import time
 from . import containers, credentials, exif, pngtext, watermark, xmp
 from .types import Provenance, ProvenanceLimits, Signal, TrustConfig
 
-_RANK_OTHER = 4
 NOTHING_FOUND = ("no provenance metadata found; absence proves nothing (most platforms and editors "
                  "strip metadata)")  # fmt: skip
 
@@ -34,7 +33,11 @@ def rank(signal: Signal) -> int:
         if signal.verified:
             return 0
         return 1 if signal.validation_state in ("Valid", "Trusted") and not _hard_failures(signal) else 5
-    return {"xmp": 2, "watermark": 3}.get(signal.kind, _RANK_OTHER) if "CreatorTool" not in signal.where else _RANK_OTHER
+    if signal.kind == "xmp" and "DigitalSourceType" in signal.where:
+        return 2
+    if signal.kind == "watermark":
+        return 3
+    return 4  # generator parameters and software signatures
 
 
 def _hard_failures(signal: Signal) -> list[str]:
