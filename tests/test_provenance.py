@@ -238,3 +238,13 @@ def test_unknown_text_is_shown_but_declares_nothing(image):
                                                  ("tEXt", "Software", "GIMP 2.10"), ("tEXt", "Comment", '{"a": 1}')]))  # fmt: skip
     assert [s.where for s in p.signals] == ["png:Title", "png:parametersX", "png:Software", "png:Comment"]
     assert p.digital_source_type is None and all(s.generator is None for s in p.signals)
+
+
+@pytest.mark.parametrize("form", ["element", "resource"])
+def test_xmp_property_forms(image, form):
+    term = pf.IPTC + "compositeWithTrainedAlgorithmicMedia"
+    prop = (f"<Iptc4xmpExt:DigitalSourceType>{term}</Iptc4xmpExt:DigitalSourceType>" if form == "element"
+            else f'<Iptc4xmpExt:DigitalSourceType rdf:resource="{term}"/>')  # fmt: skip
+    xmp = pf.xmp_packet(None).replace('xmlns:xmp="http://ns.adobe.com/xap/1.0/"/>',
+                                      f'xmlns:xmp="http://ns.adobe.com/xap/1.0/">{prop}</rdf:Description>')  # fmt: skip
+    assert read_provenance(pf.png_with_xmp(image, xmp)).digital_source_type == "compositeWithTrainedAlgorithmicMedia"

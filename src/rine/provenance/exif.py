@@ -34,9 +34,12 @@ def read(blocks: list[tuple[str, bytes]], limits: ProvenanceLimits) -> list[Sign
 
     signals: list[Signal] = []
     for where, raw in blocks:
+        if len(raw) > limits.max_exif_bytes:
+            signals.append(Signal("exif", where, error=f"EXIF of {len(raw)} bytes is over the {limits.max_exif_bytes}-byte cap; not read"))
+            continue
         exif = Image.Exif()
         try:
-            exif.load(raw[: limits.max_xmp_bytes * 4])
+            exif.load(raw)
             sub = exif.get_ifd(EXIF_IFD)
         except Exception as e:  # Pillow raises many kinds on corrupt TIFF structures
             signals.append(Signal("exif", where, error=f"corrupt EXIF ({type(e).__name__}: {cap(e, 80)})"))

@@ -46,6 +46,7 @@ class ProvenanceLimits:
     max_text_bytes: int = 1024 * 1024  # one text chunk, after decompression
     max_total_text_bytes: int = 8 * 1024 * 1024  # all text chunks of a file, after decompression
     max_xmp_bytes: int = 1024 * 1024
+    max_exif_bytes: int = 1024 * 1024  # a JPEG APP1 holds 64 KB; PNG eXIf and WebP EXIF are unbounded
     max_xml_depth: int = 48
     max_xml_elements: int = 20_000
     max_value_chars: int = 240  # a signal's shown value
