@@ -141,3 +141,12 @@ def test_time_budget_skips_the_rest(image):
 def test_file_over_cap_is_not_read(image):
     p = _read(pf.png_with_xmp(image, pf.xmp_packet()), max_file_bytes=100)
     assert p.signals == [] and "over the 100-byte cap" in p.reason
+
+
+def test_corrupt_and_oversized_exif(image):
+    png = pf.encode(image, "PNG")
+    corrupt = pf.insert_png_chunks(png, [pf.png_chunk(b"eXIf", b"MM\x00*\x00\x00\x00\x08\xff\xff" + b"\x01" * 40)])
+    big = pf.insert_png_chunks(png, [pf.png_chunk(b"eXIf", b"II*\x00" + bytes(2 << 20))])
+    for data, words in ((corrupt, "corrupt EXIF"), (big, "over the")):
+        errors = _errors(_read(data))
+        assert len(errors) == 1 and words in errors[0], errors

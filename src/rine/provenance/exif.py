@@ -7,6 +7,8 @@ walk found; a corrupt block becomes a signal with an error.
 
 from __future__ import annotations
 
+import warnings
+
 from .catalogue import software_generator
 from .pngtext import a1111_parameters
 from .types import ProvenanceLimits, Signal, cap
@@ -39,11 +41,16 @@ def read(blocks: list[tuple[str, bytes]], limits: ProvenanceLimits) -> list[Sign
             continue
         exif = Image.Exif()
         try:
-            exif.load(raw)
-            sub = exif.get_ifd(EXIF_IFD)
+            with warnings.catch_warnings(record=True) as caught:  # Pillow only warns on some damage
+                warnings.simplefilter("always")
+                exif.load(raw)
+                sub = exif.get_ifd(EXIF_IFD)
         except Exception as e:  # Pillow raises many kinds on corrupt TIFF structures
             signals.append(Signal("exif", where, error=f"corrupt EXIF ({type(e).__name__}: {cap(e, 80)})"))
             continue
+        damage = [str(w.message) for w in caught if "EXIF" in str(w.message) or "TIFF" in str(w.message)]
+        if damage:
+            signals.append(Signal("exif", where, error=f"corrupt EXIF ({cap(damage[0], 100)}); read what was intact"))
         software = exif.get(SOFTWARE)
         if isinstance(software, str) and software.strip():
             gen = software_generator(software)
