@@ -102,7 +102,7 @@ def test_signed_png(ca, trust, image):
     assert (p.digital_source_type, p.verified) == ("trainedAlgorithmicMedia", True)
 
 
-@pytest.mark.parametrize("name", ["a1111", "comfyui", "xmp-jpeg", "xmp-png", "exif-a1111", "fooocus", "novelai"])
+@pytest.mark.parametrize("name", ["a1111", "comfyui", "xmp-jpeg", "xmp-png", "xmp-webp", "exif-a1111", "fooocus", "novelai"])
 def test_declarations_are_generated_and_unverified(name, image, trust):
     data, basis, generator = {
         "a1111": (pf.png_with_text(image, [("tEXt", "parameters", pf.A1111_PARAMETERS)]),
@@ -111,6 +111,7 @@ def test_declarations_are_generated_and_unverified(name, image, trust):
                     "png:prompt", "ComfyUI"),
         "xmp-jpeg": (pf.jpeg_with_xmp(image, pf.xmp_packet()), "xmp:Iptc4xmpExt:DigitalSourceType@jpeg:APP1", None),
         "xmp-png": (pf.png_with_xmp(image, pf.xmp_packet()), "xmp:Iptc4xmpExt:DigitalSourceType@png:iTXt:XML:com.adobe.xmp", None),
+        "xmp-webp": (pf.encode(image, "WEBP", xmp=pf.xmp_packet().encode()), "xmp:Iptc4xmpExt:DigitalSourceType@webp:XMP", None),
         "exif-a1111": (_jpeg_with_user_comment(image, pf.A1111_PARAMETERS), "exif:UserComment",
                        "AUTOMATIC1111 Stable Diffusion WebUI"),
         "fooocus": (pf.png_with_text(image, [("tEXt", "parameters", json.dumps({"Prompt": "a cat", "Seed": 7})),
