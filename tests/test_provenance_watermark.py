@@ -86,3 +86,13 @@ def test_watermark_read_only_on_lossless(monkeypatch, sdxl_png):
     read_provenance(pf.encode(marked, "WEBP", lossless=True))
     read_provenance(sdxl_png)
     assert len(calls) == 2
+
+
+def test_pixels_given_give_the_same_signal(sdxl_png):
+    import io
+
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(io.BytesIO(sdxl_png)).convert("RGB"))
+    assert read_provenance(sdxl_png, pixels=pixels).to_dict() == read_provenance(sdxl_png).to_dict()
+    assert read_provenance(sdxl_png, pixels=pf.texture(1024, 5)).signals == []  # the pixels given are what is read

@@ -19,9 +19,13 @@ from __future__ import annotations
 
 import mimetypes
 import time
+from typing import TYPE_CHECKING
 
 from . import containers, credentials, exif, pngtext, watermark, xmp
 from .types import Provenance, ProvenanceLimits, Signal, TrustConfig
+
+if TYPE_CHECKING:
+    import numpy as np
 
 NOTHING_FOUND = ("no provenance metadata found; absence proves nothing (most platforms and editors "
                  "strip metadata)")  # fmt: skip
@@ -52,9 +56,12 @@ def missing_readers() -> list[str]:
 
 
 def read_provenance(data: bytes, *, filename: str | None = None, trust: TrustConfig | None = None,
-                    limits: ProvenanceLimits = ProvenanceLimits()) -> Provenance:  # fmt: skip
+                    limits: ProvenanceLimits = ProvenanceLimits(), pixels: np.ndarray | None = None) -> Provenance:  # fmt: skip
     """What `data` (one image file's bytes) declares about its origin, verified where possible.
-    Never raises on file content: unreadable pieces become signals with an error."""
+    `filename` helps only where the content names no format; `pixels`: the file's decoded RGB
+    pixels ([H, W, 3] uint8, as the detector's decoder gives them), so that the watermark check
+    does not decode them again. Never raises on file content: unreadable pieces become signals
+    with an error."""
     trust = trust or TrustConfig()
     missing = missing_readers()
     if len(data) > limits.max_file_bytes:
@@ -83,7 +90,7 @@ def read_provenance(data: bytes, *, filename: str | None = None, trust: TrustCon
     if pieces.exif and not spent("exif", "exif"):
         signals += exif.read(pieces.exif, limits)
     if pieces.lossless and limits.watermark and not spent("watermark", "watermark:dwtDct"):
-        found = watermark.read(data, limits)
+        found = watermark.read(data, limits, pixels=pixels)
         if found:
             signals.append(found)
     if len(signals) > limits.max_signals:
