@@ -78,7 +78,7 @@ def test_no_watermark_on_plain_or_other_message():
 
 def test_watermark_read_only_on_lossless(monkeypatch, sdxl_png):
     calls = []
-    monkeypatch.setattr(reader.watermark, "read", lambda data, limits: calls.append(len(data)))
+    monkeypatch.setattr(reader.watermark, "read", lambda data, limits, pixels=None: calls.append(len(data)))
     marked = pf.sdxl_watermarked(pf.texture(512, 5))
     read_provenance(pf.encode(marked, "JPEG", quality=98))
     read_provenance(pf.encode(marked, "WEBP", quality=98))
