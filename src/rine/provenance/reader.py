@@ -69,7 +69,8 @@ def read_provenance(data: bytes, *, filename: str | None = None, trust: TrustCon
     start = time.monotonic()
     pieces = containers.walk(data, limits.max_segments)
     mime = pieces.mime or (mimetypes.guess_type(filename)[0] if filename else None)
-    signals: list[Signal] = [Signal(_kind_of(where), where, error=msg) for where, msg in pieces.errors]
+    # damage in the container itself (a truncated chunk, a segment loop): kind "container"
+    signals: list[Signal] = [Signal("container", where, error=msg) for where, msg in pieces.errors]
 
     def spent(kind: str, where: str) -> bool:
         if time.monotonic() - start <= limits.time_budget_s:
@@ -96,12 +97,8 @@ def read_provenance(data: bytes, *, filename: str | None = None, trust: TrustCon
     if len(signals) > limits.max_signals:
         dropped = len(signals) - limits.max_signals + 1
         signals = [*signals[: limits.max_signals - 1],
-                   Signal("png-text", "signals", error=f"{dropped} more signals not listed")]  # fmt: skip
+                   Signal("container", "signals", error=f"{dropped} more signals not listed")]  # fmt: skip
     return _summarise(signals, c2pa_signal, trust, missing)
-
-
-def _kind_of(where: str) -> str:
-    return {"png": "png-text", "jpeg": "exif", "webp": "exif"}.get(where.split(":")[0], "png-text")
 
 
 def _summarise(signals: list[Signal], c2pa_signal: Signal | None, trust: TrustConfig,

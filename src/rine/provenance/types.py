@@ -97,7 +97,7 @@ class Signal:
     short capped text; `source_type` is the IPTC term this signal declares, if any; `error`
     says why the signal could not be read (the other signals still count)."""
 
-    kind: str  # c2pa | xmp | png-text | exif | watermark
+    kind: str  # c2pa | xmp | png-text | exif | watermark | container (damage in the file's structure)
     where: str
     value: str | None = None
     generator: str | None = None
