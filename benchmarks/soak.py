@@ -7,10 +7,13 @@ no `files` field, wrong content type) and slow uploads (a valid body trickled ov
 --slow-seconds). Reports failed valid requests (target 0), 5xx answers (target 0),
 transport errors, and the server's resident memory over time (target: flat once warm).
 
-Phase 2: --sigterm-clients slow uploads are sent up to half their body and held until
-the server counts them all in flight (/readyz), then the server gets SIGTERM and the
-bodies are finished. Target: every one of them gets a complete answer, 200 or 503, and
-the server exits with status 0.
+Phase 2 (graceful stop under load): --sigterm-clients slow uploads are sent up to half
+their body and held until the server counts them all in flight (/readyz); the server gets
+SIGTERM, --sigterm-clients new requests are sent at once on fresh connections, and the held
+bodies are finished. Targets: every upload in flight gets its 200 within the bound
+(--stop-delay + --graceful-timeout); no new request is served (each gets 503 "stopping" while
+the server still listens, for --stop-delay, or is refused or reset once it has stopped
+listening); the server exits with status 0 within the bound (plus 5 s for process exit).
 
     python benchmarks/soak.py                          # 60 s, 32 clients, tiny random model
     python benchmarks/soak.py --duration 600 --clients 64
@@ -184,13 +187,20 @@ def report_soak(results, memory, warm_kb: int, args) -> bool:
     return ok
 
 
-async def sigterm_in_flight(port: int, proc: subprocess.Popen, payloads, args) -> list:
-    """Phase 2: outcomes of the slow uploads in flight when the server gets SIGTERM."""
+async def sigterm_in_flight(port: int, proc: subprocess.Popen, payloads, args) -> tuple[list, list, float]:
+    """Phase 2: (outcomes of the uploads in flight at SIGTERM, outcomes of the new requests sent
+    after it, seconds from SIGTERM to the last in-flight answer)."""
     gate = asyncio.Event()
     body = multipart(payloads["valid"][:2])
-    tasks = [asyncio.create_task(raw_request(port, request_head(len(body)), body, chunks=6, gate=gate,
-                                             timeout=args.request_timeout))
-             for _ in range(args.sigterm_clients)]  # fmt: skip
+    answered_at: list[float] = []
+
+    async def held() -> int | str:
+        outcome = await raw_request(port, request_head(len(body)), body, chunks=6, gate=gate,
+                                    timeout=args.request_timeout)  # fmt: skip
+        answered_at.append(time.perf_counter())
+        return outcome
+
+    tasks = [asyncio.create_task(held()) for _ in range(args.sigterm_clients)]
     async with httpx.AsyncClient() as client:
         deadline = time.perf_counter() + 60
         while (await client.get(f"http://{HOST}:{port}/readyz", timeout=10)).json().get("in_flight", 0) \
@@ -199,9 +209,37 @@ async def sigterm_in_flight(port: int, proc: subprocess.Popen, payloads, args) -
                 raise SystemExit("phase 2: the uploads never were all in flight")
             await asyncio.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
+    t_signal = time.perf_counter()
+    fresh = [asyncio.create_task(raw_request(port, request_head(len(body)), body, timeout=args.request_timeout))
+             for _ in range(args.sigterm_clients)]  # fmt: skip
     await asyncio.sleep(0.5)  # the server has begun shutting down with the bodies half sent
     gate.set()
-    return await asyncio.gather(*tasks)
+    in_flight = await asyncio.gather(*tasks)
+    return in_flight, await asyncio.gather(*fresh), max(answered_at, default=t_signal) - t_signal
+
+
+def report_sigterm(in_flight: list, fresh: list, last_answer_s: float, proc: subprocess.Popen, args) -> bool:
+    """Phase 2's figures and targets; waits for the server to exit."""
+    t0 = time.perf_counter()
+    try:
+        code: int | str = proc.wait(args.stop_delay + args.graceful_timeout + 30)
+    except subprocess.TimeoutExpired:
+        code = f"still running after {args.stop_delay + args.graceful_timeout + 30:g} s"
+    exit_s = last_answer_s + (time.perf_counter() - t0)  # from SIGTERM, about (the wait began after the answers)
+    bound = args.stop_delay + args.graceful_timeout
+    served_new = sum(1 for o in fresh if o == 200)
+    refused_new = Counter("503" if o == 503 else "refused" if str(o).startswith("connect:") else str(o) for o in fresh)
+    finished = all(o == 200 for o in in_flight) and last_answer_s <= bound
+    print(f"phase 2: SIGTERM with {len(in_flight)} uploads in flight: "
+          + ", ".join(f"{k}: {v}" for k, v in sorted(Counter(str(o) for o in in_flight).items()))
+          + f", the last answered {last_answer_s:.2f} s after SIGTERM (bound {bound:g} s)")  # fmt: skip
+    print(f"  {len(fresh)} new requests sent after SIGTERM: "
+          + ", ".join(f"{k}: {v}" for k, v in sorted(refused_new.items())))  # fmt: skip
+    print(f"  server exit status {code}, {exit_s:.2f} s after SIGTERM")
+    good = finished and served_new == 0 and code == 0 and exit_s <= bound + 5
+    print("phase 2 targets (in-flight uploads answered 200 within the bound, no new request served, "
+          "exit status 0): " + ("MET" if good else "NOT MET"))
+    return good
 
 
 def main(argv=None) -> int:
@@ -210,7 +248,12 @@ def main(argv=None) -> int:
     p.add_argument("--clients", type=int, default=32, help="concurrent clients in phase 1 (default 32)")
     p.add_argument("--mix", default="0.55,0.1,0.2,0.15", help="weights of valid,oversized,malformed,slow")
     p.add_argument("--slow-seconds", type=float, default=2.0, help="how long a slow upload takes to send")
-    p.add_argument("--sigterm-clients", type=int, default=8, help="uploads in flight at SIGTERM (0: skip phase 2)")
+    p.add_argument("--sigterm-clients", type=int, default=8,
+                   help="uploads in flight at SIGTERM, and new requests sent after it (0: skip phase 2)")
+    p.add_argument("--graceful-timeout", type=float, default=10.0,
+                   help="the server's --graceful-timeout: the bound on finishing the requests in flight")
+    p.add_argument("--stop-delay", type=float, default=1.0,
+                   help="the server's --stop-delay: how long it answers new requests 503 before it stops listening")
     p.add_argument("--memory-tolerance", type=float, default=0.05, help="RSS growth still called flat (0.05 = 5%%)")
     p.add_argument("--max-file-mb", type=float, default=2.0, help="server's --max-file-mb (oversized files exceed it)")
     p.add_argument("--model", help="a checkpoint folder or pretrained name instead of the tiny random model")
@@ -230,7 +273,9 @@ def main(argv=None) -> int:
             model_args = ["--model", str(build_tiny_checkpoint(Path(tmp), args.width, args.layers, args.patch))]
         port = free_port()
         cmd = [sys.executable, "-m", "rine", "serve", "--host", HOST, "--port", str(port), "--no-access-log",
-               "--max-file-mb", str(args.max_file_mb), *model_args, *args.server_arg]
+               "--max-file-mb", str(args.max_file_mb), "--graceful-timeout", str(args.graceful_timeout),
+               "--stop-delay", str(args.stop_delay),
+               *model_args, *args.server_arg]
         log = open(Path(tmp) / "server.log", "w+b")
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         ok = False
@@ -244,19 +289,7 @@ def main(argv=None) -> int:
             results, memory = asyncio.run(soak(port, proc.pid, payloads, args))
             ok = report_soak(results, memory, warm, args)
             if args.sigterm_clients:
-                t0 = time.perf_counter()
-                outcomes = asyncio.run(sigterm_in_flight(port, proc, payloads, args))
-                try:
-                    code = proc.wait(60)
-                except subprocess.TimeoutExpired:
-                    code = "still running after 60 s"
-                answered = Counter(str(o) for o in outcomes)
-                good = all(o in (200, 503) for o in outcomes) and code == 0
-                print(f"phase 2: SIGTERM with {args.sigterm_clients} uploads in flight: "
-                      + ", ".join(f"{k}: {v}" for k, v in sorted(answered.items()))
-                      + f"; server exit status {code} after {time.perf_counter() - t0:.1f} s")  # fmt: skip
-                print("phase 2 target (each answered 200 or 503, exit status 0): " + ("MET" if good else "NOT MET"))
-                ok = ok and good
+                ok = report_sigterm(*asyncio.run(sigterm_in_flight(port, proc, payloads, args)), proc, args) and ok
         finally:
             if proc.poll() is None:
                 proc.terminate()

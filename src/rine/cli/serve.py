@@ -58,6 +58,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     n.add_argument("--no-access-log", action="store_true",
                    help="do not log each request (by default one line each on stderr: client address, method, "
                         "path, status, number of images, time; never headers, file names or image content)")
+    ops = p.add_argument_group("operations")
+    ops.add_argument("--log-format", choices=("text", "json"), default="text",
+                     help="text: one readable line per record, with [request id] inside a request; json: one "
+                          "JSON object per line (time, level, logger, message, request_id, and for requests "
+                          "route, status, images, ms, client) for a log pipeline (default text)")
+    ops.add_argument("--no-metrics", action="store_true", help="do not serve Prometheus metrics at /metrics")
+    ops.add_argument("--metrics-open", action="store_true",
+                     help="answer /metrics without the API key (by default it needs the key when one is set); "
+                          "for a scraper on a trusted network that cannot send headers")
+    ops.add_argument("--graceful-timeout", type=float, default=10, metavar="S",
+                     help="on SIGTERM: new requests get 503 at once, the ones in flight get up to S seconds "
+                          "to finish (default 10)")
+    ops.add_argument("--stop-delay", type=float, default=0, metavar="S",
+                     help="on SIGTERM, keep listening S seconds before stopping, with /readyz and new requests "
+                          "answered 503 (reason stopping), so that a load balancer takes this instance out "
+                          "before it stops listening (default 0; a second signal stops at once)")
     add_model_options(p, batch_jobs=False)
     add_decision_options(p.add_argument_group("decision"))
     p.add_argument("--client-side", action="store_true",
@@ -124,6 +140,8 @@ def settings_from_args(args: argparse.Namespace):
         max_queue=args.max_queue,
         score_timeout_s=args.timeout,
         api_key=api_key,
+        metrics=not args.no_metrics,
+        metrics_open=args.metrics_open,
     )
     if args.decode_workers is not None:
         kwargs["decode_workers"] = args.decode_workers
@@ -154,11 +172,14 @@ def run(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
-        from ..server.app import create_app
+        from ..server import logs
+        from ..server.app import create_app, stop_accepting
     except ImportError as e:
         return fail(f"rine serve needs the serve extra ({e.name} is missing): pip install 'rine[serve]'")
     if not 0 <= args.port <= 65535:
         return fail("--port must be between 0 and 65535")
+    if args.graceful_timeout < 0 or args.stop_delay < 0:
+        return fail("--graceful-timeout and --stop-delay must not be negative")
     try:
         settings = settings_from_args(args)
         if resolve_backend(args) == "torch":  # ONNX Runtime checks its own providers
@@ -195,6 +216,7 @@ def run(args: argparse.Namespace) -> int:
 
     # One line per request by default, whatever -v says (uvicorn's own logs stay at warning).
     logging.getLogger("rine.server.access").setLevel(logging.WARNING if args.no_access_log else logging.INFO)
+    logs.configure(args.log_format)
     app = create_app(settings=settings, detector_factory=lambda: apply_decision_options(load_detector(args, keep_reference=False), args),
                      on_load_error=on_load_error, client_side=client_side)
     config = uvicorn.Config(
@@ -202,14 +224,32 @@ def run(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         access_log=False,  # rine's own line per request (server/access.py) replaces uvicorn's
+        log_config=None,  # uvicorn's lines go through rine's handler: one format (--log-format)
         log_level="info" if args.verbose else "warning",
         # A last line of defence against connection floods; the app's own limits answer first.
         limit_concurrency=max(64, 4 * settings.max_concurrent_requests),
         timeout_keep_alive=5,
         server_header=False,
-        timeout_graceful_shutdown=10,  # in-flight requests finish, then the encoder drains
+        timeout_graceful_shutdown=args.graceful_timeout,  # in-flight requests finish, then the encoder drains
     )
-    server = uvicorn.Server(config)
+
+    class Server(uvicorn.Server):
+        delayed: threading.Timer | None = None
+
+        def handle_exit(self, sig, frame) -> None:
+            # Before uvicorn stops listening: a request that arrives meanwhile, or on a connection
+            # already open, gets 503 "stopping" instead of starting work that may be cut off.
+            stop_accepting(app)
+            if args.stop_delay > 0 and self.delayed is None:
+                self.delayed = threading.Timer(args.stop_delay, super().handle_exit, (sig, frame))
+                self.delayed.daemon = True
+                self.delayed.start()
+                return
+            if self.delayed is not None:
+                self.delayed.cancel()
+            super().handle_exit(sig, frame)
+
+    server = Server(config)
     try:
         sockets = _listen(args.host, args.port)
     except socket.gaierror as e:

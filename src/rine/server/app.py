@@ -1,12 +1,13 @@
 """The HTTP service's routes: `create_app(detector or detector_factory, settings)` -> FastAPI app.
 
 Endpoints: `POST /v1/detect` (multipart field `files`, one or several images),
-`GET /v1/model`, `GET /healthz`, `GET /readyz`, the web page at `/` and the OpenAPI
+`GET /v1/model`, `GET /healthz`, `GET /readyz`, `GET /metrics` (Prometheus), the web page at `/` and the OpenAPI
 document at `/openapi.json` (FastAPI's browsable `/docs` is off: it loads its viewer
 from a CDN, and the service is meant to work on an offline network).
 
 The model's lifecycle is `service.Service`; the limits and the bounded upload reader are in
-`limits.py`; the Host/Origin guards and security headers in `guards.py`.
+`limits.py`; the Host/Origin guards and security headers in `guards.py`; request ids, the
+access line and early refusals in `access.py`; the metrics in `metrics.py`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.security import APIKeyHeader
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
@@ -48,6 +49,7 @@ from .limits import (  # noqa: F401  (display_name, load_error_status: imported 
     display_name,
     load_error_status,
 )
+from .metrics import ServiceMetrics, refusal_kind
 from .service import Service
 
 logger = logging.getLogger(__name__)
@@ -92,7 +94,15 @@ class ModelInfo(BaseModel):
 
 class ErrorResponse(BaseModel):
     detail: str
-    reason: str | None = None  # 503 only: loading, busy, timeout or failed
+    reason: str | None = None  # 503 only: loading, busy, timeout, failed or stopping
+
+
+def _error(description: str) -> dict[str, Any]:
+    return {"model": ErrorResponse, "description": description}
+
+
+# Prometheus' classic text format, which every Prometheus version reads
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 # ---------------------------------------------------------------------- the app
@@ -109,7 +119,16 @@ def create_app(
     app's lifespan: use `with TestClient(app)` in tests. `client_side` (an ONNX export, see
     `client_side.check_client_side`) lets the page score images in the browser."""
     settings = settings or ServerSettings()
+    metrics = ServiceMetrics() if settings.metrics else None
+    if metrics is not None and detector_factory is not None:
+        detector_factory = _timed(detector_factory, metrics)
     service = Service(settings, detector, detector_factory, on_load_error)
+    if metrics is not None:
+        service.on_batch = metrics.observe_batch
+        metrics.bind(lambda: service.in_flight, lambda: service.budget.used, settings.memory_budget_bytes,
+                     lambda: service.batcher.depth if service.batcher is not None else 0, lambda: service.ready)
+        if detector is not None:
+            metrics.model_loaded(detector, None)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -128,19 +147,26 @@ def create_app(
         redoc_url=None,
     )
     app.state.service = service
+    app.state.metrics = metrics
+    app.state.stopping = False  # set by stop_accepting(app): new work gets 503 "stopping"
     key_header = APIKeyHeader(name=API_KEY_HEADER, auto_error=False,
                               description="required when the server was started with an API key")
     expected_key = settings.api_key.encode() if settings.api_key else None
 
-    async def check_key(key: str | None = Depends(key_header)) -> None:
-        if expected_key is None:
-            return
-        # Starlette decodes header bytes as latin-1: re-encoding gives the raw bytes back.
-        given = (key or "").encode("latin-1", "replace")
-        if not hmac.compare_digest(given, expected_key):
-            raise HTTPError(401, f"missing or wrong {API_KEY_HEADER} header")
+    if expected_key is None:
+        async def check_key() -> None:  # no key asked for: the schema declares no security scheme
+            return None
+    else:
+        async def check_key(key: str | None = Depends(key_header)) -> None:
+            # Starlette decodes header bytes as latin-1: re-encoding gives the raw bytes back.
+            given = (key or "").encode("latin-1", "replace")
+            if not hmac.compare_digest(given, expected_key):
+                raise HTTPError(401, f"missing or wrong {API_KEY_HEADER} header")
 
     def require_ready() -> Service:
+        if app.state.stopping:
+            raise service.busy("server is shutting down; retry on another instance or after its restart",
+                               "stopping")
         if not service.ready:
             if service.load_error is None:
                 raise service.busy("model is loading", "loading")
@@ -149,19 +175,30 @@ def create_app(
 
     @app.exception_handler(HTTPError)
     async def _http_error(request: Request, exc: HTTPError) -> JSONResponse:
+        if metrics is not None:
+            metrics.refused(refusal_kind(exc.status, exc.extra.get("reason")))
         return exc.response()
 
-    errors = {401: {"model": ErrorResponse}, 503: {"model": ErrorResponse}}
+    # What the answers can be, declared for generated clients and fuzzers: 401 only with a key,
+    # 421 only with a Host allow-list (both are this server's settings).
+    guarded = {421: _error("the Host header names a host this server does not answer to (--allowed-host)")} \
+        if settings.allowed_hosts is not None else {}  # fmt: skip
+    keyed = {401: _error("missing or wrong X-API-Key")} if settings.api_key else {}
+    unready = {503: _error("not ready (reason: loading, failed, busy, timeout or stopping); see Retry-After")}
+    errors = {**guarded, **keyed, **unready}
 
-    @app.get("/healthz", tags=["health"], summary="the process is up")
+    @app.get("/healthz", tags=["health"], summary="the process is up", responses=guarded)
     async def healthz() -> dict[str, Any]:
         return {"status": "ok"}
 
     app.head("/healthz", include_in_schema=False)(healthz)  # uptime monitors use HEAD
 
     @app.get("/readyz", tags=["health"], summary="the model is loaded and the encoder is running",
-             responses={503: {"model": ErrorResponse}})
+             responses={**guarded, **unready})
     async def readyz() -> JSONResponse:
+        if app.state.stopping:
+            return JSONResponse({"ready": False, "detail": "server is shutting down", "reason": "stopping"},
+                                status_code=503, headers={"Retry-After": str(settings.retry_after_s)})
         if not service.ready:
             detail = ("model is loading" if service.load_error is None
                       else f"model failed to load ({service.load_error}); see the server log")
@@ -188,12 +225,27 @@ def create_app(
             "scored gets `error` and its own `status` in a 200 answer; with one file, its error "
             "status is the answer's status (413 too large, 415 not an image, 422 undecodable)."
         ),
-        responses={**errors, 400: {"model": ErrorResponse}, 408: {"model": ErrorResponse},
-                   413: {"model": ErrorResponse}, 415: {"model": ErrorResponse}, 422: {"model": ErrorResponse}},
-        openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
-            "type": "object", "required": [FILES_FIELD],
-            "properties": {FILES_FIELD: {"type": "array", "items": {"type": "string", "format": "binary"}}},
-        }}}}},
+        responses={
+            **errors,
+            400: _error("malformed multipart body or invalid Content-Length"),
+            403: _error("a browser request from a page of another site (Origin)"),
+            408: _error("the request body did not arrive in time"),
+            413: _error("a file, the body, the number of files or the pixels over a limit"),
+            415: _error("not multipart/form-data, or (one file) not an image in a supported format"),
+            422: _error("no files, or (one file) an empty, truncated or corrupt image"),
+            500: _error("(one file) the encoder failed on this image"),
+        },
+        openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {
+            "schema": {
+                "type": "object", "required": [FILES_FIELD],
+                "properties": {FILES_FIELD: {
+                    "type": "array", "minItems": 1, "maxItems": settings.max_files,
+                    "items": {"type": "string", "format": "binary", "contentMediaType": "image/*"},
+                }},
+            },
+            # judged by content, not by this header; generated clients should still send an image
+            "encoding": {FILES_FIELD: {"contentType": "image/*"}},
+        }}}},
     )
     async def detect(request: Request):
         t_start = time.perf_counter()
@@ -225,6 +277,8 @@ def create_app(
         finally:
             reader.release()
             svc.in_flight -= 1
+        if metrics is not None:
+            metrics.observe_records(records)
         body = {
             "model": svc.detector.config.name,
             "threshold": svc.detector.threshold,
@@ -238,29 +292,59 @@ def create_app(
                                 headers=timing)
         return JSONResponse(body, headers=timing)
 
+    if metrics is not None:
+        @app.get("/metrics", tags=["health"], response_class=Response,
+                 dependencies=[] if settings.metrics_open else [Depends(check_key)],
+                 responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                                  "description": "Prometheus text format"},
+                            **guarded, **({} if settings.metrics_open else keyed)},
+                 summary="Prometheus metrics (with the API key unless started with --metrics-open)")
+        async def metrics_text() -> Response:
+            return Response(metrics.render(), media_type=METRICS_CONTENT_TYPE)
+
     @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     async def index() -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     page_csp = PAGE_CSP
-    add_client_side_routes(app, client_side, settings, require_ready, check_key)
+    add_client_side_routes(app, client_side, settings, require_ready, check_key, errors)
     if client_side is not None:
         page_csp = PAGE_CSP.replace("script-src 'self'", f"script-src 'self' {WASM_CSP_SOURCE}")
     if settings.allowed_hosts is not None:  # added first: runs inside the security headers
         app.add_middleware(AllowedHosts, hosts=settings.allowed_hosts)
     app.add_middleware(SecurityHeaders, page_csp=page_csp)
-    app.add_middleware(AccessLog)  # outermost: every answer is logged, the guards' refusals too
+    # outermost: every answer is logged, counted and carries a request id, the guards' refusals too
+    app.add_middleware(AccessLog, observe=metrics.observe_request if metrics is not None else None,
+                       drain_bytes=settings.drain_bytes, drain_s=settings.read_timeout_s)
     return app
 
 
+def stop_accepting(app: FastAPI) -> None:
+    """Begin a graceful stop: /readyz and every new request that needs the model answer 503
+    (reason `stopping`); requests already past that check are answered as usual."""
+    app.state.stopping = True
+
+
+def _timed(factory: Callable[[], Any], metrics: ServiceMetrics) -> Callable[[], Any]:
+    """`factory` that records its load time and the model's identity in `metrics`."""
+
+    def load() -> Any:
+        t0 = time.perf_counter()
+        detector = factory()
+        metrics.model_loaded(detector, time.perf_counter() - t0)
+        return detector
+
+    return load
+
+
 def add_client_side_routes(app: FastAPI, client: ClientSide | None, settings: ServerSettings,
-                           require_ready: Callable[[], Service], check_key) -> None:
+                           require_ready: Callable[[], Service], check_key, errors: dict) -> None:
     """GET /v1/client-side (the page's settings; `enabled: false` without --client-side), and
     with it the export's model.onnx and onnxruntime-web's files. Fixed names only: a URL never
     becomes a file-system path."""
 
-    @app.get("/v1/client-side", tags=["detect"], dependencies=[Depends(check_key)],
+    @app.get("/v1/client-side", tags=["detect"], dependencies=[Depends(check_key)], responses=errors,
              summary="what the page needs to score images in the browser (rine serve --client-side)")
     async def client_side_info() -> dict[str, Any]:
         if client is None:

@@ -12,6 +12,7 @@ app turns into 503 + Retry-After instead of letting latency and memory grow.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import threading
 import time
@@ -45,25 +46,35 @@ class ViewScores:
     contributions: np.ndarray
 
 
+# (views in the batch, seconds each of its images waited in the queue), from the encoder thread
+BatchObserver = Callable[[int, "list[float]"], None]
+
+
 @dataclass
 class _Item:
     views: np.ndarray
     future: Future
+    queued_at: float = 0.0  # time.monotonic() at submit
+    # the submitter's context (its request id): the encoder's log lines about this image carry it
+    context: contextvars.Context | None = None
 
 
 def _fail(item: _Item, error: Exception) -> None:
     # The caller learns the failure's type only: its message may hold paths or tensor shapes.
-    logger.error("encoder failed on an image", exc_info=error)
+    log = (item.context or contextvars.copy_context()).run
+    log(logger.error, "encoder failed on an image", exc_info=error)
     item.future.set_exception(ScoringFailed(type(error).__name__))
 
 
 class Batcher:
     """A bounded queue in front of one encoder worker thread."""
 
-    def __init__(self, score_fn: ScoreFn, max_batch: int = 32, max_wait_s: float = 0.01, max_queue: int = 256):
+    def __init__(self, score_fn: ScoreFn, max_batch: int = 32, max_wait_s: float = 0.01, max_queue: int = 256,
+                 on_batch: BatchObserver | None = None):
         if max_batch < 1 or max_queue < 1 or max_wait_s < 0:
             raise ValueError("max_batch and max_queue must be >= 1, max_wait_s >= 0")
         self.score_fn = score_fn
+        self.on_batch = on_batch  # metrics: batch sizes and queue waits
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
@@ -132,7 +143,7 @@ class Batcher:
             if len(self._queue) >= self.max_queue:
                 self.rejected += 1
                 raise Overloaded(f"encoder queue full ({self.max_queue} images waiting)")
-            self._queue.append(_Item(views, future))
+            self._queue.append(_Item(views, future, time.monotonic(), contextvars.copy_context()))
             self._cond.notify()
         return future
 
@@ -189,6 +200,12 @@ class Batcher:
             batch = [item for item in batch if item.future.set_running_or_notify_cancel()]
             if not batch:
                 continue
+            if self.on_batch is not None:
+                now = time.monotonic()
+                try:
+                    self.on_batch(sum(len(item.views) for item in batch), [now - item.queued_at for item in batch])
+                except Exception:  # noqa: BLE001 - a metrics hook must never stop the encoder
+                    logger.exception("batch observer failed")
             try:
                 logits, contrib = self._score(batch)
             except Exception as e:  # noqa: BLE001 - the error belongs to the callers, not to this thread

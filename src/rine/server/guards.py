@@ -7,6 +7,7 @@ Pure functions and pure ASGI middleware: no state, no knowledge of the detector.
 from __future__ import annotations
 
 import ipaddress
+import re
 from urllib.parse import urlsplit
 
 from fastapi.responses import JSONResponse
@@ -31,18 +32,24 @@ def host_name(value: str) -> str:
 
 
 class AllowedHosts:
-    """Pure ASGI: 421 for a request whose `Host` names none of `hosts`.
+    """Pure ASGI: 421 for a request whose `Host` names none of `hosts`, or is no host[:port].
 
     IP literals always pass (DNS rebinding needs a name that the attacker controls), and
-    so does a request without Host (HTTP/1.0, which no browser sends)."""
+    so does a request without Host (HTTP/1.0, which no browser sends). The header is read as
+    the token RFC 9110 allows (`host[:port]`), not as a URL: a URL parser finds `localhost`
+    in `evil.example@localhost` or `localhost#x`."""
 
     def __init__(self, app, hosts: tuple[str, ...]):
         self.app = app
         self.hosts = {host_name(h) for h in hosts}
 
     def allowed(self, host_header: str) -> bool:
-        host = host_name(host_header)
-        if not host or host in self.hosts:
+        if not host_header.strip():
+            return True
+        host = host_port(host_header)[0].lower()
+        if not host:
+            return False  # malformed: not a host[:port] token
+        if host in self.hosts:
             return True
         try:
             ipaddress.ip_address(host)
@@ -87,20 +94,28 @@ class SecurityHeaders:
 
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+# RFC 9110 Host = uri-host [":" port]: a DNS name or IPv4 address, or an IPv6 literal in
+# brackets. No userinfo, path, query, fragment or space: what is not this is no host at all.
+_HOST_TOKEN = re.compile(r"(?:\[(?P<ip6>[0-9A-Fa-f:.]+)\]|(?P<name>[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,252})))"
+                         r"(?::(?P<port>[0-9]{1,5}))?")
 
 
 def host_port(netloc: str) -> tuple[str, int | None]:
-    """("host", port or None) of a Host-style value such as `example.org:8443` or `[::1]:80`."""
-    try:
-        parts = urlsplit(f"//{netloc.strip()}")
-        hostname = parts.hostname
-    except ValueError:  # "[bad": as no host at all
+    """("host", port or None) of a Host-style value such as `example.org:8443` or `[::1]:80`;
+    ("", None) for anything that is not such a token (`evil@localhost`, `localhost#x`, `[bad`)."""
+    m = _HOST_TOKEN.fullmatch(netloc.strip())
+    if m is None:
         return "", None
-    try:
-        port = parts.port
-    except ValueError:
-        port = None
-    return (hostname or "").rstrip("."), port
+    port = int(m["port"]) if m["port"] is not None else None
+    if port is not None and port > 65535:
+        return "", None
+    if m["ip6"] is not None:
+        try:
+            ipaddress.IPv6Address(m["ip6"])
+        except ValueError:
+            return "", None
+        return m["ip6"].lower(), port
+    return m["name"].rstrip(".").lower(), port
 
 
 def same_site(headers) -> bool:

@@ -50,6 +50,11 @@ class ServerSettings:
     # the loopback names from `rine serve`: a page whose own name was re-pointed at
     # 127.0.0.1 (DNS rebinding) then cannot use it.
     allowed_hosts: tuple[str, ...] | None = None
+    metrics: bool = True  # GET /metrics (Prometheus text format)
+    metrics_open: bool = False  # /metrics answered without the API key (an operator's choice)
+    # A refusal sent before the body has arrived reads and drops up to this much of the rest,
+    # so that clients that send the whole body before reading get the answer, not a reset.
+    drain_bytes: int = 64 * MB
 
     def __post_init__(self) -> None:
         if self.max_request_bytes < self.max_file_bytes:
@@ -63,8 +68,8 @@ class ServerSettings:
             raise ValueError("api_key must not be empty (use None for no key)")
         if self.memory_budget_bytes < self.max_file_bytes:
             raise ValueError("memory_budget_bytes must be at least max_file_bytes, or such a file could never be held")
-        if self.max_wait_ms < 0 or self.retry_after_s < 0:
-            raise ValueError("max_wait_ms and retry_after_s must not be negative")
+        if self.max_wait_ms < 0 or self.retry_after_s < 0 or self.drain_bytes < 0:
+            raise ValueError("max_wait_ms, retry_after_s and drain_bytes must not be negative")
         if self.read_timeout_s <= 0 or self.score_timeout_s <= 0:
             raise ValueError("read_timeout_s and score_timeout_s must be positive")
 

@@ -5,6 +5,7 @@ the cross-request batcher, and turning uploaded bytes into result records.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import threading
 import time
@@ -56,6 +57,7 @@ class Service:
         self._lock = threading.Lock()
         self._closed = False
         self._model_block_importance: list[float] = []
+        self.on_batch = None  # Batcher.on_batch of the encoder's batcher (the app's metrics)
 
     @property
     def ready(self) -> bool:
@@ -90,7 +92,8 @@ class Service:
             self.detector = detector
             self._model_block_importance = [round(float(x), 6) for x in detector.block_importance()]
             s = self.settings
-            self.batcher = Batcher(detector.score_views, s.max_batch, s.max_wait_ms / 1000, s.max_queue).start()
+            self.batcher = Batcher(detector.score_views, s.max_batch, s.max_wait_ms / 1000, s.max_queue,
+                                   on_batch=self.on_batch).start()
 
     def close(self) -> None:
         with self._lock:
@@ -109,10 +112,16 @@ class Service:
     # -------------------------------------------------------------- work
     def prepare(self, data: bytes, request_pixels: _PixelBudget | None = None) -> np.ndarray:
         """Encoded image bytes -> uint8 views [V, S, S, 3]; runs in the decode pool."""
-        # crop-aware for baseline JPEGs, the same bytes as load_image + crop_views otherwise
-        return decode_views(data, self.detector.config.preprocess, max_pixels=self.settings.max_pixels,
-                            max_bytes=self.settings.max_file_bytes,
-                            reserve_pixels=request_pixels.take if request_pixels is not None else None)
+        try:
+            # crop-aware for baseline JPEGs, the same bytes as load_image + crop_views otherwise
+            return decode_views(data, self.detector.config.preprocess, max_pixels=self.settings.max_pixels,
+                                max_bytes=self.settings.max_file_bytes,
+                                reserve_pixels=request_pixels.take if request_pixels is not None else None)
+        except RuntimeError as e:
+            # Pillow's AVIF decoder reports a broken file as RuntimeError ("Failed to decode
+            # image: Missing or empty image item"): a corrupt image, not a server fault.
+            reason = (str(e).splitlines() or [type(e).__name__])[0][:200]
+            raise ImageLoadError(f"corrupt or truncated image: {reason}", "corrupt") from None
 
     def model_info(self) -> dict[str, Any]:
         cfg = self.detector.config
@@ -145,7 +154,9 @@ class Service:
             elif up.size == 0:
                 records[i] = _error_record(up.filename, 422, "empty file")
             else:
-                decodes[i] = loop.run_in_executor(self.decode_pool, self.prepare, bytes(up.data), request_pixels)
+                # in a copy of the request's context: the decoder's log lines carry its request id
+                decodes[i] = loop.run_in_executor(self.decode_pool, contextvars.copy_context().run, self.prepare,
+                                                  bytes(up.data), request_pixels)
                 # The pool holds its own copy; the request's buffer can go now.
                 up.data = bytearray()
         scores: dict[int, asyncio.Future] = {}
