@@ -95,7 +95,7 @@ def main() -> None:
                    help="what the emulated lines vary (none: only the real encoders, a few minutes)")  # fmt: skip
     p.add_argument("--format", choices=tuple(ROUND), default="bf16", help="the format emulated (default bf16)")
     p.add_argument("--image-dir", default="/tmp/rine-bench-imgs")
-    p.add_argument("--head", default=None, help="default: the official 2-class head from ../shared/fixtures")
+    p.add_argument("--head", default=None, help="default: the official 2-class head from tests/fixtures")
     args = p.parse_args()
 
     from rine.config import PreprocessConfig

@@ -78,7 +78,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--image-dir", default=None, help="where to generate the images (default: a temp folder)")
     p.add_argument("--head", default=None, help="a trained head (.pth or folder) of the arch's shape; default for "
-                   "ViT-L/14: the official 2-class head from ../shared/fixtures, else a random calibrated head")  # fmt: skip
+                   "ViT-L/14: the official 2-class head from tests/fixtures, else a random calibrated head")  # fmt: skip
     # child-process options
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--arch", help=argparse.SUPPRESS)

@@ -6,7 +6,6 @@ Nothing here downloads anything. `tiny_*` fixtures are session-scoped and cheap
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -14,29 +13,13 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("RINE_SHARED", REPO.parent / "shared"))
-PARITY = SHARED / "fixtures" / "parity"
-OFFICIAL = SHARED / "fixtures" / "rine-official"
+# In the repository (tests/fixtures/*/README.md and SOURCE.md say where each file comes from
+# and under which licence): a clone runs the whole suite with nothing beside it.
+FIXTURES = REPO / "tests" / "fixtures"
+PARITY = FIXTURES / "parity"
+OFFICIAL = FIXTURES / "rine-official"
 
 TINY = dict(width=64, layers=3, patch=32, image_size=224, embed_dim=32)
-
-
-def _must_have_shared() -> bool:
-    """Under CI (any non-empty `CI`, as CI services set it) or `RINE_REQUIRE_SHARED=1` (what
-    scripts/test.sh exports), a missing fixture fails the run: a green run with the parity
-    checks skipped would claim a parity it never checked."""
-    ci = os.environ.get("CI", "").strip().lower()
-    return ci not in ("", "0", "false", "no") or os.environ.get("RINE_REQUIRE_SHARED") == "1"
-
-
-def require_shared(path: Path | None = None) -> None:
-    """Skip (on a developer's machine) or fail (under CI) when the shared fixtures are missing."""
-    missing = [p for p in (PARITY, OFFICIAL, path) if p is not None and not p.exists()]
-    if missing:
-        message = f"shared fixtures not found: {', '.join(map(str, missing))} (set RINE_SHARED)"
-        if _must_have_shared():
-            pytest.fail(message + "; CI / RINE_REQUIRE_SHARED=1 make this an error, not a skip", pytrace=False)
-        pytest.skip(message)
 
 
 def make_openai_visual_state(

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import OFFICIAL, require_shared
+from conftest import OFFICIAL
 from serve_proc import running_server
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -47,7 +47,6 @@ def test_page_shows_what_the_api_returns(server, tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright for Python is not installed")
     import httpx
 
-    require_shared()
     files = [OFFICIAL / name for name in DEMO_IMAGES]
     expected = {}
     for f in files:
@@ -116,7 +115,6 @@ def test_page_waits_out_503s_refuses_big_files_and_exports(server, tmp_path):
     if not CHROMIUM.exists():
         pytest.skip(f"{CHROMIUM} not found: install Debian's chromium (scripts/setup.sh --dev does)")
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright for Python is not installed")
-    require_shared()
     demo = OFFICIAL / DEMO_IMAGES[0]
     big = tmp_path / "huge.png"
     big.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(21 * 1024 * 1024))  # over the default 20 MB

@@ -21,7 +21,7 @@ from PIL import Image
 
 from test_browser import CHROMIUM, CHROMIUM_ARGS
 
-from conftest import OFFICIAL, require_shared
+from conftest import OFFICIAL
 from onnx_fixtures import DEMO_IMAGES, export_with_cli, image_paths, make_sensitive_checkpoint
 from serve_proc import running_server
 
@@ -49,7 +49,6 @@ def browser_page():
 @pytest.fixture(scope="module")
 def export(tiny_backbone_dir, tmp_path_factory):
     """An ONNX export of a sensitive tiny model."""
-    require_shared()
     tmp = tmp_path_factory.mktemp("client")
     return export_with_cli(make_sensitive_checkpoint(tiny_backbone_dir, tmp / "ckpt"), tmp / "export")
 

@@ -633,3 +633,41 @@ def test_page_says_uncertain_in_words(tiny_checkpoint_dir, tmp_path):
                 assert "Uncertain: too close to call" in page.inner_text("#announce")
             finally:
                 browser.close()
+
+
+# ---------------------------------------------------------------------------- first-hour edge cases (issue 26)
+@pytest.mark.parametrize(("seed", "method"), [(4, "platt"), (9, "temperature"), (26, "platt"), (26, "temperature")])
+def test_target_fpr_rates_count_what_the_rule_flags(seed, method):
+    """With a probability map, the cut is a calibrated real logit; mapped back to head-logit
+    units as (cut - offset) / scale it landed one ulp below that real's head logit on these
+    draws (found by a 400-seed search), so the report's in-sample FPR counted one real more
+    than the rule flags. The boundary must flag exactly what DecisionRule flags."""
+    rng = np.random.default_rng(seed)
+    z = np.r_[rng.normal(-2, 1.5, 120), rng.normal(2, 1.5, 80)]
+    y = np.r_[np.zeros(120, int), np.ones(80, int)]
+    fit = fit_calibration(z, y, method=method, target_fpr=0.05)
+    cal = fit.config
+    rule = DecisionRule(threshold=cal.threshold, calibration=cal, cut_logit=cal.threshold_logit)
+    flags = rule.flags(z)
+    assert np.array_equal(z > fit.boundary, flags)
+    assert cal.rates["fpr"]["value"] * 120 == int(flags[y == 0].sum()) == fit.details["flagged_real"]
+    assert cal.rates["flagged"] == int(flags.sum())
+
+
+def test_calibrate_refuses_prior_shift_on_reals_before_loading_the_model(capsys, tmp_path, monkeypatch):
+    """prior-shift puts its cut at the balance point of a real/fake mix: on authentic images
+    alone it would flag a large share of them, so the combination is refused up front."""
+    import rine.cli.common
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr(rine.cli.common, "load_detector", no_model)
+    (tmp_path / "reals").mkdir()
+    for i in range(3):
+        Image.new("RGB", (40, 40), (i, 0, 0)).save(tmp_path / "reals" / f"{i}.png")
+    code, _, err = run_cli(capsys, "calibrate", "--reals", tmp_path / "reals", "--method", "prior-shift",
+                           "--out", tmp_path / "out")  # fmt: skip
+    assert code == 2
+    assert "--method prior-shift" in err and "--unlabelled" in err and "--target-fpr" in err
+    assert not (tmp_path / "out" / "config.json").exists()

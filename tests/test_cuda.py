@@ -10,7 +10,7 @@ import torch
 
 from rine.inference.detector import Detector, default_batch_size, default_workers
 
-from conftest import PARITY, require_shared, write_image
+from conftest import PARITY, write_image
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -19,7 +19,6 @@ TOLERANCE = 0.01  # the same bound as tests/test_precision.py
 
 @pytest.fixture(scope="module")
 def parity_files():
-    require_shared()
     tiny = PARITY / "tiny"
     return str(tiny / "clip_visual.safetensors"), str(tiny / "rine_head.safetensors")
 

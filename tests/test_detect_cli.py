@@ -20,12 +20,11 @@ from rine.data.images import load_image
 from rine.data.preprocess import preprocess
 from rine.inference.detector import Detector
 
-from conftest import OFFICIAL, assert_scores_as_reference_decode, require_shared, write_image
+from conftest import OFFICIAL, assert_scores_as_reference_decode, write_image
 
 
 @pytest.fixture(scope="module")
 def demo_images():
-    require_shared()
     return [str(OFFICIAL / "real_aadlygmazf.jpg"), str(OFFICIAL / "fake_dalle_zzrybysskm.png")]
 
 

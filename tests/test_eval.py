@@ -448,3 +448,29 @@ def test_exit_1_when_no_image_could_be_scored(tmp_path, tiny_checkpoint_dir, cap
     write_image(root / "s" / "1_fake" / "good.png", (64, 64))
     assert main([*base, "--out", str(tmp_path / "one")]) == 0
     assert "no image could be scored" not in capsys.readouterr().err
+
+
+def test_eval_decides_on_logits_where_the_probability_cut_rounds_to_one(tmp_path, tiny_checkpoint_dir):
+    """A calibrated cut at calibrated logit 39 is probability 1.0 in float64. The records'
+    verdicts come from the logit (c = z + 40 > 39: every image synthetic), so ACC, acc_fake
+    and F1 must count them so; `prob_fake > threshold` would call every image real."""
+    import dataclasses
+
+    from rine.config import CalibrationConfig
+    from rine.data.layouts import read_layout
+    from rine.evaluation.engine import evaluate
+    from rine.evaluation.results import EvalHead
+    from rine.inference.detector import Detector
+
+    root = tmp_path / "bench"
+    make_files(root / "s" / "real", 3, size=(50, 50))
+    make_files(root / "s" / "fake", 2, size=(50, 50))
+    detector = Detector.from_pretrained(str(tiny_checkpoint_dir), precision="fp32")
+    cal = CalibrationConfig(method="platt", threshold_logit=39.0, scale=1.0, offset=40.0)
+    head = EvalHead("cal", detector.head, dataclasses.replace(detector.config, calibration=cal))
+    run = evaluate(detector, read_layout("folder", root).sets, root=root, heads=[head]).runs[0]
+    records = run.records["s"]
+    assert all(abs(r["logit"]) < 1 and r["verdict"] == "synthetic" for r in records), records
+    m = run.metrics["sets"]["s"]
+    assert (m["acc"], m["acc_real"], m["acc_fake"]) == (pytest.approx(2 / 5), 0.0, 1.0)
+    assert m["f1"] == pytest.approx(2 * 2 / (2 * 2 + 3))

@@ -22,7 +22,7 @@ from rine.model.checkpoints import (
 from rine.model.head import RINEHead
 from rine.model.rine_model import RINEModel
 
-from conftest import OFFICIAL, TINY, require_shared
+from conftest import OFFICIAL, TINY
 
 OFFICIAL_2CLASS_BLOB = "b8418b5884fd1fc1dba79bea91f41ab2341673d8"
 
@@ -84,7 +84,6 @@ def test_only_head_gets_gradients_and_no_nans(tiny_openai_file):
 
 
 def test_official_checkpoint_loads_strict_and_round_trips(tmp_path):
-    require_shared()
     pth = OFFICIAL / "model_2class_trainable.pth"
     assert git_blob_sha1(pth) == OFFICIAL_2CLASS_BLOB
     head = load_official_head(pth, expected_blob_sha1=OFFICIAL_2CLASS_BLOB)
@@ -105,7 +104,6 @@ def test_official_checkpoint_loads_strict_and_round_trips(tmp_path):
 
 
 def test_wrong_blob_id_is_refused():
-    require_shared()
     with pytest.raises(CheckpointError, match="git blob id"):
         load_official_head(OFFICIAL / "model_2class_trainable.pth", expected_blob_sha1="0" * 40)
 

@@ -348,9 +348,8 @@ def test_official_head_from_sidbench_when_github_is_unreachable(hub, monkeypatch
     from rine.model.checkpoints import load_pretrained
     from rine.model.pretrained import WeightsUnavailableError, resolve_pretrained
 
-    from conftest import OFFICIAL, require_shared
+    from conftest import OFFICIAL
 
-    require_shared()
     monkeypatch.setenv("RINE_HEAD_BASE_URL", f"{hub.url}/raw/nothing-here")
     monkeypatch.setenv("RINE_SIDBENCH_BASE_URL", f"{hub.url}/dkarageo/sidbench/resolve/main/rine")
     hub._set_repo("dkarageo/sidbench", {"rine/model_2class_trainable.pth": b"tampered"})

@@ -23,7 +23,7 @@ from rine.data import jpeg_crop
 from rine.data.images import ImageLoadError, load_image, open_header
 from rine.data.preprocess import crop_views, ten_crop_arrays
 
-from conftest import OFFICIAL, PARITY, require_shared
+from conftest import OFFICIAL, PARITY
 
 CROPS = ("center", "ten")
 native = jpeg_crop._native()
@@ -314,7 +314,6 @@ def test_resize_crop_uses_todays_path(monkeypatch):
 # ----------------------------------------------------------------------------- real photos
 @needs_native
 def test_real_photos_in_the_fixtures():
-    require_shared()
     files = sorted((PARITY / "images").glob("*")) + sorted(OFFICIAL.glob("*.jpg"))
     taken = 0
     for f in files:
@@ -543,3 +542,74 @@ def test_tap_extraction_decodes_only_the_windows_to_the_same_views(tmp_path, mon
                     assert g == want, (path, f.name, g)
                 else:
                     assert isinstance(g, np.ndarray) and np.array_equal(g, np.asarray(want)), (path, f.name)
+
+
+# ----------------------------------------------------------------------------- edges found by fuzzing (issue 26)
+@needs_native
+def test_sizes_over_65535_are_refused_not_truncated():
+    """The "I" argument format read a width of 2**32 + 517 as 517 and decoded on; a JPEG's
+    sides are 16-bit, so anything over 65535 is the caller's error."""
+    data = pil_jpeg(picture(517, 300, 120), quality=90)
+    out = np.empty((224, 224, 3), np.uint8)
+    assert native.decode_bands(data, out, 517, 300, 3, [(0, 224)], 0, 224) is None
+    for args in (
+        (2**32 + 517, 300, 3, [(0, 224)], 0, 224),  # width
+        (517, 2**32 + 300, 3, [(0, 224)], 0, 224),  # height
+        (517, 300, 3, [(2**32, 2**32 + 224)], 0, 224),  # a band
+        (517, 300, 3, [(0, 224)], 2**32, 2**32 + 224),  # the columns
+        (70000, 300, 3, [(0, 224)], 0, 224),
+        (517, 300, 3, [(0, 224)], -1, 223),
+    ):
+        with pytest.raises(ValueError, match="65535"):
+            native.decode_bands(data, out, *args)
+    with pytest.raises(OverflowError):
+        native.decode_bands(data, out, 2**70, 300, 3, [(0, 224)], 0, 224)
+
+
+def _wide(data: bytes) -> bool:
+    with Image.open(io.BytesIO(data)) as im:
+        return max(max(t) for t in im.quantization.values()) > 255
+
+
+def test_wide_quantisation_tables_are_written_as_16_bit():
+    data = jpeg_crop.with_wide_tables(pil_jpeg(picture(517, 403, 121), quality=90))
+    dqt = data.index(b"\xff\xdb")
+    assert data[dqt + 4] >> 4 == 1  # precision 1: 16-bit entries
+    assert b"\xff\xc1" in data and b"\xff\xc0" not in data  # extended sequential frame
+    with Image.open(io.BytesIO(data)) as im:
+        assert 33068 in im.quantization[0]
+        im.load()
+
+
+@needs_native
+@pytest.mark.parametrize("crop", CROPS)
+def test_wide_quantisation_tables_decode_as_pillow(crop):
+    data = jpeg_crop.with_wide_tables(pil_jpeg(picture(517, 403, 122), quality=90))
+    assert assert_same(data, crop) == "ok"
+
+
+@needs_native
+def test_a_decoder_that_differs_only_on_16_bit_tables_keeps_the_rest(monkeypatch):
+    """A system libjpeg that decodes 16-bit quantisation tables unlike Pillow's (as a
+    non-SIMD build did): the start-up check finds it, those files go to Pillow, the others
+    stay crop-aware."""
+
+    class WideSkew:
+        LIBJPEG_TURBO_VERSION = "fake"
+
+        @staticmethod
+        def decode_bands(data, out, *args):
+            reason = native.decode_bands(data, out, *args)
+            if _wide(data):
+                out.reshape(-1)[7] ^= 1
+            return reason
+
+    skew = WideSkew()
+    assert jpeg_crop._self_check(skew) is None  # the plain check cannot see it
+    monkeypatch.setattr(jpeg_crop, "_native", lambda: skew)
+    plain = pil_jpeg(picture(517, 403, 123), quality=90)
+    wide = jpeg_crop.with_wide_tables(plain)
+    for crop in CROPS:
+        assert assert_same(wide, crop) == "ok"
+    assert jpeg_crop._crop_aware(skew, open_header(wide, None), wide, 224, "ten") is None
+    assert jpeg_crop._crop_aware(skew, open_header(plain, None), plain, 224, "ten") is not None

@@ -166,3 +166,58 @@ def test_metrics_of_adds_the_new_keys_without_touching_the_old(tmp_path):
         assert k in one
     assert one["ece_uncalibrated"] == pytest.approx(one["ece"])  # prob_fake == sigmoid(logit) here
     assert m["mean"]["eer"] == one["eer"] and m["mean"]["nll"] == one["nll"]
+
+
+# ---------------------------------------------------------------------------- decisions and losses on logits
+def _records(labels, logits):
+    import torch
+
+    probs = torch.sigmoid(torch.tensor(logits, dtype=torch.float32)).tolist()  # what scoring stores
+    return [{"label": y, "logit": float(z), "prob_fake": p, "error": None} for y, z, p in zip(labels, logits, probs, strict=True)]
+
+
+def test_nll_and_brier_come_from_the_logits_in_float64():
+    """A real image at logit 17, 25 or 60 costs 17, 25 or 60 nats (log(1 + e^z)); through the
+    float32 probability (exactly 1.0) each costs -log(eps) = 36.04."""
+    from sklearn.metrics import brier_score_loss, log_loss
+
+    from rine.evaluation.results import metrics_of
+
+    labels, logits = [0, 0, 0, 1], [17.0, 25.0, 60.0, 3.0]
+    want_nll = float(np.mean([np.logaddexp(0, 17), np.logaddexp(0, 25), np.logaddexp(0, 60), np.logaddexp(0, -3)]))
+    assert M.log_loss_from_logits(labels, logits) == pytest.approx(want_nll, rel=1e-15)
+    assert want_nll == pytest.approx((17 + 25 + 60 + 0.0486) / 4, abs=1e-3)
+    m = metrics_of({"s": _records(labels, logits)})["sets"]["s"]
+    assert m["nll"] == pytest.approx(want_nll, rel=1e-12)
+    # scikit-learn on float64 probabilities, where they are not yet rounded to 0 or 1
+    rng = np.random.default_rng(5)
+    z, y = rng.normal(0, 6, 200), rng.integers(0, 2, 200)
+    p = 1 / (1 + np.exp(-z))
+    assert M.log_loss_from_logits(y, z) == pytest.approx(log_loss(y, p, labels=[0, 1]), rel=1e-9)
+    assert M.brier_from_logits(y, z) == pytest.approx(brier_score_loss(y, p), abs=1e-15)
+    # a fake at logit -20: float32 sigmoid is 2.06e-9, float64 2.0612e-9; the Brier term is ~1 either
+    # way, but the float64 value is the one computed here
+    assert M.brier_from_logits([1], [-20.0]) == (1 - 1 / (1 + np.exp(20.0))) ** 2
+
+
+def test_metrics_follow_the_rules_decisions_not_a_rounded_probability_cut():
+    """A calibrated cut at calibrated logit 37.5 is probability 1.0 in float64: `prob > 1.0`
+    flags nothing, while the rule (and so every record's verdict) flags logits 38 and 40."""
+    from rine.config import CalibrationConfig
+    from rine.evaluation.calibration import apply_rule
+    from rine.evaluation.results import metrics_of
+    from rine.model.calibration import DecisionRule
+
+    cal = CalibrationConfig(method="platt", threshold_logit=37.5)
+    rule = DecisionRule(threshold=cal.threshold, calibration=cal, cut_logit=cal.threshold_logit)
+    assert rule.threshold == 1.0
+    records = {"s": _records([1, 1, 0, 0], [38.0, 40.0, 37.0, -1.0])}
+    apply_rule(records, rule)
+    assert [r["verdict"] for r in records["s"]] == ["synthetic", "synthetic", "real", "real"]
+    m = metrics_of(records, rule.threshold, bootstrap=20, calibrated=True, rule=rule)["sets"]["s"]
+    assert (m["acc"], m["acc_real"], m["acc_fake"], m["f1"], m["balanced_acc"]) == (1.0, 1.0, 1.0, 1.0, 1.0)
+    assert m["acc_ci"] == [1.0, 1.0]
+    # an uncalibrated rule with an overridden cut decides as the records do too (float32 sigmoid)
+    plain = DecisionRule(threshold=0.7, overridden=True)
+    recs = _records([0, 1, 1], [0.5, 0.9, 2.0])  # sigmoid: 0.62, 0.71, 0.88
+    assert metrics_of({"s": recs}, rule=plain)["sets"]["s"]["acc"] == 1.0

@@ -22,13 +22,11 @@ from rine.config import RINEConfig  # noqa: E402
 from rine.inference.detector import Detector  # noqa: E402
 from rine.inference.onnx_backend import OnnxBackendError, OnnxRuntimeBackend, load_onnx_detector  # noqa: E402
 
-from conftest import require_shared  # noqa: E402
 from onnx_fixtures import export_with_cli, image_crops, image_paths, make_sensitive_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def sensitive_checkpoint(tiny_backbone_dir, tmp_path_factory):
-    require_shared()
     return make_sensitive_checkpoint(tiny_backbone_dir, tmp_path_factory.mktemp("ckpt") / "sensitive")
 
 

@@ -21,7 +21,7 @@ from rine.model.backbones import load_backbone, load_openai_clip_vision, read_st
 from rine.model.checkpoints import head_from_state_dict, load_official_head
 from rine.model.rine_model import RINEModel
 
-from conftest import PARITY, make_openai_visual_state, require_shared
+from conftest import PARITY, make_openai_visual_state
 from openai_style_vit import reference_taps
 
 # Measured against the reference's float32 outputs (this machine, 1 and 2 threads alike):
@@ -33,14 +33,12 @@ ATOL = 1e-5
 
 @pytest.fixture(scope="module")
 def fixture_arrays():
-    require_shared()
     tiny = PARITY / "tiny"
     return {name: np.load(tiny / f"{name}.npy") for name in ("input", "ln2_cls", "logits", "z", "ln2_all_tokens")}
 
 
 @pytest.fixture(scope="module")
 def parity_hf_dir(tmp_path_factory):
-    require_shared()
     folder = tmp_path_factory.mktemp("parity-hf")
     load_openai_clip_vision(PARITY / "tiny" / "clip_visual.safetensors").save_pretrained(folder)
     return folder
@@ -49,7 +47,6 @@ def parity_hf_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def parity_torchscript(tmp_path_factory):
     """The fixture's weights as a TorchScript archive, the container OpenAI ships CLIP in."""
-    require_shared()
     state = read_state_dict(PARITY / "tiny" / "clip_visual.safetensors")
 
     class Holder(torch.nn.Module):
@@ -109,7 +106,6 @@ def test_tap_is_ln2_not_block_output(fixture_arrays):
 
 
 def test_safetensors_head_equals_pickle_head():
-    require_shared()
     from safetensors.torch import load_file
 
     a = load_official_head(PARITY / "tiny" / "rine_head.pt").state_dict()

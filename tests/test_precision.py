@@ -14,7 +14,7 @@ from rine import accel
 from rine.inference.detector import Detector
 from rine.model.accel import PRECISIONS, FastTapEncoder, resolve_precision
 
-from conftest import PARITY, require_shared, write_image
+from conftest import PARITY, write_image
 
 TOLERANCE = 0.01  # the issue's bound on |p_fast - p_fp32|
 
@@ -125,7 +125,6 @@ def test_fast_encoder_rejects_non_clip_activation(tiny_detector):
 
 @pytest.fixture(scope="module")
 def parity_detectors():
-    require_shared()
     tiny = PARITY / "tiny"
     return {
         p: Detector.from_files(str(tiny / "clip_visual.safetensors"), str(tiny / "rine_head.safetensors"), precision=p)
@@ -228,7 +227,6 @@ def test_auto_within_tolerance_on_benchmark_images_with_the_official_head(tmp_pa
     fp32 pass over 48 cost 90 s of the suite), and the official 2-class head (trained weights,
     the real head shape): bf16 (what auto picks on CPUs with native bf16) within the stated max
     and mean of fp32."""
-    require_shared()
     from rine.config import PreprocessConfig, RINEConfig
     from rine.model.checkpoints import load_official_head
     from rine.model.rine_model import RINEModel

@@ -16,19 +16,22 @@ import torch
 from rine.model.checkpoints import git_blob_sha1, load_pretrained
 from rine.model.pretrained import WeightsUnavailableError, resolve_pretrained
 
-from conftest import OFFICIAL, REPO, require_shared
+from conftest import OFFICIAL, REPO
 from loopback_hub import LoopbackHub
 
 
 @pytest.fixture
 def hub(monkeypatch):
+    import huggingface_hub.constants as hf_constants
+
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # downloads allowed, but only from loopback
     with LoopbackHub() as h:
+        # the Hub answers (on loopback), so a backbone not yet cached counts as downloadable
+        monkeypatch.setattr(hf_constants, "ENDPOINT", h.url)
         yield h
 
 
 def test_head_download_verify_convert_and_cache(hub, monkeypatch):
-    require_shared()
     hub.raw["ckpt/model_2class_trainable.pth"] = (OFFICIAL / "model_2class_trainable.pth").read_bytes()
     monkeypatch.setenv("RINE_HEAD_BASE_URL", f"{hub.url}/raw/ckpt")
     folder = resolve_pretrained("rine-vitl14-2class")
@@ -41,7 +44,9 @@ def test_head_download_verify_convert_and_cache(hub, monkeypatch):
         torch.testing.assert_close(head.state_dict()[k], v.float().cpu(), rtol=0, atol=0)
     n_requests = len(hub.requests)
     assert resolve_pretrained("rine-vitl14-2class") == folder
-    assert len(hub.requests) == n_requests  # second use: from the cache, no network
+    # second use: the head from the cache; the only request is the one-shot check that the Hub
+    # answers, since ViT-L/14 is not in the Hugging Face cache and would be downloaded next
+    assert hub.requests[n_requests:] == ["HEAD /"]
 
 
 def test_corrupt_download_is_rejected_and_not_kept(hub, monkeypatch, tmp_path):
@@ -59,7 +64,7 @@ def test_unreachable_source_names_what_is_missing_and_the_local_way(hub, monkeyp
         resolve_pretrained("rine-vitl14-4class")
     msg = str(err.value)
     assert "model_4class_trainable.pth" in msg
-    assert "openai/clip-vit-large-patch14" in msg  # the backbone is not cached either
+    assert "openai/clip-vit-large-patch14" not in msg  # not cached, but the Hub answers: it would download
     assert "--backbone" in msg and "--head" in msg and "RINE_HOME" in msg
 
 
@@ -98,7 +103,6 @@ NAMED_FLOW = textwrap.dedent(
 
 def test_named_model_downloads_backbone_and_head_then_works_offline(hub, tiny_backbone_dir, sensitive_checkpoint_dir, tmp_path):
     """The whole first-use path in a fresh process: HF_ENDPOINT and the head URL on loopback."""
-    require_shared()
     from rine.inference.detector import Detector
 
     head_file = tmp_path / "tiny_trainable.pth"  # the sensitive head, in the official format
@@ -165,3 +169,103 @@ def test_ldm_model_defaults_to_ten_crop(hub, monkeypatch, tiny_backbone_dir, sen
     assert abs(ten - center.predict([image])[0].prob_fake) > 0.01  # the two protocols differ on this image
     assert ten == pytest.approx(Detector.from_pretrained(str(sensitive_checkpoint_dir), crop="ten", precision="fp32").predict([image])[0].prob_fake, abs=1e-6)
     assert sensitive_detector.config.preprocess.crop == "center"
+
+
+# ---------------------------------------------------------------------------- missing and offline weights (issue 26)
+HEAD_2CLASS = OFFICIAL / "model_2class_trainable.pth"
+
+
+@pytest.fixture
+def no_hub_downloads(monkeypatch):
+    """transformers' download path must not be reached: it retried for 30 s, then a traceback."""
+    from transformers import CLIPVisionModel
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"CLIPVisionModel.from_pretrained{args} reached")
+
+    monkeypatch.setattr(CLIPVisionModel, "from_pretrained", refuse)
+
+
+def _detect(capsys, *argv):
+    from rine.cli import main
+
+    code = main(["detect", str(OFFICIAL / "real_aadlygmazf.jpg"), *map(str, argv)])
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("given", ["./clip-vit-large-patch14", "models/openai/clip-vit-large-patch14", "ViT-L-14.pt"])
+def test_a_missing_backbone_path_is_a_missing_file_not_a_hub_id(given, capsys, monkeypatch, tmp_path, no_hub_downloads):
+    monkeypatch.chdir(tmp_path)
+    code, err = _detect(capsys, "--backbone", given, "--head", HEAD_2CLASS)
+    assert code == 2
+    assert given in err and "no such file or folder" in err and "Repo id" not in err and "Traceback" not in err
+    # with a named model too (the head is missing as well): both named in one message
+    code, err = _detect(capsys, "--backbone", given)
+    assert code == 2 and given in err and "no such file or folder" in err and "model_4class_trainable.pth" in err
+
+
+@pytest.mark.parametrize("network", ["offline", "unreachable"])
+def test_a_named_backbone_without_network_fails_fast_with_the_fix(network, capsys, monkeypatch, no_hub_downloads):
+    """HF_HUB_OFFLINE=1, or a Hub that does not answer: one clean message, exit 2, in seconds."""
+    import time
+
+    import huggingface_hub.constants as hf_constants
+
+    if network == "unreachable":
+        monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+        monkeypatch.setattr(hf_constants, "ENDPOINT", "http://127.0.0.1:9")
+    start = time.monotonic()
+    code, err = _detect(capsys, "--backbone", "ViT-L/14", "--head", HEAD_2CLASS)
+    took = time.monotonic() - start
+    assert code == 2 and "Traceback" not in err
+    assert "backbone openai/clip-vit-large-patch14 at revision 32bd64288804d66eefd0ccbe215aa642df71cc41" in err
+    assert ("offline mode is on" if network == "offline" else "http://127.0.0.1:9 unreachable") in err
+    assert "fix: " in err and "hf download openai/clip-vit-large-patch14" in err and "--backbone /path/to/" in err
+    assert took < 15, took  # loading the head included; the Hub's retries took 30 s
+    # an OSError too, as transformers' own was: rine extract, train and batch catch that
+    from rine.model.backbones import load_backbone
+
+    with pytest.raises(OSError) as raised:
+        load_backbone("ViT-L/14")
+    assert isinstance(raised.value, WeightsUnavailableError) and raised.value.missing[0].what.startswith("backbone")
+
+
+def test_every_missing_piece_is_named_at_once_with_its_own_fix(monkeypatch, no_hub_downloads):
+    """Head cached, backbone missing: only the backbone is named (no advice to put the head
+    where it already is), before any backbone load; both missing: both, each with a fix."""
+    import shutil
+
+    from rine.model.pretrained import rine_home
+
+    with pytest.raises(WeightsUnavailableError) as both:
+        resolve_pretrained("rine-vitl14-2class")
+    assert [p.what.split()[0] for p in both.value.missing] == ["head", "backbone"]
+    assert str(both.value).count("fix: ") == 2
+    heads = rine_home() / "heads"
+    heads.mkdir(parents=True)
+    shutil.copy(HEAD_2CLASS, heads / "model_2class_trainable.pth")
+    with pytest.raises(WeightsUnavailableError) as one:
+        resolve_pretrained("rine-vitl14-2class")
+    assert [p.what.split()[0] for p in one.value.missing] == ["backbone"]
+    assert "model_2class_trainable.pth" not in str(one.value) and str(one.value).count("fix: ") == 1
+    # what needs the head only (rine calibrate --predictions) still gets it
+    head, config = load_pretrained(resolve_pretrained("rine-vitl14-2class", check_backbone=False))
+    assert config.name == "rine-vitl14-2class"
+
+
+def test_each_download_failure_is_said_once(hub, monkeypatch, capsys, caplog, tiny_backbone_dir):
+    monkeypatch.setenv("RINE_HEAD_BASE_URL", f"{hub.url}/raw/nothing-here")
+    code, err = _detect(capsys, "--backbone", tiny_backbone_dir)
+    assert code == 2
+    said = err + caplog.text
+    for source in (f"{hub.url}/raw/nothing-here/model_4class_trainable.pth", "http://127.0.0.1:9/unreachable"):
+        assert said.count(source) == 1, (source, said)
+
+
+def test_rine_models_prints_its_table_without_torch():
+    code = "import sys\nfrom rine.cli import main\nassert main(['models']) == 0\nprint('torch' in sys.modules)"
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "openai/clip-vit-large-patch14" in done.stdout and "rine-vitl14-4class" in done.stdout
+    assert done.stdout.strip().splitlines()[-1] == "False"

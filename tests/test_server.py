@@ -20,7 +20,7 @@ from rine.server import Batcher, Overloaded, ServerSettings, create_app  # noqa:
 from rine.server.app import display_name, load_error_status  # noqa: E402
 from rine.server.batching import ScoringFailed  # noqa: E402
 
-from conftest import OFFICIAL, assert_scores_as_reference_decode, require_shared  # noqa: E402
+from conftest import OFFICIAL, assert_scores_as_reference_decode  # noqa: E402
 from serve_proc import wait_ready  # noqa: E402
 
 
@@ -174,7 +174,6 @@ def test_failure_while_starting_the_encoder_is_reported(tiny_detector, monkeypat
 
 # ---------------------------------------------------------------------------- scoring
 def test_detect_matches_detector_predict(client, tiny_detector):
-    require_shared()
     real = (OFFICIAL / "real_aadlygmazf.jpg").read_bytes()
     fake = (OFFICIAL / "fake_dalle_zzrybysskm.png").read_bytes()
     r = client.post("/v1/detect", files=upload(("real.jpg", real), ("fake.png", fake)))
@@ -919,7 +918,6 @@ def test_rine_serve_subprocess_with_api_key(tiny_checkpoint_dir, tmp_path):
 
     import httpx
 
-    require_shared()
     env = {**os.environ, "RINE_TEST_SERVE_KEY": "k-123"}
     # --port 0 and the port read from "serving on": a port found free, closed, then handed to
     # the child could be taken by another process in between.

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -100,9 +99,8 @@ def calibrate(name: str, paths: list[str]) -> tuple[float, float]:
 
 
 def default_trained_head(arch: str) -> str | None:
-    """The official 2-class RINE head (trained, ViT-L/14-shaped) from the shared fixtures, if present."""
-    shared = Path(os.environ.get("RINE_SHARED", BENCHMARKS.parent.parent / "shared"))
-    path = shared / "fixtures" / "rine-official" / "model_2class_trainable.pth"
+    """The official 2-class RINE head (trained, ViT-L/14-shaped) from the repository's test fixtures."""
+    path = BENCHMARKS.parent / "tests" / "fixtures" / "rine-official" / "model_2class_trainable.pth"
     return str(path) if arch == "ViT-L/14" and path.is_file() else None
 
 

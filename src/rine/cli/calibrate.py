@@ -181,7 +181,7 @@ def _model_for_predictions(args):
         if not folder.is_dir():
             if args.head:
                 raise CLIError("--predictions with --head needs a checkpoint folder (config.json + model.safetensors)")
-            folder = resolve_pretrained(source, backbone_given=args.backbone)
+            folder = resolve_pretrained(source, backbone_given=args.backbone, check_backbone=False)
         return load_pretrained(folder)
     except WeightsUnavailableError as e:
         raise CLIError(str(e)) from None
@@ -232,6 +232,12 @@ def run(args: argparse.Namespace) -> int:
     if source == "--unlabelled" and args.method != "prior-shift":
         return fail("--unlabelled images go with --method prior-shift, which needs no labels (for a target "
                     "false-positive rate on authentic images, give them with --reals)")
+    if source == "--reals" and args.method == "prior-shift":
+        # prior-shift puts the cut at the balance point of a real/fake mix (half of the mass
+        # above it by default): fitted on authentic images only, it would flag many of them.
+        return fail("--method prior-shift fits a mix of real and fake images of the target domain; on --reals "
+                    "(authentic images only) its cut would flag a large share of them. Give the mixed images "
+                    "with --unlabelled, or keep --reals and bound the false positives with --target-fpr F")
     try:
         if source == "--predictions":
             sets = [s.strip() for s in args.sets.split(",")] if args.sets else None

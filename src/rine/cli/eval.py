@@ -207,7 +207,8 @@ def _load_models(args):
             if heads:
                 head, config = load_head(src)
             else:
-                head, config = load_pretrained(resolve_model(src, args.model_revision))
+                # the backbone is loaded already (the first model's, or --backbone)
+                head, config = load_pretrained(resolve_model(src, args.model_revision, backbone_given=args.backbone))
                 if not args.backbone and (config.backbone, config.backbone_revision) != (
                     detector.config.backbone,
                     detector.config.backbone_revision,
@@ -304,7 +305,7 @@ def _transfer(result, fit_set: str, fit_options: dict, args: argparse.Namespace,
             rule = dataclasses.replace(rule, threshold=args.threshold, cut_logit=_logit(args.threshold), overridden=True)
         apply_rule(run_.records, rule)
         missing = run_.metrics.get("missing_sets")
-        run_.metrics = metrics_of(run_.records, rule.threshold, args.bootstrap or 0, args.bootstrap_seed, True)
+        run_.metrics = metrics_of(run_.records, rule.threshold, args.bootstrap or 0, args.bootstrap_seed, True, rule)
         run_.metrics["calibration"] = dataclasses.asdict(cal)
         if missing is not None:
             run_.metrics["missing_sets"] = missing

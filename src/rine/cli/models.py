@@ -11,8 +11,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..model.backbones import BACKBONES
+    # the torch-free registries: a static table must not wait seconds for torch to import
     from ..model.pretrained import PRETRAINED, rine_home
+    from ..model.registry import BACKBONES
 
     print(f"Pretrained detectors (downloaded on first use into RINE_HOME={rine_home()}):")
     for s in PRETRAINED.values():

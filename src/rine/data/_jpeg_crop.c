@@ -19,6 +19,8 @@
  *   (longjmp out of the error manager) and the caller falls back to Pillow, which gives
  *   today's result or today's error: libjpeg-turbo only warns on some inputs where
  *   Pillow raises.
+ * Sizes above 65535 (MAX_SIDE) are refused, and the size of `out` is computed with checked
+ * multiplication, so no argument can overflow the arithmetic.
  * The GIL is released while libjpeg runs.
  */
 #define PY_SSIZE_T_CLEAN
@@ -33,6 +35,10 @@
 #include <jerror.h>
 
 #define MAX_BANDS 16
+/* A JPEG's sides are 16-bit (SOF's X and Y): anything larger is a caller's error. Sizes are
+ * parsed as Py_ssize_t ("n", overflow-checked) and held to this, so a width of 2**32 + 517
+ * is refused instead of read as 517 (the "I" format truncates silently). */
+#define MAX_SIDE 65535
 
 typedef struct {
     struct jpeg_error_mgr pub;
@@ -228,20 +234,44 @@ run_job(crop_job *job, crop_error_mgr *err)
     return 0;
 }
 
+/* 0 <= value <= MAX_SIDE, else a ValueError naming `what`. */
+static int
+check_side(Py_ssize_t value, const char *what)
+{
+    if (value < 0 || value > MAX_SIDE) {
+        PyErr_Format(PyExc_ValueError, "%s must be within [0, %d], got %zd", what, MAX_SIDE, value);
+        return 0;
+    }
+    return 1;
+}
+
+/* *product = a * b, or 0 on overflow of Py_ssize_t (a, b >= 0). */
+static int
+checked_mul(Py_ssize_t a, Py_ssize_t b, Py_ssize_t *product)
+{
+    if (a != 0 && b > PY_SSIZE_T_MAX / a)
+        return 0;
+    *product = a * b;
+    return 1;
+}
+
 static PyObject *
 decode_bands(PyObject *self, PyObject *args)
 {
     Py_buffer data, out;
-    unsigned int width, height, col0, col1;
+    Py_ssize_t width, height, col0, col1;
     int channels, status, b;
     PyObject *bands, *seq = NULL, *result = NULL;
     crop_job job;
     crop_error_mgr err;
-    Py_ssize_t n, rows = 0;
+    Py_ssize_t n, rows = 0, row_bytes, need;
 
-    if (!PyArg_ParseTuple(args, "y*w*IIiOII", &data, &out, &width, &height, &channels, &bands, &col0, &col1))
+    if (!PyArg_ParseTuple(args, "y*w*nniOnn", &data, &out, &width, &height, &channels, &bands, &col0, &col1))
         return NULL;
     memset(&job, 0, sizeof(job));
+    if (!check_side(width, "width") || !check_side(height, "height") || !check_side(col0, "col0")
+        || !check_side(col1, "col1"))
+        goto done;
     seq = PySequence_Fast(bands, "bands must be a sequence of (start, stop) pairs");
     if (seq == NULL)
         goto done;
@@ -251,32 +281,40 @@ decode_bands(PyObject *self, PyObject *args)
         goto done;
     }
     for (b = 0; b < n; b++) {
-        unsigned int start, stop;
-        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, b), "II", &start, &stop))
+        Py_ssize_t start, stop;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, b), "nn", &start, &stop))
+            goto done;
+        if (!check_side(start, "a band's start") || !check_side(stop, "a band's stop"))
             goto done;
         if (start >= stop || stop > height || (b > 0 && start < job.band_stop[b - 1])) {
             PyErr_SetString(PyExc_ValueError, "bands must be sorted, disjoint, non-empty and inside the image");
             goto done;
         }
-        job.band_start[b] = start;
-        job.band_stop[b] = stop;
+        job.band_start[b] = (JDIMENSION)start;
+        job.band_stop[b] = (JDIMENSION)stop;
         rows += stop - start;
     }
     if (col0 >= col1 || col1 > width || (channels != 1 && channels != 3)) {
         PyErr_SetString(PyExc_ValueError, "need 0 <= col0 < col1 <= width and 1 or 3 channels");
         goto done;
     }
-    if (!PyBuffer_IsContiguous(&out, 'C') || out.len != rows * (Py_ssize_t)(col1 - col0) * channels) {
+    /* rows <= height and col1 - col0 <= width: at most 65535 * 65535 * 3, which needs more
+       than 32 bits; checked, so that a 32-bit Py_ssize_t cannot wrap either */
+    if (!checked_mul(rows, col1 - col0, &row_bytes) || !checked_mul(row_bytes, channels, &need)) {
+        PyErr_SetString(PyExc_ValueError, "the window is too large for this platform");
+        goto done;
+    }
+    if (!PyBuffer_IsContiguous(&out, 'C') || out.len != need) {
         PyErr_SetString(PyExc_ValueError, "out must be a C-contiguous buffer of rows * (col1 - col0) * channels bytes");
         goto done;
     }
     job.data = data.buf;
     job.size = (size_t)data.len;
     job.out = out.buf;
-    job.width = width;
-    job.height = height;
-    job.col0 = col0;
-    job.col1 = col1;
+    job.width = (JDIMENSION)width;
+    job.height = (JDIMENSION)height;
+    job.col0 = (JDIMENSION)col0;
+    job.col1 = (JDIMENSION)col1;
     job.channels = channels;
     job.n_bands = (int)n;
 

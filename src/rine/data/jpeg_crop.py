@@ -16,7 +16,10 @@ Pillow. The extension is used only where its result is known to equal Pillow's:
   file to Pillow, which gives today's result or today's error;
 - once per process the extension's crops are compared with Pillow's on a generated
   4:2:0 image; if they differ (a libjpeg-turbo that decodes differently from Pillow's
-  own), it is not used.
+  own), it is not used. The same image with 16-bit quantisation tables (an entry of
+  33068, where the integer IDCT's intermediates leave 16 bits: a non-SIMD libjpeg build
+  decoded such a file differently from Pillow's) is compared too; if only that differs,
+  files with a quantisation entry above 255 go to Pillow and the rest stay crop-aware.
 EXIF orientation and ICC profiles are ignored on both paths, as `load_image` does.
 Set RINE_JPEG_CROP=0 to decode everything with Pillow.
 """
@@ -71,6 +74,7 @@ def _native():
     if problem:
         log.warning("crop-aware JPEG decoding disabled: %s", problem)
         return None
+    _wide_tables_agree(_jpeg_crop)  # at start-up too, so that its verdict is logged once, early
     log.debug("crop-aware JPEG decoding on (libjpeg-turbo %s)", _jpeg_crop.LIBJPEG_TURBO_VERSION)
     return _jpeg_crop
 
@@ -80,9 +84,9 @@ def available() -> bool:
     return _native() is not None
 
 
-def _self_check(module) -> str | None:
-    """Compares the extension with Pillow on one generated 4:2:0 JPEG with an odd size;
-    returns what differs, or None."""
+@functools.cache
+def _check_jpeg() -> bytes:
+    """The self-check's image: a generated 4:2:0 baseline JPEG of an odd size (333 x 299)."""
     rng = np.random.default_rng(0)
     # Smooth gradients plus noise: chroma upsampling matters, so a wrong edge shows.
     y, x = np.mgrid[0:299, 0:333]
@@ -90,7 +94,45 @@ def _self_check(module) -> str | None:
     pixels = np.clip(base + rng.integers(-40, 40, base.shape), 0, 255).astype(np.uint8)
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, "JPEG", quality=90, subsampling="4:2:0")
-    data = buf.getvalue()
+    return buf.getvalue()
+
+
+WIDE_ENTRY = 33068  # above int16: the integer IDCT's arithmetic differs between builds here
+
+
+def with_wide_tables(data: bytes, value: int = WIDE_ENTRY) -> bytes:
+    """The same JPEG with every quantisation table written with 16-bit entries (DQT precision
+    1, frame marker SOF1 as the standard asks) and the first AC entry of the first table set
+    to `value`. Written by hand: libjpeg's encoder caps entries at 32767 and warns on stderr."""
+    out, i = bytearray(data[:2]), 2
+    first = True
+    while i + 4 <= len(data) and data[i] == 0xFF:
+        marker, length = data[i + 1], int.from_bytes(data[i + 2 : i + 4], "big")
+        body = data[i + 4 : i + 2 + length]
+        if marker == 0xDA:  # start of scan: the rest is entropy-coded data
+            out += data[i:]
+            return bytes(out)
+        if marker == 0xDB:
+            tables, j = bytearray(), 0
+            while j < len(body):
+                precision, n = body[j] >> 4, 64 * (1 + (body[j] >> 4))
+                entries = body[j + 1 : j + 1 + n]
+                values = list(entries) if precision == 0 else [int.from_bytes(entries[k : k + 2], "big") for k in range(0, n, 2)]
+                if first:
+                    values[1], first = value, False
+                tables += bytes([0x10 | (body[j] & 0x0F)]) + b"".join(v.to_bytes(2, "big") for v in values)
+                j += 1 + n
+            body = bytes(tables)
+        elif marker == 0xC0:
+            marker = 0xC1  # extended sequential: baseline allows 8-bit tables only
+        out += bytes([0xFF, marker]) + (len(body) + 2).to_bytes(2, "big") + body
+        i += 2 + length
+    raise ValueError("no start of scan in the JPEG")
+
+
+def _compare(module, data: bytes) -> str | None:
+    """Compares the extension's windows of `data` (a 333 x 299 JPEG) with Pillow's full
+    decode; returns what differs, or None."""
     with Image.open(io.BytesIO(data)) as im:
         full = np.asarray(im.convert("RGB"))
     # Column windows on MCU edges (64, 288), where a decoder that does not widen them gets
@@ -110,6 +152,27 @@ def _self_check(module) -> str | None:
                 f"against Pillow's {features.version('libjpeg_turbo') or features.version('jpg')})"
             )
     return None
+
+
+def _self_check(module) -> str | None:
+    """Compares the extension with Pillow on one generated 4:2:0 JPEG with an odd size;
+    returns what differs, or None."""
+    return _compare(module, _check_jpeg())
+
+
+@functools.cache
+def _wide_tables_agree(module) -> bool:
+    """Whether the extension decodes a JPEG with 16-bit quantisation tables as Pillow does
+    (checked once per extension module)."""
+    problem = _compare(module, with_wide_tables(_check_jpeg()))
+    if problem:
+        log.info("JPEGs with quantisation entries above 255 are decoded by Pillow: %s", problem)
+    return problem is None
+
+
+def _wide_tables(image: Image.Image) -> bool:
+    """Whether an opened JPEG header has a quantisation entry above 255 (a 16-bit table)."""
+    return any(v > 255 for table in getattr(image, "quantization", {}).values() for v in table)
 
 
 def crop_windows(width: int, height: int, size: int, crop: str) -> list[tuple[int, int, bool]]:
@@ -150,6 +213,8 @@ def takes(image: Image.Image, size: int) -> bool:
 def _crop_aware(module, image: Image.Image, data: bytes, size: int, crop: str) -> np.ndarray | None:
     """The views [V, S, S, 3] decoded by the extension, or None where Pillow must decode."""
     if not takes(image, size):
+        return None
+    if _wide_tables(image) and not _wide_tables_agree(module):
         return None
     width, height = image.size
     windows = crop_windows(width, height, size, crop)

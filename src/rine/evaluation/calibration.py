@@ -295,6 +295,23 @@ def achieved_rates(z: np.ndarray, y: np.ndarray | None, boundary: float, confide
     return out
 
 
+def head_boundary(z: np.ndarray, c: np.ndarray, cut_logit: float, scale: float, offset: float) -> float:
+    """The cut in head-logit units: `z > boundary` flags exactly the images the rule flags
+    (`scale * z + offset > cut_logit`, what DecisionRule computes) on these logits [N].
+
+    (cut - offset) / scale alone can land an ulp below a real logit whose calibrated value is
+    the cut itself (a target-FPR cut is a calibrated real logit), so the in-sample rates
+    would count one real more than the rule flags. Rounding is monotone, so the flagged
+    images are the top of z and the boundary is moved into the gap between the two groups."""
+    boundary = (cut_logit - offset) / scale
+    flagged = c > cut_logit
+    if (~flagged).any():
+        boundary = max(boundary, float(z[~flagged].max()))
+    if flagged.any() and float(z[flagged].min()) <= boundary:
+        boundary = float(np.nextafter(z[flagged].min(), -np.inf))
+    return boundary
+
+
 @dataclass
 class CalibrationFit:
     """A fitted rule plus what the report shows."""
@@ -369,7 +386,7 @@ def fit_calibration(
             target = {"fake_share": 0.5 if fake_share is None else fake_share}
     if method == "prior-shift" and fake_share is not None:
         target.setdefault("fake_share", fake_share)
-    boundary = (cut_logit - offset) / scale
+    boundary = head_boundary(z, c, cut_logit, scale, offset)
     rates = achieved_rates(z, y, boundary, confidence) if with_rates else {}
     config = CalibrationConfig(
         method=method, threshold_logit=float(cut_logit), scale=float(scale), offset=float(offset),

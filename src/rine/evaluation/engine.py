@@ -127,7 +127,7 @@ def evaluate(
         hi = i % len(heads)
         rule = head_rule(heads[hi], threshold)
         calibrated = apply_rule(run.records, rule)
-        run.metrics = metrics_of(run.records, rule.threshold, bootstrap, bootstrap_seed, calibrated)
+        run.metrics = metrics_of(run.records, rule.threshold, bootstrap, bootstrap_seed, calibrated, rule)
         with torch.no_grad():
             run.block_importance = heads[hi].head.block_importance().float().cpu().tolist()
     return EvalResult(runs, [ts.name for ts in sets])

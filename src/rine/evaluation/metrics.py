@@ -2,7 +2,10 @@
 
 Same definitions as scikit-learn (tested against it), in NumPy so that the core
 needs no scikit-learn. Accuracy uses `score > threshold`, as the reference does
-(`accuracy_score(y, y_score > 0.5)`), so a score of exactly 0.5 counts as real.
+(`accuracy_score(y, y_score > 0.5)`), so a score of exactly 0.5 counts as real, unless
+`flags` (the decisions a rule made on the logits, what the records say) are given: a cut
+far out in the tail is exact as a logit but 1.0 as a probability, so `rine eval` passes
+the rule's flags and the logits (`brier_from_logits`, `log_loss_from_logits`).
 A metric that is undefined on the given labels (AP with no fake image, AUC with one
 class) or trivial on them (AP and the oracle-threshold `acc_best`, 100 % whatever the
 scores on a one-class set) is returned as None by `compute_metrics`, with the reason in
@@ -29,25 +32,37 @@ def _arrays(y_true: ArrayLike, y_score: ArrayLike) -> tuple[np.ndarray, np.ndarr
     return y, s
 
 
-def accuracy(y_true: ArrayLike, y_score: ArrayLike, threshold: float = 0.5) -> float:
-    """Fraction correct with `score > threshold` predicted fake."""
+def _predicted(s: np.ndarray, threshold: float, flags: ArrayLike | None) -> np.ndarray:
+    """Predicted fake [N] (bool): the given decisions, else `score > threshold`."""
+    if flags is None:
+        return s > threshold
+    pred = np.asarray(flags, dtype=bool).ravel()
+    if pred.shape != s.shape:
+        raise ValueError(f"{s.size} scores but {pred.size} decisions")
+    return pred
+
+
+def accuracy(y_true: ArrayLike, y_score: ArrayLike, threshold: float = 0.5, flags: ArrayLike | None = None) -> float:
+    """Fraction correct with `score > threshold` (or `flags`) predicted fake."""
     y, s = _arrays(y_true, y_score)
-    return float(np.mean((s > threshold).astype(np.int64) == y)) if y.size else float("nan")
+    pred = _predicted(s, threshold, flags)
+    return float(np.mean(pred.astype(np.int64) == y)) if y.size else float("nan")
 
 
 def class_accuracy(
-    y_true: ArrayLike, y_score: ArrayLike, label: int, threshold: float = 0.5
+    y_true: ArrayLike, y_score: ArrayLike, label: int, threshold: float = 0.5, flags: ArrayLike | None = None
 ) -> float | None:
     """Accuracy restricted to images of `label` (recall of that class); None if there are none."""
     y, s = _arrays(y_true, y_score)
+    pred = _predicted(s, threshold, flags)
     m = y == label
-    return float(np.mean((s[m] > threshold).astype(np.int64) == label)) if m.any() else None
+    return float(np.mean(pred[m].astype(np.int64) == label)) if m.any() else None
 
 
-def f1(y_true: ArrayLike, y_score: ArrayLike, threshold: float = 0.5) -> float | None:
+def f1(y_true: ArrayLike, y_score: ArrayLike, threshold: float = 0.5, flags: ArrayLike | None = None) -> float | None:
     """F1 of the fake class; None when there is no fake image and no fake prediction."""
     y, s = _arrays(y_true, y_score)
-    pred = s > threshold
+    pred = _predicted(s, threshold, flags)
     tp = int(np.sum(pred & (y == 1)))
     fp = int(np.sum(pred & (y == 0)))
     fn = int(np.sum(~pred & (y == 1)))
@@ -127,9 +142,10 @@ METRIC_KEYS = ("acc", "ap", "auc", "acc_real", "acc_fake", "f1", "ece", "acc_bes
 
 
 def compute_metrics(
-    y_true: ArrayLike, y_score: ArrayLike, threshold: float = 0.5
+    y_true: ArrayLike, y_score: ArrayLike, threshold: float = 0.5, flags: ArrayLike | None = None
 ) -> dict[str, Any]:
-    """All metrics of one test set; undefined ones are None and explained in `notes`."""
+    """All metrics of one test set; undefined ones are None and explained in `notes`.
+    `flags` [N] (bool): the decisions, when they were made on logits (see the module doc)."""
     y, s = _arrays(y_true, y_score)
     n_real, n_fake = int(np.sum(y == 0)), int(np.sum(y == 1))
     out: dict[str, Any] = {"n_real": n_real, "n_fake": n_fake, "n": int(y.size)}
@@ -138,13 +154,13 @@ def compute_metrics(
         out.update({k: None for k in METRIC_KEYS})
         out["notes"] = ["no scored image"]
         return out
-    out["acc"] = accuracy(y, s, threshold)
+    out["acc"] = accuracy(y, s, threshold, flags)
     # With one class AP is 1 or undefined whatever the scores, so it is reported as None.
     out["ap"] = average_precision(y, s) if n_real and n_fake else None
     out["auc"] = roc_auc(y, s)
-    out["acc_real"] = class_accuracy(y, s, 0, threshold)
-    out["acc_fake"] = class_accuracy(y, s, 1, threshold)
-    out["f1"] = f1(y, s, threshold)
+    out["acc_real"] = class_accuracy(y, s, 0, threshold, flags)
+    out["acc_fake"] = class_accuracy(y, s, 1, threshold, flags)
+    out["f1"] = f1(y, s, threshold, flags)
     out["ece"] = expected_calibration_error(y, s)
     # One class: a threshold beyond every score is right on every image, so the oracle
     # accuracy is 100 % whatever the scores -- it would only inflate the mean.
@@ -240,24 +256,53 @@ def log_loss(y_true: ArrayLike, y_prob: ArrayLike) -> float | None:
     return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
 
 
-def balanced_accuracy(y_true: ArrayLike, y_score: ArrayLike, threshold: float = 0.5) -> float | None:
+def log_loss_from_logits(y_true: ArrayLike, logits: ArrayLike) -> float | None:
+    """Mean negative log-likelihood of the labels under sigmoid(logit), in float64 from the
+    logits: -log sigmoid(z) = log(1 + e^-z) exactly, so a real image at logit 60 costs 60
+    (through a rounded probability it would cost ~36, or inf)."""
+    y, z = _arrays(y_true, logits)
+    if not y.size:
+        return None
+    return float(np.mean(np.logaddexp(0.0, np.where(y == 1, -z, z))))
+
+
+def brier_from_logits(y_true: ArrayLike, logits: ArrayLike) -> float | None:
+    """`brier_score` of sigmoid(logit), the sigmoid taken in float64."""
+    y, z = _arrays(y_true, logits)
+    if not y.size:
+        return None
+    e = np.exp(-np.abs(z))
+    p = np.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+    return float(np.mean((p - y) ** 2))
+
+
+def balanced_accuracy(
+    y_true: ArrayLike, y_score: ArrayLike, threshold: float = 0.5, flags: ArrayLike | None = None
+) -> float | None:
     """Mean of the real and fake accuracies (scikit-learn's `balanced_accuracy_score` on
     `score > threshold`); None with one class, where it is only that class's accuracy."""
-    real = class_accuracy(y_true, y_score, 0, threshold)
-    fake = class_accuracy(y_true, y_score, 1, threshold)
+    real = class_accuracy(y_true, y_score, 0, threshold, flags)
+    fake = class_accuracy(y_true, y_score, 1, threshold, flags)
     return None if real is None or fake is None else (real + fake) / 2
 
 
-def deployment_metrics(y_true: ArrayLike, y_score: ArrayLike, threshold: float = 0.5) -> dict[str, Any]:
-    """The DEPLOYMENT_KEYS of one set (y_score: probabilities); undefined ones are None."""
+def deployment_metrics(
+    y_true: ArrayLike,
+    y_score: ArrayLike,
+    threshold: float = 0.5,
+    flags: ArrayLike | None = None,
+    logits: ArrayLike | None = None,
+) -> dict[str, Any]:
+    """The DEPLOYMENT_KEYS of one set (y_score: probabilities); undefined ones are None.
+    `logits` [N]: the logits whose sigmoid is y_score; Brier and NLL are then taken from them."""
     y, s = _arrays(y_true, y_score)
     return {
         "tpr_at_fpr_1": tpr_at_fpr(y, s, 0.01),
         "tpr_at_fpr_5": tpr_at_fpr(y, s, 0.05),
         "eer": equal_error_rate(y, s),
-        "brier": brier_score(y, s),
-        "nll": log_loss(y, s),
-        "balanced_acc": balanced_accuracy(y, s, threshold),
+        "brier": brier_score(y, s) if logits is None else brier_from_logits(y, logits),
+        "nll": log_loss(y, s) if logits is None else log_loss_from_logits(y, logits),
+        "balanced_acc": balanced_accuracy(y, s, threshold, flags),
     }
 
 
@@ -268,6 +313,7 @@ def bootstrap_ci(
     seed: int = 0,
     threshold: float = 0.5,
     confidence: float = 0.95,
+    flags: ArrayLike | None = None,
 ) -> dict[str, list[float] | None]:
     """Percentile bootstrap intervals of ACC, AP and AUC: {"acc_ci": [lo, hi], ...}.
 
@@ -275,20 +321,22 @@ def bootstrap_ci(
     both classes, so AP and AUC stay defined, and the class balance of the set as it is).
     Seeded: the same call gives the same intervals. None where the metric is undefined."""
     y, s = _arrays(y_true, y_score)
+    pred = _predicted(s, threshold, flags)
     if n_boot < 1:
         raise ValueError(f"the number of bootstrap resamples must be at least 1, got {n_boot}")
     rng = np.random.default_rng(seed)
     groups = [np.flatnonzero(y == c) for c in (0, 1)]
-    fns = {"acc": lambda yy, ss: accuracy(yy, ss, threshold), "ap": average_precision, "auc": roc_auc}
+    fns = {"acc": lambda yy, ss, pp: accuracy(yy, ss, flags=pp), "ap": lambda yy, ss, pp: average_precision(yy, ss),
+           "auc": lambda yy, ss, pp: roc_auc(yy, ss)}  # fmt: skip
     both = all(g.size for g in groups)
     vals: dict[str, list[float]] = {k: [] for k in BOOTSTRAP_KEYS}
     if y.size:
         for _ in range(n_boot):
             idx = np.concatenate([rng.choice(g, size=g.size, replace=True) for g in groups if g.size])
-            yy, ss = y[idx], s[idx]
+            yy, ss, pp = y[idx], s[idx], pred[idx]
             for k in BOOTSTRAP_KEYS:
                 if k == "acc" or both:
-                    vals[k].append(fns[k](yy, ss))
+                    vals[k].append(fns[k](yy, ss, pp))
     a = (1 - confidence) / 2
     return {
         f"{k}_ci": [float(q) for q in np.quantile(v, [a, 1 - a])] if v else None for k, v in vals.items()

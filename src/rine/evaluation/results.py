@@ -13,6 +13,7 @@ from typing import Any
 
 from ..config import RINEConfig
 from ..data.perturb import QUIRKS, transform_id
+from ..model.calibration import DecisionRule, expit
 from ..model.head import RINEHead
 from .metrics import (
     bootstrap_ci,
@@ -79,25 +80,35 @@ def metrics_of(
     bootstrap: int = 0,
     seed: int = 0,
     calibrated: bool = False,
+    rule: DecisionRule | None = None,
 ) -> dict[str, Any]:
     """{"sets": {name: metrics}, "mean": {...}} from prediction records (errors excluded).
 
-    `bootstrap` N > 0 adds seeded 95 % intervals `acc_ci`, `ap_ci`, `auc_ci` per set;
-    `calibrated` (prob_fake is a calibrated probability) adds `ece_uncalibrated`, the ECE of
-    sigmoid(logit), the head's own probability."""
+    Decisions are the records' own: `rule` (rine.model.calibration.DecisionRule; None: the
+    plain cut at `threshold`) applied to each record's head `logit`, and Brier and NLL come
+    from the (calibrated) logits in float64. Records without a logit fall back to
+    `prob_fake > threshold`. `bootstrap` N > 0 adds seeded 95 % intervals `acc_ci`, `ap_ci`,
+    `auc_ci` per set; `calibrated` (prob_fake is a calibrated probability) adds
+    `ece_uncalibrated`, the ECE of sigmoid(logit), the head's own probability."""
     import numpy as np
 
+    rule = DecisionRule(threshold=threshold) if rule is None else rule
+    threshold = rule.threshold
     per_set = {}
     for name, recs in records.items():
         ok = [r for r in recs if r["error"] is None]
         labels, probs = [r["label"] for r in ok], [r["prob_fake"] for r in ok]
-        m = compute_metrics(labels, probs, threshold)
-        m.update(deployment_metrics(labels, probs, threshold))
+        flags = logits = None
+        if all(r.get("logit") is not None for r in ok):
+            head_logits = np.asarray([r["logit"] for r in ok], dtype=np.float64)
+            flags, logits = rule.flags(head_logits), rule.calibrated_logits(head_logits)
+        m = compute_metrics(labels, probs, threshold, flags)
+        m.update(deployment_metrics(labels, probs, threshold, flags, logits))
         if calibrated and ok:
-            raw = 1.0 / (1.0 + np.exp(-np.asarray([r["logit"] for r in ok], dtype=np.float64)))
+            raw = expit(np.asarray([r["logit"] for r in ok], dtype=np.float64))
             m["ece_uncalibrated"] = expected_calibration_error(labels, raw)
         if bootstrap:
-            m.update(bootstrap_ci(labels, probs, bootstrap, seed, threshold))
+            m.update(bootstrap_ci(labels, probs, bootstrap, seed, threshold, flags=flags))
         m["n_errors"] = len(recs) - len(ok)
         # counts on disk, readable or not: what the layout found
         m["n_real_listed"] = sum(1 for r in recs if r["label"] == 0)

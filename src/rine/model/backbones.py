@@ -19,52 +19,14 @@ import math
 import os
 import re
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .registry import BACKBONES, BackboneSpec, list_backbones  # noqa: F401 - BackboneSpec: the registry's type, importable here as before
+
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class BackboneSpec:
-    """A named CLIP vision encoder: where its weights live and its shape."""
-
-    name: str
-    hub_id: str
-    revision: str
-    width: int
-    layers: int
-    patch_size: int
-    image_size: int
-
-
-# Revisions pin the weights a user downloads. The ViT-L/14 pin is the last commit of
-# openai/clip-vit-large-patch14 ("Adding `safetensors` variant of this model").
-# The others are pinned to "main" until their commit ids are checked on a networked machine.
-BACKBONES: dict[str, BackboneSpec] = {
-    spec.name: spec
-    for spec in [
-        BackboneSpec("ViT-B/32", "openai/clip-vit-base-patch32", "main", 768, 12, 32, 224),
-        BackboneSpec("ViT-B/16", "openai/clip-vit-base-patch16", "main", 768, 12, 16, 224),
-        BackboneSpec(
-            "ViT-L/14",
-            "openai/clip-vit-large-patch14",
-            "32bd64288804d66eefd0ccbe215aa642df71cc41",
-            1024,
-            24,
-            14,
-            224,
-        ),
-        BackboneSpec("ViT-L/14-336", "openai/clip-vit-large-patch14-336", "main", 1024, 24, 14, 336),
-    ]
-}
-
-
-def list_backbones() -> list[str]:
-    return sorted(BACKBONES)
 
 
 class TappedCLIPVision(nn.Module):
@@ -160,15 +122,37 @@ def load_backbone(
             )
         model = CLIPVisionModel.from_pretrained(path, attn_implementation=attn_implementation)
         return TappedCLIPVision(model, str(path))
+    from .pretrained import (
+        BackboneUnavailableError,
+        backbone_cached,
+        backbone_problem,
+        is_offline,
+        looks_like_path,
+        missing_message,
+    )
+
+    if looks_like_path(source):
+        raise FileNotFoundError(
+            f"backbone {source}: no such file or folder ({path.absolute()}); give a save_pretrained folder of a "
+            "CLIP model or an OpenAI-format CLIP file (.pt, .safetensors)"
+        )
     spec = BACKBONES.get(source)
     hub_id = spec.hub_id if spec else source
     rev = revision or (spec.revision if spec else None)
-    if not spec and not re.fullmatch(r"[\w.-]+/[\w.-]+", source):
+    if not spec and not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", source):
         raise FileNotFoundError(
             f"backbone {source!r} is not a file, a folder, a known name ({', '.join(list_backbones())}) "
             "or a Hugging Face hub id (owner/name)"
         )
-    model = CLIPVisionModel.from_pretrained(hub_id, revision=rev, attn_implementation=attn_implementation)
+    # Cached, or offline / Hub unreachable: decided here in a file stat or one short request,
+    # not by transformers' retries (30 s and a traceback).
+    problem = backbone_problem(hub_id, rev)
+    if problem is not None:
+        raise BackboneUnavailableError(missing_message(f"backbone {source!r}", [problem]), [problem])
+    local = is_offline() or backbone_cached(hub_id, rev)
+    model = CLIPVisionModel.from_pretrained(
+        hub_id, revision=rev, attn_implementation=attn_implementation, local_files_only=local
+    )
     return TappedCLIPVision(model, hub_id, rev)
 
 

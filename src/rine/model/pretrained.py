@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import tempfile
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -85,17 +87,23 @@ def register_pretrained(spec: PretrainedSpec) -> None:
     PRETRAINED[spec.name] = spec
 
 
-def backbone_is_cached(backbone: str) -> bool:
-    """Whether the Hugging Face cache already holds this registry backbone's config."""
+def backbone_cached(hub_id: str, revision: str | None) -> bool:
+    """Whether the Hugging Face cache holds a Hub backbone's config and weights at `revision`
+    (a file stat, no network)."""
     from huggingface_hub import try_to_load_from_cache
 
-    from .backbones import BACKBONES
+    def cached(filename: str) -> bool:
+        return isinstance(try_to_load_from_cache(hub_id, filename, revision=revision), str)
+
+    return cached("config.json") and (cached("model.safetensors") or cached("pytorch_model.bin"))
+
+
+def backbone_is_cached(backbone: str) -> bool:
+    """Whether the Hugging Face cache already holds this registry backbone."""
+    from .registry import BACKBONES
 
     spec = BACKBONES.get(backbone)
-    if spec is None:
-        return False
-    found = try_to_load_from_cache(spec.hub_id, "config.json", revision=spec.revision)
-    return isinstance(found, str)
+    return spec is not None and backbone_cached(spec.hub_id, spec.revision)
 
 
 def rine_home() -> Path:
@@ -111,8 +119,106 @@ def is_offline() -> bool:
     return any(os.environ.get(v, "").lower() in truthy for v in ("RINE_OFFLINE", "HF_HUB_OFFLINE"))
 
 
+@dataclass(frozen=True)
+class MissingPiece:
+    """One piece of weights that cannot be had now, why, and how to provide it."""
+
+    what: str  # "head model_4class_trainable.pth", "backbone openai/clip-vit-large-patch14 at revision ..."
+    reason: str
+    fix: str
+
+
 class WeightsUnavailableError(RuntimeError):
-    """Pretrained weights are neither cached nor downloadable; the message says what to do."""
+    """Pretrained weights are neither cached nor downloadable. The message lists every
+    missing piece (`missing`) with its own fix."""
+
+    def __init__(self, message: str, missing: Sequence[MissingPiece] = ()):
+        super().__init__(message)
+        self.missing = tuple(missing)
+
+
+class BackboneUnavailableError(WeightsUnavailableError, OSError):
+    """A backbone neither cached nor downloadable. An OSError too, as transformers' own error
+    was: callers that catch OSError around `load_backbone` (extract, train, batch) still do."""
+
+
+def missing_message(subject: str, missing: Sequence[MissingPiece]) -> str:
+    """"<subject> could not be loaded; missing:" and each piece with its reason and fix."""
+    lines = [f"{subject} could not be loaded; missing:"]
+    for piece in missing:
+        lines += [f"  - {piece.what}: {piece.reason}", f"    fix: {piece.fix}"]
+    return "\n".join(lines)
+
+
+# Files that are weights, never Hub repo ids: `--backbone ViT-L-14.pt` is a path.
+WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+
+
+def looks_like_path(source: str) -> bool:
+    """Whether a --backbone / --model value can only be meant as a local path: it starts
+    with /, ./, ../ or ~, has a backslash or more than one /, or ends like a weights file.
+    Such a value that does not exist is a missing file, never a Hub repo id to ask for."""
+    return (source.startswith(("/", "./", "../", "~", ".\\")) or source in (".", "..") or "\\" in source
+            or source.count("/") > 1 or source.lower().endswith(WEIGHT_SUFFIXES))  # fmt: skip
+
+
+def missing_path_piece(kind: str, source: str) -> MissingPiece:
+    """A --backbone (`kind`) path that does not exist."""
+    return MissingPiece(f"{kind} {source}", f"no such file or folder ({Path(source).expanduser().absolute()})",
+                        "check the path: a save_pretrained folder of a CLIP model, or an OpenAI-format CLIP file "
+                        "(.pt, .safetensors)")  # fmt: skip
+
+
+# One attempt, a few seconds: offline, the Hub's own retries took 30 s before failing.
+HUB_PROBE_TIMEOUT = 5.0
+
+
+def hub_endpoint() -> str:
+    """The Hub huggingface_hub downloads from (HF_ENDPOINT, read when it was imported)."""
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT.rstrip("/")
+
+
+def hub_unreachable(timeout: float = HUB_PROBE_TIMEOUT) -> str | None:
+    """None when the Hub endpoint answers at all (any HTTP status); else why not."""
+    url = hub_endpoint()
+    try:
+        request = urllib.request.Request(url, method="HEAD", headers={"User-Agent": "rine"})
+        urllib.request.urlopen(request, timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return None
+    except (urllib.error.URLError, OSError, TimeoutError, ValueError) as e:
+        return f"{url} unreachable ({getattr(e, 'reason', e)})"
+    return None
+
+
+def _hf_home() -> str:
+    return os.environ.get("HF_HOME") or str(Path("~/.cache/huggingface").expanduser())
+
+
+def backbone_fix(hub_id: str, revision: str | None) -> str:
+    at = f" --revision {revision}" if revision else ""
+    return (f"run once with the network (or `hf download {hub_id}{at}` on a connected machine and copy HF_HOME "
+            f"over), or pass --backbone /path/to/{hub_id.split('/')[-1]}: a save_pretrained folder of {hub_id} "
+            "or OpenAI's CLIP .pt file")  # fmt: skip
+
+
+def backbone_problem(hub_id: str, revision: str | None) -> MissingPiece | None:
+    """Why a Hub backbone cannot be loaded now, or None: it is cached, or (online) the Hub
+    answers and it will be downloaded. Never more than one short request."""
+    if backbone_cached(hub_id, revision):
+        return None
+    where = f"not in the Hugging Face cache (HF_HOME={_hf_home()})"
+    if is_offline():
+        reason = f"{where}, and offline mode is on (RINE_OFFLINE/HF_HUB_OFFLINE)"
+    else:
+        unreachable = hub_unreachable()
+        if unreachable is None:
+            return None
+        reason = f"{where}, and {unreachable}"
+    at = f" at revision {revision}" if revision else ""
+    return MissingPiece(f"backbone {hub_id}{at}", reason, backbone_fix(hub_id, revision))
 
 
 def _head_base_url() -> str:
@@ -161,73 +267,74 @@ def _download(url: str, dest: Path, expected_blob_sha1: str, timeout: float = 30
         tmp.unlink(missing_ok=True)
 
 
-def _missing_message(spec: PretrainedSpec, what: list[str], backbone_given: str | None = None) -> str:
-    """`backbone_given`: the user's own backbone (--backbone), which is then not missing."""
-    from .backbones import BACKBONES
+def _head_piece(spec: PretrainedSpec, reason: str, backbone_given: str | None) -> MissingPiece:
+    from .registry import BACKBONES
 
-    bb = BACKBONES[spec.backbone]
     home = rine_home()
-    if (backbone_given is None and not any(w.startswith("backbone") for w in what)
-            and not backbone_is_cached(spec.backbone)):  # fmt: skip
-        what = [*what, f"backbone {bb.hub_id} at revision {bb.revision} (not in the Hugging Face cache, HF_HOME)"]
-    lines = [f"pretrained model {spec.name!r} could not be loaded; missing:"]
-    lines += [f"  - {w}" for w in what]
-    head_source = f"{spec.head_file} from github.com/mever-team/rine/tree/main/ckpt"
-    if backbone_given is not None:
-        lines += [
-            "To use a local head file instead:",
-            f"  rine detect --backbone {backbone_given} --head /path/to/{spec.head_file} IMAGES...",
-            f"  (head: {head_source})",
-            f"or put the head at {home / 'heads' / spec.head_file} (RINE_HOME={home}), then run again;",
-            "RINE_HEAD_BASE_URL points at a mirror.",
-        ]
-        return "\n".join(lines)
-    lines += [
-        "To use local files instead:",
-        f"  rine detect --backbone /path/to/{bb.hub_id.split('/')[-1]} --head /path/to/{spec.head_file} IMAGES...",
-        f"  (backbone: a save_pretrained folder of {bb.hub_id} or OpenAI's ViT-L-14.pt;",
-        f"   head: {head_source})",
-        f"or put the head at {home / 'heads' / spec.head_file} (RINE_HOME={home}) and the backbone",
-        "in the Hugging Face cache (HF_HOME), then run again; RINE_HEAD_BASE_URL points at a mirror.",
-    ]
-    return "\n".join(lines)
+    with_backbone = backbone_given or f"/path/to/{BACKBONES[spec.backbone].hub_id.split('/')[-1]}"
+    return MissingPiece(
+        f"head {spec.head_file}", reason,
+        f"put {spec.head_file} (github.com/mever-team/rine/tree/main/ckpt) at {home / 'heads' / spec.head_file} "
+        f"(RINE_HOME={home}), or pass it: rine detect --backbone {with_backbone} --head /path/to/{spec.head_file} "
+        "IMAGES...; RINE_HEAD_BASE_URL points at a mirror",
+    )  # fmt: skip
 
 
-def resolve_pretrained(name: str, backbone_given: str | None = None) -> Path:
+def resolve_pretrained(name: str, backbone_given: str | None = None, *, check_backbone: bool = True) -> Path:
     """Return the local checkpoint folder of a named model, downloading the head if needed.
 
     The folder holds our format (config.json + model.safetensors). The backbone is not
     downloaded here: `load_backbone` fetches it through the Hugging Face cache, or from
     `backbone_given`, the caller's own, which a missing-weights message then leaves out.
+    WeightsUnavailableError names every piece that cannot be had (the head; a backbone
+    neither cached nor downloadable; a `backbone_given` path that does not exist), each
+    with its fix, before the backbone is loaded. `check_backbone=False`: the caller needs
+    the head only (no backbone is checked).
     """
     if name not in PRETRAINED:
         raise KeyError(f"unknown pretrained model {name!r}; known: {', '.join(list_pretrained())}")
+    from .registry import BACKBONES
+
     spec = PRETRAINED[name]
+    bb = BACKBONES[spec.backbone]
     folder = rine_home() / "models" / name
-    if (folder / CONFIG_NAME).is_file() and (folder / WEIGHTS_NAME).is_file():
-        return folder
     head_path = rine_home() / "heads" / spec.head_file
     url = f"{_head_base_url()}/{spec.head_file}"
-    if not head_path.is_file():
+    converted = (folder / CONFIG_NAME).is_file() and (folder / WEIGHTS_NAME).is_file()
+    missing: list[MissingPiece] = []
+    # Every piece is checked before anything is fetched, so one message names all of them.
+    if check_backbone and backbone_given is not None:
+        if looks_like_path(backbone_given) and not Path(backbone_given).expanduser().exists():
+            missing.append(missing_path_piece("backbone", backbone_given))
+    elif check_backbone:
+        # a backbone that is neither cached nor downloadable (offline, Hub unreachable): found
+        # now, in a file stat or one short request, not after the head and 30 s of retries
+        problem = backbone_problem(bb.hub_id, bb.revision)
+        if problem is not None:
+            missing.append(problem)
+    if not converted and not head_path.is_file():
         if is_offline():
-            raise WeightsUnavailableError(
-                _missing_message(spec, [f"head {spec.head_file} (offline mode: RINE_OFFLINE/HF_HUB_OFFLINE set; source {url})"],
-                                 backbone_given)
-            )
-        failures = []
-        for source in (url, f"{_sidbench_base_url()}/{spec.head_file}"):
-            logger.info("downloading %s", source)
-            try:
-                _download(source, head_path, spec.head_blob_sha1)
-                url = source
-                break
-            except (urllib.error.URLError, OSError, TimeoutError, WeightsUnavailableError) as e:
-                reason = getattr(e, "reason", e)
-                failures.append(f"head {spec.head_file}: download from {source} failed ({reason})")
-                logger.warning("%s", failures[-1])
+            missing.insert(0, _head_piece(spec, f"offline mode is on (RINE_OFFLINE/HF_HUB_OFFLINE); source {url}",
+                                          backbone_given))  # fmt: skip
         else:
-            raise WeightsUnavailableError(_missing_message(spec, failures, backbone_given))
-    from .backbones import BACKBONES
+            failures = []
+            for source in (url, f"{_sidbench_base_url()}/{spec.head_file}"):
+                logger.info("downloading %s", source)
+                try:
+                    _download(source, head_path, spec.head_blob_sha1)
+                    url = source
+                    break
+                except WeightsUnavailableError as e:  # a corrupt or oversized file: said as it is
+                    failures.append(f"{source}: {e}")
+                except (urllib.error.URLError, OSError, TimeoutError) as e:
+                    failures.append(f"download from {source} failed ({getattr(e, 'reason', e)})")
+            else:
+                # each failure once, in the list (not also as a log warning)
+                missing.insert(0, _head_piece(spec, "; ".join(failures), backbone_given))
+    if missing:
+        raise WeightsUnavailableError(missing_message(f"pretrained model {name!r}", missing), missing)
+    if converted:
+        return folder
     from .checkpoints import load_official_head, save_pretrained
 
     head = load_official_head(head_path, expected_blob_sha1=spec.head_blob_sha1)
@@ -256,12 +363,17 @@ def resolve_pretrained(name: str, backbone_given: str | None = None) -> Path:
 
 
 def backbone_missing_message(name: str, backbone: str, error: BaseException) -> str:
-    spec = PRETRAINED.get(name)
-    what = [f"backbone {backbone}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"]
-    if spec is None:
-        return "\n".join([f"backbone {backbone!r} could not be loaded:", *what,
-                          "Pass --backbone with a local save_pretrained folder or an OpenAI-format CLIP file."])
-    return _missing_message(spec, what)
+    """The message of a backbone that failed to load (`error`) for model `name`."""
+    if isinstance(error, WeightsUnavailableError):
+        return str(error)
+    reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+    from .registry import BACKBONES
+
+    spec = BACKBONES.get(backbone)
+    hub_id = spec.hub_id if spec else backbone
+    fix = backbone_fix(hub_id, spec.revision if spec else None) if spec or "/" in backbone else (
+        "pass --backbone with a local save_pretrained folder or an OpenAI-format CLIP file")  # fmt: skip
+    return missing_message(f"model {name!r}", [MissingPiece(f"backbone {backbone}", reason, fix)])
 
 
 def resolve_hub_model(repo_id: str, revision: str | None = None) -> Path:
@@ -291,10 +403,8 @@ def resolve_hub_model(repo_id: str, revision: str | None = None) -> Path:
 
 
 def is_hub_model_id(name: str) -> bool:
-    """`owner/name` that is neither a folder here nor a named model."""
-    import re
-
-    return (name not in PRETRAINED and not Path(name).expanduser().exists()
+    """`owner/name` that is neither a folder here, a path (`looks_like_path`) nor a named model."""
+    return (name not in PRETRAINED and not Path(name).expanduser().exists() and not looks_like_path(name)
             and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*", name) is not None
             and ".." not in name)  # fmt: skip
 
