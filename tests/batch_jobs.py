@@ -9,7 +9,7 @@ import signal
 import time
 from pathlib import Path
 
-from rine.cluster.batch import BatchConfig
+from rine.cluster.job import BatchConfig
 from rine.cluster.tasks import Scorer, resolve
 
 default_decode = resolve(BatchConfig.decode_fn)  # what rine batch decodes with unless told

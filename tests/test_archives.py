@@ -65,8 +65,8 @@ def archive(tmp_path) -> Path:
 def test_every_folder_scan_takes_the_same_files(archive):
     """One rule: `rine detect DIR` (expand_inputs), the benchmark layouts and the training
     layouts all leave hidden files and folders out."""
-    from rine.cli.common import expand_inputs
     from rine.data.datasets import _images
+    from rine.data.scan import expand_inputs
 
     expected = [str(archive / "a.png"), str(archive / "sub" / "b.jpg")]
     assert list(walk_images(archive)) == expected

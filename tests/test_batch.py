@@ -111,7 +111,7 @@ def ray_cluster(s3_endpoint):
 
 
 def _cfg(inputs, out, model, **kw):
-    from rine.cluster.batch import BatchConfig
+    from rine.cluster.job import BatchConfig
 
     kw.setdefault("shard_size", 4)
     kw.setdefault("batch_size", 3)
@@ -192,7 +192,7 @@ def test_decoding_processes_import_no_torch():
     """Each decoding slot runs a fork server and a worker: with torch imported they hold ~100 MB
     more each (the steady-state memory of a job). The broken variant: a torch import at module
     level in the decode path (rine.data.preprocess once had one)."""
-    code = ("import sys\nfrom rine.cluster.batch import BatchConfig\nfrom rine.cluster.tasks import DecodeSpec, resolve\n"
+    code = ("import sys\nfrom rine.cluster.job import BatchConfig\nfrom rine.cluster.tasks import DecodeSpec, resolve\n"
             "import importlib\n[importlib.import_module(m) for m in DecodeSpec('score').preload if m != '__main__']\n"
             "resolve(BatchConfig.decode_fn); import rine.data.augment, rine.data.decoding\n"
             "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")  # fmt: skip
@@ -203,7 +203,8 @@ def test_decoding_processes_import_no_torch():
 
 def test_the_object_store_buffer_is_bounded_by_the_pipeline_not_the_input_list():
     pytest.importorskip("pyarrow")
-    from rine.cluster.batch import MIN_BUFFER_BYTES, BatchConfig, buffer_bytes, plan_resources
+    from rine.cluster.job import BatchConfig
+    from rine.cluster.plan import MIN_BUFFER_BYTES, buffer_bytes, plan_resources
     from rine.cluster.tasks import DecodeSpec
     from rine.config import PreprocessConfig
 
@@ -260,7 +261,8 @@ def test_ray_client_addresses_are_refused_with_the_way_that_works(tmp_path, caps
 
 def test_a_plan_the_cluster_cannot_run_is_refused_not_left_waiting():
     pytest.importorskip("pyarrow")
-    from rine.cluster.batch import BatchConfig, BatchError, check_fits, plan_resources
+    from rine.cluster.job import BatchConfig, BatchError
+    from rine.cluster.plan import check_fits, plan_resources
 
     gpu = plan_resources(BatchConfig(inputs=[], out="", device="cuda", num_gpus=2), 1, 16)
     assert (gpu.actors, gpu.actor_gpus, gpu.actor_cpus) == (2, 1, 1)
@@ -279,7 +281,8 @@ def test_a_plan_the_cluster_cannot_run_is_refused_not_left_waiting():
 def test_decoding_and_scoring_are_separate_operators(ray_cluster):
     import pyarrow as pa
 
-    from rine.cluster.batch import BatchConfig, build_dataset, optimized_plan, plan_resources
+    from rine.cluster.job import BatchConfig
+    from rine.cluster.plan import build_dataset, optimized_plan, plan_resources
     from rine.cluster.tasks import DecodeSpec, Scorer
 
     table = pa.table({"item": [0, 1]})
@@ -301,7 +304,8 @@ def test_records_equal_rine_detect_with_ten_crop_and_files_that_kill_or_hang_the
     read through pyarrow by the decoding tasks."""
     import torch
 
-    from rine.cluster.batch import MANIFEST_NAME, run_batch
+    from rine.cluster.batch import run_batch
+    from rine.cluster.job import MANIFEST_NAME
     from rine.data.decoding import DecoderCrashed, DecoderTimedOut
     from rine.inference.detector import Detector
 
@@ -367,9 +371,28 @@ def test_records_equal_rine_detect_with_ten_crop_and_files_that_kill_or_hang_the
     assert job["model_config"]["preprocess"]["crop"] == "ten" and job["status"] == "complete"
 
 
+def test_an_official_pth_head_with_backbone_scores_as_rine_detect(ray_cluster, tmp_path, tiny_openai_file,
+                                                                   sensitive_checkpoint_dir, capsys):  # fmt: skip
+    """`rine batch --backbone B --head official.pth` (once "missing ... argument: 'head'") = `rine detect`."""
+    from rine.cli import main
+
+    from test_loading import official_pth
+
+    pth = official_pth(tmp_path, sensitive_checkpoint_dir)
+    imgs, model = _images(tmp_path / "imgs", 5), ["--backbone", str(tiny_openai_file), "--head", str(pth), "--precision", "fp32"]
+    assert main(["batch", str(tmp_path / "imgs"), "--out", str(tmp_path / "out"), *model, "--shard-size", "4",
+                 "--batch-size", "2", "--no-progress"]) == 0, capsys.readouterr().err  # fmt: skip
+    assert main(["detect", *map(str, imgs), *model, "--format", "jsonl", "--output", str(tmp_path / "d.jsonl")]) == 0
+    detect = {r["path"]: r for r in map(json.loads, (tmp_path / "d.jsonl").read_text().splitlines())}
+    assert len(rows := _records(tmp_path / "out")) == len(imgs) == len(detect) and np.ptp([r["logit"] for r in rows]) > 0.1  # a head that tells them apart
+    assert [(r["error"], r["is_fake"], abs(r["logit"] - detect[r["path"]]["logit"]) < 1e-5) for r in rows] == \
+        [(None, detect[r["path"]]["is_fake"], True) for r in rows]  # fp32 noise of other batch sizes: 2e-6 seen
+
+
 def test_a_killed_actor_is_survived_and_a_finished_job_is_not_redone(ray_cluster, tiny_checkpoint_dir, tmp_path, capsys):
     from rine.cli import main
-    from rine.cluster.batch import BatchError, run_batch
+    from rine.cluster.batch import run_batch
+    from rine.cluster.job import BatchError
 
     marker = Path(os.environ["RINE_TEST_KILL_DIR"]) / "actor-killed"
     imgs = _images(tmp_path / "imgs", 12)
@@ -399,7 +422,8 @@ def test_a_killed_actor_is_survived_and_a_finished_job_is_not_redone(ray_cluster
 
 KILL_SCRIPT = """
 import sys
-from rine.cluster.batch import BatchConfig, run_batch
+from rine.cluster.batch import run_batch
+from rine.cluster.job import BatchConfig
 r = run_batch(BatchConfig(inputs=[sys.argv[1]], out=sys.argv[2], model=sys.argv[3], precision="fp32", shard_size=2,
               batch_size=2, decode_batch=2, progress=False, stall_timeout=60, temp_dir=sys.argv[4],
               scorer="batch_jobs:SlowScorer"))

@@ -17,7 +17,7 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src" / "rine"
 
 LAYERS = {  # top-level folder or module under rine -> its rank
-    "_moved": 0, "config": 0,
+    "_moved": 0, "config": 0, "errors": 0,
     "model": 1, "data": 1, "provenance": 1,
     "inference": 2, "training": 2, "evaluation": 2,
     "cli": 3, "server": 3, "cluster": 3, "export": 3, "__main__": 3,
@@ -85,7 +85,7 @@ def test_the_graph_sees_imports():
     """The walker itself: it must find relative, absolute and function-level imports."""
     graph = import_graph()
     assert "rine.model.head" in graph["rine.model.rine_model"]
-    assert "rine.inference.detector" in graph["rine.cli.common"]  # imported inside a function
+    assert "rine.inference.onnx_backend" in graph["rine.cli.common"]  # imported inside a function
     assert "rine.training.features" in graph["rine.evaluation.scoring"]  # inside a function
     assert "rine.evaluation.results" not in graph["rine.evaluation.plots"]  # TYPE_CHECKING only
 
@@ -98,6 +98,25 @@ def test_imports_flow_downwards():
         if m != "rine" and layer(t) > layer(m)
     ]
     assert not upward, "imports against the layers:\n" + "\n".join(sorted(upward))
+
+
+def test_library_code_never_imports_the_cli():
+    """Only rine.cli (and the `python -m rine` entry) import rine.cli: the server, the
+    cluster and export are interfaces of the same rank, but they load and report through the
+    library (`rine.inference.loading`, `rine.errors`), never through the CLI's argparse
+    helpers."""
+    entry = {"rine", "rine.__main__"}
+    into_cli = [
+        f"{m} imports {t}"
+        for m, targets in import_graph().items()
+        for t in targets
+        if m not in entry and not _in_cli(m) and _in_cli(t)
+    ]
+    assert not into_cli, "library code importing the CLI:\n" + "\n".join(sorted(into_cli))
+
+
+def _in_cli(module: str) -> bool:
+    return module == "rine.cli" or module.startswith("rine.cli.")
 
 
 def test_no_import_cycles():
@@ -139,6 +158,23 @@ def test_a_cycle_and_an_upward_import_would_be_caught(tmp_path, monkeypatch):
         test_no_import_cycles()
     with pytest.raises(AssertionError, match="model.a imports rine.cli.x"):
         test_imports_flow_downwards()
+
+
+def test_a_library_module_importing_the_cli_would_be_caught(tmp_path, monkeypatch):
+    """Negative control: cluster/job.py importing rine.cli.common inside a function (same rank,
+    so the layer rule lets it pass) is flagged; cli importing cluster is not."""
+    pkg = tmp_path / "rine"
+    for folder in ("cluster", "cli"):
+        (pkg / folder).mkdir(parents=True)
+        (pkg / folder / "__init__.py").write_text("")
+    (pkg / "__init__.py").write_text("")
+    (pkg / "cli" / "common.py").write_text("from ..cluster import job\n")
+    (pkg / "cluster" / "job.py").write_text("def f():\n    from ..cli.common import error_message\n")
+    monkeypatch.setattr(__import__(__name__), "SRC", pkg)
+    test_imports_flow_downwards()  # the layers alone let it through
+    with pytest.raises(AssertionError, match="rine.cluster.job imports rine.cli.common") as caught:
+        test_library_code_never_imports_the_cli()
+    assert "rine.cli.common imports" not in str(caught.value)
 
 
 def test_old_module_paths_still_import():

@@ -18,6 +18,7 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 CROP_MODES = ("center", "resize", "ten")
+VIEWS_PER_CROP = {"center": 1, "resize": 1, "ten": 10}  # the views [V, S, S, 3] one image is cut into
 # Numeric modes of the encoder (rine.accel): "fp32" is exact, "auto" the fastest within tolerance.
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 CONFIG_NAME = "config.json"
@@ -53,6 +54,11 @@ class HeadConfig:
         if self.nproj < 1 or self.proj_dim < 1 or self.n_blocks < 1 or self.in_dim < 1:
             raise ValueError(f"invalid head shape: {self}")
 
+    def takes(self, n_blocks: int) -> bool:
+        """Whether taps of a backbone with `n_blocks` blocks fit this head: "all" needs as
+        many as it was trained on, "last" takes the last of any number."""
+        return self.blocks == "last" or self.n_blocks == n_blocks
+
 
 @dataclass
 class PreprocessConfig:
@@ -74,6 +80,11 @@ class PreprocessConfig:
             raise ValueError(f"crop must be one of {CROP_MODES}, got {self.crop!r}")
         self.mean = tuple(float(v) for v in self.mean)  # type: ignore[assignment]
         self.std = tuple(float(v) for v in self.std)  # type: ignore[assignment]
+
+    @property
+    def n_views(self) -> int:
+        """The views each image is cut into: 10 for ten-crop, else 1."""
+        return VIEWS_PER_CROP[self.crop]
 
 
 @dataclass

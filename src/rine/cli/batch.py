@@ -26,11 +26,13 @@ import argparse
 import sys
 
 from ..data.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+from ..errors import OptionError
 from .common import (
     CLIError,
     add_model_options,
     byte_size,
     check_output_dir,
+    cli_error,
     fail,
     pixel_count,
     positive_int,
@@ -89,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
 
     if not ray_available():
         return fail(INSTALL_HINT)
-    from ..cluster.batch import BatchConfig, BatchError, run_batch
+    from ..cluster.batch import run_batch
+    from ..cluster.job import BatchConfig, BatchError
 
     try:
         out = check_output_dir(args.out)
@@ -114,6 +117,8 @@ def run(args: argparse.Namespace) -> int:
     )  # fmt: skip
     try:
         result = run_batch(cfg)
+    except OptionError as e:  # settings that do not fit, named by the library's parameters: the flags here
+        return fail(str(cli_error(e)))
     except BatchError as e:
         return fail(str(e))
     except KeyboardInterrupt:

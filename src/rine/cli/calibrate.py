@@ -192,13 +192,12 @@ def _model_for_predictions(args):
 def _score(args, sets, root):
     """(head, config, {set: [record]}) scoring `sets` with the model options."""
     from ..evaluation.engine import evaluate
-    from .common import load_detector
+    from .common import decode_options, load_detector
 
     detector = load_detector(args, keep_reference=False)
     result = evaluate(
-        detector, sets, root=root, batch_size=args.batch_size, num_workers=args.workers,
+        detector, sets, root=root, batch_size=args.batch_size, decode=decode_options(args, detector),
         progress=not args.no_progress and sys.stderr.isatty(), cache_dir=args.features_cache,
-        decoder=args.decoder, decode_timeout=args.decode_timeout or None,
     )  # fmt: skip
     return detector.model.head, detector.config, result.runs[0].records
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import decimal
-import glob
 import logging
 import math
 import os
@@ -15,7 +14,9 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..data.scan import Skipped, walk_images
+from ..data.scan import Skipped
+from ..errors import OptionError, message_of
+from ..inference.loading import BACKENDS, ModelOptions
 
 
 class CLIError(Exception):
@@ -135,22 +136,26 @@ def check_output_file(path: str | Path, option: str = "--output") -> Path:
     return out
 
 
+def flag(name: str) -> str:
+    """A library parameter's CLI flag: model_revision -> --model-revision."""
+    return "--" + name.replace("_", "-")
+
+
+def cli_error(error: BaseException) -> CLIError:
+    """A library error as the CLI says it: parameters named by their flags."""
+    if isinstance(error, OptionError):
+        return CLIError(error.render(flag))
+    return CLIError(message_of(error))
+
+
 def check_device(device: str) -> None:
     """CLIError for a --device torch cannot use here, named with the fix (before loading)."""
-    import torch
+    from ..inference import loading
 
     try:
-        dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                           "cpu" if device == "auto" else device)  # fmt: skip
-    except RuntimeError:
-        raise CLIError(f"--device {device}: not a device; use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise CLIError(f"--device {device}: torch sees no CUDA GPU here (torch {torch.__version__}); use --device cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise CLIError(f"--device {device}: there are {torch.cuda.device_count()} CUDA GPU(s), numbered from 0")
-    elif dev.type not in ("cpu", "mps", "xpu"):
-        raise CLIError(f"--device {device}: rine runs on cpu or cuda")
+        loading.check_device(device)
+    except OptionError as e:
+        raise cli_error(e) from None
 
 
 def add_model_options(
@@ -225,9 +230,6 @@ def add_model_options(
     )
 
 
-BACKENDS = ("auto", "torch", "onnxruntime")
-
-
 def add_backend_options(group: argparse._ArgumentGroup) -> None:
     """--backend and --providers: who runs the encoder + head (docs/deployment.md)."""
     group.add_argument(
@@ -248,47 +250,30 @@ def add_backend_options(group: argparse._ArgumentGroup) -> None:
     )
 
 
+def model_options(args: argparse.Namespace) -> ModelOptions:
+    """The model flags of `args` as the loader's options (the first of a repeated --model/--head)."""
+
+    def first(value):
+        return value[0] if isinstance(value, list) else value
+
+    return ModelOptions(
+        model=first(args.model) or None, backbone=args.backbone, head=first(args.head) or None,
+        revision=args.revision, model_revision=getattr(args, "model_revision", None), crop=args.crop,
+        # commands without --backend run torch (an export folder is no model for them)
+        backend=getattr(args, "backend", "torch") or "torch", providers=getattr(args, "providers", None),
+        device=args.device, precision=args.precision, compile=getattr(args, "compile", False),
+        threads=getattr(args, "threads", None),
+    )  # fmt: skip
+
+
 def resolve_backend(args: argparse.Namespace) -> str:
     """"torch" or "onnxruntime" for the model options in `args` (CLIError when they do not fit)."""
-    from ..inference.onnx_backend import is_onnx_export
+    from ..inference import loading
 
-    backend = getattr(args, "backend", "torch") or "torch"
-    model = args.model[0] if isinstance(args.model, list) and args.model else args.model
-    export = bool(model) and not args.head and is_onnx_export(model)
-    if backend == "auto":
-        backend = "onnxruntime" if export else "torch"
-    if backend == "onnxruntime" and not export:
-        given = f"--model {model} is not an export folder" if model else "no --model export folder was given"
-        raise CLIError(f"--backend onnxruntime: {given}; make one with `rine export --format onnx "
-                       "--model NAME --out DIR` and pass --model DIR")  # fmt: skip
-    if backend == "torch" and getattr(args, "providers", None):
-        raise CLIError("--providers is for --backend onnxruntime")
-    return backend
-
-
-def load_onnx(args: argparse.Namespace, threads: int | None = None):
-    """A Detector on ONNX Runtime from `--model DIR` (an export folder), or CLIError."""
-    from ..inference.onnx_backend import OnnxBackendError, OnnxManifest, load_onnx_detector
-    from ..model.checkpoints import CheckpointError
-
-    model = args.model[0] if isinstance(args.model, list) else args.model
-    if args.backbone:
-        raise CLIError("--backbone does not apply to an ONNX export: the encoder is inside model.onnx")
-    if getattr(args, "compile", False):
-        raise CLIError("--compile is for the torch backend (ONNX Runtime optimises the graph itself)")
     try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        raise CLIError("--backend onnxruntime needs the onnx extra: pip install 'rine[onnx]'") from None
-    try:
-        precision = OnnxManifest.load(model).precision
-        if args.precision not in ("auto", precision):
-            raise CLIError(f"--precision {args.precision}: this export is {precision} (fixed at export: "
-                           "`rine export --fp16` makes an fp16 one); leave --precision out")  # fmt: skip
-        return load_onnx_detector(model, providers=args.providers, device=None if args.device == "auto" else args.device,
-                                  crop=args.crop, threads=threads)  # fmt: skip
-    except (OnnxBackendError, CheckpointError, ValueError) as e:
-        raise CLIError(error_message(e)) from None
+        return loading.resolve_backend(model_options(args))
+    except OptionError as e:
+        raise cli_error(e) from None
 
 
 def add_decoding_options(group: argparse._ArgumentGroup) -> None:
@@ -303,6 +288,15 @@ def add_decoding_options(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--decode-timeout", type=float, default=DEFAULT_DECODE_TIMEOUT, metavar="SECONDS",
                        help="with --decoder processes: skip an image still decoding after this long, stopping "
                             f"its worker (default {DEFAULT_DECODE_TIMEOUT:g}; 0: no limit)")  # fmt: skip
+
+
+def decode_options(args: argparse.Namespace, detector=None):
+    """--workers, --decoder and --decode-timeout (0: no limit) as `DecodeOptions`, with the
+    detector's image limits (--max-pixels / --max-bytes where the command has them)."""
+    from ..data.decoding import DecodeOptions
+
+    limits = {k: getattr(detector, k, None) for k in ("max_pixels", "max_bytes")} if detector is not None else {}
+    return DecodeOptions(workers=args.workers, decoder=args.decoder, timeout=args.decode_timeout or None, **limits)
 
 
 def probability(text: str) -> float:
@@ -338,86 +332,25 @@ def apply_decision_options(detector, args: argparse.Namespace):
 
 
 def load_detector(args: argparse.Namespace, keep_reference: bool = True):
-    """Build a Detector from the model options, turning known failures into CLIError."""
-    from ..inference.detector import Detector
+    """Build a Detector from the model flags (`rine.inference.loading`), turning known
+    failures into CLIError."""
+    from ..inference import loading
+    from ..inference.onnx_backend import OnnxBackendError
     from ..model.checkpoints import CheckpointError
-    from ..model.pretrained import DEFAULT_MODEL, WeightsUnavailableError
+    from ..model.pretrained import WeightsUnavailableError
 
-    if resolve_backend(args) == "onnxruntime":
-        return load_onnx(args, threads=getattr(args, "threads", None))
-    kwargs = dict(device=args.device, precision=args.precision, keep_reference=keep_reference,
-                  compile=getattr(args, "compile", False))  # fmt: skip
-    check_device(args.device)
-    if getattr(args, "no_progress", False) or not sys.stderr.isatty():
-        _quiet_loading_bars()
+    quiet = getattr(args, "no_progress", False) or not sys.stderr.isatty()
     try:
-        if args.head:
-            if args.model:
-                raise CLIError("give either --model or --backbone/--head, not both")
-            if not args.backbone:
-                raise CLIError("--head needs --backbone (the CLIP encoder the head was trained on)")
-            return Detector.from_files(args.backbone, args.head, revision=args.revision, crop=args.crop, **kwargs)
-        return Detector.from_pretrained(args.model or DEFAULT_MODEL, backbone=args.backbone, crop=args.crop,
-                                        revision=getattr(args, "model_revision", None), **kwargs)  # fmt: skip
+        return loading.load_detector(model_options(args), keep_reference=keep_reference, progress=not quiet)
     except WeightsUnavailableError as e:
         raise CLIError(str(e)) from None
-    except (CheckpointError, FileNotFoundError, KeyError, ValueError) as e:
-        raise CLIError(error_message(e)) from None
-
-
-def _quiet_loading_bars() -> None:
-    """No weight-loading or download bars from transformers / huggingface_hub (--no-progress, logs)."""
-    import huggingface_hub.utils
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()
-    huggingface_hub.utils.disable_progress_bars()
+    except (OptionError, OnnxBackendError, CheckpointError, FileNotFoundError, KeyError, ValueError) as e:
+        raise cli_error(e) from None
 
 
 def error_message(error: BaseException) -> str:
     """The text of an exception; a KeyError's message without the quotes str() adds."""
-    if isinstance(error, KeyError) and len(error.args) == 1 and isinstance(error.args[0], str):
-        return error.args[0]
-    return str(error)
-
-
-def expand_inputs(
-    inputs: list[str], unreadable: list[tuple[str, str]], skipped: Skipped | None = None
-) -> Iterator[str]:
-    """Files as given; folders walked recursively for image files (sorted; hidden files and
-    folders left out, by the rule of `rine.data.scan`); globs expanded. A path that does
-    not exist is yielded as is, so that it is reported as an error. Folders that cannot be
-    listed, paths that cannot be examined (no permission) and globs that match nothing are
-    appended to `unreadable` as (path, reason); the files a folder scan passes over go to
-    `skipped`."""
-
-    def problem(path: str, error: OSError) -> None:
-        kind = "folder" if os.path.isdir(path) else "path"
-        unreadable.append((path, f"cannot read {kind}: {error.strerror or error}"))
-
-    for item in inputs:
-        path = Path(item).expanduser()
-        try:
-            is_dir, exists = path.is_dir(), path.exists()
-        except OSError as e:  # a path inside a folder without permission
-            problem(item, e)
-            continue
-        if is_dir:
-            yield from walk_images(path, onerror=lambda e, top=str(path): problem(e.filename or top, e),
-                                   skipped=skipped)  # fmt: skip
-        elif exists:
-            yield str(path)
-        elif glob.has_magic(item):
-            matches = sorted(glob.glob(os.path.expanduser(item), recursive=True))
-            if not matches:
-                unreadable.append((item, "no file matches this pattern"))
-            for m in matches:
-                if os.path.isdir(m):
-                    yield from expand_inputs([m], unreadable, skipped)
-                else:
-                    yield m
-        else:
-            yield item
+    return message_of(error)
 
 
 def shown(path: str) -> str:

@@ -18,14 +18,12 @@ import csv
 import io
 import json
 import logging
-import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
 from ..data.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
-from ..data.scan import Skipped
+from ..data.scan import Skipped, expand_inputs
 from .common import (
     CLIError,
     add_decision_options,
@@ -35,7 +33,7 @@ from .common import (
     byte_size,
     check_device,
     check_output_file,
-    expand_inputs,
+    decode_options,
     fail,
     load_detector,
     pixel_count,
@@ -46,13 +44,20 @@ from .common import (
     shown,
     sigterm_as_interrupt,
 )
+from .resume import (
+    CSV_FIELDS,
+    CSV_FIELDS_DECIDED,
+    check_columns,
+    drop_unfinished,
+    first_seen,
+    place_of,
+    plan_resume,
+    sniff_format,
+)
 
 logger = logging.getLogger(__name__)
 
 FORMATS = ("table", "json", "jsonl", "csv")
-CSV_FIELDS = ("path", "prob_fake", "logit", "is_fake", "error")
-# a calibrated model (or --threshold / --uncertain-band) adds the cut and the verdict
-CSV_FIELDS_DECIDED = (*CSV_FIELDS, "threshold", "verdict")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -151,110 +156,6 @@ def _table(rows: list[dict]) -> str:
     return out.getvalue()
 
 
-def _is_cut_record(tail: bytes, fmt: str, first_line: bool) -> bool:
-    """Whether `tail` (the bytes after the last line end) can be the start of a record that
-    rine detect was writing when it was killed -- and nothing else, such as a line that
-    someone appended by hand, which must not be deleted."""
-    if fmt == "jsonl":
-        return tail.startswith(b'{"path": ') or b'{"path": '.startswith(tail)
-    if first_line:  # a header, cut
-        return any((",".join(f) + "\r\n").encode().startswith(tail) for f in (CSV_FIELDS, CSV_FIELDS_DECIDED))
-    for cut in range(4):  # the last UTF-8 character may itself be cut
-        try:
-            text = tail[: len(tail) - cut].decode("utf-8")
-            break
-        except UnicodeDecodeError:
-            continue
-    else:
-        return False
-    in_quotes = False
-    for ch in text:  # the csv module writes line ends only inside quoted fields, or as \r\n
-        if ch == '"':
-            in_quotes = not in_quotes
-        elif ch in "\r\n" and not in_quotes:
-            return False
-    fields = next(csv.reader(io.StringIO(text, newline="")), [])
-    return len(fields) <= len(CSV_FIELDS_DECIDED)
-
-
-@dataclass
-class _Earlier:
-    """What an earlier run left in its --output file."""
-
-    done: dict[str, bool]  # path -> whether its record is an error
-    columns: tuple[str, ...] | None  # a csv file's header (None: jsonl, or no whole line yet)
-    complete: int  # bytes of whole records; what follows is an unfinished last record
-
-
-def read_earlier(output: Path, fmt: str) -> _Earlier:
-    """The records of `output`, the jsonl or csv file of an earlier run, without touching
-    it; raises CLIError if `output` is not such a file. A last record without its line end
-    (the run was killed while writing it) is not counted: `drop_unfinished` cuts it off."""
-    if not output.exists():
-        return _Earlier({}, None, 0)
-    if not output.is_file():
-        raise CLIError(f"--output {output} is not a file")
-    data = output.read_bytes()
-    end = b"\r\n" if fmt == "csv" else b"\n"  # the csv module ends rows with \r\n
-    complete = data.rfind(end) + len(end) if end in data else 0
-    redo = "; or drop --resume to start over (the file is then overwritten)"
-    tail = data[complete:]
-    if tail and not _is_cut_record(tail, fmt, first_line=complete == 0):
-        raise CLIError(f"--resume: the last line of {output} is not a rine detect record: fix or remove it{redo}")
-    try:
-        text = data[:complete].decode("utf-8", "surrogateescape" if fmt == "csv" else "strict")
-    except UnicodeDecodeError:
-        raise CLIError(f"--resume: {output} is not a text file written by rine detect{redo}") from None
-    done: dict[str, bool] = {}
-    columns = None
-    if fmt == "jsonl":
-        for n, line in enumerate(text.split("\n")[:-1], 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                done[str(record["path"])] = bool(record.get("error"))
-            except (ValueError, KeyError, TypeError, AttributeError):
-                raise CLIError(f"--resume: {output}, line {n}, is not a rine detect record: fix or remove it{redo}") from None
-    else:
-        rows = csv.reader(io.StringIO(text, newline=""), strict=True)
-        try:
-            header = next(rows, None)
-            if header is not None and tuple(header) not in (CSV_FIELDS, CSV_FIELDS_DECIDED):
-                raise CLIError(f"--resume: {output} has the header {header}, not rine detect's {list(CSV_FIELDS)}{redo}")
-            columns = None if header is None else tuple(header)
-            for row in rows:
-                if len(row) != len(header or CSV_FIELDS):
-                    raise CLIError(f"--resume: {output}, line {rows.line_num}, is not a rine detect record: "
-                                   f"fix or remove it{redo}")  # fmt: skip
-                done[row[0]] = bool(row[CSV_FIELDS.index("error")])
-        except csv.Error as e:
-            raise CLIError(f"--resume: {output} cannot be read as csv ({e}){redo}") from None
-    return _Earlier(done, columns, complete)
-
-
-def drop_unfinished(output: Path, earlier: _Earlier) -> None:
-    """Cut off the unfinished last record `read_earlier` found (it is scored again)."""
-    if output.exists() and output.stat().st_size > earlier.complete:
-        with output.open("r+b") as f:
-            f.truncate(earlier.complete)
-        print(f"rine: {output}: removed an unfinished last record (it is scored again)", file=sys.stderr)
-
-
-def check_columns(output: Path, earlier: _Earlier, fields: tuple[str, ...]) -> None:
-    """CLIError unless the csv header of `output` is `fields`, the columns this run writes:
-    rows of another width appended under it would make a corrupt file."""
-    if earlier.columns is None or earlier.columns == fields:
-        return
-    raise CLIError(
-        f"--resume: {output} has the columns {','.join(earlier.columns)}, but this run writes "
-        f"{','.join(fields)} (threshold and verdict come with a calibrated model, --threshold or "
-        "--uncertain-band); appending would mix rows of two widths. The file is left as it was: "
-        "write this run to a new file (another -o), rerun without --resume to score every input "
-        "again (the file is then overwritten), or resume with the model and options of the first run"
-    )
-
-
 def format_for(output: str | None) -> str:
     """The format when --format is not given: from the --output file's name, else a table
     on a terminal and jsonl otherwise."""
@@ -268,91 +169,12 @@ def _limit_hint(n_pixels: int, n_bytes: int) -> str:
     return "; " + ", ".join(hints) if hints else ""
 
 
-def _place(path: str) -> str:
-    """Where a path points, symlinks aside: `./dir/a.png`, `dir/a.png` and `/abs/dir/a.png`
-    are one place (a symlink `z.png -> a.png` is another input, with its own record)."""
-    return os.path.normcase(os.path.abspath(path))
-
-
-def _sniff_format(output: Path) -> str | None:
-    """jsonl or csv, from what an earlier run wrote at the start of `output` (None: unknown)."""
-    try:
-        with output.open("rb") as f:
-            start = f.read(64)
-    except OSError:
-        return None
-    if start.startswith(b"{"):
-        return "jsonl"
-    if start.startswith(",".join(CSV_FIELDS).encode()):
-        return "csv"
-    return None
-
-
-def _first_seen(paths) -> tuple[list[str], int]:
-    """Each place once, in first-seen order (the identity `--resume` uses: `_place`), and
-    how many later duplicates were dropped (a folder and a file in it, `a.png` and `./a.png`)."""
-    seen: set[str] = set()
-    out: list[str] = []
-    dropped = 0
-    for path in paths:
-        place = _place(path)
-        if place in seen:
-            dropped += 1
-        else:
-            seen.add(place)
-            out.append(path)
-    return out, dropped
-
-
 def _report_scan(skipped: Skipped, n_duplicates: int) -> None:
     """What the expansion of the inputs left out, on stderr; -v lists the skipped files."""
     report_skipped(skipped, logger)
     if n_duplicates:
         print(f"rine: {plural(n_duplicates, 'duplicate input')} dropped (the same file given twice, or inside a "
               "folder also given): each file is scored once", file=sys.stderr)  # fmt: skip
-
-
-@dataclass
-class _ResumePlan:
-    todo: list[str]  # inputs without a record
-    unreadable: list[tuple[str, str]]  # unlistable folders without a record
-    header: bool  # no whole line yet: csv needs its header
-    failed_before: int  # inputs whose earlier record is an error
-    earlier: _Earlier  # what the file holds (untouched until the run is known to go on)
-
-
-def _plan_resume(output: Path, fmt: str, paths: list[str], unreadable: list[tuple[str, str]]) -> _ResumePlan:
-    """What a --resume run has left to do, from the records in `output` (CLIError if it is
-    not a file of ours); says so on stderr. The file is not changed."""
-    earlier = read_earlier(output, fmt)
-    recorded = earlier.done
-    # An input's record: the one under its own spelling, else one under another spelling
-    # of the same place (relative against absolute, `./`).
-    by_place: dict[str, bool] = {}
-    for path, is_error in recorded.items():
-        by_place.setdefault(_place(path), is_error)
-
-    def record_of(path: str) -> bool | None:
-        return recorded[path] if path in recorded else by_place.get(_place(path))
-
-    n_inputs = len(paths) + len(unreadable)
-    plan = _ResumePlan(
-        todo=[p for p in paths if record_of(p) is None],
-        unreadable=[(p, why) for p, why in unreadable if record_of(p) is None],
-        header=earlier.complete == 0,
-        failed_before=sum(bool(record_of(p)) for p in [*paths, *(p for p, _ in unreadable)]),
-        earlier=earlier,
-    )
-    n_todo = len(plan.todo) + len(plan.unreadable)
-    if recorded and n_todo == n_inputs:
-        print(f"rine: warning: {output} holds {len(recorded)} records, but none for these inputs. "
-              "Relative paths are matched from the current folder: if the first run was started in "
-              "another folder, run this one there", file=sys.stderr)  # fmt: skip
-    errors = (f" ({plan.failed_before} of them errors, not retried: remove their lines to retry them)"
-              if plan.failed_before else "")  # fmt: skip
-    print(f"rine: resuming {output}: {n_inputs - n_todo} of {n_inputs} inputs already have "
-          f"a record{errors}; scoring {n_todo}", file=sys.stderr)  # fmt: skip
-    return plan
 
 
 def run(args: argparse.Namespace) -> int:
@@ -366,17 +188,17 @@ def run(args: argparse.Namespace) -> int:
         return fail(str(e))
     unreadable: list[tuple[str, str]] = []
     skipped = Skipped()
-    paths, n_duplicates = _first_seen(expand_inputs(args.inputs, unreadable, skipped))
+    paths, n_duplicates = first_seen(expand_inputs(args.inputs, unreadable, skipped))
     firsts: dict[str, tuple[str, str]] = {}
     for path, why in unreadable:  # a folder given twice, unlistable: one record
-        firsts.setdefault(_place(path), (path, why))
+        firsts.setdefault(place_of(path), (path, why))
     unreadable = list(firsts.values())
     _report_scan(skipped, n_duplicates)
     if not paths and not unreadable:
         return fail("no input images found" + (f" ({skipped.summary()})" if skipped.total else ""))
     # Resuming: the file's own format first, so that runs started before the format followed
     # the file name (jsonl in a .json or .csv file) go on as they began.
-    fmt = args.format or (args.resume and output and _sniff_format(output)) or format_for(args.output)
+    fmt = args.format or (args.resume and output and sniff_format(output)) or format_for(args.output)
     header, failed_before, plan = True, 0, None
     if args.resume:
         if output is None:
@@ -384,7 +206,7 @@ def run(args: argparse.Namespace) -> int:
         if fmt not in ("jsonl", "csv"):
             return fail(f"--resume needs --format jsonl or csv (written record by record), not {fmt}")
         try:
-            plan = _plan_resume(output, fmt, paths, unreadable)
+            plan = plan_resume(output, fmt, paths, unreadable)
         except CLIError as e:
             return fail(str(e))
         if not plan.todo and not plan.unreadable:
@@ -430,15 +252,13 @@ def run(args: argparse.Namespace) -> int:
             for pred in detector.predict_iter(
                 paths,
                 batch_size=args.batch_size,
-                num_workers=args.workers,
-                decoder=args.decoder,
-                decode_timeout=args.decode_timeout or None,
+                decode=decode_options(args, detector),
                 progress=not args.no_progress and sys.stderr.isatty(),
                 total=len(paths),
             ):
                 n_failed += pred.error is not None
-                n_pixels += pred.error is not None and pred.error.startswith("too many pixels:")
-                n_bytes += pred.error is not None and pred.error.startswith("file too large:")
+                n_pixels += pred.error_kind == "too_many_pixels"
+                n_bytes += pred.error_kind == "too_large"
                 writer.add(pred.to_dict(with_blocks=args.blocks))
                 n_written += 1
         except KeyboardInterrupt:

@@ -24,11 +24,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..data.scan import expand_inputs
 from .common import (
     CLIError,
     add_model_options,
     check_output_dir,
-    expand_inputs,
     fail,
     load_detector,
 )

@@ -59,7 +59,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..data.augment import CenterView, TenCropViews, TrainAugment
+    from ..data.augment import views_for
     from ..data.datasets import layout_items
     from ..model.backbones import load_backbone
     from ..training.features import StoreError, extract_features
@@ -113,12 +113,7 @@ def run(args: argparse.Namespace) -> int:
     from ..inference.detector import resolve_device
 
     backbone = backbone.to(resolve_device(args.device), dtype=dtype)
-    if transform == "train":
-        make_views, views = TrainAugment(args.seed), args.views
-    elif transform == "ten":
-        make_views, views = TenCropViews(backbone.image_size), TenCropViews.VIEWS
-    else:
-        make_views, views = CenterView(backbone.image_size), 1
+    make_views, views = views_for(transform, args.seed, backbone.image_size, args.views)
     try:
         store = extract_features(
             backbone, items, args.out, make_views, views=views, seed=args.seed, dtype=args.dtype,

@@ -166,7 +166,7 @@ def _uri_listing(uri: str) -> list[str]:
 
 def list_inputs(inputs: list[str]) -> InputList:
     """The input list of INPUT arguments (see the module docstring), in their order."""
-    from ..cli.common import expand_inputs
+    from ..data.scan import expand_inputs
 
     paths: list[str] = []
     sources: list[str] = []

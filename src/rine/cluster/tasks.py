@@ -15,7 +15,6 @@ No ray import here: these functions are plain Python over pyarrow tables.
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import logging
 import os
@@ -26,6 +25,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from ..data.decoding import DecodeOptions
 from .manifest import is_uri, source_path
 
 logger = logging.getLogger(__name__)
@@ -76,25 +76,16 @@ def score_views_of(source: str, decode_fn: str, preprocess, max_pixels: int | No
     return resolve(decode_fn)(read_source(source, max_bytes), preprocess, max_pixels, max_bytes)
 
 
-def make_views_for(transform: str, seed: int, size: int):
-    """`rine extract`'s make_views for --transform train / center / ten."""
-    from ..data.augment import CenterView, TenCropViews, TrainAugment
-
-    if transform == "train":
-        return TrainAugment(seed)
-    return TenCropViews(size) if transform == "ten" else CenterView(size)
-
-
 def tap_views_of(source: str, item: int, transform: str, seed: int, size: int, views: int,
                  max_pixels: int | None, max_bytes: int | None) -> np.ndarray | str:  # fmt: skip
     """In a decoding worker process: one file -> uint8 views [views, S, S, 3] as `rine extract`
     cuts them (view v of item i depends only on seed, i, v), or the reason it is unusable, in
     `rine extract`'s words (a store lists its skipped inputs)."""
-    from ..data.augment import cut_views
+    from ..data.augment import cut_views, views_for
     from ..data.images import ImageLoadError
 
     try:
-        return cut_views(read_source(source, max_bytes), make_views_for(transform, seed, size), item, views,
+        return cut_views(read_source(source, max_bytes), views_for(transform, seed, size)[0], item, views,
                          max_pixels, max_bytes)  # fmt: skip
     except (ImageLoadError, ValueError, OSError) as e:
         return str(e) or type(e).__name__
@@ -111,10 +102,8 @@ class DecodeSpec:
     seed: int = 0
     size: int = 224
     views: int = 1
-    max_pixels: int | None = None
-    max_bytes: int | None = None
-    timeout: float | None = 300.0
-    workers: int = 1  # decoding processes per task (a task asks Ray for this many CPUs)
+    # limits and timeout; decoding processes per task (a task asks Ray for this many CPUs)
+    decode: DecodeOptions = field(default_factory=lambda: DecodeOptions(workers=1, decoder="processes"))
     # The fork server imports these once, so that each decoding process forked from it starts
     # warm: rine detect's decoder, and "__main__" (in a Ray worker: Ray's worker script, which
     # each process would otherwise re-import, about a second each). None of them imports torch.
@@ -137,14 +126,15 @@ def decode_block(batch: pa.Table, spec: DecodeSpec) -> pa.Table:
     n_views = [0] * n
     if spec.mode == "score":
         fn: Callable[..., Any] = score_views_of
-        jobs = ((i, (source_path(rows["source"][i]), spec.decode_fn, spec.preprocess, spec.max_pixels, spec.max_bytes))
+        jobs = ((i, (source_path(rows["source"][i]), spec.decode_fn, spec.preprocess, spec.decode.max_pixels, spec.decode.max_bytes))
                 for i in range(n) if errors[i] is None)  # fmt: skip
     else:
         fn = tap_views_of
         jobs = ((i, (source_path(rows["source"][i]), rows["item"][i], spec.transform, spec.seed, spec.size, spec.views,
-                     spec.max_pixels, spec.max_bytes)) for i in range(n) if errors[i] is None)  # fmt: skip
-    decoded = ordered_map(fn, jobs, kind="processes", workers=spec.workers, max_in_flight=2 * spec.workers,
-                          preload=spec.preload, timeout=spec.timeout)  # fmt: skip
+                     spec.decode.max_pixels, spec.decode.max_bytes)) for i in range(n) if errors[i] is None)  # fmt: skip
+    kind, workers = spec.decode.decoder, spec.decode.workers or 1
+    decoded = ordered_map(fn, jobs, kind=kind, workers=workers, max_in_flight=2 * workers, preload=spec.preload,
+                          timeout=spec.decode.timeout)  # fmt: skip
     try:
         for i, result, error in decoded:
             if error is not None:
@@ -185,11 +175,12 @@ class Scorer:
     rows -> item, path, label, set, prob_fake, logit, is_fake, error."""
 
     def __init__(self, model: dict[str, Any], threads: int | None = None):
-        from ..cli.common import load_detector
+        from ..inference.loading import ModelOptions, load_detector
 
         _set_threads(threads)
-        args = argparse.Namespace(compile=False, no_progress=True, **model)
-        self.detector = load_detector(args, keep_reference=False)  # scoring only: half the memory
+        # the driver's options (job.describe_model): the loader `rine detect` uses, so the same model
+        self.detector = load_detector(ModelOptions(**model, backend="torch"), keep_reference=False,  # scoring only: half the memory
+                                      progress=False)  # fmt: skip
         self.size = self.detector.config.preprocess.image_size
         logger.info("scoring actor %d ready on %s (%s)", os.getpid(), self.detector.device, self.detector.precision)
 

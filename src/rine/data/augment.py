@@ -181,3 +181,19 @@ def cut_views(source, make_views, index: int, views: int, max_pixels: int | None
     if len(out) != views:
         raise RuntimeError(f"{type(make_views).__name__} gave {len(out)} views, expected {views}")
     return out
+
+
+TRANSFORMS = ("train", "center", "ten")
+
+
+def views_for(transform: str, seed: int, size: int, views: int = 1) -> tuple[TrainAugment | CenterView | TenCropViews, int]:
+    """`rine extract`'s --transform (train / center / ten) -> (its make_views, views per
+    image): train cuts `views` random views, center one crop, ten its ten crops."""
+    if transform == "train":
+        return TrainAugment(seed), views
+    if transform == "ten":
+        return TenCropViews(size), TenCropViews.VIEWS
+    if transform == "center":
+        return CenterView(size), 1
+    raise ValueError(f"transform must be one of {TRANSFORMS}, got {transform!r}")
+

@@ -39,6 +39,7 @@ from concurrent.futures import (
     wait,
 )
 from concurrent.futures import TimeoutError as FutureTimeout  # not the builtin before Python 3.11
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:  # this module stays importable without torch (the CLI reads DECODERS from it)
@@ -51,7 +52,11 @@ __all__ = [
     "DEFAULT_DECODE_TIMEOUT",
     "DecoderCrashed",
     "DecoderTimedOut",
+    "DecodeOptions",
+    "decode_batches",
     "default_decoder",
+    "default_workers",
+    "error_kind",
     "error_text",
     "open_pool",
     "ordered_map",
@@ -97,6 +102,19 @@ def error_text(error: BaseException, name: str = "") -> str:
     return f"{type(error).__name__}: {error}".splitlines()[0]
 
 
+def error_kind(error: BaseException) -> str:
+    """A file's error as a short stable token, for telling errors apart without reading their
+    text: `ImageLoadError.KINDS` (missing, too_large, too_many_pixels, corrupt, ...),
+    "timeout" and "crashed" for a decoding worker stopped or dead, else "error"."""
+    from .images import ImageLoadError
+
+    if isinstance(error, ImageLoadError):
+        return error.kind
+    if isinstance(error, DecoderTimedOut):
+        return "timeout"
+    return "crashed" if isinstance(error, DecoderCrashed) else "error"
+
+
 def default_decoder(device: torch.device) -> str:
     """"processes" with a GPU (where the platform can fork from a server), "threads" on CPU.
 
@@ -107,6 +125,69 @@ def default_decoder(device: torch.device) -> str:
     if device.type == "cuda" and "forkserver" in multiprocessing.get_all_start_methods():
         return "processes"
     return "threads"
+
+
+def default_workers(device: torch.device) -> int:
+    """Decoding workers. On CPU they share the cores with the encoder (one per core, at
+    most 8); with a GPU decoding is the bottleneck, so every core decodes (at most 32)."""
+    cores = os.cpu_count() or 2
+    return max(1, min(32 if device.type == "cuda" else 8, cores))
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """How images are decoded, as one object from the CLI (--max-pixels, --max-bytes,
+    --workers, --decoder, --decode-timeout) down to the pools: the limits checked before an
+    image is decoded, the pool kind and size, and the per-image timeout (processes only;
+    None: no limit). `workers` None and `decoder` "auto" are chosen for the device."""
+
+    max_pixels: int | None = None
+    max_bytes: int | None = None
+    workers: int | None = None
+    decoder: str = "auto"
+    timeout: float | None = DEFAULT_DECODE_TIMEOUT
+
+    def __post_init__(self) -> None:
+        if self.decoder not in DECODERS:
+            raise ValueError(f"decoder must be one of {DECODERS}, got {self.decoder!r}")
+        if self.timeout is not None and self.timeout <= 0:
+            raise ValueError("timeout must be positive (None: no limit)")
+
+    def pool(self, device: torch.device) -> tuple[str, int]:
+        """(pool kind, workers) for `device`: the defaults filled in."""
+        kind = default_decoder(device) if self.decoder == "auto" else self.decoder
+        return kind, self.workers or default_workers(device)
+
+
+def decode_batches(
+    fn: Callable[..., Any],
+    jobs: Iterable[tuple[K, tuple]],
+    options: DecodeOptions,
+    *,
+    batch_size: int,
+    device: torch.device,
+    preload: Sequence[str] = (),
+) -> Iterator[list[tuple[K, Any, BaseException | None]]]:
+    """`ordered_map` of `fn` over `jobs` with `options`' pool, grouped for an encoder: each
+    list holds consecutive results in input order, and is yielded when it has `batch_size`
+    decoded ones, or at once when it has only failures (nothing to wait for), and at the end.
+    `Detector.predict_iter` and eval's live scoring both read their images through here."""
+    kind, workers = options.pool(device)
+    decoded = ordered_map(fn, jobs, kind=kind, workers=workers, max_in_flight=max(2 * batch_size, 2 * workers),
+                          preload=preload, timeout=options.timeout)  # fmt: skip
+    batch: list[tuple[K, Any, BaseException | None]] = []
+    n_ok = 0
+    try:
+        for key, result, error in decoded:
+            batch.append((key, result, error))
+            n_ok += error is None
+            if n_ok >= batch_size or not n_ok:
+                yield batch
+                batch, n_ok = [], 0
+        if batch:
+            yield batch
+    finally:
+        decoded.close()
 
 
 def open_pool(kind: str, workers: int, preload: Sequence[str] = ()) -> Executor:

@@ -14,6 +14,7 @@ cannot be (see `images.load_image`).
 
 from __future__ import annotations
 
+import glob
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -119,3 +120,42 @@ def walk_images(
                 kept.append(d)
         dirs[:] = kept
         yield from image_files(root, files, skipped)
+
+
+def expand_inputs(
+    inputs: list[str], unreadable: list[tuple[str, str]], skipped: Skipped | None = None
+) -> Iterator[str]:
+    """Files as given; folders walked recursively for image files (sorted; hidden files and
+    folders left out, by the rule of `rine.data.scan`); globs expanded. A path that does
+    not exist is yielded as is, so that it is reported as an error. Folders that cannot be
+    listed, paths that cannot be examined (no permission) and globs that match nothing are
+    appended to `unreadable` as (path, reason); the files a folder scan passes over go to
+    `skipped`."""
+
+    def problem(path: str, error: OSError) -> None:
+        kind = "folder" if os.path.isdir(path) else "path"
+        unreadable.append((path, f"cannot read {kind}: {error.strerror or error}"))
+
+    for item in inputs:
+        path = Path(item).expanduser()
+        try:
+            is_dir, exists = path.is_dir(), path.exists()
+        except OSError as e:  # a path inside a folder without permission
+            problem(item, e)
+            continue
+        if is_dir:
+            yield from walk_images(path, onerror=lambda e, top=str(path): problem(e.filename or top, e),
+                                   skipped=skipped)  # fmt: skip
+        elif exists:
+            yield str(path)
+        elif glob.has_magic(item):
+            matches = sorted(glob.glob(os.path.expanduser(item), recursive=True))
+            if not matches:
+                unreadable.append((item, "no file matches this pattern"))
+            for m in matches:
+                if os.path.isdir(m):
+                    yield from expand_inputs([m], unreadable, skipped)
+                else:
+                    yield m
+        else:
+            yield item

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from ..data.decoding import DECODERS, DEFAULT_DECODE_TIMEOUT
+from ..data.decoding import DEFAULT_DECODE_TIMEOUT, DecodeOptions
+from ..data.images import DEFAULT_MAX_BYTES
 from ..data.layouts import TestSet
 from ..inference.detector import default_batch_size
 from ..model.calibration import DecisionRule
@@ -75,6 +76,7 @@ def evaluate(
     decode_timeout: float | None = DEFAULT_DECODE_TIMEOUT,
     bootstrap: int = 0,
     bootstrap_seed: int = 0,
+    decode: DecodeOptions | None = None,
 ) -> EvalResult:
     """Score every set under every condition with every head (default: the detector's own).
 
@@ -84,10 +86,13 @@ def evaluate(
     gets calibrated probabilities in its records (rine.model.calibration), a float `threshold`
     replacing its cut. `bootstrap` N adds seeded 95 % intervals of ACC, AP and AUC per set.
     `decoder` ("threads", "processes" or "auto": processes with a GPU) decodes the live path;
-    with processes, an image still decoding after `decode_timeout` s is skipped.
+    with processes, an image still decoding after `decode_timeout` s is skipped. `decode`
+    (`DecodeOptions`) gives all of it at once, limits included (default: the detector's).
     """
-    if decoder not in DECODERS:
-        raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
+    if decode is None:
+        decode = DecodeOptions(max_pixels=getattr(detector, "max_pixels", None),
+                               max_bytes=getattr(detector, "max_bytes", DEFAULT_MAX_BYTES), workers=num_workers,
+                               decoder=decoder, timeout=decode_timeout)  # fmt: skip
     heads = (
         list(heads)
         if heads
@@ -103,9 +108,7 @@ def evaluate(
         if h.head is None:
             raise ValueError(f"model {h.name!r} has no head weights to score taps with")
         cfg = h.head.config
-        if cfg.in_dim != backbone.width or (
-            cfg.blocks == "all" and cfg.n_blocks != backbone.n_blocks
-        ):
+        if cfg.in_dim != backbone.width or not cfg.takes(backbone.n_blocks):
             raise ValueError(
                 f"head {h.name!r} expects {cfg.n_blocks} blocks of width {cfg.in_dim}; the backbone "
                 f"has {backbone.n_blocks} of width {backbone.width}"
@@ -114,12 +117,10 @@ def evaluate(
     runs = [RunResult(h.name, c) for c in conditions for h in heads]
     for ts in sets:
         if cache_dir is not None:
-            recs = score_set_cached(detector, heads, conditions, ts, root, batch_size, num_workers, progress,
+            recs = score_set_cached(detector, heads, conditions, ts, root, batch_size, decode.workers, progress,
                                      Path(cache_dir).expanduser(), cache_dtype)  # fmt: skip
         else:
-            recs = score_set_live(
-                detector, heads, conditions, ts, root, batch_size, num_workers, progress, decoder, decode_timeout
-            )
+            recs = score_set_live(detector, heads, conditions, ts, root, batch_size, decode, progress)
         for ci in range(len(conditions)):
             for hi in range(len(heads)):
                 runs[ci * len(heads) + hi].records[ts.name] = recs[ci][hi]

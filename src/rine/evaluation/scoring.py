@@ -22,14 +22,13 @@ import numpy as np
 import torch
 
 from ..config import PreprocessConfig
-from ..data.decoding import DEFAULT_DECODE_TIMEOUT, default_decoder, error_text, ordered_map
+from ..data.decoding import DecodeOptions, decode_batches, error_text
 from ..data.images import DEFAULT_MAX_BYTES, load_image
 from ..data.jpeg_crop import decode_views
 from ..data.layouts import TestSet
 from ..data.parquet import RowError
 from ..data.perturb import is_perturbed, robustness_image
 from ..data.preprocess import crop_views
-from ..inference.detector import default_workers
 from ..model.head import RINEHead
 from .results import Condition, EvalHead
 
@@ -156,23 +155,18 @@ def item_sources(ts: TestSet):
 
 
 def score_set_live(
-    detector, heads, conditions, ts: TestSet, root, batch_size, num_workers, progress, decoder="auto",
-    decode_timeout=DEFAULT_DECODE_TIMEOUT,
+    detector, heads, conditions, ts: TestSet, root, batch_size: int, decode: DecodeOptions, progress: bool
 ) -> list[list[list[dict]]]:
-    """-> records[condition][head][image] for one set, computing taps on the fly."""
+    """-> records[condition][head][image] for one set, computing taps on the fly (images
+    decoded by `decode_batches`, as `Detector.predict_iter` decodes them)."""
     from tqdm.auto import tqdm
 
     pre = detector.config.preprocess
-    max_pixels = getattr(detector, "max_pixels", None)
-    max_bytes = getattr(detector, "max_bytes", DEFAULT_MAX_BYTES)
     n_c, n_h = len(conditions), len(heads)
     records = [[[] for _ in heads] for _ in conditions]
-    batch: list[tuple[int, list]] = []  # (item index, [(views, hit)] per condition)
     results: dict[tuple[int, int, int], Any] = {}
 
-    def flush() -> None:
-        if not batch:
-            return
+    def score(batch: list[tuple[int, list]]) -> None:  # (item index, [(views, hit)] per condition)
         counts = [len(v[0][0]) for _, v in batch]
         for ci in range(n_c):
             views = np.concatenate([v[ci][0] for _, v in batch])
@@ -181,32 +175,25 @@ def score_set_live(
             for hi in range(n_h):
                 for (idx, v), (logit, prob) in zip(batch, scored[hi], strict=True):
                     results[(ci, hi, idx)] = (logit, prob, v[ci][1])
-        batch.clear()
 
-    workers = num_workers or default_workers(detector.device)
-    decoder = default_decoder(detector.device) if decoder == "auto" else decoder
     errors: dict[int, str] = {}
-    bar = tqdm(
-        total=len(ts.items), desc=ts.name, unit="img", disable=not progress, dynamic_ncols=True
-    )
+    bar = tqdm(total=len(ts.items), desc=ts.name, unit="img", disable=not progress, dynamic_ncols=True)
     keys = set_keys(ts, root)
-    jobs = ((idx, (src, keys[idx], conditions, pre, max_pixels, max_bytes)) for idx, src in enumerate(item_sources(ts)))
-    decoded = ordered_map(
-        prepare_item, jobs, kind=decoder, workers=workers,
-        max_in_flight=max(2 * batch_size, 2 * workers), preload=("rine.evaluation.scoring",), timeout=decode_timeout,
-    )  # fmt: skip
+    jobs = ((idx, (src, keys[idx], conditions, pre, decode.max_pixels, decode.max_bytes))
+            for idx, src in enumerate(item_sources(ts)))  # fmt: skip
+    batches = decode_batches(prepare_item, jobs, decode, batch_size=batch_size, device=detector.device,
+                             preload=("rine.evaluation.scoring",))  # fmt: skip
     try:
-        for idx, views, error in decoded:
-            if error is None:
-                batch.append((idx, views))
-            else:  # one bad file must not stop a benchmark
-                errors[idx] = error_text(error, ts.items[idx][0])
-            bar.update(1)
-            if len(batch) >= batch_size:
-                flush()
-        flush()
+        for batch in batches:
+            for idx, _, error in batch:
+                if error is not None:  # one bad file must not stop a benchmark
+                    errors[idx] = error_text(error, ts.items[idx][0])
+            ok = [(idx, views) for idx, views, error in batch if error is None]
+            if ok:
+                score(ok)
+            bar.update(len(batch))
     finally:
-        decoded.close()
+        batches.close()
         bar.close()
 
     for idx, (path, label) in enumerate(ts.items):
@@ -289,7 +276,7 @@ def score_set_cached(
     items = [Item(p, y, ts.name) for p, y in ts.items]
     sha = items_sha1(items)
     keys = set_keys(ts, root)
-    n_views = 10 if pre.crop == "ten" else 1
+    n_views = pre.n_views
     records = []
     for cond in conditions:
         views_of = _ConditionViews(cond, keys, pre)

@@ -20,7 +20,6 @@ probability (sigmoid of the mean logit, threshold) are this module's whatever th
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -34,13 +33,17 @@ from ..config import PreprocessConfig, RINEConfig
 from ..data.decoding import (
     DECODERS,
     DEFAULT_DECODE_TIMEOUT,
+    DecodeOptions,
+    decode_batches,
     default_decoder,
+    default_workers,
+    error_kind,
     error_text,
-    ordered_map,
 )
 from ..data.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from ..data.jpeg_crop import decode_views
 from ..data.preprocess import normalize
+from ..errors import UnknownNameError
 from ..model.accel import PRECISIONS, FastTapEncoder, resolve_precision
 from ..model.backbones import load_backbone
 from ..model.calibration import DecisionRule
@@ -76,6 +79,9 @@ class Prediction:
 
     block_contribution [blocks]: share of each encoder block in this image's pooled
     feature (L1 norm of its importance-weighted projection, normalised to sum 1).
+
+    error_kind: with `error`, its stable token (`rine.data.decoding.error_kind`: missing,
+    too_large, too_many_pixels, corrupt, timeout, ...), for telling errors apart.
     """
 
     path: str
@@ -86,12 +92,13 @@ class Prediction:
     block_contribution: list[float] | None = None
     threshold: float | None = None
     verdict: str | None = None
+    error_kind: str | None = None
 
     def to_dict(self, with_blocks: bool = False) -> dict[str, Any]:
         d = asdict(self)
         if not with_blocks:
             d.pop("block_contribution")
-        for key in ("threshold", "verdict"):
+        for key in ("threshold", "verdict", "error_kind"):
             if d[key] is None:
                 del d[key]
         return d
@@ -114,16 +121,18 @@ def resolve_device(device: str | None) -> torch.device:
     return dev
 
 
+def official_head_config(head: RINEHead, source: str | Path, backbone: str, revision: str | None, image_size: int,
+                         crop: str | None = None) -> RINEConfig:  # fmt: skip
+    """The config of an official `*_trainable.pth` head (which records none): the backbone's
+    image size and, unless `crop` says otherwise, the paper's centre crop."""
+    return RINEConfig(backbone=backbone, backbone_revision=revision, head=head.config,
+                      preprocess=PreprocessConfig(image_size=image_size, crop=crop or "center"),
+                      name=Path(source).stem, meta={"head_source": str(source)})  # fmt: skip
+
+
 def default_batch_size(device: torch.device) -> int:
     """Images per encoder batch: 16 keeps a CPU's caches warm, a GPU wants more in flight."""
     return 64 if device.type == "cuda" else 16
-
-
-def default_workers(device: torch.device) -> int:
-    """Decoding workers. On CPU they share the cores with the encoder (one per core, at
-    most 8); with a GPU decoding is the bottleneck, so every core decodes (at most 32)."""
-    cores = os.cpu_count() or 2
-    return max(1, min(32 if device.type == "cuda" else 8, cores))
 
 
 def prepare_views(
@@ -305,10 +314,9 @@ class Detector:
 
         if not Path(name_or_path).expanduser().is_dir() and name_or_path not in PRETRAINED \
                 and not is_hub_model_id(name_or_path):  # fmt: skip
-            raise FileNotFoundError(
+            raise UnknownNameError("model", name_or_path, sorted(PRETRAINED), message=(
                 f"{name_or_path!r} is neither a checkpoint folder, a known model "
-                f"({', '.join(sorted(PRETRAINED))}) nor a Hub model id (user/repo)"
-            )
+                f"({', '.join(sorted(PRETRAINED))}) nor a Hub model id (user/repo)"))  # fmt: skip
         folder = resolve_model(name_or_path, revision, backbone_given=str(backbone) if backbone else None)
         head, config = load_pretrained(folder)
         source = backbone or config.backbone
@@ -343,14 +351,7 @@ class Detector:
             if crop:
                 config = replace(config, preprocess=replace(config.preprocess, crop=crop))
         else:
-            config = RINEConfig(
-                backbone=backbone,
-                backbone_revision=revision,
-                head=head_module.config,
-                preprocess=PreprocessConfig(image_size=bb.image_size, crop=crop or "center"),
-                name=Path(head).stem,
-                meta={"head_source": str(head)},
-            )
+            config = official_head_config(head_module, head, backbone, revision, bb.image_size, crop)
         return cls(RINEModel(bb, head_module), config, **kwargs)
 
     # ------------------------------------------------------------------ info
@@ -417,55 +418,37 @@ class Detector:
         total: int | None = None,
         decoder: str = "auto",
         decode_timeout: float | None = DEFAULT_DECODE_TIMEOUT,
+        *,
+        decode: DecodeOptions | None = None,
     ) -> Iterator[Prediction]:
         """Score a stream of images in input order; failures come back with `error` set.
 
-        `batch_size`, `num_workers` and `decoder` ("threads" or "processes") default to
-        `default_batch_size` / `default_workers` / `default_decoder` of the device. With
-        processes, an image still decoding after `decode_timeout` seconds is skipped (its
-        worker is stopped; None: no limit)."""
+        `decode` says how images are decoded (`DecodeOptions`: pool, timeout, limits); without
+        it, `num_workers`, `decoder` ("threads" or "processes") and `decode_timeout` (with
+        processes, an image still decoding after this many seconds is skipped, its worker
+        stopped; None: no limit) with the detector's `max_pixels` / `max_bytes`. Defaults:
+        `default_batch_size` / `default_workers` / `default_decoder` of the device."""
         from tqdm.auto import tqdm
 
-        if decoder not in DECODERS:
-            raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
+        if decode is None:
+            decode = DecodeOptions(max_pixels=self.max_pixels, max_bytes=self.max_bytes, workers=num_workers,
+                                   decoder=decoder, timeout=decode_timeout)  # fmt: skip
         batch_size = batch_size or default_batch_size(self.device)
-        workers = num_workers or default_workers(self.device)
-        decoder = default_decoder(self.device) if decoder == "auto" else decoder
-        self._plan_batch(batch_size * (10 if self.config.preprocess.crop == "ten" else 1))
+        self._plan_batch(batch_size * self.config.preprocess.n_views)
         bar = tqdm(total=total, unit="img", disable=not progress, dynamic_ncols=True)
-        names: list[str] = []
-        arrays: list[np.ndarray] = []
-        out_buffer: list[Prediction | None] = []  # None: the next scored image; keeps input order
-
-        def flush() -> Iterator[Prediction]:
-            nonlocal out_buffer
-            scored = iter(self._finish(names, arrays)) if arrays else iter(())
-            for item in out_buffer:
-                bar.update(1)
-                yield next(scored) if item is None else item
-            out_buffer = []
-            names.clear()
-            arrays.clear()
-
-        jobs = ((_name_of(s, i), (s, self.config.preprocess, self.max_pixels, self.max_bytes)) for i, s in enumerate(sources))
-        decoded = ordered_map(
-            prepare_views, jobs, kind=decoder, workers=workers,
-            max_in_flight=max(2 * batch_size, 2 * workers), preload=("rine.inference.detector",), timeout=decode_timeout,
-        )  # fmt: skip
+        jobs = ((_name_of(s, i), (s, self.config.preprocess, decode.max_pixels, decode.max_bytes))
+                for i, s in enumerate(sources))  # fmt: skip
+        batches = decode_batches(prepare_views, jobs, decode, batch_size=batch_size, device=self.device,
+                                 preload=("rine.inference.detector",))  # fmt: skip
         try:
-            for name, views, error in decoded:
-                if error is None:
-                    names.append(name)
-                    arrays.append(views)
-                    out_buffer.append(None)
-                else:
-                    out_buffer.append(Prediction(path=name, error=error_text(error, name)))
-                # a full batch is scored; failures with nothing to wait for are reported at once
-                if len(arrays) >= batch_size or not arrays:
-                    yield from flush()
-            yield from flush()
+            for batch in batches:
+                ok = [(name, views) for name, views, error in batch if error is None]
+                scored = iter(self._finish([n for n, _ in ok], [v for _, v in ok]) if ok else ())
+                for name, _, error in batch:
+                    bar.update(1)
+                    yield next(scored) if error is None else Prediction(path=name, error=error_text(error, name), error_kind=error_kind(error))
         finally:
-            decoded.close()
+            batches.close()
             bar.close()
 
     def predict(self, sources: ImageSource | Sequence[ImageSource], batch_size: int | None = None, **kwargs: Any) -> list[Prediction]:

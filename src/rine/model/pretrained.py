@@ -23,6 +23,7 @@ from pathlib import Path
 # torch-free at import (checkpoints and backbones are imported where weights are handled):
 # the CLI builds its --help from this registry.
 from ..config import CONFIG_NAME, WEIGHTS_NAME, PreprocessConfig, RINEConfig
+from ..errors import UnknownNameError
 
 logger = logging.getLogger(__name__)
 
@@ -292,7 +293,7 @@ def resolve_pretrained(name: str, backbone_given: str | None = None, *, check_ba
     the head only (no backbone is checked).
     """
     if name not in PRETRAINED:
-        raise KeyError(f"unknown pretrained model {name!r}; known: {', '.join(list_pretrained())}")
+        raise UnknownNameError("pretrained model", name, list_pretrained())
     from .registry import BACKBONES
 
     spec = PRETRAINED[name]

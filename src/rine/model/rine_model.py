@@ -35,7 +35,7 @@ class RINEModel(nn.Module):
             raise ValueError(
                 f"head expects {head.config.in_dim}-wide taps but the backbone is {backbone.width} wide"
             )
-        if head.config.blocks == "all" and head.config.n_blocks != backbone.n_blocks:
+        if not head.config.takes(backbone.n_blocks):
             raise ValueError(
                 f"head expects {head.config.n_blocks} blocks but the backbone has {backbone.n_blocks}"
             )
