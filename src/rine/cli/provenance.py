@@ -25,9 +25,9 @@ import sys
 from typing import TextIO
 
 from ..data.images import DEFAULT_MAX_BYTES
-from ..data.scan import Skipped
+from ..data.scan import Skipped, expand_inputs
 from ..provenance.types import FLAT_FIELDS, TRUST_ENV, TrustConfig
-from .common import byte_size, check_output_file, expand_inputs, fail, plural, report_skipped, shown
+from .common import byte_size, check_output_file, fail, plural, report_skipped, shown
 
 FORMATS = ("table", "json", "jsonl", "csv")
 
