@@ -20,6 +20,15 @@ CSV_FIELDS = ("path", "prob_fake", "logit", "is_fake", "error")
 CSV_FIELDS_DECIDED = (*CSV_FIELDS, "threshold", "verdict")
 
 
+def csv_fields(decided: bool, provenance: bool) -> tuple[str, ...]:
+    """The columns rine detect writes: the detector's, then (unless --no-provenance) the
+    provenance columns and the combined decision (rine.provenance.records.CSV_FIELDS)."""
+    from ..provenance.records import CSV_FIELDS as PROVENANCE_FIELDS
+
+    base = CSV_FIELDS_DECIDED if decided else CSV_FIELDS
+    return (*base, *PROVENANCE_FIELDS) if provenance else base
+
+
 def is_cut_record(tail: bytes, fmt: str, first_line: bool) -> bool:
     """Whether `tail` (the bytes after the last line end) can be the start of a record that
     rine detect was writing when it was killed -- and nothing else, such as a line that
@@ -27,7 +36,8 @@ def is_cut_record(tail: bytes, fmt: str, first_line: bool) -> bool:
     if fmt == "jsonl":
         return tail.startswith(b'{"path": ') or b'{"path": '.startswith(tail)
     if first_line:  # a header, cut
-        return any((",".join(f) + "\r\n").encode().startswith(tail) for f in (CSV_FIELDS, CSV_FIELDS_DECIDED))
+        headers = [csv_fields(d, p) for d in (False, True) for p in (False, True)]
+        return any((",".join(f) + "\r\n").encode().startswith(tail) for f in headers)
     for cut in range(4):  # the last UTF-8 character may itself be cut
         try:
             text = tail[: len(tail) - cut].decode("utf-8")
@@ -89,7 +99,7 @@ def read_earlier(output: Path, fmt: str) -> Earlier:
         rows = csv.reader(io.StringIO(text, newline=""), strict=True)
         try:
             header = next(rows, None)
-            if header is not None and tuple(header) not in (CSV_FIELDS, CSV_FIELDS_DECIDED):
+            if header is not None and tuple(header) not in [csv_fields(d, p) for d in (False, True) for p in (False, True)]:
                 raise CLIError(f"--resume: {output} has the header {header}, not rine detect's {list(CSV_FIELDS)}{redo}")
             columns = None if header is None else tuple(header)
             for row in rows:
@@ -118,7 +128,7 @@ def check_columns(output: Path, earlier: Earlier, fields: tuple[str, ...]) -> No
     raise CLIError(
         f"--resume: {output} has the columns {','.join(earlier.columns)}, but this run writes "
         f"{','.join(fields)} (threshold and verdict come with a calibrated model, --threshold or "
-        "--uncertain-band); appending would mix rows of two widths. The file is left as it was: "
+        "--uncertain-band; the provenance columns go with --no-provenance); appending would mix rows of two widths. The file is left as it was: "
         "write this run to a new file (another -o), rerun without --resume to score every input "
         "again (the file is then overwritten), or resume with the model and options of the first run"
     )

@@ -3,8 +3,13 @@ CSV columns, added beside a detector record without touching its own fields."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+from itertools import islice
+from pathlib import Path
+
 from .decision import combine
-from .types import FLAT_FIELDS, Provenance
+from .reader import read_provenance
+from .types import FLAT_FIELDS, Provenance, ProvenanceLimits, TrustConfig
 
 CSV_FIELDS = (*FLAT_FIELDS, "decision", "decision_basis")
 
@@ -31,3 +36,36 @@ def flat_columns(record: dict, provenance: Provenance | None) -> dict:
     d = combine(provenance, detector_verdict(record))
     return {**(provenance.flat() if provenance else dict.fromkeys(FLAT_FIELDS, "")),
             "decision": d["decision"] or "", "decision_basis": d["basis"]}  # fmt: skip
+
+
+def read_files(paths: Iterable[str], trust: TrustConfig | None = None, limits: ProvenanceLimits = ProvenanceLimits(),
+               max_bytes: int | None = None, ahead: int = 8) -> Iterator[Provenance | None]:  # fmt: skip
+    """The provenance of each path, in order, read by one background thread up to `ahead`
+    files before the consumer (so it overlaps the detector's scoring); None for a file that
+    cannot be read or is over `max_bytes` (the detector's record says why)."""
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(path: str) -> Provenance | None:
+        try:
+            p = Path(path)
+            if max_bytes is not None and p.stat().st_size > max_bytes:
+                return None
+            data = p.read_bytes()
+        except OSError:
+            return None
+        return read_provenance(data, filename=path, trust=trust, limits=limits) if data else None
+
+    it = iter(paths)
+    with ThreadPoolExecutor(1, thread_name_prefix="provenance") as pool:
+        pending: deque = deque(pool.submit(one, p) for p in islice(it, ahead))
+        try:
+            while pending:
+                result = pending.popleft().result()
+                nxt = next(it, None)
+                if nxt is not None:
+                    pending.append(pool.submit(one, nxt))
+                yield result
+        finally:
+            for fut in pending:
+                fut.cancel()
