@@ -69,6 +69,9 @@ class ImageResult(BaseModel):
     block_importance: list[float] | None = None
     error: str | None = None
     threshold: float | None = None  # the cut that made is_fake (calibrated model or override)
+    # what the file declares about its origin (docs/provenance.md) and the combined decision
+    provenance: dict[str, Any] | None = None
+    decision: dict[str, Any] | None = None
 
 
 class DetectResponse(BaseModel):
