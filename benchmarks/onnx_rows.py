@@ -70,7 +70,8 @@ def run_mode(args, paths: list[str]) -> dict:
         reset_peaks,
     )
 
-    from rine.inference.detector import default_batch_size, default_workers
+    from rine.data.decoding import default_workers
+    from rine.inference.detector import default_batch_size
     from rine.inference.onnx_backend import load_onnx_detector
 
     torch.set_num_threads(args.threads)

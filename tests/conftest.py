@@ -250,7 +250,7 @@ def assert_scores_as_reference_decode(detector, sources, probs, abs_tol: float =
 # Every module a test's worker pool preloads: the forkserver keeps the preload list of the
 # first pool opened in the process, so without this the workers' imports (and timings)
 # would depend on which test ran first.
-FORKSERVER_PRELOAD = ["worker_jobs", "rine.inference.detector", "rine.evaluation.engine"]
+FORKSERVER_PRELOAD = ["support.worker_jobs", "rine.inference.detector", "rine.evaluation.engine"]
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -24,11 +24,11 @@ from rine.cli import main
 from rine.data.images import ImageLoadError, load_image
 from rine.data.layouts import list_images
 from rine.data.scan import Skipped, walk_images
-from rine.evaluation.metrics import compute_metrics, mean_metrics
 from rine.evaluation.results import Condition, RunResult, metrics_of
+from rine.metrics import compute_metrics, mean_metrics
 
 from conftest import write_image
-from serve_proc import wait_ready
+from support.serve_proc import wait_ready
 
 
 def run_cli(capsys, *argv):
@@ -284,7 +284,7 @@ def test_decoding_workers_die_with_a_killed_parent(tmp_path, how):
         "import itertools, sys\n"
         f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
         "from rine.data.decoding import ordered_map\n"
-        "import archives_jobs\n"
+        "from support import archives_jobs\n"
         "if __name__ == '__main__':\n"
         "    jobs = ((i, (i,)) for i in itertools.count())\n"
         "    for _, pid, _ in ordered_map(archives_jobs.pid_slowly, jobs, kind='processes', workers=2, max_in_flight=4):\n"
@@ -345,7 +345,8 @@ def test_each_request_is_logged_once_without_key_or_content(tiny_detector, caplo
     pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient
 
-    from rine.server import ServerSettings, create_app
+    from rine.server.app import create_app
+    from rine.server.limits import ServerSettings
 
     caplog.set_level(logging.INFO, logger="rine.server.access")
     buf = io.BytesIO()

@@ -52,7 +52,7 @@ def _kill_cluster(temp_dir: str) -> None:
 
 def _worker_env() -> dict[str, str]:
     # Ray workers inherit the driver's environment: they import this worktree's rine and the
-    # fault helpers of batch_jobs.py from here.
+    # fault helpers of support/batch_jobs.py from here.
     return {"PYTHONPATH": os.pathsep.join([str(SRC), str(TESTS), os.environ.get("PYTHONPATH", "")])}
 
 
@@ -323,7 +323,7 @@ def test_records_equal_rine_detect_with_ten_crop_and_files_that_kill_or_hang_the
                         f"file://{tmp_path / 'missing.png'},0,gone\n{s3_img},1,s3\ns3://{S3_BUCKET}/no/such.png,0,s3\n")  # fmt: skip
     out = tmp_path / "out"
     result = run_batch(_cfg([tmp_path / "imgs", manifest, s3_dir], out, tiny_checkpoint_dir, crop="ten",
-                            decode_timeout=10, decode_fn="batch_jobs:prepare_views_or_die"))  # fmt: skip
+                            decode_timeout=10, decode_fn="support.batch_jobs:prepare_views_or_die"))  # fmt: skip
     rows = _records(out)
     assert result.error is None and result.exit_code == 1  # error records, all there
     assert sorted(r["item"] for r in rows) == list(range(18))
@@ -376,7 +376,7 @@ def test_an_official_pth_head_with_backbone_scores_as_rine_detect(ray_cluster, t
     """`rine batch --backbone B --head official.pth` (once "missing ... argument: 'head'") = `rine detect`."""
     from rine.cli import main
 
-    from test_loading import official_pth
+    from support.checkpoints import official_pth
 
     pth = official_pth(tmp_path, sensitive_checkpoint_dir)
     imgs, model = _images(tmp_path / "imgs", 5), ["--backbone", str(tiny_openai_file), "--head", str(pth), "--precision", "fp32"]
@@ -397,7 +397,7 @@ def test_a_killed_actor_is_survived_and_a_finished_job_is_not_redone(ray_cluster
     marker = Path(os.environ["RINE_TEST_KILL_DIR"]) / "actor-killed"
     imgs = _images(tmp_path / "imgs", 12)
     out = tmp_path / "out"
-    cfg = _cfg([tmp_path / "imgs"], out, tiny_checkpoint_dir, scorer="batch_jobs:ScorerKilledOnce")
+    cfg = _cfg([tmp_path / "imgs"], out, tiny_checkpoint_dir, scorer="support.batch_jobs:ScorerKilledOnce")
     result = run_batch(cfg)
     assert marker.exists()  # the actor was killed mid-job
     assert result.error is None and result.exit_code == 0
@@ -426,7 +426,7 @@ from rine.cluster.batch import run_batch
 from rine.cluster.job import BatchConfig
 r = run_batch(BatchConfig(inputs=[sys.argv[1]], out=sys.argv[2], model=sys.argv[3], precision="fp32", shard_size=2,
               batch_size=2, decode_batch=2, progress=False, stall_timeout=60, temp_dir=sys.argv[4],
-              scorer="batch_jobs:SlowScorer"))
+              scorer="support.batch_jobs:SlowScorer"))
 sys.exit(r.exit_code)
 """
 
@@ -466,7 +466,7 @@ def test_a_driver_killed_hard_then_rerun_finishes_with_every_input_once(tiny_che
 
 def test_taps_store_trains_the_same_weights_as_rine_extract(ray_cluster, tiny_backbone_dir, tmp_path):
     from rine.cli import main
-    from rine.training.features import FeatureStore
+    from rine.data.tap_store import FeatureStore
 
     root = tmp_path / "data"
     paths = []

@@ -10,22 +10,13 @@ import csv
 import os
 import re
 import shutil
-from pathlib import Path
 
 import pytest
 
 from conftest import OFFICIAL
-from serve_proc import running_server
+from support.browser import CHROMIUM, CHROMIUM_ARGS
+from support.serve_proc import running_server
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 DEMO_IMAGES = ("real_aadlygmazf.jpg", "fake_dalle_zzrybysskm.png")
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]

@@ -19,11 +19,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from test_browser import CHROMIUM, CHROMIUM_ARGS
-
 from conftest import OFFICIAL
-from onnx_fixtures import DEMO_IMAGES, export_with_cli, image_paths, make_sensitive_checkpoint
-from serve_proc import running_server
+from support.browser import CHROMIUM, CHROMIUM_ARGS
+from support.onnx_fixtures import (
+    DEMO_IMAGES,
+    export_with_cli,
+    image_paths,
+    make_sensitive_checkpoint,
+)
+from support.serve_proc import running_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")

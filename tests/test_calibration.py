@@ -347,7 +347,7 @@ def test_sensitive_head_spreads_logits(sensitive_checkpoint, image_data):
     det = Detector.from_pretrained(str(sensitive_checkpoint), precision="fp32")
     logits = [p.logit for p in det.predict(sorted(str(p) for p in (image_data / "calib").rglob("*.png")))]
     assert np.std(logits) > 0.5 and np.ptp(logits) > 2
-    from rine.evaluation.metrics import roc_auc
+    from rine.metrics import roc_auc
 
     preds = det.predict(sorted(str(p) for p in (image_data / "labelled").rglob("*.png")))
     assert roc_auc([int("/fake/" in p.path) for p in preds], [p.logit for p in preds]) > 0.7
@@ -386,7 +386,7 @@ def test_calibrated_checkpoint_round_trips_through_detector_detect_and_serve(cap
     from fastapi.testclient import TestClient
 
     from rine.inference.detector import Detector
-    from rine.server import create_app
+    from rine.server.app import create_app
 
     out = tmp_path / "platt"
     code, _, err = run_cli(capsys, "calibrate", "--model", sensitive_checkpoint, "--suite", "folder", "--root",
@@ -420,7 +420,7 @@ def test_uncalibrated_head_records_stay_as_today(capsys, tmp_path, tiny_checkpoi
     from fastapi.testclient import TestClient
 
     from rine.inference.detector import Detector
-    from rine.server import create_app
+    from rine.server.app import create_app
 
     assert "calibration" not in json.loads((tiny_checkpoint_dir / "config.json").read_text())
     files = sorted(str(p) for p in (image_data / "heldout").rglob("*.png"))[:3]
@@ -602,9 +602,8 @@ def test_eval_calibrate_on_a_folder_of_reals(capsys, tmp_path, sensitive_checkpo
 def test_page_says_uncertain_in_words(tiny_checkpoint_dir, tmp_path):
     """`rine serve --uncertain-band` and the page: the card reads "Uncertain: too close to call"
     and the model line explains the band (headless Chromium, as tests/test_browser.py)."""
-    from test_browser import CHROMIUM, CHROMIUM_ARGS
-
-    from serve_proc import running_server
+    from support.browser import CHROMIUM, CHROMIUM_ARGS
+    from support.serve_proc import running_server
 
     if not CHROMIUM.exists():
         pytest.skip(f"{CHROMIUM} not found")

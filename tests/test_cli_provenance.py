@@ -16,7 +16,7 @@ import pytest
 
 from rine.cli import main
 
-import provenance_files as pf
+from support import provenance_files as pf
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from rine.inference.detector import Detector, default_batch_size, default_workers
+from rine.data.decoding import default_workers
+from rine.inference.detector import Detector, default_batch_size
 
 from conftest import PARITY, write_image
 

@@ -12,9 +12,9 @@ import pytest
 
 from rine.data.decoding import DecoderCrashed, ordered_map
 from rine.inference.detector import Detector
-from worker_jobs import double_or_fail
 
 from conftest import write_image
+from support.worker_jobs import double_or_fail
 
 # Long enough for a worker to start and finish a 2x on a loaded 2-core machine (1 s was not),
 # short against the hour that `double_or_hang` asks for.
@@ -24,7 +24,7 @@ HANG_TIMEOUT = 5.0
 def _run(values, kind, workers=3, max_in_flight=4):
     jobs = ((f"job{i}", (v,)) for i, v in enumerate(values))
     return list(ordered_map(double_or_fail, jobs, kind=kind, workers=workers, max_in_flight=max_in_flight,
-                            preload=("worker_jobs",)))  # fmt: skip
+                            preload=("support.worker_jobs",)))  # fmt: skip
 
 
 @pytest.mark.parametrize("kind", ["threads", "processes"])
@@ -75,7 +75,8 @@ def test_detector_reports_the_file_that_killed_a_decoding_process(tiny_checkpoin
     """End to end through `predict_iter`: the file whose decoding kills its worker process gets
     an error naming the crash; every other file is scored as with threads."""
     import rine.inference.detector
-    from worker_jobs import prepare_views_or_die
+
+    from support.worker_jobs import prepare_views_or_die
 
     paths = [str(write_image(tmp_path / f"{i}.png", size=(240, 230), seed=i)) for i in range(5)]
     paths.insert(2, str(write_image(tmp_path / "kills-worker.png", seed=9)))
@@ -92,10 +93,10 @@ def test_detector_reports_the_file_that_killed_a_decoding_process(tiny_checkpoin
 
 def test_closing_early_kills_running_workers_at_once():
     """Ctrl-C (or a consumer that stops) must not wait for decodes in flight."""
-    from worker_jobs import sleep_then
+    from support.worker_jobs import sleep_then
 
     jobs = [(0, (0.0,))] + [(i, (60.0,)) for i in range(1, 6)]
-    stream = ordered_map(sleep_then, iter(jobs), kind="processes", workers=2, max_in_flight=4, preload=("worker_jobs",))
+    stream = ordered_map(sleep_then, iter(jobs), kind="processes", workers=2, max_in_flight=4, preload=("support.worker_jobs",))
     assert next(stream) == (0, 0.0, None)
     t0 = time.monotonic()
     stream.close()  # jobs 1-3 are still sleeping for a minute
@@ -105,12 +106,12 @@ def test_closing_early_kills_running_workers_at_once():
 def test_workers_that_cannot_run_the_function_fall_back_to_threads(caplog):
     """When every job kills its worker (the function cannot work in worker processes at all),
     the files are not blamed: decoding goes on in threads, with a warning that says why."""
-    from worker_jobs import double_unless_in_a_worker
+    from support.worker_jobs import double_unless_in_a_worker
 
     jobs = ((i, (i,)) for i in range(6))
     with caplog.at_level("WARNING", logger="rine.data.decoding"):
         out = list(ordered_map(double_unless_in_a_worker, jobs, kind="processes", workers=2, max_in_flight=4,
-                               preload=("worker_jobs",)))  # fmt: skip
+                               preload=("support.worker_jobs",)))  # fmt: skip
     assert [(k, r, e) for k, r, e in out] == [(i, 2 * i, None) for i in range(6)]
     assert "decoding in threads instead" in caplog.text and '__name__ == "__main__"' in caplog.text
 
@@ -134,13 +135,13 @@ def test_an_unguarded_script_still_runs_in_threads(tmp_path):
 def test_recovery_reruns_only_the_jobs_in_flight(tmp_path):
     """After a crash only the jobs the broken pool lost run again: each crash re-runs at most
     max_in_flight jobs, and every job that finished keeps its first result."""
-    from worker_jobs import logged_double_or_fail
+    from support.worker_jobs import logged_double_or_fail
 
     log = tmp_path / "runs.txt"
     values = [1, 2, 13, 4, 5, 6, 7, 8, 9, 10, 11, 12, 14, 15, 16]
     jobs = ((i, (str(log), v)) for i, v in enumerate(values))
     out = list(ordered_map(logged_double_or_fail, jobs, kind="processes", workers=2, max_in_flight=4,
-                           preload=("worker_jobs",)))  # fmt: skip
+                           preload=("support.worker_jobs",)))  # fmt: skip
     assert [r for _, r, _ in out] == [None if v == 13 else 2 * v for v in values]
     runs = [int(line) for line in log.read_text(encoding="ascii").split()]
     assert set(runs) == set(values)
@@ -152,12 +153,13 @@ def test_a_decode_that_hangs_is_stopped_at_the_deadline():
     """With processes, a job still running after `timeout` s has its worker stopped and comes
     back as DecoderTimedOut; the other jobs in flight are re-run, the stream goes on."""
     from rine.data.decoding import DecoderTimedOut
-    from worker_jobs import double_or_hang
+
+    from support.worker_jobs import double_or_hang
 
     values = [1, 2, 7, 4, 5, 6, 8, 9]
     t0 = time.monotonic()
     out = list(ordered_map(double_or_hang, ((i, (v,)) for i, v in enumerate(values)), kind="processes", workers=2,
-                           max_in_flight=4, preload=("worker_jobs",), timeout=HANG_TIMEOUT))  # fmt: skip
+                           max_in_flight=4, preload=("support.worker_jobs",), timeout=HANG_TIMEOUT))  # fmt: skip
     assert time.monotonic() - t0 < 120  # liveness: not the hour the job asks for
     assert [k for k, _, _ in out] == list(range(len(values)))
     for v, (_, result, error) in zip(values, out, strict=True):
@@ -172,11 +174,12 @@ def test_a_decode_that_hangs_is_stopped_at_the_deadline():
 def test_a_hang_found_while_recovering_from_a_crash_is_stopped_too():
     """A crash (13) with a hanging job (7) in flight: re-run alone, each gets its own error."""
     from rine.data.decoding import DecoderTimedOut
-    from worker_jobs import double_or_hang
+
+    from support.worker_jobs import double_or_hang
 
     values = [1, 13, 7, 4, 5, 6]
     out = list(ordered_map(double_or_hang, ((i, (v,)) for i, v in enumerate(values)), kind="processes", workers=2,
-                           max_in_flight=4, preload=("worker_jobs",), timeout=HANG_TIMEOUT))  # fmt: skip
+                           max_in_flight=4, preload=("support.worker_jobs",), timeout=HANG_TIMEOUT))  # fmt: skip
     errors = {v: type(e).__name__ for v, (_, _, e) in zip(values, out, strict=True) if e is not None}
     assert errors == {13: "DecoderCrashed", 7: "DecoderTimedOut"}
     assert [r for _, r, _ in out if r is not None] == [2, 8, 10, 12]

@@ -11,7 +11,7 @@ import pytest
 
 from rine.cli import main
 
-import provenance_files as pf
+from support import provenance_files as pf
 
 pytest.importorskip("c2pa")
 

@@ -14,9 +14,9 @@ from sklearn.metrics import accuracy_score, average_precision_score, roc_auc_sco
 
 from rine.cli import main
 from rine.model.backbones import TappedCLIPVision
-from test_layouts import build_ufd20, make_files
 
 from conftest import TINY, write_image
+from support.image_trees import build_ufd20, make_files
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -15,23 +15,14 @@ import pytest
 import torch
 
 from rine.data.augment import CenterView, TrainAugment
-from rine.data.datasets import progan_items
+from rine.data.datasets import Item, progan_items
 from rine.data.preprocess import center_crop_array, normalize
+from rine.data.tap_store import COMMITS_NAME, FeatureStore, StoreError
 from rine.model.backbones import load_backbone
-from rine.training.features import COMMITS_NAME, FeatureStore, Item, StoreError, extract_features
+from rine.training.features import extract_features
 
 from conftest import write_image
-
-
-def make_progan(root: Path, classes=("car", "cat"), per_label: int = 3, split: str = "train") -> Path:
-    seed = 0
-    for c in classes:
-        for label in ("0_real", "1_fake"):
-            for i in range(per_label):
-                seed += 1
-                # sizes vary, and some are smaller than 224 (padded by the transforms)
-                write_image(root / split / c / label / f"{i}.png", size=(180 + 30 * i, 250), seed=seed)
-    return root
+from support.image_trees import make_progan
 
 
 @pytest.fixture(scope="module")
@@ -168,9 +159,9 @@ def _commits(store: Path) -> int:
 # extraction runs however fast the machine is, instead of only when it is slow enough.
 SLOW_EXTRACT = """
 import sys, time
-import rine.training.features as features
-shard = features._extract_shard
-features._extract_shard = lambda *a, **k: (time.sleep(0.3), shard(*a, **k))[1]
+import rine.data.tap_extract as extract
+shard = extract._extract_shard
+extract._extract_shard = lambda *a, **k: (time.sleep(0.3), shard(*a, **k))[1]
 from rine.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -258,8 +249,8 @@ def test_ten_crop_stores_score_as_the_live_ten_crop(sensitive_checkpoint_dir, tm
     takes such a store as a test transform."""
     from rine.cli import main
     from rine.cli.grid import is_test_transform
-    from rine.evaluation.metrics import average_precision
     from rine.inference.detector import Detector
+    from rine.metrics import average_precision
     from rine.model.checkpoints import load_pretrained
     from rine.training.trainer import StoreTaps, evaluate_store, probabilities, score_taps
 

@@ -40,10 +40,9 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-import archives_jobs  # noqa: E402
 from rine.data.decoding import _terminate_workers, open_pool  # noqa: E402
 
-import provenance_files  # noqa: E402
+from support import archives_jobs, provenance_files  # noqa: E402
 
 EXAMPLES = int(os.environ.get("RINE_FUZZ_EXAMPLES", "120"))
 _SEED_TEXT = os.environ.get("RINE_FUZZ_SEED", "14")

@@ -18,7 +18,8 @@ from rine.training.trainer import (
     score_taps,
     train_head,
 )
-from test_training import backbone, data, stores  # noqa: F401 - shared module fixtures
+
+from support.training_stores import backbone, data, stores  # noqa: F401 - shared module fixtures
 
 
 def test_paper_grid_has_48_runs():
@@ -129,7 +130,7 @@ def test_grid_lists_and_paper_defaults_as_the_help_says():
 def test_grid_refuses_a_file_as_out_before_reading_stores(stores, tmp_path, monkeypatch, capsys):  # noqa: F811
     import rine.training.grid
     from rine.cli import main
-    from rine.training.features import FeatureStore
+    from rine.data.tap_store import FeatureStore
 
     def forbidden(*a, **k):
         raise AssertionError("stores were read or runs trained before the usage check")

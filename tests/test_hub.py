@@ -1,5 +1,5 @@
 """Parquet image datasets and the Hub (datasets and detectors), against tiny datasets the
-tests write in each benchmark's schema and a loopback Hub (tests/loopback_hub.py)."""
+tests write in each benchmark's schema and a loopback Hub (tests/support/loopback_hub.py)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import pytest
 from rine.cli import main
 
 from conftest import REPO
-from loopback_hub import LoopbackHub
-from parquet_data import write_commfor, write_custom, write_opensdi
+from support.loopback_hub import LoopbackHub
+from support.parquet_data import write_commfor, write_custom, write_opensdi
 
 pytest.importorskip("pyarrow")
 sk_metrics = pytest.importorskip("sklearn.metrics")
@@ -166,7 +166,7 @@ def test_extract_reads_parquet_rows(opensdi, tiny_backbone_dir, tmp_path):
     code = main(["extract", "--layout", "parquet", "--root", str(root), "--splits", "sd15", "--backbone",
                  str(tiny_backbone_dir), "--transform", "train", "--out", str(store), "--no-progress"])
     assert code == 1  # one unreadable row: reported, the rest stored
-    from rine.training.store import FeatureStore
+    from rine.data.tap_store import FeatureStore
 
     fs = FeatureStore.open(store)
     assert fs.meta["n_items"] == len(rows["sd15"])

@@ -394,7 +394,8 @@ def test_extension_missing_is_a_debug_message(monkeypatch, caplog):
 def test_detector_and_eval_prepare_views_through_it(tmp_path, monkeypatch):
     import sys
 
-    from rine.evaluation.engine import Condition, prepare_conditions
+    from rine.evaluation.results import Condition
+    from rine.evaluation.scoring import prepare_conditions
     from rine.inference.detector import prepare_views
 
     # the module that defines prepare_conditions (engine.py, or scoring.py after the split)
@@ -503,7 +504,7 @@ def test_tap_extraction_decodes_only_the_windows_to_the_same_views(tmp_path, mon
     from rine.cluster.tasks import tap_views_of
     from rine.data.augment import CenterView, TenCropViews
     from rine.data.datasets import Item
-    from rine.training.features import _load_views
+    from rine.data.tap_extract import load_views
 
     calls = []
 
@@ -533,7 +534,7 @@ def test_tap_extraction_decodes_only_the_windows_to_the_same_views(tmp_path, mon
             for path in ("rine extract", "rine batch --taps"):
                 before = len(calls)
                 if path == "rine extract":
-                    g = _load_views(Item(str(f), 0, ""), i, make_views, views, None)
+                    g = load_views(Item(str(f), 0, ""), i, make_views, views, None)
                 else:
                     g = tap_views_of(str(f), i, make_views.crop, 0, 224, views, None, None)
                 if f.name in ("a.jpg", "b.jpg"):  # baseline JPEGs of at least 224 x 224

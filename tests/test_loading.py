@@ -3,19 +3,7 @@ is what the actors load, for every model source."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
-
-def official_pth(tmp_path: Path, checkpoint: Path) -> Path:
-    """The checkpoint's head saved as the official repository saves one: a bare state dict."""
-    import torch
-
-    from rine.model.checkpoints import load_pretrained
-
-    head, _ = load_pretrained(checkpoint)
-    pth = tmp_path / "head_trainable.pth"
-    torch.save(head.state_dict(), pth)
-    return pth
+from support.checkpoints import official_pth
 
 
 def test_the_driver_plans_with_the_config_the_loader_gives(tmp_path, tiny_openai_file, tiny_backbone_dir,

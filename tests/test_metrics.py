@@ -1,4 +1,4 @@
-"""rine.evaluation.metrics against scikit-learn, and hand-computed edge cases (ties, one class)."""
+"""rine.metrics against scikit-learn, and hand-computed edge cases (ties, one class)."""
 
 from __future__ import annotations
 

@@ -22,7 +22,12 @@ from rine.config import RINEConfig  # noqa: E402
 from rine.inference.detector import Detector  # noqa: E402
 from rine.inference.onnx_backend import OnnxBackendError, OnnxRuntimeBackend, load_onnx_detector  # noqa: E402
 
-from onnx_fixtures import export_with_cli, image_crops, image_paths, make_sensitive_checkpoint  # noqa: E402
+from support.onnx_fixtures import (  # noqa: E402
+    export_with_cli,
+    image_crops,
+    image_paths,
+    make_sensitive_checkpoint,
+)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@
    through the OpenAI-format loader, the HF `save_pretrained` path and a TorchScript
    archive.
 2. On other random weights and shapes: our HF-based taps equal an independent
-   OpenAI-style encoder with hooks on `ln_2` (tests/openai_style_vit.py).
+   OpenAI-style encoder with hooks on `ln_2` (tests/support/openai_style_vit.py).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from rine.model.checkpoints import head_from_state_dict, load_official_head
 from rine.model.rine_model import RINEModel
 
 from conftest import PARITY, make_openai_visual_state
-from openai_style_vit import reference_taps
+from support.openai_style_vit import reference_taps
 
 # Measured against the reference's float32 outputs (this machine, 1 and 2 threads alike):
 # largest |difference| 1.2e-6 on taps (values up to 3.1), 1.7e-6 on proj2's output,

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rine import perturb as P
+from rine.data import perturb as P
 
 
 def rng(seed: int = 0) -> np.random.Generator:

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from rine import accel
+from rine.config import PRECISIONS
 from rine.inference.detector import Detector
-from rine.model.accel import PRECISIONS, FastTapEncoder, resolve_precision
+from rine.model import accel
+from rine.model.accel import FastTapEncoder, resolve_precision
 
 from conftest import PARITY, write_image
 

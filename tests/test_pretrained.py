@@ -1,5 +1,5 @@
 """Named pretrained models: download, verification, caching and the offline message,
-against real HTTP on loopback (tests/loopback_hub.py), never a mock."""
+against real HTTP on loopback (tests/support/loopback_hub.py), never a mock."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from rine.model.checkpoints import git_blob_sha1, load_pretrained
 from rine.model.pretrained import WeightsUnavailableError, resolve_pretrained
 
 from conftest import OFFICIAL, REPO
-from loopback_hub import LoopbackHub
+from support.loopback_hub import LoopbackHub
 
 
 @pytest.fixture
@@ -90,7 +90,7 @@ def test_offline_mode_does_not_touch_the_network(hub, monkeypatch):
 NAMED_FLOW = textwrap.dedent(
     """
     import json, sys
-    from rine.model.backbones import BACKBONES, BackboneSpec
+    from rine.model.registry import BACKBONES, BackboneSpec
     from rine.model.pretrained import PretrainedSpec, register_pretrained
     from rine.cli import main
     cfg = json.loads(sys.argv[1])

@@ -16,7 +16,7 @@ from rine.provenance.decision import combine
 from rine.provenance.reader import read_provenance
 from rine.provenance.types import FLAT_FIELDS, TrustConfig
 
-import provenance_files as pf
+from support import provenance_files as pf
 
 pytest.importorskip("c2pa")
 

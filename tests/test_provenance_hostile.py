@@ -13,7 +13,7 @@ import pytest
 from rine.provenance.reader import read_provenance
 from rine.provenance.types import ProvenanceLimits
 
-import provenance_files as pf
+from support import provenance_files as pf
 
 TIME_BOUND_S = 5.0  # a liveness bound on a loaded 2-core machine; each case takes milliseconds alone
 

@@ -12,7 +12,7 @@ from rine.provenance import reader, watermark
 from rine.provenance.catalogue import WATERMARKS
 from rine.provenance.reader import read_provenance
 
-import provenance_files as pf
+from support import provenance_files as pf
 
 pywt = pytest.importorskip("pywt")
 imwatermark = pytest.importorskip("imwatermark", reason="pip install --no-deps invisible-watermark")

@@ -16,12 +16,12 @@ pytest.importorskip("python_multipart")
 
 from fastapi.testclient import TestClient  # noqa: E402
 
-from rine.server import Batcher, Overloaded, ServerSettings, create_app  # noqa: E402
-from rine.server.app import display_name, load_error_status  # noqa: E402
-from rine.server.batching import ScoringFailed  # noqa: E402
+from rine.server.app import create_app  # noqa: E402
+from rine.server.batching import Batcher, Overloaded, ScoringFailed  # noqa: E402
+from rine.server.limits import ServerSettings, display_name, load_error_status  # noqa: E402
 
 from conftest import OFFICIAL, assert_scores_as_reference_decode  # noqa: E402
-from serve_proc import wait_ready  # noqa: E402
+from support.serve_proc import wait_ready  # noqa: E402
 
 
 def png_bytes(size=(64, 48), mode="RGB", seed=0, fmt="PNG") -> bytes:
@@ -404,7 +404,7 @@ import io, json, resource, sys
 from fastapi.testclient import TestClient
 from PIL import Image
 from rine.inference.detector import Detector
-from rine.server import create_app
+from rine.server.app import create_app
 
 buf = io.BytesIO()
 Image.new("L", (1, 5_000_000)).save(buf, format="PNG", optimize=True)

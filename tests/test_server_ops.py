@@ -21,8 +21,8 @@ pytest.importorskip("prometheus_client")
 from fastapi.testclient import TestClient  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
-from rine.server import ServerSettings, create_app  # noqa: E402
-from rine.server.app import stop_accepting  # noqa: E402
+from rine.server.app import create_app, stop_accepting  # noqa: E402
+from rine.server.limits import ServerSettings  # noqa: E402
 from rine.server.logs import JsonFormatter, RequestIdFilter, escape, request_id  # noqa: E402
 
 MB = 1024 * 1024
@@ -419,7 +419,7 @@ def test_sigterm_finishes_the_upload_in_flight_and_refuses_new_work(tiny_checkpo
 
     import httpx
 
-    from serve_proc import wait_ready
+    from support.serve_proc import wait_ready
 
     log = tmp_path / "serve.log"
     with open(log, "wb") as out:

@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from rine.provenance.types import TrustConfig  # noqa: E402
 from rine.server import ServerSettings, create_app  # noqa: E402
 
-import provenance_files as pf  # noqa: E402
+from support import provenance_files as pf  # noqa: E402
 
 
 @pytest.fixture(scope="module")

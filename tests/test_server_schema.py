@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from serve_proc import running_server
+from support.serve_proc import running_server
 
 pytest.importorskip("schemathesis")
 pytest.importorskip("prometheus_client")

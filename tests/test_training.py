@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from rine.data.augment import CenterView, TrainAugment
+from rine.data.augment import TrainAugment
 from rine.data.datasets import progan_items
-from rine.model.backbones import load_backbone
-from rine.training.features import FeatureStore, extract_features
+from rine.data.tap_store import FeatureStore
+from rine.training.features import extract_features
 from rine.training.trainer import (
     ImageTaps,
     StoreTaps,
@@ -21,29 +21,8 @@ from rine.training.trainer import (
     build_head,
     train_head,
 )
-from test_features import make_progan
 
-
-@pytest.fixture(scope="module")
-def backbone(tiny_backbone_dir):
-    return load_backbone(str(tiny_backbone_dir))
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("progan")
-    make_progan(root, per_label=5)
-    make_progan(root, per_label=2, split="val")
-    return root
-
-
-@pytest.fixture(scope="module")
-def stores(backbone, data, tmp_path_factory):
-    base = tmp_path_factory.mktemp("stores")
-    items = progan_items(data, "train", ["car", "cat"])
-    train32 = extract_features(backbone, items, base / "train32", TrainAugment(0), seed=0, dtype="float32", batch_size=8)
-    val = extract_features(backbone, progan_items(data, "val"), base / "val", CenterView(), batch_size=8)
-    return items, train32, val
+from support.training_stores import backbone, data, stores  # noqa: F401  (module fixtures)
 
 
 def test_stored_taps_train_the_same_head_as_images(backbone, stores):

@@ -75,12 +75,8 @@ def score_baseline(args: argparse.Namespace, paths: list[str], state: dict, head
 def score_detector(args: argparse.Namespace, paths: list[str], state: dict, head) -> Scored:
     """Our pipeline: `Detector` in the mode's precision ("fp32", "auto", "int8", "fp32+compile", ...)."""
     from rine.config import PreprocessConfig, RINEConfig
-    from rine.inference.detector import (
-        Detector,
-        default_batch_size,
-        default_decoder,
-        default_workers,
-    )
+    from rine.data.decoding import default_decoder, default_workers
+    from rine.inference.detector import Detector, default_batch_size
     from rine.model.rine_model import RINEModel
 
     backbone = build_hf_backbone(state)

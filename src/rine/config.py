@@ -14,12 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .fileio import atomic_write_json
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 CROP_MODES = ("center", "resize", "ten")
 VIEWS_PER_CROP = {"center": 1, "resize": 1, "ten": 10}  # the views [V, S, S, 3] one image is cut into
-# Numeric modes of the encoder (rine.accel): "fp32" is exact, "auto" the fastest within tolerance.
+# Numeric modes of the encoder (rine.model.accel): "fp32" is exact, "auto" the fastest within tolerance.
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -184,7 +186,7 @@ class RINEConfig:
         return cls(head=head, preprocess=preprocess, calibration=calibration, **data)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+        atomic_write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> RINEConfig:

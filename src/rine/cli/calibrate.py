@@ -215,7 +215,7 @@ def _sources(args) -> list[str]:
 
 # ---------------------------------------------------------------------------- run
 def run(args: argparse.Namespace) -> int:
-    from ..data.layouts import LayoutError
+    from ..data.testsets import LayoutError
 
     try:
         out = check_output_dir(args.out)

@@ -90,7 +90,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     o.add_argument(
         "--features-cache",
         metavar="DIR",
-        help="keep backbone taps here (rine.features stores) for later runs (default: no cache)",
+        help="keep backbone taps here (tap stores, as rine extract writes) for later runs (default: no cache)",
     )
     o.add_argument("--cache-dtype", choices=("float32", "float16"), default="float32",
                    help="dtype of cached taps (default float32; float16 halves the disk, changes "
@@ -157,7 +157,7 @@ def read_data(args: argparse.Namespace):
 
 
 def _conditions(args):
-    from ..evaluation.engine import Condition
+    from ..evaluation.results import Condition
 
     kinds: list[str] = []
     for item in args.perturb or ["none"]:
@@ -177,7 +177,7 @@ def _conditions(args):
 
 def _load_models(args):
     """(detector, [EvalHead]) for one or several --model / --head on one backbone."""
-    from ..evaluation.engine import EvalHead
+    from ..evaluation.results import EvalHead
     from ..model.checkpoints import CheckpointError, load_head, load_pretrained
     from ..model.pretrained import DEFAULT_MODEL, WeightsUnavailableError, resolve_model
 
@@ -336,8 +336,9 @@ def run(args: argparse.Namespace) -> int:
         return fail(str(e))
     if args.decode_timeout < 0:
         return fail("--decode-timeout must be at least 0 (0: no limit)")
-    from ..data.layouts import LayoutError
-    from ..evaluation.engine import evaluate, write_outputs
+    from ..data.testsets import LayoutError
+    from ..evaluation.engine import evaluate
+    from ..evaluation.outputs import write_outputs
     from .fitting import fit_options_from_args
 
     if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
@@ -416,7 +417,7 @@ def run(args: argparse.Namespace) -> int:
     write_outputs(result, args.out, plots=not args.no_plots)
     _suite_table(args, result, layout)
     n_err = sum(run_.metrics["mean"]["n_errors"] for run_ in result.runs[:1])
-    from ..evaluation.metrics import mean_text
+    from ..metrics import mean_text
 
     for run_ in result.runs:
         m = run_.metrics["mean"]

@@ -61,8 +61,9 @@ def run(args: argparse.Namespace) -> int:
 
     from ..data.augment import views_for
     from ..data.datasets import layout_items
+    from ..data.tap_store import StoreError
     from ..model.backbones import load_backbone
-    from ..training.features import StoreError, extract_features
+    from ..training.features import extract_features
 
     # Before any work: a bad --out or --device must not cost a dataset scan or a backbone load.
     # An existing folder is fine (a store there is resumed).

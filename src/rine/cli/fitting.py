@@ -93,8 +93,9 @@ def read_images_arg(source: str, option: str, reals_only: bool = False):
     """A TestSet from a folder or a manifest. A folder with real/fake class folders is read as
     the `folder` layout (labels from the folder names); any other folder's images are all
     real (label 0). `reals_only` refuses fakes (--reals)."""
-    from ..data.layouts import LayoutError, TestSet, list_images, read_folder, read_manifest
+    from ..data.layouts import list_images, read_folder, read_manifest
     from ..data.scan import Skipped
+    from ..data.testsets import LayoutError, TestSet
 
     path = Path(source).expanduser()
     items: list[tuple[str, int]] = []

@@ -45,7 +45,7 @@ def is_test_transform(transform: str) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..training.features import FeatureStore, StoreError
+    from ..data.tap_store import FeatureStore, StoreError
     from ..training.grid import PAPER_GRID, grid_configs, run_grid, write_table
     from ..training.trainer import StoreTaps, save_run
 

@@ -111,8 +111,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def settings_from_args(args: argparse.Namespace):
     """ServerSettings from the command line; CLIError for values that make no sense."""
-    from ..server.app import ServerSettings
     from ..server.guards import LOOPBACK_HOSTS, host_name
+    from ..server.limits import ServerSettings
 
     api_key = None
     if args.api_key_env:

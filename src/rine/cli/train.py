@@ -110,7 +110,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..training.features import FeatureStore, StoreError
+    from ..data.tap_store import FeatureStore, StoreError
     from ..training.trainer import ImageTaps, StoreTaps, save_run, train_head
 
     if bool(args.features) == bool(args.root):

@@ -10,7 +10,7 @@ Pipeline (docs/scale.md):
 
 Exactly once, without Ray's (beta) job checkpointing: the input list is cut into shards of
 `shard_size` consecutive inputs; shard k's records are written by the driver to
-`part-k.parquet.tmp`, fsynced and renamed to `part-k.parquet` only once every input of the
+a temporary file, fsynced and renamed to `part-k.parquet` (`rine.fileio`) only once every input of the
 shard has its record. A file with its final name is a finished shard; anything else is not.
 A rerun of the same command (after kill -9, a lost cluster, Ctrl-C) lists the same inputs,
 skips the finished shards and redoes the rest; a record that Ray delivers twice (a
@@ -18,7 +18,7 @@ retried batch of a restarted actor) is dropped by item. `_manifest.json` records
 identity (inputs, model, settings: a rerun with others is refused) and its counts; the
 output is reconciled against the input list at the end (`reconcile.py`).
 
-With `taps=True` the same engine writes a feature store (`rine.training.features`), shard
+With `taps=True` the same engine writes a feature store (`rine.data.tap_store`), shard
 for shard what `rine extract` writes, which `rine train --features` and `rine grid` read.
 """
 
@@ -32,6 +32,7 @@ from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
+from ..fileio import atomic_write_json
 from . import INSTALL_HINT
 from .job import (
     MANIFEST_NAME,
@@ -48,7 +49,6 @@ from .job import (
     score_schema,
     store_committer,
     taps_setup,
-    write_json_atomic,
 )
 from .manifest import list_inputs
 from .plan import buffer_bytes, build_dataset, check_fits, local_decode_tasks, plan_resources
@@ -128,7 +128,7 @@ def run_batch(cfg: BatchConfig) -> BatchResult:
     else:
         model, config = describe_model(cfg)
         config_dict = config.to_dict()
-        for stale in out.glob("part-*.parquet.tmp"):
+        for stale in out.glob("part-*.tmp"):  # a temporary of `fileio.atomic_write`
             stale.unlink()
         done = set(committed_parts(out))
         commit = part_committer(out, score_schema(inputs))
@@ -139,7 +139,7 @@ def run_batch(cfg: BatchConfig) -> BatchResult:
     manifest = open_job(out, ident)
     manifest.update(config=asdict(cfg), model=model, model_config=config_dict, shard_size=shard_size,
                     n_shards=n_shards, status="running")  # fmt: skip
-    write_json_atomic(out / MANIFEST_NAME, manifest)
+    atomic_write_json(out / MANIFEST_NAME, manifest)
 
     todo_shards = [k for k in range(n_shards) if k not in done]
     result = BatchResult(out, Reconciliation(len(inputs)), skipped_shards=len(done))
@@ -156,7 +156,7 @@ def run_batch(cfg: BatchConfig) -> BatchResult:
     manifest["runs"].append(run)
     manifest["counts"] = result.reconciliation.to_dict()
     manifest["status"] = "complete" if result.reconciliation.complete else "incomplete"
-    write_json_atomic(out / MANIFEST_NAME, manifest)
+    atomic_write_json(out / MANIFEST_NAME, manifest)
     return result
 
 

@@ -7,7 +7,6 @@ See `rine.cluster.batch` for the pipeline and the exactly-once protocol.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 from ..data.decoding import DecodeOptions
 from ..data.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from ..errors import OptionError, RineError, literal, message_of
+from ..fileio import atomic_write
 from ..inference.loading import absolute_path
-from ..training.store import _fsync_dir  # the same durable rename as the tap store's
 from .manifest import InputList
 from .reconcile import Reconciliation, committed_parts, part_name
 
@@ -134,16 +133,6 @@ def identity(cfg: BatchConfig, inputs: InputList, shard_size: int, model: dict) 
     return ident
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def open_job(out: Path, identity: dict) -> dict:
     """The job's manifest (a new one, or the earlier run's if it is the same job)."""
     path = out / MANIFEST_NAME
@@ -213,13 +202,7 @@ def part_committer(out: Path, schema):
     def commit(shard: int, rows: list[dict]) -> None:
         table = pa.Table.from_pylist([{k: r.get(k) for k in schema.names} for r in rows], schema=schema)
         final = out / part_name(shard)
-        tmp = final.with_name(final.name + ".tmp")
-        with open(tmp, "wb") as f:
-            pq.write_table(table, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)  # the rename is the commit
-        _fsync_dir(out)
+        atomic_write(final, lambda f: pq.write_table(table, f))  # the rename is the commit
 
     return commit
 
@@ -248,9 +231,8 @@ def taps_setup(cfg: BatchConfig, inputs: InputList, shard_size: int):
     import torch  # noqa: F401  (load_backbone needs it; imported here for a clear order)
 
     from ..data.datasets import Item
+    from ..data.tap_store import StoreError, StoreWriter
     from ..model.backbones import load_backbone
-    from ..training.features import StoreError
-    from .store_writer import StoreWriter
 
     if not cfg.backbone:
         raise BatchOptionError("{taps} needs {backbone} (the CLIP encoder whose taps are stored)")

@@ -94,7 +94,7 @@ def reconcile_parts(out: Path, inputs: InputList) -> Reconciliation:
 def reconcile_store(root: Path, inputs: InputList) -> Reconciliation:
     """Check a feature store written by `rine batch --taps` against `inputs`: each input is
     either all its views' rows or one entry in the store's errors."""
-    from ..training.features import FeatureStore
+    from ..data.tap_store import FeatureStore
 
     store = FeatureStore.open(root)
     seen: Counter = Counter()

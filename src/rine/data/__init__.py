@@ -7,6 +7,8 @@ layouts.py     benchmark folder layouts (ufd20, synthbuster, genimage, ...) -> l
 datasets.py    training-set folders (ProGAN classes, ldm) -> labelled image lists
 augment.py     the reference's training augmentations (blur, JPEG)
 perturb.py     the paper's robustness perturbations
+tap_store.py   the tap store on disk: format, StoreWriter, FeatureStore (training, eval cache, rine batch --taps)
+tap_extract.py filling a tap store here: decode -> encode -> commit, resumable
 
 Nothing here imports torch at module level: decoding workers import this package.
 """

@@ -6,7 +6,7 @@ ldm:     the latent-diffusion training set of grip-unina DMimageDetection, read 
          real_lsun.txt ("<class>_<file>" -> ROOT/train/<class>/0_real/<file>),
          real_coco.txt ("<id>.jpg" -> ROOT/coco/train2014/COCO_train2014_<id>.jpg, else
          val2014), and one folder of fakes per generator (set = the folder's name).
-other:   any layout of `rine.layouts` (ufd20, synthbuster, genimage, folder, manifest),
+other:   any layout of `rine.data.layouts` (ufd20, synthbuster, genimage, folder, manifest),
          read through its `read_layout`; set = test-set name.
 
 Orders are sorted, so the same data always gives the same item indices (and views).

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .scan import Skipped, is_hidden, walk_images
-from .testsets import FAKE, REAL, LayoutError, LayoutResult, TestSet  # noqa: F401  (their home before)
+from .testsets import FAKE, REAL, LayoutError, LayoutResult, TestSet
 
 logger = logging.getLogger(__name__)
 

@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 
+from ..metrics import brier_score, expected_calibration_error, log_loss
 from ..model.calibration import expit
 from .calibration import CalibrationFit
-from .metrics import brier_score, expected_calibration_error, log_loss
 
 
 def _pct(rate: dict[str, Any] | None) -> str:

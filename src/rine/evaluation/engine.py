@@ -3,7 +3,7 @@
     det = Detector.from_pretrained("rine-vitl14-4class")
     sets = read_layout("ufd20", "data/test").sets
     result = evaluate(det, sets, conditions=[Condition(), Condition("jpeg", seed=0)])
-    write_outputs(result, "runs/ufd20")
+    evaluation.outputs.write_outputs(result, "runs/ufd20")
 
 Each image is decoded once; every transform (clean, or a robustness perturbation) turns it
 into uint8 views [V, S, S, 3]; the frozen backbone turns the views into taps
@@ -11,7 +11,7 @@ into uint8 views [V, S, S, 3]; the frozen backbone turns the views into taps
 is sigmoid(mean of its views' logits) (ten-crop, as the reference). Unreadable images
 get an `error` record and are left out of the metrics (counted as `n_errors`).
 
-With `cache_dir`, taps are kept across runs in `rine.training.features` stores (one per test set
+With `cache_dir`, taps are kept across runs in tap stores (`rine.data.tap_store`) (one per test set
 and transform), so a second evaluation of other heads on the same data skips the backbone.
 """
 
@@ -25,28 +25,12 @@ import torch
 
 from ..data.decoding import DEFAULT_DECODE_TIMEOUT, DecodeOptions
 from ..data.images import DEFAULT_MAX_BYTES
-from ..data.layouts import TestSet
+from ..data.testsets import TestSet
 from ..inference.detector import default_batch_size
 from ..model.calibration import DecisionRule
 from .calibration import apply_rule
-from .outputs import (  # noqa: F401  (rine.evaluation's names before the split)
-    TABLE_METRICS,
-    detail_table_markdown,
-    paper_table_markdown,
-    write_outputs,
-    write_paper_csv,
-    write_run,
-)
 from .results import Condition, EvalHead, EvalResult, RunResult, metrics_of
-from .scoring import (  # noqa: F401
-    encode_views,
-    head_logits,
-    image_key,
-    make_views,
-    prepare_conditions,
-    score_set_cached,
-    score_set_live,
-)
+from .scoring import score_set_cached, score_set_live
 
 logger = logging.getLogger(__name__)
 

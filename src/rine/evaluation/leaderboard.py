@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .metrics import accuracy, class_accuracy, f1
+from ..metrics import accuracy, class_accuracy, f1
 from .results import RunResult
 
 LEADERBOARD_THRESHOLD = 0.5  # the leaderboard's, whatever --threshold the rest of the run used

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .metrics import DEPLOYMENT_KEYS, mean_text, sets_counted
+from ..metrics import DEPLOYMENT_KEYS, mean_text, sets_counted
 from .results import EvalResult, RunResult
 
 TABLE_METRICS = ("acc", "ap", "auc", "acc_real", "acc_fake", "f1", "ece", "acc_best")

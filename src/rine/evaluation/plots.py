@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .metrics import roc_curve, sets_counted
+from ..metrics import roc_curve, sets_counted
 
 if TYPE_CHECKING:
     from .results import EvalResult, RunResult

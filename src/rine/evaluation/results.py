@@ -13,9 +13,7 @@ from typing import Any
 
 from ..config import RINEConfig
 from ..data.perturb import QUIRKS, transform_id
-from ..model.calibration import DecisionRule, expit
-from ..model.head import RINEHead
-from .metrics import (
+from ..metrics import (
     bootstrap_ci,
     compute_metrics,
     deployment_metrics,
@@ -23,6 +21,8 @@ from .metrics import (
     mean_deployment_metrics,
     mean_metrics,
 )
+from ..model.calibration import DecisionRule, expit
+from ..model.head import RINEHead
 
 
 @dataclass

@@ -3,8 +3,8 @@
 Live (`score_set_live`): images are decoded in worker threads or processes
 (`rine.data.decoding.ordered_map`), their uint8 views [V, S, S, 3] encoded to taps
 [V, blocks, width] by the detector's encoder, and every head scores the taps.
-Cached (`score_set_cached`): the taps come from (or are first written to) a
-`rine.training.features` store per set and condition. A head's probability for an image
+Cached (`score_set_cached`): the taps come from (or are first written to) a tap store
+(`rine.data.tap_store`) per set and condition. A head's probability for an image
 is sigmoid(mean of its views' logits) (ten-crop, as the reference).
 """
 
@@ -25,10 +25,10 @@ from ..config import PreprocessConfig
 from ..data.decoding import DecodeOptions, decode_batches, error_text
 from ..data.images import DEFAULT_MAX_BYTES, load_image
 from ..data.jpeg_crop import decode_views
-from ..data.layouts import TestSet
 from ..data.parquet import RowError
 from ..data.perturb import is_perturbed, robustness_image
 from ..data.preprocess import crop_views
+from ..data.testsets import TestSet
 from ..model.head import RINEHead
 from .results import Condition, EvalHead
 
@@ -211,23 +211,6 @@ def score_set_live(
     return records
 
 
-class _StoreEncoder(torch.nn.Module):
-    """The detector's encoder (its fast path and precision) with the attributes that
-    `rine.features` records: normalised pixels [B, 3, S, S] -> taps [B, blocks, width]."""
-
-    def __init__(self, detector):
-        super().__init__()
-        bb = detector.model.backbone
-        self.encoder = detector.encoder
-        self.backbone = bb  # registered so that parameters() finds the device
-        self.source, self.revision = bb.source, bb.revision
-        self.n_blocks, self.width, self.image_size = bb.n_blocks, bb.width, bb.image_size
-        self.mean, self.std = detector.config.preprocess.mean, detector.config.preprocess.std
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.encoder(pixel_values)
-
-
 class _ConditionViews:
     """`make_views` for a feature store: view slot v of an item under one condition.
 
@@ -269,10 +252,19 @@ def score_set_cached(
     cache_dir: Path,
     cache_dtype: str,
 ) -> list[list[list[dict]]]:
-    """Like `score_set_live`, with taps read from (or first written to) `rine.features` stores."""
-    from ..training.features import Item, extract_features, items_sha1, iter_shards
+    """Like `score_set_live`, with taps read from (or first written to) tap stores."""
+    from ..data.datasets import Item
+    from ..data.tap_extract import extract_taps
+    from ..data.tap_store import items_sha1, iter_shards
 
     pre = detector.config.preprocess
+    bb = detector.model.backbone
+    backbone_meta = {"backbone": str(bb.source), "revision": bb.revision, "blocks": int(bb.n_blocks),
+                     "width": int(bb.width), "image_size": int(bb.image_size)}  # fmt: skip
+
+    def encode(views: np.ndarray) -> np.ndarray:  # uint8 [n, S, S, 3] -> [n, blocks, width]
+        return encode_views(detector, views, batch_size).numpy()
+
     items = [Item(p, y, ts.name) for p, y in ts.items]
     sha = items_sha1(items)
     keys = set_keys(ts, root)
@@ -281,8 +273,8 @@ def score_set_cached(
     for cond in conditions:
         views_of = _ConditionViews(cond, keys, pre)
 
-        store = extract_features(
-            _StoreEncoder(detector), items, _store_dir(cache_dir, detector, ts, cond, sha), views_of,
+        store = extract_taps(
+            encode, backbone_meta, items, _store_dir(cache_dir, detector, ts, cond, sha), views_of,
             transform_id=f"eval:{pre.crop}:{pre.image_size}:{cond.id}", views=n_views, seed=cond.seed,
             dtype=cache_dtype, batch_size=batch_size, num_workers=num_workers, progress=progress,
             max_pixels=getattr(detector, "max_pixels", None), max_bytes=getattr(detector, "max_bytes", None),

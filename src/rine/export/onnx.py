@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from ..config import RINEConfig
+from ..fileio import atomic_file
 from ..inference.onnx_backend import (
     INPUT_NAME,
     MANIFEST_NAME,
@@ -275,6 +276,5 @@ def _to_fp16(path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # it warns about values it clamps into fp16's range
         model = convert_float_to_float16(model, keep_io_types=True)
-    tmp = path.with_name(path.name + ".fp16")
-    onnx.save_model(model, str(tmp))
-    os.replace(tmp, path)
+    with atomic_file(path, suffix=".fp16") as tmp:
+        onnx.save_model(model, str(tmp))

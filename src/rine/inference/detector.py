@@ -4,7 +4,7 @@
     for p in detector.predict(["a.jpg", "b.png"]):
         print(p.path, p.prob_fake, p.error)
 
-Pipeline: paths stream in; a pool of threads (processes with a GPU: `rine.decoding`)
+Pipeline: paths stream in; a pool of threads (processes with a GPU: `rine.data.decoding`)
 decodes and crops them with a bounded number of images in flight, overlapped with
 the encoder running on the main thread; uint8 crops are batched, copied to the
 device (pinned memory, non-blocking, on CUDA), normalised there and scored.
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..config import PreprocessConfig, RINEConfig
+from ..config import PRECISIONS, PreprocessConfig, RINEConfig
 from ..data.decoding import (
     DECODERS,
     DEFAULT_DECODE_TIMEOUT,
@@ -44,7 +44,7 @@ from ..data.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from ..data.jpeg_crop import decode_views
 from ..data.preprocess import normalize
 from ..errors import UnknownNameError
-from ..model.accel import PRECISIONS, FastTapEncoder, resolve_precision
+from ..model.accel import FastTapEncoder, resolve_precision
 from ..model.backbones import load_backbone
 from ..model.calibration import DecisionRule
 from ..model.checkpoints import load_head, load_pretrained

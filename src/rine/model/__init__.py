@@ -7,18 +7,3 @@ checkpoints.py  config.json + model.safetensors folders; official .pth conversio
 pretrained.py   named models and their download sources, apart from the architecture
 accel.py        the fast encoder paths (reduced precision, compiled)
 """
-
-from __future__ import annotations
-
-from typing import Any
-
-# `from rine.model import RINEModel` worked when this was a module; it stays lazy so that
-# importing a submodule does not load torch twice over.
-
-
-def __getattr__(name: str) -> Any:
-    if name == "RINEModel":
-        from .rine_model import RINEModel
-
-        return RINEModel
-    raise AttributeError(f"module 'rine.model' has no attribute {name!r}")

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .registry import BACKBONES, BackboneSpec, list_backbones  # noqa: F401 - BackboneSpec: the registry's type, importable here as before
+from .registry import BACKBONES, list_backbones
 
 logger = logging.getLogger(__name__)
 

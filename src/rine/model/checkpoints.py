@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..config import CONFIG_NAME, WEIGHTS_NAME, HeadConfig, RINEConfig
+from ..fileio import atomic_file
 from .head import RINEHead
 
 
@@ -100,11 +101,10 @@ def save_pretrained(head: RINEHead, config: RINEConfig, directory: str | Path) -
     if config.head != head.config:
         raise CheckpointError(f"config.head {config.head} does not describe the head {head.config}")
     state = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
-    tmp = directory / (WEIGHTS_NAME + ".tmp")
-    # One metadata key only: safetensors writes metadata from a hash map, so several keys
-    # would come out in a different order from run to run and break byte-identical files.
-    save_file(state, str(tmp), metadata={"format": "pt"})
-    tmp.replace(directory / WEIGHTS_NAME)
+    with atomic_file(directory / WEIGHTS_NAME) as tmp:
+        # One metadata key only: safetensors writes metadata from a hash map, so several keys
+        # would come out in a different order from run to run and break byte-identical files.
+        save_file(state, str(tmp), metadata={"format": "pt"})
     config.save(directory / CONFIG_NAME)
     return directory
 

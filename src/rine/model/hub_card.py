@@ -24,7 +24,7 @@ EVAL_TABLES = ("leaderboard.md", "balanced.md", "table.md", "summary.md")
 
 
 def _backbone_hub_id(config: RINEConfig) -> str:
-    from .backbones import BACKBONES
+    from .registry import BACKBONES
 
     spec = BACKBONES.get(config.backbone)
     return spec.hub_id if spec is not None else config.backbone
@@ -95,7 +95,7 @@ def model_card(config: RINEConfig, repo_id: str, eval_dir: Path | None = None, l
                   "CLIP weights with `--backbone` (or `backbone=`) to load it.", ""]  # fmt: skip
     lines += ["## Usage", "", "```bash", "pip install rine",
               f"rine detect --model {repo_id} image.jpg", "```", "", "```python",
-              "from rine import Detector", "",
+              "from rine.inference.detector import Detector", "",
               f'detector = Detector.from_pretrained("{repo_id}")  # revision="..." pins a commit',
               'print(detector.predict(["image.jpg"]))', "```", ""]  # fmt: skip
     return "\n".join(lines)

@@ -24,6 +24,7 @@ from pathlib import Path
 # the CLI builds its --help from this registry.
 from ..config import CONFIG_NAME, WEIGHTS_NAME, PreprocessConfig, RINEConfig
 from ..errors import UnknownNameError
+from ..fileio import atomic_file
 
 logger = logging.getLogger(__name__)
 
@@ -242,10 +243,9 @@ def _download(url: str, dest: Path, expected_blob_sha1: str, timeout: float = 30
     from .checkpoints import git_blob_sha1
 
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as out:
+    # Renamed into place only once verified (an exception leaves `dest` untouched).
+    with atomic_file(dest, suffix=".part") as tmp:
+        with open(tmp, "wb") as out:
             request = urllib.request.Request(url, headers={"User-Agent": "rine"})
             with urllib.request.urlopen(request, timeout=timeout) as response:
                 total = int(response.headers.get("Content-Length") or 0) or None
@@ -263,9 +263,6 @@ def _download(url: str, dest: Path, expected_blob_sha1: str, timeout: float = 30
                 f"downloaded {url} but its git blob id is {actual}, expected {expected_blob_sha1}; "
                 "the file is corrupt or not the official one"
             )
-        tmp.replace(dest)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _head_piece(spec: PretrainedSpec, reason: str, backbone_given: str | None) -> MissingPiece:

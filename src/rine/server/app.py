@@ -39,15 +39,12 @@ from .client_side import (
     client_info,
 )
 from .guards import PAGE_CSP, AllowedHosts, SecurityHeaders, same_site
-from .limits import (  # noqa: F401  (display_name, load_error_status: imported from here before the split)
+from .limits import (
     FILES_FIELD,
-    MB,
     HTTPError,
     ServerSettings,
     _mb,
     _UploadReader,
-    display_name,
-    load_error_status,
 )
 from .metrics import ServiceMetrics, refusal_kind
 from .service import Service

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .features import FeatureStore
+from ..data.tap_store import FeatureStore
 from .trainer import (
     StoreTaps,
     TrainConfig,

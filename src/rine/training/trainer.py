@@ -29,10 +29,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import metrics
 from ..config import HeadConfig, PreprocessConfig, RINEConfig
-from ..evaluation import metrics
+from ..data.datasets import Item
+from ..data.tap_store import FeatureStore
 from ..model.head import RINEHead
-from .features import FeatureStore, Item
 from .losses import rine_loss
 
 logger = logging.getLogger(__name__)
@@ -152,9 +153,10 @@ class ImageTaps:
 
     def taps(self, epoch: int, positions: np.ndarray) -> torch.Tensor:
         from ..data.preprocess import normalize
-        from .features import _load_views, backbone_mean, backbone_std
+        from ..data.tap_extract import load_views
+        from .features import backbone_mean, backbone_std
 
-        loaded = list(self.pool.map(lambda p: _load_views(self.items[p], int(p), self._view_of(epoch), 1, None), positions))
+        loaded = list(self.pool.map(lambda p: load_views(self.items[p], int(p), self._view_of(epoch), 1, None), positions))
         bad = [self.items[p].path for p, v in zip(positions, loaded, strict=True) if isinstance(v, str)]
         if bad:
             raise ValueError(f"unreadable training images: {bad[:3]}")

@@ -1,5 +1,11 @@
 """The tap store on disk: sharded, resumable, memory-mapped backbone taps (format `rine-features/1`).
 
+One format, one writer (`StoreWriter`), whichever engine computes the taps: `rine extract`
+(`rine.training.features`), eval's cached scoring (`rine.evaluation.scoring`) and `rine batch
+--taps` (Ray actors) all commit shards through it, so readers cannot tell them apart. NumPy
+only: it sits in the data layer, below training and evaluation, and decoding workers import
+this package.
+
 The backbone is frozen, so its taps of an image view never change: extracting them once
 and training the head on the stored taps is the same computation as running the encoder
 in every training step. A store holds, per image and per view, the taps
@@ -13,7 +19,8 @@ Layout of a store folder:
     commits.jsonl      one line per finished shard: the source of truth
 
 Resumability (also against kill -9): a shard's array is written to a temporary name,
-fsynced and renamed, and only then is its line appended to `commits.jsonl` (and fsynced).
+fsynced and renamed (`rine.fileio`), and only then is its line appended to `commits.jsonl`
+(and fsynced).
 A shard without a complete commit line does not exist: a rerun rewrites it. A torn last
 line is cut off. Rows come in a fixed order (shard, item, view), and a view depends only
 on (seed, item, view), so a resumed store has exactly the rows of an uninterrupted one.
@@ -31,14 +38,14 @@ import hashlib
 import json
 import logging
 import math
-import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..data.datasets import Item
+from ..fileio import append_durably, atomic_write
+from .datasets import Item
 
 logger = logging.getLogger(__name__)
 
@@ -50,9 +57,6 @@ DTYPES = ("float16", "float32", "bfloat16")
 # Keys that must agree between a store and a run that adds rows to it.
 IDENTITY_KEYS = ("format", "backbone", "revision", "transform", "seed", "dtype", "views",
                  "blocks", "width", "image_size", "shard_size", "n_items", "items_sha1", "precision")  # fmt: skip
-
-MakeViews = Callable[[Any, int, int], np.ndarray]
-
 
 class StoreError(ValueError):
     """A store that cannot be read or extended; `str()` is a user-facing message."""
@@ -215,29 +219,6 @@ def _read_commits(path: Path) -> tuple[list[dict], int]:
 # --------------------------------------------------------------------------- writing
 
 
-def _write_atomic(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, mode) as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _check_identity(root: Path, old: dict, new: dict) -> None:
     diffs = [k for k in IDENTITY_KEYS if old.get(k) != new.get(k)]
     if diffs:
@@ -246,6 +227,80 @@ def _check_identity(root: Path, old: dict, new: dict) -> None:
             f"{root} was made with different settings and rows cannot be mixed ({lines}). "
             "Use another output folder, or rerun with the store's settings."
         )
+
+
+class StoreWriter:
+    """Creates (or reopens) a store folder and commits shards, whoever computed their taps.
+
+    backbone_meta: backbone (its source), revision, blocks, width, image_size of the encoder
+    that made the taps; with the other arguments it forms meta.json, and reopening a store
+    made with different settings raises StoreError (rows of two settings never mix). On
+    (re)opening, a torn last commit line left by a killed run is cut off and stale `*.tmp`
+    files are removed. `done` holds the shards already committed (a rerun skips them);
+    `commit(k, ...)` writes shard k atomically, then appends its commit line (fsynced).
+    """
+
+    def __init__(self, out_dir: str | Path, backbone_meta: dict[str, Any], items: Sequence[Item], transform_id: str,
+                 views: int, seed: int, dtype: str, shard_size: int, extra_meta: dict[str, Any] | None = None):  # fmt: skip
+        if dtype not in ("float16", "float32"):
+            raise ValueError(f"dtype must be float16 or float32, got {dtype!r}")
+        if views < 1 or shard_size < 1:
+            raise ValueError("views and shard_size must be at least 1")
+        self.items = [Item(str(it.path), int(it.label), str(it.set)) for it in items]
+        self.root = Path(out_dir).expanduser()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.dtype, self.shard_size = dtype, int(shard_size)
+        self.row_shape = (int(backbone_meta["blocks"]), int(backbone_meta["width"]))
+        self.meta = {"format": FORMAT, "backbone": str(backbone_meta["backbone"]), "revision": backbone_meta["revision"],
+                     "transform": transform_id, "seed": int(seed), "dtype": dtype, "views": int(views),
+                     "blocks": self.row_shape[0], "width": self.row_shape[1],
+                     "image_size": int(backbone_meta["image_size"]), "shard_size": self.shard_size,
+                     "n_items": len(self.items), "items_sha1": items_sha1(self.items), **(extra_meta or {})}  # fmt: skip
+        meta_path = self.root / META_NAME
+        if meta_path.is_file():
+            _check_identity(self.root, json.loads(meta_path.read_text(encoding="utf-8")), self.meta)
+        else:
+            payload = {"paths": [i.path for i in self.items], "labels": [i.label for i in self.items],
+                       "sets": [i.set for i in self.items]}  # fmt: skip
+            atomic_write(self.root / ITEMS_NAME, json.dumps(payload))
+            # meta.json last: a folder with meta.json always has its items.json
+            atomic_write(meta_path, json.dumps(self.meta, indent=2) + "\n")
+        self.commits_path = self.root / COMMITS_NAME
+        commits, good = _read_commits(self.commits_path)
+        if self.commits_path.is_file() and self.commits_path.stat().st_size != good:
+            logger.warning("%s: dropping a torn commit line left by an interrupted run", self.commits_path)
+            with open(self.commits_path, "r+b") as f:
+                f.truncate(good)
+        self.done = {c["shard"] for c in commits}
+        for stale in self.root.glob("*.tmp"):
+            stale.unlink()
+        self.n_shards = math.ceil(len(self.items) / self.shard_size)
+
+    def shard_range(self, shard: int) -> tuple[int, int]:
+        """Items [start, stop) of shard `shard`."""
+        return shard * self.shard_size, min(len(self.items), (shard + 1) * self.shard_size)
+
+    def todo(self) -> list[int]:
+        """The shards not committed yet, in order."""
+        return [k for k in range(self.n_shards) if k not in self.done]
+
+    def commit(self, shard: int, taps: np.ndarray, row_items: Sequence[int], row_views: Sequence[int],
+               errors: Sequence[Sequence]) -> None:  # fmt: skip
+        """Write shard `shard`: taps [rows, blocks, width] in (item, view) order, with each row's
+        item and view, and [item, reason] of its unreadable items."""
+        array = np.asarray(taps, dtype=self.dtype).reshape(-1, *self.row_shape)
+        start, stop = self.shard_range(shard)
+        name = f"shard-{shard:06d}.npy"
+        atomic_write(self.root / name, lambda f: np.save(f, array, allow_pickle=False))
+        line = {"shard": shard, "file": name, "rows": len(array), "start": start, "stop": stop,
+                "items": [int(i) for i in row_items], "views": [int(v) for v in row_views],
+                "errors": [[int(i), str(r)] for i, r in errors]}  # fmt: skip
+        append_durably(self.commits_path, (json.dumps(line) + "\n").encode())
+        self.done.add(shard)
+
+    def open(self) -> FeatureStore:
+        """The store as written so far, opened for reading."""
+        return FeatureStore.open(self.root)
 
 
 def iter_shards(store: FeatureStore) -> Iterable[tuple[int, np.ndarray]]:

@@ -211,7 +211,7 @@ def metadata_seeds() -> dict[str, bytes]:
 
 def fuzz_provenance(data: bytes, extra_memory: int) -> tuple[int, int]:
     """Read provenance in a (memory-capped) worker: (signals, errors). Anything raised is a finding."""
-    from archives_jobs import _limit_memory
+    from support.archives_jobs import _limit_memory
 
     try:
         _limit_memory(extra_memory)
