@@ -10,7 +10,8 @@ pytest.importorskip("c2pa")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from rine.provenance.types import TrustConfig  # noqa: E402
-from rine.server import ServerSettings, create_app  # noqa: E402
+from rine.server.app import create_app  # noqa: E402
+from rine.server.limits import ServerSettings  # noqa: E402
 
 from support import provenance_files as pf  # noqa: E402
 
