@@ -114,6 +114,18 @@ def int8_unavailable(args: argparse.Namespace) -> str | None:
     return why(torch.device(args.device))
 
 
+def bf16_apart_unavailable(args: argparse.Namespace) -> str | None:
+    """Row (i), bf16, is measured where auto is not bf16 but bf16 runs natively (auto is
+    int8-smooth on CPUs with VNNI/AMX-INT8): the mode auto ran before it."""
+    from rine.model.accel import cpu_has_native_bf16, resolve_precision
+
+    device = torch.device(args.device)
+    if device.type != "cpu" or not cpu_has_native_bf16():
+        return "bf16 is not native here"
+    auto = resolve_precision("auto", device)
+    return "auto is bf16 here: row (c)" if auto == "bf16" else None
+
+
 @dataclass(frozen=True)
 class Row:
     mode: str  # the child's --mode
@@ -137,6 +149,7 @@ ROWS = (
     Row("auto+provenance", "(p)", lambda p: f"ours auto={p} + provenance", score_detector,
         wanted=lambda a: not getattr(a, "no_provenance", False)),
     Row("int8", "(f)", lambda p: "ours int8", score_detector, wanted=lambda a: not a.no_int8, unavailable=int8_unavailable),
+    Row("bf16", "(i)", lambda p: "ours bf16", score_detector, unavailable=bf16_apart_unavailable),
 )
 BY_MODE = {row.mode: row for row in ROWS}
 

@@ -74,7 +74,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"refuse larger files (default {DEFAULT_MAX_BYTES // 2**20}M)")  # fmt: skip
     e.add_argument("--temp-dir", default=None, metavar="DIR", help="session folder of the local Ray (default Ray's, /tmp/ray)")
     e.add_argument("--stall-timeout", type=float, default=600.0, metavar="SECONDS",
-                   help="fail the job if it makes no progress this long (default 600)")  # fmt: skip
+                   help="fail the job if it makes no progress this long (default 600; a lost node that "
+                        "leaves the plan unschedulable stops it at once)")  # fmt: skip
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
     t = p.add_argument_group("taps (instead of scores: a feature store for rine train / rine grid)")
     t.add_argument("--taps", action="store_true", help="store the per-block taps of --backbone, as rine extract does")

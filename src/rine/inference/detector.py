@@ -232,8 +232,8 @@ class Detector:
         self.requested_precision = precision
         # The concrete mode ("fp32", "bf16", "fp16"): "auto" is resolved here, once.
         self.precision = resolve_precision(precision, self.device)
-        if compile and self.precision == "int8":
-            raise ValueError("--compile does not apply to --precision int8 (its oneDNN kernels run uncompiled); drop one of them")
+        if compile and self.precision.startswith("int8"):
+            raise ValueError(f"--compile does not apply to --precision {self.precision} (its oneDNN kernels run uncompiled); drop one of them")
         self.model = model.to(self.device).eval()
         self.config = config
         # logit -> probability, cut, verdict: the one post-processing step of every record path
