@@ -19,6 +19,8 @@ run, each in its own subprocess (so that peak RSS is that mode's own):
   with --stability also (s) ours auto with `--stability` (docs/stability.md): expected about
       1 / (1 + 4 conditions) of (c)'s images/s; a line gives the ratio and the re-encoding's
       own work (timed apart on one thread) as a share of (s)'s time per image,
+  (p) (c) plus the provenance records `rine detect` adds (rine.provenance, read ahead in a
+      thread): its cost is the gap to (c), at most 5 % on ViT-L/14 (--no-provenance leaves it out),
 and (c) again on half the images, to show that peak memory does not grow with the
 number of images. It prints images/s, the ratio to (a), peak RSS, the largest
 probability difference to fp32, and the fraction of the machine's attainable matmul
@@ -76,6 +78,7 @@ def main() -> None:
     p.add_argument("--decoder", default="auto", choices=("auto", "threads", "processes"), help="our decoding workers (default: the Detector's choice)")
     p.add_argument("--repeat", type=int, default=1, help="repeat each mode, report the median images/s")
     p.add_argument("--no-int8", action="store_true", help="leave out (f), --precision int8")
+    p.add_argument("--no-provenance", action="store_true", help="leave out (p), (c) with the provenance records rine detect adds")
     p.add_argument("--compile", action="store_true", help="also measure (d) fp32 and (e) auto with --compile "
                    "(torch.compile; its compile time is reported, not counted in images/s)")  # fmt: skip
     p.add_argument("--stability", action="store_true", help="also (s): --stability, each image and its 4 re-encoded "

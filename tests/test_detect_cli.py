@@ -354,8 +354,9 @@ def test_resume_refuses_a_csv_with_other_columns(capsys, tmp_path, tiny_checkpoi
     plain, decided = tmp_path / "plain.csv", tmp_path / "decided.csv"
     assert run_cli(capsys, "detect", *images[:2], *model, "-o", str(plain))[0] == 0
     assert run_cli(capsys, "detect", *images[:2], *model, "--threshold", "0.7", "-o", str(decided))[0] == 0
-    assert plain.read_bytes().startswith(b"path,prob_fake,logit,is_fake,error\r\n")
-    assert decided.read_bytes().startswith(b"path,prob_fake,logit,is_fake,error,threshold,verdict\r\n")
+    # the detector's columns first, then the provenance columns and the combined decision
+    assert plain.read_bytes().startswith(b"path,prob_fake,logit,is_fake,error,provenance_source_type,")
+    assert decided.read_bytes().startswith(b"path,prob_fake,logit,is_fake,error,threshold,verdict,provenance_source_type,")
     plain.write_bytes(plain.read_bytes() + b"cut.png,0.4")  # killed while writing a row
     import rine.inference.detector as detector_module
 
@@ -365,13 +366,14 @@ def test_resume_refuses_a_csv_with_other_columns(capsys, tmp_path, tiny_checkpoi
         raise AssertionError("scored although the resume was refused")
 
     monkeypatch.setattr(detector_module.Detector, "predict_iter", no_scoring)
-    for out, extra, theirs, ours in ((plain, ("--threshold", "0.7"), "error", "error,threshold,verdict"),
-                                     (decided, (), "error,threshold,verdict", "error (")):  # fmt: skip
+    prov = "provenance_source_type"  # the provenance columns follow the detector's
+    for out, extra, theirs, ours in ((plain, ("--threshold", "0.7"), f"error,{prov}", f"error,threshold,verdict,{prov}"),
+                                     (decided, (), f"error,threshold,verdict,{prov}", f"error,{prov}")):  # fmt: skip
         before = out.read_bytes()
         code, _, err = run_cli(capsys, "detect", *images, *model, *extra, "-o", str(out), "--resume")
         assert code == 2, err
-        assert str(out) in err and f"has the columns path,prob_fake,logit,is_fake,{theirs}, but" in err, err
-        assert f"this run writes path,prob_fake,logit,is_fake,{ours}" in err, err
+        assert str(out) in err and f"has the columns path,prob_fake,logit,is_fake,{theirs}," in err, err
+        assert f"this run writes path,prob_fake,logit,is_fake,{ours}," in err, err
         assert "another -o" in err and "without --resume" in err
         assert out.read_bytes() == before
     # The same columns: the cut row goes, the third image is appended, the first two are kept.

@@ -98,8 +98,15 @@ def score_detector(args: argparse.Namespace, paths: list[str], state: dict, head
     model_mb = current_rss_mb()
     reset_peaks(args.device)
     t0 = time.perf_counter()
-    preds = list(det.predict_iter(paths, batch_size=batch, num_workers=workers, decoder=args.decoder,
-                                  stability=stability))  # fmt: skip
+    scored = det.predict_iter(paths, batch_size=batch, num_workers=workers, decoder=args.decoder,
+                             stability=stability)
+    if extra == "provenance":  # as rine detect does: read ahead in a thread, one record per prediction
+        from rine.provenance.records import read_files, with_provenance
+
+        provenances = read_files(paths)
+        preds = [p for p in scored if with_provenance(p.to_dict(), next(provenances)) is not None]
+    else:
+        preds = list(scored)
     elapsed = time.perf_counter() - t0
     probs = np.array([p.prob_fake for p in preds], dtype=np.float64)
     more = reencode_seconds(paths, config.preprocess) if stability else None
@@ -162,6 +169,9 @@ ROWS = (
     Row("auto", "(c)", lambda p: f"ours auto={p}", score_detector),
     Row("fp32+compile", "(d)", lambda p: "ours fp32 compiled", score_detector, wanted=lambda a: a.compile),
     Row("auto+compile", "(e)", lambda p: f"ours {p} compiled", score_detector, wanted=lambda a: a.compile),
+    # the cost of the provenance records (rine.provenance), to compare with (c): at most 5 %
+    Row("auto+provenance", "(p)", lambda p: f"ours auto={p} + provenance", score_detector,
+        wanted=lambda a: not getattr(a, "no_provenance", False)),
     Row("int8", "(f)", lambda p: "ours int8", score_detector, wanted=lambda a: not a.no_int8, unavailable=int8_unavailable),
     Row("bf16", "(i)", lambda p: "ours bf16", score_detector, unavailable=bf16_apart_unavailable),
     Row("auto+stability", "(s)", lambda p: f"ours {p} --stability", score_detector,

@@ -45,6 +45,7 @@ from .common import (
     shown,
     sigterm_as_interrupt,
 )
+from .provenance import add_trust_option, resolve_trust
 from .resume import (
     check_columns,
     csv_fields,
@@ -84,6 +85,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "or a table on a terminal, jsonl otherwise")
     o.add_argument("--output", "-o", metavar="FILE", help="write results here instead of standard output")
     o.add_argument("--blocks", action="store_true", help="include each image's per-block contribution (json/jsonl)")
+    o.add_argument("--no-provenance", action="store_true", help="leave out what each file declares about its origin "
+                   "(the `provenance` record, CSV's provenance_* columns and the combined `decision`; docs/provenance.md)")
+    add_trust_option(o)
     o.add_argument(
         "--resume",
         action="store_true",
@@ -120,7 +124,7 @@ class _Writer:
     """Writes records as they arrive for streaming formats (nothing lost on interrupt)."""
 
     def __init__(self, stream: TextIO, fmt: str, with_blocks: bool, header: bool = True,
-                 fields: tuple[str, ...] = csv_fields(False, False)):  # fmt: skip
+                 fields: tuple[str, ...] = csv_fields(False, False, False)):  # fmt: skip
         self.stream, self.fmt, self.with_blocks = stream, fmt, with_blocks
         self.rows: list[dict] = []
         if fmt == "csv":
@@ -171,8 +175,18 @@ def _table(rows: list[dict]) -> str:
             verdict = r.get("verdict") or ("synthetic" if r["is_fake"] else "real")
             if r.get("stability") and r["stability"]["flips"]:
                 verdict += f": {r['stability']['reason']}"
-            out.write(f"{path:<{width}}  {r['prob_fake']:>9.4f}  {verdict}\n")
+            out.write(f"{path:<{width}}  {r['prob_fake']:>9.4f}  {verdict}{_declared(r)}\n")
     return out.getvalue()
+
+
+def _declared(r: dict) -> str:
+    """What the file declares, beside the verdict (only when it declares something)."""
+    p, d = r.get("provenance"), r.get("decision") or {}
+    if not p or not p.get("digital_source_type"):
+        return ""
+    how = "verified" if p["verified"] else "unverified"
+    decided = f"; decision: {d['decision']}" if p["verified"] and d.get("decision") else ""
+    return f"  (declares {p['digital_source_type']}, {how}{decided})"
 
 
 def format_for(output: str | None) -> str:
@@ -196,9 +210,21 @@ def _report_scan(skipped: Skipped, n_duplicates: int) -> None:
               "folder also given): each file is scored once", file=sys.stderr)  # fmt: skip
 
 
+def _with_provenance(record: dict, provenance, fmt: str) -> dict:
+    """The detector's record plus the provenance (JSON) or its flat columns (CSV) and the
+    combined decision; the detector's own fields stay as they are."""
+    from ..provenance.records import flat_columns, with_provenance
+
+    return {**record, **flat_columns(record, provenance)} if fmt == "csv" else with_provenance(record, provenance)
+
+
 def run(args: argparse.Namespace) -> int:
     if args.decode_timeout < 0:
         return fail("--decode-timeout must be at least 0 (0: no limit)")
+    try:
+        trust = None if args.no_provenance else resolve_trust(args)
+    except ValueError as e:
+        return fail(f"{e} (--trust-anchors or $RINE_TRUST_ANCHORS)")
     try:
         output = check_output_file(args.output, "--output") if args.output else None
         if resolve_backend(args) == "torch":  # ONNX Runtime checks its own providers
@@ -235,7 +261,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         detector = load_detector(args, keep_reference=False)  # scoring only: half the memory
         apply_decision_options(detector, args)
-        fields = csv_fields(detector.decision.reports_threshold, args.stability)
+        fields = csv_fields(detector.decision.reports_threshold, args.stability, trust is not None)
         if plan is not None:
             # Only now are the columns of this run known (a calibrated model adds two): a
             # file with others is refused before anything is scored or cut off.
@@ -258,6 +284,16 @@ def run(args: argparse.Namespace) -> int:
             stdout_errors = stream.errors
             stream.reconfigure(errors=errors)
     writer = _Writer(stream, fmt, args.blocks, header=header, fields=fields)
+    add = writer.add
+    provenances = None
+    if trust is not None:
+        from ..provenance.records import read_files
+
+        # read in a background thread, ahead of the scoring, in the same order
+        provenances = read_files(paths, trust, max_bytes=args.max_bytes)
+
+        def add(record: dict, provenance=None) -> None:
+            writer.add(_with_provenance(record, provenance, fmt))
     n_failed = n_written = n_pixels = n_bytes = 0
     # SIGTERM (kill, a CI timeout, a service manager) stops the run as Ctrl-C does: the records
     # written stay, the decoding workers are stopped, and the resume hint is printed.
@@ -266,7 +302,7 @@ def run(args: argparse.Namespace) -> int:
             from ..inference.detector import Prediction
 
             for path, reason in unreadable:  # folders that could not be listed
-                writer.add(Prediction(path=path, error=reason).to_dict(with_blocks=args.blocks))
+                add(Prediction(path=path, error=reason).to_dict(with_blocks=args.blocks))
                 n_failed += 1
             for pred in detector.predict_iter(
                 paths,
@@ -279,7 +315,11 @@ def run(args: argparse.Namespace) -> int:
                 n_failed += pred.error is not None
                 n_pixels += pred.error_kind == "too_many_pixels"
                 n_bytes += pred.error_kind == "too_large"
-                writer.add(pred.to_dict(with_blocks=args.blocks))
+                record = pred.to_dict(with_blocks=args.blocks)
+                if provenances is not None:
+                    add(record, next(provenances))
+                else:
+                    add(record)
                 n_written += 1
         except KeyboardInterrupt:
             if args.output and fmt in ("jsonl", "csv"):
@@ -287,6 +327,8 @@ def run(args: argparse.Namespace) -> int:
                       "with --resume to score the rest", file=sys.stderr)  # fmt: skip
             raise
         finally:
+            if provenances is not None:
+                provenances.close()
             writer.close()
             if output is not None:
                 stream.close()

@@ -22,12 +22,22 @@ CSV_FIELDS_DECIDED = (*CSV_FIELDS, "threshold", "verdict")
 # --stability: also the spread, the flips, the reason and each re-encoding's probability
 CSV_FIELDS_STABILITY = (*CSV_FIELDS_DECIDED, "stability_spread", "stability_flips", "stability_reason",
                         *(f"stability_{c}" for c in DEFAULT_CONDITIONS))  # fmt: skip
-HEADERS = (CSV_FIELDS, CSV_FIELDS_DECIDED, CSV_FIELDS_STABILITY)
 
 
-def csv_fields(decided: bool, stability: bool) -> tuple[str, ...]:
-    """The columns of a csv this run writes."""
-    return CSV_FIELDS_STABILITY if stability else CSV_FIELDS_DECIDED if decided else CSV_FIELDS
+def csv_fields(decided: bool, stability: bool, provenance: bool) -> tuple[str, ...]:
+    """The columns a csv of this run has: the detector's (with the cut and the verdict when
+    calibrated, thresholded or --stability), the stability columns with --stability, then
+    (unless --no-provenance) the provenance columns and the combined decision
+    (rine.provenance.records.CSV_FIELDS)."""
+    from ..provenance.records import CSV_FIELDS as PROVENANCE_FIELDS
+
+    base = CSV_FIELDS_STABILITY if stability else CSV_FIELDS_DECIDED if decided else CSV_FIELDS
+    return (*base, *PROVENANCE_FIELDS) if provenance else base
+
+
+def known_headers() -> list[tuple[str, ...]]:
+    """Every header rine detect writes, for recognising a csv (or a cut first line)."""
+    return [csv_fields(d, s, p) for d in (False, True) for s in (False, True) for p in (False, True)]
 
 
 def is_cut_record(tail: bytes, fmt: str, first_line: bool) -> bool:
@@ -37,7 +47,7 @@ def is_cut_record(tail: bytes, fmt: str, first_line: bool) -> bool:
     if fmt == "jsonl":
         return tail.startswith(b'{"path": ') or b'{"path": '.startswith(tail)
     if first_line:  # a header, cut
-        return any((",".join(f) + "\r\n").encode().startswith(tail) for f in HEADERS)
+        return any((",".join(f) + "\r\n").encode().startswith(tail) for f in known_headers())
     for cut in range(4):  # the last UTF-8 character may itself be cut
         try:
             text = tail[: len(tail) - cut].decode("utf-8")
@@ -53,7 +63,7 @@ def is_cut_record(tail: bytes, fmt: str, first_line: bool) -> bool:
         elif ch in "\r\n" and not in_quotes:
             return False
     fields = next(csv.reader(io.StringIO(text, newline="")), [])
-    return len(fields) <= max(map(len, HEADERS))
+    return len(fields) <= max(map(len, known_headers()))
 
 
 @dataclass
@@ -99,7 +109,7 @@ def read_earlier(output: Path, fmt: str) -> Earlier:
         rows = csv.reader(io.StringIO(text, newline=""), strict=True)
         try:
             header = next(rows, None)
-            if header is not None and tuple(header) not in HEADERS:
+            if header is not None and tuple(header) not in known_headers():
                 raise CLIError(f"--resume: {output} has the header {header}, not rine detect's {list(CSV_FIELDS)}{redo}")
             columns = None if header is None else tuple(header)
             for row in rows:
@@ -128,7 +138,7 @@ def check_columns(output: Path, earlier: Earlier, fields: tuple[str, ...]) -> No
     raise CLIError(
         f"--resume: {output} has the columns {','.join(earlier.columns)}, but this run writes "
         f"{','.join(fields)} (threshold and verdict come with a calibrated model, --threshold or "
-        "--uncertain-band, the stability columns with --stability); appending would mix rows of two widths. The file is left as it was: "
+        "--uncertain-band, the stability columns with --stability, the provenance columns unless --no-provenance); appending would mix rows of two widths. The file is left as it was: "
         "write this run to a new file (another -o), rerun without --resume to score every input "
         "again (the file is then overwritten), or resume with the model and options of the first run"
     )

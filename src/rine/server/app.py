@@ -69,6 +69,9 @@ class ImageResult(BaseModel):
     threshold: float | None = None  # the cut that made is_fake (calibrated model, override or stability)
     # with the form field stability=true: conditions (name -> prob_fake), spread, flips, flipped, reason
     stability: dict[str, Any] | None = None
+    # what the file declares about its origin (docs/provenance.md) and the combined decision
+    provenance: dict[str, Any] | None = None
+    decision: dict[str, Any] | None = None
 
 
 class DetectResponse(BaseModel):

@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from ..data.images import ImageLoadError
+from ..provenance.types import TrustConfig
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +57,9 @@ class ServerSettings:
     # A refusal sent before the body has arrived reads and drops up to this much of the rest,
     # so that clients that send the whole body before reading get the answer, not a reset.
     drain_bytes: int = 64 * MB
+    # What each upload declares about its origin (rine.provenance), beside its score; C2PA
+    # manifests are verified against these anchors (None: no provenance in the results).
+    trust: TrustConfig | None = field(default_factory=TrustConfig)
 
     def __post_init__(self) -> None:
         if self.max_request_bytes < self.max_file_bytes:

@@ -21,6 +21,9 @@ from ..data.images import ImageLoadError
 from ..data.jpeg_crop import decode_views
 from ..data.reencode import StabilityViews, resolve_conditions, stability_views
 from ..inference.stability import decide_with_stability, stability_fields
+from ..provenance.reader import read_provenance
+from ..provenance.records import with_provenance
+from ..provenance.types import Provenance
 from .batching import Batcher, Overloaded, ScoringFailed, ViewScores
 from .limits import (
     HTTPError,
@@ -131,6 +134,15 @@ class Service:
             reason = (str(e).splitlines() or [type(e).__name__])[0][:200]
             raise ImageLoadError(f"corrupt or truncated image: {reason}", "corrupt") from None
 
+    def provenance(self, data: bytes) -> Provenance | None:
+        """What the upload declares about its origin; runs in the decode pool. Never fails the
+        request: a reader fault is logged and the result carries no provenance."""
+        try:
+            return read_provenance(data, trust=self.settings.trust)
+        except Exception as e:  # noqa: BLE001 - evidence is optional, the score is not
+            logger.warning("provenance reader failed: %s", type(e).__name__, exc_info=True)
+            return None
+
     def model_info(self) -> dict[str, Any]:
         cfg = self.detector.config
         return {
@@ -157,6 +169,7 @@ class Service:
         s = self.settings
         records: list[dict[str, Any] | None] = [None] * len(uploads)
         decodes: dict[int, asyncio.Future] = {}
+        provenances: dict[int, asyncio.Future] = {}
         request_pixels = _PixelBudget(s.max_request_pixels)
         for i, up in enumerate(uploads):
             if up.too_large:
@@ -165,8 +178,11 @@ class Service:
                 records[i] = _error_record(up.filename, 422, "empty file")
             else:
                 # in a copy of the request's context: the decoder's log lines carry its request id
+                data = bytes(up.data)
                 decodes[i] = loop.run_in_executor(self.decode_pool, contextvars.copy_context().run, self.prepare,
-                                                  bytes(up.data), request_pixels, stability)
+                                                  data, request_pixels, stability)
+                if s.trust is not None:  # metadata only, no pixels but lossless files' watermark check
+                    provenances[i] = loop.run_in_executor(self.decode_pool, contextvars.copy_context().run, self.provenance, data)
                 # The pool holds its own copy; the request's buffer can go now.
                 up.data = bytearray()
         scores: dict[int, asyncio.Future] = {}
@@ -213,8 +229,10 @@ class Service:
                         raise vs
                     else:
                         records[i] = self._record(uploads[i].filename, vs, prepared.get(i))
+                        if i in provenances:
+                            records[i] = with_provenance(records[i], await asyncio.wait_for(provenances[i], remaining()))
         finally:
-            for fut in list(decodes.values()) + list(scores.values()):
+            for fut in list(decodes.values()) + list(scores.values()) + list(provenances.values()):
                 fut.cancel()
         return [r for r in records if r is not None]
 

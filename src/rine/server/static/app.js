@@ -254,6 +254,8 @@ function showResult(card, r) {
     fig.insertBefore(barChart(r.block_importance), fig.firstChild);
     fig.hidden = false;
   }
+  const prov = card.querySelector(".provenance");
+  if (prov) prov.hidden = !renderProvenance(prov, r, !!r.client_side);  // provenance.js
   card.dataset.state = "done";
 }
 
