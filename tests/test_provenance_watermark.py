@@ -110,3 +110,8 @@ def test_watermark_decoded_only_at_widths_a_generator_writes(monkeypatch):
     assert decoded == []
     cut = read_provenance(pf.encode(marked[:1021].copy(), "PNG"))
     assert decoded and cut.basis == "watermark:dwtDct:sdxl"
+    # and the gate loses nothing the full decode would find: cut sideways, the mark is gone
+    from rine.provenance.types import ProvenanceLimits
+
+    for sideways in (marked[:, :1020], marked[:, :1023], marked[:, 3:]):
+        assert watermark._find(np.ascontiguousarray(sideways), ProvenanceLimits()) is None
