@@ -451,3 +451,42 @@ def test_taps_store_trains_the_same_weights_as_rine_extract(ray_cluster, tiny_ba
                  "--out", str(tmp_path / "g"), "--factors", "0.1", "--nproj", "1", "--proj-dims", "8",
                  "--epochs", "1", "--batch-size", "4"]) == 0  # fmt: skip
     assert (tmp_path / "g" / "best" / "model.safetensors").is_file()
+
+
+def test_rows_carry_rine_detects_provenance_and_a_job_keeps_its_choice(ray_cluster, tiny_checkpoint_dir, tmp_path):
+    """Rows' provenance (the JSON, the flat columns, the decision) equal `rine detect`'s records:
+    a C2PA file verified under anchors that travel to the decoding tasks, an A1111 PNG, a plain
+    JPEG, a cut PNG (its decoding error keeps its provenance) and a missing file; rerunning the job with --no-provenance is refused."""
+    pytest.importorskip("c2pa")
+    from rine.cli import main
+    from rine.cluster.batch import run_batch
+    from rine.cluster.job import BatchOptionError
+
+    from support import provenance_files as pf
+
+    ca, img, d = pf.make_authority(), pf.texture(240, 8), tmp_path / "imgs"
+    d.mkdir()
+    (tmp_path / "anchors.pem").write_bytes(ca.root_pem)
+    (d / "signed.jpg").write_bytes(pf.sign(pf.encode(img, "JPEG", quality=90), "image/jpeg", ca, "trainedAlgorithmicMedia"))
+    (d / "a1111.png").write_bytes(a1111 := pf.png_with_text(img, [("tEXt", "parameters", pf.A1111_PARAMETERS)]))
+    (d / "cut.png").write_bytes(a1111[: len(a1111) // 2])  # a decoding error, with provenance beside it
+    (d / "plain.jpg").write_bytes(pf.encode(img, "JPEG", quality=90))
+    names = [str(d / n) for n in ("signed.jpg", "a1111.png", "plain.jpg", "cut.png")] + [str(tmp_path / "missing.png")]
+    anchors = str(tmp_path / "anchors.pem")
+    assert main(["detect", *names, "--model", str(tiny_checkpoint_dir), "--precision", "fp32", "--no-progress",
+                 "--trust-anchors", anchors, "-o", str(tmp_path / "d.jsonl")]) == 1  # fmt: skip
+    detect = {r["path"]: r for r in map(json.loads, (tmp_path / "d.jsonl").read_text().splitlines())}
+    out = tmp_path / "out"
+    assert run_batch(_cfg(names, out, tiny_checkpoint_dir, trust_anchors=anchors)).exit_code == 1
+    rows = {r["path"]: r for r in _records(out)}
+    for path, want in detect.items():
+        row, prov = rows[path], want["provenance"]
+        assert (json.loads(row["provenance"]) if row["provenance"] else None) == prov
+        assert (row["decision"], row["decision_basis"]) == (want["decision"]["decision"], want["decision"]["basis"])
+        assert row["provenance_verified"] == (prov["verified"] if prov else None)
+        assert row["provenance_source_type"] == (prov and prov["digital_source_type"])
+    assert rows[names[0]]["decision"] == "synthetic" and rows[names[0]]["provenance_verified"] is True
+    assert "unverified declaration" in rows[names[1]]["decision_basis"] and rows[names[4]]["provenance"] is None
+    assert rows[names[3]]["error"] and json.loads(rows[names[3]]["provenance"])["basis"] == "png:parameters"
+    with pytest.raises(BatchOptionError, match="provenance differ"):
+        run_batch(_cfg(names, out, tiny_checkpoint_dir, provenance=False))

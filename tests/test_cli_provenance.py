@@ -84,3 +84,33 @@ def test_csv_and_table(files, capsys, tmp_path):
     assert rows["a1111.png"]["provenance_signals"] == "png-text:png:parameters"
     assert main(["provenance", "--format", "table", str(files / "sub" / "plain.webp")]) == 0
     assert "absence proves nothing" in capsys.readouterr().out
+
+
+def test_batch_refuses_bad_anchors_before_starting_ray(files, capsys, tmp_path, monkeypatch):
+    """`rine batch` checks the anchors (the option, else $RINE_TRUST_ANCHORS) up front: exit 2
+    naming the file and the option, no output folder job started; --no-provenance skips them."""
+    pytest.importorskip("ray")
+    import rine.cluster.batch
+
+    started = []
+    monkeypatch.setattr(rine.cluster.batch, "run_batch", lambda cfg: started.append(cfg) or pytest.fail("ran"))
+    (tmp_path / "x.pem").write_text("not a certificate")
+    monkeypatch.setenv("RINE_TRUST_ANCHORS", str(tmp_path / "x.pem"))
+    assert main(["batch", str(files / "signed.jpg"), "--out", str(tmp_path / "out"), "--model", "m"]) == 2
+    err = capsys.readouterr().err
+    assert "x.pem holds no PEM certificate" in err and "--trust-anchors or $RINE_TRUST_ANCHORS" in err and not started
+    monkeypatch.setattr(rine.cluster.batch, "run_batch", lambda cfg: started.append(cfg) or _Done())
+    assert main(["batch", str(files / "signed.jpg"), "--out", str(tmp_path / "out"), "--model", "m",
+                 "--no-provenance"]) == 0  # fmt: skip
+    assert started[0].provenance is False
+
+
+class _Done:
+    """A finished `run_batch` result for the CLI's summary lines."""
+
+    error, skipped_shards, written, seconds, images_per_s, exit_code = None, 0, 0, 0.0, 0.0, 0
+
+    class reconciliation:  # noqa: N801 - stands in for an attribute
+        n_inputs = scored = errors = 0
+        missing: list = []
+        complete = True

@@ -96,3 +96,22 @@ def test_pixels_given_give_the_same_signal(sdxl_png):
     pixels = np.asarray(Image.open(io.BytesIO(sdxl_png)).convert("RGB"))
     assert read_provenance(sdxl_png, pixels=pixels).to_dict() == read_provenance(sdxl_png).to_dict()
     assert read_provenance(sdxl_png, pixels=pf.texture(1024, 5)).signals == []  # the pixels given are what is read
+
+
+def test_watermark_decoded_only_at_widths_a_generator_writes(monkeypatch):
+    """The gate that spares the second decode: a width that is not a multiple of 8 (resized,
+    cropped sideways: the block numbering is lost) is not decoded; a height cut at the bottom
+    still is, and still finds the mark (a gate on the height, or on both sides, would lose it)."""
+    decoded = []
+    real = watermark.block_votes
+    monkeypatch.setattr(watermark, "block_votes", lambda bgr: decoded.append(bgr.shape) or real(bgr))
+    marked = pf.sdxl_watermarked(pf.texture(1024, 5))
+    assert read_provenance(pf.encode(marked[:, :1020].copy(), "PNG")).signals == []
+    assert decoded == []
+    cut = read_provenance(pf.encode(marked[:1021].copy(), "PNG"))
+    assert decoded and cut.basis == "watermark:dwtDct:sdxl"
+    # and the gate loses nothing the full decode would find: cut sideways, the mark is gone
+    from rine.provenance.types import ProvenanceLimits
+
+    for sideways in (marked[:, :1020], marked[:, :1023], marked[:, 3:]):
+        assert watermark._find(np.ascontiguousarray(sideways), ProvenanceLimits()) is None

@@ -10,9 +10,11 @@ INPUT: image files, folders (recursive), globs, or manifests (.csv, .jsonl, .par
 `path` column and optional `label` and `set` columns; paths and manifests may be URIs that
 pyarrow reads (s3://, gs://, file://). Images are read by the workers, not by this process.
 
-Output: OUT/part-NNNNNN.parquet (columns path, prob_fake, logit, is_fake, error, [label, set],
-item) and OUT/_manifest.json (the model, its config, the settings and the counts). Records
-equal `rine detect`'s for the same files. With --taps, OUT is a feature store that `rine train
+Output: OUT/part-NNNNNN.parquet (columns path, prob_fake, logit, is_fake, error, the
+provenance columns, [label, set], item) and OUT/_manifest.json (the model, its config, the
+settings and the counts). Records equal `rine detect`'s for the same files: `provenance` is
+the JSON of its record's provenance object, with the flat provenance_* columns and the
+combined decision, decision_basis of its CSV (--no-provenance leaves them out). With --taps, OUT is a feature store that `rine train
 --features` and `rine grid` read, shard for shard what `rine extract` writes.
 
 Interrupted (Ctrl-C, kill -9, a lost cluster)? Run the same command again: finished shards
@@ -37,6 +39,7 @@ from .common import (
     pixel_count,
     positive_int,
 )
+from .provenance import add_trust_option, resolve_trust
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -82,6 +85,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "about 5x the encoder's work, re-encoding in the decoding tasks): records gain threshold, "
                         "verdict (uncertain when a re-encoding flips the call), stability_spread, stability_flips, "
                         "stability_reason and one probability per re-encoding. A job keeps the choice it started with")  # fmt: skip
+    p.add_argument("--no-provenance", action="store_true", help="leave out what each file declares about its origin "
+                   "(the provenance, provenance_* and decision columns; docs/provenance.md). A job keeps the choice it "
+                   "started with")  # fmt: skip
+    add_trust_option(p)
     t = p.add_argument_group("taps (instead of scores: a feature store for rine train / rine grid)")
     t.add_argument("--taps", action="store_true", help="store the per-block taps of --backbone, as rine extract does")
     t.add_argument("--transform", choices=("train", "center", "ten"), default="center",
@@ -113,9 +120,15 @@ def run(args: argparse.Namespace) -> int:
         precision = "fp32"  # rine extract's default
     if args.stability and args.taps:
         return fail("--stability scores images; --taps stores taps: choose one")
+    if not args.no_provenance and not args.taps:
+        try:
+            resolve_trust(args)  # here, to name the file before Ray starts
+        except ValueError as e:
+            return fail(f"{e} (--trust-anchors or $RINE_TRUST_ANCHORS)")
     cfg = BatchConfig(
         inputs=list(args.inputs), out=str(out), model=args.model, backbone=args.backbone, revision=args.revision,
         head=args.head, crop=args.crop, device=args.device, precision=precision, stability=args.stability, taps=args.taps,
+        provenance=not args.no_provenance, trust_anchors=args.trust_anchors,
         transform=args.transform, views=args.views, seed=args.seed, dtype=args.dtype, address=args.address,
         num_gpus=args.num_gpus, actors=args.actors, actor_cpus=args.actor_cpus, batch_size=args.batch_size,
         decode_batch=args.decode_batch, buffer_mb=args.buffer_mb, decode_tasks=args.decode_tasks, shard_size=args.shard_size, max_pixels=args.max_pixels,

@@ -46,6 +46,7 @@ from .job import (
     identity,
     open_job,
     part_committer,
+    resolve_trust,
     score_schema,
     store_committer,
     taps_setup,
@@ -119,6 +120,7 @@ def run_batch(cfg: BatchConfig) -> BatchResult:
     shard_size = cfg.shard_size or (1024 if cfg.taps else 4096)
     n_shards = math.ceil(len(inputs) / shard_size)
 
+    trust = None  # --taps: no records to carry provenance
     if cfg.taps:
         writer, views, size, actor_kwargs, row_shape = taps_setup(cfg, inputs, shard_size)
         model = {k: actor_kwargs[k] for k in ("backbone", "revision", "precision")}
@@ -134,15 +136,19 @@ def run_batch(cfg: BatchConfig) -> BatchResult:
         for stale in out.glob("part-*.tmp"):  # a temporary of `fileio.atomic_write`
             stale.unlink()
         done = set(committed_parts(out))
-        commit = part_committer(out, score_schema(inputs, cfg.stability))
-        spec = DecodeSpec("score", preprocess=config.preprocess, decode_fn=cfg.decode_fn, decode=decode_options(cfg))
+        trust = resolve_trust(cfg)
+        commit = part_committer(out, score_schema(inputs, cfg.stability, trust is not None))
+        spec = DecodeSpec("score", preprocess=config.preprocess, decode_fn=cfg.decode_fn, decode=decode_options(cfg),
+                          trust=trust)  # fmt: skip
+        if trust is not None:
+            spec.preload = (*spec.preload, "rine.provenance.reader")
         if cfg.stability:  # each image decoded once in full, re-encoded in the decoding task
             from ..data.reencode import DEFAULT_CONDITIONS
 
             spec.stability, spec.preload = DEFAULT_CONDITIONS, (*spec.preload, "rine.data.reencode")
         actor_cls = resolve(cfg.scorer)
         actor_kwargs = {"model": model}
-    ident = identity(cfg, inputs, shard_size, model)
+    ident = identity(cfg, inputs, shard_size, model, trust)
     manifest = open_job(out, ident)
     manifest.update(config=asdict(cfg), model=model, model_config=config_dict, shard_size=shard_size,
                     n_shards=n_shards, status="running")  # fmt: skip

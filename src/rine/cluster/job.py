@@ -6,6 +6,7 @@ See `rine.cluster.batch` for the pipeline and the exactly-once protocol.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from .reconcile import Reconciliation, committed_parts, part_name
 
 if TYPE_CHECKING:
     from ..config import RINEConfig
+    from ..provenance.types import TrustConfig
 
 FORMAT = "rine-batch/1"
 MANIFEST_NAME = "_manifest.json"
@@ -53,6 +55,10 @@ class BatchConfig:
     precision: str = "auto"
     # --stability: each image also scored under the re-encodings of docs/stability.md
     stability: bool = False
+    # provenance (as `rine detect`): each record also carries what the file declares about its
+    # origin (docs/provenance.md), verified against these PEM trust anchors (None: $RINE_TRUST_ANCHORS)
+    provenance: bool = True
+    trust_anchors: str | None = None
     # --taps: `rine extract`'s store instead of scores
     taps: bool = False
     transform: str = "center"
@@ -126,15 +132,33 @@ def describe_model(cfg: BatchConfig) -> tuple[dict[str, Any], RINEConfig]:
     return spec, config
 
 
-def identity(cfg: BatchConfig, inputs: InputList, shard_size: int, model: dict) -> dict[str, Any]:
-    """What must not change between the runs of one job (a rerun with other settings would mix records)."""
+def identity(cfg: BatchConfig, inputs: InputList, shard_size: int, model: dict,
+             trust: TrustConfig | None = None) -> dict[str, Any]:  # fmt: skip
+    """What must not change between the runs of one job (a rerun with other settings would mix
+    records). `trust`: the provenance trust anchors (None: provenance off)."""
     keys = ("taps", "max_pixels", "max_bytes") + (("transform", "views", "seed", "dtype") if cfg.taps else ())
     ident = {"format": FORMAT, "inputs_sha1": inputs.sha1(), "n_inputs": len(inputs), "shard_size": shard_size,
              **{k: getattr(cfg, k) for k in keys}}  # fmt: skip
     ident["model"] = {k: v for k, v in model.items() if k != "device"}
     if cfg.stability:  # only then: the identity of the jobs started before the option is unchanged
         ident["stability"] = True
+    if trust is not None:  # only then, as stability: a job started before provenance resumes with --no-provenance
+        pem = (trust.anchors_pem or "").encode()
+        ident["provenance"] = {"trust_anchors_sha256": hashlib.sha256(pem).hexdigest() if pem else None}
     return ident
+
+
+def resolve_trust(cfg: BatchConfig) -> TrustConfig | None:
+    """The job's trust anchors (its `trust_anchors`, else $RINE_TRUST_ANCHORS, else none);
+    None with provenance off."""
+    from ..provenance.types import TrustConfig
+
+    if not cfg.provenance or cfg.taps:
+        return None
+    try:
+        return TrustConfig.resolve(cfg.trust_anchors)
+    except ValueError as e:
+        raise BatchOptionError(f"{e} ({{trust_anchors}} or $RINE_TRUST_ANCHORS)") from None
 
 
 def open_job(out: Path, identity: dict) -> dict:
@@ -187,8 +211,12 @@ class ShardBuffer:
         return new
 
 
-def score_schema(inputs: InputList, stability: bool = False):
+def score_schema(inputs: InputList, stability: bool = False, provenance: bool = False):
+    """The columns of a scores job's parts; with `provenance`, `provenance` (the JSON of `rine
+    detect`'s record), its flat CSV columns and the combined `decision` / `decision_basis`."""
     import pyarrow as pa
+
+    from ..provenance.records import CSV_FIELDS
 
     fields = [("path", pa.string()), ("prob_fake", pa.float64()), ("logit", pa.float64()), ("is_fake", pa.bool_()),
               ("error", pa.string())]  # fmt: skip
@@ -196,6 +224,9 @@ def score_schema(inputs: InputList, stability: bool = False):
         text, count = ("verdict", "stability_reason"), ("stability_flips",)
         fields += [(c, pa.string() if c in text else pa.int64() if c in count else pa.float64())
                    for c in stability_columns()]  # fmt: skip
+    if provenance:
+        fields += [("provenance", pa.string()),
+                   *((c, pa.bool_() if c == "provenance_verified" else pa.string()) for c in CSV_FIELDS)]  # fmt: skip
     if inputs.has_label:
         fields.append(("label", pa.int64()))
     if inputs.has_set:

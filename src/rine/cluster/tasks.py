@@ -102,6 +102,40 @@ def tap_views_of(source: str, item: int, transform: str, seed: int, size: int, v
         return str(e) or type(e).__name__
 
 
+def provenance_of(source: str, trust, max_bytes: int | None) -> str | None:
+    """What the file declares about its origin (`rine.provenance`), as the JSON of `rine
+    detect`'s `provenance` record; None where the file cannot be read or is over `max_bytes`
+    (as `provenance.records.read_files`: the decoder's error record says why)."""
+    from ..data.images import ImageLoadError
+    from ..provenance.reader import read_provenance
+
+    try:
+        if is_uri(source):
+            data = read_source(source, max_bytes)
+        else:
+            if max_bytes is not None and os.stat(source).st_size > max_bytes:
+                return None
+            with open(source, "rb") as f:
+                data = f.read()
+    except (OSError, ImageLoadError):
+        return None
+    if not data:
+        return None
+    return json.dumps(read_provenance(data, filename=source, trust=trust).to_dict())
+
+
+def with_provenance_of(fn: Callable[..., Any], args: tuple, trust) -> tuple[Any, str | None]:
+    """In a decoding worker process, with provenance: (`fn(*args)`, or the exception it raised,
+    returned so that the file's provenance stays beside its error record; the provenance JSON).
+    Read before decoding, from the file `args[0]` names (again: the page cache holds it)."""
+    source, max_bytes = args[0], args[-1]
+    provenance = provenance_of(source, trust, max_bytes)
+    try:
+        return fn(*args), provenance
+    except Exception as e:  # noqa: BLE001 - the decoder's own error, reported as without provenance
+        return e, provenance
+
+
 @dataclass
 class DecodeSpec:
     """What a decoding task needs (pickled to every task)."""
@@ -116,6 +150,9 @@ class DecodeSpec:
     # limits and timeout; decoding processes per task (a task asks Ray for this many CPUs)
     decode: DecodeOptions = field(default_factory=lambda: DecodeOptions(workers=1, decoder="processes"))
     stability: tuple[str, ...] = ()  # score: the re-encodings each image is also scored under
+    # score: read each file's provenance too, with these anchors (provenance.types.TrustConfig:
+    # the PEM text travels, since workers on a cluster cannot read the driver's file); None: off
+    trust: Any = None
     # The fork server imports these once, so that each decoding process forked from it starts
     # warm: rine detect's decoder, and "__main__" (in a Ray worker: Ray's worker script, which
     # each process would otherwise re-import, about a second each). None of them imports torch.
@@ -150,11 +187,20 @@ def decode_block(batch: pa.Table, spec: DecodeSpec) -> pa.Table:
         fn = tap_views_of
         jobs = ((i, (source_path(rows["source"][i]), rows["item"][i], spec.transform, spec.seed, spec.size, spec.views,
                      spec.decode.max_pixels, spec.decode.max_bytes)) for i in range(n) if errors[i] is None)  # fmt: skip
+    provenance: list[str | None] = [None] * n
+    if spec.mode == "score" and spec.trust is not None:
+        inner = fn
+        fn = with_provenance_of
+        jobs = ((i, (inner, args, spec.trust)) for i, args in jobs)
     kind, workers = spec.decode.decoder, spec.decode.workers or 1
     decoded = ordered_map(fn, jobs, kind=kind, workers=workers, max_in_flight=2 * workers, preload=spec.preload,
                           timeout=spec.decode.timeout)  # fmt: skip
     try:
         for i, result, error in decoded:
+            if spec.trust is not None and error is None:
+                result, provenance[i] = result
+                if isinstance(result, BaseException):
+                    result, error = None, result
             if error is not None:
                 errors[i] = error_text(error, rows["path"][i])  # a crash or timeout: DecoderCrashed's text
             elif isinstance(result, str):  # taps: the reason an image is unusable
@@ -173,6 +219,8 @@ def decode_block(batch: pa.Table, spec: DecodeSpec) -> pa.Table:
     out["error"] = pa.array(errors, pa.string())
     if spec.stability:
         out["applied"], out["skipped"] = pa.array(applied, pa.string()), pa.array(skipped, pa.string())
+    if spec.trust is not None:
+        out["provenance"] = pa.array(provenance, pa.string())
     return pa.table(out)
 
 
@@ -229,6 +277,8 @@ class Scorer:
                    is_fake=pa.array(fake, pa.bool_()), error=batch.column("error"))  # fmt: skip
         if stability:
             out.update(_stability_columns(n, good, preds))
+        if "provenance" in batch.column_names:
+            out.update(_provenance_columns(batch.column("provenance").to_pylist(), good, preds))
         return pa.table(out)
 
 
@@ -245,6 +295,24 @@ def _stability_columns(n: int, good: list[int], preds: list) -> dict[str, pa.Arr
         for c, prob in st["conditions"].items():
             cols[f"stability_{c}"][i] = prob
     return {c: pa.array(v) for c, v in cols.items()}
+
+
+def _provenance_columns(provenance: list[str | None], good: list[int], preds: list) -> dict[str, pa.Array]:
+    """`provenance` (the JSON of rine detect's record), its flat CSV columns and the combined
+    decision (`provenance.records.CSV_FIELDS`; null where rine detect's CSV has an empty cell)."""
+    from ..provenance.records import CSV_FIELDS, flat_columns
+    from ..provenance.types import Provenance
+
+    records: list[dict] = [{"error": "not scored"}] * len(provenance)
+    for i, p in zip(good, preds, strict=True):
+        records[i] = p.to_dict()
+    cols: dict[str, list] = {c: [] for c in CSV_FIELDS}
+    for text, record in zip(provenance, records, strict=True):
+        flat = flat_columns(record, Provenance.from_dict(json.loads(text)) if text else None)
+        for c in CSV_FIELDS:
+            cols[c].append(None if flat[c] == "" else flat[c])
+    return {"provenance": pa.array(provenance, pa.string()),
+            **{c: pa.array(v, pa.bool_() if c == "provenance_verified" else pa.string()) for c, v in cols.items()}}  # fmt: skip
 
 
 class TapEncoder:

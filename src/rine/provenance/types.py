@@ -147,6 +147,11 @@ class Provenance:
             "missing": list(self.missing),
         }
 
+    @classmethod
+    def from_dict(cls, d: dict) -> Provenance:
+        """The inverse of `to_dict` (a `rine batch` row carries the JSON between its tasks)."""
+        return cls(**{**d, "signals": [Signal(**s) for s in d.get("signals", [])], "missing": list(d.get("missing", []))})
+
     def flat(self) -> dict:
         """For CSV columns: scalars only; the signals as `kind:where` joined by `;`."""
         return {

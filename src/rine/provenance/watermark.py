@@ -78,6 +78,16 @@ def decode_bits(votes: np.ndarray, length: int) -> np.ndarray:
     return (ones / np.maximum(counts, 1)) * 255 > 127
 
 
+def plausible(width: int, height: int) -> bool:
+    """Whether an image of this size can carry a watermark that still decodes: SD and SDXL
+    generate at widths that are multiples of 8 (latents are 1/8 of the image), and the block
+    numbering depends on the width, so an image resized or cropped to another width no longer
+    decodes (its height may be cut: blocks are numbered row by row). imwatermark refuses images
+    under 256x256 pixels. Files that fail this are not decoded at all (the watermark read is
+    the one costly reader: a full second decode of the file)."""
+    return width % 8 == 0 and width * height >= MIN_PIXELS
+
+
 def read(data: bytes, limits: ProvenanceLimits, pixels: np.ndarray | None = None) -> Signal | None:
     """The best-matching known watermark as a signal; None when none reaches its threshold.
     `pixels`: the file's RGB pixels when the caller has decoded them already ([H, W, 3] uint8).
@@ -86,13 +96,13 @@ def read(data: bytes, limits: ProvenanceLimits, pixels: np.ndarray | None = None
     from PIL import Image
 
     if pixels is not None:
-        return _find(pixels, limits) if pixels.shape[0] * pixels.shape[1] >= MIN_PIXELS else None
+        return _find(pixels, limits) if plausible(pixels.shape[1], pixels.shape[0]) else None
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with Image.open(io.BytesIO(data)) as im:  # reads the header only: the size is known before decoding
             if im.width * im.height > limits.watermark_max_pixels:
                 return Signal("watermark", "watermark:dwtDct",
                               error=f"not read: {im.width}x{im.height} is over the {limits.watermark_max_pixels}-pixel cap")  # fmt: skip
-            if im.width * im.height < MIN_PIXELS:
+            if not plausible(im.width, im.height):
                 return None
             rgb = np.asarray(im.convert("RGB"))
     except Exception:  # pixels Pillow refuses: the detector's decoder reports that file's error
