@@ -147,6 +147,21 @@ def test_bad_files_get_error_records_and_the_rest_is_scored(capsys, tmp_path, ti
     # sensitive head in test_folders_globs_csv_and_output_file
 
 
+def test_a_corrupt_avif_is_a_clean_error_record(capsys, tmp_path, tiny_checkpoint_dir):
+    """Pillow's AVIF decoder raises RuntimeError on a broken file: data.images.decode_errors
+    makes it a `corrupt` record, and the other files are scored (it used to stop the run)."""
+    from support.corrupt_images import corrupt_avif
+
+    (tmp_path / "broken.avif").write_bytes(corrupt_avif())
+    write_image(tmp_path / "ok.png", size=(64, 64))
+    code, out, err = run_cli(capsys, "detect", str(tmp_path), "--model", str(tiny_checkpoint_dir), "--format", "jsonl")
+    assert code == 1 and "Traceback" not in err
+    records = {r["path"].split("/")[-1]: r for r in map(json.loads, out.splitlines())}
+    assert records["broken.avif"]["error_kind"] == "corrupt"
+    assert records["broken.avif"]["error"].startswith("corrupt or truncated image: ")
+    assert records["ok.png"]["error"] is None and "error_kind" not in records["ok.png"]
+
+
 def test_ten_crop_is_sigmoid_of_mean_logit(capsys, tmp_path, sensitive_checkpoint_dir, sensitive_detector):
     path = str(write_image(tmp_path / "big.png", size=(700, 500), seed=9))
     code, out, _ = run_cli(

@@ -170,19 +170,22 @@ def test_a_cycle_and_an_upward_import_would_be_caught(tmp_path, monkeypatch):
 
 
 def test_a_library_module_importing_the_cli_would_be_caught(tmp_path, monkeypatch):
-    """Negative control: cluster/job.py importing rine.cli.common inside a function (same rank,
-    so the layer rule lets it pass) is flagged; cli importing cluster is not."""
+    """Negative control: cluster/job.py importing rine.cli.common inside a function, and
+    server/service.py importing rine.cli.common by its absolute name (both the same rank as
+    the CLI, so the layer rule lets them pass) are flagged; cli importing them is not."""
     pkg = tmp_path / "rine"
-    for folder in ("cluster", "cli"):
+    for folder in ("cluster", "cli", "server"):
         (pkg / folder).mkdir(parents=True)
         (pkg / folder / "__init__.py").write_text("")
     (pkg / "__init__.py").write_text("")
-    (pkg / "cli" / "common.py").write_text("from ..cluster import job\n")
+    (pkg / "cli" / "common.py").write_text("from ..cluster import job\nfrom ..server import service\n")
     (pkg / "cluster" / "job.py").write_text("def f():\n    from ..cli.common import error_message\n")
+    (pkg / "server" / "service.py").write_text("import rine.cli.common\n")
     monkeypatch.setattr(__import__(__name__), "SRC", pkg)
     test_imports_flow_downwards()  # the layers alone let it through
     with pytest.raises(AssertionError, match="rine.cluster.job imports rine.cli.common") as caught:
         test_library_code_never_imports_the_cli()
+    assert "rine.server.service imports rine.cli.common" in str(caught.value)
     assert "rine.cli.common imports" not in str(caught.value)
 
 

@@ -31,6 +31,8 @@ from .limits import (
 )
 
 if TYPE_CHECKING:
+    from ..inference.detector import Detector
+    from ..inference.loading import ModelOptions
     from ..model.calibration import DecisionRule
 
 logger = logging.getLogger(__name__)
@@ -64,7 +66,7 @@ class Service:
         return self.batcher is not None
 
     def start(self) -> None:
-        self.decode_pool = ThreadPoolExecutor(self.settings.decode_workers, thread_name_prefix="rine-decode")
+        self.decode_pool = ThreadPoolExecutor(self.settings.decode.workers, thread_name_prefix="rine-decode")
         if self.detector is not None:
             self._activate(self.detector)
         else:
@@ -112,16 +114,12 @@ class Service:
     # -------------------------------------------------------------- work
     def prepare(self, data: bytes, request_pixels: _PixelBudget | None = None) -> np.ndarray:
         """Encoded image bytes -> uint8 views [V, S, S, 3]; runs in the decode pool."""
-        try:
-            # crop-aware for baseline JPEGs, the same bytes as load_image + crop_views otherwise
-            return decode_views(data, self.detector.config.preprocess, max_pixels=self.settings.max_pixels,
-                                max_bytes=self.settings.max_file_bytes,
-                                reserve_pixels=request_pixels.take if request_pixels is not None else None)
-        except RuntimeError as e:
-            # Pillow's AVIF decoder reports a broken file as RuntimeError ("Failed to decode
-            # image: Missing or empty image item"): a corrupt image, not a server fault.
-            reason = (str(e).splitlines() or [type(e).__name__])[0][:200]
-            raise ImageLoadError(f"corrupt or truncated image: {reason}", "corrupt") from None
+        decode = self.settings.decode
+        # crop-aware for baseline JPEGs, the same bytes as load_image + crop_views otherwise;
+        # a file's failure is an ImageLoadError of its kind (data.images.decode_errors)
+        return decode_views(data, self.detector.config.preprocess, max_pixels=decode.max_pixels,
+                            max_bytes=decode.max_bytes,
+                            reserve_pixels=request_pixels.take if request_pixels is not None else None)
 
     def model_info(self) -> dict[str, Any]:
         cfg = self.detector.config
@@ -227,6 +225,19 @@ class Service:
         if rule.reports_threshold:
             record["threshold"] = d.threshold
         return record
+
+
+def load_served(options: ModelOptions, threshold: float | None = None,
+                uncertain_band: float | None = None) -> Detector:
+    """The detector `rine serve` scores with: `options` through the library's one loader
+    (`rine.inference.loading.load_detector`), the fast encoder only (no reference copy: half
+    the memory), then the decision overrides (None: the model's own)."""
+    from ..inference.loading import load_detector
+
+    detector = load_detector(options, keep_reference=False, progress=False)
+    if threshold is not None or uncertain_band is not None:
+        detector.set_decision(threshold, uncertain_band)
+    return detector
 
 
 def decision_rule(detector: Any) -> DecisionRule:
