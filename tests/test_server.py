@@ -297,14 +297,16 @@ def test_not_an_image_is_415(client):
     assert r.status_code == 415
     assert "not an image" in r.json()["detail"]
     assert r.json()["results"][0]["error"] == r.json()["detail"]
+    assert r.json()["results"][0]["error_kind"] == r.json()["error_kind"] == "not_image"
 
 
 def test_truncated_and_empty_are_422(client):
     data = png_bytes((128, 128))
     r = client.post("/v1/detect", files=upload(("cut.png", data[: len(data) // 2])))
     assert r.status_code == 422 and "truncated" in r.json()["detail"]
-    r = client.post("/v1/detect", files=upload(("empty.png", b"")))
-    assert r.status_code == 422 and r.json()["detail"] == "empty file"
+    assert r.json()["results"][0]["error_kind"] == "corrupt"
+    r = client.post("/v1/detect", files=upload(("empty.png", b""), ("ok.png", data)))
+    assert [(x["status"], x["error_kind"]) for x in r.json()["results"]] == [(422, "empty"), (200, None)]
 
 
 class PoisonedDetector(GatedDetector):
@@ -329,6 +331,7 @@ def test_encoder_failure_costs_only_the_image_that_caused_it(tiny_detector):
     assert [x["name"] for x in results] == ["a.png", "black.png", "b.png"]
     assert results[1]["status"] == 500 and results[1]["prob_fake"] is None
     assert "RuntimeError" in results[1]["error"] and "secret" not in r.text
+    assert [x["error_kind"] for x in results] == [None, "scoring_failed", None]
     expected = tiny_detector.predict([Image.open(io.BytesIO(d)) for _, d in files[::2]])
     for got, want in zip(results[::2], expected, strict=True):
         assert got["status"] == 200 and got["prob_fake"] == pytest.approx(want.prob_fake, abs=1e-5)
@@ -353,7 +356,7 @@ def test_file_over_size_limit_is_413(tiny_detector):
         assert r.status_code == 413 and "too large" in r.json()["detail"]
         r = c.post("/v1/detect", files=upload(("big.png", big), ("small.png", small)))
         assert r.status_code == 200
-        assert [x["status"] for x in r.json()["results"]] == [413, 200]
+        assert [(x["status"], x["error_kind"]) for x in r.json()["results"]] == [(413, "too_large"), (200, None)]
         assert c.app.state.service.budget.used == 0
 
 

@@ -69,6 +69,9 @@ class ImageResult(BaseModel):
     verdict: str | None = None  # real, synthetic, or uncertain (in the calibration's band)
     block_importance: list[float] | None = None
     error: str | None = None
+    # with `error`: a stable token to tell refusals apart (too_large, empty, not_image, corrupt,
+    # too_many_pixels, ..., scoring_failed), never the text
+    error_kind: str | None = None
     threshold: float | None = None  # the cut that made is_fake (calibrated model or override)
 
 
@@ -298,7 +301,7 @@ def create_app(
         # Server-Timing lets a client tell time spent here from time spent on the network.
         timing = {"Server-Timing": f"total;dur={1000 * (time.perf_counter() - t_start):.1f}"}
         if len(records) == 1 and records[0]["error"]:
-            return JSONResponse({"detail": records[0]["error"], **body}, status_code=records[0]["status"],
+            return JSONResponse({"detail": records[0]["error"], "error_kind": records[0]["error_kind"], **body}, status_code=records[0]["status"],
                                 headers=timing)
         return JSONResponse(body, headers=timing)
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from ..data.decoding import error_kind
 from ..data.images import ImageLoadError
 from ..data.jpeg_crop import decode_views
 from .batching import Batcher, Overloaded, ScoringFailed, ViewScores
@@ -148,9 +149,10 @@ class Service:
         request_pixels = _PixelBudget(s.max_request_pixels)
         for i, up in enumerate(uploads):
             if up.too_large:
-                records[i] = _error_record(up.filename, 413, f"file too large: over the limit of {_mb(s.max_file_bytes)}")
+                records[i] = _error_record(up.filename, 413, f"file too large: over the limit of {_mb(s.max_file_bytes)}",
+                                           "too_large")
             elif up.size == 0:
-                records[i] = _error_record(up.filename, 422, "empty file")
+                records[i] = _error_record(up.filename, 422, "empty file", "empty")
             else:
                 # in a copy of the request's context: the decoder's log lines carry its request id
                 decodes[i] = loop.run_in_executor(self.decode_pool, contextvars.copy_context().run, self.prepare,
@@ -171,11 +173,12 @@ class Service:
                 except asyncio.TimeoutError:
                     raise self.busy(f"decoding took longer than {s.score_timeout_s:g} s", "timeout") from None
                 except ImageLoadError as e:
-                    records[i] = _error_record(uploads[i].filename, load_error_status(e.kind), str(e))
+                    records[i] = _error_record(uploads[i].filename, load_error_status(e.kind), str(e), e.kind)
                     continue
                 except Exception as e:  # noqa: BLE001 - one bad file must not fail the others
                     logger.warning("unexpected decode error: %s", e, exc_info=True)
-                    records[i] = _error_record(uploads[i].filename, 422, f"cannot decode image: {type(e).__name__}")
+                    records[i] = _error_record(uploads[i].filename, 422, f"cannot decode image: {type(e).__name__}",
+                                               error_kind(e))
                     continue
                 batcher = self.batcher
                 if batcher is None:
@@ -193,7 +196,8 @@ class Service:
                     if isinstance(vs, Overloaded):
                         raise self.busy(str(vs))
                     if isinstance(vs, ScoringFailed):  # the batcher isolated this image's failure
-                        records[i] = _error_record(uploads[i].filename, 500, f"scoring failed ({vs}); see the server log")
+                        records[i] = _error_record(uploads[i].filename, 500, f"scoring failed ({vs}); see the server log",
+                                                   "scoring_failed")
                     elif isinstance(vs, BaseException):
                         raise vs
                     else:
@@ -221,6 +225,7 @@ class Service:
             "verdict": d.verdict,
             "block_importance": [round(float(x), 6) for x in vs.contributions.mean(axis=0)],
             "error": None,
+            "error_kind": None,
         }
         if rule.reports_threshold:
             record["threshold"] = d.threshold
@@ -257,6 +262,8 @@ def _public_source(source: str) -> str:
     return source
 
 
-def _error_record(name: str, status: int, reason: str) -> dict[str, Any]:
+def _error_record(name: str, status: int, reason: str, kind: str) -> dict[str, Any]:
+    """A file's refusal; `kind` is the stable token clients tell errors apart by (the
+    `ImageLoadError` kinds, "error" for an unexpected decoder failure, "scoring_failed")."""
     return {"name": name, "status": status, "prob_fake": None, "logit": None, "is_fake": None,
-            "verdict": None, "block_importance": None, "error": reason}
+            "verdict": None, "block_importance": None, "error": reason, "error_kind": kind}
