@@ -341,19 +341,21 @@ def test_records_equal_rine_detect_with_ten_crop_and_files_that_kill_or_hang_the
     expected = det.predict(others + [str(tmp_path / "missing.png")], decoder="threads")
     for pred in expected:
         rec = by_path[pred.path]
-        assert rec["error"] == pred.error
+        assert (rec["error"], rec["error_kind"]) == (pred.error, pred.error_kind)
         if pred.error is None:
             assert abs(rec["logit"] - pred.logit) < 1e-6 and abs(rec["prob_fake"] - pred.prob_fake) < 1e-6
             assert rec["is_fake"] == pred.is_fake
     assert sum(p.error is None for p in expected) == 8
     assert by_path[str(poison)]["error"] == str(DecoderCrashed())
     assert by_path[str(hangs)]["error"] == str(DecoderTimedOut(10))
+    assert (by_path[str(poison)]["error_kind"], by_path[str(hangs)]["error_kind"]) == ("crashed", "timeout")
     assert by_path[f"file://{imgs[0]}"]["logit"] == pytest.approx(by_path[str(imgs[0])]["logit"], abs=0)
     assert by_path[f"file://{tmp_path / 'missing.png'}"]["error"] == "no such file"
     # s3://: the object's record is the local copy's; a missing key and a listed prefix
     assert by_path[s3_img]["logit"] == pytest.approx(by_path[str(imgs[3])]["logit"], abs=0)
     assert by_path[s3_img]["label"] == 1 and by_path[s3_img]["set"] == "s3"
     assert by_path[f"s3://{S3_BUCKET}/no/such.png"]["error"] == "no such file"
+    assert by_path[f"s3://{S3_BUCKET}/no/such.png"]["error_kind"] == "missing"
     assert by_path[f"{s3_dir}a/img04.png"]["logit"] == pytest.approx(by_path[str(imgs[4])]["logit"], abs=0)
     assert by_path[f"file://{imgs[0]}"]["label"] == 1 and by_path[f"file://{imgs[0]}"]["set"] == "uri"
     assert by_path[str(imgs[1])]["label"] is None

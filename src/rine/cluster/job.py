@@ -187,7 +187,7 @@ def score_schema(inputs: InputList):
     import pyarrow as pa
 
     fields = [("path", pa.string()), ("prob_fake", pa.float64()), ("logit", pa.float64()), ("is_fake", pa.bool_()),
-              ("error", pa.string())]  # fmt: skip
+              ("error", pa.string()), ("error_kind", pa.string())]  # fmt: skip
     if inputs.has_label:
         fields.append(("label", pa.int64()))
     if inputs.has_set:
