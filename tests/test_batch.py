@@ -489,7 +489,8 @@ def test_taps_store_trains_the_same_weights_as_rine_extract(ray_cluster, tiny_ba
     ext, bat = FeatureStore.open(tmp_path / "ext"), FeatureStore.open(tmp_path / "bat")
     assert bat.complete and len(bat) == len(ext) == 2 * (len(items) - 1)
     assert np.array_equal(np.asarray(bat.taps), np.asarray(ext.taps))
-    assert (bat.items.tolist(), bat.views.tolist(), bat.errors) == (ext.items.tolist(), ext.views.tolist(), ext.errors)
+    assert (bat.items.tolist(), bat.views.tolist(), bat.errors, bat.error_kinds) == \
+        (ext.items.tolist(), ext.views.tolist(), ext.errors, ext.error_kinds)
     skip = {"layout", "split", "classes", "root", "inputs"}
     assert {k: v for k, v in bat.meta.items() if k not in skip} == {k: v for k, v in ext.meta.items() if k not in skip}
     train = ["--epochs", "2", "--batch-size", "4", "--nproj", "1", "--proj-dim", "8", "--seed", "1"]

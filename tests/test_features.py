@@ -45,6 +45,7 @@ def test_store_holds_the_backbone_taps(backbone, data, tmp_path):
     assert store.complete and len(store) == len(items) - 1
     assert store.meta["blocks"] == 3 and store.meta["width"] == 64
     assert [p for p, _ in store.errors] == [str(data / "train/car/0_real/broken.png")]
+    assert store.error_kinds == {str(data / "train/car/0_real/broken.png"): "not_image"}  # kept in commits.jsonl
     good = [it for it in items if "broken" not in it.path]
     assert store.paths == [it.path for it in good]
     assert store.labels.tolist() == [it.label for it in good]

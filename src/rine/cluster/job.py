@@ -214,7 +214,7 @@ def store_committer(writer, views: int, row_shape: tuple[int, int], dtype: str):
         taps, row_items, row_views, errors = [], [], [], []
         for r in rows:
             if r["error"] is not None:
-                errors.append([r["item"], r["error"]])
+                errors.append([r["item"], r["error"], r.get("error_kind") or "error"])
                 continue
             arr = np.frombuffer(r["taps"], dtype=dtype).reshape(r["n_views"], *row_shape)
             taps.append(arr)

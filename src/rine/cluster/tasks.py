@@ -81,8 +81,8 @@ def tap_views_of(source: str, item: int, transform: str, seed: int, size: int, v
     """In a decoding worker process: one file -> uint8 views [views, S, S, 3] as `rine extract`
     cuts them (view v of item i depends only on seed, i, v), or (the reason it is unusable, in
     `rine extract`'s words (a store lists its skipped inputs), its `error_kind`)."""
-    from ..data.decoding import error_kind
     from ..data.augment import cut_views, views_for
+    from ..data.decoding import error_kind
     from ..data.images import ImageLoadError
 
     try:
@@ -209,7 +209,7 @@ class Scorer:
 
 class TapEncoder:
     """A Ray Data actor: the backbone is loaded once; each call encodes one batch of decoded
-    rows -> item, path, label, set, error, n_views, taps (bytes of [views, blocks, width] in
+    rows -> item, path, label, set, error, error_kind, n_views, taps (bytes of [views, blocks, width] in
     the store's dtype), with `rine extract`'s forward (normalise, backbone, float, cast)."""
 
     def __init__(self, backbone: str, revision: str | None, device: str, precision: str, dtype: str,
@@ -248,6 +248,6 @@ class TapEncoder:
                 taps[i] = flat[start : start + len(arr)].tobytes()
                 start += len(arr)
         out_cols = {c: batch.column(c) for c in PASS_THROUGH}
-        out_cols.update(error=batch.column("error"), n_views=batch.column("n_views"),
+        out_cols.update(error=batch.column("error"), error_kind=batch.column("error_kind"), n_views=batch.column("n_views"),
                         taps=pa.array(taps, pa.large_binary()))  # fmt: skip
         return pa.table(out_cols)

@@ -21,7 +21,7 @@ import numpy as np
 
 from .augment import cut_views
 from .datasets import Item
-from .decoding import ordered_map
+from .decoding import error_kind, ordered_map
 from .images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageLoadError
 from .parquet import RowError
 from .tap_store import FeatureStore, StoreWriter
@@ -95,9 +95,9 @@ def extract_taps(
 
 
 def load_views(item: Item, index: int, make_views: MakeViews, views: int, max_pixels: int | None,
-               max_bytes: int | None = None, source: Any = None) -> np.ndarray | str:  # fmt: skip
-    """uint8 [views, S, S, 3] (`augment.cut_views`), or the one-line reason the image is
-    unusable; limits left as None are load_image's defaults."""
+               max_bytes: int | None = None, source: Any = None) -> np.ndarray | tuple[str, str]:  # fmt: skip
+    """uint8 [views, S, S, 3] (`augment.cut_views`), or (the one-line reason the image is
+    unusable, its `error_kind`); limits left as None are load_image's defaults."""
     try:
         src = item.path if source is None else source
         if isinstance(src, RowError):
@@ -105,7 +105,7 @@ def load_views(item: Item, index: int, make_views: MakeViews, views: int, max_pi
         return cut_views(src, make_views, index, views, DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels,
                          DEFAULT_MAX_BYTES if max_bytes is None else max_bytes)  # fmt: skip
     except (ImageLoadError, ValueError, OSError) as e:
-        return str(e) or type(e).__name__
+        return str(e) or type(e).__name__, error_kind(e)
 
 
 def _extract_shard(writer: StoreWriter, shard: int, encode: Encode, make_views: MakeViews, views: int,
@@ -135,9 +135,9 @@ def _extract_shard(writer: StoreWriter, shard: int, encode: Encode, make_views: 
         for i, res, error in decoded:
             if error is not None:
                 raise error  # load_views returns the reasons of unusable images; anything else is a bug
-            if isinstance(res, str):
-                logger.warning("skipping %s: %s", items[i].path, res)
-                errors.append([i, res])
+            if isinstance(res, tuple):  # (reason, kind)
+                logger.warning("skipping %s: %s", items[i].path, res[0])
+                errors.append([i, *res])
             else:
                 good.append(res)
                 row_items += [i] * views
