@@ -360,6 +360,28 @@ def test_resume_csv_and_what_it_refuses(capsys, tmp_path, tiny_checkpoint_dir):
     assert code == 2 and "jsonl or csv" in err
 
 
+def test_csv_has_error_kind_and_an_older_csv_resumes_in_its_own_columns(capsys, tmp_path, tiny_checkpoint_dir):
+    """csv rows carry error_kind (last column); a file written before that column existed
+    (path..error) resumes: its new rows have its header's width, not one more column."""
+    images = [str(write_image(tmp_path / f"img{i}.png", (240, 240), seed=i)) for i in range(2)]
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    model = ("--model", str(tiny_checkpoint_dir))
+    new = tmp_path / "new.csv"
+    assert run_cli(capsys, "detect", images[0], str(broken), *model, "-o", str(new))[0] == 1
+    rows = list(csv.DictReader(new.open(newline="")))
+    assert [(r["error"] != "", r["error_kind"]) for r in rows] == [(False, ""), (True, "not_image")]
+
+    old = tmp_path / "old.csv"  # what an earlier rine wrote: five columns
+    old.write_bytes(b"path,prob_fake,logit,is_fake,error\r\n" + f"{images[0]},0.5,0.0,False,\r\n".encode())
+    code, _, err = run_cli(capsys, "detect", images[0], images[1], str(broken), *model, "-o", str(old), "--resume")
+    assert code == 1 and "1 of 3 inputs already have a record" in err, err
+    rows = list(csv.reader(old.open(newline="")))
+    assert rows[0] == ["path", "prob_fake", "logit", "is_fake", "error"]
+    assert [len(r) for r in rows] == [5] * 4 and [r[0] for r in rows[1:]] == [images[0], images[1], str(broken)]
+    assert rows[3][4].startswith("not an image")
+
+
 def test_resume_refuses_a_csv_with_other_columns(capsys, tmp_path, tiny_checkpoint_dir, monkeypatch):
     """An uncalibrated run writes 5 columns, one with a threshold (a calibrated model or
     --threshold) 7: resuming one file with the other run is refused before scoring, the file
@@ -369,8 +391,8 @@ def test_resume_refuses_a_csv_with_other_columns(capsys, tmp_path, tiny_checkpoi
     plain, decided = tmp_path / "plain.csv", tmp_path / "decided.csv"
     assert run_cli(capsys, "detect", *images[:2], *model, "-o", str(plain))[0] == 0
     assert run_cli(capsys, "detect", *images[:2], *model, "--threshold", "0.7", "-o", str(decided))[0] == 0
-    assert plain.read_bytes().startswith(b"path,prob_fake,logit,is_fake,error\r\n")
-    assert decided.read_bytes().startswith(b"path,prob_fake,logit,is_fake,error,threshold,verdict\r\n")
+    assert plain.read_bytes().startswith(b"path,prob_fake,logit,is_fake,error,error_kind\r\n")
+    assert decided.read_bytes().startswith(b"path,prob_fake,logit,is_fake,error,threshold,verdict,error_kind\r\n")
     plain.write_bytes(plain.read_bytes() + b"cut.png,0.4")  # killed while writing a row
     import rine.inference.detector as detector_module
 
@@ -380,8 +402,9 @@ def test_resume_refuses_a_csv_with_other_columns(capsys, tmp_path, tiny_checkpoi
         raise AssertionError("scored although the resume was refused")
 
     monkeypatch.setattr(detector_module.Detector, "predict_iter", no_scoring)
-    for out, extra, theirs, ours in ((plain, ("--threshold", "0.7"), "error", "error,threshold,verdict"),
-                                     (decided, (), "error,threshold,verdict", "error (")):  # fmt: skip
+    for out, extra, theirs, ours in ((plain, ("--threshold", "0.7"), "error,error_kind",
+                                      "error,threshold,verdict,error_kind"),
+                                     (decided, (), "error,threshold,verdict,error_kind", "error,error_kind (")):  # fmt: skip
         before = out.read_bytes()
         code, _, err = run_cli(capsys, "detect", *images, *model, *extra, "-o", str(out), "--resume")
         assert code == 2, err

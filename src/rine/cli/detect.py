@@ -45,9 +45,8 @@ from .common import (
     sigterm_as_interrupt,
 )
 from .resume import (
-    CSV_FIELDS,
-    CSV_FIELDS_DECIDED,
     check_columns,
+    csv_fields,
     drop_unfinished,
     first_seen,
     place_of,
@@ -112,11 +111,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 class _Writer:
     """Writes records as they arrive for streaming formats (nothing lost on interrupt)."""
 
-    def __init__(self, stream: TextIO, fmt: str, with_blocks: bool, header: bool = True, decided: bool = False):
+    def __init__(self, stream: TextIO, fmt: str, with_blocks: bool, header: bool = True,
+                 fields: tuple[str, ...] = ()):  # fmt: skip
         self.stream, self.fmt, self.with_blocks = stream, fmt, with_blocks
         self.rows: list[dict] = []
-        if fmt == "csv":
-            fields = CSV_FIELDS_DECIDED if decided else CSV_FIELDS
+        if fmt == "csv":  # `fields`: resume.csv_fields
             self.csv = csv.DictWriter(stream, fieldnames=fields, extrasaction="ignore")
             if header:
                 self.csv.writeheader()
@@ -221,7 +220,7 @@ def run(args: argparse.Namespace) -> int:
             # Only now are the columns of this run known (a calibrated model adds two): a
             # file with others is refused before anything is scored or cut off.
             if fmt == "csv":
-                check_columns(output, plan.earlier, CSV_FIELDS_DECIDED if decided else CSV_FIELDS)
+                check_columns(output, plan.earlier, csv_fields(decided, plan.earlier.columns))
             drop_unfinished(output, plan.earlier)
     except CLIError as e:
         return fail(str(e))
@@ -238,7 +237,8 @@ def run(args: argparse.Namespace) -> int:
         if fmt == "csv" and hasattr(stream, "reconfigure"):  # a real console stream; set back below
             stdout_errors = stream.errors
             stream.reconfigure(errors=errors)
-    writer = _Writer(stream, fmt, args.blocks, header=header, decided=decided)
+    fields = csv_fields(decided, plan.earlier.columns if plan is not None else None)
+    writer = _Writer(stream, fmt, args.blocks, header=header, fields=fields)
     n_failed = n_written = n_pixels = n_bytes = 0
     # SIGTERM (kill, a CI timeout, a service manager) stops the run as Ctrl-C does: the records
     # written stay, the decoding workers are stopped, and the resume hint is printed.

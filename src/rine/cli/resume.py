@@ -18,6 +18,18 @@ from .common import CLIError
 CSV_FIELDS = ("path", "prob_fake", "logit", "is_fake", "error")
 # a calibrated model (or --threshold / --uncertain-band) adds the cut and the verdict
 CSV_FIELDS_DECIDED = (*CSV_FIELDS, "threshold", "verdict")
+# the error's stable token (rine.data.decoding.error_kind), last: files written before it
+# existed have the two layouts above, and a --resume run goes on in the file's own columns
+KIND = "error_kind"
+CSV_LAYOUTS = (CSV_FIELDS, CSV_FIELDS_DECIDED, (*CSV_FIELDS, KIND), (*CSV_FIELDS_DECIDED, KIND))
+
+
+def csv_fields(decided: bool, earlier_columns: tuple[str, ...] | None = None) -> tuple[str, ...]:
+    """The columns a csv run writes: with threshold and verdict when `decided`, and
+    error_kind, unless it resumes a file written without error_kind (then its own columns,
+    so that every row has the header's width)."""
+    base = CSV_FIELDS_DECIDED if decided else CSV_FIELDS
+    return base if earlier_columns == base else (*base, KIND)
 
 
 def is_cut_record(tail: bytes, fmt: str, first_line: bool) -> bool:
@@ -27,7 +39,7 @@ def is_cut_record(tail: bytes, fmt: str, first_line: bool) -> bool:
     if fmt == "jsonl":
         return tail.startswith(b'{"path": ') or b'{"path": '.startswith(tail)
     if first_line:  # a header, cut
-        return any((",".join(f) + "\r\n").encode().startswith(tail) for f in (CSV_FIELDS, CSV_FIELDS_DECIDED))
+        return any((",".join(f) + "\r\n").encode().startswith(tail) for f in CSV_LAYOUTS)
     for cut in range(4):  # the last UTF-8 character may itself be cut
         try:
             text = tail[: len(tail) - cut].decode("utf-8")
@@ -43,7 +55,7 @@ def is_cut_record(tail: bytes, fmt: str, first_line: bool) -> bool:
         elif ch in "\r\n" and not in_quotes:
             return False
     fields = next(csv.reader(io.StringIO(text, newline="")), [])
-    return len(fields) <= len(CSV_FIELDS_DECIDED)
+    return len(fields) <= max(map(len, CSV_LAYOUTS))
 
 
 @dataclass
@@ -89,7 +101,7 @@ def read_earlier(output: Path, fmt: str) -> Earlier:
         rows = csv.reader(io.StringIO(text, newline=""), strict=True)
         try:
             header = next(rows, None)
-            if header is not None and tuple(header) not in (CSV_FIELDS, CSV_FIELDS_DECIDED):
+            if header is not None and tuple(header) not in CSV_LAYOUTS:
                 raise CLIError(f"--resume: {output} has the header {header}, not rine detect's {list(CSV_FIELDS)}{redo}")
             columns = None if header is None else tuple(header)
             for row in rows:
