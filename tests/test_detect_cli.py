@@ -549,6 +549,7 @@ def test_folders_that_cannot_be_read_are_error_records(capsys, tmp_path, tiny_ch
     assert code == 1 and "1 of 2 inputs could not be scored" in err, err
     assert {r["path"]: r["error"] for r in records} == {
         str(good / "locked"): "cannot read folder: Permission denied", str(good / "a.png"): None}
+    assert {r["path"]: r.get("error_kind") for r in records} == {str(good / "locked"): "unreadable", str(good / "a.png"): None}
     from pathlib import Path
 
     real_is_dir = Path.is_dir

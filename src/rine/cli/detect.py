@@ -247,7 +247,7 @@ def run(args: argparse.Namespace) -> int:
             from ..inference.detector import Prediction
 
             for path, reason in unreadable:  # folders that could not be listed
-                writer.add(Prediction(path=path, error=reason).to_dict(with_blocks=args.blocks))
+                writer.add(Prediction(path=path, error=reason, error_kind="unreadable").to_dict(with_blocks=args.blocks))
                 n_failed += 1
             for pred in detector.predict_iter(
                 paths,
