@@ -330,6 +330,7 @@ def test_records_equal_rine_detect_with_ten_crop_and_files_that_kill_or_hang_the
     from ray.data import DataContext
 
     from rine.cluster.manifest import display_path
+    from rine.data.decoding import DecodeOptions
 
     # the decoded views the object store may hold are bounded (buffer_bytes), not Ray's default
     assert DataContext.get_current().execution_options.resource_limits.object_store_memory == 128 * 2**20
@@ -338,7 +339,7 @@ def test_records_equal_rine_detect_with_ten_crop_and_files_that_kill_or_hang_the
     by_path = {r["path"]: r for r in rows}
     by_path[str(latin1)] = by_path[display_path(str(latin1))]
     others = [str(p) for p in sorted((tmp_path / "imgs").iterdir()) if p not in (poison, hangs)]
-    expected = det.predict(others + [str(tmp_path / "missing.png")], decoder="threads")
+    expected = det.predict(others + [str(tmp_path / "missing.png")], decode=DecodeOptions(decoder="threads"))
     for pred in expected:
         rec = by_path[pred.path]
         assert (rec["error"], rec["error_kind"]) == (pred.error, pred.error_kind)

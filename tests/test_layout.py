@@ -311,6 +311,33 @@ def test_a_re_export_would_be_caught(tmp_path, monkeypatch):
         "tests/test_x.py:1 imports f from rine.model.b", "tests/test_x.py:4 imports X from rine.model.b"]
 
 
+def all_of_lists_imports(path: Path) -> list[str]:
+    """The names in `path`'s `__all__` that the module imports instead of defining."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    listed: list[str] = []
+    imported: set[str] = set()
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "__all__" for t in node.targets):
+            listed = [e.value for e in getattr(node.value, "elts", []) if isinstance(e, ast.Constant)]
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            imported |= {(a.asname or a.name).split(".")[0] for a in node.names}
+    return [n for n in listed if n in imported]
+
+
+def test_all_lists_only_what_a_module_defines():
+    """`__all__` is what a module offers of its own: a name it imports is its home's to list."""
+    found = [f"{module_name(f)}: {', '.join(names)}" for f in sorted(SRC.rglob("*.py"))
+             if (names := all_of_lists_imports(f))]  # fmt: skip
+    assert not found, "__all__ listing imported names:\n" + "\n".join(found)
+
+
+def test_an_imported_name_in_all_would_be_caught(tmp_path):
+    """Negative control: the form inference/detector.py had (an imported constant listed)."""
+    f = tmp_path / "m.py"
+    f.write_text("from x import DECODERS, helper\n\n__all__ = ['DECODERS', 'Detector']\n\nclass Detector: ...\n")
+    assert all_of_lists_imports(f) == ["DECODERS"]
+
+
 def test_no_test_file_imports_another():
     """What several test files share lives in tests/support/ or conftest.py (docs/architecture.md)."""
     tests = SRC.parents[1] / "tests"

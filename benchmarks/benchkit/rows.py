@@ -75,7 +75,7 @@ def score_baseline(args: argparse.Namespace, paths: list[str], state: dict, head
 def score_detector(args: argparse.Namespace, paths: list[str], state: dict, head) -> Scored:
     """Our pipeline: `Detector` in the mode's precision ("fp32", "auto", "int8", "fp32+compile", ...)."""
     from rine.config import PreprocessConfig, RINEConfig
-    from rine.data.decoding import default_decoder, default_workers
+    from rine.data.decoding import DecodeOptions, default_decoder, default_workers
     from rine.inference.detector import Detector, default_batch_size
     from rine.model.rine_model import RINEModel
 
@@ -95,7 +95,7 @@ def score_detector(args: argparse.Namespace, paths: list[str], state: dict, head
     model_mb = current_rss_mb()
     reset_peaks(args.device)
     t0 = time.perf_counter()
-    preds = list(det.predict_iter(paths, batch_size=batch, num_workers=workers, decoder=args.decoder))
+    preds = list(det.predict_iter(paths, batch_size=batch, decode=DecodeOptions(workers=workers, decoder=args.decoder)))
     elapsed = time.perf_counter() - t0
     probs = np.array([p.prob_fake for p in preds], dtype=np.float64)
     return Scored(det.precision, probs, elapsed, model_mb, batch, workers, decoder, warmup_s)

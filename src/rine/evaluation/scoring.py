@@ -248,7 +248,7 @@ def score_set_cached(
     ts: TestSet,
     root,
     batch_size,
-    num_workers,
+    decode: DecodeOptions,
     progress,
     cache_dir: Path,
     cache_dtype: str,
@@ -277,8 +277,7 @@ def score_set_cached(
         store = extract_taps(
             encode, backbone_meta, items, _store_dir(cache_dir, detector, ts, cond, sha), views_of,
             transform_id=f"eval:{pre.crop}:{pre.image_size}:{cond.id}", views=n_views, seed=cond.seed,
-            dtype=cache_dtype, batch_size=batch_size, num_workers=num_workers, progress=progress,
-            max_pixels=getattr(detector, "max_pixels", None), max_bytes=getattr(detector, "max_bytes", None),
+            dtype=cache_dtype, batch_size=batch_size, decode=decode, progress=progress,
             extra_meta={"precision": str(getattr(detector, "precision", "fp32"))},
             sources=None if ts.source is None else ts.source.iter_images,
         )  # fmt: skip

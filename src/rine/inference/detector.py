@@ -9,7 +9,7 @@ decodes and crops them with a bounded number of images in flight, overlapped wit
 the encoder running on the main thread; uint8 crops are batched, copied to the
 device (pinned memory, non-blocking, on CUDA), normalised there and scored.
 The encoder runs through `accel.FastTapEncoder` in the chosen precision
-(`PRECISIONS`, "auto" by default). A file that cannot be read gives a Prediction
+(`rine.config.PRECISIONS`, "auto" by default). A file that cannot be read gives a Prediction
 with `error` set; the others are scored.
 
 The encoder + head call is the Detector's `backend`: `TorchBackend` (the encoder above), or an ONNX
@@ -29,17 +29,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..config import PRECISIONS, PreprocessConfig, RINEConfig
-from ..data.decoding import (
-    DECODERS,
-    DEFAULT_DECODE_TIMEOUT,
-    DecodeOptions,
-    decode_batches,
-    default_decoder,
-    default_workers,
-    error_kind,
-    error_text,
-)
+from ..config import PreprocessConfig, RINEConfig
+from ..data.decoding import DecodeOptions, decode_batches, error_kind, error_text
 from ..data.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from ..data.jpeg_crop import decode_views
 from ..data.preprocess import normalize
@@ -54,13 +45,9 @@ from ..model.rine_model import RINEModel
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "DECODERS",
-    "PRECISIONS",
     "Detector",
     "Prediction",
     "default_batch_size",
-    "default_decoder",
-    "default_workers",
     "prepare_views",
     "resolve_device",
 ]
@@ -413,26 +400,24 @@ class Detector:
         self,
         sources: Iterable[ImageSource],
         batch_size: int | None = None,
-        num_workers: int | None = None,
         progress: bool = False,
         total: int | None = None,
-        decoder: str = "auto",
-        decode_timeout: float | None = DEFAULT_DECODE_TIMEOUT,
         *,
         decode: DecodeOptions | None = None,
     ) -> Iterator[Prediction]:
         """Score a stream of images in input order; failures come back with `error` set.
 
-        `decode` says how images are decoded (`DecodeOptions`: pool, timeout, limits); without
-        it, `num_workers`, `decoder` ("threads" or "processes") and `decode_timeout` (with
-        processes, an image still decoding after this many seconds is skipped, its worker
-        stopped; None: no limit) with the detector's `max_pixels` / `max_bytes`. Defaults:
-        `default_batch_size` / `default_workers` / `default_decoder` of the device."""
+        `decode` says how images are decoded (`DecodeOptions`: image limits, workers, decoder
+        "threads" or "processes", and with processes the per-image timeout after which an image
+        is skipped and its worker stopped); limits it leaves None are the detector's `max_pixels`
+        / `max_bytes`, workers and decoder the device's defaults (`rine.data.decoding.default_workers` / `default_decoder`). Batch
+        size: `default_batch_size`."""
         from tqdm.auto import tqdm
 
-        if decode is None:
-            decode = DecodeOptions(max_pixels=self.max_pixels, max_bytes=self.max_bytes, workers=num_workers,
-                                   decoder=decoder, timeout=decode_timeout)  # fmt: skip
+        decode = decode or DecodeOptions()
+        # limits the options leave open are the detector's own
+        decode = replace(decode, max_pixels=self.max_pixels if decode.max_pixels is None else decode.max_pixels,
+                         max_bytes=self.max_bytes if decode.max_bytes is None else decode.max_bytes)  # fmt: skip
         batch_size = batch_size or default_batch_size(self.device)
         self._plan_batch(batch_size * self.config.preprocess.n_views)
         bar = tqdm(total=total, unit="img", disable=not progress, dynamic_ncols=True)
