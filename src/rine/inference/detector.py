@@ -309,6 +309,8 @@ class Detector:
         source = backbone or config.backbone
         try:
             bb = load_backbone(source, None if backbone else config.backbone_revision)
+        except WeightsUnavailableError:
+            raise  # the model layer's own: its message and its `missing` pieces, as they are
         except Exception as e:  # noqa: BLE001 - hub/network errors have many types
             if backbone is None and not Path(source).exists():
                 raise WeightsUnavailableError(backbone_missing_message(name_or_path, source, e)) from None
