@@ -11,15 +11,22 @@ run, each in its own subprocess (so that peak RSS is that mode's own):
       float32 model with ln_2 hooks (float16 on CUDA, as clip.load leaves it), batch 128,
       capped so that every loader worker gets at least two batches of the benchmark's images),
   (b) ours, --precision fp32,
-  (c) ours, --precision auto (the default),
+  (c) ours, --precision auto (the default: int8-smooth on CPUs with VNNI or AMX-INT8),
   with --compile also (d) fp32 and (e) auto with torch.compile (compile time shown apart),
   (f) ours, --precision int8, on CPUs with VNNI or AMX-INT8 (a line says why where not;
       --no-int8 leaves it out),
+  (i) ours, --precision bf16, where auto is not bf16 (int8-smooth) on a CPU with native bf16,
+  with --stability also (s) ours auto with `--stability` (docs/stability.md): expected about
+      1 / (1 + 4 conditions) of (c)'s images/s; a line gives the ratio and the re-encoding's
+      own work (timed apart on one thread) as a share of (s)'s time per image,
+  (p) (c) plus the provenance records `rine detect` adds (rine.provenance, read ahead in a
+      thread): its cost is the gap to (c), at most 5 % on ViT-L/14 (--no-provenance leaves it out),
 and (c) again on half the images, to show that peak memory does not grow with the
 number of images. It prints images/s, the ratio to (a), peak RSS, the largest
 probability difference to fp32, and the fraction of the machine's attainable matmul
-FLOP/s that (c) and (f) reach (measured here with a large torch.matmul, oneDNN's packed
-linear, and oneDNN's int8 GEMM).
+FLOP/s that (c), (f) and (i) reach (measured here with a large torch.matmul, oneDNN's packed
+linear, and oneDNN's int8 GEMM; int8-smooth, a mix, against its FLOPs' time at each format's
+rate and against the int8 rate).
 
 The parts live in benchmarks/benchkit/: images.py (the image mix), models.py (random
 encoders, heads), machine.py (matmul rates, memory), rows.py (the table's rows, each
@@ -56,7 +63,7 @@ from benchkit.models import (  # noqa: E402, F401
     trained_head,
 )
 from benchkit.report import precision_probe, print_matmul_shares, print_memory, print_table  # noqa: E402
-from benchkit.rows import ROWS, baseline_batch_size, rows_for, run_mode, spawn  # noqa: E402, F401
+from benchkit.rows import ROWS, baseline_batch_size, int8_unavailable, rows_for, run_mode, spawn  # noqa: E402, F401
 
 
 def main() -> None:
@@ -71,8 +78,11 @@ def main() -> None:
     p.add_argument("--decoder", default="auto", choices=("auto", "threads", "processes"), help="our decoding workers (default: the Detector's choice)")
     p.add_argument("--repeat", type=int, default=1, help="repeat each mode, report the median images/s")
     p.add_argument("--no-int8", action="store_true", help="leave out (f), --precision int8")
+    p.add_argument("--no-provenance", action="store_true", help="leave out (p), (c) with the provenance records rine detect adds")
     p.add_argument("--compile", action="store_true", help="also measure (d) fp32 and (e) auto with --compile "
                    "(torch.compile; its compile time is reported, not counted in images/s)")  # fmt: skip
+    p.add_argument("--stability", action="store_true", help="also (s): --stability, each image and its 4 re-encoded "
+                   "copies (docs/stability.md)")  # fmt: skip
     p.add_argument("--onnx", action="store_true", help="also (g) ONNX Runtime fp32 and (h) fp16 rows (benchmarks/onnx_rows.py)")
     p.add_argument("--onnx-opsets", default="20", help="with --onnx: opsets, e.g. 20,23 (fp32 rows for the others)")
     p.add_argument("--device", default="cpu")
@@ -124,7 +134,7 @@ def main() -> None:
             how = f"best of torch.matmul 2048^3 and oneDNN packed linear, {args.threads} threads"
             for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
                 peaks[name] = max(peaks.get(name, 0.0), matmul_gflops(dt))
-            if any(row.mode == "int8" for row in rows):
+            if any(row.mode in ("int8", "auto") for row in rows) and not int8_unavailable(args):
                 how += "; int8: oneDNN int8 GEMM"
                 peaks["int8"] = max(peaks.get("int8", 0.0), int8_matmul_gflops())
         rates = ", ".join(f"{k} {v:.0f}" for k, v in peaks.items())
@@ -146,10 +156,12 @@ def main() -> None:
         half = spawn(args, __file__, arch, "auto", max(1, n // 2), paths_file, calib, head_file)
         med = {m: statistics.median(r["images_per_s"] for r in rs) for m, rs in results.items()}
         print(f"\n## {arch}: head = {Path(head_file).name if head_file else 'random, calibrated to logit std 2'}")
-        probed = ("auto", "int8") if "int8" in results else ("auto",)
+        probed = ("auto", *(m for m in ("bf16", "int8") if m in results))
         precision_probe(arch, paths[:16], head_file, calib, args.device, probed)
         print_table(arch, n, results, med, args, skipped)
         print_memory(n, results, half)
+        if "auto+stability" in results:
+            print_stability(results, med)
         if args.onnx:  # ONNX Runtime rows (g) fp32, (h) fp16: benchmarks/onnx_rows.py
             import onnx_rows
 
@@ -165,6 +177,16 @@ def main() -> None:
         print(f"# load avg after {arch}: {os.getloadavg()[0]:.2f}")
         if not math.isfinite(med["baseline"]):
             raise SystemExit("baseline failed")
+
+
+def print_stability(results: dict[str, list[dict]], med: dict[str, float]) -> None:
+    """(s) against (c): the cost of --stability, and how much of it is re-encoding."""
+    r = results["auto+stability"][0]
+    k = r["conditions"]
+    share = r["reencode_s_per_image"] * med["auto+stability"]  # re-encode seconds / seconds per image
+    print(f"(s) --stability: {med['auto+stability'] / med['auto']:.2f} x (c)'s images/s (1 / (1 + {k}) = "
+          f"{1 / (1 + k):.2f} if only the encoder's work grew); re-encoding alone {1000 * r['reencode_s_per_image']:.0f} "
+          f"ms per image on one thread = {100 * share:.0f} % of (s)'s time per image")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,9 @@ if [[ ! -e /usr/include/jpeglib.h ]] && command -v apt-get >/dev/null 2>&1 && [[
 fi
 if [[ "${1:-}" == "--dev" ]]; then
   python -m pip install --quiet -e ".[dev]"
+  # The reference for the watermark decoder's equality test. Without --no-deps it would pull
+  # opencv-python (clobbering opencv-python-headless's cv2) and an unpinned torch.
+  python -m pip install --quiet --no-deps "invisible-watermark==0.2.0"
   # Browser tests drive Debian's Chromium (Playwright's own browser download is not used).
   if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [[ $(id -u) == 0 ]]; then
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) \

@@ -273,3 +273,50 @@ def _isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("RINE_HEAD_BASE_URL", "http://127.0.0.1:9/unreachable")
     monkeypatch.setenv("RINE_SIDBENCH_BASE_URL", "http://127.0.0.1:9/unreachable")
+
+
+# ---------------------------------------------------------------- --stability (tests/support/stability.py)
+@pytest.fixture(scope="session")
+def stability_inputs(tmp_path_factory):
+    """Photo-like JPEG, PNG, WebP, greyscale, small (< 224) and large inputs: {name: path}."""
+    from support.stability import write_inputs
+
+    return write_inputs(tmp_path_factory.mktemp("stability-inputs"))
+
+
+@pytest.fixture(scope="session")
+def photo_checkpoint(sensitive_checkpoint_dir, stability_inputs, tmp_path_factory):
+    """The sensitive head with its last layer rescaled so that these photos' logits have
+    mean 0 and std 2: probabilities away from 0 and 1, where 1e-5 tells conditions apart."""
+    from rine.inference.detector import Detector
+    from rine.model.checkpoints import save_pretrained
+
+    det = Detector.from_pretrained(str(sensitive_checkpoint_dir), device="cpu", precision="fp32")
+    logits = torch.tensor([p.logit for p in det.predict([str(p) for p in stability_inputs.values()])])
+    with torch.no_grad():
+        last = det.head.head[-1]
+        scale = 2.0 / logits.std()
+        last.weight.mul_(scale)
+        last.bias.copy_((last.bias - logits.mean()) * scale)
+    folder = tmp_path_factory.mktemp("photo-ckpt") / "ckpt"
+    save_pretrained(det.head, det.config, folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def flippy_checkpoint(photo_checkpoint, stability_inputs, tmp_path_factory):
+    """The photo head with its bias moved so that the 0.5 cut lies among the jpeg input's
+    re-encodings: some flip it, some do not."""
+    from rine.inference.detector import Detector
+    from rine.model.checkpoints import save_pretrained
+
+    from support.stability import rule_cutting_between, split_logits, stability_of
+
+    det = Detector.from_pretrained(str(photo_checkpoint), device="cpu", precision="fp32")
+    own, _, sv = stability_of(det, stability_inputs["jpeg"])
+    _, per = split_logits(det.score_views(sv.views)[0], sv.applied, sv.per_image)
+    with torch.no_grad():
+        det.head.head[-1].bias -= rule_cutting_between(list(per.values()), own)
+    folder = tmp_path_factory.mktemp("flippy") / "ckpt"
+    save_pretrained(det.head, det.config, folder)
+    return folder

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -18,43 +17,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, write_image
-
-TESTS = Path(__file__).resolve().parent
-SRC = REPO / "src"
-
-
-def _pids_under(marker: str) -> list[int]:
-    """Processes of a cluster of our own: their command line or environment names `marker`
-    (its session folder, also in RINE_TEST_CLUSTER, which every Ray process inherits: workers
-    rename themselves `ray::...`, so their command line alone would not tell)."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            seen = Path(f"/proc/{entry}/cmdline").read_bytes() + Path(f"/proc/{entry}/environ").read_bytes()
-        except OSError:
-            continue
-        if marker.encode() in seen:
-            pids.append(int(entry))
-    return pids
-
-
-def _kill_cluster(temp_dir: str) -> None:
-    """End the processes of a local Ray started with `temp_dir` (by pid: only ours)."""
-    for pid in _pids_under(temp_dir):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
-def _worker_env() -> dict[str, str]:
-    # Ray workers inherit the driver's environment: they import this worktree's rine and the
-    # fault helpers of support/batch_jobs.py from here.
-    return {"PYTHONPATH": os.pathsep.join([str(SRC), str(TESTS), os.environ.get("PYTHONPATH", "")])}
-
+from conftest import write_image
+from support.ray_cluster import images as _images
+from support.ray_cluster import kill_cluster as _kill_cluster
+from support.ray_cluster import records as _records
+from support.ray_cluster import worker_env as _worker_env
 
 S3_BUCKET = "rine-test"
 
@@ -118,20 +85,6 @@ def _cfg(inputs, out, model, **kw):
     kw.setdefault("decode_batch", 4)
     return BatchConfig(inputs=[str(i) for i in inputs], out=str(out), model=str(model), precision="fp32",
                        progress=False, stall_timeout=60, **kw)  # fmt: skip
-
-
-def _records(out: Path) -> list[dict]:
-    import pyarrow.parquet as pq
-
-    parts = sorted(out.glob("part-*.parquet"))
-    return [r for p in parts for r in pq.read_table(p).to_pylist()]
-
-
-def _images(folder: Path, n: int, seed: int = 0) -> list[Path]:
-    # sizes around 224 (smaller ones are zero-padded, larger cropped) and every mode the loader converts
-    modes = ["RGB", "L", "RGBA"]
-    return [write_image(folder / f"img{i:02d}.png", size=(200 + 17 * i, 230 + 5 * (i % 3)), mode=modes[i % 3],
-                        seed=seed + i) for i in range(n)]  # fmt: skip
 
 
 # --------------------------------------------------------------------------- no cluster

@@ -374,7 +374,8 @@ def test_csv_has_error_kind_and_an_older_csv_resumes_in_its_own_columns(capsys, 
 
     old = tmp_path / "old.csv"  # what an earlier rine wrote: five columns
     old.write_bytes(b"path,prob_fake,logit,is_fake,error\r\n" + f"{images[0]},0.5,0.0,False,\r\n".encode())
-    code, _, err = run_cli(capsys, "detect", images[0], images[1], str(broken), *model, "-o", str(old), "--resume")
+    code, _, err = run_cli(capsys, "detect", images[0], images[1], str(broken), *model, "-o", str(old), "--resume",
+                           "--no-provenance")  # fmt: skip
     assert code == 1 and "1 of 3 inputs already have a record" in err, err
     rows = list(csv.reader(old.open(newline="")))
     assert rows[0] == ["path", "prob_fake", "logit", "is_fake", "error"]
@@ -391,8 +392,10 @@ def test_resume_refuses_a_csv_with_other_columns(capsys, tmp_path, tiny_checkpoi
     plain, decided = tmp_path / "plain.csv", tmp_path / "decided.csv"
     assert run_cli(capsys, "detect", *images[:2], *model, "-o", str(plain))[0] == 0
     assert run_cli(capsys, "detect", *images[:2], *model, "--threshold", "0.7", "-o", str(decided))[0] == 0
-    assert plain.read_bytes().startswith(b"path,prob_fake,logit,is_fake,error,error_kind\r\n")
-    assert decided.read_bytes().startswith(b"path,prob_fake,logit,is_fake,error,threshold,verdict,error_kind\r\n")
+    # the detector's columns first (error_kind beside error), then the provenance columns and the decision
+    assert plain.read_bytes().startswith(b"path,prob_fake,logit,is_fake,error,error_kind,provenance_source_type,")
+    assert decided.read_bytes().startswith(
+        b"path,prob_fake,logit,is_fake,error,error_kind,threshold,verdict,provenance_source_type,")
     plain.write_bytes(plain.read_bytes() + b"cut.png,0.4")  # killed while writing a row
     import rine.inference.detector as detector_module
 
@@ -402,14 +405,16 @@ def test_resume_refuses_a_csv_with_other_columns(capsys, tmp_path, tiny_checkpoi
         raise AssertionError("scored although the resume was refused")
 
     monkeypatch.setattr(detector_module.Detector, "predict_iter", no_scoring)
-    for out, extra, theirs, ours in ((plain, ("--threshold", "0.7"), "error,error_kind",
-                                      "error,threshold,verdict,error_kind"),
-                                     (decided, (), "error,threshold,verdict,error_kind", "error,error_kind (")):  # fmt: skip
+    prov = "provenance_source_type"  # the provenance columns follow the detector's
+    for out, extra, theirs, ours in ((plain, ("--threshold", "0.7"), f"error,error_kind,{prov}",
+                                      f"error,error_kind,threshold,verdict,{prov}"),
+                                     (decided, (), f"error,error_kind,threshold,verdict,{prov}",
+                                      f"error,error_kind,{prov}")):  # fmt: skip
         before = out.read_bytes()
         code, _, err = run_cli(capsys, "detect", *images, *model, *extra, "-o", str(out), "--resume")
         assert code == 2, err
-        assert str(out) in err and f"has the columns path,prob_fake,logit,is_fake,{theirs}, but" in err, err
-        assert f"this run writes path,prob_fake,logit,is_fake,{ours}" in err, err
+        assert str(out) in err and f"has the columns path,prob_fake,logit,is_fake,{theirs}," in err, err
+        assert f"this run writes path,prob_fake,logit,is_fake,{ours}," in err, err
         assert "another -o" in err and "without --resume" in err
         assert out.read_bytes() == before
     # The same columns: the cut row goes, the third image is appended, the first two are kept.

@@ -1,12 +1,15 @@
 """Fuzzing the decode path: every input either scores (gives views) or is refused with
 rine's own `ImageLoadError` and its kind, within a time and a memory bound per input.
 
-Inputs are small valid JPEG, PNG, WebP, GIF, TIFF and BMP files, mutated by hypothesis:
+Inputs are small valid JPEG, PNG, WebP, GIF, TIFF and BMP files, and files carrying the
+metadata rine's provenance reader parses (PNG text chunks, XMP, a C2PA manifest), mutated by hypothesis:
 bit flips, truncations, header fields rewritten (image sizes, with the PNG checksum fixed
 so that the field reaches the decoder), chunks and segments reordered, bytes inserted.
 Each input is decoded in a worker process of rine's own decoder pool, whose address
 space is capped: a crash (a segfault in a C decoder), a hang or a memory blow-up is
-caught there and reported with the input, instead of taking the test run down.
+caught there and reported with the input, instead of taking the test run down. The metadata
+inputs also go through `rine.provenance.reader.read_provenance`, which must return a record
+(bad pieces as signals with an error) rather than raise, crash or stall.
 
 CI runs a short seeded pass (a few seconds). A release check runs a long one:
 
@@ -39,7 +42,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 from rine.data.decoding import _terminate_workers, open_pool  # noqa: E402
 
-from support import archives_jobs  # noqa: E402
+from support import archives_jobs, provenance_files  # noqa: E402
 
 EXAMPLES = int(os.environ.get("RINE_FUZZ_EXAMPLES", "120"))
 _SEED_TEXT = os.environ.get("RINE_FUZZ_SEED", "14")
@@ -76,6 +79,7 @@ def _seed_files() -> dict[str, bytes]:
 
 
 SEEDS = _seed_files()
+META_SEEDS = provenance_files.metadata_seeds()
 
 
 # ---------------------------------------------------------------------- mutations
@@ -112,9 +116,9 @@ def _set_size(data: bytes, width: int, height: int) -> bytes:
 
 
 @st.composite
-def mutated_inputs(draw) -> tuple[str, bytes]:
-    name = draw(st.sampled_from(sorted(SEEDS)))
-    data = SEEDS[name]
+def mutated_inputs(draw, seeds: dict[str, bytes] = SEEDS) -> tuple[str, bytes]:
+    name = draw(st.sampled_from(sorted(seeds)))
+    data = seeds[name]
     steps = []
     # Mostly past the signature (12 bytes covers RIFF....WEBP): a broken signature is only
     # ever "not an image", and the decoders' code is behind it.
@@ -182,6 +186,20 @@ class _Decoder:
         assert kind == "views" and detail == (1, 224, 224, 3) or kind == "refused", (label, outcome)
         return outcome
 
+    def check_provenance(self, data: bytes, label: str) -> tuple[int, int]:
+        """(signals, errors) of the provenance record; fails the test (keeping the input) otherwise."""
+        future = self.pool.submit(provenance_files.fuzz_provenance, data, MEMORY_LIMIT)
+        try:
+            return future.result(timeout=TIME_LIMIT_S)
+        except FutureTimeout:
+            self._restart()
+            self._fail(data, label, f"provenance took longer than {TIME_LIMIT_S:g} s")
+        except BrokenExecutor:
+            self._restart()
+            self._fail(data, label, "provenance crashed its worker process")
+        except Exception as e:  # noqa: BLE001 - the reader must never raise on file content
+            self._fail(data, label, f"provenance raised {type(e).__name__}: {e}"[:300])
+
     def _restart(self) -> None:
         _terminate_workers(self.pool)
         self.pool.shutdown(wait=True)
@@ -221,6 +239,23 @@ def test_mutated_images_score_or_are_refused_with_a_kind(decoder, case):
     decoder.check(data, f"seed {SEED}, {label}")
 
 
+def test_every_metadata_seed_declares_something(decoder):
+    for name, data in META_SEEDS.items():
+        assert decoder.check(data, name)[0] == "views", name
+        n_signals, n_errors = decoder.check_provenance(data, name)
+        assert n_signals >= 1 and n_errors == 0, name
+
+
+@settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=False, print_blob=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])  # fmt: skip
+@hypothesis.seed(SEED)
+@given(case=mutated_inputs(META_SEEDS))
+def test_mutated_metadata_is_read_or_reported(decoder, case):
+    label, data = case
+    decoder.check_provenance(data, f"seed {SEED}, {label}")
+    decoder.check(data, f"seed {SEED}, {label}")  # and the file still scores or is refused
+
+
 def test_fuzz_regressions(decoder):
     """Inputs that once crashed, hung or escaped as a foreign exception (kept after the fix)."""
     paths = sorted(REGRESSIONS.glob("*.bin"))
@@ -228,3 +263,4 @@ def test_fuzz_regressions(decoder):
         pytest.skip(f"no regression input in {REGRESSIONS} yet (see its README.md)")
     for path in paths:
         decoder.check(path.read_bytes(), path.name)
+        decoder.check_provenance(path.read_bytes(), path.name)

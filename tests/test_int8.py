@@ -195,7 +195,9 @@ def test_int8_is_a_precision_but_never_auto(monkeypatch):
     cpu = torch.device("cpu")
     assert "int8" in accel.PRECISIONS
     assert resolve_precision("int8", cpu) == "int8"
-    assert resolve_precision("auto", cpu) == "bf16"  # outside the tolerance: explicit only
+    assert resolve_precision("auto", cpu) == "int8-smooth"  # plain int8 is outside the tolerance: explicit only
+    monkeypatch.setattr(quant, "cpu_int8_isa", lambda: None)
+    assert resolve_precision("auto", cpu) == "bf16"
     monkeypatch.setattr(accel, "cpu_has_native_bf16", lambda: False)
     assert resolve_precision("auto", cpu) == "fp32"
 

@@ -21,7 +21,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "rine"
 
 LAYERS = {  # top-level folder or module under rine -> its rank
     "config": 0, "errors": 0, "fileio": 0, "metrics": 0,
-    "model": 1, "data": 1,
+    "model": 1, "data": 1, "provenance": 1,
     "inference": 2, "training": 2, "evaluation": 2,
     "cli": 3, "server": 3, "cluster": 3, "export": 3, "__main__": 3,
 }  # fmt: skip

@@ -27,6 +27,22 @@ def gflop_per_image(name: str, ours: bool) -> float:
     return total / 1e9
 
 
+def int8_flop_share(name: str, precision: str) -> float:
+    """The share of `gflop_per_image(name, ours=True)` that runs in int8 GEMMs under
+    `precision`'s Int8Plan (rine.model.smooth.PLANS); 0 for the other precisions."""
+    from rine.model.smooth import PLANS
+
+    plan = PLANS.get(precision)
+    if plan is None:
+        return 0.0
+    width, layers, patch, size, _ = SHAPES[name]
+    t, d = (size // patch) ** 2 + 1, width
+    flops = {"qkv": 2 * t * d * 3 * d, "out": 2 * t * d * d, "fc1": 2 * t * d * 4 * d, "fc2": 2 * t * 4 * d * d}
+    int8 = sum(f for i in range(layers) for g, f in flops.items()
+               if plan.int8(i, g, layers) and not (i == layers - 1 and g in ("fc1", "fc2")))  # fmt: skip
+    return int8 / 1e9 / gflop_per_image(name, ours=True)
+
+
 def cuda_matmul_gflops(dtype: torch.dtype, reps: int = 20) -> float:
     """Attainable GPU matmul GFLOP/s for `dtype`: best of `reps` 8192^3 products."""
     a = torch.randn(8192, 8192, device="cuda", dtype=dtype)

@@ -13,9 +13,20 @@ SHAPES = {"ViT-B/32": (768, 12, 32, 224, 512), "ViT-L/14": (1024, 24, 14, 224, 7
 
 
 # ----------------------------------------------------------------------------- inputs
-def random_openai_state(name: str, seed: int = 0) -> dict[str, torch.Tensor]:
+# Channels given large LayerNorm weights by `random_openai_state(outliers=...)`.
+OUTLIER_CHANNELS = (3, 77, 300, 801)
+
+
+def random_openai_state(name: str, seed: int = 0, outliers: float = 0.0) -> dict[str, torch.Tensor]:
     """OpenAI-format visual weights of the real shape, random (std 0.02, unit LayerNorms;
-    patch embedding scaled to unit-variance tokens so that the CLS taps depend on the image)."""
+    patch embedding scaled to unit-variance tokens so that the CLS taps depend on the image).
+
+    outliers > 1: the activation outlier channels that real CLIP (like LLMs) has and random
+    weights lack: in every block, the LayerNorms' weights of `OUTLIER_CHANNELS` are
+    `outliers` (instead of 1), so those channels of the QKV and MLP inputs are that many
+    times larger, and the matching input columns of those GEMMs are divided by
+    sqrt(outliers) (the channels weigh more, not `outliers` times more). A different random
+    network, for testing quantization against a per-tensor activation range."""
     width, layers, patch, size, embed = SHAPES[name]
     g = torch.Generator().manual_seed(seed)
 
@@ -41,6 +52,11 @@ def random_openai_state(name: str, seed: int = 0) -> dict[str, torch.Tensor]:
             p + "mlp.c_fc.weight": r(4 * width, width), p + "mlp.c_fc.bias": r(4 * width),
             p + "mlp.c_proj.weight": r(width, 4 * width), p + "mlp.c_proj.bias": r(width),
         })  # fmt: skip
+        if outliers > 1:
+            ch = list(OUTLIER_CHANNELS)
+            for ln, w in (("ln_1", "attn.in_proj_weight"), ("ln_2", "mlp.c_fc.weight")):
+                sd[p + ln + ".weight"][ch] = outliers
+                sd[p + w][:, ch] /= outliers**0.5
     return sd
 
 

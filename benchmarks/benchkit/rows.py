@@ -43,6 +43,7 @@ class Scored:
     workers: int
     decoder: str
     warmup_s: float | None = None  # compile + first batch, where that is worth showing
+    extra: dict | None = None  # a row's own figures, passed through to the parent's JSON
 
 
 def baseline_batch_size(n: int, workers: int) -> int:
@@ -73,7 +74,8 @@ def score_baseline(args: argparse.Namespace, paths: list[str], state: dict, head
 
 
 def score_detector(args: argparse.Namespace, paths: list[str], state: dict, head) -> Scored:
-    """Our pipeline: `Detector` in the mode's precision ("fp32", "auto", "int8", "fp32+compile", ...)."""
+    """Our pipeline: `Detector` in the mode's precision ("fp32", "auto", "int8", "fp32+compile", ...);
+    "+stability": `--stability` (each image and its 4 re-encoded copies batched together)."""
     from rine.config import PreprocessConfig, RINEConfig
     from rine.data.decoding import DecodeOptions, default_decoder, default_workers
     from rine.inference.detector import Detector, default_batch_size
@@ -85,26 +87,67 @@ def score_detector(args: argparse.Namespace, paths: list[str], state: dict, head
     precision_name, _, extra = args.mode.partition("+")
     det = Detector(RINEModel(backbone, head), config, device=args.device, precision=precision_name,
                    keep_reference=False, compile=extra == "compile")  # as rine detect loads it  # fmt: skip
+    stability = extra == "stability"
     batch = args.batch_size or default_batch_size(det.device)
     workers = args.workers or default_workers(det.device)
     decoder = default_decoder(det.device) if args.decoder == "auto" else args.decoder
     t_warm = time.perf_counter()
-    det.predict(paths[: min(len(paths), batch)], batch_size=batch)  # warm-up at the real batch shape (compiles)
+    det.predict(paths[: min(len(paths), batch)], batch_size=batch, stability=stability)  # warm-up at the real batch shape
     warmup_s = time.perf_counter() - t_warm
     release_free_memory()
     model_mb = current_rss_mb()
     reset_peaks(args.device)
     t0 = time.perf_counter()
-    preds = list(det.predict_iter(paths, batch_size=batch, decode=DecodeOptions(workers=workers, decoder=args.decoder)))
+    scored = det.predict_iter(paths, batch_size=batch, decode=DecodeOptions(workers=workers, decoder=args.decoder),
+                              stability=stability)
+    if extra == "provenance":  # as rine detect does: read ahead in a thread, one record per prediction
+        from rine.provenance.records import read_files, with_provenance
+
+        provenances = read_files(paths)
+        preds = [p for p in scored if with_provenance(p.to_dict(), next(provenances)) is not None]
+    else:
+        preds = list(scored)
     elapsed = time.perf_counter() - t0
     probs = np.array([p.prob_fake for p in preds], dtype=np.float64)
-    return Scored(det.precision, probs, elapsed, model_mb, batch, workers, decoder, warmup_s)
+    more = reencode_seconds(paths, config.preprocess) if stability else None
+    return Scored(det.precision, probs, elapsed, model_mb, batch, workers, decoder, warmup_s, more)
+
+
+def reencode_seconds(paths: list[str], preprocess, k: int = 8) -> dict:
+    """The re-encoding's own work, timed apart after the run on one thread: per image, the
+    stability decode (full decode, 4 re-encodings, crops) minus the usual one (crop-aware),
+    over the first `k` images."""
+    from rine.data.jpeg_crop import decode_views
+    from rine.data.reencode import resolve_conditions, stability_views
+
+    conditions, sample = resolve_conditions(), paths[:k]
+    t0 = time.perf_counter()
+    for path in sample:
+        decode_views(path, preprocess)
+    plain = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for path in sample:
+        stability_views(path, preprocess, conditions)
+    full = time.perf_counter() - t0
+    return {"reencode_s_per_image": (full - plain) / len(sample), "conditions": len(conditions)}
 
 
 def int8_unavailable(args: argparse.Namespace) -> str | None:
     from rine.model.quant import int8_unavailable as why
 
     return why(torch.device(args.device))
+
+
+def bf16_apart_unavailable(args: argparse.Namespace) -> str | None:
+    """Row (i), bf16, is measured where auto is not bf16 but bf16 runs natively (auto is
+    int8-smooth on CPUs with VNNI/AMX-INT8): the mode auto ran before it."""
+    from rine.model.accel import cpu_has_native_bf16, resolve_precision
+
+    device = torch.device(args.device)
+    if device.type != "cpu" or not cpu_has_native_bf16():
+        return "bf16 is not native here"
+    auto = resolve_precision("auto", device)
+    return "auto is bf16 here: row (c)" if auto == "bf16" else None
 
 
 @dataclass(frozen=True)
@@ -126,7 +169,13 @@ ROWS = (
     Row("auto", "(c)", lambda p: f"ours auto={p}", score_detector),
     Row("fp32+compile", "(d)", lambda p: "ours fp32 compiled", score_detector, wanted=lambda a: a.compile),
     Row("auto+compile", "(e)", lambda p: f"ours {p} compiled", score_detector, wanted=lambda a: a.compile),
+    # the cost of the provenance records (rine.provenance), to compare with (c): at most 5 %
+    Row("auto+provenance", "(p)", lambda p: f"ours auto={p} + provenance", score_detector,
+        wanted=lambda a: not getattr(a, "no_provenance", False)),
     Row("int8", "(f)", lambda p: "ours int8", score_detector, wanted=lambda a: not a.no_int8, unavailable=int8_unavailable),
+    Row("bf16", "(i)", lambda p: "ours bf16", score_detector, unavailable=bf16_apart_unavailable),
+    Row("auto+stability", "(s)", lambda p: f"ours {p} --stability", score_detector,
+        wanted=lambda a: getattr(a, "stability", False)),
 )
 BY_MODE = {row.mode: row for row in ROWS}
 
@@ -169,6 +218,7 @@ def run_mode(args: argparse.Namespace) -> dict:
         "workers_peak_rss_mb": children_peak_rss_mb(),
         "probs": [float(p) for p in s.probs],
         "warmup_s": s.warmup_s,
+        **(s.extra or {}),
     }
 
 

@@ -22,7 +22,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 CROP_MODES = ("center", "resize", "ten")
 VIEWS_PER_CROP = {"center": 1, "resize": 1, "ten": 10}  # the views [V, S, S, 3] one image is cut into
 # Numeric modes of the encoder (rine.model.accel): "fp32" is exact, "auto" the fastest within tolerance.
-PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8", "int8-smooth")
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 BLOCK_SELECTIONS = ("all", "last")

@@ -13,7 +13,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-COMMANDS = ("detect", "batch", "eval", "calibrate", "extract", "train", "grid", "serve", "models", "push", "export")
+COMMANDS = ("detect", "batch", "eval", "calibrate", "extract", "train", "grid", "serve", "models", "push", "export", "provenance")
 
 
 def build_parser() -> argparse.ArgumentParser:

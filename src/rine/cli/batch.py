@@ -74,8 +74,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"refuse larger files (default {DEFAULT_MAX_BYTES // 2**20}M)")  # fmt: skip
     e.add_argument("--temp-dir", default=None, metavar="DIR", help="session folder of the local Ray (default Ray's, /tmp/ray)")
     e.add_argument("--stall-timeout", type=float, default=600.0, metavar="SECONDS",
-                   help="fail the job if it makes no progress this long (default 600)")  # fmt: skip
+                   help="fail the job if it makes no progress this long (default 600; a lost node that "
+                        "leaves the plan unschedulable stops it at once)")  # fmt: skip
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--stability", action="store_true",
+                   help="also score each image re-encoded as jpeg90, jpeg70, fit1080 and webp80 (docs/stability.md; "
+                        "about 5x the encoder's work, re-encoding in the decoding tasks): records gain threshold, "
+                        "verdict (uncertain when a re-encoding flips the call), stability_spread, stability_flips, "
+                        "stability_reason and one probability per re-encoding. A job keeps the choice it started with")  # fmt: skip
     t = p.add_argument_group("taps (instead of scores: a feature store for rine train / rine grid)")
     t.add_argument("--taps", action="store_true", help="store the per-block taps of --backbone, as rine extract does")
     t.add_argument("--transform", choices=("train", "center", "ten"), default="center",
@@ -105,9 +111,11 @@ def run(args: argparse.Namespace) -> int:
     precision = args.precision
     if args.taps and precision == "auto":
         precision = "fp32"  # rine extract's default
+    if args.stability and args.taps:
+        return fail("--stability scores images; --taps stores taps: choose one")
     cfg = BatchConfig(
         inputs=list(args.inputs), out=str(out), model=args.model, backbone=args.backbone, revision=args.revision,
-        head=args.head, crop=args.crop, device=args.device, precision=precision, taps=args.taps,
+        head=args.head, crop=args.crop, device=args.device, precision=precision, stability=args.stability, taps=args.taps,
         transform=args.transform, views=args.views, seed=args.seed, dtype=args.dtype, address=args.address,
         num_gpus=args.num_gpus, actors=args.actors, actor_cpus=args.actor_cpus, batch_size=args.batch_size,
         decode_batch=args.decode_batch, buffer_mb=args.buffer_mb, decode_tasks=args.decode_tasks, shard_size=args.shard_size, max_pixels=args.max_pixels,

@@ -209,12 +209,14 @@ def add_model_options(
         "--precision",
         choices=PRECISIONS,
         default=PRECISIONS[0],
-        help="encoder arithmetic. auto (default): bf16 on CPUs with AVX-512 BF16/AMX (about 3x "
-        "faster; a probability may move by about 0.01), fp16 on CUDA, else fp32; fp32: exact, "
-        "the mode the parity tests check; int8: int8 matrix products, CPUs with VNNI or AMX-INT8 "
-        "only, outside the tolerance and so never chosen by auto: on the benchmark images with the "
-        "official head it moved probabilities by up to 0.11 (mean 0.0085; bf16: 0.015, mean "
-        "0.0014) (docs/performance.md)",
+        help="encoder arithmetic. auto (default): int8-smooth on CPUs with VNNI or AMX-INT8, else "
+        "bf16 on CPUs with AVX-512 BF16/AMX (about 3x faster; a probability may move by about "
+        "0.01), fp16 on CUDA, else fp32; fp32: exact, the mode the parity tests check; "
+        "int8-smooth: int8 matrix products in the last third of the blocks (SmoothQuant-style "
+        "smoothing folded into the LayerNorms), bf16 before, within the tolerance (benchmark, "
+        "official head: max 0.011, mean 0.0015); "
+        "int8: int8 in every block, faster, outside the tolerance and so never chosen by auto: "
+        "up to 0.11 (mean 0.0085) (docs/performance.md)",
     )
     if backends:
         add_backend_options(g)

@@ -6,6 +6,7 @@ Examples:
   rine detect img.jpg --backbone ./clip-vit-large-patch14 --head ./model_4class_trainable.pth
   rine detect archive/ -o scores.jsonl --resume   # after an interruption: score only the rest
   rine detect photos/ --model my-rine/            # a model calibrated by rine calibrate: its threshold
+  rine detect --stability photo.jpg               # "uncertain" when an everyday re-save flips the verdict
 
 Exit status: 0 all files scored, 1 some files could not be read (they get an error
 record; with --resume, also those of the earlier run), 2 bad usage or missing weights.
@@ -44,6 +45,7 @@ from .common import (
     shown,
     sigterm_as_interrupt,
 )
+from .provenance import add_trust_option, resolve_trust
 from .resume import (
     check_columns,
     csv_fields,
@@ -51,6 +53,7 @@ from .resume import (
     first_seen,
     place_of,
     plan_resume,
+    resumed_fields,
     sniff_format,
 )
 
@@ -71,12 +74,21 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "left out; the summary counts what was skipped, -v lists it) or globs. A file given "
                    "twice (or inside a folder also given) is scored once")
     add_model_options(p)
-    add_decision_options(p.add_argument_group("decision"))
+    d = p.add_argument_group("decision")
+    add_decision_options(d)
+    d.add_argument("--stability", action="store_true",
+                   help="also score each image re-encoded as jpeg90, jpeg70, fit1080 and webp80 (docs/stability.md), "
+                        "decoded once and batched with it (about 5x the encoder's work): records gain `stability` "
+                        "(each one's probability, spread, flips, reason) and always a threshold and a verdict, "
+                        "`uncertain` when a re-encoding gives the other call")  # fmt: skip
     o = p.add_argument_group("output")
     o.add_argument("--format", choices=FORMATS, default=None, help="default: from the --output file's name (.csv, .json; else jsonl), "
                    "or a table on a terminal, jsonl otherwise")
     o.add_argument("--output", "-o", metavar="FILE", help="write results here instead of standard output")
     o.add_argument("--blocks", action="store_true", help="include each image's per-block contribution (json/jsonl)")
+    o.add_argument("--no-provenance", action="store_true", help="leave out what each file declares about its origin "
+                   "(the `provenance` record, CSV's provenance_* columns and the combined `decision`; docs/provenance.md)")
+    add_trust_option(o)
     o.add_argument(
         "--resume",
         action="store_true",
@@ -84,8 +96,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "there (relative and absolute spellings of a path are one input; a symlink is its own), "
         "e.g. after an interrupted run; an unfinished last record is replaced. Error "
         "records count as done (and in the exit status): remove their lines to retry them. "
-        "A csv of other columns (threshold and verdict come with a calibrated model, --threshold "
-        "or --uncertain-band) is refused. Without --resume, --output is overwritten",
+        "A csv of other columns (threshold and verdict come with a calibrated model, --threshold, "
+        "--uncertain-band or --stability, the stability columns with --stability) is refused. "
+        "Without --resume, --output is overwritten",
     )
     r = p.add_argument_group("run")
     r.add_argument("--batch-size", type=positive_int, default=None, help="images per encoder batch (default 16 on CPU, 64 on GPU)")
@@ -112,10 +125,10 @@ class _Writer:
     """Writes records as they arrive for streaming formats (nothing lost on interrupt)."""
 
     def __init__(self, stream: TextIO, fmt: str, with_blocks: bool, header: bool = True,
-                 fields: tuple[str, ...] = ()):  # fmt: skip
+                 fields: tuple[str, ...] = csv_fields(False, False, False)):  # fmt: skip
         self.stream, self.fmt, self.with_blocks = stream, fmt, with_blocks
         self.rows: list[dict] = []
-        if fmt == "csv":  # `fields`: resume.csv_fields
+        if fmt == "csv":
             self.csv = csv.DictWriter(stream, fieldnames=fields, extrasaction="ignore")
             if header:
                 self.csv.writeheader()
@@ -125,7 +138,7 @@ class _Writer:
             self.stream.write(json.dumps(record) + "\n")
             self.stream.flush()
         elif self.fmt == "csv":
-            self.csv.writerow(record)
+            self.csv.writerow(_flat(record))
             self.stream.flush()
         else:
             self.rows.append(record)
@@ -137,6 +150,16 @@ class _Writer:
         elif self.fmt == "table":
             self.stream.write(_table(self.rows))
         self.stream.flush()
+
+
+def _flat(record: dict) -> dict:
+    """A record's `stability` as the csv's stability_* columns."""
+    st = record.get("stability")
+    if not st:
+        return record
+    flat = {**record, "stability_spread": st["spread"], "stability_flips": st["flips"], "stability_reason": st["reason"]}
+    flat.update({f"stability_{c}": p for c, p in st["conditions"].items()})
+    return flat
 
 
 def _table(rows: list[dict]) -> str:
@@ -151,8 +174,20 @@ def _table(rows: list[dict]) -> str:
             out.write(f"{path:<{width}}  {'-':>9}  error: {r['error']}\n")
         else:
             verdict = r.get("verdict") or ("synthetic" if r["is_fake"] else "real")
-            out.write(f"{path:<{width}}  {r['prob_fake']:>9.4f}  {verdict}\n")
+            if r.get("stability") and r["stability"]["flips"]:
+                verdict += f": {r['stability']['reason']}"
+            out.write(f"{path:<{width}}  {r['prob_fake']:>9.4f}  {verdict}{_declared(r)}\n")
     return out.getvalue()
+
+
+def _declared(r: dict) -> str:
+    """What the file declares, beside the verdict (only when it declares something)."""
+    p, d = r.get("provenance"), r.get("decision") or {}
+    if not p or not p.get("digital_source_type"):
+        return ""
+    how = "verified" if p["verified"] else "unverified"
+    decided = f"; decision: {d['decision']}" if p["verified"] and d.get("decision") else ""
+    return f"  (declares {p['digital_source_type']}, {how}{decided})"
 
 
 def format_for(output: str | None) -> str:
@@ -176,9 +211,21 @@ def _report_scan(skipped: Skipped, n_duplicates: int) -> None:
               "folder also given): each file is scored once", file=sys.stderr)  # fmt: skip
 
 
+def _with_provenance(record: dict, provenance, fmt: str) -> dict:
+    """The detector's record plus the provenance (JSON) or its flat columns (CSV) and the
+    combined decision; the detector's own fields stay as they are."""
+    from ..provenance.records import flat_columns, with_provenance
+
+    return {**record, **flat_columns(record, provenance)} if fmt == "csv" else with_provenance(record, provenance)
+
+
 def run(args: argparse.Namespace) -> int:
     if args.decode_timeout < 0:
         return fail("--decode-timeout must be at least 0 (0: no limit)")
+    try:
+        trust = None if args.no_provenance else resolve_trust(args)
+    except ValueError as e:
+        return fail(f"{e} (--trust-anchors or $RINE_TRUST_ANCHORS)")
     try:
         output = check_output_file(args.output, "--output") if args.output else None
         if resolve_backend(args) == "torch":  # ONNX Runtime checks its own providers
@@ -215,12 +262,13 @@ def run(args: argparse.Namespace) -> int:
     try:
         detector = load_detector(args, keep_reference=False)  # scoring only: half the memory
         apply_decision_options(detector, args)
-        decided = detector.decision.reports_threshold
+        fields = csv_fields(detector.decision.reports_threshold, args.stability, trust is not None)
         if plan is not None:
             # Only now are the columns of this run known (a calibrated model adds two): a
             # file with others is refused before anything is scored or cut off.
             if fmt == "csv":
-                check_columns(output, plan.earlier, csv_fields(decided, plan.earlier.columns))
+                fields = resumed_fields(fields, plan.earlier.columns)  # an older file: its own columns
+                check_columns(output, plan.earlier, fields)
             drop_unfinished(output, plan.earlier)
     except CLIError as e:
         return fail(str(e))
@@ -237,8 +285,17 @@ def run(args: argparse.Namespace) -> int:
         if fmt == "csv" and hasattr(stream, "reconfigure"):  # a real console stream; set back below
             stdout_errors = stream.errors
             stream.reconfigure(errors=errors)
-    fields = csv_fields(decided, plan.earlier.columns if plan is not None else None)
     writer = _Writer(stream, fmt, args.blocks, header=header, fields=fields)
+    add = writer.add
+    provenances = None
+    if trust is not None:
+        from ..provenance.records import read_files
+
+        # read in a background thread, ahead of the scoring, in the same order
+        provenances = read_files(paths, trust, max_bytes=args.max_bytes)
+
+        def add(record: dict, provenance=None) -> None:
+            writer.add(_with_provenance(record, provenance, fmt))
     n_failed = n_written = n_pixels = n_bytes = 0
     # SIGTERM (kill, a CI timeout, a service manager) stops the run as Ctrl-C does: the records
     # written stay, the decoding workers are stopped, and the resume hint is printed.
@@ -247,7 +304,7 @@ def run(args: argparse.Namespace) -> int:
             from ..inference.detector import Prediction
 
             for path, reason in unreadable:  # folders that could not be listed
-                writer.add(Prediction(path=path, error=reason, error_kind="unreadable").to_dict(with_blocks=args.blocks))
+                add(Prediction(path=path, error=reason, error_kind="unreadable").to_dict(with_blocks=args.blocks))
                 n_failed += 1
             for pred in detector.predict_iter(
                 paths,
@@ -255,11 +312,16 @@ def run(args: argparse.Namespace) -> int:
                 decode=decode_options(args, detector),
                 progress=not args.no_progress and sys.stderr.isatty(),
                 total=len(paths),
+                stability=args.stability,
             ):
                 n_failed += pred.error is not None
                 n_pixels += pred.error_kind == "too_many_pixels"
                 n_bytes += pred.error_kind == "too_large"
-                writer.add(pred.to_dict(with_blocks=args.blocks))
+                record = pred.to_dict(with_blocks=args.blocks)
+                if provenances is not None:
+                    add(record, next(provenances))
+                else:
+                    add(record)
                 n_written += 1
         except KeyboardInterrupt:
             if args.output and fmt in ("jsonl", "csv"):
@@ -267,6 +329,8 @@ def run(args: argparse.Namespace) -> int:
                       "with --resume to score the rest", file=sys.stderr)  # fmt: skip
             raise
         finally:
+            if provenances is not None:
+                provenances.close()
             writer.close()
             if output is not None:
                 stream.close()

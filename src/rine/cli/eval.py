@@ -6,10 +6,14 @@ Examples:
   rine eval --suite folder --root Chameleon/test --out runs/cham --perturb none,jpeg,blur
   rine eval --suite ufd20 --root data/test --out runs/cmp --model A/ --model B/   # one backbone pass
   rine eval --suite opensdi --hub nebula/OpenSDI_test --out runs/opensdi    # Parquet from the Hub
+  rine eval --suite ufd20 --root data/test --out runs/st --stability   # flips under re-saves, abstention
 
 Writes metrics.json, predictions.jsonl, table.md / table.csv (the paper's ACC / AP layout),
 metrics.csv and PNG plots; several models or perturbations get one folder each plus
-summary.md / summary.csv. Unreadable images are listed with their error in
+summary.md / summary.csv. --stability adds one run per everyday re-encoding (docs/stability.md)
+and stability.md / stability.json: per set, how often each re-encoding flips a call, and the
+selective-prediction table (coverage and accuracy when abstaining on the unstable images), at
+0.5 and at the model's own threshold. Unreadable images are listed with their error in
 predictions.jsonl, left out of the metrics and counted (n_errors).
 
 Exit status: 0 done (even with some unreadable images, which are reported), 1 no image
@@ -57,6 +61,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     r = p.add_argument_group("robustness")
     r.add_argument("--perturb", action="append", default=None, metavar="KIND[,KIND]",
                    help=f"one or more of {', '.join(PERTURB_CHOICES)} (none = clean); repeatable. Default: none")  # fmt: skip
+    r.add_argument("--stability", action="store_true",
+                   help="also score every image re-encoded as jpeg90, jpeg70, fit1080 and webp80 (docs/stability.md; "
+                        "about 5x the encoder's work) and report per set the share of calls each re-encoding flips "
+                        "and the coverage / accuracy of abstaining on the images some re-encoding flips, at 0.5 "
+                        "and at the model's own (calibrated) threshold: stability.md, stability.json")  # fmt: skip
     r.add_argument("--seed", type=int, default=0, help="seed of the perturbations (default 0)")
     r.add_argument(
         "--perturb-p",
@@ -169,10 +178,17 @@ def _conditions(args):
                 kinds.append(k)
     if not 0.0 <= args.perturb_p <= 1.0:
         raise CLIError("--perturb-p must be between 0 and 1")
-    return [
+    if getattr(args, "stability", False) and "none" not in kinds:
+        kinds.insert(0, "none")  # the calls that re-encodings flip are the clean ones
+    conditions = [
         Condition(None if k == "none" else k, args.seed, args.perturb_quirks, args.perturb_p)
         for k in kinds
     ]
+    if getattr(args, "stability", False):
+        from ..data.reencode import DEFAULT_CONDITIONS
+
+        conditions += [Condition(reencode=name) for name in DEFAULT_CONDITIONS]
+    return conditions
 
 
 def _load_models(args):
@@ -247,7 +263,7 @@ def _suite_table(args, result, layout) -> None:
         if expected and (s.n_real, s.n_fake) != expected:
             logger.warning("%s: %d real / %d fake, the benchmark publishes %d / %d", s.name, s.n_real, s.n_fake,
                            *expected)  # fmt: skip
-    path = write_suite_table([r for r in result.runs if r.condition.kind is None] or result.runs,
+    path = write_suite_table([r for r in result.runs if r.condition.is_clean] or result.runs,
                              [s.name for s in layout.sets], info.table, args.out, OPENSDI_LABELS,
                              args.threshold if args.threshold is not None else 0.5)  # fmt: skip
     if path is not None:
@@ -311,6 +327,36 @@ def _transfer(result, fit_set: str, fit_options: dict, args: argparse.Namespace,
         if missing is not None:
             run_.metrics["missing_sets"] = missing
     result.sets = [s for s in result.sets if s != fit_set]
+
+
+def _stability(result, heads, args: argparse.Namespace) -> None:
+    """The stability tables of every head (`evaluation.stability`) into `result.stability` and
+    the clean run's metrics. The model's own rule: the calibration `--calibrate-on` fitted on
+    the clean run, else the head's (calibrated or not), `--threshold` replacing the cut."""
+    import dataclasses
+
+    from ..evaluation.engine import head_rule
+    from ..evaluation.stability import result_stability
+    from ..model.calibration import DecisionRule
+
+    rules = {}
+    for h in heads:
+        clean = next(r for r in result.runs if r.head == h.name and r.condition.is_clean)
+        fitted = clean.metrics.get("calibration")
+        if fitted is None:
+            rules[h.name] = head_rule(h, args.threshold)
+            continue
+        from ..config import CalibrationConfig
+
+        cal = CalibrationConfig(**fitted)
+        rule = DecisionRule(threshold=cal.threshold, calibration=cal, cut_logit=cal.threshold_logit)
+        if args.threshold is not None:
+            rule = dataclasses.replace(rule, threshold=args.threshold, cut_logit=_logit(args.threshold), overridden=True)
+        rules[h.name] = rule
+    result.stability = result_stability(result, rules)
+    for r in result.runs:
+        if r.condition.is_clean and r.head in result.stability:
+            r.metrics["stability"] = result.stability[r.head]
 
 
 def _logit(p: float) -> float:
@@ -414,8 +460,14 @@ def run(args: argparse.Namespace) -> int:
         for s in sets:
             if s.name in run_.metrics["sets"]:
                 run_.metrics["sets"][s.name].update(n_skipped=s.skipped.total, skipped=s.skipped.counts())
+    if args.stability:
+        _stability(result, heads, args)
     write_outputs(result, args.out, plots=not args.no_plots)
     _suite_table(args, result, layout)
+    if result.stability:
+        from ..evaluation.stability import stability_markdown
+
+        print(stability_markdown(result.stability), file=sys.stderr, end="")
     n_err = sum(run_.metrics["mean"]["n_errors"] for run_ in result.runs[:1])
     from ..metrics import mean_text
 

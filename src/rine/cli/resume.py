@@ -13,23 +13,44 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..data.reencode import DEFAULT_CONDITIONS
 from .common import CLIError
 
 CSV_FIELDS = ("path", "prob_fake", "logit", "is_fake", "error")
 # a calibrated model (or --threshold / --uncertain-band) adds the cut and the verdict
 CSV_FIELDS_DECIDED = (*CSV_FIELDS, "threshold", "verdict")
-# the error's stable token (rine.data.decoding.error_kind), last: files written before it
-# existed have the two layouts above, and a --resume run goes on in the file's own columns
+# --stability: also the spread, the flips, the reason and each re-encoding's probability
+CSV_FIELDS_STABILITY = (*CSV_FIELDS_DECIDED, "stability_spread", "stability_flips", "stability_reason",
+                        *(f"stability_{c}" for c in DEFAULT_CONDITIONS))  # fmt: skip
+# the error's stable token (rine.data.decoding.error_kind), beside the error text; files
+# written before it existed lack it, and a --resume run goes on in the file's own columns
 KIND = "error_kind"
-CSV_LAYOUTS = (CSV_FIELDS, CSV_FIELDS_DECIDED, (*CSV_FIELDS, KIND), (*CSV_FIELDS_DECIDED, KIND))
 
 
-def csv_fields(decided: bool, earlier_columns: tuple[str, ...] | None = None) -> tuple[str, ...]:
-    """The columns a csv run writes: with threshold and verdict when `decided`, and
-    error_kind, unless it resumes a file written without error_kind (then its own columns,
-    so that every row has the header's width)."""
-    base = CSV_FIELDS_DECIDED if decided else CSV_FIELDS
-    return base if earlier_columns == base else (*base, KIND)
+def csv_fields(decided: bool, stability: bool, provenance: bool, error_kind: bool = True) -> tuple[str, ...]:
+    """The columns a csv of this run has: the detector's (with error_kind after error, and
+    with the cut and the verdict when calibrated, thresholded or --stability), the stability
+    columns with --stability, then (unless --no-provenance) the provenance columns and the
+    combined decision (rine.provenance.records.CSV_FIELDS)."""
+    from ..provenance.records import CSV_FIELDS as PROVENANCE_FIELDS
+
+    base = CSV_FIELDS_STABILITY if stability else CSV_FIELDS_DECIDED if decided else CSV_FIELDS
+    if error_kind:
+        base = (*CSV_FIELDS, KIND, *base[len(CSV_FIELDS):])
+    return (*base, *PROVENANCE_FIELDS) if provenance else base
+
+
+def resumed_fields(fields: tuple[str, ...], earlier_columns: tuple[str, ...] | None) -> tuple[str, ...]:
+    """The columns to write: `fields` (csv_fields), or without error_kind when resuming a file
+    written before that column existed and otherwise alike (every row as wide as its header)."""
+    older = tuple(f for f in fields if f != KIND)
+    return older if earlier_columns == older else fields
+
+
+def known_headers() -> list[tuple[str, ...]]:
+    """Every header rine detect writes, for recognising a csv (or a cut first line)."""
+    return [csv_fields(d, s, p, k) for d in (False, True) for s in (False, True) for p in (False, True)
+            for k in (False, True)]  # fmt: skip
 
 
 def is_cut_record(tail: bytes, fmt: str, first_line: bool) -> bool:
@@ -39,7 +60,7 @@ def is_cut_record(tail: bytes, fmt: str, first_line: bool) -> bool:
     if fmt == "jsonl":
         return tail.startswith(b'{"path": ') or b'{"path": '.startswith(tail)
     if first_line:  # a header, cut
-        return any((",".join(f) + "\r\n").encode().startswith(tail) for f in CSV_LAYOUTS)
+        return any((",".join(f) + "\r\n").encode().startswith(tail) for f in known_headers())
     for cut in range(4):  # the last UTF-8 character may itself be cut
         try:
             text = tail[: len(tail) - cut].decode("utf-8")
@@ -55,7 +76,7 @@ def is_cut_record(tail: bytes, fmt: str, first_line: bool) -> bool:
         elif ch in "\r\n" and not in_quotes:
             return False
     fields = next(csv.reader(io.StringIO(text, newline="")), [])
-    return len(fields) <= max(map(len, CSV_LAYOUTS))
+    return len(fields) <= max(map(len, known_headers()))
 
 
 @dataclass
@@ -101,7 +122,7 @@ def read_earlier(output: Path, fmt: str) -> Earlier:
         rows = csv.reader(io.StringIO(text, newline=""), strict=True)
         try:
             header = next(rows, None)
-            if header is not None and tuple(header) not in CSV_LAYOUTS:
+            if header is not None and tuple(header) not in known_headers():
                 raise CLIError(f"--resume: {output} has the header {header}, not rine detect's {list(CSV_FIELDS)}{redo}")
             columns = None if header is None else tuple(header)
             for row in rows:
@@ -130,7 +151,7 @@ def check_columns(output: Path, earlier: Earlier, fields: tuple[str, ...]) -> No
     raise CLIError(
         f"--resume: {output} has the columns {','.join(earlier.columns)}, but this run writes "
         f"{','.join(fields)} (threshold and verdict come with a calibrated model, --threshold or "
-        "--uncertain-band); appending would mix rows of two widths. The file is left as it was: "
+        "--uncertain-band, the stability columns with --stability, the provenance columns unless --no-provenance); appending would mix rows of two widths. The file is left as it was: "
         "write this run to a new file (another -o), rerun without --resume to score every input "
         "again (the file is then overwritten), or resume with the model and options of the first run"
     )

@@ -33,6 +33,7 @@ from .common import (
     pixel_count,
     resolve_backend,
 )
+from .provenance import add_trust_option, resolve_trust
 
 logger = logging.getLogger(__name__)
 MB = 1024 * 1024
@@ -76,6 +77,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                           "before it stops listening (default 0; a second signal stops at once)")
     add_model_options(p, batch_jobs=False)
     add_decision_options(p.add_argument_group("decision"))
+    pv = p.add_argument_group("provenance")
+    add_trust_option(pv)
+    pv.add_argument("--no-provenance", action="store_true",
+                    help="results without what each file declares about its origin (docs/provenance.md)")
     p.add_argument("--client-side", action="store_true",
                    help="let the page score images in the browser, with nothing uploaded: it downloads the "
                         "ONNX export given as --model DIR (at most 400 MB: ViT-B/32 and smaller) and "
@@ -142,6 +147,7 @@ def settings_from_args(args: argparse.Namespace):
         api_key=api_key,
         metrics=not args.no_metrics,
         metrics_open=args.metrics_open,
+        trust=None if args.no_provenance else _trust(args),
     )
     if args.decode_workers is not None:
         kwargs["decode_workers"] = args.decode_workers
@@ -149,6 +155,13 @@ def settings_from_args(args: argparse.Namespace):
         return ServerSettings(**kwargs)
     except ValueError as e:
         raise CLIError(str(e)) from None
+
+
+def _trust(args: argparse.Namespace):
+    try:
+        return resolve_trust(args)
+    except ValueError as e:
+        raise CLIError(f"{e} (--trust-anchors or $RINE_TRUST_ANCHORS)") from None
 
 
 def _is_ip(host: str) -> bool:

@@ -54,8 +54,11 @@ from .manifest import list_inputs
 from .plan import buffer_bytes, build_dataset, check_fits, local_decode_tasks, plan_resources
 from .reconcile import Reconciliation, committed_parts, reconcile_parts, reconcile_store
 from .tasks import DecodeSpec, resolve
+from .watch import ClusterShrank, ClusterWatch, PlanNeed, watched
 
 logger = logging.getLogger(__name__)
+
+WATCH_EVERY_S = 2.0  # how often the driver checks that the cluster still holds the plan (watch.py)
 
 
 def _import_ray():
@@ -131,8 +134,12 @@ def run_batch(cfg: BatchConfig) -> BatchResult:
         for stale in out.glob("part-*.tmp"):  # a temporary of `fileio.atomic_write`
             stale.unlink()
         done = set(committed_parts(out))
-        commit = part_committer(out, score_schema(inputs))
+        commit = part_committer(out, score_schema(inputs, cfg.stability))
         spec = DecodeSpec("score", preprocess=config.preprocess, decode_fn=cfg.decode_fn, decode=decode_options(cfg))
+        if cfg.stability:  # each image decoded once in full, re-encoded in the decoding task
+            from ..data.reencode import DEFAULT_CONDITIONS
+
+            spec.stability, spec.preload = DEFAULT_CONDITIONS, (*spec.preload, "rine.data.reencode")
         actor_cls = resolve(cfg.scorer)
         actor_kwargs = {"model": model}
     ident = identity(cfg, inputs, shard_size, model)
@@ -208,7 +215,9 @@ def _execute(cfg, inputs, todo_shards, shard_size, done, commit, spec, actor_cls
 
             bar = tqdm(total=len(inputs), initial=len(inputs) - todo.num_rows, unit="img", desc="rine batch",
                        dynamic_ncols=True)  # fmt: skip
-        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        # a lost node that leaves the plan unschedulable stops the job now, not after --stall-timeout
+        watch = ClusterWatch(PlanNeed.of(plan))
+        for batch in watched(ds.iter_batches(batch_format="pyarrow", batch_size=None), watch.check, WATCH_EVERY_S):
             new = buffer.add(batch.to_pylist())
             if bar is not None:
                 bar.update(new)
@@ -217,6 +226,8 @@ def _execute(cfg, inputs, todo_shards, shard_size, done, commit, spec, actor_cls
         return buffer.written, None
     except (KeyboardInterrupt, BatchError):
         raise
+    except ClusterShrank as e:
+        return buffer.written, str(e)
     except Exception as e:  # noqa: BLE001 - a lost cluster, an actor that cannot load: the job stops here
         logger.debug("the Ray job failed", exc_info=True)
         return buffer.written, f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"

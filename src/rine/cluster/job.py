@@ -51,6 +51,8 @@ class BatchConfig:
     crop: str | None = None
     device: str = "auto"
     precision: str = "auto"
+    # --stability: each image also scored under the re-encodings of docs/stability.md
+    stability: bool = False
     # --taps: `rine extract`'s store instead of scores
     taps: bool = False
     transform: str = "center"
@@ -130,6 +132,8 @@ def identity(cfg: BatchConfig, inputs: InputList, shard_size: int, model: dict) 
     ident = {"format": FORMAT, "inputs_sha1": inputs.sha1(), "n_inputs": len(inputs), "shard_size": shard_size,
              **{k: getattr(cfg, k) for k in keys}}  # fmt: skip
     ident["model"] = {k: v for k, v in model.items() if k != "device"}
+    if cfg.stability:  # only then: the identity of the jobs started before the option is unchanged
+        ident["stability"] = True
     return ident
 
 
@@ -183,16 +187,29 @@ class ShardBuffer:
         return new
 
 
-def score_schema(inputs: InputList):
+def score_schema(inputs: InputList, stability: bool = False):
     import pyarrow as pa
 
     fields = [("path", pa.string()), ("prob_fake", pa.float64()), ("logit", pa.float64()), ("is_fake", pa.bool_()),
               ("error", pa.string()), ("error_kind", pa.string())]  # fmt: skip
+    if stability:
+        text, count = ("verdict", "stability_reason"), ("stability_flips",)
+        fields += [(c, pa.string() if c in text else pa.int64() if c in count else pa.float64())
+                   for c in stability_columns()]  # fmt: skip
     if inputs.has_label:
         fields.append(("label", pa.int64()))
     if inputs.has_set:
         fields.append(("set", pa.string()))
     return pa.schema([*fields, ("item", pa.int64())])
+
+
+def stability_columns() -> tuple[str, ...]:
+    """The record columns --stability adds (as `rine detect`'s csv): the cut, the verdict, the
+    spread, flips and reason, and each re-encoding's probability (null where it was skipped)."""
+    from ..data.reencode import DEFAULT_CONDITIONS
+
+    return ("threshold", "verdict", "stability_spread", "stability_flips", "stability_reason",
+            *(f"stability_{c}" for c in DEFAULT_CONDITIONS))  # fmt: skip
 
 
 def part_committer(out: Path, schema):

@@ -72,7 +72,7 @@ def buffer_bytes(cfg: BatchConfig, spec: DecodeSpec, plan: ResourcePlan, cluster
         return int(cfg.buffer_mb * 2**20)
     if spec.mode == "score":
         size = spec.preprocess.image_size
-        views = spec.preprocess.n_views
+        views = spec.preprocess.n_views * (1 + len(spec.stability))  # --stability: the copies too
     else:
         size, views = spec.size, spec.views
     block = cfg.decode_batch * views * size * size * 3  # uint8 views of one decoding task's inputs

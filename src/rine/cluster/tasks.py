@@ -16,6 +16,7 @@ No ray import here: these functions are plain Python over pyarrow tables.
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import os
 from collections.abc import Callable
@@ -76,6 +77,16 @@ def score_views_of(source: str, decode_fn: str, preprocess, max_pixels: int | No
     return resolve(decode_fn)(read_source(source, max_bytes), preprocess, max_pixels, max_bytes)
 
 
+def stability_views_of(source: str, preprocess, conditions: tuple[str, ...], max_pixels: int | None,
+                       max_bytes: int | None):  # fmt: skip
+    """In a decoding worker process, with --stability: one file -> `data.reencode.StabilityViews`
+    (its views and its re-encoded copies', as `rine detect --stability` cuts them)."""
+    from ..data.reencode import resolve_conditions, stability_views
+
+    return stability_views(read_source(source, max_bytes), preprocess, resolve_conditions(conditions), max_pixels,
+                           max_bytes)  # fmt: skip
+
+
 def tap_views_of(source: str, item: int, transform: str, seed: int, size: int, views: int,
                  max_pixels: int | None, max_bytes: int | None) -> np.ndarray | tuple[str, str]:  # fmt: skip
     """In a decoding worker process: one file -> uint8 views [views, S, S, 3] as `rine extract`
@@ -105,6 +116,7 @@ class DecodeSpec:
     views: int = 1
     # limits and timeout; decoding processes per task (a task asks Ray for this many CPUs)
     decode: DecodeOptions = field(default_factory=lambda: DecodeOptions(workers=1, decoder="processes"))
+    stability: tuple[str, ...] = ()  # score: the re-encodings each image is also scored under
     # The fork server imports these once, so that each decoding process forked from it starts
     # warm: rine detect's decoder, and "__main__" (in a Ray worker: Ray's worker script, which
     # each process would otherwise re-import, about a second each). None of them imports torch.
@@ -128,7 +140,13 @@ def decode_block(batch: pa.Table, spec: DecodeSpec) -> pa.Table:
     kinds: list[str | None] = [None if e is None else "unreadable" for e in errors]
     views: list[bytes] = [_empty_views()] * n
     n_views = [0] * n
-    if spec.mode == "score":
+    applied: list[str | None] = [None] * n  # --stability: the conditions whose views follow the file's
+    skipped: list[str | None] = [None] * n
+    if spec.mode == "score" and spec.stability:
+        fn = stability_views_of
+        jobs = ((i, (source_path(rows["source"][i]), spec.preprocess, spec.stability, spec.decode.max_pixels,
+                     spec.decode.max_bytes)) for i in range(n) if errors[i] is None)  # fmt: skip
+    elif spec.mode == "score":
         fn: Callable[..., Any] = score_views_of
         jobs = ((i, (source_path(rows["source"][i]), spec.decode_fn, spec.preprocess, spec.decode.max_pixels, spec.decode.max_bytes))
                 for i in range(n) if errors[i] is None)  # fmt: skip
@@ -146,6 +164,9 @@ def decode_block(batch: pa.Table, spec: DecodeSpec) -> pa.Table:
                 kinds[i] = error_kind(error)
             elif isinstance(result, tuple):  # taps: the reason an image is unusable, its kind
                 errors[i], kinds[i] = result
+            elif spec.stability:
+                views[i], n_views[i] = np.ascontiguousarray(result.views).tobytes(), len(result.views)
+                applied[i], skipped[i] = ",".join(result.applied), json.dumps(result.skipped)
             else:
                 arr = np.ascontiguousarray(result, dtype=np.uint8)
                 views[i], n_views[i] = arr.tobytes(), len(arr)
@@ -156,6 +177,8 @@ def decode_block(batch: pa.Table, spec: DecodeSpec) -> pa.Table:
     out["n_views"] = pa.array(n_views, pa.int32())
     out["error"] = pa.array(errors, pa.string())
     out["error_kind"] = pa.array(kinds, pa.string())
+    if spec.stability:
+        out["applied"], out["skipped"] = pa.array(applied, pa.string()), pa.array(skipped, pa.string())
     return pa.table(out)
 
 
@@ -194,6 +217,13 @@ class Scorer:
         n = batch.num_rows
         good, arrays = _views_of(batch, self.size)
         paths = batch.column("path").to_pylist()
+        stability = "applied" in batch.column_names
+        if stability and arrays:
+            from ..data.reencode import StabilityViews
+
+            applied, skipped = batch.column("applied").to_pylist(), batch.column("skipped").to_pylist()
+            arrays = [StabilityViews(a, tuple(filter(None, applied[i].split(","))), json.loads(skipped[i]))
+                      for i, a in zip(good, arrays, strict=True)]  # fmt: skip
         preds = self.detector.predict_views([paths[i] for i in good], arrays)
         prob: list[float | None] = [None] * n
         logit: list[float | None] = [None] * n
@@ -204,7 +234,24 @@ class Scorer:
         out.update(prob_fake=pa.array(prob, pa.float64()), logit=pa.array(logit, pa.float64()),
                    is_fake=pa.array(fake, pa.bool_()), error=batch.column("error"),
                    error_kind=batch.column("error_kind"))  # fmt: skip
+        if stability:
+            out.update(_stability_columns(n, good, preds))
         return pa.table(out)
+
+
+def _stability_columns(n: int, good: list[int], preds: list) -> dict[str, pa.Array]:
+    """The --stability columns (`job.stability_columns`) of a scored batch; null for errors."""
+    from .job import stability_columns
+
+    cols: dict[str, list] = {c: [None] * n for c in stability_columns()}
+    for i, p in zip(good, preds, strict=True):
+        st = p.stability
+        cols["threshold"][i], cols["verdict"][i] = p.threshold, p.verdict
+        cols["stability_spread"][i], cols["stability_flips"][i] = st["spread"], st["flips"]
+        cols["stability_reason"][i] = st["reason"]
+        for c, prob in st["conditions"].items():
+            cols[f"stability_{c}"][i] = prob
+    return {c: pa.array(v) for c, v in cols.items()}
 
 
 class TapEncoder:

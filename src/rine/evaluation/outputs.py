@@ -139,7 +139,7 @@ def write_outputs(result: EvalResult, out_dir: str | Path, plots: bool = True) -
     )
     if len(result.runs) == 1:
         return write_run(result.runs[0], out, result.meta, plots)
-    written = []
+    written = _write_stability(result, out)
     for run in result.runs:
         written += write_run(run, out / _safe(run.head) / run.condition.id, result.meta, plots)
     (out / "summary.md").write_text(
@@ -157,6 +157,18 @@ def write_outputs(result: EvalResult, out_dir: str | Path, plots: bool = True) -
 
         written += plot_summary(result, out)
     return written + [out / "summary.md", out / "summary.csv", out / "summary.json"]
+
+
+def _write_stability(result: EvalResult, out: Path) -> list[Path]:
+    """stability.md / stability.json of a `--stability` run (nothing otherwise)."""
+    if not result.stability:
+        return []
+    from .stability import stability_markdown
+
+    (out / "stability.md").write_text(stability_markdown(result.stability), encoding="utf-8")
+    (out / "stability.json").write_text(json.dumps(result.stability, indent=2, ensure_ascii=False) + "\n",
+                                        encoding="utf-8")  # fmt: skip
+    return [out / "stability.md", out / "stability.json"]
 
 
 def _safe(name: str) -> str:

@@ -13,6 +13,7 @@ from typing import Any
 
 from ..config import RINEConfig
 from ..data.perturb import QUIRKS, transform_id
+from ..data.reencode import REENCODINGS
 from ..metrics import (
     bootstrap_ci,
     compute_metrics,
@@ -36,19 +37,33 @@ class EvalHead:
 
 @dataclass(frozen=True)
 class Condition:
-    """An evaluation transform: clean (`kind=None`) or a seeded robustness perturbation."""
+    """An evaluation transform: clean (`kind=None`), a seeded robustness perturbation, or
+    (`reencode`, with `kind=None`) one of `--stability`'s re-encodings (`rine.data.reencode`),
+    applied to every image."""
 
     kind: str | None = None
     seed: int = 0
     quirks: str = "none"
     p: float = 0.5
+    reencode: str | None = None
 
     def __post_init__(self) -> None:
         if self.quirks not in QUIRKS:
             raise ValueError(f"quirks must be one of {QUIRKS}")
+        if self.reencode is not None:
+            if self.kind is not None:
+                raise ValueError("a condition is either a perturbation or a re-encoding, not both")
+            if self.reencode not in REENCODINGS:
+                raise ValueError(f"unknown re-encoding {self.reencode!r}; choose from {', '.join(REENCODINGS)}")
+
+    @property
+    def is_clean(self) -> bool:
+        return self.kind is None and self.reencode is None
 
     @property
     def id(self) -> str:
+        if self.reencode is not None:
+            return f"reencode-{self.reencode}"
         return transform_id(self.kind, self.seed, self.quirks, self.p)
 
 
@@ -64,14 +79,18 @@ class RunResult:
 
     @property
     def name(self) -> str:
-        return self.head if self.condition.kind is None else f"{self.head}/{self.condition.id}"
+        return self.head if self.condition.is_clean else f"{self.head}/{self.condition.id}"
 
 
 @dataclass
 class EvalResult:
+    """Every run of an evaluation; `stability` ({head: report}, `evaluation.stability`) when
+    it ran with the re-encodings of `--stability`."""
+
     runs: list[RunResult]
     sets: list[str]
     meta: dict[str, Any] = field(default_factory=dict)
+    stability: dict[str, Any] = field(default_factory=dict)
 
 
 def metrics_of(

@@ -28,6 +28,7 @@ from ..data.jpeg_crop import decode_views
 from ..data.parquet import RowError
 from ..data.perturb import is_perturbed, robustness_image
 from ..data.preprocess import crop_views
+from ..data.reencode import REENCODINGS, ReencodeError, reencode
 from ..data.testsets import TestSet
 from ..model.head import RINEHead
 from .results import Condition, EvalHead
@@ -49,9 +50,17 @@ def image_key(path: str, root: str | Path | None) -> str:
 def make_views(
     image, condition: Condition, key: str, preprocess: PreprocessConfig
 ) -> tuple[np.ndarray, bool]:
-    """RGB PIL image -> (uint8 views [V, S, S, 3], whether it was perturbed)."""
+    """RGB PIL image -> (uint8 views [V, S, S, 3], whether it was perturbed).
+
+    A re-encoding the image's format cannot hold (WebP beyond 16383 px a side) leaves the
+    image as it is (so it cannot flip)."""
     hit = False
-    if condition.kind is not None:
+    if condition.reencode is not None:
+        try:
+            image, hit = reencode(image, REENCODINGS[condition.reencode]), True
+        except ReencodeError:
+            pass
+    elif condition.kind is not None:
         image, hit = robustness_image(
             image, condition.kind, condition.seed, key, condition.quirks, condition.p
         )
@@ -68,7 +77,7 @@ def prepare_conditions(
 ) -> list[tuple[np.ndarray, bool]]:
     """Decode one image once and cut its views under every condition -> [(views [V, S, S, 3]
     uint8, perturbed)] per condition; runs in the decoding workers (threads or processes)."""
-    if all(c.kind is None for c in conditions):  # clean views only: crop-aware JPEG decoding
+    if all(c.is_clean for c in conditions):  # clean views only: crop-aware JPEG decoding
         views = decode_views(path, preprocess, max_pixels=max_pixels, max_bytes=max_bytes)
         return [(views, False) for _ in conditions]
     image = load_image(path, max_pixels=max_pixels, max_bytes=max_bytes)

@@ -34,6 +34,7 @@ from ..data.decoding import DecodeOptions, decode_batches, error_kind, error_tex
 from ..data.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from ..data.jpeg_crop import decode_views
 from ..data.preprocess import normalize
+from ..data.reencode import StabilityViews, resolve_conditions, stability_views
 from ..errors import UnknownNameError
 from ..model.accel import FastTapEncoder, resolve_precision
 from ..model.backbones import load_backbone
@@ -41,6 +42,7 @@ from ..model.calibration import DecisionRule
 from ..model.checkpoints import load_head, load_pretrained
 from ..model.head import RINEHead
 from ..model.rine_model import RINEModel
+from .stability import predict_with_stability
 
 logger = logging.getLogger(__name__)
 
@@ -80,12 +82,13 @@ class Prediction:
     threshold: float | None = None
     verdict: str | None = None
     error_kind: str | None = None
+    stability: dict[str, Any] | None = None
 
     def to_dict(self, with_blocks: bool = False) -> dict[str, Any]:
         d = asdict(self)
         if not with_blocks:
             d.pop("block_contribution")
-        for key in ("threshold", "verdict", "error_kind"):
+        for key in ("threshold", "verdict", "error_kind", "stability"):
             if d[key] is None:
                 del d[key]
         return d
@@ -219,8 +222,8 @@ class Detector:
         self.requested_precision = precision
         # The concrete mode ("fp32", "bf16", "fp16"): "auto" is resolved here, once.
         self.precision = resolve_precision(precision, self.device)
-        if compile and self.precision == "int8":
-            raise ValueError("--compile does not apply to --precision int8 (its oneDNN kernels run uncompiled); drop one of them")
+        if compile and self.precision.startswith("int8"):
+            raise ValueError(f"--compile does not apply to --precision {self.precision} (its oneDNN kernels run uncompiled); drop one of them")
         self.model = model.to(self.device).eval()
         self.config = config
         # logit -> probability, cut, verdict: the one post-processing step of every record path
@@ -393,10 +396,15 @@ class Detector:
             start += n
         return preds
 
-    def predict_views(self, names: Sequence[str], views: Sequence[np.ndarray]) -> list[Prediction]:
+    def predict_views(self, names: Sequence[str], views: Sequence[np.ndarray | StabilityViews]) -> list[Prediction]:
         """Score images already decoded and cut by `prepare_views` (uint8 [V, S, S, 3] each), e.g.
-        in another process or on another machine (`rine batch`): the records `predict` gives."""
-        return self._finish(list(names), list(views)) if len(views) else []
+        in another process or on another machine (`rine batch`): the records `predict` gives.
+        `data.reencode.stability_views` results give the records of `stability=True`."""
+        if not len(views):
+            return []
+        if isinstance(views[0], StabilityViews):
+            return predict_with_stability(self, list(names), list(views))
+        return self._finish(list(names), list(views))
 
     def predict_iter(
         self,
@@ -406,14 +414,19 @@ class Detector:
         total: int | None = None,
         *,
         decode: DecodeOptions | None = None,
+        stability: bool | Sequence[str] = False,
     ) -> Iterator[Prediction]:
         """Score a stream of images in input order; failures come back with `error` set.
+
+        `stability` (True: `data.reencode.DEFAULT_CONDITIONS`, or condition names): each image
+        is also scored re-encoded under each condition, decoded once and batched with its
+        copies (records gain `stability`, a threshold and a verdict; docs/stability.md).
 
         `decode` says how images are decoded (`DecodeOptions`: image limits, workers, decoder
         "threads" or "processes", and with processes the per-image timeout after which an image
         is skipped and its worker stopped); limits it leaves None are the detector's `max_pixels`
-        / `max_bytes`, workers and decoder the device's defaults (`rine.data.decoding.default_workers` / `default_decoder`). Batch
-        size: `default_batch_size`."""
+        / `max_bytes`, workers and decoder the device's (`rine.data.decoding.default_workers` /
+        `default_decoder`). Batch size: `default_batch_size`."""
         from tqdm.auto import tqdm
 
         decode = decode or DecodeOptions()
@@ -421,16 +434,20 @@ class Detector:
         decode = replace(decode, max_pixels=self.max_pixels if decode.max_pixels is None else decode.max_pixels,
                          max_bytes=self.max_bytes if decode.max_bytes is None else decode.max_bytes)  # fmt: skip
         batch_size = batch_size or default_batch_size(self.device)
-        self._plan_batch(batch_size * self.config.preprocess.n_views)
+        conditions = resolve_conditions(None if stability is True else [stability] if isinstance(stability, str)
+                                        else stability) if stability else ()  # fmt: skip
+        self._plan_batch(batch_size * self.config.preprocess.n_views * (1 + len(conditions)))
         bar = tqdm(total=total, unit="img", disable=not progress, dynamic_ncols=True)
-        jobs = ((_name_of(s, i), (s, self.config.preprocess, decode.max_pixels, decode.max_bytes))
-                for i, s in enumerate(sources))  # fmt: skip
-        batches = decode_batches(prepare_views, jobs, decode, batch_size=batch_size, device=self.device,
+        pre, limits = self.config.preprocess, (decode.max_pixels, decode.max_bytes)
+        fn, jobs = prepare_views, ((_name_of(s, i), (s, pre, *limits)) for i, s in enumerate(sources))
+        if conditions:  # the whole image decoded once, then re-encoded: stability_views
+            fn, jobs = stability_views, ((_name_of(s, i), (s, pre, conditions, *limits)) for i, s in enumerate(sources))
+        batches = decode_batches(fn, jobs, decode, batch_size=batch_size, device=self.device,
                                  preload=("rine.inference.detector",))  # fmt: skip
         try:
             for batch in batches:
                 ok = [(name, views) for name, views, error in batch if error is None]
-                scored = iter(self._finish([n for n, _ in ok], [v for _, v in ok]) if ok else ())
+                scored = iter(self.predict_views([n for n, _ in ok], [v for _, v in ok]))
                 for name, _, error in batch:
                     bar.update(1)
                     yield next(scored) if error is None else Prediction(path=name, error=error_text(error, name), error_kind=error_kind(error))

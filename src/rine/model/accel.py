@@ -18,7 +18,9 @@
 
 Precision names: "fp32" (exact: the parity tests' mode), "bf16", "fp16", "int8" (the four
 GEMMs of each block in int8, `rine.model.quant`; CPUs with VNNI/AMX-INT8 only, outside the
-tolerance, so never chosen by "auto"), and "auto" (bf16 on CPUs with native bf16 dot
+tolerance, so never chosen by "auto"), "int8-smooth" (int8 in the last third of the blocks
+with SmoothQuant smoothing, the rest bf16: `rine.model.smooth`, within the tolerance), and
+"auto" (int8-smooth on CPUs with VNNI/AMX-INT8, else bf16 on CPUs with native bf16 dot
 products, fp16 on CUDA, else fp32).
 """
 
@@ -36,14 +38,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import PRECISIONS
-from . import quant
+from . import quant, smooth
 from .cpu_features import cpu_flags as _cpu_flags  # a module name, so tests can patch it
 
 logger = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# The modes FastTapEncoder runs: a GEMM dtype, or int8 (float32 in and out of its GEMMs).
-ENCODER_PRECISIONS = (*DTYPES, "int8")
+# The modes FastTapEncoder runs: a GEMM dtype, or an int8 plan (float32 in and out of its GEMMs).
+ENCODER_PRECISIONS = (*DTYPES, *smooth.PLANS)
 
 
 @lru_cache(maxsize=1)
@@ -70,14 +72,15 @@ def cpu_has_amx() -> bool:
 def resolve_precision(precision: str, device: torch.device) -> str:
     """"auto" -> the fastest mode the device runs within tolerance; others checked as is.
 
-    "int8" raises ValueError (with the reason) on GPUs and on CPUs without int8 dot
-    products; "auto" never picks it: its error is above the tolerance (docs/performance.md)."""
+    "int8" and "int8-smooth" raise ValueError (with the reason) on GPUs and on CPUs without
+    int8 dot products; "auto" picks "int8-smooth" on CPUs with them (VNNI or AMX-INT8), never
+    "int8", whose error is above the tolerance (docs/performance.md)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if precision == "int8":
+    if precision in smooth.PLANS:
         reason = quant.int8_unavailable(device)
         if reason:
-            raise ValueError(f"--precision int8 is not available here: {reason}")
+            raise ValueError(f"--precision {precision} is not available here: {reason}")
         return precision
     if precision != "auto":
         if precision == "fp16" and device.type == "cpu":
@@ -85,6 +88,8 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         return precision
     if device.type == "cuda":
         return "fp16"
+    if device.type == "cpu" and quant.int8_unavailable(device) is None:
+        return "int8-smooth"  # within the tolerance (docs/performance.md); its kept blocks: bf16 or fp32
     if device.type == "cpu" and cpu_has_native_bf16():
         return "bf16"
     return "fp32"
@@ -106,6 +111,7 @@ class _Linear:
         post: str = "none",
     ):
         self.out_features = weight.shape[0]
+        self.dtype = dtype
         w = weight.detach().to(dtype).contiguous()
         self.bias = None if bias is None else bias.detach().to(dtype).contiguous()
         self.onednn = onednn
@@ -115,6 +121,8 @@ class _Linear:
         self.weight = torch.ops.mkldnn._reorder_linear_weight(w, None) if onednn else w
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != self.dtype:  # a bf16 GEMM among int8 ones (int8-smooth) gets float32 inputs
+            x = x.to(self.dtype)
         if self.onednn:
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, self.post, [], "")
         return F.linear(x, self.weight, self.bias)
@@ -182,10 +190,11 @@ class FastTapEncoder(nn.Module):
         compile: bool = False,
     ):
         super().__init__()
-        if precision not in ENCODER_PRECISIONS:
+        if precision not in DTYPES and precision not in smooth.PLANS:
             raise ValueError(f"FastTapEncoder needs a concrete precision ({', '.join(ENCODER_PRECISIONS)}), got {precision!r}")
         device = torch.device(device)
-        int8 = precision == "int8"
+        plan = smooth.PLANS.get(precision)
+        int8 = plan is not None
         if int8:
             reason = quant.int8_unavailable(device)
             if reason:
@@ -221,7 +230,17 @@ class FastTapEncoder(nn.Module):
         self.norms1 = [layer.layer_norm1 for layer in clip.encoder.layers]
         self.norms2 = [layer.layer_norm2 for layer in clip.encoder.layers]
         self.blocks = []
-        for layer in clip.encoder.layers:
+        # int8-smooth: LayerNorms with SmoothQuant's 1 / s folded in, feeding the smoothed
+        # int8 GEMMs (None where a block's GEMM is not smoothed; the taps keep norms2).
+        self.mlp_norms: list[nn.LayerNorm | None] = [None] * self.n_blocks
+        self.smoothed: list[str] = []  # the GEMMs smoothing was applied to ("3.qkv", "3.fc1", ...)
+        maxima = None
+        if int8 and (plan.smooth is not None or plan.static is not None):
+            pixels = smooth.calibration_pixels(plan.calibration).to(device)
+            maxima = smooth.ln_inputs(clip, pixels, self.n_blocks)
+        # GEMMs an int8 plan keeps out of int8: bf16 where the CPU multiplies bf16 natively.
+        kept = torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else torch.float32
+        for i, layer in enumerate(clip.encoder.layers):
             attn = layer.self_attn
             qkv_w = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).to(device)
             qkv_b = torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]).to(device)
@@ -230,17 +249,7 @@ class FastTapEncoder(nn.Module):
             fc2_w, fc2_b = layer.mlp.fc2.weight.to(device), layer.mlp.fc2.bias.to(device)
             out_w, out_b = attn.out_proj.weight.to(device), attn.out_proj.bias.to(device)
             if int8:
-                # As below, QuickGELU as oneDNN's fused swish; per-channel weight scales absorb
-                # the 1.702 factors exactly.
-                qkv_dtype = torch.float32 if self.attn_fp32 else torch.bfloat16
-                self.blocks.append(
-                    (
-                        quant.Int8Linear(qkv_w, qkv_b, out_dtype=qkv_dtype),
-                        quant.Int8Linear(out_w, out_b),
-                        quant.Int8Linear(fc1_w * QUICK_GELU, fc1_b * QUICK_GELU, post="swish"),
-                        quant.Int8Linear(fc2_w / QUICK_GELU, fc2_b),
-                    )
-                )
+                self.blocks.append(self._int8_block(i, plan, maxima, kept, qkv_w, qkv_b, out_w, out_b, fc1_w, fc1_b, fc2_w, fc2_b))
                 continue
             if onednn:
                 # quick_gelu(h) = swish(1.702 h) / 1.702: fc1 scaled by 1.702 with oneDNN's fused
@@ -263,6 +272,44 @@ class FastTapEncoder(nn.Module):
         self._compiled = torch.compile(self._taps, dynamic=False) if compile else None
         self._compiled_batch = 0
         self._graph_built = False
+
+    def _int8_block(self, i: int, plan: smooth.Int8Plan, maxima, kept: torch.dtype, qkv_w, qkv_b, out_w, out_b,
+                    fc1_w, fc1_b, fc2_w, fc2_b) -> tuple:  # fmt: skip
+        """Block i's four GEMMs under `plan`: int8 (`quant.Int8Linear`) or `kept` (oneDNN
+        bf16/fp32), with SmoothQuant's s folded into the weights and 1 / s into the LayerNorm
+        before them. As in bf16, QuickGELU is oneDNN's fused swish; per-channel weight scales
+        absorb the 1.702 factors exactly."""
+        qkv_dtype = torch.float32 if self.attn_fp32 else torch.bfloat16
+        fc1_w, fc1_b, fc2_w = fc1_w * QUICK_GELU, fc1_b * QUICK_GELU, fc2_w / QUICK_GELU
+        s = smooth.choose_smoothing(maxima[i][0], qkv_w, plan.smooth) if plan.smoothed(i, "qkv", self.n_blocks) else None
+        if s is not None:
+            self.norms1[i] = smooth.smoothed_layernorm(self.norms1[i], s)
+            qkv_w = qkv_w * s
+            self.smoothed.append(f"{i}.qkv")
+        s_qkv = s
+        s = smooth.choose_smoothing(maxima[i][2], fc1_w, plan.smooth) if plan.smoothed(i, "fc1", self.n_blocks) else None
+        if s is not None:
+            self.mlp_norms[i] = smooth.smoothed_layernorm(self.norms2[i], s)
+            fc1_w = fc1_w * s
+            self.smoothed.append(f"{i}.fc1")
+
+        scales = {"qkv": s_qkv, "fc1": s}
+
+        def make(gemm: str, w, b, **kw):
+            if plan.int8(i, gemm, self.n_blocks):
+                if plan.static is not None:
+                    lo, hi = maxima[i][smooth.GEMMS.index(gemm)].range(scales.get(gemm))
+                    kw["act_range"] = (lo * plan.static, hi * plan.static)
+                return quant.Int8Linear(w, b, **kw)
+            kw.pop("out_dtype", None)
+            return _Linear(w, b, dtype=kept, onednn=True, **kw)
+
+        return (
+            make("qkv", qkv_w, qkv_b, out_dtype=qkv_dtype),
+            make("out", out_w, out_b),
+            make("fc1", fc1_w, fc1_b, post="swish"),
+            make("fc2", fc2_w, fc2_b),
+        )
 
     @torch.no_grad()
     def forward(self, pixel_values: torch.Tensor, n_blocks: int | None = None) -> torch.Tensor:
@@ -335,8 +382,13 @@ class FastTapEncoder(nn.Module):
             attn = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], scale=1.0 / math.sqrt(hd))
             attn = attn.transpose(1, 2).reshape(b, t, d).to(self.dtype)  # [B, T, D]
             out_lin.add_to(attn, hidden)  # residual stream stays fp32, updated in place (int8: inside its GEMM)
-            normed = self.norms2[i](hidden)  # RINE's tap point (`ln_2`), fp32
-            taps.append(normed[:, 0])
+            mlp_norm = self.mlp_norms[i]
+            if mlp_norm is None:
+                normed = self.norms2[i](hidden)  # RINE's tap point (`ln_2`), fp32
+                taps.append(normed[:, 0])
+            else:  # int8-smooth: the tap from the plain LayerNorm, the MLP's input smoothed
+                taps.append(self.norms2[i](hidden[:, 0]))
+                normed = mlp_norm(hidden) if i + 1 < n else None
             if i + 1 < n:  # the last needed block's MLP does not affect any tap
                 act = fc1(normed.to(self.dtype))  # [B, T, 4D]
                 fc2.add_to(act if fc1.post == "swish" else _quick_gelu(act), hidden)

@@ -165,6 +165,7 @@ class Int8Linear:
         bias: torch.Tensor | None,
         post: str = "none",
         out_dtype: torch.dtype = torch.float32,
+        act_range: tuple[float, float] | None = None,
     ):
         if post not in ("none", "swish"):
             raise ValueError(f"post must be 'none' or 'swish', got {post!r}")
@@ -175,9 +176,19 @@ class Int8Linear:
         self.bias = None if bias is None else bias.detach().float().contiguous()
         self.post = post
         self.out_dtype = out_dtype
+        # A fixed input range (static quantization): values outside it saturate, and an
+        # image's score no longer depends on the other images of its batch.
+        self.qparams = None if act_range is None else activation_qparams(torch.tensor(act_range))
+
+    def _quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, float, int]:
+        x = x.float()  # float32, or bf16 from a kept GEMM (int8-smooth)
+        if self.qparams is None:
+            return quantize_activation(x)
+        scale, zp = self.qparams
+        return rounding_kernel()(x.contiguous(), scale, zp), scale, zp
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        xq, scale, zp = quantize_activation(x)
+        xq, scale, zp = self._quantize(x)
         return torch.ops.onednn.qlinear_pointwise(
             xq, scale, zp, self.weight, self.w_scale, self.w_zero, self.bias,
             1.0, 0, self.out_dtype, self.post, [], "",
@@ -186,7 +197,7 @@ class Int8Linear:
     def add_to(self, x: torch.Tensor, acc: torch.Tensor) -> torch.Tensor:
         if self.post != "none" or acc.dtype != torch.float32 or not acc.is_contiguous():
             return acc.add_(self(x))
-        xq, scale, zp = quantize_activation(x)
+        xq, scale, zp = self._quantize(x)
         # oneDNN's "sum" post-op accumulates into `acc` (the returned tensor is `acc`).
         return torch.ops.onednn.qlinear_pointwise.binary(
             xq, scale, zp, self.weight, self.w_scale, self.w_zero, acc, self.bias,

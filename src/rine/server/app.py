@@ -56,6 +56,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).parent / "static"
+STABILITY_FIELD = "stability"
 API_KEY_HEADER = "X-API-Key"
 
 
@@ -72,7 +73,12 @@ class ImageResult(BaseModel):
     # with `error`: a stable token to tell refusals apart (too_large, empty, not_image, corrupt,
     # too_many_pixels, ..., scoring_failed), never the text
     error_kind: str | None = None
-    threshold: float | None = None  # the cut that made is_fake (calibrated model or override)
+    threshold: float | None = None  # the cut that made is_fake (calibrated model, override or stability)
+    # with the form field stability=true: conditions (name -> prob_fake), spread, flips, flipped, reason
+    stability: dict[str, Any] | None = None
+    # what the file declares about its origin (docs/provenance.md) and the combined decision
+    provenance: dict[str, Any] | None = None
+    decision: dict[str, Any] | None = None
 
 
 class DetectResponse(BaseModel):
@@ -233,14 +239,17 @@ def create_app(
         dependencies=[Depends(check_key)],
         summary="probability that each uploaded image is synthetic",
         description=(
-            f"multipart/form-data with one or more images in the repeatable field `{FILES_FIELD}`. "
+            f"multipart/form-data with one or more images in the repeatable field `{FILES_FIELD}`, and "
+            f"optionally `{STABILITY_FIELD}=true`: each image is also scored after the everyday re-encodings of "
+            "docs/stability.md (JPEG 90 and 70, a 1080 px downscale, WebP; about 5x the work), and its record "
+            "gains `stability` and a verdict that is `uncertain` when one of them changes the answer. "
             "One record per image, in upload order. With several files, a file that cannot be "
             "scored gets `error` and its own `status` in a 200 answer; with one file, its error "
             "status is the answer's status (413 too large, 415 not an image, 422 undecodable)."
         ),
         responses={
             **errors,
-            400: _error("malformed multipart body or invalid Content-Length"),
+            400: _error("malformed multipart body, invalid Content-Length, or a stability field not true or false"),
             403: _error("a browser request from a page of another site (Origin)"),
             408: _error("the request body did not arrive in time"),
             413: _error("a file, the body, the number of files or the pixels over a limit"),
@@ -255,6 +264,9 @@ def create_app(
                     "type": "array", "minItems": 1, "maxItems": settings.max_files,
                     "items": {"type": "string", "format": "binary", "contentMediaType": "image/*"},
                 }},
+                # `stability` (true/false) is in the description, not here: Schemathesis mutates an
+                # optional multipart field into an empty array, which is no part at all on the wire
+                # (the same bytes as a valid request without it), and reports the 200 as a flaw.
             },
             # judged by content, not by this header; generated clients should still send an image
             "encoding": {FILES_FIELD: {"contentType": "image/*"}},
@@ -286,7 +298,7 @@ def create_app(
             setattr(request.state, N_IMAGES, len(uploads))  # for the access log
             if not uploads:
                 raise HTTPError(422, f"no images: send them in the multipart field '{FILES_FIELD}'")
-            records = await svc.score_uploads(uploads)
+            records = await svc.score_uploads(uploads, stability=_form_flag(reader.fields, STABILITY_FIELD))
         finally:
             reader.release()
             svc.in_flight -= 1
@@ -378,6 +390,17 @@ def add_client_side_routes(app: FastAPI, client: ClientSide | None, settings: Se
         if media_type is None:
             raise HTTPError(404, "not found")
         return FileResponse(VENDOR_DIR / name, media_type=media_type)
+
+
+def _form_flag(fields: dict[str, bytes], name: str) -> bool:
+    """A boolean form field as OpenAPI declares it: absent or `false` -> False, `true` -> True;
+    anything else is a 400 (the schema says boolean, and a client's typo must not pass silently)."""
+    if name not in fields:
+        return False
+    raw = fields[name].strip()
+    if raw in (b"true", b"false"):
+        return raw == b"true"
+    raise HTTPError(400, f"form field '{name}' must be true or false")
 
 
 def _multipart_boundary(content_type: str) -> bytes:

@@ -19,11 +19,13 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 
 from ..data.decoding import DecodeOptions
 from ..data.images import ImageLoadError
+from ..provenance.types import TrustConfig
 
 logger = logging.getLogger(__name__)
 
 MB = 1024 * 1024
 FILES_FIELD = "files"
+FORM_FIELDS = ("stability",)  # the non-file fields a request may set (the others are ignored)
 
 
 @dataclass
@@ -56,6 +58,9 @@ class ServerSettings:
     # A refusal sent before the body has arrived reads and drops up to this much of the rest,
     # so that clients that send the whole body before reading get the answer, not a reset.
     drain_bytes: int = 64 * MB
+    # What each upload declares about its origin (rine.provenance), beside its score; C2PA
+    # manifests are verified against these anchors (None: no provenance in the results).
+    trust: TrustConfig | None = field(default_factory=TrustConfig)
 
     def __post_init__(self) -> None:
         if self.max_request_bytes < self.max_file_bytes:
@@ -169,6 +174,8 @@ class _UploadReader:
     def __init__(self, settings: ServerSettings, budget: _MemoryBudget):
         self.settings, self.budget = settings, budget
         self.uploads: list[_Upload] = []
+        self.fields: dict[str, bytes] = {}  # the values of FORM_FIELDS, bounded in total
+        self._field: str | None = None
         self.held = 0  # bytes taken from the budget, given back by release()
         self.received = 0
         self._other_bytes = 0
@@ -205,6 +212,9 @@ class _UploadReader:
             self._part = _Upload(display_name(filename, len(self.uploads)))
             self.uploads.append(self._part)
             self._in_file = True
+        elif name.decode("utf-8", "replace") in FORM_FIELDS:  # others are read and dropped
+            self._field = name.decode("utf-8")
+            self.fields.setdefault(self._field, b"")  # present, even when empty
 
     def on_part_data(self, data: bytes, start: int, end: int) -> None:
         n = end - start
@@ -212,6 +222,8 @@ class _UploadReader:
             self._other_bytes += n
             if self._other_bytes > self.MAX_OTHER_FIELD_BYTES:
                 raise HTTPError(413, "form fields other than 'files' are too large")
+            if self._field is not None:
+                self.fields[self._field] = self.fields.get(self._field, b"") + data[start:end]
             return
         part = self._part
         assert part is not None
@@ -232,7 +244,7 @@ class _UploadReader:
         part.data += data[start:end]
 
     def on_part_end(self) -> None:
-        self._in_file = False
+        self._in_file, self._field = False, None
 
     async def read(self, request: Request, boundary: bytes) -> list[_Upload]:
         callbacks = {name: getattr(self, name) for name in (

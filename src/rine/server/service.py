@@ -20,6 +20,11 @@ import torch
 from ..data.decoding import error_kind
 from ..data.images import ImageLoadError
 from ..data.jpeg_crop import decode_views
+from ..data.reencode import StabilityViews, resolve_conditions, stability_views
+from ..inference.stability import decide_with_stability, stability_fields
+from ..provenance.reader import read_provenance
+from ..provenance.records import with_provenance
+from ..provenance.types import Provenance
 from .batching import Batcher, Overloaded, ScoringFailed, ViewScores
 from .limits import (
     HTTPError,
@@ -113,14 +118,29 @@ class Service:
         return HTTPError(503, detail, {"Retry-After": str(self.settings.retry_after_s)}, {"reason": reason})
 
     # -------------------------------------------------------------- work
-    def prepare(self, data: bytes, request_pixels: _PixelBudget | None = None) -> np.ndarray:
-        """Encoded image bytes -> uint8 views [V, S, S, 3]; runs in the decode pool."""
+    def prepare(self, data: bytes, request_pixels: _PixelBudget | None = None,
+                stability: bool = False) -> np.ndarray | StabilityViews:
+        """Encoded image bytes -> uint8 views [V, S, S, 3]; runs in the decode pool. With
+        `stability`, also the views of the re-encoded copies (`data.reencode.StabilityViews`).
+        A file's failure is an ImageLoadError of its kind (data.images.decode_errors)."""
+        reserve = request_pixels.take if request_pixels is not None else None
         decode = self.settings.decode
-        # crop-aware for baseline JPEGs, the same bytes as load_image + crop_views otherwise;
-        # a file's failure is an ImageLoadError of its kind (data.images.decode_errors)
+        if stability:
+            return stability_views(data, self.detector.config.preprocess, resolve_conditions(),
+                                   max_pixels=decode.max_pixels, max_bytes=decode.max_bytes,
+                                   reserve_pixels=reserve)  # fmt: skip
+        # crop-aware for baseline JPEGs, the same bytes as load_image + crop_views otherwise
         return decode_views(data, self.detector.config.preprocess, max_pixels=decode.max_pixels,
-                            max_bytes=decode.max_bytes,
-                            reserve_pixels=request_pixels.take if request_pixels is not None else None)
+                            max_bytes=decode.max_bytes, reserve_pixels=reserve)
+
+    def provenance(self, data: bytes) -> Provenance | None:
+        """What the upload declares about its origin; runs in the decode pool. Never fails the
+        request: a reader fault is logged and the result carries no provenance."""
+        try:
+            return read_provenance(data, trust=self.settings.trust)
+        except Exception as e:  # noqa: BLE001 - evidence is optional, the score is not
+            logger.warning("provenance reader failed: %s", type(e).__name__, exc_info=True)
+            return None
 
     def model_info(self) -> dict[str, Any]:
         cfg = self.detector.config
@@ -141,11 +161,14 @@ class Service:
             "max_files": self.settings.max_files,
         }
 
-    async def score_uploads(self, uploads: list[_Upload]) -> list[dict[str, Any]]:
+    async def score_uploads(self, uploads: list[_Upload], stability: bool = False) -> list[dict[str, Any]]:
+        """One record per upload; `stability`: each also scored under the re-encodings of
+        docs/stability.md, in the same encoder batch (records gain `stability`)."""
         loop = asyncio.get_running_loop()
         s = self.settings
         records: list[dict[str, Any] | None] = [None] * len(uploads)
         decodes: dict[int, asyncio.Future] = {}
+        provenances: dict[int, asyncio.Future] = {}
         request_pixels = _PixelBudget(s.max_request_pixels)
         for i, up in enumerate(uploads):
             if up.too_large:
@@ -155,11 +178,15 @@ class Service:
                 records[i] = _error_record(up.filename, 422, "empty file", "empty")
             else:
                 # in a copy of the request's context: the decoder's log lines carry its request id
+                data = bytes(up.data)
                 decodes[i] = loop.run_in_executor(self.decode_pool, contextvars.copy_context().run, self.prepare,
-                                                  bytes(up.data), request_pixels)
+                                                  data, request_pixels, stability)
+                if s.trust is not None:  # metadata only, no pixels but lossless files' watermark check
+                    provenances[i] = loop.run_in_executor(self.decode_pool, contextvars.copy_context().run, self.provenance, data)
                 # The pool holds its own copy; the request's buffer can go now.
                 up.data = bytearray()
         scores: dict[int, asyncio.Future] = {}
+        prepared: dict[int, StabilityViews] = {}
         # One deadline from the end of the upload to the last score, decoding included.
         deadline = loop.time() + s.score_timeout_s
 
@@ -183,6 +210,8 @@ class Service:
                 batcher = self.batcher
                 if batcher is None:
                     raise self.busy("model not loaded", "loading")
+                if isinstance(views, StabilityViews):
+                    prepared[i], views = views, views.views
                 try:
                     scores[i] = asyncio.wrap_future(batcher.submit(views))
                 except Overloaded as e:
@@ -201,21 +230,29 @@ class Service:
                     elif isinstance(vs, BaseException):
                         raise vs
                     else:
-                        records[i] = self._record(uploads[i].filename, vs)
+                        records[i] = self._record(uploads[i].filename, vs, prepared.get(i))
+                        if i in provenances:
+                            records[i] = with_provenance(records[i], await asyncio.wait_for(provenances[i], remaining()))
         finally:
-            for fut in list(decodes.values()) + list(scores.values()):
+            for fut in list(decodes.values()) + list(scores.values()) + list(provenances.values()):
                 fut.cancel()
         return [r for r in records if r is not None]
 
-    def _record(self, name: str, vs: ViewScores) -> dict[str, Any]:
+    def _record(self, name: str, vs: ViewScores, sv: StabilityViews | None = None) -> dict[str, Any]:
         # Ten-crop: the probability is the sigmoid of the MEAN logit, as in the reference.
         # Computed as Detector.predict does (float32 mean, then sigmoid) so that the API and
         # `rine detect` give the same number for the same file.
         # The detector's decision rule (rine.model.calibration) turns it into the probability,
         # the cut and the verdict, calibrated or not, as for `rine detect`.
-        logit = torch.from_numpy(np.ascontiguousarray(vs.logits)).mean().item()
         rule = decision_rule(self.detector)
-        d = rule.decide(logit)
+        extra: dict[str, Any] = {}
+        if sv is not None:  # the file's views first, then each re-encoded copy's
+            logit, d, st = decide_with_stability(rule, vs.logits, sv.applied, sv.per_image, sv.skipped)
+            extra = stability_fields(d, st)
+            vs = ViewScores(vs.logits[: sv.per_image], vs.contributions[: sv.per_image])
+        else:
+            logit = torch.from_numpy(np.ascontiguousarray(vs.logits)).mean().item()
+            d = rule.decide(logit)
         record = {
             "name": name,
             "status": 200,
@@ -229,7 +266,7 @@ class Service:
         }
         if rule.reports_threshold:
             record["threshold"] = d.threshold
-        return record
+        return {**record, **extra}
 
 
 def load_served(options: ModelOptions, threshold: float | None = None,

@@ -192,6 +192,20 @@ function barChart(values) {
   return svg;
 }
 
+// A record's `stability` (rine detect --stability, form field stability=true) in words.
+function stabilityText(st) {
+  const n = Object.keys(st.conditions).length;
+  const spread = (st.spread * 100).toFixed(1);
+  if (st.flips > 0) {
+    const reason = st.reason.charAt(0).toUpperCase() + st.reason.slice(1);
+    return `${reason}. Under the ${n} re-saves checked the probability moves by up to ${spread} points: ` +
+      "treat this answer as uncertain.";
+  }
+  if (n === 0) return "Stability could not be checked: " + st.reason + ".";
+  return `Stable: none of the ${n} everyday re-saves checked (JPEG 90 and 70, 1080 px, WebP) changes this answer; ` +
+    `the probability moves by up to ${spread} points.`;
+}
+
 function showResult(card, r) {
   const status = card.querySelector(".status");
   const name = card.dataset.name;
@@ -208,7 +222,11 @@ function showResult(card, r) {
   status.hidden = true;
   const verdict = card.querySelector(".verdict");
   verdict.textContent = VERDICT_WORDS[r.verdict] || (r.is_fake ? "Synthetic" : "Real");
-  if (r.verdict === "uncertain") {
+  const unstable = r.stability && r.stability.flips > 0;
+  if (unstable) {
+    verdict.textContent = "Uncertain: an ordinary re-save would change this answer";
+    verdict.title = r.stability.reason;
+  } else if (r.verdict === "uncertain") {
     verdict.title = "The score is too close to the threshold to call: look at this image yourself, or get a second opinion.";
   }
   verdict.classList.add(r.verdict);
@@ -222,18 +240,36 @@ function showResult(card, r) {
   strong.textContent = shownProbability(r.prob_fake);
   prob.appendChild(strong);
   prob.hidden = false;
-  announce(`${name}: ${verdict.textContent}, probability of being synthetic ${strong.textContent}`);
+  let said = `${name}: ${verdict.textContent}, probability of being synthetic ${strong.textContent}`;
+  if (r.stability) {
+    const st = card.querySelector(".stability");
+    st.textContent = stabilityText(r.stability);
+    st.dataset.flips = String(r.stability.flips);
+    st.hidden = false;
+    said += ". " + st.textContent;
+  }
+  announce(said);
   if (r.block_importance && r.block_importance.length) {
     const fig = card.querySelector(".chart");
     fig.insertBefore(barChart(r.block_importance), fig.firstChild);
     fig.hidden = false;
   }
+  const prov = card.querySelector(".provenance");
+  if (prov) prov.hidden = !renderProvenance(prov, r, !!r.client_side);  // provenance.js
   card.dataset.state = "done";
 }
 
 async function score(file, card, waits, timeouts) {
   if (window.rineClientSide && window.rineClientSide.active()) {
-    return window.rineClientSide.score(file, card, showResult);  // client_side.js: nothing uploaded
+    // client_side.js: nothing uploaded, so no stability check (it runs on the server only)
+    const show = !$("#stability").checked ? showResult : (c, r) => {
+      showResult(c, r);
+      if (r.error) return;
+      const st = c.querySelector(".stability");
+      st.textContent = "Stability not checked: it runs on the server only, and this image was scored in your browser.";
+      st.hidden = false;
+    };
+    return window.rineClientSide.score(file, card, show);
   }
   if (maxFileBytes !== null && file.size > maxFileBytes) {
     showResult(card, { error: sizeRefusal(file.size, maxFileBytes) });
@@ -241,6 +277,7 @@ async function score(file, card, waits, timeouts) {
   }
   const body = new FormData();
   body.append("files", file, file.name);
+  if ($("#stability").checked) body.append("stability", "true");
   try {
     const res = await fetch("/v1/detect", { method: "POST", body, headers: apiHeaders() });
     let data = null;
@@ -287,12 +324,20 @@ function csvField(value, isText) {
 
 function downloadResults() {
   const rows = [["name", "verdict", "prob_fake", "logit", "error"]];
-  for (const card of document.querySelectorAll("#results .card")) {
+  const cards = Array.from(document.querySelectorAll("#results .card")).filter((c) => c.result);
+  const withStability = cards.some((c) => c.result.stability);
+  if (withStability) rows[0].push("stability_flips", "stability_spread", "stability_reason");
+  for (const card of cards) {
     const r = card.result;
-    if (!r) continue;
-    rows.push([card.dataset.name, r.verdict, r.prob_fake, r.logit, r.error]);
+    const row = [card.dataset.name, r.verdict, r.prob_fake, r.logit, r.error];
+    if (withStability) {
+      const st = r.stability || {};
+      row.push(st.flips, st.spread, st.reason);
+    }
+    rows.push(row);
   }
-  const text = [true, true, false, false, true];  // name, verdict, prob_fake, logit, error
+  // name, verdict, prob_fake, logit, error[, flips, spread, reason]: text cells are guarded
+  const text = [true, true, false, false, true, false, false, true];
   const csv = rows.map((row) => row.map((v, i) => csvField(v, text[i])).join(",")).join("\r\n") + "\r\n";
   const url = URL.createObjectURL(new Blob([csv], { type: "text/csv" }));
   const a = document.createElement("a");
