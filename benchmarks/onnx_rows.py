@@ -70,7 +70,7 @@ def run_mode(args, paths: list[str]) -> dict:
         reset_peaks,
     )
 
-    from rine.data.decoding import default_workers
+    from rine.data.decoding import DecodeOptions, default_workers
     from rine.inference.detector import default_batch_size
     from rine.inference.onnx_backend import load_onnx_detector
 
@@ -83,7 +83,7 @@ def run_mode(args, paths: list[str]) -> dict:
     model_mb = current_rss_mb()
     reset_peaks("cpu")
     t0 = time.perf_counter()
-    preds = list(det.predict_iter(paths, batch_size=batch, num_workers=workers, decoder=args.decoder))
+    preds = list(det.predict_iter(paths, batch_size=batch, decode=DecodeOptions(workers=workers, decoder=args.decoder)))
     elapsed = time.perf_counter() - t0
     return {
         "mode": args.mode, "precision": f"{det.precision} (onnxruntime {ort.__version__}, CPU)",

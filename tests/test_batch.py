@@ -283,6 +283,7 @@ def test_records_equal_rine_detect_with_ten_crop_and_files_that_kill_or_hang_the
     from ray.data import DataContext
 
     from rine.cluster.manifest import display_path
+    from rine.data.decoding import DecodeOptions
 
     # the decoded views the object store may hold are bounded (buffer_bytes), not Ray's default
     assert DataContext.get_current().execution_options.resource_limits.object_store_memory == 128 * 2**20
@@ -291,22 +292,24 @@ def test_records_equal_rine_detect_with_ten_crop_and_files_that_kill_or_hang_the
     by_path = {r["path"]: r for r in rows}
     by_path[str(latin1)] = by_path[display_path(str(latin1))]
     others = [str(p) for p in sorted((tmp_path / "imgs").iterdir()) if p not in (poison, hangs)]
-    expected = det.predict(others + [str(tmp_path / "missing.png")], decoder="threads")
+    expected = det.predict(others + [str(tmp_path / "missing.png")], decode=DecodeOptions(decoder="threads"))
     for pred in expected:
         rec = by_path[pred.path]
-        assert rec["error"] == pred.error
+        assert (rec["error"], rec["error_kind"]) == (pred.error, pred.error_kind)
         if pred.error is None:
             assert abs(rec["logit"] - pred.logit) < 1e-6 and abs(rec["prob_fake"] - pred.prob_fake) < 1e-6
             assert rec["is_fake"] == pred.is_fake
     assert sum(p.error is None for p in expected) == 8
     assert by_path[str(poison)]["error"] == str(DecoderCrashed())
     assert by_path[str(hangs)]["error"] == str(DecoderTimedOut(10))
+    assert (by_path[str(poison)]["error_kind"], by_path[str(hangs)]["error_kind"]) == ("crashed", "timeout")
     assert by_path[f"file://{imgs[0]}"]["logit"] == pytest.approx(by_path[str(imgs[0])]["logit"], abs=0)
     assert by_path[f"file://{tmp_path / 'missing.png'}"]["error"] == "no such file"
     # s3://: the object's record is the local copy's; a missing key and a listed prefix
     assert by_path[s3_img]["logit"] == pytest.approx(by_path[str(imgs[3])]["logit"], abs=0)
     assert by_path[s3_img]["label"] == 1 and by_path[s3_img]["set"] == "s3"
     assert by_path[f"s3://{S3_BUCKET}/no/such.png"]["error"] == "no such file"
+    assert by_path[f"s3://{S3_BUCKET}/no/such.png"]["error_kind"] == "missing"
     assert by_path[f"{s3_dir}a/img04.png"]["logit"] == pytest.approx(by_path[str(imgs[4])]["logit"], abs=0)
     assert by_path[f"file://{imgs[0]}"]["label"] == 1 and by_path[f"file://{imgs[0]}"]["set"] == "uri"
     assert by_path[str(imgs[1])]["label"] is None
@@ -440,7 +443,8 @@ def test_taps_store_trains_the_same_weights_as_rine_extract(ray_cluster, tiny_ba
     ext, bat = FeatureStore.open(tmp_path / "ext"), FeatureStore.open(tmp_path / "bat")
     assert bat.complete and len(bat) == len(ext) == 2 * (len(items) - 1)
     assert np.array_equal(np.asarray(bat.taps), np.asarray(ext.taps))
-    assert (bat.items.tolist(), bat.views.tolist(), bat.errors) == (ext.items.tolist(), ext.views.tolist(), ext.errors)
+    assert (bat.items.tolist(), bat.views.tolist(), bat.errors, bat.error_kinds) == \
+        (ext.items.tolist(), ext.views.tolist(), ext.errors, ext.error_kinds)
     skip = {"layout", "split", "classes", "root", "inputs"}
     assert {k: v for k, v in bat.meta.items() if k not in skip} == {k: v for k, v in ext.meta.items() if k not in skip}
     train = ["--epochs", "2", "--batch-size", "4", "--nproj", "1", "--proj-dim", "8", "--seed", "1"]

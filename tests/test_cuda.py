@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from rine.data.decoding import default_workers
+from rine.data.decoding import DecodeOptions, default_workers
 from rine.inference.detector import Detector, default_batch_size
 
 from conftest import PARITY, write_image
@@ -66,7 +66,7 @@ def test_gpu_pipeline_keeps_order_and_errors(tiny_checkpoint_dir, tmp_path, crop
     inputs = [good[0], str(bad), *good[1:]]
     cpu = Detector.from_pretrained(str(tiny_checkpoint_dir), crop=crop, device="cpu", precision="fp32")
     gpu = Detector.from_pretrained(str(tiny_checkpoint_dir), crop=crop, device="cuda", precision="fp32")
-    preds = gpu.predict(inputs, batch_size=2, num_workers=3)
+    preds = gpu.predict(inputs, batch_size=2, decode=DecodeOptions(workers=3))
     assert [p.path for p in preds] == inputs
     assert preds[1].error is not None and preds[1].prob_fake is None
     expected = _probs(cpu, good)

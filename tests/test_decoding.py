@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from rine.data.decoding import DecoderCrashed, ordered_map
+from rine.data.decoding import DecodeOptions, DecoderCrashed, ordered_map
 from rine.inference.detector import Detector
 
 from conftest import write_image
@@ -81,9 +81,9 @@ def test_detector_reports_the_file_that_killed_a_decoding_process(tiny_checkpoin
     paths = [str(write_image(tmp_path / f"{i}.png", size=(240, 230), seed=i)) for i in range(5)]
     paths.insert(2, str(write_image(tmp_path / "kills-worker.png", seed=9)))
     det = Detector.from_pretrained(str(tiny_checkpoint_dir), precision="fp32")
-    expected = {p.path: p.prob_fake for p in det.predict(paths, decoder="threads")}
+    expected = {p.path: p.prob_fake for p in det.predict(paths, decode=DecodeOptions(decoder="threads"))}
     monkeypatch.setattr(rine.inference.detector, "prepare_views", prepare_views_or_die)
-    preds = det.predict(paths, decoder="processes", num_workers=2, batch_size=2)
+    preds = det.predict(paths, decode=DecodeOptions(decoder="processes", workers=2), batch_size=2)
     assert [p.path for p in preds] == paths
     crashed = preds[2]
     assert crashed.prob_fake is None and "worker process died" in crashed.error

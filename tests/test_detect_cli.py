@@ -147,6 +147,21 @@ def test_bad_files_get_error_records_and_the_rest_is_scored(capsys, tmp_path, ti
     # sensitive head in test_folders_globs_csv_and_output_file
 
 
+def test_a_corrupt_avif_is_a_clean_error_record(capsys, tmp_path, tiny_checkpoint_dir):
+    """Pillow's AVIF decoder raises RuntimeError on a broken file: data.images.decode_errors
+    makes it a `corrupt` record, and the other files are scored (it used to stop the run)."""
+    from support.corrupt_images import corrupt_avif
+
+    (tmp_path / "broken.avif").write_bytes(corrupt_avif())
+    write_image(tmp_path / "ok.png", size=(64, 64))
+    code, out, err = run_cli(capsys, "detect", str(tmp_path), "--model", str(tiny_checkpoint_dir), "--format", "jsonl")
+    assert code == 1 and "Traceback" not in err
+    records = {r["path"].split("/")[-1]: r for r in map(json.loads, out.splitlines())}
+    assert records["broken.avif"]["error_kind"] == "corrupt"
+    assert records["broken.avif"]["error"].startswith("corrupt or truncated image: ")
+    assert records["ok.png"]["error"] is None and "error_kind" not in records["ok.png"]
+
+
 def test_ten_crop_is_sigmoid_of_mean_logit(capsys, tmp_path, sensitive_checkpoint_dir, sensitive_detector):
     path = str(write_image(tmp_path / "big.png", size=(700, 500), seed=9))
     code, out, _ = run_cli(
@@ -345,6 +360,29 @@ def test_resume_csv_and_what_it_refuses(capsys, tmp_path, tiny_checkpoint_dir):
     assert code == 2 and "jsonl or csv" in err
 
 
+def test_csv_has_error_kind_and_an_older_csv_resumes_in_its_own_columns(capsys, tmp_path, tiny_checkpoint_dir):
+    """csv rows carry error_kind (last column); a file written before that column existed
+    (path..error) resumes: its new rows have its header's width, not one more column."""
+    images = [str(write_image(tmp_path / f"img{i}.png", (240, 240), seed=i)) for i in range(2)]
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    model = ("--model", str(tiny_checkpoint_dir))
+    new = tmp_path / "new.csv"
+    assert run_cli(capsys, "detect", images[0], str(broken), *model, "-o", str(new))[0] == 1
+    rows = list(csv.DictReader(new.open(newline="")))
+    assert [(r["error"] != "", r["error_kind"]) for r in rows] == [(False, ""), (True, "not_image")]
+
+    old = tmp_path / "old.csv"  # what an earlier rine wrote: five columns
+    old.write_bytes(b"path,prob_fake,logit,is_fake,error\r\n" + f"{images[0]},0.5,0.0,False,\r\n".encode())
+    code, _, err = run_cli(capsys, "detect", images[0], images[1], str(broken), *model, "-o", str(old), "--resume",
+                           "--no-provenance")  # fmt: skip
+    assert code == 1 and "1 of 3 inputs already have a record" in err, err
+    rows = list(csv.reader(old.open(newline="")))
+    assert rows[0] == ["path", "prob_fake", "logit", "is_fake", "error"]
+    assert [len(r) for r in rows] == [5] * 4 and [r[0] for r in rows[1:]] == [images[0], images[1], str(broken)]
+    assert rows[3][4].startswith("not an image")
+
+
 def test_resume_refuses_a_csv_with_other_columns(capsys, tmp_path, tiny_checkpoint_dir, monkeypatch):
     """An uncalibrated run writes 5 columns, one with a threshold (a calibrated model or
     --threshold) 7: resuming one file with the other run is refused before scoring, the file
@@ -354,9 +392,10 @@ def test_resume_refuses_a_csv_with_other_columns(capsys, tmp_path, tiny_checkpoi
     plain, decided = tmp_path / "plain.csv", tmp_path / "decided.csv"
     assert run_cli(capsys, "detect", *images[:2], *model, "-o", str(plain))[0] == 0
     assert run_cli(capsys, "detect", *images[:2], *model, "--threshold", "0.7", "-o", str(decided))[0] == 0
-    # the detector's columns first, then the provenance columns and the combined decision
-    assert plain.read_bytes().startswith(b"path,prob_fake,logit,is_fake,error,provenance_source_type,")
-    assert decided.read_bytes().startswith(b"path,prob_fake,logit,is_fake,error,threshold,verdict,provenance_source_type,")
+    # the detector's columns first (error_kind beside error), then the provenance columns and the decision
+    assert plain.read_bytes().startswith(b"path,prob_fake,logit,is_fake,error,error_kind,provenance_source_type,")
+    assert decided.read_bytes().startswith(
+        b"path,prob_fake,logit,is_fake,error,error_kind,threshold,verdict,provenance_source_type,")
     plain.write_bytes(plain.read_bytes() + b"cut.png,0.4")  # killed while writing a row
     import rine.inference.detector as detector_module
 
@@ -367,8 +406,10 @@ def test_resume_refuses_a_csv_with_other_columns(capsys, tmp_path, tiny_checkpoi
 
     monkeypatch.setattr(detector_module.Detector, "predict_iter", no_scoring)
     prov = "provenance_source_type"  # the provenance columns follow the detector's
-    for out, extra, theirs, ours in ((plain, ("--threshold", "0.7"), f"error,{prov}", f"error,threshold,verdict,{prov}"),
-                                     (decided, (), f"error,threshold,verdict,{prov}", f"error,{prov}")):  # fmt: skip
+    for out, extra, theirs, ours in ((plain, ("--threshold", "0.7"), f"error,error_kind,{prov}",
+                                      f"error,error_kind,threshold,verdict,{prov}"),
+                                     (decided, (), f"error,error_kind,threshold,verdict,{prov}",
+                                      f"error,error_kind,{prov}")):  # fmt: skip
         before = out.read_bytes()
         code, _, err = run_cli(capsys, "detect", *images, *model, *extra, "-o", str(out), "--resume")
         assert code == 2, err
@@ -513,6 +554,7 @@ def test_folders_that_cannot_be_read_are_error_records(capsys, tmp_path, tiny_ch
     assert code == 1 and "1 of 2 inputs could not be scored" in err, err
     assert {r["path"]: r["error"] for r in records} == {
         str(good / "locked"): "cannot read folder: Permission denied", str(good / "a.png"): None}
+    assert {r["path"]: r.get("error_kind") for r in records} == {str(good / "locked"): "unreadable", str(good / "a.png"): None}
     from pathlib import Path
 
     real_is_dir = Path.is_dir

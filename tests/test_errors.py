@@ -62,6 +62,7 @@ def test_rine_batch_says_its_option_errors_as_flags(tmp_path, capsys):
 def test_records_carry_a_stable_error_kind(tiny_detector, tiny_checkpoint_dir, tmp_path, capsys):
     """Each failure's kind, from the error itself (not its text); a scored image has none."""
     from rine.cli import main
+    from rine.data.decoding import DecodeOptions
 
     ok = write_image(tmp_path / "ok.png", seed=1)
     big = write_image(tmp_path / "big.png", size=(300, 300), seed=2)
@@ -72,7 +73,7 @@ def test_records_carry_a_stable_error_kind(tiny_detector, tiny_checkpoint_dir, t
     limit, tiny_detector.max_pixels = tiny_detector.max_pixels, 300 * 300 - 1
     try:
         preds = tiny_detector.predict([str(ok), str(big), str(tmp_path / "empty.png"), str(tmp_path / "broken.png"),
-                                       str(tmp_path / "notes.png"), str(tmp_path / "missing.png")], decoder="threads")  # fmt: skip
+                                       str(tmp_path / "notes.png"), str(tmp_path / "missing.png")], decode=DecodeOptions(decoder="threads"))  # fmt: skip
     finally:
         tiny_detector.max_pixels = limit
     assert [p.error_kind for p in preds] == [None, "too_many_pixels", "empty", "corrupt", "not_image", "missing"]

@@ -81,6 +81,7 @@ def test_eval_ufd20_counts_and_metrics(tmp_path, tiny_checkpoint_dir, count_view
     assert len(preds) == sum(r + f for r, f in on_disk.values())
     err = [p for p in preds if p["error"]]
     assert [p["path"] for p in err] == [str(bad)] and err[0]["prob_fake"] is None
+    assert [p["error_kind"] for p in preds if p["error_kind"]] == [err[0]["error_kind"]] != ["error"]
     # the backbone saw each readable image once
     assert count_views["views"] == sum(r + f for r, f in expected.values())
     # metrics equal scikit-learn's on the written predictions
@@ -196,6 +197,9 @@ def test_features_cache_skips_the_backbone(tmp_path, tiny_checkpoint_dir, count_
     assert [bool(p["error"]) for p in cached] == [bool(p["error"]) for p in live] and sum(
         bool(p["error"]) for p in live
     ) == 1
+    # the kind survives the tap store (its commit lines keep it): the same as the live run's
+    assert [p["error_kind"] for p in cached] == [p["error_kind"] for p in live]
+    assert [p["error_kind"] for p in live if p["error"]] == ["not_image"]
     np.testing.assert_allclose(
         [p["prob_fake"] for p in live if not p["error"]],
         [p["prob_fake"] for p in cached if not p["error"]],

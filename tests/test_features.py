@@ -37,6 +37,20 @@ def data(tmp_path_factory) -> Path:
     return root
 
 
+def test_decode_options_reach_the_extraction(backbone, data, tmp_path):
+    """`decode=DecodeOptions(max_pixels=...)` is the limit extraction decodes with: images
+    over it are skipped as too_many_pixels, the ones at it are stored (the limit is inclusive)."""
+    from rine.data.decoding import DecodeOptions
+
+    items = [it for it in progan_items(data, "train", ["car"]) if "broken" not in it.path]
+    limit = 210 * 250  # images are (180 + 30 i) x 250: i = 0, 1 fit
+    store = extract_features(backbone, items, tmp_path / "s", CenterView(), dtype="float32",
+                             decode=DecodeOptions(max_pixels=limit, workers=1))  # fmt: skip
+    over = {it.path for it in items if not it.path.endswith(("/0.png", "/1.png"))}
+    assert over and set(store.error_kinds) == over and set(store.error_kinds.values()) == {"too_many_pixels"}
+    assert set(store.paths) == {it.path for it in items} - over
+
+
 def test_store_holds_the_backbone_taps(backbone, data, tmp_path):
     from rine.data.images import load_image
 
@@ -45,6 +59,7 @@ def test_store_holds_the_backbone_taps(backbone, data, tmp_path):
     assert store.complete and len(store) == len(items) - 1
     assert store.meta["blocks"] == 3 and store.meta["width"] == 64
     assert [p for p, _ in store.errors] == [str(data / "train/car/0_real/broken.png")]
+    assert store.error_kinds == {str(data / "train/car/0_real/broken.png"): "not_image"}  # kept in commits.jsonl
     good = [it for it in items if "broken" not in it.path]
     assert store.paths == [it.path for it in good]
     assert store.labels.tolist() == [it.label for it in good]

@@ -170,19 +170,22 @@ def test_a_cycle_and_an_upward_import_would_be_caught(tmp_path, monkeypatch):
 
 
 def test_a_library_module_importing_the_cli_would_be_caught(tmp_path, monkeypatch):
-    """Negative control: cluster/job.py importing rine.cli.common inside a function (same rank,
-    so the layer rule lets it pass) is flagged; cli importing cluster is not."""
+    """Negative control: cluster/job.py importing rine.cli.common inside a function, and
+    server/service.py importing rine.cli.common by its absolute name (both the same rank as
+    the CLI, so the layer rule lets them pass) are flagged; cli importing them is not."""
     pkg = tmp_path / "rine"
-    for folder in ("cluster", "cli"):
+    for folder in ("cluster", "cli", "server"):
         (pkg / folder).mkdir(parents=True)
         (pkg / folder / "__init__.py").write_text("")
     (pkg / "__init__.py").write_text("")
-    (pkg / "cli" / "common.py").write_text("from ..cluster import job\n")
+    (pkg / "cli" / "common.py").write_text("from ..cluster import job\nfrom ..server import service\n")
     (pkg / "cluster" / "job.py").write_text("def f():\n    from ..cli.common import error_message\n")
+    (pkg / "server" / "service.py").write_text("import rine.cli.common\n")
     monkeypatch.setattr(__import__(__name__), "SRC", pkg)
     test_imports_flow_downwards()  # the layers alone let it through
     with pytest.raises(AssertionError, match="rine.cluster.job imports rine.cli.common") as caught:
         test_library_code_never_imports_the_cli()
+    assert "rine.server.service imports rine.cli.common" in str(caught.value)
     assert "rine.cli.common imports" not in str(caught.value)
 
 
@@ -306,6 +309,33 @@ def test_a_re_export_would_be_caught(tmp_path, monkeypatch):
     monkeypatch.setattr(__import__(__name__), "SRC", pkg)
     assert imports_from_elsewhere([pkg, tmp_path / "tests"]) == [
         "tests/test_x.py:1 imports f from rine.model.b", "tests/test_x.py:4 imports X from rine.model.b"]
+
+
+def all_of_lists_imports(path: Path) -> list[str]:
+    """The names in `path`'s `__all__` that the module imports instead of defining."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    listed: list[str] = []
+    imported: set[str] = set()
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "__all__" for t in node.targets):
+            listed = [e.value for e in getattr(node.value, "elts", []) if isinstance(e, ast.Constant)]
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            imported |= {(a.asname or a.name).split(".")[0] for a in node.names}
+    return [n for n in listed if n in imported]
+
+
+def test_all_lists_only_what_a_module_defines():
+    """`__all__` is what a module offers of its own: a name it imports is its home's to list."""
+    found = [f"{module_name(f)}: {', '.join(names)}" for f in sorted(SRC.rglob("*.py"))
+             if (names := all_of_lists_imports(f))]  # fmt: skip
+    assert not found, "__all__ listing imported names:\n" + "\n".join(found)
+
+
+def test_an_imported_name_in_all_would_be_caught(tmp_path):
+    """Negative control: the form inference/detector.py had (an imported constant listed)."""
+    f = tmp_path / "m.py"
+    f.write_text("from x import DECODERS, helper\n\n__all__ = ['DECODERS', 'Detector']\n\nclass Detector: ...\n")
+    assert all_of_lists_imports(f) == ["DECODERS"]
 
 
 def test_no_test_file_imports_another():

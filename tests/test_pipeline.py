@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from rine.config import PreprocessConfig
+from rine.data.decoding import DecodeOptions
 from rine.data.images import load_image
 from rine.data.preprocess import crop_views, normalize
 from rine.inference.detector import Detector, _normalize_on
@@ -47,7 +48,7 @@ def _one_by_one(det: Detector, path: str) -> float:
 
 @pytest.mark.parametrize("batch_size, workers", [(1, 1), (3, 2), (16, 4)])
 def test_order_errors_and_values_whatever_the_batching(fp32_detector, mixed_inputs, batch_size, workers):
-    preds = list(fp32_detector.predict_iter(mixed_inputs, batch_size=batch_size, num_workers=workers))
+    preds = list(fp32_detector.predict_iter(mixed_inputs, batch_size=batch_size, decode=DecodeOptions(workers=workers)))
     assert [p.path for p in preds] == mixed_inputs
     assert [p.error is not None for p in preds] == [False, True, False, False, True, False, False, False]
     for p in preds:
@@ -68,7 +69,7 @@ def test_stream_is_consumed_lazily(fp32_detector, tmp_path):
             pulled += 1
             yield path
 
-    it = fp32_detector.predict_iter(endless(), batch_size=4, num_workers=2)
+    it = fp32_detector.predict_iter(endless(), batch_size=4, decode=DecodeOptions(workers=2))
     first = [next(it) for _ in range(5)]
     assert all(p.error is None for p in first)
     assert pulled <= 5 + 2 * 4 + 4  # what was yielded + the in-flight bound + one batch
@@ -104,8 +105,8 @@ def test_empty_input_gives_nothing(fp32_detector):
 def test_process_decoder_gives_the_same_records_as_threads(fp32_detector, mixed_inputs):
     """Decoding in worker processes (the GPU default): same values, same order, and the
     failures keep their one-line reasons (ImageLoadError crosses the process boundary)."""
-    threads = list(fp32_detector.predict_iter(mixed_inputs, batch_size=3, num_workers=2, decoder="threads"))
-    procs = list(fp32_detector.predict_iter(mixed_inputs, batch_size=3, num_workers=2, decoder="processes"))
+    threads = list(fp32_detector.predict_iter(mixed_inputs, batch_size=3, decode=DecodeOptions(workers=2, decoder="threads")))
+    procs = list(fp32_detector.predict_iter(mixed_inputs, batch_size=3, decode=DecodeOptions(workers=2, decoder="processes")))
     assert [p.path for p in procs] == mixed_inputs
     assert [p.error for p in procs] == [p.error for p in threads]
     assert procs[1].error is not None and procs[4].error == "no such file"
@@ -177,7 +178,7 @@ def test_numpy_arrays_score_as_their_images(fp32_detector, tmp_path):
 
 def test_unknown_decoder_is_refused(fp32_detector):
     with pytest.raises(ValueError, match="decoder must be one of"):
-        list(fp32_detector.predict_iter([], decoder="fibers"))
+        list(fp32_detector.predict_iter([], decode=DecodeOptions(decoder="fibers")))
 
 
 def test_releasing_the_reference_weights_keeps_every_score(tiny_checkpoint_dir, mixed_inputs):

@@ -269,3 +269,27 @@ def test_rine_models_prints_its_table_without_torch():
     assert done.returncode == 0, done.stderr
     assert "openai/clip-vit-large-patch14" in done.stdout and "rine-vitl14-4class" in done.stdout
     assert done.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_a_backbone_weights_error_reaches_the_caller_as_it_is(monkeypatch, tmp_path, tiny_checkpoint_dir):
+    """Detector.from_pretrained lets the model layer's WeightsUnavailableError through
+    unchanged: the same object, its `missing` pieces kept (a rewrap used to drop them)."""
+    from dataclasses import replace
+
+    import rine.inference.detector as detector_module
+    from rine.inference.detector import Detector
+    from rine.model.checkpoints import save_pretrained
+    from rine.model.pretrained import BackboneUnavailableError, MissingPiece
+
+    head, config = load_pretrained(tiny_checkpoint_dir)
+    folder = save_pretrained(head, replace(config, backbone="ViT-B/32"), tmp_path / "ckpt")  # not a local path
+    piece = MissingPiece("backbone openai/clip-vit-base-patch32", "offline", "run once with network")
+    raised = BackboneUnavailableError("backbone ViT-B/32 could not be loaded", [piece])
+
+    def unavailable(source, revision=None):
+        raise raised
+
+    monkeypatch.setattr(detector_module, "load_backbone", unavailable)
+    with pytest.raises(WeightsUnavailableError) as caught:
+        Detector.from_pretrained(str(folder), device="cpu")
+    assert caught.value is raised and caught.value.missing == (piece,)

@@ -149,6 +149,46 @@ def test_load_failure_is_reported(tiny_detector):
         assert "no such checkpoint" not in detail  # messages may hold local paths: log only
 
 
+def test_model_options_load_through_the_library_loader(tiny_checkpoint_dir, tiny_detector, monkeypatch):
+    """`create_app(model=ModelOptions(...))` (what `rine serve` passes) loads through
+    rine.inference.loading.load_detector, the fast encoder only, with the decision overrides;
+    the scores are those of the same checkpoint loaded directly."""
+    import rine.inference.loading as loading
+    from rine.inference.loading import ModelOptions
+
+    calls = []
+    real_load = loading.load_detector
+
+    def spy(options, **kwargs):
+        calls.append((options, kwargs))
+        return real_load(options, **kwargs)
+
+    monkeypatch.setattr(loading, "load_detector", spy)
+    options = ModelOptions(model=str(tiny_checkpoint_dir), device="cpu", precision=tiny_detector.precision)
+    data = (OFFICIAL / "real_aadlygmazf.jpg").read_bytes()
+    with TestClient(create_app(model=options, threshold=0.25, uncertain_band=0.1)) as c:
+        wait_until(lambda: c.get("/readyz").status_code == 200, timeout=120)
+        assert c.get("/v1/model").json()["threshold"] == 0.25
+        rec = c.post("/v1/detect", files=upload(("real.jpg", data))).json()["results"][0]
+    assert calls == [(options, {"keep_reference": False, "progress": False})]
+    assert rec["threshold"] == 0.25 and rec["verdict"] in ("real", "synthetic", "uncertain")
+    expected = tiny_detector.predict([str(OFFICIAL / "real_aadlygmazf.jpg")])[0]
+    assert rec["logit"] == pytest.approx(expected.logit, abs=1e-5)
+
+
+def test_model_options_that_do_not_fit_are_a_load_error():
+    from rine.errors import OptionError
+    from rine.inference.loading import ModelOptions
+
+    errors = []
+    with TestClient(create_app(model=ModelOptions(head="h.pth"), on_load_error=errors.append)) as c:
+        wait_until(lambda: errors, timeout=60)
+        assert "OptionError" in c.get("/readyz").json()["detail"]
+    assert isinstance(errors[0], OptionError) and "backbone" in str(errors[0])
+    with pytest.raises(ValueError, match="one of detector, model or detector_factory"):
+        create_app(object(), model=ModelOptions(model="x"))
+
+
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="memory_budget_bytes"):
         ServerSettings(max_file_bytes=1_000_000, memory_budget_bytes=10_000)
@@ -257,14 +297,16 @@ def test_not_an_image_is_415(client):
     assert r.status_code == 415
     assert "not an image" in r.json()["detail"]
     assert r.json()["results"][0]["error"] == r.json()["detail"]
+    assert r.json()["results"][0]["error_kind"] == r.json()["error_kind"] == "not_image"
 
 
 def test_truncated_and_empty_are_422(client):
     data = png_bytes((128, 128))
     r = client.post("/v1/detect", files=upload(("cut.png", data[: len(data) // 2])))
     assert r.status_code == 422 and "truncated" in r.json()["detail"]
-    r = client.post("/v1/detect", files=upload(("empty.png", b"")))
-    assert r.status_code == 422 and r.json()["detail"] == "empty file"
+    assert r.json()["results"][0]["error_kind"] == "corrupt"
+    r = client.post("/v1/detect", files=upload(("empty.png", b""), ("ok.png", data)))
+    assert [(x["status"], x["error_kind"]) for x in r.json()["results"]] == [(422, "empty"), (200, None)]
 
 
 class PoisonedDetector(GatedDetector):
@@ -289,6 +331,7 @@ def test_encoder_failure_costs_only_the_image_that_caused_it(tiny_detector):
     assert [x["name"] for x in results] == ["a.png", "black.png", "b.png"]
     assert results[1]["status"] == 500 and results[1]["prob_fake"] is None
     assert "RuntimeError" in results[1]["error"] and "secret" not in r.text
+    assert [x["error_kind"] for x in results] == [None, "scoring_failed", None]
     expected = tiny_detector.predict([Image.open(io.BytesIO(d)) for _, d in files[::2]])
     for got, want in zip(results[::2], expected, strict=True):
         assert got["status"] == 200 and got["prob_fake"] == pytest.approx(want.prob_fake, abs=1e-5)
@@ -313,7 +356,7 @@ def test_file_over_size_limit_is_413(tiny_detector):
         assert r.status_code == 413 and "too large" in r.json()["detail"]
         r = c.post("/v1/detect", files=upload(("big.png", big), ("small.png", small)))
         assert r.status_code == 200
-        assert [x["status"] for x in r.json()["results"]] == [413, 200]
+        assert [(x["status"], x["error_kind"]) for x in r.json()["results"]] == [(413, "too_large"), (200, None)]
         assert c.app.state.service.budget.used == 0
 
 

@@ -25,6 +25,8 @@ from rine.server.app import create_app, stop_accepting  # noqa: E402
 from rine.server.limits import ServerSettings  # noqa: E402
 from rine.server.logs import JsonFormatter, RequestIdFilter, escape, request_id  # noqa: E402
 
+from support.corrupt_images import corrupt_avif  # noqa: E402
+
 MB = 1024 * 1024
 
 
@@ -230,28 +232,6 @@ def test_early_refusals_are_readable_by_clients_that_send_the_whole_body_first(t
 
 
 # ---------------------------------------------------------------------------- defect 3: corrupt AVIF
-def corrupt_avif() -> bytes:
-    """An AVIF file with a few bytes changed on which Pillow's decoder raises RuntimeError."""
-    from PIL import Image, features
-
-    if not features.check("avif"):
-        pytest.skip("Pillow without AVIF")
-    good = png_bytes((64, 64), fmt="AVIF")
-    import random
-
-    for seed in range(500):
-        rnd, bad = random.Random(seed), bytearray(good)
-        for _ in range(rnd.randint(1, 10)):
-            bad[rnd.randrange(len(bad))] = rnd.randrange(256)
-        try:
-            Image.open(io.BytesIO(bytes(bad))).load()
-        except RuntimeError:
-            return bytes(bad)
-        except Exception:  # noqa: BLE001 - other failures are mapped already
-            continue
-    pytest.fail("no mutation of the AVIF file made Pillow raise RuntimeError")
-
-
 def test_corrupt_avif_is_a_corrupt_image_without_a_traceback(client_app, caplog):
     bad = corrupt_avif()
     with caplog.at_level(logging.DEBUG):

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from rine.config import CalibrationConfig
+from rine.data.decoding import DecodeOptions
 from rine.data.reencode import (
     DEFAULT_CONDITIONS,
     REENCODINGS,
@@ -65,7 +66,8 @@ def test_stability_stream_keeps_order_errors_and_matches_processes(photo_checkpo
     bad.write_bytes(b"not an image")
     paths = [str(stability_inputs["jpeg"]), str(bad), str(stability_inputs["small"]), str(tmp_path / "missing.png"), str(stability_inputs["grey"])]
     threads = det.predict(paths, stability=["jpeg70", "webp80"], batch_size=2)
-    procs = det.predict(paths, stability=["jpeg70", "webp80"], batch_size=2, decoder="processes", num_workers=2)
+    procs = det.predict(paths, stability=["jpeg70", "webp80"], batch_size=2,
+                        decode=DecodeOptions(decoder="processes", workers=2))
     assert [r.path for r in threads] == paths
     assert [r.error is None for r in threads] == [True, False, True, False, True]
     assert threads[1].stability is None and "stability" not in threads[1].to_dict()

@@ -106,6 +106,7 @@ def test_rine_batch_stability_records_equal_detect(flippy_checkpoint, stability_
 
     from rine.cluster.batch import run_batch
     from rine.cluster.job import BatchConfig, BatchError
+    from rine.data.decoding import DecodeOptions
     from rine.inference.detector import Detector
 
     here = Path(__file__).resolve().parent  # the local Ray's workers import this checkout's rine
@@ -129,7 +130,7 @@ def test_rine_batch_stability_records_equal_detect(flippy_checkpoint, stability_
     assert result.error is None and result.exit_code == 1  # the broken file's error record
     rows = {r["path"]: r for part in sorted(out.glob("part-*.parquet")) for r in pq.read_table(part).to_pylist()}
     det = Detector.from_pretrained(str(flippy_checkpoint), device="cpu", precision="fp32")
-    expected = det.predict(sorted(rows), stability=True, decoder="threads")
+    expected = det.predict(sorted(rows), stability=True, decode=DecodeOptions(decoder="threads"))
     assert sum(p.error is None for p in expected) == 4
     for p in expected:
         r = rows[p.path]

@@ -74,6 +74,25 @@ def test_ablations_shape_the_head(stores):
     assert half.history[0]["supcon"] == 0
 
 
+def test_validation_taps_must_fit_the_head(stores):
+    """A validation store of another depth is refused before training (HeadConfig.takes); a
+    last-block head takes the last block of any depth."""
+    from types import SimpleNamespace
+
+    _, train32, _ = stores
+    train = StoreTaps(train32)
+    deeper = SimpleNamespace(blocks=train.blocks + 1, width=train.width)
+    with pytest.raises(ValueError, match=r"validation taps \[\*, 4, 64\] do not fit"):
+        train_head(train, TrainConfig(nproj=1, proj_dim=8, epochs=1), val=deeper)
+    narrower = SimpleNamespace(blocks=train.blocks, width=train.width // 2)
+    with pytest.raises(ValueError, match="do not fit"):
+        train_head(train, TrainConfig(nproj=1, proj_dim=8, epochs=1, blocks="last"), val=narrower)
+    from rine.config import HeadConfig
+
+    assert HeadConfig.for_backbone(64, 3, "last", nproj=1, proj_dim=8).takes(5)
+    assert not HeadConfig.for_backbone(64, 3, nproj=1, proj_dim=8).takes(4)
+
+
 def test_average_precision_matches_sklearn():
     sklearn = pytest.importorskip("sklearn.metrics")
     rng = np.random.default_rng(0)

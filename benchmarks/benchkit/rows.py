@@ -77,7 +77,7 @@ def score_detector(args: argparse.Namespace, paths: list[str], state: dict, head
     """Our pipeline: `Detector` in the mode's precision ("fp32", "auto", "int8", "fp32+compile", ...);
     "+stability": `--stability` (each image and its 4 re-encoded copies batched together)."""
     from rine.config import PreprocessConfig, RINEConfig
-    from rine.data.decoding import default_decoder, default_workers
+    from rine.data.decoding import DecodeOptions, default_decoder, default_workers
     from rine.inference.detector import Detector, default_batch_size
     from rine.model.rine_model import RINEModel
 
@@ -98,8 +98,8 @@ def score_detector(args: argparse.Namespace, paths: list[str], state: dict, head
     model_mb = current_rss_mb()
     reset_peaks(args.device)
     t0 = time.perf_counter()
-    scored = det.predict_iter(paths, batch_size=batch, num_workers=workers, decoder=args.decoder,
-                             stability=stability)
+    scored = det.predict_iter(paths, batch_size=batch, decode=DecodeOptions(workers=workers, decoder=args.decoder),
+                              stability=stability)
     if extra == "provenance":  # as rine detect does: read ahead in a thread, one record per prediction
         from rine.provenance.records import read_files, with_provenance
 

@@ -56,6 +56,12 @@ class HeadConfig:
         if self.nproj < 1 or self.proj_dim < 1 or self.n_blocks < 1 or self.in_dim < 1:
             raise ValueError(f"invalid head shape: {self}")
 
+    @classmethod
+    def for_backbone(cls, width: int, n_blocks: int, blocks: str = "all", **kwargs) -> HeadConfig:
+        """A head sized for a backbone of `width` and `n_blocks` tapped blocks: all of them,
+        or one with `blocks="last"` (the one rule; `takes` is its check)."""
+        return cls(in_dim=width, n_blocks=1 if blocks == "last" else n_blocks, blocks=blocks, **kwargs)
+
     def takes(self, n_blocks: int) -> bool:
         """Whether taps of a backbone with `n_blocks` blocks fit this head: "all" needs as
         many as it was trained on, "last" takes the last of any number."""

@@ -53,6 +53,7 @@ from .resume import (
     first_seen,
     place_of,
     plan_resume,
+    resumed_fields,
     sniff_format,
 )
 
@@ -266,6 +267,7 @@ def run(args: argparse.Namespace) -> int:
             # Only now are the columns of this run known (a calibrated model adds two): a
             # file with others is refused before anything is scored or cut off.
             if fmt == "csv":
+                fields = resumed_fields(fields, plan.earlier.columns)  # an older file: its own columns
                 check_columns(output, plan.earlier, fields)
             drop_unfinished(output, plan.earlier)
     except CLIError as e:
@@ -302,7 +304,7 @@ def run(args: argparse.Namespace) -> int:
             from ..inference.detector import Prediction
 
             for path, reason in unreadable:  # folders that could not be listed
-                add(Prediction(path=path, error=reason).to_dict(with_blocks=args.blocks))
+                add(Prediction(path=path, error=reason, error_kind="unreadable").to_dict(with_blocks=args.blocks))
                 n_failed += 1
             for pred in detector.predict_iter(
                 paths,

@@ -61,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..data.augment import views_for
     from ..data.datasets import layout_items
+    from ..data.decoding import DecodeOptions
     from ..data.tap_store import StoreError
     from ..model.backbones import load_backbone
     from ..training.features import extract_features
@@ -118,7 +119,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         store = extract_features(
             backbone, items, args.out, make_views, views=views, seed=args.seed, dtype=args.dtype,
-            batch_size=args.batch_size, shard_size=args.shard_size, num_workers=args.workers,
+            batch_size=args.batch_size, shard_size=args.shard_size,
+            decode=DecodeOptions(workers=args.workers),
             progress=not args.no_progress and sys.stderr.isatty(),
             extra_meta={"layout": args.layout, "split": split, "classes": classes, "root": str(args.root),
                         "precision": args.precision,

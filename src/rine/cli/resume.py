@@ -22,22 +22,35 @@ CSV_FIELDS_DECIDED = (*CSV_FIELDS, "threshold", "verdict")
 # --stability: also the spread, the flips, the reason and each re-encoding's probability
 CSV_FIELDS_STABILITY = (*CSV_FIELDS_DECIDED, "stability_spread", "stability_flips", "stability_reason",
                         *(f"stability_{c}" for c in DEFAULT_CONDITIONS))  # fmt: skip
+# the error's stable token (rine.data.decoding.error_kind), beside the error text; files
+# written before it existed lack it, and a --resume run goes on in the file's own columns
+KIND = "error_kind"
 
 
-def csv_fields(decided: bool, stability: bool, provenance: bool) -> tuple[str, ...]:
-    """The columns a csv of this run has: the detector's (with the cut and the verdict when
-    calibrated, thresholded or --stability), the stability columns with --stability, then
-    (unless --no-provenance) the provenance columns and the combined decision
-    (rine.provenance.records.CSV_FIELDS)."""
+def csv_fields(decided: bool, stability: bool, provenance: bool, error_kind: bool = True) -> tuple[str, ...]:
+    """The columns a csv of this run has: the detector's (with error_kind after error, and
+    with the cut and the verdict when calibrated, thresholded or --stability), the stability
+    columns with --stability, then (unless --no-provenance) the provenance columns and the
+    combined decision (rine.provenance.records.CSV_FIELDS)."""
     from ..provenance.records import CSV_FIELDS as PROVENANCE_FIELDS
 
     base = CSV_FIELDS_STABILITY if stability else CSV_FIELDS_DECIDED if decided else CSV_FIELDS
+    if error_kind:
+        base = (*CSV_FIELDS, KIND, *base[len(CSV_FIELDS):])
     return (*base, *PROVENANCE_FIELDS) if provenance else base
+
+
+def resumed_fields(fields: tuple[str, ...], earlier_columns: tuple[str, ...] | None) -> tuple[str, ...]:
+    """The columns to write: `fields` (csv_fields), or without error_kind when resuming a file
+    written before that column existed and otherwise alike (every row as wide as its header)."""
+    older = tuple(f for f in fields if f != KIND)
+    return older if earlier_columns == older else fields
 
 
 def known_headers() -> list[tuple[str, ...]]:
     """Every header rine detect writes, for recognising a csv (or a cut first line)."""
-    return [csv_fields(d, s, p) for d in (False, True) for s in (False, True) for p in (False, True)]
+    return [csv_fields(d, s, p, k) for d in (False, True) for s in (False, True) for p in (False, True)
+            for k in (False, True)]  # fmt: skip
 
 
 def is_cut_record(tail: bytes, fmt: str, first_line: bool) -> bool:

@@ -26,10 +26,10 @@ from .common import (
     CLIError,
     add_decision_options,
     add_model_options,
-    apply_decision_options,
     check_device,
+    cli_error,
     fail,
-    load_detector,
+    model_options,
     pixel_count,
     resolve_backend,
 )
@@ -223,15 +223,16 @@ def run(args: argparse.Namespace) -> int:
     server: uvicorn.Server | None = None
 
     def on_load_error(e: BaseException) -> None:
-        load_failure.append(str(e))
+        load_failure.append(str(cli_error(e)))  # the library's parameters named as flags
         if server is not None:
             server.should_exit = True  # a server that can never be ready should not linger
 
     # One line per request by default, whatever -v says (uvicorn's own logs stay at warning).
     logging.getLogger("rine.server.access").setLevel(logging.WARNING if args.no_access_log else logging.INFO)
     logs.configure(args.log_format)
-    app = create_app(settings=settings, detector_factory=lambda: apply_decision_options(load_detector(args, keep_reference=False), args),
-                     on_load_error=on_load_error, client_side=client_side)
+    # The server loads through the library's loader (rine.inference.loading) in the background.
+    app = create_app(settings=settings, model=model_options(args), threshold=args.threshold,
+                     uncertain_band=args.uncertain_band, on_load_error=on_load_error, client_side=client_side)
     config = uvicorn.Config(
         app,
         host=args.host,

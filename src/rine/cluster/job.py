@@ -219,7 +219,7 @@ def score_schema(inputs: InputList, stability: bool = False, provenance: bool = 
     from ..provenance.records import CSV_FIELDS
 
     fields = [("path", pa.string()), ("prob_fake", pa.float64()), ("logit", pa.float64()), ("is_fake", pa.bool_()),
-              ("error", pa.string())]  # fmt: skip
+              ("error", pa.string()), ("error_kind", pa.string())]  # fmt: skip
     if stability:
         text, count = ("verdict", "stability_reason"), ("stability_flips",)
         fields += [(c, pa.string() if c in text else pa.int64() if c in count else pa.float64())
@@ -262,7 +262,7 @@ def store_committer(writer, views: int, row_shape: tuple[int, int], dtype: str):
         taps, row_items, row_views, errors = [], [], [], []
         for r in rows:
             if r["error"] is not None:
-                errors.append([r["item"], r["error"]])
+                errors.append([r["item"], r["error"], r.get("error_kind") or "error"])
                 continue
             arr = np.frombuffer(r["taps"], dtype=dtype).reshape(r["n_views"], *row_shape)
             taps.append(arr)

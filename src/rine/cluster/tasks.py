@@ -88,18 +88,19 @@ def stability_views_of(source: str, preprocess, conditions: tuple[str, ...], max
 
 
 def tap_views_of(source: str, item: int, transform: str, seed: int, size: int, views: int,
-                 max_pixels: int | None, max_bytes: int | None) -> np.ndarray | str:  # fmt: skip
+                 max_pixels: int | None, max_bytes: int | None) -> np.ndarray | tuple[str, str]:  # fmt: skip
     """In a decoding worker process: one file -> uint8 views [views, S, S, 3] as `rine extract`
-    cuts them (view v of item i depends only on seed, i, v), or the reason it is unusable, in
-    `rine extract`'s words (a store lists its skipped inputs)."""
+    cuts them (view v of item i depends only on seed, i, v), or (the reason it is unusable, in
+    `rine extract`'s words (a store lists its skipped inputs), its `error_kind`)."""
     from ..data.augment import cut_views, views_for
+    from ..data.decoding import error_kind
     from ..data.images import ImageLoadError
 
     try:
         return cut_views(read_source(source, max_bytes), views_for(transform, seed, size)[0], item, views,
                          max_pixels, max_bytes)  # fmt: skip
     except (ImageLoadError, ValueError, OSError) as e:
-        return str(e) or type(e).__name__
+        return str(e) or type(e).__name__, error_kind(e)
 
 
 def provenance_of(source: str, trust, max_bytes: int | None) -> str | None:
@@ -165,12 +166,15 @@ def _empty_views() -> bytes:
 
 def decode_block(batch: pa.Table, spec: DecodeSpec) -> pa.Table:
     """A Ray Data task: rows of the input list -> the same rows plus `views` (uint8 bytes of
-    [n_views, S, S, 3]), `n_views` and `error` (None, or the file's one-line error)."""
-    from ..data.decoding import error_text, ordered_map
+    [n_views, S, S, 3]), `n_views`, `error` (None, or the file's one-line error) and
+    `error_kind` (its stable token, `rine.data.decoding.error_kind`)."""
+    from ..data.decoding import error_kind, error_text, ordered_map
 
     rows = batch.to_pydict()
     n = batch.num_rows
     errors: list[str | None] = list(rows["preset_error"])
+    # a preset error is a path that could not even be listed
+    kinds: list[str | None] = [None if e is None else "unreadable" for e in errors]
     views: list[bytes] = [_empty_views()] * n
     n_views = [0] * n
     applied: list[str | None] = [None] * n  # --stability: the conditions whose views follow the file's
@@ -203,8 +207,9 @@ def decode_block(batch: pa.Table, spec: DecodeSpec) -> pa.Table:
                     result, error = None, result
             if error is not None:
                 errors[i] = error_text(error, rows["path"][i])  # a crash or timeout: DecoderCrashed's text
-            elif isinstance(result, str):  # taps: the reason an image is unusable
-                errors[i] = result
+                kinds[i] = error_kind(error)
+            elif isinstance(result, tuple):  # taps: the reason an image is unusable, its kind
+                errors[i], kinds[i] = result
             elif spec.stability:
                 views[i], n_views[i] = np.ascontiguousarray(result.views).tobytes(), len(result.views)
                 applied[i], skipped[i] = ",".join(result.applied), json.dumps(result.skipped)
@@ -217,6 +222,7 @@ def decode_block(batch: pa.Table, spec: DecodeSpec) -> pa.Table:
     out["views"] = pa.array(views, pa.large_binary())
     out["n_views"] = pa.array(n_views, pa.int32())
     out["error"] = pa.array(errors, pa.string())
+    out["error_kind"] = pa.array(kinds, pa.string())
     if spec.stability:
         out["applied"], out["skipped"] = pa.array(applied, pa.string()), pa.array(skipped, pa.string())
     if spec.trust is not None:
@@ -243,7 +249,7 @@ def _set_threads(threads: int | None) -> None:
 
 class Scorer:
     """A Ray Data actor: the detector is loaded once; each call scores one batch of decoded
-    rows -> item, path, label, set, prob_fake, logit, is_fake, error."""
+    rows -> item, path, label, set, prob_fake, logit, is_fake, error, error_kind."""
 
     def __init__(self, model: dict[str, Any], threads: int | None = None):
         from ..inference.loading import ModelOptions, load_detector
@@ -274,7 +280,8 @@ class Scorer:
             prob[i], logit[i], fake[i] = p.prob_fake, p.logit, p.is_fake
         out = {c: batch.column(c) for c in PASS_THROUGH}
         out.update(prob_fake=pa.array(prob, pa.float64()), logit=pa.array(logit, pa.float64()),
-                   is_fake=pa.array(fake, pa.bool_()), error=batch.column("error"))  # fmt: skip
+                   is_fake=pa.array(fake, pa.bool_()), error=batch.column("error"),
+                   error_kind=batch.column("error_kind"))  # fmt: skip
         if stability:
             out.update(_stability_columns(n, good, preds))
         if "provenance" in batch.column_names:
@@ -317,7 +324,7 @@ def _provenance_columns(provenance: list[str | None], good: list[int], preds: li
 
 class TapEncoder:
     """A Ray Data actor: the backbone is loaded once; each call encodes one batch of decoded
-    rows -> item, path, label, set, error, n_views, taps (bytes of [views, blocks, width] in
+    rows -> item, path, label, set, error, error_kind, n_views, taps (bytes of [views, blocks, width] in
     the store's dtype), with `rine extract`'s forward (normalise, backbone, float, cast)."""
 
     def __init__(self, backbone: str, revision: str | None, device: str, precision: str, dtype: str,
@@ -356,6 +363,6 @@ class TapEncoder:
                 taps[i] = flat[start : start + len(arr)].tobytes()
                 start += len(arr)
         out_cols = {c: batch.column(c) for c in PASS_THROUGH}
-        out_cols.update(error=batch.column("error"), n_views=batch.column("n_views"),
+        out_cols.update(error=batch.column("error"), error_kind=batch.column("error_kind"), n_views=batch.column("n_views"),
                         taps=pa.array(taps, pa.large_binary()))  # fmt: skip
         return pa.table(out_cols)

@@ -383,7 +383,7 @@ class _OrderedPool:
         logger.warning(
             "decoding worker processes %s; decoding in threads instead. From a script, put the code that "
             "calls rine under `if __name__ == \"__main__\":` (worker processes re-import the main script), "
-            "or pass decoder=\"threads\"", what,
+            "or pass decode=DecodeOptions(decoder=\"threads\")", what,
         )  # fmt: skip
         self.kind, self.timeout = "threads", None
         self.pool = open_pool("threads", self.workers)

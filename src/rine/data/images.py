@@ -172,6 +172,10 @@ def decode_errors(data: bytes = b"") -> Iterator[None]:
         raise ImageLoadError(f"too many pixels, over Pillow's own limit: {e}", "too_many_pixels") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise ImageLoadError(f"corrupt or truncated image: {_one_line(e)}", "corrupt") from None
+    except RuntimeError as e:
+        # Pillow's AVIF decoder reports a broken file as RuntimeError ("Failed to decode
+        # image: Missing or empty image item"): a corrupt file, not a fault of the caller.
+        raise ImageLoadError(f"corrupt or truncated image: {_one_line(e)}", "corrupt") from None
 
 
 def _from_array(array) -> Image.Image:

@@ -21,7 +21,7 @@ import numpy as np
 
 from .augment import cut_views
 from .datasets import Item
-from .decoding import ordered_map
+from .decoding import DecodeOptions, error_kind, ordered_map
 from .images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageLoadError
 from .parquet import RowError
 from .tap_store import FeatureStore, StoreWriter
@@ -46,11 +46,9 @@ def extract_taps(
     dtype: str = "float16",
     batch_size: int = 32,
     shard_size: int = 1024,
-    num_workers: int | None = None,
+    decode: DecodeOptions | None = None,
     progress: bool = False,
     extra_meta: dict[str, Any] | None = None,
-    max_pixels: int | None = None,
-    max_bytes: int | None = None,
     sources: Callable[[int, int], Iterator[Any]] | None = None,
 ) -> FeatureStore:
     """Run `encode` over `items` x `views` and write (or complete) the store at `out_dir`.
@@ -63,6 +61,9 @@ def extract_taps(
     transform_id names `make_views` (default: its `.transform_id`); `seed` is recorded and
     checked, the caller builds `make_views` with it. `encode` is called with at most
     `batch_size` views at a time.
+    `decode` gives the image limits (None: load_image's defaults) and the decoding workers
+    (None: one per core, at most 8); images decode in threads whatever its `decoder` says
+    (make_views may be a closure), so its per-image timeout does not apply.
     Unreadable images are logged, skipped and listed in the store's `errors`.
     `sources(start, stop)`, if given, yields what to decode for items start..stop in order
     (encoded bytes, a path or a Parquet RowError: `ParquetSource.iter_images`) instead of
@@ -83,9 +84,11 @@ def extract_taps(
 
         n = len(writer.items)
         bar = tqdm(total=n, initial=min(len(writer.done) * writer.shard_size, n), unit="img", desc="extract")
-    workers = max(1, num_workers if num_workers is not None else min(8, os.cpu_count() or 1))
+    decode = decode or DecodeOptions()
+    workers = max(1, decode.workers if decode.workers is not None else min(8, os.cpu_count() or 1))
     for k in todo:
-        _extract_shard(writer, k, encode, make_views, views, batch_size, workers, bar, max_pixels, max_bytes, sources)
+        _extract_shard(writer, k, encode, make_views, views, batch_size, workers, bar, decode.max_pixels,
+                       decode.max_bytes, sources)  # fmt: skip
     if bar is not None:
         bar.close()
     store = writer.open()
@@ -95,9 +98,9 @@ def extract_taps(
 
 
 def load_views(item: Item, index: int, make_views: MakeViews, views: int, max_pixels: int | None,
-               max_bytes: int | None = None, source: Any = None) -> np.ndarray | str:  # fmt: skip
-    """uint8 [views, S, S, 3] (`augment.cut_views`), or the one-line reason the image is
-    unusable; limits left as None are load_image's defaults."""
+               max_bytes: int | None = None, source: Any = None) -> np.ndarray | tuple[str, str]:  # fmt: skip
+    """uint8 [views, S, S, 3] (`augment.cut_views`), or (the one-line reason the image is
+    unusable, its `error_kind`); limits left as None are load_image's defaults."""
     try:
         src = item.path if source is None else source
         if isinstance(src, RowError):
@@ -105,7 +108,7 @@ def load_views(item: Item, index: int, make_views: MakeViews, views: int, max_pi
         return cut_views(src, make_views, index, views, DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels,
                          DEFAULT_MAX_BYTES if max_bytes is None else max_bytes)  # fmt: skip
     except (ImageLoadError, ValueError, OSError) as e:
-        return str(e) or type(e).__name__
+        return str(e) or type(e).__name__, error_kind(e)
 
 
 def _extract_shard(writer: StoreWriter, shard: int, encode: Encode, make_views: MakeViews, views: int,
@@ -135,9 +138,9 @@ def _extract_shard(writer: StoreWriter, shard: int, encode: Encode, make_views: 
         for i, res, error in decoded:
             if error is not None:
                 raise error  # load_views returns the reasons of unusable images; anything else is a bug
-            if isinstance(res, str):
-                logger.warning("skipping %s: %s", items[i].path, res)
-                errors.append([i, res])
+            if isinstance(res, tuple):  # (reason, kind)
+                logger.warning("skipping %s: %s", items[i].path, res[0])
+                errors.append([i, *res])
             else:
                 good.append(res)
                 row_items += [i] * views

@@ -126,7 +126,8 @@ class FeatureStore:
     meta:   dict (backbone, revision, transform, seed, dtype, views, blocks, width, ...)
     taps:   ShardedArray [N, blocks, width] (dtype of the store)
     labels: int64 [N]; views: int64 [N]; items: int64 [N] (index into the input list)
-    paths, sets: lists of N strings; errors: [(path, reason)] of skipped inputs
+    paths, sets: lists of N strings; errors: [(path, reason)] of skipped inputs;
+    error_kinds: {path: kind} of the skipped inputs whose kind was recorded
     complete: every shard of the input list is committed
     """
 
@@ -153,6 +154,8 @@ class FeatureStore:
         self.paths = [item_list[i].path for i in self.items]
         self.sets = [item_list[i].set for i in self.items]
         self.errors = [(item_list[i].path, reason) for c in self.commits for i, reason in c["errors"]]
+        # path -> error_kind of a skipped input (stores written before kinds were kept have none)
+        self.error_kinds = {item_list[i].path: kind for c in self.commits for i, kind in c.get("error_kinds", ())}
 
     @classmethod
     def open(cls, path: str | Path) -> FeatureStore:
@@ -287,14 +290,19 @@ class StoreWriter:
     def commit(self, shard: int, taps: np.ndarray, row_items: Sequence[int], row_views: Sequence[int],
                errors: Sequence[Sequence]) -> None:  # fmt: skip
         """Write shard `shard`: taps [rows, blocks, width] in (item, view) order, with each row's
-        item and view, and [item, reason] of its unreadable items."""
+        item and view, and [item, reason] or [item, reason, kind] of its unreadable items (the
+        kinds, `rine.data.decoding.error_kind`, go in their own field: readers of the
+        format's `errors` pairs are unchanged)."""
         array = np.asarray(taps, dtype=self.dtype).reshape(-1, *self.row_shape)
         start, stop = self.shard_range(shard)
         name = f"shard-{shard:06d}.npy"
         atomic_write(self.root / name, lambda f: np.save(f, array, allow_pickle=False))
         line = {"shard": shard, "file": name, "rows": len(array), "start": start, "stop": stop,
                 "items": [int(i) for i in row_items], "views": [int(v) for v in row_views],
-                "errors": [[int(i), str(r)] for i, r in errors]}  # fmt: skip
+                "errors": [[int(e[0]), str(e[1])] for e in errors]}  # fmt: skip
+        kinds = [[int(e[0]), str(e[2])] for e in errors if len(e) > 2]
+        if kinds:
+            line["error_kinds"] = kinds
         append_durably(self.commits_path, (json.dumps(line) + "\n").encode())
         self.done.add(shard)
 

@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from ..data.decoding import DEFAULT_DECODE_TIMEOUT, DecodeOptions
+from ..data.decoding import DecodeOptions
 from ..data.images import DEFAULT_MAX_BYTES
 from ..data.testsets import TestSet
 from ..inference.detector import default_batch_size
@@ -51,13 +52,10 @@ def evaluate(
     conditions: Sequence[Condition] | None = None,
     root: str | Path | None = None,
     batch_size: int | None = None,
-    num_workers: int | None = None,
     progress: bool = False,
     threshold: float | None = None,
     cache_dir: str | Path | None = None,
     cache_dtype: str = "float32",
-    decoder: str = "auto",
-    decode_timeout: float | None = DEFAULT_DECODE_TIMEOUT,
     bootstrap: int = 0,
     bootstrap_seed: int = 0,
     decode: DecodeOptions | None = None,
@@ -69,14 +67,15 @@ def evaluate(
     (0.5, the paper's ACC, for an uncalibrated head). A calibrated head (config.calibration)
     gets calibrated probabilities in its records (rine.model.calibration), a float `threshold`
     replacing its cut. `bootstrap` N adds seeded 95 % intervals of ACC, AP and AUC per set.
-    `decoder` ("threads", "processes" or "auto": processes with a GPU) decodes the live path;
-    with processes, an image still decoding after `decode_timeout` s is skipped. `decode`
-    (`DecodeOptions`) gives all of it at once, limits included (default: the detector's).
+    `decode` (`DecodeOptions`: image limits, decoding workers, decoder, per-image timeout)
+    says how images are decoded; limits it leaves None are the detector's, workers and
+    decoder the device's defaults.
     """
-    if decode is None:
-        decode = DecodeOptions(max_pixels=getattr(detector, "max_pixels", None),
-                               max_bytes=getattr(detector, "max_bytes", DEFAULT_MAX_BYTES), workers=num_workers,
-                               decoder=decoder, timeout=decode_timeout)  # fmt: skip
+    decode = decode or DecodeOptions()
+    # limits the options leave open are the detector's own
+    decode = replace(decode, max_pixels=getattr(detector, "max_pixels", None) if decode.max_pixels is None
+                     else decode.max_pixels, max_bytes=getattr(detector, "max_bytes", DEFAULT_MAX_BYTES)
+                     if decode.max_bytes is None else decode.max_bytes)  # fmt: skip
     heads = (
         list(heads)
         if heads
@@ -101,7 +100,7 @@ def evaluate(
     runs = [RunResult(h.name, c) for c in conditions for h in heads]
     for ts in sets:
         if cache_dir is not None:
-            recs = score_set_cached(detector, heads, conditions, ts, root, batch_size, decode.workers, progress,
+            recs = score_set_cached(detector, heads, conditions, ts, root, batch_size, decode, progress,
                                      Path(cache_dir).expanduser(), cache_dtype)  # fmt: skip
         else:
             recs = score_set_live(detector, heads, conditions, ts, root, batch_size, decode, progress)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..config import PreprocessConfig
-from ..data.decoding import DecodeOptions, decode_batches, error_text
+from ..data.decoding import DecodeOptions, decode_batches, error_kind, error_text
 from ..data.images import DEFAULT_MAX_BYTES, load_image
 from ..data.jpeg_crop import decode_views
 from ..data.parquet import RowError
@@ -123,6 +123,7 @@ def _record(path: str, set_name: str, label: int, key: str, ts: TestSet | None =
         "prob_fake": None,
         "logit": None,
         "error": None,
+        "error_kind": None,
         "key": key,
     }
     if ts is not None and ts.source is not None:
@@ -185,7 +186,7 @@ def score_set_live(
                 for (idx, v), (logit, prob) in zip(batch, scored[hi], strict=True):
                     results[(ci, hi, idx)] = (logit, prob, v[ci][1])
 
-    errors: dict[int, str] = {}
+    errors: dict[int, tuple[str, str]] = {}  # idx -> (text, kind)
     bar = tqdm(total=len(ts.items), desc=ts.name, unit="img", disable=not progress, dynamic_ncols=True)
     keys = set_keys(ts, root)
     jobs = ((idx, (src, keys[idx], conditions, pre, decode.max_pixels, decode.max_bytes))
@@ -196,7 +197,7 @@ def score_set_live(
         for batch in batches:
             for idx, _, error in batch:
                 if error is not None:  # one bad file must not stop a benchmark
-                    errors[idx] = error_text(error, ts.items[idx][0])
+                    errors[idx] = error_text(error, ts.items[idx][0]), error_kind(error)
             ok = [(idx, views) for idx, views, error in batch if error is None]
             if ok:
                 score(ok)
@@ -210,7 +211,7 @@ def score_set_live(
             for hi in range(n_h):
                 rec = _record(path, ts.name, label, keys[idx], ts, idx)
                 if idx in errors:
-                    rec["error"] = errors[idx]
+                    rec["error"], rec["error_kind"] = errors[idx]
                 else:
                     logit, prob, hit = results[(ci, hi, idx)]
                     rec.update(prob_fake=prob, logit=logit)
@@ -256,7 +257,7 @@ def score_set_cached(
     ts: TestSet,
     root,
     batch_size,
-    num_workers,
+    decode: DecodeOptions,
     progress,
     cache_dir: Path,
     cache_dtype: str,
@@ -285,8 +286,7 @@ def score_set_cached(
         store = extract_taps(
             encode, backbone_meta, items, _store_dir(cache_dir, detector, ts, cond, sha), views_of,
             transform_id=f"eval:{pre.crop}:{pre.image_size}:{cond.id}", views=n_views, seed=cond.seed,
-            dtype=cache_dtype, batch_size=batch_size, num_workers=num_workers, progress=progress,
-            max_pixels=getattr(detector, "max_pixels", None), max_bytes=getattr(detector, "max_bytes", None),
+            dtype=cache_dtype, batch_size=batch_size, decode=decode, progress=progress,
             extra_meta={"precision": str(getattr(detector, "precision", "fp32"))},
             sources=None if ts.source is None else ts.source.iter_images,
         )  # fmt: skip
@@ -310,6 +310,8 @@ def score_set_cached(
                 rec = _record(path, ts.name, label, keys[idx], ts, idx)
                 if cnt[idx] == 0:
                     rec["error"] = errors.get(path, "not in the feature store")
+                    # a store written before kinds were kept: "error", the kind of the unknown
+                    rec["error_kind"] = store.error_kinds.get(path, "error")
                 else:
                     # float32, as the live path and the reference: probabilities round to 1.0
                     # above a logit of ~16.6, and AP counts those ties.

@@ -9,7 +9,7 @@ decodes and crops them with a bounded number of images in flight, overlapped wit
 the encoder running on the main thread; uint8 crops are batched, copied to the
 device (pinned memory, non-blocking, on CUDA), normalised there and scored.
 The encoder runs through `accel.FastTapEncoder` in the chosen precision
-(`PRECISIONS`, "auto" by default). A file that cannot be read gives a Prediction
+(`rine.config.PRECISIONS`, "auto" by default). A file that cannot be read gives a Prediction
 with `error` set; the others are scored.
 
 The encoder + head call is the Detector's `backend`: `TorchBackend` (the encoder above), or an ONNX
@@ -29,17 +29,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..config import PRECISIONS, PreprocessConfig, RINEConfig
-from ..data.decoding import (
-    DECODERS,
-    DEFAULT_DECODE_TIMEOUT,
-    DecodeOptions,
-    decode_batches,
-    default_decoder,
-    default_workers,
-    error_kind,
-    error_text,
-)
+from ..config import PreprocessConfig, RINEConfig
+from ..data.decoding import DecodeOptions, decode_batches, error_kind, error_text
 from ..data.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from ..data.jpeg_crop import decode_views
 from ..data.preprocess import normalize
@@ -56,13 +47,9 @@ from .stability import predict_with_stability
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "DECODERS",
-    "PRECISIONS",
     "Detector",
     "Prediction",
     "default_batch_size",
-    "default_decoder",
-    "default_workers",
     "prepare_views",
     "resolve_device",
 ]
@@ -325,6 +312,8 @@ class Detector:
         source = backbone or config.backbone
         try:
             bb = load_backbone(source, None if backbone else config.backbone_revision)
+        except WeightsUnavailableError:
+            raise  # the model layer's own: its message and its `missing` pieces, as they are
         except Exception as e:  # noqa: BLE001 - hub/network errors have many types
             if backbone is None and not Path(source).exists():
                 raise WeightsUnavailableError(backbone_missing_message(name_or_path, source, e)) from None
@@ -421,11 +410,8 @@ class Detector:
         self,
         sources: Iterable[ImageSource],
         batch_size: int | None = None,
-        num_workers: int | None = None,
         progress: bool = False,
         total: int | None = None,
-        decoder: str = "auto",
-        decode_timeout: float | None = DEFAULT_DECODE_TIMEOUT,
         *,
         decode: DecodeOptions | None = None,
         stability: bool | Sequence[str] = False,
@@ -436,16 +422,17 @@ class Detector:
         is also scored re-encoded under each condition, decoded once and batched with its
         copies (records gain `stability`, a threshold and a verdict; docs/stability.md).
 
-        `decode` says how images are decoded (`DecodeOptions`: pool, timeout, limits); without
-        it, `num_workers`, `decoder` ("threads" or "processes") and `decode_timeout` (with
-        processes, an image still decoding after this many seconds is skipped, its worker
-        stopped; None: no limit) with the detector's `max_pixels` / `max_bytes`. Defaults:
-        `default_batch_size` / `default_workers` / `default_decoder` of the device."""
+        `decode` says how images are decoded (`DecodeOptions`: image limits, workers, decoder
+        "threads" or "processes", and with processes the per-image timeout after which an image
+        is skipped and its worker stopped); limits it leaves None are the detector's `max_pixels`
+        / `max_bytes`, workers and decoder the device's (`rine.data.decoding.default_workers` /
+        `default_decoder`). Batch size: `default_batch_size`."""
         from tqdm.auto import tqdm
 
-        if decode is None:
-            decode = DecodeOptions(max_pixels=self.max_pixels, max_bytes=self.max_bytes, workers=num_workers,
-                                   decoder=decoder, timeout=decode_timeout)  # fmt: skip
+        decode = decode or DecodeOptions()
+        # limits the options leave open are the detector's own
+        decode = replace(decode, max_pixels=self.max_pixels if decode.max_pixels is None else decode.max_pixels,
+                         max_bytes=self.max_bytes if decode.max_bytes is None else decode.max_bytes)  # fmt: skip
         batch_size = batch_size or default_batch_size(self.device)
         conditions = resolve_conditions(None if stability is True else [stability] if isinstance(stability, str)
                                         else stability) if stability else ()  # fmt: skip

@@ -46,12 +46,7 @@ class RINEModel(nn.Module):
     def build(cls, backbone: TappedCLIPVision, head_config: HeadConfig | None = None, **head_kwargs) -> RINEModel:
         """A model with a freshly initialised head sized to `backbone`."""
         if head_config is None:
-            blocks = head_kwargs.get("blocks", "all")
-            head_config = HeadConfig(
-                in_dim=backbone.width,
-                n_blocks=1 if blocks == "last" else backbone.n_blocks,
-                **head_kwargs,
-            )
+            head_config = HeadConfig.for_backbone(backbone.width, backbone.n_blocks, **head_kwargs)
         return cls(backbone, RINEHead(head_config))
 
     def forward(self, pixel_values: torch.Tensor) -> RINEOutput:

@@ -13,13 +13,14 @@ access line and early refusals in `access.py`; the metrics in `metrics.py`.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import logging
 import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
@@ -47,7 +48,10 @@ from .limits import (
     _UploadReader,
 )
 from .metrics import ServiceMetrics, refusal_kind
-from .service import Service
+from .service import Service, load_served
+
+if TYPE_CHECKING:
+    from ..inference.loading import ModelOptions
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +70,9 @@ class ImageResult(BaseModel):
     verdict: str | None = None  # real, synthetic, or uncertain (in the calibration's band)
     block_importance: list[float] | None = None
     error: str | None = None
+    # with `error`: a stable token to tell refusals apart (too_large, empty, not_image, corrupt,
+    # too_many_pixels, ..., scoring_failed), never the text
+    error_kind: str | None = None
     threshold: float | None = None  # the cut that made is_fake (calibrated model, override or stability)
     # with the form field stability=true: conditions (name -> prob_fake), spread, flips, flipped, reason
     stability: dict[str, Any] | None = None
@@ -113,15 +120,24 @@ def create_app(
     detector: Any = None,
     settings: ServerSettings | None = None,
     *,
+    model: ModelOptions | None = None,
+    threshold: float | None = None,
+    uncertain_band: float | None = None,
     detector_factory: Callable[[], Any] | None = None,
     on_load_error: Callable[[BaseException], None] | None = None,
     client_side: ClientSide | None = None,
 ) -> FastAPI:
-    """The FastAPI app around a loaded `Detector`, or a factory run in a background thread
-    at startup (then `/readyz` answers 503 until it returns). Resources start with the
+    """The FastAPI app around a loaded `Detector`, or one loaded in a background thread at
+    startup from `model` (`ModelOptions`, through `rine.inference.loading.load_detector`, with
+    the `threshold`/`uncertain_band` overrides) or by `detector_factory` (a test's hook); until
+    then `/readyz` answers 503. Resources start with the
     app's lifespan: use `with TestClient(app)` in tests. `client_side` (an ONNX export, see
     `client_side.check_client_side`) lets the page score images in the browser."""
     settings = settings or ServerSettings()
+    if model is not None:
+        if detector is not None or detector_factory is not None:
+            raise ValueError("give one of detector, model or detector_factory")
+        detector_factory = functools.partial(load_served, model, threshold, uncertain_band)
     metrics = ServiceMetrics() if settings.metrics else None
     if metrics is not None and detector_factory is not None:
         detector_factory = _timed(detector_factory, metrics)
@@ -297,7 +313,7 @@ def create_app(
         # Server-Timing lets a client tell time spent here from time spent on the network.
         timing = {"Server-Timing": f"total;dur={1000 * (time.perf_counter() - t_start):.1f}"}
         if len(records) == 1 and records[0]["error"]:
-            return JSONResponse({"detail": records[0]["error"], **body}, status_code=records[0]["status"],
+            return JSONResponse({"detail": records[0]["error"], "error_kind": records[0]["error_kind"], **body}, status_code=records[0]["status"],
                                 headers=timing)
         return JSONResponse(body, headers=timing)
 

@@ -17,6 +17,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 from python_multipart.multipart import MultipartParser, parse_options_header
 
+from ..data.decoding import DecodeOptions
 from ..data.images import ImageLoadError
 from ..provenance.types import TrustConfig
 
@@ -77,6 +78,13 @@ class ServerSettings:
             raise ValueError("max_wait_ms, retry_after_s and drain_bytes must not be negative")
         if self.read_timeout_s <= 0 or self.score_timeout_s <= 0:
             raise ValueError("read_timeout_s and score_timeout_s must be positive")
+
+    @property
+    def decode(self) -> DecodeOptions:
+        """The uploads' decoding as `DecodeOptions`: the per-image limits and the pool's threads
+        (no per-image timeout: the request's `score_timeout_s` bounds decoding and scoring)."""
+        return DecodeOptions(max_pixels=self.max_pixels, max_bytes=self.max_file_bytes, workers=self.decode_workers,
+                             decoder="threads", timeout=None)  # fmt: skip
 
 
 class HTTPError(Exception):

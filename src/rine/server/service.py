@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from ..data.decoding import error_kind
 from ..data.images import ImageLoadError
 from ..data.jpeg_crop import decode_views
 from ..data.reencode import StabilityViews, resolve_conditions, stability_views
@@ -36,6 +37,8 @@ from .limits import (
 )
 
 if TYPE_CHECKING:
+    from ..inference.detector import Detector
+    from ..inference.loading import ModelOptions
     from ..model.calibration import DecisionRule
 
 logger = logging.getLogger(__name__)
@@ -69,7 +72,7 @@ class Service:
         return self.batcher is not None
 
     def start(self) -> None:
-        self.decode_pool = ThreadPoolExecutor(self.settings.decode_workers, thread_name_prefix="rine-decode")
+        self.decode_pool = ThreadPoolExecutor(self.settings.decode.workers, thread_name_prefix="rine-decode")
         if self.detector is not None:
             self._activate(self.detector)
         else:
@@ -118,21 +121,17 @@ class Service:
     def prepare(self, data: bytes, request_pixels: _PixelBudget | None = None,
                 stability: bool = False) -> np.ndarray | StabilityViews:
         """Encoded image bytes -> uint8 views [V, S, S, 3]; runs in the decode pool. With
-        `stability`, also the views of the re-encoded copies (`data.reencode.StabilityViews`)."""
+        `stability`, also the views of the re-encoded copies (`data.reencode.StabilityViews`).
+        A file's failure is an ImageLoadError of its kind (data.images.decode_errors)."""
         reserve = request_pixels.take if request_pixels is not None else None
-        try:
-            if stability:
-                return stability_views(data, self.detector.config.preprocess, resolve_conditions(),
-                                       max_pixels=self.settings.max_pixels, max_bytes=self.settings.max_file_bytes,
-                                       reserve_pixels=reserve)  # fmt: skip
-            # crop-aware for baseline JPEGs, the same bytes as load_image + crop_views otherwise
-            return decode_views(data, self.detector.config.preprocess, max_pixels=self.settings.max_pixels,
-                                max_bytes=self.settings.max_file_bytes, reserve_pixels=reserve)
-        except RuntimeError as e:
-            # Pillow's AVIF decoder reports a broken file as RuntimeError ("Failed to decode
-            # image: Missing or empty image item"): a corrupt image, not a server fault.
-            reason = (str(e).splitlines() or [type(e).__name__])[0][:200]
-            raise ImageLoadError(f"corrupt or truncated image: {reason}", "corrupt") from None
+        decode = self.settings.decode
+        if stability:
+            return stability_views(data, self.detector.config.preprocess, resolve_conditions(),
+                                   max_pixels=decode.max_pixels, max_bytes=decode.max_bytes,
+                                   reserve_pixels=reserve)  # fmt: skip
+        # crop-aware for baseline JPEGs, the same bytes as load_image + crop_views otherwise
+        return decode_views(data, self.detector.config.preprocess, max_pixels=decode.max_pixels,
+                            max_bytes=decode.max_bytes, reserve_pixels=reserve)
 
     def provenance(self, data: bytes) -> Provenance | None:
         """What the upload declares about its origin; runs in the decode pool. Never fails the
@@ -173,9 +172,10 @@ class Service:
         request_pixels = _PixelBudget(s.max_request_pixels)
         for i, up in enumerate(uploads):
             if up.too_large:
-                records[i] = _error_record(up.filename, 413, f"file too large: over the limit of {_mb(s.max_file_bytes)}")
+                records[i] = _error_record(up.filename, 413, f"file too large: over the limit of {_mb(s.max_file_bytes)}",
+                                           "too_large")
             elif up.size == 0:
-                records[i] = _error_record(up.filename, 422, "empty file")
+                records[i] = _error_record(up.filename, 422, "empty file", "empty")
             else:
                 # in a copy of the request's context: the decoder's log lines carry its request id
                 data = bytes(up.data)
@@ -200,11 +200,12 @@ class Service:
                 except asyncio.TimeoutError:
                     raise self.busy(f"decoding took longer than {s.score_timeout_s:g} s", "timeout") from None
                 except ImageLoadError as e:
-                    records[i] = _error_record(uploads[i].filename, load_error_status(e.kind), str(e))
+                    records[i] = _error_record(uploads[i].filename, load_error_status(e.kind), str(e), e.kind)
                     continue
                 except Exception as e:  # noqa: BLE001 - one bad file must not fail the others
                     logger.warning("unexpected decode error: %s", e, exc_info=True)
-                    records[i] = _error_record(uploads[i].filename, 422, f"cannot decode image: {type(e).__name__}")
+                    records[i] = _error_record(uploads[i].filename, 422, f"cannot decode image: {type(e).__name__}",
+                                               error_kind(e))
                     continue
                 batcher = self.batcher
                 if batcher is None:
@@ -224,7 +225,8 @@ class Service:
                     if isinstance(vs, Overloaded):
                         raise self.busy(str(vs))
                     if isinstance(vs, ScoringFailed):  # the batcher isolated this image's failure
-                        records[i] = _error_record(uploads[i].filename, 500, f"scoring failed ({vs}); see the server log")
+                        records[i] = _error_record(uploads[i].filename, 500, f"scoring failed ({vs}); see the server log",
+                                                   "scoring_failed")
                     elif isinstance(vs, BaseException):
                         raise vs
                     else:
@@ -260,10 +262,24 @@ class Service:
             "verdict": d.verdict,
             "block_importance": [round(float(x), 6) for x in vs.contributions.mean(axis=0)],
             "error": None,
+            "error_kind": None,
         }
         if rule.reports_threshold:
             record["threshold"] = d.threshold
         return {**record, **extra}
+
+
+def load_served(options: ModelOptions, threshold: float | None = None,
+                uncertain_band: float | None = None) -> Detector:
+    """The detector `rine serve` scores with: `options` through the library's one loader
+    (`rine.inference.loading.load_detector`), the fast encoder only (no reference copy: half
+    the memory), then the decision overrides (None: the model's own)."""
+    from ..inference.loading import load_detector
+
+    detector = load_detector(options, keep_reference=False, progress=False)
+    if threshold is not None or uncertain_band is not None:
+        detector.set_decision(threshold, uncertain_band)
+    return detector
 
 
 def decision_rule(detector: Any) -> DecisionRule:
@@ -283,6 +299,8 @@ def _public_source(source: str) -> str:
     return source
 
 
-def _error_record(name: str, status: int, reason: str) -> dict[str, Any]:
+def _error_record(name: str, status: int, reason: str, kind: str) -> dict[str, Any]:
+    """A file's refusal; `kind` is the stable token clients tell errors apart by (the
+    `ImageLoadError` kinds, "error" for an unexpected decoder failure, "scoring_failed")."""
     return {"name": name, "status": status, "prob_fake": None, "logit": None, "is_fake": None,
-            "verdict": None, "block_importance": None, "error": reason}
+            "verdict": None, "block_importance": None, "error": reason, "error_kind": kind}

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..data.datasets import Item
+from ..data.decoding import DecodeOptions
 from ..data.preprocess import normalize
 from ..data.tap_extract import MakeViews, extract_taps
 from ..data.tap_store import FeatureStore
@@ -33,11 +34,9 @@ def extract_features(
     dtype: str = "float16",
     batch_size: int = 32,
     shard_size: int = 1024,
-    num_workers: int | None = None,
+    decode: DecodeOptions | None = None,
     progress: bool = False,
     extra_meta: dict[str, Any] | None = None,
-    max_pixels: int | None = None,
-    max_bytes: int | None = None,
     sources: Callable[[int, int], Iterator[Any]] | None = None,
 ) -> FeatureStore:
     """Run `backbone` over `items` x `views` and write (or complete) the store at `out_dir`
@@ -56,8 +55,9 @@ def extract_features(
 
     backbone_meta = {"backbone": str(backbone.source), "revision": backbone.revision, "blocks": int(backbone.n_blocks),
                      "width": int(backbone.width), "image_size": int(backbone.image_size)}  # fmt: skip
-    return extract_taps(encode, backbone_meta, items, out_dir, make_views, transform_id, views, seed, dtype, batch_size,
-                        shard_size, num_workers, progress, extra_meta, max_pixels, max_bytes, sources)  # fmt: skip
+    return extract_taps(encode, backbone_meta, items, out_dir, make_views, transform_id=transform_id, views=views,
+                        seed=seed, dtype=dtype, batch_size=batch_size, shard_size=shard_size, decode=decode,
+                        progress=progress, extra_meta=extra_meta, sources=sources)  # fmt: skip
 
 
 def backbone_mean(backbone) -> tuple[float, float, float]:

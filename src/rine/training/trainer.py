@@ -248,8 +248,9 @@ def subset(n: int, seed: int, fraction: float) -> np.ndarray:
 
 
 def build_head(config: TrainConfig, width: int, blocks: int) -> RINEHead:
-    hc = HeadConfig(in_dim=width, n_blocks=1 if config.blocks == "last" else blocks, nproj=config.nproj,
-                    proj_dim=config.proj_dim, dropout=config.dropout, use_tie=config.use_tie, blocks=config.blocks)  # fmt: skip
+    """A fresh head for taps [*, blocks, width] (`HeadConfig.for_backbone`: all blocks, or the last)."""
+    hc = HeadConfig.for_backbone(width, blocks, config.blocks, nproj=config.nproj, proj_dim=config.proj_dim,
+                                 dropout=config.dropout, use_tie=config.use_tie)  # fmt: skip
     return RINEHead(hc)
 
 
@@ -276,6 +277,9 @@ def train_head(
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(config.seed)  # head init, then dropout masks; nothing else draws
             head = build_head(config, train.width, train.blocks).to(device)
+            if val_src is not None and (val_src.width != train.width or not head.config.takes(val_src.blocks)):
+                raise ValueError(f"validation taps [*, {val_src.blocks}, {val_src.width}] do not fit a head trained "
+                                 f"on [*, {train.blocks}, {train.width}]: extract both with the same backbone")  # fmt: skip
             opt = torch.optim.Adam(head.parameters(), lr=config.lr)
             for epoch in range(config.epochs):
                 t0 = time.perf_counter()
