@@ -194,7 +194,8 @@ def _jpeg_with_user_comment(image: np.ndarray, text: str) -> bytes:
 
 
 def test_records_keep_the_detector_fields(signed_jpeg, trust, image):
-    from rine.provenance.records import CSV_FIELDS, flat_columns, with_provenance
+    from rine.provenance.records import flat_columns, with_provenance
+    from rine.provenance.types import CSV_FIELDS
 
     detector = {"path": "x.jpg", "prob_fake": 0.31, "logit": -0.8, "is_fake": False, "error": None}
     p = read_provenance(signed_jpeg, trust=trust)

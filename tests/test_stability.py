@@ -188,7 +188,9 @@ def test_a_calibrated_model_flips_at_its_own_cut(photo_checkpoint, stability_inp
 def _run_detect(args, capsys):
     from rine.cli import main
 
-    rc = main(["detect", "--no-progress", "--precision", "fp32", "--device", "cpu", *args])
+    # --no-provenance: these tests hold the detector's and stability's fields; the provenance
+    # records that rine detect adds by default are tested in test_detect_provenance.py
+    rc = main(["detect", "--no-progress", "--no-provenance", "--precision", "fp32", "--device", "cpu", *args])
     return rc, capsys.readouterr()
 
 
@@ -199,7 +201,7 @@ def test_rine_detect_stability_records_csv_table_and_resume(flippy_checkpoint, s
     import csv
     import json
 
-    from rine.cli.resume import CSV_FIELDS, CSV_FIELDS_STABILITY
+    from rine.cli.resume import csv_fields
     from rine.inference.detector import Detector
 
     paths = [str(stability_inputs[n]) for n in ("jpeg", "small", "grey")]
@@ -223,13 +225,13 @@ def test_rine_detect_stability_records_csv_table_and_resume(flippy_checkpoint, s
     assert _run_detect([*model, "--stability", "-o", str(out_csv), *paths[:2]], capsys)[0] == 0
     assert _run_detect([*model, "--stability", "-o", str(out_csv), "--resume", *paths], capsys)[0] == 0
     rows = list(csv.DictReader(out_csv.open(newline="")))
-    assert tuple(rows[0]) == CSV_FIELDS_STABILITY and [r["path"] for r in rows] == paths
+    assert tuple(rows[0]) == csv_fields(decided=True, stability=True, provenance=False) and [r["path"] for r in rows] == paths
     for row, rec in zip(rows, records, strict=True):
         assert int(row["stability_flips"]) == rec["stability"]["flips"] and row["stability_reason"] == rec["stability"]["reason"]
         assert float(row["stability_jpeg70"]) == pytest.approx(rec["stability"]["conditions"]["jpeg70"], abs=1e-6)
     plain_csv = tmp_path / "plain.csv"
     assert _run_detect([*model, "-o", str(plain_csv), paths[0]], capsys)[0] == 0
-    assert tuple(next(csv.reader(plain_csv.open(newline="")))) == CSV_FIELDS
+    assert tuple(next(csv.reader(plain_csv.open(newline="")))) == csv_fields(decided=False, stability=False, provenance=False)
     rc, out = _run_detect([*model, "--stability", "-o", str(plain_csv), "--resume", *paths], capsys)
     assert rc == 2 and "stability" in out.err
 

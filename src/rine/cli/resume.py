@@ -31,8 +31,8 @@ def csv_fields(decided: bool, stability: bool, provenance: bool, error_kind: boo
     """The columns a csv of this run has: the detector's (with error_kind after error, and
     with the cut and the verdict when calibrated, thresholded or --stability), the stability
     columns with --stability, then (unless --no-provenance) the provenance columns and the
-    combined decision (rine.provenance.records.CSV_FIELDS)."""
-    from ..provenance.records import CSV_FIELDS as PROVENANCE_FIELDS
+    combined decision (rine.provenance.types.CSV_FIELDS)."""
+    from ..provenance.types import CSV_FIELDS as PROVENANCE_FIELDS
 
     base = CSV_FIELDS_STABILITY if stability else CSV_FIELDS_DECIDED if decided else CSV_FIELDS
     if error_kind:

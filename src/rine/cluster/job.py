@@ -216,7 +216,7 @@ def score_schema(inputs: InputList, stability: bool = False, provenance: bool = 
     detect`'s record), its flat CSV columns and the combined `decision` / `decision_basis`."""
     import pyarrow as pa
 
-    from ..provenance.records import CSV_FIELDS
+    from ..provenance.types import CSV_FIELDS
 
     fields = [("path", pa.string()), ("prob_fake", pa.float64()), ("logit", pa.float64()), ("is_fake", pa.bool_()),
               ("error", pa.string()), ("error_kind", pa.string())]  # fmt: skip

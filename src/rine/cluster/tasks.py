@@ -306,9 +306,9 @@ def _stability_columns(n: int, good: list[int], preds: list) -> dict[str, pa.Arr
 
 def _provenance_columns(provenance: list[str | None], good: list[int], preds: list) -> dict[str, pa.Array]:
     """`provenance` (the JSON of rine detect's record), its flat CSV columns and the combined
-    decision (`provenance.records.CSV_FIELDS`; null where rine detect's CSV has an empty cell)."""
-    from ..provenance.records import CSV_FIELDS, flat_columns
-    from ..provenance.types import Provenance
+    decision (`provenance.types.CSV_FIELDS`; null where rine detect's CSV has an empty cell)."""
+    from ..provenance.records import flat_columns
+    from ..provenance.types import CSV_FIELDS, Provenance
 
     records: list[dict] = [{"error": "not scored"}] * len(provenance)
     for i, p in zip(good, preds, strict=True):

@@ -11,8 +11,6 @@ from .decision import combine
 from .reader import read_provenance
 from .types import FLAT_FIELDS, Provenance, ProvenanceLimits, TrustConfig
 
-CSV_FIELDS = (*FLAT_FIELDS, "decision", "decision_basis")
-
 
 def detector_verdict(record: dict) -> str | None:
     """The detector's verdict in a record: `verdict` when calibrated, else from `is_fake`;

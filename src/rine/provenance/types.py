@@ -168,3 +168,5 @@ class Provenance:
 
 
 FLAT_FIELDS = tuple(Provenance().flat())
+# the columns a CSV row gets: the flat provenance, then the combined decision and its basis
+CSV_FIELDS = (*FLAT_FIELDS, "decision", "decision_basis")
