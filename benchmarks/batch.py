@@ -57,7 +57,7 @@ def build_checkpoint(folder: Path, arch: str) -> Path:
     head = random_head(arch)
     width, layers = SHAPES[arch][:2]
     config = RINEConfig(backbone=str((folder / "backbone").resolve()), head=HeadConfig(in_dim=width, n_blocks=layers,
-                        nproj=4, proj_dim=128), name=f"bench-{arch}")  # fmt: skip
+                        nproj=4, proj_dim=128), name=f"bench-{arch}")
     save_pretrained(head, config, folder)
     return folder
 
@@ -126,7 +126,7 @@ def main() -> None:
     ap.add_argument("--skip-10x", action="store_true", help="no 10x-longer list run")
     ap.add_argument("--decode-batch", type=int, default=None,
                     help="images per decoding task (rine batch's default 32; --quick: 4); the 1x run needs more tasks "
-                    "than decoding slots for the 10x comparison to be about the list")  # fmt: skip
+                    "than decoding slots for the 10x comparison to be about the list")
     args = ap.parse_args()
     if args.quick:
         args.arch, args.images = "tiny", 24
@@ -147,7 +147,7 @@ def main() -> None:
         temp = tempfile.mkdtemp(prefix="rt-", dir="/tmp")
         try:
             r = run_measured([*rine, "batch", *inputs, "--out", str(out), "--temp-dir", temp, "--no-progress", *model,
-                              *extra], temp)  # fmt: skip
+                              *extra], temp)
         finally:
             shutil.rmtree(temp, ignore_errors=True)  # the local Ray's session folder
         r["n"] = n
@@ -161,7 +161,7 @@ def main() -> None:
 
     base = len(images) / results["rine detect"]["seconds"]
     print(f"\n{args.arch}, {len(images)} images, device {args.device}, precision {args.precision}, "
-          f"{os.cpu_count()} CPUs, torch {torch.__version__}")  # fmt: skip
+          f"{os.cpu_count()} CPUs, torch {torch.__version__}")
     print(f"{'mode':<24} {'images':>7} {'seconds':>8} {'images/s':>9} {'vs detect':>9} {'peak MB':>8}")
     for name, r in results.items():
         n = r.get("n", len(images))

@@ -107,7 +107,7 @@ def measure(blobs: list[bytes], crop: str, rounds: int = 5) -> dict:
     cpu_rate = {k: len(blobs) / min(v) for k, v in cpu.items()}
     return {"crop": crop, "n": len(blobs), "today": rate["today"], "crop_aware": rate["crop-aware"],
             "speedup": rate["crop-aware"] / rate["today"], "cpu_speedup": cpu_rate["crop-aware"] / cpu_rate["today"],
-            "ceiling": rate["floor"] / rate["today"], "native": available()}  # fmt: skip
+            "ceiling": rate["floor"] / rate["today"], "native": available()}
 
 
 def _floor_fn(crop_aware, size: int, crop: str):
@@ -140,12 +140,12 @@ def _floor_fn(crop_aware, size: int, crop: str):
 
 
 HEADER = (f"{'decoding only, 1 core':<42}{'crop':>7}{'today img/s':>13}{'crop-aware':>12}{'x today':>9}{'x (CPU time)':>14}"
-          f"{'ceiling x':>11}")  # fmt: skip
+          f"{'ceiling x':>11}")
 
 
 def format_row(label: str, r: dict) -> str:
     return (f"{label:<42}{r['crop']:>7}{r['today']:>13.1f}{r['crop_aware']:>12.1f}{r['speedup']:>9.2f}{r['cpu_speedup']:>14.2f}"
-            f"{r['ceiling']:>11.2f}" + ("" if r["native"] else "  (extension not built: both are Pillow)"))  # fmt: skip
+            f"{r['ceiling']:>11.2f}" + ("" if r["native"] else "  (extension not built: both are Pillow)"))
 
 
 def decoding_rows(paths: list[str], label: str = "benchmark images", crops=("center",), rounds: int = 3) -> list[str]:
@@ -193,7 +193,7 @@ def main() -> None:
     native = jpeg_crop._native()
     print(f"# {cpu_name()}, {os.cpu_count()} cores, load avg {os.getloadavg()[0]:.2f}; "
           f"Pillow's libjpeg-turbo {features.version('libjpeg_turbo')}, extension: "
-          + (f"libjpeg-turbo {native.LIBJPEG_TURBO_VERSION}" if native else "NOT BUILT (both columns are Pillow)"))  # fmt: skip
+          + (f"libjpeg-turbo {native.LIBJPEG_TURBO_VERSION}" if native else "NOT BUILT (both columns are Pillow)"))
     sets = large_photo_sets(args.quick)
     from throughput import make_images
 

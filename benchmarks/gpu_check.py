@@ -54,7 +54,7 @@ def main() -> int:
     sampler = threading.Thread(target=sample_utilization, args=(stop, samples), daemon=True)
     sampler.start()
     cmd = [sys.executable, str(HERE / "throughput.py"), "--device", "cuda", "--archs", "ViT-L/14",
-           "--n-l14", str(args.n), "--repeat", str(args.repeat), "--image-dir", args.image_dir]  # fmt: skip
+           "--n-l14", str(args.n), "--repeat", str(args.repeat), "--image-dir", args.image_dir]
     t0 = time.monotonic()
     code = subprocess.call(cmd)
     stop.set()

@@ -35,7 +35,7 @@ def random_vit_b32() -> TappedCLIPVision:
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
     cfg = CLIPVisionConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                           patch_size=32, image_size=224, hidden_act="quick_gelu", layer_norm_eps=1e-5)  # fmt: skip
+                           patch_size=32, image_size=224, hidden_act="quick_gelu", layer_norm_eps=1e-5)
     torch.manual_seed(0)
     return TappedCLIPVision(CLIPVisionModel(cfg).eval(), source="random-vit-b32")
 
@@ -106,20 +106,20 @@ def main() -> None:
         train_items = progan_items(root / "data", "train", ["car"])
         test_items = progan_items(root / "data", "val", ["car"])
         print(f"backbone: random ViT-B/32 shape (768 wide, 12 blocks); {len(train_items)} train + "
-              f"{len(test_items)} test images; {len(configs)} runs; torch threads {torch.get_num_threads()}")  # fmt: skip
+              f"{len(test_items)} test images; {len(configs)} runs; torch threads {torch.get_num_threads()}")
         # single run: the paper's default config
         single = [TrainConfig()]
         a1 = run_a(backbone, train_items, test_items, single)
         e1, b1 = run_b(backbone, train_items, test_items, single, root / "single")
         for k, unit in ((0, "wall"), (1, "cpu")):
             print(f"single run [{unit}]: backbone-every-step {a1[k]:.2f} s; extract-once {b1[k]:.2f} s "
-                  f"(extract {e1[k]:.2f} s); cached/direct = {b1[k] / a1[k]:.3f}x")  # fmt: skip
+                  f"(extract {e1[k]:.2f} s); cached/direct = {b1[k] / a1[k]:.3f}x")
         a = run_a(backbone, train_items, test_items, configs)
         e, b = run_b(backbone, train_items, test_items, configs, root / "grid")
         for k, unit in ((0, "wall"), (1, "cpu")):
             print(f"grid of {len(configs)} runs [{unit}]: backbone-every-step {a[k]:.2f} s; extract-once "
                   f"{b[k]:.2f} s (extract {e[k]:.2f} s, {(b[k] - e[k]) / len(configs):.3f} s/run); "
-                  f"speed-up {a[k] / b[k]:.1f}x")  # fmt: skip
+                  f"speed-up {a[k] / b[k]:.1f}x")
 
 if __name__ == "__main__":
     main()

@@ -71,7 +71,7 @@ def main() -> None:
         return torch.ops.onednn.qlinear_pointwise(
             round_to_uint8(x, scale, zp), scale, zp, ours.weight, ours.w_scale, ours.w_zero, ours.bias,
             1.0, 0, torch.float32, "none", [], "",
-        )  # fmt: skip
+        )
 
     cases = {
         "bf16, oneDNN packed (bf16 mode)": lambda: torch.ops.mkldnn._linear_pointwise(x.bfloat16(), wb, b.bfloat16(), "none", [], ""),
@@ -112,7 +112,7 @@ def rounding(m: int, k: int, rounds: int) -> None:
         raise SystemExit("this PyTorch has no quantize_per_tensor: nothing to compare round_to_uint8 with")
     g = torch.Generator().manual_seed(0)
     print(f"# uint8 rounding of a GEMM input, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-          f"ATen {torch.backends.cpu.get_cpu_capability()}; best of {rounds} interleaved rounds")  # fmt: skip
+          f"ATen {torch.backends.cpu.get_cpu_capability()}; best of {rounds} interleaved rounds")
     print(f"{'input':<16}{'fbgemm ms':>11}{'ops ms':>9}{'ops / fbgemm':>14}{'same bytes':>12}")
     for width in (k, 4 * k):
         # one-sided and two-sided like a block's inputs: a LayerNorm's output, QuickGELU's

@@ -53,7 +53,7 @@ def export_model(arch: str, mode: str, head, build_backbone, state) -> Path:
     t0 = time.perf_counter()
     result = export_onnx(RINEModel(build_backbone(state), head), config, out, precision=precision, opset=opset)
     print(f"# exported {arch} {mode} in {time.perf_counter() - t0:.0f} s: "
-          f"{result.summary().splitlines()[0]}", flush=True)  # fmt: skip
+          f"{result.summary().splitlines()[0]}", flush=True)
     return out
 
 
@@ -90,7 +90,7 @@ def run_mode(args, paths: list[str]) -> dict:
         "n": len(paths), "seconds": elapsed, "images_per_s": len(paths) / elapsed, "peak_rss_mb": peak_rss_mb(),
         "model_rss_mb": model_mb, "workers_peak_rss_mb": children_peak_rss_mb(), "batch_size": batch,
         "workers": workers, "probs": [float(p.prob_fake) for p in preds], "warmup_s": None,
-    }  # fmt: skip
+    }
 
 
 def print_rows(args, arch: str, n: int, paths_file: Path, calib, baseline_rate: float, ref_probs: np.ndarray,
@@ -115,4 +115,4 @@ def print_rows(args, arch: str, n: int, paths_file: Path, calib, baseline_rate: 
         dps = np.abs(np.array(rs[0]["probs"]) - ref_probs) if ref_probs is not None else np.full(1, np.nan)
         print(f"{label:<24}{rate:>10.2f}{rate / baseline_rate:>12.2f}{rs[0]['model_rss_mb']:>15.0f}"
               f"{rs[0]['peak_rss_mb']:>17.0f}{dps.max():>18.2e}{dps.mean():>11.1e}  "
-              + ", ".join(f"{x['images_per_s']:.2f}" for x in rs), flush=True)  # fmt: skip
+              + ", ".join(f"{x['images_per_s']:.2f}" for x in rs), flush=True)

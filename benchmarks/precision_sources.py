@@ -117,7 +117,7 @@ def main() -> None:
     p.add_argument("--n", type=int, default=48, help="benchmark images (default 48, as throughput.py)")
     p.add_argument("--by", choices=("sites", "blocks", "plans", "none"), default="sites",
                    help="what the emulated lines vary (none: only the real encoders, a few minutes; "
-                        "plans: the real int8 encoder under candidate mixes)")  # fmt: skip
+                        "plans: the real int8 encoder under candidate mixes)")
     p.add_argument("--outliers", type=float, default=0.0,
                    help="LayerNorm outlier channels this many times larger (default: none, plain random weights)")
     p.add_argument("--format", choices=tuple(ROUND), default="bf16", help="the format emulated (default bf16)")
@@ -156,11 +156,11 @@ def main() -> None:
         rel = ((taps - exact).norm(dim=-1) / exact.norm(dim=-1)).mean(0)
         print(f"{name:<34} max|dp| {dp.max():.4f}  mean|dp| {dp.mean():.5f}  rms dlogit {dl.pow(2).mean().sqrt():.4f}"
               f"  stress max|dp| {ds.max():.4f} mean {ds.mean():.5f}"
-              f"  tap rel err first/last {rel[0]:.1e}/{rel[-1]:.1e}", flush=True)  # fmt: skip
+              f"  tap rel err first/last {rel[0]:.1e}/{rel[-1]:.1e}", flush=True)
 
     outl = f", LayerNorm outlier channels x{args.outliers:g}" if args.outliers > 1 else ""
     print(f"# {len(paths)} images, head {Path(head_file).name}, ViT-L/14-shaped random encoder{outl}; "
-          f"tolerance of a fast mode: max|dp| <= 0.02, mean|dp| <= 0.002")  # fmt: skip
+          f"tolerance of a fast mode: max|dp| <= 0.02, mean|dp| <= 0.002")
     why = int8_unavailable(torch.device("cpu"))
 
     def real(name: str, precision: str) -> None:

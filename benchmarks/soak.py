@@ -51,14 +51,14 @@ BOUNDARY = b"rine-soak-boundary"
 def multipart(files: list[tuple[str, bytes]], field: str = "files") -> bytes:
     parts = [b"--" + BOUNDARY + b"\r\nContent-Disposition: form-data; name=\"" + field.encode() + b"\"; filename=\""
              + name.encode() + b"\"\r\nContent-Type: application/octet-stream\r\n\r\n" + data + b"\r\n"
-             for name, data in files]  # fmt: skip
+             for name, data in files]
     return b"".join(parts) + b"--" + BOUNDARY + b"--\r\n"
 
 
 def request_head(length: int, content_type: bytes | None = None) -> bytes:
     ctype = content_type or b"multipart/form-data; boundary=" + BOUNDARY
     return (b"POST /v1/detect HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Type: " + ctype
-            + b"\r\nContent-Length: " + str(length).encode() + b"\r\n\r\n")  # fmt: skip
+            + b"\r\nContent-Length: " + str(length).encode() + b"\r\n\r\n")
 
 
 async def raw_request(port: int, head: bytes, body: bytes, chunks: int = 1, pause: float = 0.0,
@@ -91,7 +91,7 @@ async def raw_request(port: int, head: bytes, body: bytes, chunks: int = 1, paus
         return "closed"
     status = int(raw[9:12])
     length = next((int(line.split(b":", 1)[1]) for line in raw[:head_end].split(b"\r\n")
-                   if line.lower().startswith(b"content-length:")), None)  # fmt: skip
+                   if line.lower().startswith(b"content-length:")), None)
     if length is not None and len(raw) - head_end - 4 < length:
         return "truncated answer"
     return status
@@ -196,7 +196,7 @@ async def sigterm_in_flight(port: int, proc: subprocess.Popen, payloads, args) -
 
     async def held() -> int | str:
         outcome = await raw_request(port, request_head(len(body)), body, chunks=6, gate=gate,
-                                    timeout=args.request_timeout)  # fmt: skip
+                                    timeout=args.request_timeout)
         answered_at.append(time.perf_counter())
         return outcome
 
@@ -204,14 +204,14 @@ async def sigterm_in_flight(port: int, proc: subprocess.Popen, payloads, args) -
     async with httpx.AsyncClient() as client:
         deadline = time.perf_counter() + 60
         while (await client.get(f"http://{HOST}:{port}/readyz", timeout=10)).json().get("in_flight", 0) \
-                < args.sigterm_clients:  # fmt: skip
+                < args.sigterm_clients:
             if time.perf_counter() > deadline:
                 raise SystemExit("phase 2: the uploads never were all in flight")
             await asyncio.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     t_signal = time.perf_counter()
     fresh = [asyncio.create_task(raw_request(port, request_head(len(body)), body, timeout=args.request_timeout))
-             for _ in range(args.sigterm_clients)]  # fmt: skip
+             for _ in range(args.sigterm_clients)]
     await asyncio.sleep(0.5)  # the server has begun shutting down with the bodies half sent
     gate.set()
     in_flight = await asyncio.gather(*tasks)
@@ -232,9 +232,9 @@ def report_sigterm(in_flight: list, fresh: list, last_answer_s: float, proc: sub
     finished = all(o == 200 for o in in_flight) and last_answer_s <= bound
     print(f"phase 2: SIGTERM with {len(in_flight)} uploads in flight: "
           + ", ".join(f"{k}: {v}" for k, v in sorted(Counter(str(o) for o in in_flight).items()))
-          + f", the last answered {last_answer_s:.2f} s after SIGTERM (bound {bound:g} s)")  # fmt: skip
+          + f", the last answered {last_answer_s:.2f} s after SIGTERM (bound {bound:g} s)")
     print(f"  {len(fresh)} new requests sent after SIGTERM: "
-          + ", ".join(f"{k}: {v}" for k, v in sorted(refused_new.items())))  # fmt: skip
+          + ", ".join(f"{k}: {v}" for k, v in sorted(refused_new.items())))
     print(f"  server exit status {code}, {exit_s:.2f} s after SIGTERM")
     good = finished and served_new == 0 and code == 0 and exit_s <= bound + 5
     print("phase 2 targets (in-flight uploads answered 200 within the bound, no new request served, "

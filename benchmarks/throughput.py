@@ -80,15 +80,15 @@ def main() -> None:
     p.add_argument("--no-int8", action="store_true", help="leave out (f), --precision int8")
     p.add_argument("--no-provenance", action="store_true", help="leave out (p), (c) with the provenance records rine detect adds")
     p.add_argument("--compile", action="store_true", help="also measure (d) fp32 and (e) auto with --compile "
-                   "(torch.compile; its compile time is reported, not counted in images/s)")  # fmt: skip
+                   "(torch.compile; its compile time is reported, not counted in images/s)")
     p.add_argument("--stability", action="store_true", help="also (s): --stability, each image and its 4 re-encoded "
-                   "copies (docs/stability.md)")  # fmt: skip
+                   "copies (docs/stability.md)")
     p.add_argument("--onnx", action="store_true", help="also (g) ONNX Runtime fp32 and (h) fp16 rows (benchmarks/onnx_rows.py)")
     p.add_argument("--onnx-opsets", default="20", help="with --onnx: opsets, e.g. 20,23 (fp32 rows for the others)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--image-dir", default=None, help="where to generate the images (default: a temp folder)")
     p.add_argument("--head", default=None, help="a trained head (.pth or folder) of the arch's shape; default for "
-                   "ViT-L/14: the official 2-class head from tests/fixtures, else a random calibrated head")  # fmt: skip
+                   "ViT-L/14: the official 2-class head from tests/fixtures, else a random calibrated head")
     # child-process options
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--arch", help=argparse.SUPPRESS)
@@ -114,7 +114,7 @@ def main() -> None:
     paths_file.write_text(json.dumps(paths))
     kinds = sorted({Path(x).suffix for x in paths})
     print(f"# {len(paths)} images in {folder} ({', '.join(kinds)}, 256-2048 px); torch {torch.__version__}, "
-          f"{args.threads} threads, device {args.device}, cpu cores {os.cpu_count()}, load avg {os.getloadavg()[0]:.2f}")  # fmt: skip
+          f"{args.threads} threads, device {args.device}, cpu cores {os.cpu_count()}, load avg {os.getloadavg()[0]:.2f}")
 
     peaks: dict[str, float] = {}
 

@@ -14,4 +14,6 @@ if here not in pathlib.Path(rine.__file__).resolve().parents:
     sys.exit(f"scripts/test.sh: rine imports from {rine.__file__}, not from {here}: "
              "unset PYTHONPATH or reinstall with pip install -e .")
 PY
+# The linter first: seconds, and a lint error fails the run as a test would.
+ruff check src tests benchmarks
 python -m pytest -q "$@"

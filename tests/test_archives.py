@@ -89,7 +89,7 @@ def test_detect_skips_hidden_files_and_says_what_it_skipped(capsys, caplog, tiny
 
 def test_an_unsupported_format_named_on_the_command_line_says_what_it_is(capsys, tiny_checkpoint_dir, archive):
     code, out, err = detect(capsys, tiny_checkpoint_dir, archive / "vector.svg", archive / "sub" / "phone.heic",
-                            archive / "sub" / "scan.jp2", archive / "._a.png")  # fmt: skip
+                            archive / "sub" / "scan.jp2", archive / "._a.png")
     assert code == 1
     errors = [r["error"] for r in records(out)]
     assert errors[0].startswith("an SVG file: vector images are not supported")
@@ -174,7 +174,7 @@ def test_acc_best_of_a_one_class_set_is_undefined_and_left_out_of_the_mean():
 def _run(block_importance=None) -> RunResult:
     recs = {"mixed": [{"label": y, "prob_fake": p, "error": None} for y, p in
                       [(0, 0.1), (0, 0.7), (1, 0.6), (1, 0.9), (1, 0.8)]],
-            "realonly": [{"label": 0, "prob_fake": p, "error": None} for p in (0.2, 0.3)]}  # fmt: skip
+            "realonly": [{"label": 0, "prob_fake": p, "error": None} for p in (0.2, 0.3)]}
     return RunResult("tiny", Condition(), recs, metrics_of(recs), block_importance)
 
 
@@ -198,7 +198,7 @@ def test_eval_summary_line_says_over_how_many_sets_each_mean_is(capsys, tmp_path
         write_image(root / folder / "x.png", (40, 40), seed=i)
     (root / "onlyreal" / "0_real" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     code, _, err = run_cli(capsys, "eval", "--suite", "folder", "--root", str(root), "--out", str(tmp_path / "o"),
-                           "--model", str(tiny_checkpoint_dir), "--no-progress", "--no-plots")  # fmt: skip
+                           "--model", str(tiny_checkpoint_dir), "--no-progress", "--no-plots")
     assert code == 0, err
     assert "(1 of 2 sets), 2 test sets" in err and "AP " in err
     assert "rine: 1 image could not be read" in err
@@ -333,7 +333,7 @@ def test_sigterm_stops_detect_as_ctrl_c_does(tmp_path, tiny_checkpoint_dir):
         encoding="utf-8",
     )
     argv = [sys.executable, str(script), "detect", *images, "--model", str(tiny_checkpoint_dir), "-o", str(out),
-            "--decoder", "processes", "--workers", "2", "--batch-size", "1", "--no-progress"]  # fmt: skip
+            "--decoder", "processes", "--workers", "2", "--batch-size", "1", "--no-progress"]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
     assert done.returncode == 143, done.stderr[-2000:]
     assert "1 of 4 records written" in done.stderr and "--resume" in done.stderr
@@ -392,14 +392,14 @@ def test_sigterm_answers_the_uploads_in_flight_and_exits_cleanly(tiny_checkpoint
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "rine", "serve", "--port", str(port), "--model",
                              str(tiny_checkpoint_dir), "--no-access-log"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     base = f"http://127.0.0.1:{port}"
     buf = io.BytesIO()
     Image.fromarray(np.full((48, 40, 3), 90, np.uint8)).save(buf, format="PNG")
     body = (b"--b\r\nContent-Disposition: form-data; name=\"files\"; filename=\"a.png\"\r\n\r\n"
-            + buf.getvalue() + b"\r\n--b--\r\n")  # fmt: skip
+            + buf.getvalue() + b"\r\n--b--\r\n")
     head = (b"POST /v1/detect HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Type: multipart/form-data; "
-            b"boundary=b\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n")  # fmt: skip
+            b"boundary=b\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n")
     gate, answers = threading.Event(), []
 
     def half_then_rest() -> None:

@@ -38,7 +38,7 @@ def s3_endpoint():
     server.start()
     host, port = server.get_host_and_port()
     env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}  # fmt: skip
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"]).create_bucket(Bucket=S3_BUCKET)
@@ -84,7 +84,7 @@ def _cfg(inputs, out, model, **kw):
     kw.setdefault("batch_size", 3)
     kw.setdefault("decode_batch", 4)
     return BatchConfig(inputs=[str(i) for i in inputs], out=str(out), model=str(model), precision="fp32",
-                       progress=False, stall_timeout=60, **kw)  # fmt: skip
+                       progress=False, stall_timeout=60, **kw)
 
 
 # --------------------------------------------------------------------------- no cluster
@@ -112,7 +112,7 @@ def test_input_list_from_folders_and_manifests(tmp_path):
     (tmp_path / "m" / "list.jsonl").write_text('{"path": "file:///data/y.png", "label": 1}\n')
     pq.write_table(pa.table({"path": ["z.png"]}), tmp_path / "m" / "list.parquet")
     got = list_inputs([str(tmp_path / "d"), str(tmp_path / "m" / "list.csv"), str(tmp_path / "m" / "list.jsonl"),
-                       str(tmp_path / "m" / "list.parquet")]).table.to_pylist()  # fmt: skip
+                       str(tmp_path / "m" / "list.parquet")]).table.to_pylist()
     assert [r["item"] for r in got] == list(range(6))
     assert [r["path"] for r in got] == [str(p) for p in imgs] + ["../d/img00.png", "/abs/x.jpg", "file:///data/y.png", "z.png"]
     # relative manifest paths are read relative to the manifest; URIs and absolute paths as they are
@@ -148,7 +148,7 @@ def test_decoding_processes_import_no_torch():
     code = ("import sys\nfrom rine.cluster.job import BatchConfig\nfrom rine.cluster.tasks import DecodeSpec, resolve\n"
             "import importlib\n[importlib.import_module(m) for m in DecodeSpec('score').preload if m != '__main__']\n"
             "resolve(BatchConfig.decode_fn); import rine.data.augment, rine.data.decoding\n"
-            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")  # fmt: skip
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **_worker_env()})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
@@ -187,7 +187,7 @@ def test_reconcile_finds_missing_and_duplicated_inputs(tmp_path):
 
     def part(k, items, errors=None):
         pq.write_table(pa.table({"path": [paths[i] for i in items], "item": items,
-                                 "error": errors or [None] * len(items)}), tmp_path / f"part-{k:06d}.parquet")  # fmt: skip
+                                 "error": errors or [None] * len(items)}), tmp_path / f"part-{k:06d}.parquet")
 
     part(0, [0, 1], [None, "corrupt"])
     assert reconcile_parts(tmp_path, inputs).exit_code == 2  # item 2 missing
@@ -249,7 +249,7 @@ def test_decoding_and_scoring_are_separate_operators(ray_cluster):
 
 
 def test_records_equal_rine_detect_with_ten_crop_and_files_that_kill_or_hang_their_decoder(ray_cluster, s3_endpoint,
-                                                                                          tiny_checkpoint_dir, tmp_path):  # fmt: skip
+                                                                                          tiny_checkpoint_dir, tmp_path):
     """One job: ten-crop records equal `Detector.predict`'s (logits within 1e-6, as the mean
     view logit), error texts identical, a file that kills its decoding process and one that
     hangs it are one error record each, manifest labels/sets are carried, and file:// and
@@ -273,10 +273,10 @@ def test_records_equal_rine_detect_with_ten_crop_and_files_that_kill_or_hang_the
     s3_dir = _s3_put(s3_endpoint, "day/a/img04.png", imgs[4].read_bytes()).rsplit("/", 2)[0] + "/"
     manifest = tmp_path / "list.csv"
     manifest.write_text(f"path,label,set\nfile://{imgs[0]},1,uri\n{tmp_path / 'missing.png'},0,gone\n"
-                        f"file://{tmp_path / 'missing.png'},0,gone\n{s3_img},1,s3\ns3://{S3_BUCKET}/no/such.png,0,s3\n")  # fmt: skip
+                        f"file://{tmp_path / 'missing.png'},0,gone\n{s3_img},1,s3\ns3://{S3_BUCKET}/no/such.png,0,s3\n")
     out = tmp_path / "out"
     result = run_batch(_cfg([tmp_path / "imgs", manifest, s3_dir], out, tiny_checkpoint_dir, crop="ten",
-                            decode_timeout=10, decode_fn="support.batch_jobs:prepare_views_or_die"))  # fmt: skip
+                            decode_timeout=10, decode_fn="support.batch_jobs:prepare_views_or_die"))
     rows = _records(out)
     assert result.error is None and result.exit_code == 1  # error records, all there
     assert sorted(r["item"] for r in rows) == list(range(18))
@@ -323,12 +323,12 @@ def test_records_equal_rine_detect_with_ten_crop_and_files_that_kill_or_hang_the
     assert (logits - logits.mean()).abs().max() > 1e-4  # the views differ: no one crop's logit is the mean
     job = json.loads((out / MANIFEST_NAME).read_text())
     assert job["counts"] == {"inputs": 18, "records": 18, "scored": 11, "errors": 7, "missing": 0, "duplicates": 0,
-                             "mismatched": 0, "complete": True}  # fmt: skip
+                             "mismatched": 0, "complete": True}
     assert job["model_config"]["preprocess"]["crop"] == "ten" and job["status"] == "complete"
 
 
 def test_an_official_pth_head_with_backbone_scores_as_rine_detect(ray_cluster, tmp_path, tiny_openai_file,
-                                                                   sensitive_checkpoint_dir, capsys):  # fmt: skip
+                                                                   sensitive_checkpoint_dir, capsys):
     """`rine batch --backbone B --head official.pth` (once "missing ... argument: 'head'") = `rine detect`."""
     from rine.cli import main
 
@@ -337,7 +337,7 @@ def test_an_official_pth_head_with_backbone_scores_as_rine_detect(ray_cluster, t
     pth = official_pth(tmp_path, sensitive_checkpoint_dir)
     imgs, model = _images(tmp_path / "imgs", 5), ["--backbone", str(tiny_openai_file), "--head", str(pth), "--precision", "fp32"]
     assert main(["batch", str(tmp_path / "imgs"), "--out", str(tmp_path / "out"), *model, "--shard-size", "4",
-                 "--batch-size", "2", "--no-progress"]) == 0, capsys.readouterr().err  # fmt: skip
+                 "--batch-size", "2", "--no-progress"]) == 0, capsys.readouterr().err
     assert main(["detect", *map(str, imgs), *model, "--format", "jsonl", "--output", str(tmp_path / "d.jsonl")]) == 0
     detect = {r["path"]: r for r in map(json.loads, (tmp_path / "d.jsonl").read_text().splitlines())}
     assert len(rows := _records(tmp_path / "out")) == len(imgs) == len(detect) and np.ptp([r["logit"] for r in rows]) > 0.1  # a head that tells them apart
@@ -364,7 +364,7 @@ def test_a_killed_actor_is_survived_and_a_finished_job_is_not_redone(ray_cluster
     capsys.readouterr()
     # the same job from the command line: nothing left to do, nothing written again
     assert main(["batch", str(tmp_path / "imgs"), "--out", str(out), "--model", str(tiny_checkpoint_dir),
-                 "--precision", "fp32", "--shard-size", "4", "--no-progress"]) == 0  # fmt: skip
+                 "--precision", "fp32", "--shard-size", "4", "--no-progress"]) == 0
     err = capsys.readouterr().err
     assert "12 inputs: 12 scored, 0 errors; this run 0 records" in err and "3 shards were finished" in err
     assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.glob("part-*")} == before
@@ -436,10 +436,10 @@ def test_taps_store_trains_the_same_weights_as_rine_extract(ray_cluster, tiny_ba
     manifest = tmp_path / "train.jsonl"
     manifest.write_text("".join(json.dumps({"path": it.path, "label": it.label, "set": it.set}) + "\n" for it in items))
     common = ["--backbone", str(tiny_backbone_dir), "--transform", "train", "--views", "2", "--seed", "3",
-              "--shard-size", "5", "--dtype", "float32", "--no-progress"]  # fmt: skip
+              "--shard-size", "5", "--dtype", "float32", "--no-progress"]
     assert main(["extract", "--root", str(root), "--layout", "progan", "--out", str(tmp_path / "ext"), *common]) == 1
     assert main(["batch", str(manifest), "--taps", "--out", str(tmp_path / "bat"), "--batch-size", "4",
-                 "--decode-batch", "3", *common]) == 1  # fmt: skip
+                 "--decode-batch", "3", *common]) == 1
     ext, bat = FeatureStore.open(tmp_path / "ext"), FeatureStore.open(tmp_path / "bat")
     assert bat.complete and len(bat) == len(ext) == 2 * (len(items) - 1)
     assert np.array_equal(np.asarray(bat.taps), np.asarray(ext.taps))
@@ -453,7 +453,7 @@ def test_taps_store_trains_the_same_weights_as_rine_extract(ray_cluster, tiny_ba
     assert (tmp_path / "c1" / "model.safetensors").read_bytes() == (tmp_path / "c2" / "model.safetensors").read_bytes()
     assert main(["grid", "--features", str(tmp_path / "bat"), "--test-features", str(tmp_path / "bat"),
                  "--out", str(tmp_path / "g"), "--factors", "0.1", "--nproj", "1", "--proj-dims", "8",
-                 "--epochs", "1", "--batch-size", "4"]) == 0  # fmt: skip
+                 "--epochs", "1", "--batch-size", "4"]) == 0
     assert (tmp_path / "g" / "best" / "model.safetensors").is_file()
 
 
@@ -478,7 +478,7 @@ def test_rows_carry_rine_detects_provenance_and_a_job_keeps_its_choice(ray_clust
     names = [str(d / n) for n in ("signed.jpg", "a1111.png", "plain.jpg", "cut.png")] + [str(tmp_path / "missing.png")]
     anchors = str(tmp_path / "anchors.pem")
     assert main(["detect", *names, "--model", str(tiny_checkpoint_dir), "--precision", "fp32", "--no-progress",
-                 "--trust-anchors", anchors, "-o", str(tmp_path / "d.jsonl")]) == 1  # fmt: skip
+                 "--trust-anchors", anchors, "-o", str(tmp_path / "d.jsonl")]) == 1
     detect = {r["path"]: r for r in map(json.loads, (tmp_path / "d.jsonl").read_text().splitlines())}
     out = tmp_path / "out"
     assert run_batch(_cfg(names, out, tiny_checkpoint_dir, trust_anchors=anchors)).exit_code == 1

@@ -88,9 +88,9 @@ def test_alive_nodes_reads_ray_nodes():
               "Resources": {"CPU": 4.0, "memory": 1e9, "node:10.0.0.1": 1.0}},
              {"NodeID": "ffff0000ffff0000", "Alive": False, "NodeManagerAddress": "10.0.0.2", "Resources": {"CPU": 8.0}},
              {"NodeID": "1234567890abcdef", "Alive": True, "NodeManagerAddress": "10.0.0.3",
-              "Resources": {"CPU": 2.0, "GPU": 1.0}}]  # fmt: skip
+              "Resources": {"CPU": 2.0, "GPU": 1.0}}]
     assert alive_nodes(nodes) == {"10.0.0.1 (abcdef01)": {"CPU": 4.0, "GPU": 0.0},
-                                  "10.0.0.3 (12345678)": {"CPU": 2.0, "GPU": 1.0}}  # fmt: skip
+                                  "10.0.0.3 (12345678)": {"CPU": 2.0, "GPU": 1.0}}
 
 
 def test_a_probe_that_fails_does_not_stop_the_job():

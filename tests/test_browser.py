@@ -131,7 +131,7 @@ def test_page_waits_out_503s_refuses_big_files_and_exports(server, tmp_path):
             page.wait_for_function("document.querySelector('#model').textContent.startsWith('Model ')")
             page.set_input_files("#file-input", [str(demo), str(big)])
             page.wait_for_function("document.querySelectorAll('#results .card[data-state]:not([data-state=pending])')"
-                                   ".length === 2", timeout=30_000)  # fmt: skip
+                                   ".length === 2", timeout=30_000)
             cards = {c.get_attribute("data-name"): c for c in page.query_selector_all("#results .card")}
             assert cards[demo.name].get_attribute("data-state") == "done"
             assert cards["huge.png"].get_attribute("data-state") == "error"
@@ -167,7 +167,7 @@ def test_csv_download_does_not_turn_file_names_into_formulas(server, tmp_path):
             page.wait_for_function("document.querySelector('#model').textContent.startsWith('Model ')")
             page.set_input_files("#file-input", [str(f) for f in files])
             page.wait_for_function(f"document.querySelectorAll('#results .card[data-state=done]').length === {len(files)}",
-                                   timeout=60_000)  # fmt: skip
+                                   timeout=60_000)
             with page.expect_download() as download:
                 page.click("#download")
             raw = open(download.value.path(), newline="", encoding="utf-8").read()

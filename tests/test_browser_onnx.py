@@ -288,7 +288,7 @@ def calibrated(export, tmp_path_factory):
     cut = (c[flip] + c[unsure]) / 2
     low, high = expit((c[flip] + 3 * c[unsure]) / 4).item(), expit((c[unsure] + c[above]) / 2).item()
     cal = CalibrationConfig(method="platt", threshold_logit=cut, scale=CAL_SCALE, offset=CAL_OFFSET,
-                            uncertain_low=low, uncertain_high=high)  # fmt: skip
+                            uncertain_low=low, uncertain_high=high)
     dataclasses.replace(RINEConfig.load(folder / CONFIG_NAME), calibration=cal).save(folder / CONFIG_NAME)
     # Scored in the page: those three and the two smallest of the others (less to decode in
     # JavaScript; the crop test above covers every file).
@@ -343,7 +343,7 @@ def test_page_applies_the_calibration_as_the_server(calibrated, browser_page, tm
             shown[card.get_attribute("data-name")] = (
                 card.query_selector(".verdict").get_attribute("data-verdict"),
                 float(prob.get_attribute("data-threshold")), float(prob.get_attribute("data-prob")),
-                "not uploaded" in card.inner_text())  # fmt: skip
+                "not uploaded" in card.inner_text())
         context.close()
     assert uploads == [] and not console_errors, (uploads, console_errors)
     assert all(local for *_, local in shown.values()) and shown.keys() == api.keys()

@@ -179,7 +179,7 @@ def test_prior_shift_refuses_a_cut_that_needs_labels(capsys, tmp_path):
     with pytest.raises(CalibrationError, match="needs labelled images"):
         fit_calibration(np.linspace(-1, 1, 100), None, method="prior-shift", target_fpr=0.1)
     code, _, err = run_cli(capsys, "calibrate", "--unlabelled", tmp_path, "--method", "prior-shift",
-                           "--target-fpr", 0.1, "--out", tmp_path / "o")  # fmt: skip
+                           "--target-fpr", 0.1, "--out", tmp_path / "o")
     assert code == 2 and "--target-fpr known real images" in err
 
 
@@ -208,7 +208,7 @@ def test_uncalibrated_rule_is_the_float32_reference_rule():
 
 def test_calibrated_rule_band_and_override():
     cal = CalibrationConfig(method="platt", threshold_logit=1.0, scale=0.5, offset=-0.25,
-                            uncertain_low=0.6, uncertain_high=0.8)  # fmt: skip
+                            uncertain_low=0.6, uncertain_high=0.8)
     rule = DecisionRule.of(_config(cal))
     assert rule.threshold == pytest.approx(expit(1.0))
     for z in (2.0, 2.5, 2.51, 3.0, 6.0):
@@ -356,7 +356,7 @@ def test_sensitive_head_spreads_logits(sensitive_checkpoint, image_data):
 def test_calibrate_reals_target_fpr_end_to_end(capsys, tmp_path, sensitive_checkpoint, image_data):
     out = tmp_path / "cal"
     code, text, err = run_cli(capsys, "calibrate", "--model", sensitive_checkpoint, "--reals", image_data / "calib",
-                              "--target-fpr", 0.1, "--precision", "fp32", "--uncertain-band", "auto", "--out", out)  # fmt: skip
+                              "--target-fpr", 0.1, "--precision", "fp32", "--uncertain-band", "auto", "--out", out)
     assert code == 0, err
     cfg = json.loads((out / "config.json").read_text())
     cal = cfg["calibration"]
@@ -391,7 +391,7 @@ def test_calibrated_checkpoint_round_trips_through_detector_detect_and_serve(cap
     out = tmp_path / "platt"
     code, _, err = run_cli(capsys, "calibrate", "--model", sensitive_checkpoint, "--suite", "folder", "--root",
                            image_data / "labelled", "--method", "platt", "--uncertain-band", "0.05",
-                           "--precision", "fp32", "--out", out)  # fmt: skip
+                           "--precision", "fp32", "--out", out)
     assert code == 0, err
     assert (out / "reliability.png").is_file()
     files = sorted(str(p) for p in (image_data / "labelled" / "b").rglob("*.png"))[:6]
@@ -435,10 +435,10 @@ def test_uncalibrated_head_records_stay_as_today(capsys, tmp_path, tiny_checkpoi
         assert client.get("/v1/model").json()["calibration"] is None
         got = client.post("/v1/detect", files=[("files", ("a.png", Path(files[0]).read_bytes(), "image/png"))]).json()
         assert set(got["results"][0]) == {"name", "status", "prob_fake", "logit", "is_fake", "verdict",
-                                          "block_importance", "error"}  # fmt: skip
+                                          "block_importance", "error"}
     # --threshold overrides and the records then say which cut made is_fake
     code, o, _ = run_cli(capsys, "detect", files[0], "--model", tiny_checkpoint_dir, "--format", "jsonl",
-                         "--threshold", 0.99, "--precision", "fp32")  # fmt: skip
+                         "--threshold", 0.99, "--precision", "fp32")
     (r,) = _jsonl(o)
     assert r["threshold"] == 0.99 and r["is_fake"] is False and r["verdict"] == "real"
 
@@ -468,12 +468,12 @@ def test_eval_honours_calibration_and_transfers_it(capsys, tmp_path, sensitive_c
     cal_dir = tmp_path / "bal"
     code, _, err = run_cli(capsys, "calibrate", "--model", sensitive_checkpoint, "--suite", "folder", "--root",
                            image_data / "labelled", "--sets", "a", "--objective", "balanced", "--precision", "fp32",
-                           "--out", cal_dir)  # fmt: skip
+                           "--out", cal_dir)
     assert code == 0, err
     cut = json.loads((cal_dir / "config.json").read_text())["calibration"]["threshold_logit"]
     # rine eval with the calibrated model: records and metrics at the fitted cut
     code, _, err = run_cli(capsys, "eval", "--suite", "folder", "--root", image_data / "labelled", "--model", cal_dir,
-                           "--out", tmp_path / "ev", "--no-plots", "--bootstrap", 50, "--precision", "fp32")  # fmt: skip
+                           "--out", tmp_path / "ev", "--no-plots", "--bootstrap", 50, "--precision", "fp32")
     assert code == 0, err
     m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     recs = _jsonl((tmp_path / "ev" / "predictions.jsonl").read_text())
@@ -486,7 +486,7 @@ def test_eval_honours_calibration_and_transfers_it(capsys, tmp_path, sensitive_c
     # --calibrate-on a: the same fit, reported on b only
     code, _, err = run_cli(capsys, "eval", "--suite", "folder", "--root", image_data / "labelled", "--model",
                            sensitive_checkpoint, "--calibrate-on", "a", "--objective", "balanced", "--out",
-                           tmp_path / "tr", "--no-plots", "--precision", "fp32")  # fmt: skip
+                           tmp_path / "tr", "--no-plots", "--precision", "fp32")
     assert code == 0, err
     t = json.loads((tmp_path / "tr" / "metrics.json").read_text())
     assert list(t["sets"]) == ["b"] and t["calibration"]["threshold_logit"] == pytest.approx(cut)
@@ -495,7 +495,7 @@ def test_eval_honours_calibration_and_transfers_it(capsys, tmp_path, sensitive_c
     # reusing rine eval's predictions.jsonl: no second backbone pass, the same fit
     code, _, err = run_cli(capsys, "calibrate", "--model", sensitive_checkpoint, "--predictions",
                            tmp_path / "ev" / "predictions.jsonl", "--sets", "a", "--objective", "balanced",
-                           "--out", tmp_path / "again")  # fmt: skip
+                           "--out", tmp_path / "again")
     assert code == 0, err
     again = json.loads((tmp_path / "again" / "config.json").read_text())["calibration"]
     assert again["threshold_logit"] == pytest.approx(cut)
@@ -523,10 +523,10 @@ def test_calibrate_from_predictions_is_the_fit_from_the_folder_and_checks_the_mo
     data = ("--suite", "folder", "--root", image_data / "labelled", "--sets", "a")
     fit = ("--objective", "balanced", "--no-plots")
     code, _, err = run_cli(capsys, "eval", *data, "--model", sensitive_checkpoint, "--out", tmp_path / "ev",
-                           "--no-plots", "--precision", "fp32")  # fmt: skip
+                           "--no-plots", "--precision", "fp32")
     assert code == 0, err
     code, _, err = run_cli(capsys, "calibrate", *data, "--model", sensitive_checkpoint, *fit, "--precision", "fp32",
-                           "--out", tmp_path / "folder")  # fmt: skip
+                           "--out", tmp_path / "folder")
     assert code == 0, err
 
     def fitted(out):
@@ -535,7 +535,7 @@ def test_calibrate_from_predictions_is_the_fit_from_the_folder_and_checks_the_mo
 
     preds = tmp_path / "ev" / "predictions.jsonl"
     code, _, err = run_cli(capsys, "calibrate", "--predictions", preds, "--model", sensitive_checkpoint, *fit,
-                           "--out", tmp_path / "file")  # fmt: skip
+                           "--out", tmp_path / "file")
     assert code == 0, err
     (fp, cut), (fp_file, cut_file) = fitted("folder"), fitted("file")
     assert fp_file == fp and cut_file == pytest.approx(cut, abs=1e-6)
@@ -551,12 +551,12 @@ def test_calibrate_from_predictions_is_the_fit_from_the_folder_and_checks_the_mo
     shutil.copy(preds, alone)
     for i, (file, warned) in enumerate(((old / "predictions.jsonl", False), (alone, True))):
         code, _, err = run_cli(capsys, "calibrate", "--predictions", file, "--model", sensitive_checkpoint, *fit,
-                               "--out", tmp_path / f"again{i}")  # fmt: skip
+                               "--out", tmp_path / f"again{i}")
         assert code == 0, err
         assert fitted(f"again{i}")[0] == fp and ("cannot be checked" in err) == warned, err
     # Another model's logits: refused by the digest of the head's weights ...
     code, _, err = run_cli(capsys, "calibrate", "--predictions", preds, "--model", tiny_checkpoint_dir, *fit,
-                           "--out", tmp_path / "other")  # fmt: skip
+                           "--out", tmp_path / "other")
     assert code == 2 and f"the logits in {preds} were made by the model 'sensitive-rine'" in err, err
     assert "head weights sha256:" in err and not (tmp_path / "other").exists()
     # ... and, in a run from before the digests, by the head's shape where it differs.
@@ -564,19 +564,19 @@ def test_calibrate_from_predictions_is_the_fit_from_the_folder_and_checks_the_mo
     del run_info["meta"]["head_digests"]
     (old / "metrics.json").write_text(json.dumps(run_info))
     code, _, err = run_cli(capsys, "calibrate", "--predictions", old / "predictions.jsonl", "--model",
-                           tiny_checkpoint_dir, *fit, "--out", tmp_path / "same-shape")  # fmt: skip
+                           tiny_checkpoint_dir, *fit, "--out", tmp_path / "same-shape")
     assert code == 0, err  # the same architecture: nothing tells them apart
     run_info["meta"]["models"]["sensitive-rine"]["head"]["nproj"] += 1
     (old / "metrics.json").write_text(json.dumps(run_info))
     code, _, err = run_cli(capsys, "calibrate", "--predictions", old / "predictions.jsonl", "--model",
-                           tiny_checkpoint_dir, *fit, "--out", tmp_path / "other-shape")  # fmt: skip
+                           tiny_checkpoint_dir, *fit, "--out", tmp_path / "other-shape")
     assert code == 2 and "nproj=" in err, err
 
 
 def test_eval_calibrate_on_a_folder_of_reals(capsys, tmp_path, sensitive_checkpoint, image_data):
     code, _, err = run_cli(capsys, "eval", "--suite", "folder", "--root", image_data / "labelled", "--model",
                            sensitive_checkpoint, "--calibrate-on", image_data / "calib", "--target-fpr", 0.1,
-                           "--out", tmp_path / "t", "--no-plots", "--precision", "fp32")  # fmt: skip
+                           "--out", tmp_path / "t", "--no-plots", "--precision", "fp32")
     assert code == 0, err
     m = json.loads((tmp_path / "t" / "metrics.json").read_text())
     assert sorted(m["sets"]) == ["a", "b"]  # the calibration folder is not reported
@@ -584,7 +584,7 @@ def test_eval_calibrate_on_a_folder_of_reals(capsys, tmp_path, sensitive_checkpo
     assert cal["fitted_on"]["n_real"] == 70 and cal["target"]["fpr"] == 0.1 and "95%" in cal["guarantee"]
     # rine calibrate --reals on the same folder: the same fit and fingerprint (paths relative to it)
     code, _, err = run_cli(capsys, "calibrate", "--reals", image_data / "calib", "--target-fpr", 0.1, "--model",
-                           sensitive_checkpoint, "--precision", "fp32", "--no-plots", "--out", tmp_path / "c")  # fmt: skip
+                           sensitive_checkpoint, "--precision", "fp32", "--no-plots", "--out", tmp_path / "c")
     assert code == 0, err
     alone = json.loads((tmp_path / "c" / "config.json").read_text())["calibration"]
     assert alone["fitted_on"]["fingerprint"] == cal["fitted_on"]["fingerprint"]
@@ -593,7 +593,7 @@ def test_eval_calibrate_on_a_folder_of_reals(capsys, tmp_path, sensitive_checkpo
     assert {r["set"] for r in recs} == {"a", "b"}
     assert all(r["verdict"] == ("synthetic" if r["logit"] > cal["threshold_logit"] else "real") for r in recs)
     code, _, err = run_cli(capsys, "eval", "--suite", "folder", "--root", image_data / "labelled", "--model",
-                           sensitive_checkpoint, "--calibrate-on", "nope", "--target-fpr", 0.1, "--out", tmp_path / "u")  # fmt: skip
+                           sensitive_checkpoint, "--calibrate-on", "nope", "--target-fpr", 0.1, "--out", tmp_path / "u")
     assert code == 2 and "neither a test set of this layout (a, b)" in err
 
 
@@ -625,7 +625,7 @@ def test_page_says_uncertain_in_words(tiny_checkpoint_dir, tmp_path):
                 assert '"uncertain"' in page.inner_text("#model") and "human look" in page.inner_text("#model")
                 page.set_input_files("#file-input", [str(image)])
                 page.wait_for_function("document.querySelectorAll('#results .card[data-state=done]').length === 1",
-                                       timeout=30_000)  # fmt: skip
+                                       timeout=30_000)
                 verdict = page.query_selector("#results .card .verdict")
                 assert verdict.get_attribute("data-verdict") == "uncertain"
                 assert verdict.inner_text().strip() == "Uncertain: too close to call"
@@ -666,7 +666,7 @@ def test_calibrate_refuses_prior_shift_on_reals_before_loading_the_model(capsys,
     for i in range(3):
         Image.new("RGB", (40, 40), (i, 0, 0)).save(tmp_path / "reals" / f"{i}.png")
     code, _, err = run_cli(capsys, "calibrate", "--reals", tmp_path / "reals", "--method", "prior-shift",
-                           "--out", tmp_path / "out")  # fmt: skip
+                           "--out", tmp_path / "out")
     assert code == 2
     assert "--method prior-shift" in err and "--unlabelled" in err and "--target-fpr" in err
     assert not (tmp_path / "out" / "config.json").exists()

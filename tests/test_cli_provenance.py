@@ -32,7 +32,7 @@ def files(tmp_path_factory):
     (root / "sub" / "a1111.png").write_bytes(pf.png_with_text(img, [("tEXt", "parameters", pf.A1111_PARAMETERS)]))
     (root / "sub" / "plain.webp").write_bytes(pf.encode(img, "WEBP"))
     (root / "sub" / "bomb.png").write_bytes(pf.insert_png_chunks(pf.encode(img, "PNG"), [
-        pf.png_chunk(b"zTXt", b"prompt\x00\x00" + __import__("zlib").compress(b"x" * (50 << 20)))]))  # fmt: skip
+        pf.png_chunk(b"zTXt", b"prompt\x00\x00" + __import__("zlib").compress(b"x" * (50 << 20)))]))
     return root
 
 
@@ -42,10 +42,10 @@ def _jsonl(text: str) -> dict[str, dict]:
 
 def test_folder_recursion_and_trust_in_a_subprocess_without_torch(files):
     code = ("import sys; from rine.cli import main; rc = main(sys.argv[1:]); "
-            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'torch imported'; sys.exit(rc)")  # fmt: skip
+            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'torch imported'; sys.exit(rc)")
     env = {**os.environ, "PYTHONPATH": str(SRC), "RINE_TRUST_ANCHORS": str(files / "anchors.pem")}
     out = subprocess.run([sys.executable, "-c", code, "provenance", "--format", "jsonl", str(files)],
-                         capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+                         capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr
     records = _jsonl(out.stdout)
     assert set(records) == {"signed.jpg", "a1111.png", "plain.webp", "bomb.png"}
@@ -63,7 +63,7 @@ def test_option_overrides_env_and_no_anchors_means_unverified(files, capsys, mon
     assert p["verified"] is False and "no trust anchors configured" in p["reason"]
     monkeypatch.setenv("RINE_TRUST_ANCHORS", str(files / "missing.pem"))
     assert main(["provenance", "--trust-anchors", str(files / "anchors.pem"), "--format", "jsonl",
-                 str(files / "signed.jpg")]) == 0  # fmt: skip
+                 str(files / "signed.jpg")]) == 0
     assert _jsonl(capsys.readouterr().out)["signed.jpg"]["provenance"]["verified"] is True
 
 
@@ -101,7 +101,7 @@ def test_batch_refuses_bad_anchors_before_starting_ray(files, capsys, tmp_path, 
     assert "x.pem holds no PEM certificate" in err and "--trust-anchors or $RINE_TRUST_ANCHORS" in err and not started
     monkeypatch.setattr(rine.cluster.batch, "run_batch", lambda cfg: started.append(cfg) or _Done())
     assert main(["batch", str(files / "signed.jpg"), "--out", str(tmp_path / "out"), "--model", "m",
-                 "--no-provenance"]) == 0  # fmt: skip
+                 "--no-provenance"]) == 0
     assert started[0].provenance is False
 
 

@@ -24,7 +24,7 @@ HANG_TIMEOUT = 5.0
 def _run(values, kind, workers=3, max_in_flight=4):
     jobs = ((f"job{i}", (v,)) for i, v in enumerate(values))
     return list(ordered_map(double_or_fail, jobs, kind=kind, workers=workers, max_in_flight=max_in_flight,
-                            preload=("support.worker_jobs",)))  # fmt: skip
+                            preload=("support.worker_jobs",)))
 
 
 @pytest.mark.parametrize("kind", ["threads", "processes"])
@@ -111,7 +111,7 @@ def test_workers_that_cannot_run_the_function_fall_back_to_threads(caplog):
     jobs = ((i, (i,)) for i in range(6))
     with caplog.at_level("WARNING", logger="rine.data.decoding"):
         out = list(ordered_map(double_unless_in_a_worker, jobs, kind="processes", workers=2, max_in_flight=4,
-                               preload=("support.worker_jobs",)))  # fmt: skip
+                               preload=("support.worker_jobs",)))
     assert [(k, r, e) for k, r, e in out] == [(i, 2 * i, None) for i in range(6)]
     assert "decoding in threads instead" in caplog.text and '__name__ == "__main__"' in caplog.text
 
@@ -141,7 +141,7 @@ def test_recovery_reruns_only_the_jobs_in_flight(tmp_path):
     values = [1, 2, 13, 4, 5, 6, 7, 8, 9, 10, 11, 12, 14, 15, 16]
     jobs = ((i, (str(log), v)) for i, v in enumerate(values))
     out = list(ordered_map(logged_double_or_fail, jobs, kind="processes", workers=2, max_in_flight=4,
-                           preload=("support.worker_jobs",)))  # fmt: skip
+                           preload=("support.worker_jobs",)))
     assert [r for _, r, _ in out] == [None if v == 13 else 2 * v for v in values]
     runs = [int(line) for line in log.read_text(encoding="ascii").split()]
     assert set(runs) == set(values)
@@ -159,7 +159,7 @@ def test_a_decode_that_hangs_is_stopped_at_the_deadline():
     values = [1, 2, 7, 4, 5, 6, 8, 9]
     t0 = time.monotonic()
     out = list(ordered_map(double_or_hang, ((i, (v,)) for i, v in enumerate(values)), kind="processes", workers=2,
-                           max_in_flight=4, preload=("support.worker_jobs",), timeout=HANG_TIMEOUT))  # fmt: skip
+                           max_in_flight=4, preload=("support.worker_jobs",), timeout=HANG_TIMEOUT))
     assert time.monotonic() - t0 < 120  # liveness: not the hour the job asks for
     assert [k for k, _, _ in out] == list(range(len(values)))
     for v, (_, result, error) in zip(values, out, strict=True):
@@ -179,7 +179,7 @@ def test_a_hang_found_while_recovering_from_a_crash_is_stopped_too():
 
     values = [1, 13, 7, 4, 5, 6]
     out = list(ordered_map(double_or_hang, ((i, (v,)) for i, v in enumerate(values)), kind="processes", workers=2,
-                           max_in_flight=4, preload=("support.worker_jobs",), timeout=HANG_TIMEOUT))  # fmt: skip
+                           max_in_flight=4, preload=("support.worker_jobs",), timeout=HANG_TIMEOUT))
     errors = {v: type(e).__name__ for v, (_, _, e) in zip(values, out, strict=True) if e is not None}
     assert errors == {13: "DecoderCrashed", 7: "DecoderTimedOut"}
     assert [r for _, r, _ in out if r is not None] == [2, 8, 10, 12]

@@ -81,7 +81,7 @@ def test_folders_globs_csv_and_output_file(capsys, tmp_path, sensitive_checkpoin
     code, _, err = run_cli(
         capsys, "detect", str(root), str(tmp_path / "loose" / "*.png"), "--precision", "fp32",
         "--model", str(sensitive_checkpoint_dir), "--format", "csv", "--output", str(out_csv), "--batch-size", "2",
-    )  # fmt: skip
+    )
     assert code == 0, err
     rows = list(csv.DictReader(out_csv.open()))
     names = sorted(r["path"].split("/")[-1] for r in rows)
@@ -120,14 +120,14 @@ def test_bad_files_get_error_records_and_the_rest_is_scored(capsys, tmp_path, ti
     code, out, err = run_cli(
         capsys, "detect", str(folder), missing, "--model", str(tiny_checkpoint_dir),
         "--format", "jsonl", "--max-pixels", "1000000", "--batch-size", "3",
-    )  # fmt: skip
+    )
     assert code == 1
     assert "Traceback" not in err and "could not be scored" in err
     records = {r["path"].split("/")[-1]: r for r in map(json.loads, out.splitlines())}
     assert set(records) == {
         "good.jpg", "also_good.png", "empty.png", "text.jpg", "garbage.png", "truncated.jpg",
         "huge.png", "sixteen_bit.png", "bomb.png", "does-not-exist.jpg",
-    }  # fmt: skip
+    }
     expected_errors = {
         "empty.png": "empty file",
         "text.jpg": "not an image",
@@ -167,7 +167,7 @@ def test_ten_crop_is_sigmoid_of_mean_logit(capsys, tmp_path, sensitive_checkpoin
     code, out, _ = run_cli(
         capsys, "detect", path, "--model", str(sensitive_checkpoint_dir), "--crop", "ten", "--format", "json",
         "--precision", "fp32",
-    )  # fmt: skip
+    )
     assert code == 0
     from rine.config import PreprocessConfig
 
@@ -256,7 +256,7 @@ def test_detect_with_process_decoder(capsys, tmp_path, tiny_checkpoint_dir):
     outs = {}
     for decoder in ("threads", "processes"):
         code, out, err = run_cli(capsys, "detect", good, str(bad), "--model", str(tiny_checkpoint_dir),
-                                 "--format", "jsonl", "--precision", "fp32", "--decoder", decoder)  # fmt: skip
+                                 "--format", "jsonl", "--precision", "fp32", "--decoder", decoder)
         assert code == 1, err  # one file could not be read
         outs[decoder] = [json.loads(line) for line in out.splitlines()]
     assert outs["processes"] == outs["threads"]
@@ -268,7 +268,7 @@ def test_max_bytes_refuses_large_files_and_reads_sizes(capsys, tmp_path, tiny_ch
     big = write_image(tmp_path / "big.png", (900, 900))  # noise PNG: well over 100 KiB
     assert small.stat().st_size < 100 * 1024 < big.stat().st_size, (small.stat().st_size, big.stat().st_size)
     code, out, err = run_cli(capsys, "detect", str(small), str(big), "--model", str(tiny_checkpoint_dir),
-                             "--format", "jsonl", "--max-bytes", "100K")  # fmt: skip
+                             "--format", "jsonl", "--max-bytes", "100K")
     assert code == 1
     records = {r["path"].split("/")[-1]: r for r in map(json.loads, out.splitlines())}
     assert records["small.jpg"]["error"] is None
@@ -375,7 +375,7 @@ def test_csv_has_error_kind_and_an_older_csv_resumes_in_its_own_columns(capsys, 
     old = tmp_path / "old.csv"  # what an earlier rine wrote: five columns
     old.write_bytes(b"path,prob_fake,logit,is_fake,error\r\n" + f"{images[0]},0.5,0.0,False,\r\n".encode())
     code, _, err = run_cli(capsys, "detect", images[0], images[1], str(broken), *model, "-o", str(old), "--resume",
-                           "--no-provenance")  # fmt: skip
+                           "--no-provenance")
     assert code == 1 and "1 of 3 inputs already have a record" in err, err
     rows = list(csv.reader(old.open(newline="")))
     assert rows[0] == ["path", "prob_fake", "logit", "is_fake", "error"]
@@ -409,7 +409,7 @@ def test_resume_refuses_a_csv_with_other_columns(capsys, tmp_path, tiny_checkpoi
     for out, extra, theirs, ours in ((plain, ("--threshold", "0.7"), f"error,error_kind,{prov}",
                                       f"error,error_kind,threshold,verdict,{prov}"),
                                      (decided, (), f"error,error_kind,threshold,verdict,{prov}",
-                                      f"error,error_kind,{prov}")):  # fmt: skip
+                                      f"error,error_kind,{prov}")):
         before = out.read_bytes()
         code, _, err = run_cli(capsys, "detect", *images, *model, *extra, "-o", str(out), "--resume")
         assert code == 2, err
@@ -526,7 +526,7 @@ def test_file_names_that_are_not_utf8(capsys, tmp_path, tiny_checkpoint_dir):
         code, _, err = run_cli(capsys, "detect", str(folder), "--model", str(tiny_checkpoint_dir), "-o", str(out))
         assert code == 0, err
         code, _, err = run_cli(capsys, "detect", str(folder), "--model", str(tiny_checkpoint_dir), "-o", str(out),
-                               "--resume")  # fmt: skip
+                               "--resume")
         assert code == 0 and "2 of 2 inputs already have a record" in err, err
     # csv keeps the name's bytes as they are on disk.
     assert b"b\xff.png" in (tmp_path / "scores.csv").read_bytes()
@@ -566,7 +566,7 @@ def test_folders_that_cannot_be_read_are_error_records(capsys, tmp_path, tiny_ch
 
     monkeypatch.setattr(Path, "is_dir", is_dir)
     code, out, err = run_cli(capsys, "detect", str(good / "locked" / "x.png"), "--model", str(tiny_checkpoint_dir),
-                             "--format", "jsonl")  # fmt: skip
+                             "--format", "jsonl")
     assert code == 1 and json.loads(out)["error"] == "cannot read path: Permission denied", out
 
 
@@ -617,7 +617,7 @@ def test_csv_to_a_stdout_that_is_not_a_console(capsys, tmp_path, tiny_checkpoint
 
 
 def test_resume_takes_the_format_of_the_file_and_keeps_unreadable_records_once(capsys, tmp_path, tiny_checkpoint_dir,
-                                                                               monkeypatch):  # fmt: skip
+                                                                               monkeypatch):
     import rine.cli.common as common
 
     images = [str(write_image(tmp_path / f"img{i}.png", (230, 240), seed=i)) for i in range(2)]

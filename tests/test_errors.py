@@ -40,7 +40,7 @@ def test_model_options_that_do_not_fit_are_refused_before_loading(tmp_path):
     for options, text in ((ModelOptions(head=str(head)), "head= needs backbone="),
                           (ModelOptions(model="m", backbone="b", head=str(head)), "give either model= or backbone=/head="),
                           (ModelOptions(model=str(tmp_path), backend="onnxruntime"),
-                           f"backend=onnxruntime: model={tmp_path} is not an export folder")):  # fmt: skip
+                           f"backend=onnxruntime: model={tmp_path} is not an export folder")):
         for load in (load_detector, model_config):
             with pytest.raises(OptionError) as caught:
                 load(options)
@@ -73,7 +73,7 @@ def test_records_carry_a_stable_error_kind(tiny_detector, tiny_checkpoint_dir, t
     limit, tiny_detector.max_pixels = tiny_detector.max_pixels, 300 * 300 - 1
     try:
         preds = tiny_detector.predict([str(ok), str(big), str(tmp_path / "empty.png"), str(tmp_path / "broken.png"),
-                                       str(tmp_path / "notes.png"), str(tmp_path / "missing.png")], decode=DecodeOptions(decoder="threads"))  # fmt: skip
+                                       str(tmp_path / "notes.png"), str(tmp_path / "missing.png")], decode=DecodeOptions(decoder="threads"))
     finally:
         tiny_detector.max_pixels = limit
     assert [p.error_kind for p in preds] == [None, "too_many_pixels", "empty", "corrupt", "not_image", "missing"]
@@ -82,7 +82,7 @@ def test_records_carry_a_stable_error_kind(tiny_detector, tiny_checkpoint_dir, t
 
     capsys.readouterr()
     code = main(["detect", str(ok), str(tmp_path / "missing.png"), "--model", str(tiny_checkpoint_dir),
-                 "--format", "jsonl", "--no-progress"])  # fmt: skip
+                 "--format", "jsonl", "--no-progress"])
     out = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert code == 1 and [r.get("error_kind") for r in out] == [None, "missing"]
 

@@ -68,7 +68,7 @@ def test_eval_ufd20_counts_and_metrics(tmp_path, tiny_checkpoint_dir, count_view
     bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
     out = tmp_path / "out"
     rc = main(["eval", "--suite", "ufd20", "--root", str(data), "--out", str(out),
-               "--model", str(tiny_checkpoint_dir), "--no-progress", "--batch-size", "4"])  # fmt: skip
+               "--model", str(tiny_checkpoint_dir), "--no-progress", "--batch-size", "4"])
     assert rc == 0
     metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     preds = read_jsonl(out / "predictions.jsonl")
@@ -100,7 +100,7 @@ def test_eval_ufd20_counts_and_metrics(tmp_path, tiny_checkpoint_dir, count_view
     assert set(metrics["missing_sets"]) == {
         "stylegan", "stylegan2", "cyclegan", "stargan", "gaugan", "deepfake", "seeingdark", "san",
         "crn", "imle", "ldm_200_cfg", "ldm_100", "glide_100_27", "glide_50_27", "glide_100_10",
-    }  # fmt: skip
+    }
     # tables in the paper's layout and plots
     table = (out / "table.md").read_text(encoding="utf-8")
     assert "| model | progan | biggan | guided | ldm_200 | dalle | mean |" in table
@@ -122,7 +122,7 @@ def test_ten_crop_is_sigmoid_of_mean_single_crop_logits(tmp_path, sensitive_chec
     make_files(tmp_path / "synthbuster" / "glide", 1, size=(300, 230))
     out = tmp_path / "out"
     rc = main(["eval", "--suite", "synthbuster", "--root", str(tmp_path), "--out", str(out), "--precision", "fp32",
-               "--model", str(sensitive_checkpoint_dir), "--no-progress", "--no-plots"])  # fmt: skip
+               "--model", str(sensitive_checkpoint_dir), "--no-progress", "--no-plots"])
     assert rc == 0
     preds = read_jsonl(out / "predictions.jsonl")
     assert json.loads((out / "eval_config.json").read_text())["preprocess"]["crop"] == "ten"
@@ -147,7 +147,7 @@ def test_heads_and_perturbations_share_backbone_passes(
     out = tmp_path / "out"
     args = ["eval", "--suite", "folder", "--root", str(root), "--out", str(out), "--no-progress", "--no-plots",
             "--model", str(tiny_checkpoint_dir), "--model", str(second_checkpoint), "--perturb", "none,jpeg",
-            "--perturb", "blur", "--seed", "3"]  # fmt: skip
+            "--perturb", "blur", "--seed", "3"]
     assert main(args) == 0
     # 6 images x 3 transforms, whatever the number of heads
     assert count_views["views"] == 6 * 3
@@ -162,7 +162,7 @@ def test_heads_and_perturbations_share_backbone_passes(
     alone = tmp_path / "alone"
     assert main(["eval", "--suite", "folder", "--root", str(root), "--out", str(alone), "--no-progress",
                  "--no-plots", "--model", str(second_checkpoint), "--perturb", "jpeg", "--seed", "3",
-                 "--decoder", "processes", "--workers", "2"]) == 0  # fmt: skip
+                 "--decoder", "processes", "--workers", "2"]) == 0
     a = read_jsonl(out / "tiny-rine-b" / "jpeg-s3" / "predictions.jsonl")
     b = read_jsonl(alone / "predictions.jsonl")
     assert [p["path"] for p in a] == [p["path"] for p in b]
@@ -184,7 +184,7 @@ def test_features_cache_skips_the_backbone(tmp_path, tiny_checkpoint_dir, count_
     (root / "s" / "fake" / "broken.jpg").write_bytes(b"nope")
     cache = tmp_path / "cache"
     base = ["eval", "--suite", "folder", "--root", str(root), "--no-progress", "--no-plots",
-            "--model", str(tiny_checkpoint_dir)]  # fmt: skip
+            "--model", str(tiny_checkpoint_dir)]
     assert main([*base, "--out", str(tmp_path / "live")]) == 0
     live_views = count_views["views"]
     assert main([*base, "--out", str(tmp_path / "c1"), "--features-cache", str(cache)]) == 0
@@ -217,15 +217,15 @@ def test_single_class_set_and_errors(tmp_path, tiny_checkpoint_dir, capsys):
     make_files(root / "onlyreal" / "0_real", 3, size=(30, 30))
     out = tmp_path / "out"
     assert main(["eval", "--suite", "folder", "--root", str(root), "--out", str(out), "--no-progress",
-                 "--model", str(tiny_checkpoint_dir)]) == 0  # fmt: skip
+                 "--model", str(tiny_checkpoint_dir)]) == 0
     m = json.loads((out / "metrics.json").read_text())["sets"]["onlyreal"]
     assert m["ap"] is None and m["auc"] is None and "only real" in m["notes"][0]
     assert (out / "roc.png").exists()
     assert main(["eval", "--suite", "ufd20", "--root", str(tmp_path / "nothing"), "--out", str(out),
-                 "--model", str(tiny_checkpoint_dir)]) == 2  # fmt: skip
+                 "--model", str(tiny_checkpoint_dir)]) == 2
     assert "no test set" in capsys.readouterr().err
     assert main(["eval", "--suite", "folder", "--root", str(root), "--out", str(out), "--perturb", "rotate",
-                 "--model", str(tiny_checkpoint_dir)]) == 2  # fmt: skip
+                 "--model", str(tiny_checkpoint_dir)]) == 2
 
 
 def test_eval_says_what_the_folder_scans_skipped_per_set(tmp_path, tiny_checkpoint_dir, capsys, caplog):
@@ -243,7 +243,7 @@ def test_eval_says_what_the_folder_scans_skipped_per_set(tmp_path, tiny_checkpoi
     out = tmp_path / "out"
     caplog.set_level(logging.INFO, logger="rine.cli.eval")
     assert main(["eval", "--suite", "folder", "--root", str(root), "--out", str(out), "--no-progress", "--no-plots",
-                 "--model", str(tiny_checkpoint_dir)]) == 0  # fmt: skip
+                 "--model", str(tiny_checkpoint_dir)]) == 0
     err = capsys.readouterr().err
     assert "rine: a: 2 files skipped: 1 .heic (HEIC, an unsupported format), 1 hidden (-v lists them)" in err, err
     assert "rine: b:" not in err
@@ -276,7 +276,7 @@ def test_a_folder_that_cannot_be_read_stops_the_evaluation(tmp_path, tiny_checkp
 
     monkeypatch.setattr(scan.os, "walk", walk)
     assert main(["eval", "--suite", "folder", "--root", str(root), "--out", str(tmp_path / "out"), "--no-progress",
-                 "--model", str(tiny_checkpoint_dir)]) == 2  # fmt: skip
+                 "--model", str(tiny_checkpoint_dir)]) == 2
     err = capsys.readouterr().err
     assert f"cannot read {root / 's' / '1_fake' / 'part'}: Permission denied" in err, err
 
@@ -322,7 +322,7 @@ def test_several_heads_on_a_backbone_file(
     out = tmp_path / "out"
     args = ["eval", "--suite", "folder", "--root", str(root), "--out", str(out), "--no-progress", "--no-plots",
             "--backbone", str(tiny_openai_file), "--head", str(tiny_checkpoint_dir), "--head", str(second_checkpoint),
-            "--perturb", "crop", "--perturb-quirks", "reference"]  # fmt: skip
+            "--perturb", "crop", "--perturb-quirks", "reference"]
     assert main(args) == 0
     for name in ("tiny-rine", "tiny-rine-b"):
         m = json.loads((out / name / "crop-s0-reference" / "metrics.json").read_text())
@@ -349,7 +349,7 @@ def test_features_cache_with_ten_crop_derives_each_image_once(tmp_path, tiny_che
     make_files(root / "s" / "real", 2, size=(260, 250))
     make_files(root / "s" / "fake", 2, size=(260, 250))
     base = ["eval", "--suite", "folder", "--root", str(root), "--no-progress", "--no-plots", "--crop", "ten",
-            "--perturb", "blur", "--model", str(tiny_checkpoint_dir)]  # fmt: skip
+            "--perturb", "blur", "--model", str(tiny_checkpoint_dir)]
     assert main([*base, "--out", str(tmp_path / "cached"), "--features-cache", str(tmp_path / "cache")]) == 0
     assert sorted(calls) == sorted(set(calls)) and len(calls) == 4  # once per image, not per view slot
     assert main([*base, "--out", str(tmp_path / "live")]) == 0
@@ -401,7 +401,7 @@ def test_an_error_about_a_second_model_keeps_its_quotes(tmp_path, tiny_checkpoin
     make_files(root / "s" / "0_real", 1, size=(40, 40))
     make_files(root / "s" / "1_fake", 1, size=(40, 40))
     base = ["eval", "--suite", "folder", "--root", str(root), "--out", str(tmp_path / "out"), "--no-progress",
-            "--model", str(tiny_checkpoint_dir)]  # fmt: skip
+            "--model", str(tiny_checkpoint_dir)]
     # a KeyError loses only the quotes str() adds around it
     assert main([*base, "--model", "nosuch"]) == 2
     err = capsys.readouterr().err

@@ -45,7 +45,7 @@ def test_decode_options_reach_the_extraction(backbone, data, tmp_path):
     items = [it for it in progan_items(data, "train", ["car"]) if "broken" not in it.path]
     limit = 210 * 250  # images are (180 + 30 i) x 250: i = 0, 1 fit
     store = extract_features(backbone, items, tmp_path / "s", CenterView(), dtype="float32",
-                             decode=DecodeOptions(max_pixels=limit, workers=1))  # fmt: skip
+                             decode=DecodeOptions(max_pixels=limit, workers=1))
     over = {it.path for it in items if not it.path.endswith(("/0.png", "/1.png"))}
     assert over and set(store.error_kinds) == over and set(store.error_kinds.values()) == {"too_many_pixels"}
     assert set(store.paths) == {it.path for it in items} - over
@@ -129,7 +129,7 @@ def test_cli_extract_exits_1_when_images_are_unreadable(data, tiny_backbone_dir,
     from rine.cli import main
 
     args = ["extract", "--root", str(data), "--layout", "progan", "--split", "train", "--backbone",
-            str(tiny_backbone_dir), "--no-progress", "--dtype", "float32"]  # fmt: skip
+            str(tiny_backbone_dir), "--no-progress", "--dtype", "float32"]
     assert main([*args, "--classes", "car", "--out", str(tmp_path / "car")]) == 1
     assert "1 skipped" in capsys.readouterr().err
     store = FeatureStore.open(tmp_path / "car")
@@ -192,13 +192,13 @@ def test_kill_9_at_several_points_then_resume(tiny_backbone_dir, tmp_path):
     store = tmp_path / "killed"
     args = ["extract", "--root", str(root), "--layout", "progan", "--split", "train", "--classes", "car,cat",
             "--backbone", str(tiny_backbone_dir), "--shard-size", "2", "--views", "2", "--seed", "5",
-            "--batch-size", "2", "--workers", "1", "--no-progress"]  # fmt: skip
+            "--batch-size", "2", "--workers", "1", "--no-progress"]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
     killed_incomplete = 0
     # kill points: as soon as the store exists, after 1 commit, after 4 commits
     for wait_for in (lambda: (store / "meta.json").exists(), lambda: _commits(store) >= 1, lambda: _commits(store) >= 4):
         proc = subprocess.Popen([sys.executable, "-c", SLOW_EXTRACT, *args, "--out", str(store)], env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 120
         while not wait_for() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.005)
@@ -275,7 +275,7 @@ def test_ten_crop_stores_score_as_the_live_ten_crop(sensitive_checkpoint_dir, tm
     store_dir = tmp_path / "ten"
     head, config = load_pretrained(sensitive_checkpoint_dir)
     base = ["extract", "--root", str(root), "--layout", "progan", "--split", "val", "--backbone", config.backbone,
-            "--no-progress", "--transform", "ten"]  # fmt: skip
+            "--no-progress", "--transform", "ten"]
     assert main([*base, "--out", str(store_dir)]) == 0
     assert main([*base, "--views", "2", "--out", str(tmp_path / "x")]) == 2
     store = FeatureStore.open(store_dir)

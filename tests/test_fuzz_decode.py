@@ -231,7 +231,7 @@ def test_every_seed_file_scores(decoder):
 
 
 @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=False, print_blob=True,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])  # fmt: skip
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @hypothesis.seed(SEED)
 @given(case=mutated_inputs())
 def test_mutated_images_score_or_are_refused_with_a_kind(decoder, case):
@@ -247,7 +247,7 @@ def test_every_metadata_seed_declares_something(decoder):
 
 
 @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=False, print_blob=True,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])  # fmt: skip
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @hypothesis.seed(SEED)
 @given(case=mutated_inputs(META_SEEDS))
 def test_mutated_metadata_is_read_or_reported(decoder, case):

@@ -34,7 +34,7 @@ def test_grid_ranks_runs_and_keeps_the_best(stores, tmp_path):  # noqa: F811
     _, train32, val = stores
     out = tmp_path / "g"
     assert main(["grid", "--features", str(train32.root), "--test-features", str(val.root), "--out", str(out),
-                 "--factors", "0.1,0.8", "--nproj", "1,2", "--proj-dims", "8,16", "--batch-size", "8"]) == 0  # fmt: skip
+                 "--factors", "0.1,0.8", "--nproj", "1,2", "--proj-dims", "8,16", "--batch-size", "8"]) == 0
     table = json.loads((out / "grid.json").read_text())
     assert len(table) == 8 and (out / "grid.csv").is_file()
     scores = [r["score"] for r in table]
@@ -42,7 +42,7 @@ def test_grid_ranks_runs_and_keeps_the_best(stores, tmp_path):  # noqa: F811
     top = table[0]
     assert set(top["metrics"]) == {"car", "cat"}  # the val store's two sets
     assert top["score"] == pytest.approx(np.mean([m["acc"] for m in top["metrics"].values()])
-                                         + np.mean([m["ap"] for m in top["metrics"].values()]))  # fmt: skip
+                                         + np.mean([m["ap"] for m in top["metrics"].values()]))
     # the saved best checkpoint is the top run, retrained identically
     cfg = TrainConfig(**{**top["config"], "lr_milestones": tuple(top["config"]["lr_milestones"])})
     head = train_head(StoreTaps(train32), cfg).head
@@ -119,7 +119,7 @@ def test_grid_lists_and_paper_defaults_as_the_help_says():
     from rine.cli import build_parser
 
     args = build_parser().parse_args(["grid", "--features", "a", "--test-features", "b", "--out", "g",
-                                      "--factors", " 0.1, 0.8 ,", "--nproj", "2", "--proj-dims", "8,16"])  # fmt: skip
+                                      "--factors", " 0.1, 0.8 ,", "--nproj", "2", "--proj-dims", "8,16"])
     assert (args.factors, args.nproj, args.proj_dims) == ((0.1, 0.8), (2,), (8, 16))
     sub = build_parser()._subparsers._group_actions[0].choices["grid"]
     helps = {a.dest: a.help for a in sub._actions}
@@ -141,7 +141,7 @@ def test_grid_refuses_a_file_as_out_before_reading_stores(stores, tmp_path, monk
     existing = tmp_path / "grid.csv"
     existing.write_text("keep me")
     for out, message in [(existing, f"--out {existing}: is a file, not a folder"),
-                         (existing / "g", "is a file, so the folder cannot be created")]:  # fmt: skip
+                         (existing / "g", "is a file, so the folder cannot be created")]:
         assert main(["grid", "--features", str(train32.root), "--test-features", str(val.root), "--out", str(out)]) == 2
         err = capsys.readouterr().err
         assert err.startswith("rine: error: ") and message in err and "Traceback" not in err, err

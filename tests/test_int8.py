@@ -203,7 +203,7 @@ def test_int8_is_a_precision_but_never_auto(monkeypatch):
 
 
 @pytest.mark.parametrize("flags, isa", [({"avx2", "avx512f", "avx512_bf16"}, None), ({"avx2", "avx_vnni"}, "avx_vnni"),
-                                        ({"avx512_vnni", "amx_int8"}, "amx_int8")])  # fmt: skip
+                                        ({"avx512_vnni", "amx_int8"}, "amx_int8")])
 def test_int8_isa_from_cpu_flags(monkeypatch, flags, isa):
     monkeypatch.setattr(quant, "_cpu_flags", lambda: flags)
     quant.cpu_int8_isa.cache_clear()

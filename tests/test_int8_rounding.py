@@ -91,7 +91,7 @@ def _broken(variant: str, x: torch.Tensor, scale: float, zp: int) -> torch.Tenso
     [("floor", (0.25, 3)), ("half away from zero", (0.25, 4)), ("no clamp", (0.25, 3)),
      ("divide by scale", (0.00214854861, 0)), ("zero point after rounding", (0.25, 3)),
      ("product rounded first", (0.0371153, 77))],
-)  # fmt: skip
+)
 def test_the_inputs_catch_nearly_right_roundings(variant, qparams):
     """Each broken rounding differs from fbgemm's on the inputs above: the equality test
     would fail for it (so it could not pass by the inputs being too easy)."""

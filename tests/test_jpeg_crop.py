@@ -147,7 +147,7 @@ def test_baseline_opencv_encoded_with_restart_markers(sampling):
     for i, (w, h) in enumerate([(333, 299), (640, 480), (517, 403)]):
         for rst in (0, 1, 3):
             data = cv2_jpeg(picture(w, h, 10 + i), IMWRITE_JPEG_QUALITY=85, IMWRITE_JPEG_RST_INTERVAL=rst,
-                            IMWRITE_JPEG_SAMPLING_FACTOR=getattr(cv2, f"IMWRITE_JPEG_SAMPLING_FACTOR_{sampling}"))  # fmt: skip
+                            IMWRITE_JPEG_SAMPLING_FACTOR=getattr(cv2, f"IMWRITE_JPEG_SAMPLING_FACTOR_{sampling}"))
             for crop in CROPS:
                 assert fast_path_taken(data, crop) == (sampling != "411")
                 assert assert_same(data, crop) == "ok"
@@ -432,11 +432,11 @@ def test_seeded_random_corpus():
         q = int(rng.integers(30, 100))
         if i % 2:
             data = pil_jpeg(px, quality=q, subsampling=["4:4:4", "4:2:2", "4:2:0"][i % 3],
-                            **({"restart_marker_blocks": int(rng.integers(1, 9))} if i % 4 == 1 else {}))  # fmt: skip
+                            **({"restart_marker_blocks": int(rng.integers(1, 9))} if i % 4 == 1 else {}))
         else:
             sampling = ["444", "422", "420", "440"][(i // 2) % 4]
             data = cv2_jpeg(px, IMWRITE_JPEG_QUALITY=q, IMWRITE_JPEG_RST_INTERVAL=int(rng.integers(0, 3)),
-                            IMWRITE_JPEG_SAMPLING_FACTOR=getattr(cv2, f"IMWRITE_JPEG_SAMPLING_FACTOR_{sampling}"))  # fmt: skip
+                            IMWRITE_JPEG_SAMPLING_FACTOR=getattr(cv2, f"IMWRITE_JPEG_SAMPLING_FACTOR_{sampling}"))
         for crop in CROPS:
             assert fast_path_taken(data, crop), (i, w, h)
             assert assert_same(data, crop) == "ok", (i, w, h, crop)
@@ -482,7 +482,7 @@ def test_detect_cli_scores_from_crop_aware_views(capsys, tmp_path, tiny_checkpoi
         paths.append(str(tmp_path / name))
     for crop in CROPS:
         code = main(["detect", *paths, "--model", str(tiny_checkpoint_dir), "--format", "json", "--precision", "fp32",
-                     "--crop", crop, "--decoder", "threads"])  # fmt: skip
+                     "--crop", crop, "--decoder", "threads"])
         out, err = capsys.readouterr()
         assert code in (0, 1), err
         records = {Path(r["path"]).name: r for r in json.loads(out)}

@@ -24,7 +24,7 @@ LAYERS = {  # top-level folder or module under rine -> its rank
     "model": 1, "data": 1, "provenance": 1,
     "inference": 2, "training": 2, "evaluation": 2,
     "cli": 3, "server": 3, "cluster": 3, "export": 3, "__main__": 3,
-}  # fmt: skip
+}
 
 
 def module_name(path: Path) -> str:
@@ -327,7 +327,7 @@ def all_of_lists_imports(path: Path) -> list[str]:
 def test_all_lists_only_what_a_module_defines():
     """`__all__` is what a module offers of its own: a name it imports is its home's to list."""
     found = [f"{module_name(f)}: {', '.join(names)}" for f in sorted(SRC.rglob("*.py"))
-             if (names := all_of_lists_imports(f))]  # fmt: skip
+             if (names := all_of_lists_imports(f))]
     assert not found, "__all__ listing imported names:\n" + "\n".join(found)
 
 
@@ -348,7 +348,7 @@ def test_no_test_file_imports_another():
         for name in (
             [node.module or ""] if isinstance(node, ast.ImportFrom) else
             [a.name for a in node.names] if isinstance(node, ast.Import) else []
-        )  # fmt: skip
+        )
         if name.split(".")[-1].startswith("test_") and not (path.name == "test_layout.py")
     ]
     assert not found, "test files importing test files (move the shared code to tests/support/): " + ", ".join(found)

@@ -75,7 +75,7 @@ def test_synthbuster(tmp_path, real_name):
     assert counts(result) == {"dalle2": (5, 2), "midjourney-v5": (5, 3)}
     # what the scans left out, per set: the shared real folder's in each
     assert {s.name: s.skipped.counts() for s in result.sets} == {"dalle2": {".csv": 1, "hidden": 1},
-                                                                 "midjourney-v5": {"hidden": 1}}  # fmt: skip
+                                                                 "midjourney-v5": {"hidden": 1}}
     assert len(result.missing) == 7
     # the synthbuster folder itself as root, real folder beside it
     assert counts(read_layout("synthbuster", tmp_path / "synthbuster")) == counts(result)
@@ -167,7 +167,7 @@ def test_manifest_json_documents(tmp_path):
     """A `.json` manifest may be a pretty-printed list, an {"items": [...]} object, or JSON Lines."""
     files = make_files(tmp_path / "imgs", 4)
     rows = [{"path": f.relative_to(tmp_path).as_posix(), "label": ["real", "fake"][i % 2], "set": "s"}
-            for i, f in enumerate(files)]  # fmt: skip
+            for i, f in enumerate(files)]
     as_list, as_object, as_lines = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "c.json"
     as_list.write_text(json.dumps(rows, indent=2), encoding="utf-8")
     as_object.write_text(json.dumps({"items": rows}, indent=2), encoding="utf-8")

@@ -156,7 +156,7 @@ def test_metrics_of_adds_the_new_keys_without_touching_the_old(tmp_path):
 
     rng = np.random.default_rng(3)
     recs = [{"label": int(i % 2), "prob_fake": float(p), "logit": float(np.log(p / (1 - p))), "error": None}
-            for i, p in enumerate(rng.uniform(0.05, 0.95, 40))]  # fmt: skip
+            for i, p in enumerate(rng.uniform(0.05, 0.95, 40))]
     m = metrics_of({"s": recs}, 0.5, bootstrap=20, seed=0, calibrated=True)
     one = m["sets"]["s"]
     y, s = [r["label"] for r in recs], [r["prob_fake"] for r in recs]

@@ -124,9 +124,9 @@ def test_rine_detect_onnxruntime_equals_torch(fp32_export, sensitive_checkpoint,
     bad.write_bytes(b"this is text")
     inputs = [*map(str, image_paths()), str(bad)]
     code_t, torch_recs, _ = _detect(capsys, *inputs, "--model", str(sensitive_checkpoint), "--precision", "fp32",
-                                    "--crop", crop)  # fmt: skip
+                                    "--crop", crop)
     code_o, ort_recs, err = _detect(capsys, *inputs, "--model", str(fp32_export), "--backend", "onnxruntime",
-                                    "--crop", crop)  # fmt: skip
+                                    "--crop", crop)
     assert code_t == code_o == 1, err  # one input could not be scored
     assert [r["path"] for r in ort_recs] == inputs
     probs = [r["prob_fake"] for r in torch_recs if r["error"] is None]
@@ -258,10 +258,10 @@ def test_rine_eval_onnxruntime_equals_torch(fp32_export, sensitive_checkpoint, t
         shutil.copy(p, dest)
     preds = {}
     for name, model, extra in (("torch", sensitive_checkpoint, ["--precision", "fp32"]),
-                               ("ort", fp32_export, ["--backend", "onnxruntime"])):  # fmt: skip
+                               ("ort", fp32_export, ["--backend", "onnxruntime"])):
         out = tmp_path / name
         code = main(["eval", "--suite", "folder", "--root", str(tmp_path / "data"), "--out", str(out),
-                     "--model", str(model), "--no-plots", "--no-progress", *extra])  # fmt: skip
+                     "--model", str(model), "--no-plots", "--no-progress", *extra])
         assert code == 0, capsys.readouterr().err
         lines = next(out.rglob("predictions.jsonl")).read_text().splitlines()
         preds[name] = {r["path"]: r["prob_fake"] for r in map(json.loads, lines)}
@@ -269,7 +269,7 @@ def test_rine_eval_onnxruntime_equals_torch(fp32_export, sensitive_checkpoint, t
     for path, p in preds["torch"].items():
         assert preds["ort"][path] == pytest.approx(p, abs=1e-5)
     err = _fails(capsys, "eval", "--suite", "folder", "--root", str(tmp_path / "data"), "--out", str(tmp_path / "c"),
-                 "--model", str(fp32_export), "--features-cache", str(tmp_path / "cache"))  # fmt: skip
+                 "--model", str(fp32_export), "--features-cache", str(tmp_path / "cache"))
     assert "features cache needs the torch backend" in err
 
 
@@ -280,7 +280,7 @@ def test_a_calibrated_export_decides_as_the_calibrated_checkpoint(fp32_export, s
     import shutil
 
     calibration = {"method": "platt", "threshold_logit": 0.4, "scale": 0.5, "offset": -0.3,
-                   "uncertain_low": 0.45, "uncertain_high": 0.6}  # fmt: skip
+                   "uncertain_low": 0.45, "uncertain_high": 0.6}
     folders = []
     for src, name in ((sensitive_checkpoint, "ckpt"), (fp32_export, "export")):
         dst = tmp_path / name

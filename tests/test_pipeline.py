@@ -150,7 +150,7 @@ def test_only_the_listed_formats_are_decoded_whatever_the_name(tmp_path, monkeyp
     # What cameras and the web produce still opens: JPEG, camera MPO (two frames), PNG, WebP, ...
     for fmt, extra in (("JPEG", {}), ("PNG", {}), ("WEBP", {"lossless": True}), ("BMP", {}), ("TIFF", {}),
                        ("GIF", {}), ("PPM", {}),
-                       ("MPO", {"save_all": True, "append_images": [Image.new("RGB", (16, 16))]})):  # fmt: skip
+                       ("MPO", {"save_all": True, "append_images": [Image.new("RGB", (16, 16))]})):
         buf = io.BytesIO()
         Image.new("RGB", (16, 16), (0, 128, 255)).save(buf, format=fmt, **extra)
         assert load_image(buf.getvalue()).size == (16, 16), fmt
@@ -190,7 +190,7 @@ def test_releasing_the_reference_weights_keeps_every_score(tiny_checkpoint_dir, 
     assert lean.model.backbone.released and not kept.model.backbone.released
     def block_linears(det):  # name -> numel of the blocks' attention projections and MLP
         return {n: p.numel() for n, p in det.model.backbone.named_parameters()
-                if ".layers." in n and ("_proj." in n or ".fc" in n)}  # fmt: skip
+                if ".layers." in n and ("_proj." in n or ".fc" in n)}
 
     assert set(block_linears(lean)) == set(block_linears(kept)) and min(block_linears(kept).values()) > 0
     assert set(block_linears(lean).values()) == {0}

@@ -96,7 +96,7 @@ def _padded_then_cut_ten(a, size):
 
     def five(x):
         return [x[:size, :size], x[:size, w - size :], x[h - size :, :size], x[h - size :, w - size :],
-                center_crop_array(x, size)]  # fmt: skip
+                center_crop_array(x, size)]
 
     return five(p) + five(p[:, ::-1])
 

@@ -44,7 +44,7 @@ def image():
 @pytest.fixture(scope="module")
 def signed_jpeg(ca, image):
     return pf.sign(pf.encode(image, "JPEG", quality=90), "image/jpeg", ca, "trainedAlgorithmicMedia",
-                   generator="ImageMaker/2.1")  # fmt: skip
+                   generator="ImageMaker/2.1")
 
 
 def test_signed_by_trusted_ca_is_verified(signed_jpeg, trust):
@@ -60,7 +60,7 @@ def test_signed_by_trusted_ca_is_verified(signed_jpeg, trust):
 
 def test_unlisted_ca_and_no_anchors_are_not_verified(signed_jpeg, other_ca):
     for trust, words in [(TrustConfig(other_ca.root_pem.decode(), "other.pem"), "not in your trust list"),
-                         (None, "no trust anchors configured")]:  # fmt: skip
+                         (None, "no trust anchors configured")]:
         p = read_provenance(signed_jpeg, trust=trust)
         assert p.digital_source_type == "trainedAlgorithmicMedia" and p.verified is False
         assert "signed by Rine Trusted Root Signer" in p.reason and words in p.reason
@@ -119,7 +119,7 @@ def test_declarations_are_generated_and_unverified(name, image, trust):
         "novelai": (pf.png_with_text(image, [("tEXt", "Software", "NovelAI"),
                                              ("tEXt", "Comment", json.dumps({"steps": 28, "seed": 1}))]),
                     "png:Software", "NovelAI"),
-    }[name]  # fmt: skip
+    }[name]
     p = read_provenance(data, trust=trust)
     assert (p.digital_source_type, p.verified, p.basis) == ("trainedAlgorithmicMedia", False, basis)
     assert "unverified" in p.reason
@@ -237,7 +237,7 @@ def test_catalogue_entries_cite_sources_and_match(image):
 
 def test_unknown_text_is_shown_but_declares_nothing(image):
     p = read_provenance(pf.png_with_text(image, [("tEXt", "Title", "holiday"), ("tEXt", "parametersX", "Steps: 3"),
-                                                 ("tEXt", "Software", "GIMP 2.10"), ("tEXt", "Comment", '{"a": 1}')]))  # fmt: skip
+                                                 ("tEXt", "Software", "GIMP 2.10"), ("tEXt", "Comment", '{"a": 1}')]))
     assert [s.where for s in p.signals] == ["png:Title", "png:parametersX", "png:Software", "png:Comment"]
     assert p.digital_source_type is None and all(s.generator is None for s in p.signals)
 
@@ -246,7 +246,7 @@ def test_unknown_text_is_shown_but_declares_nothing(image):
 def test_xmp_property_forms(image, form):
     term = pf.IPTC + "compositeWithTrainedAlgorithmicMedia"
     prop = (f"<Iptc4xmpExt:DigitalSourceType>{term}</Iptc4xmpExt:DigitalSourceType>" if form == "element"
-            else f'<Iptc4xmpExt:DigitalSourceType rdf:resource="{term}"/>')  # fmt: skip
+            else f'<Iptc4xmpExt:DigitalSourceType rdf:resource="{term}"/>')
     xmp = pf.xmp_packet(None).replace('xmlns:xmp="http://ns.adobe.com/xap/1.0/"/>',
-                                      f'xmlns:xmp="http://ns.adobe.com/xap/1.0/">{prop}</rdf:Description>')  # fmt: skip
+                                      f'xmlns:xmp="http://ns.adobe.com/xap/1.0/">{prop}</rdf:Description>')
     assert read_provenance(pf.png_with_xmp(image, xmp)).digital_source_type == "compositeWithTrainedAlgorithmicMedia"

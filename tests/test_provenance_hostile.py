@@ -39,7 +39,7 @@ def test_png_text_bomb(image):
     data = pf.insert_png_chunks(pf.encode(image, "PNG"), [
         pf.png_chunk(b"zTXt", b"parameters\x00\x00" + bomb),
         pf.png_chunk(b"iTXt", b"prompt\x00\x01\x00\x00\x00" + bomb),
-    ])  # fmt: skip
+    ])
     p = _read(data)
     errors = _errors(p)
     assert len(errors) == 2 and all("compression bomb" in e for e in errors), errors
@@ -57,7 +57,7 @@ def test_invalid_utf8_and_corrupt_zlib(image):
         pf.png_chunk(b"iTXt", b"parameters\x00\x00\x00\x00\x00Steps: 20, Sampler: \xff\xfe Euler"),
         pf.png_chunk(b"zTXt", b"workflow\x00\x00not zlib at all"),
         pf.png_chunk(b"tEXt", b"no keyword separator"),
-    ])  # fmt: skip
+    ])
     p = _read(data)
     errors = _errors(p)
     assert any("png:parameters" in e and "invalid UTF-8" in e for e in errors), errors
@@ -67,7 +67,7 @@ def test_invalid_utf8_and_corrupt_zlib(image):
 
 def test_comfy_prompt_not_json(image):
     p = _read(pf.png_with_text(image, [("tEXt", "prompt", "{'3': {'class_type': KSampler"),
-                                       ("tEXt", "workflow", "[" * 100_000)]))  # fmt: skip
+                                       ("tEXt", "workflow", "[" * 100_000)]))
     errors = _errors(p)
     assert len(errors) == 2 and all("not JSON" in e for e in errors), errors
     assert p.digital_source_type is None and p.generator == "ComfyUI"
@@ -86,7 +86,7 @@ def test_hostile_xmp(image, case):
                      '<x:xmpmeta xmlns:x="adobe:ns:meta/">&e;</x:xmpmeta>', "refused"),
         "malformed": ("<x:xmpmeta><rdf:RDF", "not well-formed"),
         "wide": (wrap.format("<a/>" * 50_000), "elements"),
-    }[case]  # fmt: skip
+    }[case]
     for data in (pf.jpeg_with_xmp(image, xmp) if len(xmp) < 65_000 else None, pf.png_with_xmp(image, xmp)):
         if data is None:
             continue

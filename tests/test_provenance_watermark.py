@@ -32,14 +32,14 @@ def test_haar_equals_pywavelets():
 
 
 @pytest.mark.parametrize("seed,size,message", [(0, (512, 512), "sdxl"), (1, (300, 401), "sdxl"),
-                                               (2, (320, 320), "sd1"), (3, (257, 300), "random")])  # fmt: skip
+                                               (2, (320, 320), "sd1"), (3, (257, 300), "random")])
 def test_decoder_equals_imwatermark(seed, size, message):
     from imwatermark import WatermarkDecoder, WatermarkEncoder
 
     rng = np.random.default_rng(seed)
     image = pf.texture(max(size), seed)[: size[0], : size[1]].copy()
     bits = {"sdxl": pf.SDXL_BITS, "sd1": list(WATERMARKS[1].bits),
-            "random": list(rng.integers(0, 2, 64))}[message]  # fmt: skip
+            "random": list(rng.integers(0, 2, 64))}[message]
     enc = WatermarkEncoder()
     enc.set_watermark("bits", bits)
     marked = np.clip(np.round(enc.encode(image, "dwtDct")), 0, 255).astype(np.uint8)

@@ -479,7 +479,7 @@ def test_thin_images_cost_a_crop_not_their_padding(tiny_checkpoint_dir):
 
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     run = subprocess.run([sys.executable, "-c", THIN_IMAGE_CHILD, str(tiny_checkpoint_dir)],
-                         env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+                         env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     out = json.loads(run.stdout.strip().splitlines()[-1])
     assert out["png_bytes"] < 64 * 1024 and out["status"] == [200, 200]
@@ -569,7 +569,7 @@ def test_model_that_failed_to_load_is_503_failed(tiny_detector):
 def test_invalid_content_length_is_400(client):
     for bad in ("12abc", "-5", "1e3"):
         r = client.post("/v1/detect", content=b"--b--\r\n", headers={
-            "Content-Type": "multipart/form-data; boundary=b", "Content-Length": bad})  # fmt: skip
+            "Content-Type": "multipart/form-data; boundary=b", "Content-Length": bad})
         assert r.status_code == 400 and r.json()["detail"] == "invalid Content-Length", (bad, r.text)
 
 
@@ -876,7 +876,7 @@ def test_allowed_hosts_against_dns_rebinding(tiny_detector, monkeypatch):
     assert settings_from_args(parser.parse_args(["serve", "--api-key-env", "RINE_TEST_KEY"])).allowed_hosts is None
     # Names are kept without port or scheme; the server's own --host name is added.
     s = settings_from_args(parser.parse_args(["serve", "--allowed-host", "Rine.example.org:443",
-                                              "--allowed-host", "https://other.example/", "--host", "box.lan"]))  # fmt: skip
+                                              "--allowed-host", "https://other.example/", "--host", "box.lan"]))
     assert s.allowed_hosts == (*LOOPBACK_HOSTS, "rine.example.org", "other.example", "box.lan")
     from rine.cli import main
 
@@ -890,7 +890,7 @@ def test_allowed_hosts_against_dns_rebinding(tiny_detector, monkeypatch):
         # Names given, and any IP literal (rebinding needs a name): loopback, other 127/8
         # addresses, IPv6 spellings, a server addressed by its IP; and HTTP/1.0 without Host.
         for host in ("127.0.0.1:8000", "localhost", "localhost.", "[::1]:8000", "RINE.example.org", "rine.example.org.",
-                     "box.lan:8000", "127.0.0.2:8711", "[0:0:0:0:0:0:0:1]", "[::ffff:127.0.0.1]", "10.1.2.3", ""):  # fmt: skip
+                     "box.lan:8000", "127.0.0.2:8711", "[0:0:0:0:0:0:0:1]", "[::ffff:127.0.0.1]", "10.1.2.3", ""):
             assert c.post("/v1/detect", files=upload(("a.png", img)), headers={"Host": host}).status_code == 200, host
 
 
@@ -916,7 +916,7 @@ def test_rine_serve_beyond_loopback_without_a_key_warns(tmp_path, caplog, monkey
     monkeypatch.setenv("RINE_TEST_KEY", "k1")
     with caplog.at_level("WARNING", logger="rine.cli.serve"):
         assert main(["serve", "--host", "0.0.0.0", "--port", "0", "--model", missing, "--no-access-log",
-                     "--api-key-env", "RINE_TEST_KEY"]) == 2  # fmt: skip
+                     "--api-key-env", "RINE_TEST_KEY"]) == 2
     assert "without an API key" not in caplog.text
 
 

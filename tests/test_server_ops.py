@@ -73,7 +73,7 @@ def collect_logs(level=logging.INFO, fmt: logging.Formatter | None = None):
 # ---------------------------------------------------------------------------- defect 1: log injection
 def test_request_controlled_text_cannot_forge_a_log_line(tiny_detector):
     with collect_logs(fmt=logging.Formatter("%(levelname)s %(name)s: %(message)s")) as lines, \
-            TestClient(create_app(tiny_detector)) as c:  # fmt: skip
+            TestClient(create_app(tiny_detector)) as c:
         r = c.get("/x%0aINFO%20rine.server.access:%20127.0.0.1%20POST%20/v1/detect%20200%1b[2J%00")
         assert r.status_code == 404
     access = [line for line in lines if line.startswith("INFO rine.server.access:")]
@@ -188,14 +188,14 @@ def test_early_refusals_are_readable_by_clients_that_send_the_whole_body_first(t
 
     requests = pytest.importorskip("requests")
     settings = ServerSettings(max_file_bytes=1 * MB, max_request_bytes=2 * MB, memory_budget_bytes=1 * MB,
-                              api_key="k")  # fmt: skip
+                              api_key="k")
     data = np.random.default_rng(0).bytes(6 * MB)
     boundary = "rine-test-boundary"
 
     def body(*parts: bytes) -> bytes:
         return b"".join(f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"f{i}\"\r\n"
                         f"Content-Type: image/png\r\n\r\n".encode() + p + b"\r\n" for i, p in enumerate(parts)) \
-            + f"--{boundary}--\r\n".encode()  # fmt: skip
+            + f"--{boundary}--\r\n".encode()
 
     cases = [  # (what, body, key, expected status)
         ("413 from Content-Length", body(data), "k", 413),
@@ -220,7 +220,7 @@ def test_early_refusals_are_readable_by_clients_that_send_the_whole_body_first(t
             for client in (via_urllib, via_requests):
                 for what, payload, key, expected in cases:
                     headers = {"Content-Type": f"multipart/form-data; boundary={boundary}",
-                               **({"X-API-Key": key} if key else {})}  # fmt: skip
+                               **({"X-API-Key": key} if key else {})}
                     try:
                         status, headers_back, content = client(f"{base}/v1/detect", payload, headers)
                         outcomes.append((client.__name__, what, status, expected))
@@ -309,11 +309,11 @@ def test_metrics_parse_and_move_with_requests(client_app, tiny_detector):
     after = scrape(c)
     assert value(after, "rine_images_scored_total") - value(before, "rine_images_scored_total") == 2
     assert value(after, "rine_image_refusals_total", kind="not_image") - value(before, "rine_image_refusals_total",
-                                                                               kind="not_image") == 1  # fmt: skip
+                                                                               kind="not_image") == 1
     assert value(after, "rine_request_refusals_total", kind="not_multipart") == 1
     detect_200 = dict(route="/v1/detect", method="POST", status="200")
     assert value(after, "rine_http_requests_total", **detect_200) - value(before, "rine_http_requests_total",
-                                                                          **detect_200) == 1  # fmt: skip
+                                                                          **detect_200) == 1
     assert value(after, "rine_http_request_duration_seconds_count", route="/v1/detect") == 2
     assert value(after, "rine_batch_views_sum") >= 2 and value(after, "rine_batch_views_count") >= 1
     assert value(after, "rine_queue_wait_seconds_count") == 2  # one per image scored
@@ -406,7 +406,7 @@ def test_sigterm_finishes_the_upload_in_flight_and_refuses_new_work(tiny_checkpo
         proc = subprocess.Popen(
             [sys.executable, "-m", "rine", "serve", "--host", "127.0.0.1", "--port", "0", "--model",
              str(tiny_checkpoint_dir), "--stop-delay", "4", "--graceful-timeout", "20", "--threads", "1"],
-            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         deadline = time.monotonic() + 180
         while not (found := re.search(r"serving on (http://127\.0\.0\.1:(\d+))", log.read_text())):
@@ -417,7 +417,7 @@ def test_sigterm_finishes_the_upload_in_flight_and_refuses_new_work(tiny_checkpo
         wait_ready(base, proc, 180)
         boundary = b"rine-sigterm"
         body = (b"--" + boundary + b'\r\nContent-Disposition: form-data; name="files"; filename="a.png"\r\n\r\n'
-                + png_bytes() + b"\r\n--" + boundary + b"--\r\n")  # fmt: skip
+                + png_bytes() + b"\r\n--" + boundary + b"--\r\n")
         held = socket.create_connection(("127.0.0.1", port), timeout=60)
         held.sendall(b"POST /v1/detect HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary="
                      + boundary + b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body[:50])

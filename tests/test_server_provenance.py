@@ -32,13 +32,13 @@ def test_results_carry_provenance_and_decision(tiny_detector, ca):
     img = pf.texture(240, 2)
     files = [("signed.jpg", pf.sign(pf.encode(img, "JPEG", quality=90), "image/jpeg", ca, "trainedAlgorithmicMedia")),
              ("a1111.png", pf.png_with_text(img, [("tEXt", "parameters", pf.A1111_PARAMETERS)])),
-             ("plain.png", pf.encode(img, "PNG"))]  # fmt: skip
+             ("plain.png", pf.encode(img, "PNG"))]
     trusted = _post(tiny_detector, ServerSettings(trust=TrustConfig(ca.root_pem.decode(), "t.pem")), files)
     bare = _post(tiny_detector, ServerSettings(trust=None), files)
     for t, b in zip(trusted, bare, strict=True):
         assert b.get("provenance") is None and b.get("decision") is None
         assert {k: t[k] for k in b if k not in ("provenance", "decision")} == {k: v for k, v in b.items()
-                                                                                 if k not in ("provenance", "decision")}  # fmt: skip
+                                                                                 if k not in ("provenance", "decision")}
     signed, a1111, plain = trusted
     assert signed["provenance"]["verified"] is True and signed["decision"]["decision"] == "synthetic"
     assert a1111["provenance"]["digital_source_type"] == "trainedAlgorithmicMedia"

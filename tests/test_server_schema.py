@@ -36,7 +36,7 @@ def test_schemathesis_finds_nothing_in_the_served_schema(tiny_checkpoint_dir, tm
              "--workers", "1", "--request-timeout", "30", "--report", "junit",
              "--report-dir", str(tmp_path / "report")],
             capture_output=True, text=True, timeout=240, cwd=tmp_path,  # its example database goes there
-        )  # fmt: skip
+        )
     summary = run.stdout[-6000:]
     assert run.returncode == 0, summary
     assert "generated" in summary and "Tested: 6" in summary, summary  # it ran, on every operation

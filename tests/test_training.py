@@ -108,7 +108,7 @@ def test_cli_train_is_byte_reproducible_and_loadable(stores, tmp_path):
 
     _, train32, val = stores
     args = ["train", "--features", str(train32.root), "--val-features", str(val.root), "--nproj", "2",
-            "--proj-dim", "32", "--factor", "0.2", "--epochs", "2", "--seed", "0", "--batch-size", "8", "--no-progress"]  # fmt: skip
+            "--proj-dim", "32", "--factor", "0.2", "--epochs", "2", "--seed", "0", "--batch-size", "8", "--no-progress"]
     assert main([*args, "--out", str(tmp_path / "a")]) == 0
     assert main([*args, "--out", str(tmp_path / "b")]) == 0
     a, b = (tmp_path / "a" / "model.safetensors").read_bytes(), (tmp_path / "b" / "model.safetensors").read_bytes()
@@ -155,7 +155,7 @@ def test_cli_train_checks_out_device_and_lists_before_loading(stores, tmp_path, 
         (["--features", str(train32.root), "--out", str(existing / "ckpt")], "so the folder cannot be created"),
         (["--features", str(train32.root), "--out", str(tmp_path / "x"), "--device", "nope"],
          "--device nope: not a device; use auto, cpu, cuda or cuda:N"),
-    ]:  # fmt: skip
+    ]:
         assert main(["train", *args]) == 2, args
         err = capsys.readouterr().err
         assert err.startswith("rine: error: ") and message in err and "Traceback" not in err, err
@@ -165,7 +165,7 @@ def test_cli_train_checks_out_device_and_lists_before_loading(stores, tmp_path, 
         (["--lr-milestones", "0"], "'0': each value must be at least 1"),
         (["--nproj", "0"], "argument --nproj: '0': must be at least 1"),
         (["--epochs", "two"], "argument --epochs: 'two' is not a whole number"),
-    ]:  # fmt: skip
+    ]:
         with pytest.raises(SystemExit) as e:
             main(["train", "--features", str(train32.root), "--out", str(tmp_path / "x"), *args])
         assert e.value.code == 2
@@ -179,7 +179,7 @@ def test_cli_train_accepts_device_auto_and_no_milestones(stores, tmp_path):
     _, train32, _ = stores
     out = tmp_path / "auto"
     assert main(["train", "--features", str(train32.root), "--nproj", "1", "--proj-dim", "8", "--batch-size", "8",
-                 "--device", "auto", "--lr-milestones", "", "--no-plot", "--no-progress", "--out", str(out)]) == 0  # fmt: skip
+                 "--device", "auto", "--lr-milestones", "", "--no-plot", "--no-progress", "--out", str(out)]) == 0
     assert json.loads((out / "train_config.json").read_text())["train"]["lr_milestones"] == []
 
 def test_preloaded_taps_keep_the_store_dtype_and_train_the_same_head(stores, monkeypatch):
@@ -212,10 +212,10 @@ def test_cli_train_from_images_equals_training_on_their_store(stores, data, tiny
 
     _, train32, _ = stores
     common = ["--nproj", "2", "--proj-dim", "32", "--epochs", "1", "--seed", "0", "--batch-size", "6",
-              "--no-progress", "--no-plot"]  # fmt: skip
+              "--no-progress", "--no-plot"]
     assert main(["train", "--features", str(train32.root), "--out", str(tmp_path / "store"), *common]) == 0
     assert main(["train", "--root", str(data), "--layout", "progan", "--classes", "car,cat",
-                 "--backbone", str(tiny_backbone_dir), "--out", str(tmp_path / "images"), *common]) == 0  # fmt: skip
+                 "--backbone", str(tiny_backbone_dir), "--out", str(tmp_path / "images"), *common]) == 0
     a, _ = load_pretrained(tmp_path / "store")
     b, config = load_pretrained(tmp_path / "images")
     for k, v in a.state_dict().items():
@@ -223,7 +223,7 @@ def test_cli_train_from_images_equals_training_on_their_store(stores, data, tiny
     assert config.meta["layout"] == "progan" and config.meta["classes"] == ["car", "cat"]
     # Negative control: one class fewer is other training data, hence another head.
     assert main(["train", "--root", str(data), "--layout", "progan", "--classes", "car",
-                 "--backbone", str(tiny_backbone_dir), "--out", str(tmp_path / "car"), *common]) == 0  # fmt: skip
+                 "--backbone", str(tiny_backbone_dir), "--out", str(tmp_path / "car"), *common]) == 0
     assert not torch.allclose(load_pretrained(tmp_path / "car")[0].state_dict()["proj1.1.weight"], a.state_dict()["proj1.1.weight"])
 
 
@@ -242,7 +242,7 @@ def test_fraction_is_a_seeded_share_of_the_training_items(stores, tmp_path):
 
     _, train32, _ = stores
     args = ["train", "--features", str(train32.root), "--nproj", "2", "--proj-dim", "32", "--epochs", "1",
-            "--batch-size", "4", "--fraction", "0.5", "--no-progress", "--no-plot"]  # fmt: skip
+            "--batch-size", "4", "--fraction", "0.5", "--no-progress", "--no-plot"]
     for name, seed in (("a", "0"), ("b", "0"), ("c", "1")):
         assert main([*args, "--seed", seed, "--out", str(tmp_path / name)]) == 0
     start = json.loads((tmp_path / "a" / "train_log.jsonl").read_text().splitlines()[0])

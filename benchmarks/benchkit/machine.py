@@ -39,7 +39,7 @@ def int8_flop_share(name: str, precision: str) -> float:
     t, d = (size // patch) ** 2 + 1, width
     flops = {"qkv": 2 * t * d * 3 * d, "out": 2 * t * d * d, "fc1": 2 * t * d * 4 * d, "fc2": 2 * t * 4 * d * d}
     int8 = sum(f for i in range(layers) for g, f in flops.items()
-               if plan.int8(i, g, layers) and not (i == layers - 1 and g in ("fc1", "fc2")))  # fmt: skip
+               if plan.int8(i, g, layers) and not (i == layers - 1 and g in ("fc1", "fc2")))
     return int8 / 1e9 / gflop_per_image(name, ours=True)
 
 
@@ -148,7 +148,7 @@ def int8_matmul_gflops(reps: int = 10) -> float:
 
     def fn():
         return torch.ops.onednn.qlinear_pointwise(xq, scale, zp, lin.weight, lin.w_scale, lin.w_zero, None,
-                                                  1.0, 0, torch.float32, "none", [], "")  # fmt: skip
+                                                  1.0, 0, torch.float32, "none", [], "")
 
     fn()
     best = 0.0

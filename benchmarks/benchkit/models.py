@@ -41,7 +41,7 @@ def random_openai_state(name: str, seed: int = 0, outliers: float = 0.0) -> dict
         "visual.ln_pre.weight": torch.ones(width), "visual.ln_pre.bias": torch.zeros(width),
         "visual.ln_post.weight": torch.ones(width), "visual.ln_post.bias": torch.zeros(width),
         "visual.proj": r(width, embed),
-    }  # fmt: skip
+    }
     for i in range(layers):
         p = f"visual.transformer.resblocks.{i}."
         sd.update({
@@ -51,7 +51,7 @@ def random_openai_state(name: str, seed: int = 0, outliers: float = 0.0) -> dict
             p + "ln_2.weight": torch.ones(width), p + "ln_2.bias": torch.zeros(width),
             p + "mlp.c_fc.weight": r(4 * width, width), p + "mlp.c_fc.bias": r(4 * width),
             p + "mlp.c_proj.weight": r(width, 4 * width), p + "mlp.c_proj.bias": r(width),
-        })  # fmt: skip
+        })
         if outliers > 1:
             ch = list(OUTLIER_CHANNELS)
             for ln, w in (("ln_1", "attn.in_proj_weight"), ("ln_2", "mlp.c_fc.weight")):

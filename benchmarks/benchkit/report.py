@@ -15,7 +15,7 @@ from .rows import BY_MODE, Row, baseline_batch_size
 
 @torch.no_grad()
 def precision_probe(arch: str, paths: list[str], head_file: str | None, calib: tuple[float, float], device: str,
-                    precisions: tuple[str, ...] = ("auto",)) -> None:  # fmt: skip
+                    precisions: tuple[str, ...] = ("auto",)) -> None:
     """max |p - p_fp32| on the same images for the trained head and for the random stress
     head, for each of `precisions` ("auto" is resolved on `device`). A random He-initialised
     head rescaled to logit std 2 amplifies the tap error several times more than a trained
@@ -45,7 +45,7 @@ def precision_probe(arch: str, paths: list[str], head_file: str | None, calib: t
 
 
 def print_table(arch: str, n: int, results: dict[str, list[dict]], med: dict[str, float], args: argparse.Namespace,
-                skipped: list[tuple[Row, str]]) -> None:  # fmt: skip
+                skipped: list[tuple[Row, str]]) -> None:
     """The table: one line per measured row, medians, ratio to (a), memory, error vs (b)."""
     on_gpu = args.device.startswith("cuda")
     ref_probs = np.array(results["fp32"][0]["probs"])
@@ -96,7 +96,7 @@ def print_matmul_shares(arch: str, results: dict[str, list[dict]], med: dict[str
             mixed = 1 / (share / peaks["int8"] + (1 - share) / peaks["bf16"])
             print(f"{head} {achieved / mixed:.0%} of the attainable rate of its mix ({share:.0%} of the FLOPs in int8 "
                   f"at {peaks['int8']:.0f}, the rest at bf16's {peaks['bf16']:.0f}: {mixed:.0f} GFLOP/s), "
-                  f"{achieved / peaks['int8']:.0%} of the attainable int8 rate")  # fmt: skip
+                  f"{achieved / peaks['int8']:.0%} of the attainable int8 rate")
             continue
         peak = peaks.get(prec, 0.0)
         if peak:

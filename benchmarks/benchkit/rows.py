@@ -86,7 +86,7 @@ def score_detector(args: argparse.Namespace, paths: list[str], state: dict, head
     config = RINEConfig(backbone=args.arch, head=head.config, preprocess=PreprocessConfig(crop="center"))
     precision_name, _, extra = args.mode.partition("+")
     det = Detector(RINEModel(backbone, head), config, device=args.device, precision=precision_name,
-                   keep_reference=False, compile=extra == "compile")  # as rine detect loads it  # fmt: skip
+                   keep_reference=False, compile=extra == "compile")  # as rine detect loads it
     stability = extra == "stability"
     batch = args.batch_size or default_batch_size(det.device)
     workers = args.workers or default_workers(det.device)
@@ -223,14 +223,14 @@ def run_mode(args: argparse.Namespace) -> dict:
 
 
 def spawn(args: argparse.Namespace, script: str, arch: str, mode: str, n: int, paths_file: Path,
-          calib: tuple[float, float], head_file: str | None) -> dict:  # fmt: skip
+          calib: tuple[float, float], head_file: str | None) -> dict:
     """Run `script --child` for one mode; its last stdout line is `run_mode`'s JSON."""
     cmd = [
         sys.executable, script, "--child", "--arch", arch, "--mode", mode, "--n", str(n),
         "--paths-file", str(paths_file), "--threads", str(args.threads), "--device", args.device,
         "--calib", repr(calib[0]), repr(calib[1]), "--decoder", args.decoder,
     ] + (["--workers", str(args.workers)] if args.workers else []) + (
-        ["--batch-size", str(args.batch_size)] if args.batch_size else [])  # fmt: skip
+        ["--batch-size", str(args.batch_size)] if args.batch_size else [])
     if head_file:
         cmd += ["--head-file", head_file]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)

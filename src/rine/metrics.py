@@ -327,7 +327,7 @@ def bootstrap_ci(
     rng = np.random.default_rng(seed)
     groups = [np.flatnonzero(y == c) for c in (0, 1)]
     fns = {"acc": lambda yy, ss, pp: accuracy(yy, ss, flags=pp), "ap": lambda yy, ss, pp: average_precision(yy, ss),
-           "auc": lambda yy, ss, pp: roc_auc(yy, ss)}  # fmt: skip
+           "auc": lambda yy, ss, pp: roc_auc(yy, ss)}
     both = all(g.size for g in groups)
     vals: dict[str, list[float]] = {k: [] for k in BOOTSTRAP_KEYS}
     if y.size:

@@ -141,13 +141,13 @@ class LoopbackHub:
         if m and m.group(1) in self.datasets:
             repo = m.group(1)
             info = {"id": repo, "sha": self.dataset_commits[repo],
-                    "siblings": [{"rfilename": f} for f in sorted(self.datasets[repo])]}  # fmt: skip
+                    "siblings": [{"rfilename": f} for f in sorted(self.datasets[repo])]}
             return self._send(h, 200, json.dumps(info).encode(), body, {"Content-Type": "application/json"})
         m = re.fullmatch(r"/api/datasets/([^/]+/[^/]+)/tree/([^/]+)(?:/(.*))?", path)
         if m and m.group(1) in self.datasets:
             files = self.datasets[m.group(1)]
             tree = [{"type": "file", "path": f, "size": len(d), "oid": hashlib.sha1(d).hexdigest()}
-                    for f, d in sorted(files.items()) if not m.group(3) or f.startswith(m.group(3) + "/")]  # fmt: skip
+                    for f, d in sorted(files.items()) if not m.group(3) or f.startswith(m.group(3) + "/")]
             return self._send(h, 200, json.dumps(tree).encode(), body, {"Content-Type": "application/json"})
         m = re.fullmatch(r"/datasets/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
         if m:

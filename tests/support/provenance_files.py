@@ -52,7 +52,7 @@ def make_authority(name: str = "Rine Test Root") -> Authority:
     now = dt.datetime.now(dt.timezone.utc)
     root_key = ec.generate_private_key(ec.SECP256R1())
     root_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name),
-                           x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Rine Tests")])  # fmt: skip
+                           x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Rine Tests")])
     root = (
         x509.CertificateBuilder().subject_name(root_name).issuer_name(root_name)
         .public_key(root_key.public_key()).serial_number(x509.random_serial_number())
@@ -63,10 +63,10 @@ def make_authority(name: str = "Rine Test Root") -> Authority:
                                      crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(root_key.public_key()), critical=False)
         .sign(root_key, hashes.SHA256())
-    )  # fmt: skip
+    )
     leaf_key = ec.generate_private_key(ec.SECP256R1())
     leaf_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{name} Signer"),
-                           x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Rine Tests")])  # fmt: skip
+                           x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Rine Tests")])
     leaf = (
         x509.CertificateBuilder().subject_name(leaf_name).issuer_name(root_name)
         .public_key(leaf_key.public_key()).serial_number(x509.random_serial_number())
@@ -79,7 +79,7 @@ def make_authority(name: str = "Rine Test Root") -> Authority:
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(leaf_key.public_key()), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(root_key.public_key()), critical=False)
         .sign(root_key, hashes.SHA256())
-    )  # fmt: skip
+    )
     pem = serialization.Encoding.PEM
     root_pem = root.public_bytes(pem)
     key = leaf_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
@@ -87,7 +87,7 @@ def make_authority(name: str = "Rine Test Root") -> Authority:
 
 
 def sign(data: bytes, mime: str, authority: Authority, source_type: str,
-         generator: str = "RineTest/1.0", actions: list[dict] | None = None) -> bytes:  # fmt: skip
+         generator: str = "RineTest/1.0", actions: list[dict] | None = None) -> bytes:
     """`data` with a C2PA manifest whose `c2pa.created` action declares `source_type` (a short
     IPTC term), signed by `authority`'s leaf."""
     import c2pa
@@ -100,7 +100,7 @@ def sign(data: bytes, mime: str, authority: Authority, source_type: str,
             {"action": "c2pa.created", "digitalSourceType": IPTC + source_type}]}}],
     }
     info = c2pa.C2paSignerInfo(alg=b"es256", sign_cert=authority.sign_cert,
-                               private_key=authority.private_key, ta_url=None)  # fmt: skip
+                               private_key=authority.private_key, ta_url=None)
     signer = c2pa.Signer.from_info(info)
     builder = c2pa.Builder(json.dumps(manifest))
     out = io.BytesIO()
@@ -142,7 +142,7 @@ A1111_PARAMETERS = (
 COMFY_PROMPT = json.dumps({
     "3": {"class_type": "KSampler", "inputs": {"seed": 5, "steps": 20, "cfg": 8.0}},
     "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd_xl_base_1.0.safetensors"}},
-})  # fmt: skip
+})
 
 
 # ---------------------------------------------------------------------------- XMP

@@ -58,4 +58,4 @@ def images(folder: Path, n: int, seed: int = 0) -> list[Path]:
     """`n` images: sizes around 224 (smaller ones are zero-padded, larger cropped) and every mode the loader converts."""
     modes = ["RGB", "L", "RGBA"]
     return [write_image(folder / f"img{i:02d}.png", size=(200 + 17 * i, 230 + 5 * (i % 3)), mode=modes[i % 3],
-                        seed=seed + i) for i in range(n)]  # fmt: skip
+                        seed=seed + i) for i in range(n)]

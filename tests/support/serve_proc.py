@@ -46,7 +46,7 @@ def running_server(args: list[str], log_path: Path, ready_s: float = 180) -> Ite
     proc = subprocess.Popen(
         [sys.executable, "-m", "rine", "serve", "--host", "127.0.0.1", "--port", "0", *args],
         stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )  # fmt: skip
+    )
     base = None
     try:
         deadline = time.monotonic() + ready_s

@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     for command in sub.choices.values():
         # Also after the command (`rine detect -v ...`), counted with those before it.
         command.add_argument("-v", "--verbose", action="count", default=0, dest="verbose_after",
-                             help="more log output (-vv for debug)")  # fmt: skip
+                             help="more log output (-vv for debug)")
     return parser
 
 

@@ -59,13 +59,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     d = add_data_options(p, required=False)  # the other sources of images join its group
     d.add_argument("--reals", metavar="DIR|FILE",
                    help="authentic images only (a folder, searched recursively, or a manifest): enough "
-                        "for --target-fpr")  # fmt: skip
+                        "for --target-fpr")
     d.add_argument("--unlabelled", metavar="DIR|FILE",
                    help="images of the target domain without labels, for --method prior-shift")
     d.add_argument("--predictions", metavar="FILE",
                    help="the predictions.jsonl of a `rine eval` of this model: its logits are used and no "
                         "image is scored (choose sets with --sets); a --model whose head weights differ from "
-                        "the ones the metrics.json beside it records is refused")  # fmt: skip
+                        "the ones the metrics.json beside it records is refused")
     add_model_options(p)
     f = p.add_argument_group("fit")
     add_fit_options(f)
@@ -142,7 +142,7 @@ def _check_model(path: str, run: dict | None, head, config, given: str) -> None:
 
     if run is None:
         print(f"rine: warning: --predictions {path}: no metrics.json beside it, so the model that made these "
-              f"logits cannot be checked against --model {given}", file=sys.stderr)  # fmt: skip
+              f"logits cannot be checked against --model {given}", file=sys.stderr)
         return
     name, meta = run.get("model"), run["meta"]
     recorded = (meta.get("head_digests") or {}).get(name)
@@ -160,7 +160,7 @@ def _check_model(path: str, run: dict | None, head, config, given: str) -> None:
     raise CLIError(f"--predictions: the logits in {path} were made by the model {name!r} ({found}, says the metrics.json beside "
                    f"it), but --model {given} has {wanted}: a cut fitted on another model's logits would be wrong "
                    f"for this one. Pass the model that rine eval scored, or score the images with this one "
-                   "(--suite/--root, --reals)")  # fmt: skip
+                   "(--suite/--root, --reals)")
 
 
 _SHAPE_KEYS = ("in_dim", "n_blocks", "nproj", "proj_dim", "use_tie", "blocks")  # dropout: not at inference
@@ -198,16 +198,16 @@ def _score(args, sets, root):
     result = evaluate(
         detector, sets, root=root, batch_size=args.batch_size, decode=decode_options(args, detector),
         progress=not args.no_progress and sys.stderr.isatty(), cache_dir=args.features_cache,
-    )  # fmt: skip
+    )
     return detector.model.head, detector.config, result.runs[0].records
 
 
 def _sources(args) -> list[str]:
     given = [name for name, v in (("--suite/--root", args.suite or args.root), ("--reals", args.reals),
-             ("--unlabelled", args.unlabelled), ("--predictions", args.predictions)) if v]  # fmt: skip
+             ("--unlabelled", args.unlabelled), ("--predictions", args.predictions)) if v]
     if len(given) != 1:
         raise CLIError("give one source of images: --reals DIR, --suite S --root DIR, --unlabelled DIR or "
-                       "--predictions FILE" + (f" (got {', '.join(given)})" if given else ""))  # fmt: skip
+                       "--predictions FILE" + (f" (got {', '.join(given)})" if given else ""))
     if given[0] == "--suite/--root" and not (args.suite and args.root):
         raise CLIError("--suite and --root go together")
     return given
@@ -295,7 +295,7 @@ def _check_enough(test_sets, options: dict) -> None:
         if n_real < need:
             raise CLIError(f"--target-fpr {fit['target_fpr']:g} with {fit['confidence']:.0%} confidence needs at least "
                            f"{need} real images; the data lists {n_real}. Add {need - n_real} more, or ask for a "
-                           "larger rate")  # fmt: skip
+                           "larger rate")
     two = fit["objective"] is not None or fit["method"] in ("temperature", "platt")
     if two and options["labelled"] and (n_real == 0 or n_fake == 0):
         what = f"--objective {fit['objective']}" if fit["objective"] else f"--method {fit['method']}"
@@ -330,7 +330,7 @@ def _fit_and_write(args, out: Path, head, config, records, options, band, where:
         "n_real": int(np.sum(y == 0)) if labels is not None else None,
         "n_fake": int(np.sum(y == 1)) if labels is not None else None,
         "n_errors": n_errors, "fingerprint": fingerprint(keys),
-    }  # fmt: skip
+    }
     fit_kwargs = options["fit"]
     try:
         fit = fit_calibration(z, labels, fitted_on=fitted_on, **fit_kwargs)
@@ -341,7 +341,7 @@ def _fit_and_write(args, out: Path, head, config, records, options, band, where:
     if band == "auto":
         if spread.size < N_BOOT // 2:
             return fail(f"--uncertain-band auto: only {spread.size} of {N_BOOT} bootstrap refits succeeded; "
-                        "give a width instead (e.g. --uncertain-band 0.1)")  # fmt: skip
+                        "give a width instead (e.g. --uncertain-band 0.1)")
         lo, hi = band_from_boundaries(cal, spread)
         cal = dataclasses.replace(cal, uncertain_low=lo, uncertain_high=hi)
     elif band:

@@ -265,7 +265,7 @@ def model_options(args: argparse.Namespace) -> ModelOptions:
         backend=getattr(args, "backend", "torch") or "torch", providers=getattr(args, "providers", None),
         device=args.device, precision=args.precision, compile=getattr(args, "compile", False),
         threads=getattr(args, "threads", None),
-    )  # fmt: skip
+    )
 
 
 def resolve_backend(args: argparse.Namespace) -> str:
@@ -283,13 +283,13 @@ def add_decoding_options(group: argparse._ArgumentGroup) -> None:
     from ..data.decoding import DECODERS, DEFAULT_DECODE_TIMEOUT
 
     group.add_argument("--workers", type=positive_int, default=None,
-                       help="decoding workers (default: one per core, up to 8 on CPU and 32 with a GPU)")  # fmt: skip
+                       help="decoding workers (default: one per core, up to 8 on CPU and 32 with a GPU)")
     group.add_argument("--decoder", choices=DECODERS, default="auto",
                        help="decode in threads or worker processes (default auto: processes with a GPU, "
-                            "where decoding is the bottleneck; threads on CPU)")  # fmt: skip
+                            "where decoding is the bottleneck; threads on CPU)")
     group.add_argument("--decode-timeout", type=float, default=DEFAULT_DECODE_TIMEOUT, metavar="SECONDS",
                        help="with --decoder processes: skip an image still decoding after this long, stopping "
-                            f"its worker (default {DEFAULT_DECODE_TIMEOUT:g}; 0: no limit)")  # fmt: skip
+                            f"its worker (default {DEFAULT_DECODE_TIMEOUT:g}; 0: no limit)")
 
 
 def decode_options(args: argparse.Namespace, detector=None):
@@ -316,10 +316,10 @@ def add_decision_options(group: argparse._ArgumentGroup) -> None:
     """--threshold and --uncertain-band: override the cut of the model (calibrated or not)."""
     group.add_argument("--threshold", type=probability, default=None, metavar="P",
                        help="call an image synthetic when its probability is above P (default: the model's "
-                            "own: 0.5, or the one fitted by rine calibrate)")  # fmt: skip
+                            "own: 0.5, or the one fitted by rine calibrate)")
     group.add_argument("--uncertain-band", type=float, default=None, metavar="W",
                        help="give the verdict `uncertain` to probabilities within W of the threshold (e.g. "
-                            "0.1; 0: none). Default: the model's own band (none unless rine calibrate set one)")  # fmt: skip
+                            "0.1; 0: none). Default: the model's own band (none unless rine calibrate set one)")
 
 
 def apply_decision_options(detector, args: argparse.Namespace):

@@ -80,7 +80,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="also score each image re-encoded as jpeg90, jpeg70, fit1080 and webp80 (docs/stability.md), "
                         "decoded once and batched with it (about 5x the encoder's work): records gain `stability` "
                         "(each one's probability, spread, flips, reason) and always a threshold and a verdict, "
-                        "`uncertain` when a re-encoding gives the other call")  # fmt: skip
+                        "`uncertain` when a re-encoding gives the other call")
     o = p.add_argument_group("output")
     o.add_argument("--format", choices=FORMATS, default=None, help="default: from the --output file's name (.csv, .json; else jsonl), "
                    "or a table on a terminal, jsonl otherwise")
@@ -125,7 +125,7 @@ class _Writer:
     """Writes records as they arrive for streaming formats (nothing lost on interrupt)."""
 
     def __init__(self, stream: TextIO, fmt: str, with_blocks: bool, header: bool = True,
-                 fields: tuple[str, ...] = csv_fields(False, False, False)):  # fmt: skip
+                 fields: tuple[str, ...] = csv_fields(False, False, False)):
         self.stream, self.fmt, self.with_blocks = stream, fmt, with_blocks
         self.rows: list[dict] = []
         if fmt == "csv":
@@ -208,7 +208,7 @@ def _report_scan(skipped: Skipped, n_duplicates: int) -> None:
     report_skipped(skipped, logger)
     if n_duplicates:
         print(f"rine: {plural(n_duplicates, 'duplicate input')} dropped (the same file given twice, or inside a "
-              "folder also given): each file is scored once", file=sys.stderr)  # fmt: skip
+              "folder also given): each file is scored once", file=sys.stderr)
 
 
 def _with_provenance(record: dict, provenance, fmt: str) -> dict:
@@ -326,7 +326,7 @@ def run(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             if args.output and fmt in ("jsonl", "csv"):
                 print(f"rine: {n_written} of {len(paths)} records written to {args.output}; run the same command "
-                      "with --resume to score the rest", file=sys.stderr)  # fmt: skip
+                      "with --resume to score the rest", file=sys.stderr)
             raise
         finally:
             if provenances is not None:
@@ -338,5 +338,5 @@ def run(args: argparse.Namespace) -> int:
                 stream.reconfigure(errors=stdout_errors)
     if n_failed:
         print(f"rine: {n_failed} of {plural(len(paths) + len(unreadable), 'input')} could not be scored (see their "
-              f"error field){_limit_hint(n_pixels, n_bytes)}", file=sys.stderr)  # fmt: skip
+              f"error field){_limit_hint(n_pixels, n_bytes)}", file=sys.stderr)
     return 1 if n_failed or failed_before else 0

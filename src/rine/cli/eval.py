@@ -45,7 +45,7 @@ from .common import (
 logger = logging.getLogger(__name__)
 
 SUITES = ("ufd20", "synthbuster", "genimage", "folder", "manifest", "parquet", "opensdi", "commfor", "aigibench",
-          "holmes", "chameleon")  # fmt: skip
+          "holmes", "chameleon")
 PERTURB_CHOICES = ("none", "blur", "crop", "jpeg", "noise", "combined")
 
 
@@ -60,12 +60,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_options(p, repeatable=True)
     r = p.add_argument_group("robustness")
     r.add_argument("--perturb", action="append", default=None, metavar="KIND[,KIND]",
-                   help=f"one or more of {', '.join(PERTURB_CHOICES)} (none = clean); repeatable. Default: none")  # fmt: skip
+                   help=f"one or more of {', '.join(PERTURB_CHOICES)} (none = clean); repeatable. Default: none")
     r.add_argument("--stability", action="store_true",
                    help="also score every image re-encoded as jpeg90, jpeg70, fit1080 and webp80 (docs/stability.md; "
                         "about 5x the encoder's work) and report per set the share of calls each re-encoding flips "
                         "and the coverage / accuracy of abstaining on the images some re-encoding flips, at 0.5 "
-                        "and at the model's own (calibrated) threshold: stability.md, stability.json")  # fmt: skip
+                        "and at the model's own (calibrated) threshold: stability.md, stability.json")
     r.add_argument("--seed", type=int, default=0, help="seed of the perturbations (default 0)")
     r.add_argument(
         "--perturb-p",
@@ -76,7 +76,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--perturb-quirks", choices=("none", "reference"), default="none",
                    help="reference: reproduce the reference code's blur sigma 4, JPEG quality 95, transposed "
                         "crop size and resize of the perturbed half only (see docs/evaluation.md). "
-                        "Default: none")  # fmt: skip
+                        "Default: none")
     o = p.add_argument_group("output and run")
     o.add_argument("--out", required=True, metavar="DIR", help="output folder (created; must not be a file)")
     o.add_argument(
@@ -86,13 +86,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     o.add_argument("--bootstrap", type=positive_int, default=None, metavar="N",
                    help="add 95%% bootstrap intervals of ACC, AP and AUC per set from N resamples "
-                        "(e.g. 1000; seeded by --bootstrap-seed)")  # fmt: skip
+                        "(e.g. 1000; seeded by --bootstrap-seed)")
     o.add_argument("--bootstrap-seed", type=int, default=0, help="seed of --bootstrap (default 0)")
     c = p.add_argument_group("calibration transfer (docs/calibration.md)")
     c.add_argument("--calibrate-on", metavar="SET|DIR|FILE",
                    help="fit a calibration on this test set of the layout (or on a folder / manifest of "
                         "other images) and report the other sets with it; the set used is left out of "
-                        "the metrics. Choose the fit with the options below")  # fmt: skip
+                        "the metrics. Choose the fit with the options below")
     from .fitting import add_fit_options
 
     add_fit_options(c, band=False)
@@ -103,7 +103,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     o.add_argument("--cache-dtype", choices=("float32", "float16"), default="float32",
                    help="dtype of cached taps (default float32; float16 halves the disk, changes "
-                        "scores by ~1e-3)")  # fmt: skip
+                        "scores by ~1e-3)")
     o.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     o.add_argument(
         "--batch-size", type=positive_int, default=None, help="images per encoder batch (default 16 on CPU, 64 on GPU)"
@@ -262,10 +262,10 @@ def _suite_table(args, result, layout) -> None:
         expected = (info.counts or {}).get(s.name)
         if expected and (s.n_real, s.n_fake) != expected:
             logger.warning("%s: %d real / %d fake, the benchmark publishes %d / %d", s.name, s.n_real, s.n_fake,
-                           *expected)  # fmt: skip
+                           *expected)
     path = write_suite_table([r for r in result.runs if r.condition.is_clean] or result.runs,
                              [s.name for s in layout.sets], info.table, args.out, OPENSDI_LABELS,
-                             args.threshold if args.threshold is not None else 0.5)  # fmt: skip
+                             args.threshold if args.threshold is not None else 0.5)
     if path is not None:
         print(path.read_text(encoding="utf-8"), file=sys.stderr, end="")
 
@@ -282,7 +282,7 @@ def _with_calibration_set(sets: list, calibrate_on: str | None, fit_options: dic
         return list(sets), calibrate_on
     if not Path(calibrate_on).expanduser().exists():
         raise CLIError(f"--calibrate-on {calibrate_on}: neither a test set of this layout ({', '.join(names)}) "
-                       "nor an existing folder or manifest file")  # fmt: skip
+                       "nor an existing folder or manifest file")
     from .fitting import read_images_arg
 
     extra = read_images_arg(calibrate_on, "--calibrate-on")
@@ -313,7 +313,7 @@ def _transfer(result, fit_set: str, fit_options: dict, args: argparse.Namespace,
         else:
             keys = [r["key"] for r in recs if r["error"] is None]
         fitted_on = {"set": fit_set, "n": int(z.size), "n_real": int(np.sum(y == 0)), "n_fake": int(np.sum(y == 1)),
-                     "fingerprint": fingerprint(keys)}  # fmt: skip
+                     "fingerprint": fingerprint(keys)}
         labels = y if fit_options["labelled"] else None
         fit = fit_calibration(z, labels, fitted_on=fitted_on, **fit_options["fit"])
         cal = fit.config
@@ -475,7 +475,7 @@ def run(args: argparse.Namespace) -> int:
         m = run_.metrics["mean"]
         # Each mean says when it is over fewer sets than the run has (AP on one-class sets).
         print(f"{run_.name}: mean ACC {mean_text(m, 'acc')} / AP {mean_text(m, 'ap')}, "
-              f"{plural(m['n_sets'], 'test set')}", file=sys.stderr)  # fmt: skip
+              f"{plural(m['n_sets'], 'test set')}", file=sys.stderr)
     if n_err:
         print(
             f"rine: {plural(n_err, 'image')} could not be read (excluded; see error in predictions.jsonl)",

@@ -52,15 +52,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     o.add_argument("--out", required=True, metavar="DIR", help="folder to write the export into (created)")
     o.add_argument("--opset", type=int, default=DEFAULT_OPSET,
                    help=f"ONNX opset, {MIN_OPSET} to {MAX_OPSET} (default {DEFAULT_OPSET}, which every ONNX Runtime "
-                        "since 1.17 runs; 23 fuses attention into one Attention op, see docs/deployment.md)")  # fmt: skip
+                        "since 1.17 runs; 23 fuses attention into one Attention op, see docs/deployment.md)")
     o.add_argument("--fp16", action="store_true",
                    help="float16 weights and arithmetic through ONNX Runtime's converter (half the file; inputs "
-                        "and outputs stay uint8/float32); the check prints how far probabilities move")  # fmt: skip
+                        "and outputs stay uint8/float32); the check prints how far probabilities move")
     o.add_argument("--no-taps", action="store_true",
                    help="leave out the taps output (rine eval needs it; detect and serve do not)")
     o.add_argument("--check-images", action="append", default=[], metavar="PATH",
                    help=f"images (files, folders or globs; repeatable) whose crops the check scores, up to "
-                        f"{MAX_CHECK_IMAGES} (default: generated test patterns)")  # fmt: skip
+                        f"{MAX_CHECK_IMAGES} (default: generated test patterns)")
     o.add_argument("--overwrite", action="store_true", help="replace an export already in --out")
     p.set_defaults(func=run)
 
@@ -101,10 +101,10 @@ def run(args: argparse.Namespace) -> int:
         check_exportable(detector.model, opset=args.opset, precision=precision)
         views, source = _check_views(args.check_images, detector.config.preprocess) if args.check_images else (None, None)
         print(f"rine: exporting {detector.config.name or 'the model'} to {out} (opset {args.opset}, {precision}); "
-              "tracing takes a while", file=sys.stderr)  # fmt: skip
+              "tracing takes a while", file=sys.stderr)
         result = export_onnx(detector.model, detector.config, out, opset=args.opset, precision=precision,
                              taps=not args.no_taps, check_views=views, check_source=source,
-                             overwrite=args.overwrite)  # fmt: skip
+                             overwrite=args.overwrite)
     except CLIError as e:
         return fail(str(e))
     except ExportError as e:

@@ -24,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     from ..data.datasets import LAYOUTS
 
     p = sub.add_parser("extract", help="store backbone taps of a dataset (resumable)", description=__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", help="dataset root folder (or --hub for Parquet layouts)")
     p.add_argument("--layout", choices=LAYOUTS, default="progan", help="dataset layout (default progan)")
     p.add_argument("--split", default=None, help="train, val (progan), train/valid (ldm); default train")
@@ -32,12 +32,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backbone", required=True, metavar="SRC", help="CLIP backbone: name, hub id, folder or OpenAI file")
     p.add_argument("--revision", default=None, help="hub revision of --backbone")
     p.add_argument("--out", required=True, metavar="STORE",
-                   help="output store folder (created; an existing store of the same command is resumed)")  # fmt: skip
+                   help="output store folder (created; an existing store of the same command is resumed)")
     p.add_argument("--transform", choices=("train", "center", "ten"), default=None,
                    help="train: the reference's augmentation; center: CenterCrop 224; ten: TenCrop 224, ten "
                         "views per image scored as their mean logit (the reference's Synthbuster / "
                         "latent-diffusion protocol). Default: train for the train split of progan or ldm, "
-                        "center otherwise")  # fmt: skip
+                        "center otherwise")
     p.add_argument("--views", type=positive_int, default=1, help="augmented views per image (one per epoch; default 1)")
     p.add_argument("--seed", type=int, default=0, help="augmentation seed (default 0)")
     p.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="stored precision (default float16)")
@@ -46,9 +46,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=positive_int, default=None, help="decoding threads (default: cores, up to 8)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32",
-                   help="encoder precision (default fp32)")  # fmt: skip
+                   help="encoder precision (default fp32)")
     p.add_argument("--limit", type=positive_int, default=None,
-                   help="only the first N images, for smoke runs (default: all)")  # fmt: skip
+                   help="only the first N images, for smoke runs (default: all)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     from .hubdata import add_hub_options
 
@@ -127,11 +127,11 @@ def run(args: argparse.Namespace) -> int:
                         # only for Hub data: a store of folders keeps the meta.json it always had
                         **({"hub": args.hub, "hub_revision": args.hub_revision} if args.hub else {})},
             sources=None if sources is None else sources.iter_images,
-        )  # fmt: skip
+        )
     except StoreError as e:
         return fail(str(e))
     print(f"{args.out}: {len(store)} rows ({store.meta['n_items']} images x {store.n_views} views, "
-          f"{len(store.errors)} skipped)", file=sys.stderr)  # fmt: skip
+          f"{len(store.errors)} skipped)", file=sys.stderr)
     return 1 if store.errors else 0
 
 

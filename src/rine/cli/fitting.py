@@ -26,13 +26,13 @@ def add_fit_options(group: argparse._ArgumentGroup, band: bool = True) -> None:
     group.add_argument("--method", choices=METHODS, default=None,
                        help="a calibrated probability: temperature or platt (labelled real and fake images), "
                             "prior-shift (unlabelled images of the target domain). Default: keep the "
-                            "probability, only move the cut (--target-fpr or --objective)")  # fmt: skip
+                            "probability, only move the cut (--target-fpr or --objective)")
     group.add_argument("--target-fpr", type=_unit, default=None, metavar="F",
                        help="the cut that flags at most a fraction F of real images, with --confidence "
-                            "(reals only are enough; 0.05 needs >= 59 real images, 0.01 needs >= 299)")  # fmt: skip
+                            "(reals only are enough; 0.05 needs >= 59 real images, 0.01 needs >= 299)")
     group.add_argument("--objective", choices=OBJECTIVES, default=None,
                        help="the cut maximising balanced accuracy, F1 of the fake class or accuracy "
-                            "(labelled real and fake images)")  # fmt: skip
+                            "(labelled real and fake images)")
     group.add_argument("--fake-share", type=_unit, default=None, metavar="P",
                        help="prior-shift: the expected share of fakes among the images (default 0.5)")
     group.add_argument("--confidence", type=_unit, default=0.95,
@@ -41,7 +41,7 @@ def add_fit_options(group: argparse._ArgumentGroup, band: bool = True) -> None:
         group.add_argument("--uncertain-band", default=None, metavar="W|auto",
                            help="give the verdict `uncertain` to probabilities within W of the cut (e.g. 0.1), "
                                 "or `auto`: where the cut moves under the bootstrap (95 %%). Default: none "
-                                "(the paper's protocol)")  # fmt: skip
+                                "(the paper's protocol)")
 
 
 def fit_options_from_args(args: argparse.Namespace) -> dict:
@@ -51,7 +51,7 @@ def fit_options_from_args(args: argparse.Namespace) -> dict:
 
     if args.method is None and args.target_fpr is None and args.objective is None:
         raise CLIError("choose a fit: --target-fpr F, --objective balanced|f1|accuracy or --method "
-                       "temperature|platt|prior-shift (docs/calibration.md)")  # fmt: skip
+                       "temperature|platt|prior-shift (docs/calibration.md)")
     if args.target_fpr is not None and args.objective is not None:
         raise CLIError("give either --target-fpr or --objective, not both")
     try:
@@ -70,7 +70,7 @@ def fit_options_from_args(args: argparse.Namespace) -> dict:
         raise CLIError("--method prior-shift uses no labels, so it cuts at its own balance point: --objective needs "
                        "labels and --target-fpr known real images (give those with --reals, without prior-shift)")
     fit = {"method": args.method or "threshold", "target_fpr": args.target_fpr, "objective": args.objective,
-           "fake_share": args.fake_share, "confidence": args.confidence}  # fmt: skip
+           "fake_share": args.fake_share, "confidence": args.confidence}
     return {"fit": fit, "labelled": args.method != "prior-shift"}
 
 
@@ -110,7 +110,7 @@ def read_images_arg(source: str, option: str, reals_only: bool = False):
 
         if reals_only and _has_class_folders(path, FAKE_NAMES):
             raise LayoutError(f"{option} {source}: it holds real/fake class folders; use --suite folder --root "
-                              f"{source} for labelled images")  # fmt: skip
+                              f"{source} for labelled images")
         if not reals_only and _has_class_folders(path):
             for s in read_folder(path).sets:
                 items += s.items
@@ -127,5 +127,5 @@ def read_images_arg(source: str, option: str, reals_only: bool = False):
     n_fake = sum(1 for _, y in items if y == 1)
     if reals_only and n_fake:
         raise LayoutError(f"{option} {source}: the manifest lists {n_fake} fake images; --reals takes authentic "
-                          "images only (use --suite manifest --root FILE for labelled ones)")  # fmt: skip
+                          "images only (use --suite manifest --root FILE for labelled ones)")
     return TestSet(name, items, skipped=skipped)

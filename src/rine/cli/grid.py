@@ -21,18 +21,18 @@ from .train import add_train_options, number_list, train_config_from_args
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("grid", help="grid search of head hyper-parameters on stored taps", description=__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--features", required=True, metavar="STORE", help="training store")
     p.add_argument("--test-features", required=True, nargs="+", metavar="STORE", help="test stores (each may hold several sets)")
     p.add_argument("--val-features", metavar="STORE", help="validation store (best epoch per run; default: none)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created; must not be a file)")
     g = p.add_argument_group("grid (default: the paper's 48 runs)")
     g.add_argument("--factors", metavar="F,F", type=number_list(float, "--factors", "0.1,0.2", minimum=0),
-                   help="contrastive factors (default 0.1,0.2,0.4,0.8)")  # fmt: skip
+                   help="contrastive factors (default 0.1,0.2,0.4,0.8)")
     g.add_argument("--nproj", metavar="N,N", type=number_list(int, "--nproj", "1,2", minimum=1),
-                   help="projection depths (default 1,2,4)")  # fmt: skip
+                   help="projection depths (default 1,2,4)")
     g.add_argument("--proj-dims", metavar="D,D", type=number_list(int, "--proj-dims", "128,256", minimum=1),
-                   help="projection widths (default 128,256,512,1024)")  # fmt: skip
+                   help="projection widths (default 128,256,512,1024)")
     add_train_options(p)
     p.set_defaults(func=run)
 
@@ -64,14 +64,14 @@ def run(args: argparse.Namespace) -> int:
     for other in [*tests, *([val] if val else [])]:
         if (other.meta["backbone"], other.meta["revision"]) != ident:
             return fail(f"{other.root} was made with backbone {other.meta['backbone']!r}, "
-                        f"the training store with {ident[0]!r}")  # fmt: skip
+                        f"the training store with {ident[0]!r}")
     if not store.complete:
         return fail(f"{args.features} is incomplete: rerun its `rine extract` command to finish it")
     for other in [*tests, *([val] if val else [])]:
         if not is_test_transform(str(other.meta.get("transform", ""))):
             print(f"rine: warning: {other.root} was extracted with {other.meta.get('transform')!r}, not a "
                   "test transform: runs are ranked on augmented images (use --transform center or ten)",
-                  file=sys.stderr)  # fmt: skip
+                  file=sys.stderr)
     given = {"factor": args.factors, "nproj": args.nproj, "proj_dim": args.proj_dims}
     configs = grid_configs({k: PAPER_GRID[k] if v is None else v for k, v in given.items()}, base)
     from pathlib import Path
@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     write_table(runs, out)
     save_run(best, runs[0].config, out / "best", store.meta["backbone"], store.meta["revision"],
              name="rine-grid-best", meta={"features": str(Path(args.features).resolve()), "grid_rank": 1,
-                                          "mean_acc": runs[0].mean_acc, "mean_ap": runs[0].mean_ap})  # fmt: skip
+                                          "mean_acc": runs[0].mean_acc, "mean_ap": runs[0].mean_ap})
     print(f"{'rank':>4} {'factor':>6} {'nproj':>5} {'proj_dim':>8} {'mean_acc':>8} {'mean_ap':>8}", file=sys.stderr)
     for i, r in enumerate(runs[:10], 1):
         c = r.config

@@ -20,15 +20,15 @@ def add_hub_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--hub", metavar="OWNER/NAME", help="Hub dataset id, e.g. nebula/OpenSDI_test (instead of --root)")
     g.add_argument("--hub-revision", metavar="REV", help="revision of --hub (commit, tag or branch; default main)")
     g.add_argument("--splits", metavar="A,B", help="only these splits (default: all; --sets picks splits when "
-                   "there is no --set-column)")  # fmt: skip
+                   "there is no --set-column)")
     g.add_argument("--image-column", metavar="COL", help="image column: a datasets Image struct {bytes, path} or "
-                   "bytes (default: image, image_data, img, ...)")  # fmt: skip
+                   "bytes (default: image, image_data, img, ...)")
     g.add_argument("--label-column", metavar="COL", default="label", help="label column (default label)")
     g.add_argument("--label-map", metavar="V=0,W=1", help="map label values to 0 real / 1 fake "
-                   "(default: 0/1, real/fake)")  # fmt: skip
+                   "(default: 0/1, real/fake)")
     g.add_argument("--set-column", metavar="COL", help="one test set per value of this column (commfor: model_name)")
     g.add_argument("--key-column", metavar="COL", help="the dataset's own row id, copied into predictions as "
-                   "row_key (default: key or id when present)")  # fmt: skip
+                   "row_key (default: key or id when present)")
 
 
 def _csv(text: str | None) -> list[str] | None:
@@ -53,7 +53,7 @@ def read_sets(args: argparse.Namespace, suite: str, options: dict):
     from ..data.parquet import ParquetColumns, parse_label_map
 
     options["columns"] = ParquetColumns(image=args.image_column, label=args.label_column, set=args.set_column,
-                                        key=args.key_column, label_map=parse_label_map(args.label_map))  # fmt: skip
+                                        key=args.key_column, label_map=parse_label_map(args.label_map))
     splits = _csv(args.splits)
     if splits:
         options["splits"] = splits

@@ -35,23 +35,23 @@ FORMATS = ("table", "json", "jsonl", "csv")
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("provenance", help="what image files declare about their origin (C2PA, XMP, "
                        "generator metadata, watermarks); no model needed", description=__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", metavar="PATH",
-                   help="image files, folders (recursive, as `rine detect`) or globs")  # fmt: skip
+                   help="image files, folders (recursive, as `rine detect`) or globs")
     add_trust_option(p)
     p.add_argument("--format", choices=FORMATS, default=None,
-                   help="default: from the --output file's name (.csv, .json; else jsonl), or a table on a terminal, jsonl otherwise")  # fmt: skip
+                   help="default: from the --output file's name (.csv, .json; else jsonl), or a table on a terminal, jsonl otherwise")
     p.add_argument("--output", "-o", metavar="FILE", help="write the records here instead of standard output")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (shown on a terminal when writing to --output)")
     p.add_argument("--max-bytes", type=byte_size, default=DEFAULT_MAX_BYTES, metavar="SIZE",
-                   help=f"skip files larger than this (default {DEFAULT_MAX_BYTES // 2**20}M)")  # fmt: skip
+                   help=f"skip files larger than this (default {DEFAULT_MAX_BYTES // 2**20}M)")
     p.set_defaults(func=run)
 
 
 def add_trust_option(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     p.add_argument("--trust-anchors", metavar="PEM", default=None,
                    help=f"PEM file of root certificates whose C2PA signatures you trust (default: ${TRUST_ENV}; "
-                   "without anchors no manifest is `verified`). The C2PA and CAI trust lists: docs/provenance.md")  # fmt: skip
+                   "without anchors no manifest is `verified`). The C2PA and CAI trust lists: docs/provenance.md")
 
 
 def resolve_trust(args: argparse.Namespace) -> TrustConfig:
@@ -151,7 +151,7 @@ def _table_row(record: dict) -> str:
     lines = [f"{head}", f"  declares: {declared}" + (" (verified)" if p.verified else ""), f"  {p.reason}"]
     for s in p.signals:
         what = s.error and f"error: {s.error}" or " ".join(x for x in (s.source_type, s.generator and f"[{s.generator}]",
-                                                                       s.value and repr(s.value[:100])) if x)  # fmt: skip
+                                                                       s.value and repr(s.value[:100])) if x)
         lines.append(f"    {s.kind:<9} {s.where}: {what}")
     lines += [f"  missing reader: {m}" for m in p.missing]
     return "\n".join(lines) + "\n"

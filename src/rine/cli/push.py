@@ -28,7 +28,7 @@ from .common import fail
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("push", help="upload a checkpoint folder to the Hugging Face Hub with a model card",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("folder", metavar="DIR", help="checkpoint folder (config.json + model.safetensors)")
     p.add_argument("repo_id", metavar="REPO_ID", help="Hub model repo, user/name (created if absent)")
     p.add_argument("--eval", metavar="DIR", help="a `rine eval --out` folder whose table goes into the card")
@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         return fail(str(e))
     if is_local_backbone(config):
         print(f"rine: warning: the backbone is recorded as a local path ({config.backbone}); users of "
-              f"{args.repo_id} will need --backbone", file=sys.stderr)  # fmt: skip
+              f"{args.repo_id} will need --backbone", file=sys.stderr)
     if args.dry_run:
         (folder / "README.md").write_text(card, encoding="utf-8")
         print(f"rine: card written to {folder / 'README.md'} (dry run, nothing uploaded)", file=sys.stderr)
@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             url = api.create_repo(args.repo_id, repo_type="model", private=args.private, exist_ok=True)
             info = api.upload_folder(repo_id=args.repo_id, folder_path=stage, repo_type="model",
-                                     revision=args.revision, commit_message=args.message or "Upload RINE checkpoint")  # fmt: skip
+                                     revision=args.revision, commit_message=args.message or "Upload RINE checkpoint")
         except (HfHubHTTPError, OSError, ValueError) as e:
             return fail(f"upload to {args.repo_id} failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
     print(f"rine: pushed {folder} to {url} (commit {getattr(info, 'oid', '?')})", file=sys.stderr)

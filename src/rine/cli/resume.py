@@ -21,7 +21,7 @@ CSV_FIELDS = ("path", "prob_fake", "logit", "is_fake", "error")
 CSV_FIELDS_DECIDED = (*CSV_FIELDS, "threshold", "verdict")
 # --stability: also the spread, the flips, the reason and each re-encoding's probability
 CSV_FIELDS_STABILITY = (*CSV_FIELDS_DECIDED, "stability_spread", "stability_flips", "stability_reason",
-                        *(f"stability_{c}" for c in DEFAULT_CONDITIONS))  # fmt: skip
+                        *(f"stability_{c}" for c in DEFAULT_CONDITIONS))
 # the error's stable token (rine.data.decoding.error_kind), beside the error text; files
 # written before it existed lack it, and a --resume run goes on in the file's own columns
 KIND = "error_kind"
@@ -50,7 +50,7 @@ def resumed_fields(fields: tuple[str, ...], earlier_columns: tuple[str, ...] | N
 def known_headers() -> list[tuple[str, ...]]:
     """Every header rine detect writes, for recognising a csv (or a cut first line)."""
     return [csv_fields(d, s, p, k) for d in (False, True) for s in (False, True) for p in (False, True)
-            for k in (False, True)]  # fmt: skip
+            for k in (False, True)]
 
 
 def is_cut_record(tail: bytes, fmt: str, first_line: bool) -> bool:
@@ -128,7 +128,7 @@ def read_earlier(output: Path, fmt: str) -> Earlier:
             for row in rows:
                 if len(row) != len(header or CSV_FIELDS):
                     raise CLIError(f"--resume: {output}, line {rows.line_num}, is not a rine detect record: "
-                                   f"fix or remove it{redo}")  # fmt: skip
+                                   f"fix or remove it{redo}")
                 done[row[0]] = bool(row[CSV_FIELDS.index("error")])
         except csv.Error as e:
             raise CLIError(f"--resume: {output} cannot be read as csv ({e}){redo}") from None
@@ -228,9 +228,9 @@ def plan_resume(output: Path, fmt: str, paths: list[str], unreadable: list[tuple
     if recorded and n_todo == n_inputs:
         print(f"rine: warning: {output} holds {len(recorded)} records, but none for these inputs. "
               "Relative paths are matched from the current folder: if the first run was started in "
-              "another folder, run this one there", file=sys.stderr)  # fmt: skip
+              "another folder, run this one there", file=sys.stderr)
     errors = (f" ({plan.failed_before} of them errors, not retried: remove their lines to retry them)"
-              if plan.failed_before else "")  # fmt: skip
+              if plan.failed_before else "")
     print(f"rine: resuming {output}: {n_inputs - n_todo} of {n_inputs} inputs already have "
-          f"a record{errors}; scoring {n_todo}", file=sys.stderr)  # fmt: skip
+          f"a record{errors}; scoring {n_todo}", file=sys.stderr)
     return plan

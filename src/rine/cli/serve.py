@@ -55,7 +55,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="a host name clients may use in their requests (repeatable), e.g. the public name "
                         "a reverse proxy forwards in Host. Default: any, except that a loopback server "
                         "without an API key answers only to localhost and IP addresses (against DNS "
-                        "rebinding). A port or scheme given here is ignored")  # fmt: skip
+                        "rebinding). A port or scheme given here is ignored")
     n.add_argument("--no-access-log", action="store_true",
                    help="do not log each request (by default one line each on stderr: client address, method, "
                         "path, status, number of images, time; never headers, file names or image content)")
@@ -85,7 +85,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="let the page score images in the browser, with nothing uploaded: it downloads the "
                         "ONNX export given as --model DIR (at most 400 MB: ViT-B/32 and smaller) and "
                         "onnxruntime-web from this server; the page can still send images to the server "
-                        "when the user chooses (docs/deployment.md)")  # fmt: skip
+                        "when the user chooses (docs/deployment.md)")
     lim = p.add_argument_group("limits")
     lim.add_argument("--max-file-mb", type=float, default=20, help="largest image accepted, MB (default 20)")
     lim.add_argument("--max-request-mb", type=float, default=64, help="largest request body, MB (default 64)")
@@ -270,7 +270,7 @@ def run(args: argparse.Namespace) -> int:
         return fail(f"--host {args.host!r}: not an address of this machine ({e.strerror or e})")
     except OSError as e:
         return fail(f"cannot listen on {args.host} port {args.port}: {e.strerror or e}; pick another --port "
-                    "(0: any free one) or stop what uses it")  # fmt: skip
+                    "(0: any free one) or stop what uses it")
     port = sockets[0].getsockname()[1]
     shown = _url_host(args.host or "0.0.0.0")
     print(f"rine: serving on http://{shown}:{port} (model loading in the background)", flush=True)
@@ -301,7 +301,7 @@ def _client_side(args: argparse.Namespace):
 
     if resolve_backend(args) != "onnxruntime":
         raise CLIError("--client-side needs an ONNX export as --model DIR (the browser runs model.onnx): make "
-                       "one with `rine export --format onnx --model NAME --out DIR`")  # fmt: skip
+                       "one with `rine export --format onnx --model NAME --out DIR`")
     try:
         # A calibration in config.json is applied by the page as by the server (client_info).
         config = RINEConfig.load(f"{args.model}/{CONFIG_NAME}")

@@ -59,7 +59,7 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     h.add_argument("--batch-size", type=positive_int, default=128, help="batch size (default 128)")
     h.add_argument("--lr-milestones", default="6,11", metavar="E,E",
                    type=number_list(int, "--lr-milestones", "6,11", minimum=1, allow_empty=True),
-                   help="1-based epochs where lr is divided by 10 (default 6,11; '' for none)")  # fmt: skip
+                   help="1-based epochs where lr is divided by 10 (default 6,11; '' for none)")
     h.add_argument("--seed", type=int, default=0, help="seed of head init, dropout and batch order (default 0)")
     h.add_argument("--fraction", type=float, default=1.0, help="share of the training images used (default 1)")
     a = p.add_argument_group("ablations")
@@ -79,14 +79,14 @@ def train_config_from_args(args: argparse.Namespace, **overrides):
             raise ValueError(f"--lr-milestones: {e}") from None
     kw = dict(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, lr_milestones=milestones,
               seed=args.seed, fraction=args.fraction, contrastive=not args.no_contrastive,
-              use_tie=not args.no_tie, blocks="last" if args.last_block else "all")  # fmt: skip
+              use_tie=not args.no_tie, blocks="last" if args.last_block else "all")
     kw.update(overrides)
     return TrainConfig(**kw)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a RINE head (from a feature store or from images)", description=__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     s = p.add_argument_group("data")
     s.add_argument("--features", metavar="STORE", help="training store made by `rine extract`")
     s.add_argument("--val-features", metavar="STORE", help="validation store (center transform); best epoch kept")
@@ -96,7 +96,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--backbone", metavar="SRC", help="backbone for --root")
     s.add_argument("--revision", help="hub revision of --backbone")
     p.add_argument("--out", required=True, metavar="CKPT_DIR",
-                   help="output checkpoint folder (created; must not be a file)")  # fmt: skip
+                   help="output checkpoint folder (created; must not be a file)")
     p.add_argument("--name", default=None, help="model name recorded in config.json (default: none)")
     m = p.add_argument_group("model")
     m.add_argument("--nproj", type=positive_int, default=4, help="projection layers (default 4)")
@@ -138,11 +138,11 @@ def run(args: argparse.Namespace) -> int:
                 return fail(f"{args.features} is incomplete: rerun its `rine extract` command to finish it")
             if store.n_views < cfg.epochs:
                 print(f"rine: note: {store.n_views} stored views for {cfg.epochs} epochs: views are reused "
-                      "(epoch e uses view e mod K)", file=sys.stderr)  # fmt: skip
+                      "(epoch e uses view e mod K)", file=sys.stderr)
             source = StoreTaps(store)
             backbone, revision = store.meta["backbone"], store.meta["revision"]
             meta = {"features": str(Path(args.features).resolve()), "store_transform": store.meta["transform"],
-                    "store_seed": store.meta["seed"], "store_items_sha1": store.meta["items_sha1"]}  # fmt: skip
+                    "store_seed": store.meta["seed"], "store_items_sha1": store.meta["items_sha1"]}
         else:
             from ..data.augment import TrainAugment
             from ..data.datasets import layout_items
@@ -158,13 +158,13 @@ def run(args: argparse.Namespace) -> int:
             meta = {"root": str(args.root), "layout": args.layout, "classes": classes}
         if val is not None and (val.meta["backbone"], val.meta["revision"]) != (backbone, revision):
             return fail(f"--val-features was made with backbone {val.meta['backbone']!r}, "
-                        f"the training data with {backbone!r}")  # fmt: skip
+                        f"the training data with {backbone!r}")
     except (StoreError, FileNotFoundError, ValueError, OSError) as e:
         return fail(str(e))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result = train_head(source, cfg, val=val, log_path=out / "train_log.jsonl",
-                        progress=not args.no_progress and sys.stderr.isatty(), device=device)  # fmt: skip
+                        progress=not args.no_progress and sys.stderr.isatty(), device=device)
     save_run(result, cfg, out, backbone, revision, name=args.name, meta=meta, plot=not args.no_plot)
     last = result.history[-1]
     summary = ", ".join(f"{k}={last[k]:.4f}" for k in ("loss", "val_acc", "val_ap") if k in last)

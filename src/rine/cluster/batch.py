@@ -82,13 +82,13 @@ def _connect(cfg: BatchConfig, cpus_wanted: int) -> bool:
             # Logical CPUs: the scoring actor's threads plus at least two decoding tasks, even on a
             # two-core machine (a pool that holds every CPU starves decoding: the job would hang).
             ray.init(num_cpus=max(os.cpu_count() or 1, cpus_wanted), include_dashboard=False, log_to_driver=False,
-                     _temp_dir=os.path.abspath(cfg.temp_dir) if cfg.temp_dir else None, logging_level=level)  # fmt: skip
+                     _temp_dir=os.path.abspath(cfg.temp_dir) if cfg.temp_dir else None, logging_level=level)
         else:
             ray.init(address=cfg.address, log_to_driver=False, logging_level=level)
     except (ConnectionError, RuntimeError, ValueError) as e:
         where = "start a local Ray" if cfg.address in (None, "", "local") else f"connect to the Ray cluster at {cfg.address}"
         raise BatchError(f"cannot {where}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__} "
-                         "(start one with `ray start --head`, or use --address local)") from None  # fmt: skip
+                         "(start one with `ray start --head`, or use --address local)") from None
     return True
 
 
@@ -100,7 +100,7 @@ def check_address(address: str | None) -> None:
     if address and address.startswith("ray://"):
         raise BatchOptionError("{address}: Ray Data does not run through Ray Client (ray://); run rine batch on a node "
                                "of the cluster with {address=auto}, or submit it as a Ray job: ray job submit "
-                               "--address http://HEAD:8265 -- rine batch ... --address auto", address=address)  # fmt: skip
+                               "--address http://HEAD:8265 -- rine batch ... --address auto", address=address)
 
 
 def run_batch(cfg: BatchConfig) -> BatchResult:
@@ -128,7 +128,7 @@ def run_batch(cfg: BatchConfig) -> BatchResult:
         done = set(writer.done)
         commit = store_committer(writer, views, row_shape, cfg.dtype)
         spec = DecodeSpec("taps", transform=cfg.transform, seed=cfg.seed, size=size, views=views,
-                          decode=decode_options(cfg), preload=("__main__", "rine.cluster.tasks", "rine.data.augment"))  # fmt: skip
+                          decode=decode_options(cfg), preload=("__main__", "rine.cluster.tasks", "rine.data.augment"))
         actor_cls = resolve("rine.cluster.tasks:TapEncoder")
     else:
         model, config = describe_model(cfg)
@@ -139,7 +139,7 @@ def run_batch(cfg: BatchConfig) -> BatchResult:
         trust = resolve_trust(cfg)
         commit = part_committer(out, score_schema(inputs, cfg.stability, trust is not None))
         spec = DecodeSpec("score", preprocess=config.preprocess, decode_fn=cfg.decode_fn, decode=decode_options(cfg),
-                          trust=trust)  # fmt: skip
+                          trust=trust)
         if trust is not None:
             spec.preload = (*spec.preload, "rine.provenance.reader")
         if cfg.stability:  # each image decoded once in full, re-encoded in the decoding task
@@ -151,7 +151,7 @@ def run_batch(cfg: BatchConfig) -> BatchResult:
     ident = identity(cfg, inputs, shard_size, model, trust)
     manifest = open_job(out, ident)
     manifest.update(config=asdict(cfg), model=model, model_config=config_dict, shard_size=shard_size,
-                    n_shards=n_shards, status="running")  # fmt: skip
+                    n_shards=n_shards, status="running")
     atomic_write_json(out / MANIFEST_NAME, manifest)
 
     todo_shards = [k for k in range(n_shards) if k not in done]
@@ -161,11 +161,11 @@ def run_batch(cfg: BatchConfig) -> BatchResult:
     started = time.monotonic()
     if todo_shards:
         result.written, result.error = _execute(cfg, inputs, todo_shards, shard_size, done, commit, spec,
-                                                actor_cls, actor_kwargs)  # fmt: skip
+                                                actor_cls, actor_kwargs)
     result.seconds = time.monotonic() - started
     result.reconciliation = reconcile_store(out, inputs) if cfg.taps else reconcile_parts(out, inputs)
     run = {"finished": datetime.now(timezone.utc).isoformat(timespec="seconds"), "written": result.written,
-           "seconds": round(result.seconds, 3), "images_per_s": round(result.images_per_s, 2), "error": result.error}  # fmt: skip
+           "seconds": round(result.seconds, 3), "images_per_s": round(result.images_per_s, 2), "error": result.error}
     manifest["runs"].append(run)
     manifest["counts"] = result.reconciliation.to_dict()
     manifest["status"] = "complete" if result.reconciliation.complete else "incomplete"
@@ -193,7 +193,7 @@ def _execute(cfg, inputs, todo_shards, shard_size, done, commit, spec, actor_cls
         plan.decode_tasks = cfg.decode_tasks or (local_decode_tasks(plan, cores) if started_here else None)
         if cfg.taps:
             actor_kwargs = {**actor_kwargs, "device": plan.device if cfg.device == "auto" else cfg.device,
-                            "threads": plan.threads}  # fmt: skip
+                            "threads": plan.threads}
         else:
             model = {**actor_kwargs["model"], "device": plan.device if cfg.device == "auto" else cfg.device}
             actor_kwargs = {"model": model, "threads": plan.threads}
@@ -215,12 +215,12 @@ def _execute(cfg, inputs, todo_shards, shard_size, done, commit, spec, actor_cls
         logger.info("plan: %s actor(s) x %g CPU %g GPU, decoding tasks %g CPU (at most %s at once), buffer %d MB; "
                     "%d inputs to do", plan.actors, plan.actor_cpus, plan.actor_gpus, plan.decode_cpus,
                     plan.decode_tasks or "any number", budget // 2**20,
-                    todo.num_rows)  # fmt: skip
+                    todo.num_rows)
         if cfg.progress:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(inputs), initial=len(inputs) - todo.num_rows, unit="img", desc="rine batch",
-                       dynamic_ncols=True)  # fmt: skip
+                       dynamic_ncols=True)
         # a lost node that leaves the plan unschedulable stops the job now, not after --stall-timeout
         watch = ClusterWatch(PlanNeed.of(plan))
         for batch in watched(ds.iter_batches(batch_format="pyarrow", batch_size=None), watch.check, WATCH_EVERY_S):

@@ -111,7 +111,7 @@ def decode_options(cfg: BatchConfig) -> DecodeOptions:
     """How a decoding task decodes: the job's limits and timeout, in one worker process
     (crash-isolated: a file that kills or hangs it costs its own record only)."""
     return DecodeOptions(max_pixels=cfg.max_pixels, max_bytes=cfg.max_bytes, workers=1, decoder="processes",
-                         timeout=cfg.decode_timeout)  # fmt: skip
+                         timeout=cfg.decode_timeout)
 
 
 def describe_model(cfg: BatchConfig) -> tuple[dict[str, Any], RINEConfig]:
@@ -121,7 +121,7 @@ def describe_model(cfg: BatchConfig) -> tuple[dict[str, Any], RINEConfig]:
     from ..inference.loading import ModelOptions, model_config
 
     options = ModelOptions(model=cfg.model, backbone=cfg.backbone, revision=cfg.revision, head=cfg.head,
-                           crop=cfg.crop, device=cfg.device, precision=cfg.precision, backend="torch").absolute()  # fmt: skip
+                           crop=cfg.crop, device=cfg.device, precision=cfg.precision, backend="torch").absolute()
     spec = {k: getattr(options, k) for k in MODEL_KEYS}
     try:
         config = model_config(options)
@@ -133,12 +133,12 @@ def describe_model(cfg: BatchConfig) -> tuple[dict[str, Any], RINEConfig]:
 
 
 def identity(cfg: BatchConfig, inputs: InputList, shard_size: int, model: dict,
-             trust: TrustConfig | None = None) -> dict[str, Any]:  # fmt: skip
+             trust: TrustConfig | None = None) -> dict[str, Any]:
     """What must not change between the runs of one job (a rerun with other settings would mix
     records). `trust`: the provenance trust anchors (None: provenance off)."""
     keys = ("taps", "max_pixels", "max_bytes") + (("transform", "views", "seed", "dtype") if cfg.taps else ())
     ident = {"format": FORMAT, "inputs_sha1": inputs.sha1(), "n_inputs": len(inputs), "shard_size": shard_size,
-             **{k: getattr(cfg, k) for k in keys}}  # fmt: skip
+             **{k: getattr(cfg, k) for k in keys}}
     ident["model"] = {k: v for k, v in model.items() if k != "device"}
     if cfg.stability:  # only then: the identity of the jobs started before the option is unchanged
         ident["stability"] = True
@@ -174,7 +174,7 @@ def open_job(out: Path, identity: dict) -> dict:
         if diffs:
             what = ", ".join("the input list" if k in ("inputs_sha1", "n_inputs") else k for k in diffs)
             raise BatchOptionError(f"{literal(out)} holds a job with other settings ({what} differ); rerun it with its "
-                                   "own command to finish it, or give another {out}")  # fmt: skip
+                                   "own command to finish it, or give another {out}")
         return manifest
     if out.is_dir() and any(committed_parts(out)):
         raise BatchOptionError(f"{literal(out)} holds part files but no {MANIFEST_NAME}; give another {{out}}")
@@ -219,14 +219,14 @@ def score_schema(inputs: InputList, stability: bool = False, provenance: bool = 
     from ..provenance.types import CSV_FIELDS
 
     fields = [("path", pa.string()), ("prob_fake", pa.float64()), ("logit", pa.float64()), ("is_fake", pa.bool_()),
-              ("error", pa.string()), ("error_kind", pa.string())]  # fmt: skip
+              ("error", pa.string()), ("error_kind", pa.string())]
     if stability:
         text, count = ("verdict", "stability_reason"), ("stability_flips",)
         fields += [(c, pa.string() if c in text else pa.int64() if c in count else pa.float64())
-                   for c in stability_columns()]  # fmt: skip
+                   for c in stability_columns()]
     if provenance:
         fields += [("provenance", pa.string()),
-                   *((c, pa.bool_() if c == "provenance_verified" else pa.string()) for c in CSV_FIELDS)]  # fmt: skip
+                   *((c, pa.bool_() if c == "provenance_verified" else pa.string()) for c in CSV_FIELDS)]
     if inputs.has_label:
         fields.append(("label", pa.int64()))
     if inputs.has_set:
@@ -240,7 +240,7 @@ def stability_columns() -> tuple[str, ...]:
     from ..data.reencode import DEFAULT_CONDITIONS
 
     return ("threshold", "verdict", "stability_spread", "stability_flips", "stability_reason",
-            *(f"stability_{c}" for c in DEFAULT_CONDITIONS))  # fmt: skip
+            *(f"stability_{c}" for c in DEFAULT_CONDITIONS))
 
 
 def part_committer(out: Path, schema):
@@ -287,7 +287,7 @@ def taps_setup(cfg: BatchConfig, inputs: InputList, shard_size: int):
     labels = inputs.table.column("label").to_pylist()
     if not inputs.has_label or any(lab is None for lab in labels):
         raise BatchOptionError("{taps} needs a label for every input: give a manifest (.csv/.jsonl/.parquet) with "
-                         "`path` and `label` (0 real, 1 fake) columns")  # fmt: skip
+                         "`path` and `label` (0 real, 1 fake) columns")
     if cfg.transform != "train" and cfg.views != 1:
         raise BatchOptionError("{views} > 1 only makes sense with {transform=train} (ten always stores its ten crops)")
     source = absolute_path(cfg.backbone)
@@ -302,14 +302,14 @@ def taps_setup(cfg: BatchConfig, inputs: InputList, shard_size: int):
     sets = inputs.table.column("set").to_pylist()
     items = [Item(p, int(lab), s or "") for p, lab, s in zip(inputs.table.column("path").to_pylist(), labels, sets, strict=True)]
     meta = {"backbone": source, "revision": cfg.revision, "blocks": bb.n_blocks, "width": bb.width,
-            "image_size": bb.image_size}  # fmt: skip
+            "image_size": bb.image_size}
     precision = cfg.precision if cfg.precision in ("fp32", "fp16", "bf16") else "fp32"
     try:
         writer = StoreWriter(cfg.out, meta, items, transform_id, views, cfg.seed, cfg.dtype, shard_size,
-                             extra_meta={"layout": "manifest", "inputs": list(cfg.inputs), "precision": precision})  # fmt: skip
+                             extra_meta={"layout": "manifest", "inputs": list(cfg.inputs), "precision": precision})
     except StoreError as e:
         raise BatchError(str(e)) from None
     actor_kwargs = {"backbone": source, "revision": cfg.revision, "device": cfg.device, "precision": precision,
-                    "dtype": cfg.dtype, "batch_size": cfg.batch_size or 32}  # fmt: skip
+                    "dtype": cfg.dtype, "batch_size": cfg.batch_size or 32}
     del bb
     return writer, views, int(meta["image_size"]), actor_kwargs, (int(meta["blocks"]), int(meta["width"]))

@@ -34,7 +34,7 @@ SCHEMA = pa.schema([
     ("label", pa.int64()),
     ("set", pa.string()),
     ("preset_error", pa.string()),
-])  # fmt: skip
+])
 
 
 class ManifestError(ValueError):
@@ -124,7 +124,7 @@ def _manifest_rows(path: str) -> tuple[list[str], list[str], list, list, bool, b
     table = _read_manifest(path)
     if "path" not in table.column_names:
         raise ManifestError(f"manifest {path} has no `path` column (its columns: {', '.join(table.column_names)}); "
-                            "name the column of image paths `path`")  # fmt: skip
+                            "name the column of image paths `path`")
     paths = [str(p) if p is not None else "" for p in table.column("path").to_pylist()]
     if any(not p for p in paths):
         row = paths.index("")
@@ -202,5 +202,5 @@ def list_inputs(inputs: list[str]) -> InputList:
          pa.array([os.fsencode(s) for s in sources], pa.binary()),
          pa.array(labels, pa.int64()), pa.array(sets, pa.string()), pa.array(errors, pa.string())],
         schema=SCHEMA,
-    )  # fmt: skip
+    )
     return InputList(table, has_label, has_set)

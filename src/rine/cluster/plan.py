@@ -50,10 +50,10 @@ def check_fits(plan: ResourcePlan, cluster_cpus: float, cluster_gpus: float) -> 
     """BatchError for a plan the cluster cannot run: Ray would wait for the resources forever."""
     if plan.use_gpu and plan.actors * plan.actor_gpus > cluster_gpus:
         raise BatchOptionError(f"{plan.actors} GPU actor(s) need {plan.actors * plan.actor_gpus:g} GPUs, the cluster "
-                               f"has {cluster_gpus:g}: lower {{num_gpus}}/{{actors}}, or use {{device=cpu}}")  # fmt: skip
+                               f"has {cluster_gpus:g}: lower {{num_gpus}}/{{actors}}, or use {{device=cpu}}")
     if plan.actors * plan.actor_cpus + plan.decode_cpus > cluster_cpus:
         raise BatchOptionError(f"the scoring actors take {plan.actors * plan.actor_cpus:g} of the cluster's "
-                               f"{cluster_cpus:g} CPUs and leave none for decoding: lower {{actors}} or {{actor_cpus}}")  # fmt: skip
+                               f"{cluster_cpus:g} CPUs and leave none for decoding: lower {{actors}} or {{actor_cpus}}")
 
 
 MIN_BUFFER_BYTES = 128 * 2**20
@@ -93,12 +93,12 @@ def build_dataset(todo, spec: DecodeSpec, plan: ResourcePlan, actor_cls, actor_k
     blocks = [todo.slice(i, decode_batch) for i in range(0, todo.num_rows, decode_batch)]
     ds = ray.data.from_arrow(blocks)
     ds = ds.map_batches(decode_block, fn_kwargs={"spec": spec}, batch_size=None, batch_format="pyarrow",
-                        num_cpus=plan.decode_cpus, compute=TaskPoolStrategy(size=plan.decode_tasks))  # fmt: skip
+                        num_cpus=plan.decode_cpus, compute=TaskPoolStrategy(size=plan.decode_tasks))
     return ds.map_batches(
         actor_cls, fn_constructor_kwargs=actor_kwargs, compute=ActorPoolStrategy(size=plan.actors),
         batch_size=plan.batch_size, batch_format="pyarrow", num_cpus=plan.actor_cpus,
         num_gpus=plan.actor_gpus or None,
-    )  # fmt: skip
+    )
 
 
 def optimized_plan(ds) -> str:

@@ -63,7 +63,7 @@ class Reconciliation:
     def to_dict(self) -> dict:
         return {"inputs": self.n_inputs, "records": self.rows, "scored": self.scored, "errors": self.errors,
                 "missing": len(self.missing), "duplicates": len(self.duplicates), "mismatched": len(self.mismatched),
-                "complete": self.complete}  # fmt: skip
+                "complete": self.complete}
 
 
 def _check(inputs: InputList, seen: Counter, paths: dict[int, str], errors: int) -> Reconciliation:

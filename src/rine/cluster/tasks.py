@@ -78,17 +78,17 @@ def score_views_of(source: str, decode_fn: str, preprocess, max_pixels: int | No
 
 
 def stability_views_of(source: str, preprocess, conditions: tuple[str, ...], max_pixels: int | None,
-                       max_bytes: int | None):  # fmt: skip
+                       max_bytes: int | None):
     """In a decoding worker process, with --stability: one file -> `data.reencode.StabilityViews`
     (its views and its re-encoded copies', as `rine detect --stability` cuts them)."""
     from ..data.reencode import resolve_conditions, stability_views
 
     return stability_views(read_source(source, max_bytes), preprocess, resolve_conditions(conditions), max_pixels,
-                           max_bytes)  # fmt: skip
+                           max_bytes)
 
 
 def tap_views_of(source: str, item: int, transform: str, seed: int, size: int, views: int,
-                 max_pixels: int | None, max_bytes: int | None) -> np.ndarray | tuple[str, str]:  # fmt: skip
+                 max_pixels: int | None, max_bytes: int | None) -> np.ndarray | tuple[str, str]:
     """In a decoding worker process: one file -> uint8 views [views, S, S, 3] as `rine extract`
     cuts them (view v of item i depends only on seed, i, v), or (the reason it is unusable, in
     `rine extract`'s words (a store lists its skipped inputs), its `error_kind`)."""
@@ -98,7 +98,7 @@ def tap_views_of(source: str, item: int, transform: str, seed: int, size: int, v
 
     try:
         return cut_views(read_source(source, max_bytes), views_for(transform, seed, size)[0], item, views,
-                         max_pixels, max_bytes)  # fmt: skip
+                         max_pixels, max_bytes)
     except (ImageLoadError, ValueError, OSError) as e:
         return str(e) or type(e).__name__, error_kind(e)
 
@@ -182,15 +182,15 @@ def decode_block(batch: pa.Table, spec: DecodeSpec) -> pa.Table:
     if spec.mode == "score" and spec.stability:
         fn = stability_views_of
         jobs = ((i, (source_path(rows["source"][i]), spec.preprocess, spec.stability, spec.decode.max_pixels,
-                     spec.decode.max_bytes)) for i in range(n) if errors[i] is None)  # fmt: skip
+                     spec.decode.max_bytes)) for i in range(n) if errors[i] is None)
     elif spec.mode == "score":
         fn: Callable[..., Any] = score_views_of
         jobs = ((i, (source_path(rows["source"][i]), spec.decode_fn, spec.preprocess, spec.decode.max_pixels, spec.decode.max_bytes))
-                for i in range(n) if errors[i] is None)  # fmt: skip
+                for i in range(n) if errors[i] is None)
     else:
         fn = tap_views_of
         jobs = ((i, (source_path(rows["source"][i]), rows["item"][i], spec.transform, spec.seed, spec.size, spec.views,
-                     spec.decode.max_pixels, spec.decode.max_bytes)) for i in range(n) if errors[i] is None)  # fmt: skip
+                     spec.decode.max_pixels, spec.decode.max_bytes)) for i in range(n) if errors[i] is None)
     provenance: list[str | None] = [None] * n
     if spec.mode == "score" and spec.trust is not None:
         inner = fn
@@ -198,7 +198,7 @@ def decode_block(batch: pa.Table, spec: DecodeSpec) -> pa.Table:
         jobs = ((i, (inner, args, spec.trust)) for i, args in jobs)
     kind, workers = spec.decode.decoder, spec.decode.workers or 1
     decoded = ordered_map(fn, jobs, kind=kind, workers=workers, max_in_flight=2 * workers, preload=spec.preload,
-                          timeout=spec.decode.timeout)  # fmt: skip
+                          timeout=spec.decode.timeout)
     try:
         for i, result, error in decoded:
             if spec.trust is not None and error is None:
@@ -257,7 +257,7 @@ class Scorer:
         _set_threads(threads)
         # the driver's options (job.describe_model): the loader `rine detect` uses, so the same model
         self.detector = load_detector(ModelOptions(**model, backend="torch"), keep_reference=False,  # scoring only: half the memory
-                                      progress=False)  # fmt: skip
+                                      progress=False)
         self.size = self.detector.config.preprocess.image_size
         logger.info("scoring actor %d ready on %s (%s)", os.getpid(), self.detector.device, self.detector.precision)
 
@@ -271,7 +271,7 @@ class Scorer:
 
             applied, skipped = batch.column("applied").to_pylist(), batch.column("skipped").to_pylist()
             arrays = [StabilityViews(a, tuple(filter(None, applied[i].split(","))), json.loads(skipped[i]))
-                      for i, a in zip(good, arrays, strict=True)]  # fmt: skip
+                      for i, a in zip(good, arrays, strict=True)]
         preds = self.detector.predict_views([paths[i] for i in good], arrays)
         prob: list[float | None] = [None] * n
         logit: list[float | None] = [None] * n
@@ -281,7 +281,7 @@ class Scorer:
         out = {c: batch.column(c) for c in PASS_THROUGH}
         out.update(prob_fake=pa.array(prob, pa.float64()), logit=pa.array(logit, pa.float64()),
                    is_fake=pa.array(fake, pa.bool_()), error=batch.column("error"),
-                   error_kind=batch.column("error_kind"))  # fmt: skip
+                   error_kind=batch.column("error_kind"))
         if stability:
             out.update(_stability_columns(n, good, preds))
         if "provenance" in batch.column_names:
@@ -319,7 +319,7 @@ def _provenance_columns(provenance: list[str | None], good: list[int], preds: li
         for c in CSV_FIELDS:
             cols[c].append(None if flat[c] == "" else flat[c])
     return {"provenance": pa.array(provenance, pa.string()),
-            **{c: pa.array(v, pa.bool_() if c == "provenance_verified" else pa.string()) for c, v in cols.items()}}  # fmt: skip
+            **{c: pa.array(v, pa.bool_() if c == "provenance_verified" else pa.string()) for c, v in cols.items()}}
 
 
 class TapEncoder:
@@ -328,7 +328,7 @@ class TapEncoder:
     the store's dtype), with `rine extract`'s forward (normalise, backbone, float, cast)."""
 
     def __init__(self, backbone: str, revision: str | None, device: str, precision: str, dtype: str,
-                 batch_size: int, threads: int | None = None):  # fmt: skip
+                 batch_size: int, threads: int | None = None):
         import torch
 
         from ..inference.detector import resolve_device
@@ -355,7 +355,7 @@ class TapEncoder:
             with torch.no_grad():
                 for b0 in range(0, len(views), self.batch_size):
                     pixels = normalize(views[b0 : b0 + self.batch_size], backbone_mean(self.backbone),
-                                       backbone_std(self.backbone)).to(self.device)  # fmt: skip
+                                       backbone_std(self.backbone)).to(self.device)
                     out.append(self.backbone(pixels).float().cpu().numpy().astype(self.dtype))  # [b, blocks, width]
             flat = np.concatenate(out)
             start = 0
@@ -364,5 +364,5 @@ class TapEncoder:
                 start += len(arr)
         out_cols = {c: batch.column(c) for c in PASS_THROUGH}
         out_cols.update(error=batch.column("error"), error_kind=batch.column("error_kind"), n_views=batch.column("n_views"),
-                        taps=pa.array(taps, pa.large_binary()))  # fmt: skip
+                        taps=pa.array(taps, pa.large_binary()))
         return pa.table(out_cols)

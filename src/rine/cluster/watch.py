@@ -87,7 +87,7 @@ def shortfall(need: PlanNeed, before: Nodes, now: Nodes) -> str | None:
     lost = [name for name in before if name not in now]
     what = f"lost {len(lost)} node(s) ({', '.join(lost)})" if lost else "lost resources"
     return (f"the cluster {what}: the {len(now)} node(s) left ({_sum(now, 'CPU'):g} CPU, {_sum(now, 'GPU'):g} GPU) "
-            f"cannot hold {need.describe()}")  # fmt: skip
+            f"cannot hold {need.describe()}")
 
 
 def alive_nodes(nodes: Iterable[Mapping]) -> dict[str, dict[str, float]]:
@@ -120,7 +120,7 @@ class ClusterWatch:
         self.before = dict(probe())
         if not holds(need, self.before):
             logger.warning("no node can hold %s (nodes: %s): Ray may wait for resources until --stall-timeout",
-                           need.describe(), dict(self.before))  # fmt: skip
+                           need.describe(), dict(self.before))
 
     def check(self) -> str | None:
         try:

@@ -40,7 +40,7 @@ class Item:
 LAYOUTS = (*TRAIN_LAYOUTS, *[name for name in EVAL_LAYOUTS if name not in TRAIN_LAYOUTS])
 PROGAN_CLASSES = ("airplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
                   "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
-                  "train", "tvmonitor")  # fmt: skip
+                  "train", "tvmonitor")
 LABEL_DIRS = {"0_real": 0, "1_fake": 1}
 
 

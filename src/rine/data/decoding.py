@@ -174,7 +174,7 @@ def decode_batches(
     `Detector.predict_iter` and eval's live scoring both read their images through here."""
     kind, workers = options.pool(device)
     decoded = ordered_map(fn, jobs, kind=kind, workers=workers, max_in_flight=max(2 * batch_size, 2 * workers),
-                          preload=preload, timeout=options.timeout)  # fmt: skip
+                          preload=preload, timeout=options.timeout)
     batch: list[tuple[K, Any, BaseException | None]] = []
     n_ok = 0
     try:
@@ -207,7 +207,7 @@ def open_pool(kind: str, workers: int, preload: Sequence[str] = ()) -> Executor:
         ctx = multiprocessing.get_context("forkserver")
         ctx.set_forkserver_preload(list(preload))
     return ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
-                               initargs=(_liveness_reader(),))  # fmt: skip
+                               initargs=(_liveness_reader(),))
 
 
 # (pid, reader, writer) of this process's liveness pipe; the writer never leaves this
@@ -252,7 +252,7 @@ def _die_with_parent(parent_alive: Any) -> None:
             pass
     if parent_alive is not None:
         threading.Thread(target=_exit_at_end_of, args=(parent_alive,), name="rine-parent-watch",
-                         daemon=True).start()  # fmt: skip
+                         daemon=True).start()
 
 
 def _exit_at_end_of(parent_alive: Any) -> None:
@@ -288,7 +288,7 @@ class _OrderedPool:
     SUSPECT_AFTER = 3
 
     def __init__(self, fn: Callable[..., Any], kind: str, workers: int, preload: Sequence[str],
-                 timeout: float | None = None):  # fmt: skip
+                 timeout: float | None = None):
         self.fn, self.kind, self.workers, self.preload = fn, kind, workers, preload
         self.timeout = timeout if kind == "processes" else None  # a thread cannot be stopped
         self.pool = open_pool(kind, workers, preload)
@@ -312,7 +312,7 @@ class _OrderedPool:
                 break
             if deadline is not None and time.monotonic() >= deadline:
                 logger.warning("decoding %s took longer than %g s: stopping its worker process", self.pending[0][0],
-                               self.timeout)  # fmt: skip
+                               self.timeout)
                 _terminate_workers(self.pool)  # the other jobs in flight are re-run by _recover
                 self.pending[0][2] = _settled(error=DecoderTimedOut(self.timeout))
                 break
@@ -384,7 +384,7 @@ class _OrderedPool:
             "decoding worker processes %s; decoding in threads instead. From a script, put the code that "
             "calls rine under `if __name__ == \"__main__\":` (worker processes re-import the main script), "
             "or pass decode=DecodeOptions(decoder=\"threads\")", what,
-        )  # fmt: skip
+        )
         self.kind, self.timeout = "threads", None
         self.pool = open_pool("threads", self.workers)
         for job in lost:

@@ -60,10 +60,10 @@ def card_splits(root: Path) -> dict[str, list[str]] | None:
     if not isinstance(configs, list) or not configs:
         return None
     chosen = next((c for c in configs if isinstance(c, dict) and (c.get("default") or c.get("config_name") == "default")),
-                  configs[0])  # fmt: skip
+                  configs[0])
     data_files = chosen.get("data_files") if isinstance(chosen, dict) else None
     if isinstance(data_files, (str, list)) and not (isinstance(data_files, list) and data_files
-                                                    and isinstance(data_files[0], dict)):  # fmt: skip
+                                                    and isinstance(data_files[0], dict)):
         data_files = [{"split": "train", "path": data_files}]
     if not isinstance(data_files, list):
         return None
@@ -90,7 +90,7 @@ def split_patterns(root: Path | None, splits: list[str] | None, card: dict[str, 
             out += card[s]
         else:
             out += [f"data/{s}-*.parquet", f"{s}-*.parquet", f"{s}/*.parquet", f"{s}/**/*.parquet",
-                    f"data/{s}/*.parquet", f"data/{s}/**/*.parquet"]  # fmt: skip
+                    f"data/{s}/*.parquet", f"data/{s}/**/*.parquet"]
     return out
 
 
@@ -152,7 +152,7 @@ def download_dataset(repo_id: str, revision: str | None = None, splits: list[str
     def fetch(patterns: list[str]) -> Path:
         try:
             return Path(snapshot_download(repo_id, repo_type="dataset", revision=revision, allow_patterns=patterns,
-                                          local_files_only=offline))  # fmt: skip
+                                          local_files_only=offline))
         except (LocalEntryNotFoundError, FileNotFoundError, OSError) as e:
             raise DatasetUnavailableError(_missing_message(repo_id, revision, splits, offline, e)) from None
         except HfHubHTTPError as e:
@@ -170,7 +170,7 @@ def download_dataset(repo_id: str, revision: str | None = None, splits: list[str
 
 
 def _missing_message(repo_id: str, revision: str | None, splits: list[str] | None, offline: bool,
-                     error: BaseException) -> str:  # fmt: skip
+                     error: BaseException) -> str:
     which = f"split(s) {', '.join(splits)} of" if splits else "the Parquet files of"
     at = f" at revision {revision}" if revision else ""
     reason = "offline mode (HF_HUB_OFFLINE/RINE_OFFLINE set) and not in the Hugging Face cache (HF_HOME)" if offline \
@@ -183,4 +183,4 @@ def _missing_message(repo_id: str, revision: str | None, splits: list[str] | Non
         f"  hf download {repo_id} --repo-type dataset {include} --local-dir DIR".replace("  --", " --"),
         "then pass --root DIR (the folder holding README.md and data/) instead of --hub,",
         "or run once online so that the files land in the Hugging Face cache (HF_HOME).",
-    ])  # fmt: skip
+    ])

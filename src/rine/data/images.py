@@ -166,7 +166,7 @@ def decode_errors(data: bytes = b"") -> Iterator[None]:
         known = _unsupported_format(data)
         if known:
             raise ImageLoadError(f"{known}; convert it to PNG or JPEG first (supported: {SUPPORTED_FORMATS_TEXT})",
-                                 "not_image") from None  # fmt: skip
+                                 "not_image") from None
         raise ImageLoadError(f"not an image in a supported format ({SUPPORTED_FORMATS_TEXT})", "not_image") from None
     except Image.DecompressionBombError as e:
         raise ImageLoadError(f"too many pixels, over Pillow's own limit: {e}", "too_many_pixels") from None

@@ -38,16 +38,16 @@ UFD20_SETS = (
     "deepfake", "seeingdark", "san", "crn", "imle",
     "guided", "ldm_200", "ldm_200_cfg", "ldm_100",
     "glide_100_27", "glide_50_27", "glide_100_10", "dalle",
-)  # fmt: skip
+)
 # Diffusion sets share real folders (UniversalFakeDetect): guided uses ImageNet, the rest LAION.
 UFD20_DIFFUSION_REAL = {
     "guided": "imagenet", "ldm_200": "laion", "ldm_200_cfg": "laion", "ldm_100": "laion",
     "glide_100_27": "laion", "glide_50_27": "laion", "glide_100_10": "laion", "dalle": "laion",
-}  # fmt: skip
+}
 SYNTHBUSTER_SETS = (
     "dalle2", "dalle3", "stable-diffusion-1-3", "stable-diffusion-1-4", "stable-diffusion-2",
     "stable-diffusion-xl", "glide", "firefly", "midjourney-v5",
-)  # fmt: skip
+)
 SYNTHBUSTER_REAL_DIRS = ("RAISEpng", "real_RAISE_1k")
 
 
@@ -278,7 +278,7 @@ def read_manifest(path: Path, sets: list[str] | None = None) -> LayoutResult:
                 entries = document.get("items", [document]) if isinstance(document, dict) else document
                 if not isinstance(entries, list):
                     raise LayoutError(f'{path}: a JSON manifest is a list of {{"path", "label"}} objects, '
-                                      'or an object whose "items" is such a list')  # fmt: skip
+                                      'or an object whose "items" is such a list')
                 rows = [(f"{path}: entry {i}", row) for i, row in enumerate(entries, 1)]
             else:
                 # "\n" only: JSON strings may hold U+2028 and the like, which splitlines() splits on
@@ -365,7 +365,7 @@ SUITES_INFO = {
         "Chameleon (AIDE, ICLR 2025) test folder {0_real,1_fake}: imbalanced, so its table is balanced accuracy; "
         "counts not confirmed here",
     ),
-}  # fmt: skip
+}
 
 
 def _parquet_options(options: dict) -> dict:
@@ -410,7 +410,7 @@ def read_commfor(root: Path, sets: list[str] | None = None, **options) -> Layout
     opts = _parquet_options(options)
     given = opts["columns"]
     columns = ParquetColumns(image=given.image or "image_data", label=given.label, set=given.set or "model_name",
-                             key=given.key, label_map=given.label_map)  # fmt: skip
+                             key=given.key, label_map=given.label_map)
     return read_parquet_layout(root, sets, splits=opts["splits"], name=opts["name"], columns=columns, layout="commfor")
 
 

@@ -43,7 +43,7 @@ IMAGE_COLUMNS = ("image", "image_data", "img", "image_bytes", "bytes")
 KEY_COLUMNS = ("key", "id", "image_id")
 # Labels as datasets' ClassLabel stores them (ints) and as people write them.
 DEFAULT_LABELS = {"0": REAL, "1": FAKE, "real": REAL, "fake": FAKE, "0_real": REAL, "1_fake": FAKE,
-                  "nature": REAL, "ai": FAKE, "false": REAL, "true": FAKE}  # fmt: skip
+                  "nature": REAL, "ai": FAKE, "false": REAL, "true": FAKE}
 READ_ROWS = 16  # rows per batch when streaming images: a few images in memory, not a row group
 READ_BUFFER = 1 << 20  # bytes: pyarrow reads column chunks through a buffer of this size
 
@@ -87,7 +87,7 @@ class ParquetSource:
     def subset(self, stop: int) -> ParquetSource:
         """The first `stop` items."""
         return ParquetSource(self.files, self.rows[:stop], self.image_column, self.base, self.seed_keys[:stop],
-                             None if self.row_keys is None else self.row_keys[:stop])  # fmt: skip
+                             None if self.row_keys is None else self.row_keys[:stop])
 
     def extra(self, index: int) -> dict:
         """Fields a prediction record of item `index` carries besides the common ones."""
@@ -189,7 +189,7 @@ def _schema_columns(pq, path: str) -> list[str]:
 
 
 def _pick_column(names: Sequence[str], given: str | None, candidates: Sequence[str], what: str, path: str,
-                 required: bool = True) -> str | None:  # fmt: skip
+                 required: bool = True) -> str | None:
     if given:
         if given not in names:
             raise LayoutError(f"{path}: no {what} column {given!r}; its columns: {', '.join(names)}")
@@ -197,7 +197,7 @@ def _pick_column(names: Sequence[str], given: str | None, candidates: Sequence[s
     found = next((c for c in candidates if c in names), None)
     if found is None and required:
         raise LayoutError(f"{path}: no {what} column (looked for {', '.join(candidates)}); its columns: "
-                          f"{', '.join(names)}; name it with --{what}-column")  # fmt: skip
+                          f"{', '.join(names)}; name it with --{what}-column")
     return found
 
 
@@ -222,7 +222,7 @@ def _label_of(value, label_map: dict[str, int] | None, where: str, column: str) 
     if text in table:
         return table[text]
     raise LayoutError(f"{where}: label {value!r} in column {column!r} is not 0/1/real/fake; map the dataset's "
-                      "labels with --label-map VALUE=0,VALUE=1")  # fmt: skip
+                      "labels with --label-map VALUE=0,VALUE=1")
 
 
 def read_parquet_dataset(
@@ -251,7 +251,7 @@ def read_parquet_dataset(
             label_col = _pick_column(names, columns.label, (), "label", spath)
             set_col = _pick_column(names, columns.set, (), "set", spath) if columns.set else None
             key_col = (None if columns.key == "" else
-                       _pick_column(names, columns.key, KEY_COLUMNS, "key", spath, required=False))  # fmt: skip
+                       _pick_column(names, columns.key, KEY_COLUMNS, "key", spath, required=False))
             wanted = [c for c in (label_col, set_col, key_col) if c]
             rel = _relative(spath, root)
             pf = pq.ParquetFile(spath, buffer_size=READ_BUFFER, pre_buffer=False)
@@ -267,7 +267,7 @@ def read_parquet_dataset(
                         value = cols[set_col][k]
                         set_name = str(value) if len(splits) == 1 else f"{split}/{value}"
                     g = grouped.setdefault(set_name, {"files": [], "index": {}, "items": [], "rows": [],
-                                                      "cols": [], "seed": [], "keys": [], "has_key": False})  # fmt: skip
+                                                      "cols": [], "seed": [], "keys": [], "has_key": False})
                     if spath not in g["index"]:
                         g["index"][spath] = len(g["files"])
                         g["files"].append(spath)
@@ -287,7 +287,7 @@ def read_parquet_dataset(
     out = []
     for set_name, g in grouped.items():
         source = ParquetSource(g["files"], g["rows"], g["cols"], str(root), g["seed"],
-                               g["keys"] if g["has_key"] else None)  # fmt: skip
+                               g["keys"] if g["has_key"] else None)
         ts = TestSet(set_name, g["items"], source=source)
         if ts.n_real == 0 or ts.n_fake == 0:
             logger.warning("test set %s has only %s images", set_name, "fake" if ts.n_real == 0 else "real")

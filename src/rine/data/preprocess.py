@@ -73,7 +73,7 @@ def ten_crop_arrays(array: np.ndarray, size: int) -> list[np.ndarray]:
     """torchvision TenCrop order: tl, tr, bl, br, center, then the same for the hflip."""
     h, w = padded_shape(array, size)
     corners = [(0, 0), (0, w - size), (h - size, 0), (h - size, w - size),
-               (int(round((h - size) / 2.0)), int(round((w - size) / 2.0)))]  # fmt: skip
+               (int(round((h - size) / 2.0)), int(round((w - size) / 2.0)))]
     views = [padded_window(array, size, top, left) for top, left in corners]
     # The window at `left` of the mirrored image is the mirror of the window at w - size - left.
     views += [padded_window(array, size, top, w - size - left)[:, ::-1] for top, left in corners]

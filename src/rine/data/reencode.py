@@ -143,7 +143,7 @@ def encode(image: Image.Image, condition: Reencoding) -> bytes:
         image = image.resize(size, getattr(Image.Resampling, condition.resample))
     if condition.format == "WEBP" and max(image.size) > WEBP_MAX_SIDE:
         raise ReencodeError(f"{condition.name}: WebP holds at most {WEBP_MAX_SIDE} px a side, "
-                            f"the image is {image.size[0]}x{image.size[1]}")  # fmt: skip
+                            f"the image is {image.size[0]}x{image.size[1]}")
     buf = io.BytesIO()
     try:
         image.save(buf, condition.format, **condition.save_options())

@@ -145,7 +145,7 @@ def expand_inputs(
             continue
         if is_dir:
             yield from walk_images(path, onerror=lambda e, top=str(path): problem(e.filename or top, e),
-                                   skipped=skipped)  # fmt: skip
+                                   skipped=skipped)
         elif exists:
             yield str(path)
         elif glob.has_magic(item):

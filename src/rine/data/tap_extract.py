@@ -88,7 +88,7 @@ def extract_taps(
     workers = max(1, decode.workers if decode.workers is not None else min(8, os.cpu_count() or 1))
     for k in todo:
         _extract_shard(writer, k, encode, make_views, views, batch_size, workers, bar, decode.max_pixels,
-                       decode.max_bytes, sources)  # fmt: skip
+                       decode.max_bytes, sources)
     if bar is not None:
         bar.close()
     store = writer.open()
@@ -98,7 +98,7 @@ def extract_taps(
 
 
 def load_views(item: Item, index: int, make_views: MakeViews, views: int, max_pixels: int | None,
-               max_bytes: int | None = None, source: Any = None) -> np.ndarray | tuple[str, str]:  # fmt: skip
+               max_bytes: int | None = None, source: Any = None) -> np.ndarray | tuple[str, str]:
     """uint8 [views, S, S, 3] (`augment.cut_views`), or (the one-line reason the image is
     unusable, its `error_kind`); limits left as None are load_image's defaults."""
     try:
@@ -106,13 +106,13 @@ def load_views(item: Item, index: int, make_views: MakeViews, views: int, max_pi
         if isinstance(src, RowError):
             raise ImageLoadError(src.message, src.kind)
         return cut_views(src, make_views, index, views, DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels,
-                         DEFAULT_MAX_BYTES if max_bytes is None else max_bytes)  # fmt: skip
+                         DEFAULT_MAX_BYTES if max_bytes is None else max_bytes)
     except (ImageLoadError, ValueError, OSError) as e:
         return str(e) or type(e).__name__, error_kind(e)
 
 
 def _extract_shard(writer: StoreWriter, shard: int, encode: Encode, make_views: MakeViews, views: int,
-                   batch_size: int, workers: int, bar, max_pixels, max_bytes, sources) -> None:  # fmt: skip
+                   batch_size: int, workers: int, bar, max_pixels, max_bytes, sources) -> None:
     items = writer.items
     start, stop = writer.shard_range(shard)
     taps: list[np.ndarray] = []
@@ -132,7 +132,7 @@ def _extract_shard(writer: StoreWriter, shard: int, encode: Encode, make_views: 
     # Threads (make_views may be a closure): the next images decode while a chunk encodes.
     srcs = sources(start, stop) if sources is not None else (None for _ in range(start, stop))
     jobs = ((i, (items[i], i, make_views, views, max_pixels, max_bytes, src))
-            for i, src in zip(range(start, stop), srcs, strict=True))  # fmt: skip
+            for i, src in zip(range(start, stop), srcs, strict=True))
     decoded = ordered_map(load_views, jobs, kind="threads", workers=workers, max_in_flight=2 * chunk)
     with closing(decoded):
         for i, res, error in decoded:

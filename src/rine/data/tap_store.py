@@ -56,7 +56,7 @@ COMMITS_NAME = "commits.jsonl"
 DTYPES = ("float16", "float32", "bfloat16")
 # Keys that must agree between a store and a run that adds rows to it.
 IDENTITY_KEYS = ("format", "backbone", "revision", "transform", "seed", "dtype", "views",
-                 "blocks", "width", "image_size", "shard_size", "n_items", "items_sha1", "precision")  # fmt: skip
+                 "blocks", "width", "image_size", "shard_size", "n_items", "items_sha1", "precision")
 
 class StoreError(ValueError):
     """A store that cannot be read or extended; `str()` is a user-facing message."""
@@ -185,7 +185,7 @@ class FeatureStore:
         m = self.meta
         state = "complete" if self.complete else "INCOMPLETE"
         return (f"FeatureStore({str(self.root)!r}, rows={len(self)}, items={m['n_items']}, views={m['views']}, "
-                f"backbone={m['backbone']!r}, transform={m['transform']!r}, {state})")  # fmt: skip
+                f"backbone={m['backbone']!r}, transform={m['transform']!r}, {state})")
 
 
 def _np_dtype(name: str) -> np.dtype:
@@ -244,7 +244,7 @@ class StoreWriter:
     """
 
     def __init__(self, out_dir: str | Path, backbone_meta: dict[str, Any], items: Sequence[Item], transform_id: str,
-                 views: int, seed: int, dtype: str, shard_size: int, extra_meta: dict[str, Any] | None = None):  # fmt: skip
+                 views: int, seed: int, dtype: str, shard_size: int, extra_meta: dict[str, Any] | None = None):
         if dtype not in ("float16", "float32"):
             raise ValueError(f"dtype must be float16 or float32, got {dtype!r}")
         if views < 1 or shard_size < 1:
@@ -258,13 +258,13 @@ class StoreWriter:
                      "transform": transform_id, "seed": int(seed), "dtype": dtype, "views": int(views),
                      "blocks": self.row_shape[0], "width": self.row_shape[1],
                      "image_size": int(backbone_meta["image_size"]), "shard_size": self.shard_size,
-                     "n_items": len(self.items), "items_sha1": items_sha1(self.items), **(extra_meta or {})}  # fmt: skip
+                     "n_items": len(self.items), "items_sha1": items_sha1(self.items), **(extra_meta or {})}
         meta_path = self.root / META_NAME
         if meta_path.is_file():
             _check_identity(self.root, json.loads(meta_path.read_text(encoding="utf-8")), self.meta)
         else:
             payload = {"paths": [i.path for i in self.items], "labels": [i.label for i in self.items],
-                       "sets": [i.set for i in self.items]}  # fmt: skip
+                       "sets": [i.set for i in self.items]}
             atomic_write(self.root / ITEMS_NAME, json.dumps(payload))
             # meta.json last: a folder with meta.json always has its items.json
             atomic_write(meta_path, json.dumps(self.meta, indent=2) + "\n")
@@ -288,7 +288,7 @@ class StoreWriter:
         return [k for k in range(self.n_shards) if k not in self.done]
 
     def commit(self, shard: int, taps: np.ndarray, row_items: Sequence[int], row_views: Sequence[int],
-               errors: Sequence[Sequence]) -> None:  # fmt: skip
+               errors: Sequence[Sequence]) -> None:
         """Write shard `shard`: taps [rows, blocks, width] in (item, view) order, with each row's
         item and view, and [item, reason] or [item, reason, kind] of its unreadable items (the
         kinds, `rine.data.decoding.error_kind`, go in their own field: readers of the
@@ -299,7 +299,7 @@ class StoreWriter:
         atomic_write(self.root / name, lambda f: np.save(f, array, allow_pickle=False))
         line = {"shard": shard, "file": name, "rows": len(array), "start": start, "stop": stop,
                 "items": [int(i) for i in row_items], "views": [int(v) for v in row_views],
-                "errors": [[int(e[0]), str(e[1])] for e in errors]}  # fmt: skip
+                "errors": [[int(e[0]), str(e[1])] for e in errors]}
         kinds = [[int(e[0]), str(e[2])] for e in errors if len(e) > 2]
         if kinds:
             line["error_kinds"] = kinds

@@ -181,7 +181,7 @@ def fit_temperature(logits, labels) -> float:
     z, y = _arrays(logits, labels)
     _need_both(y, "--method temperature")
     res = minimize_scalar(lambda s: nll(z, y, math.exp(s)), bounds=(-9.0, 9.0), method="bounded",
-                          options={"xatol": 1e-10})  # fmt: skip
+                          options={"xatol": 1e-10})
     return math.exp(float(res.x))
 
 
@@ -352,7 +352,7 @@ def fit_calibration(
         check_fpr(target_fpr, confidence)
     if method == "prior-shift" and (target_fpr is not None or objective is not None):
         raise CalibrationError("prior-shift fits its own cut from unlabelled images; a target FPR or an objective "
-                               "needs labelled images")  # fmt: skip
+                               "needs labelled images")
     scale, offset = 1.0, 0.0
     if method == "temperature":
         scale = fit_temperature(z, y)
@@ -391,7 +391,7 @@ def fit_calibration(
     config = CalibrationConfig(
         method=method, threshold_logit=float(cut_logit), scale=float(scale), offset=float(offset),
         target=target, fitted_on=dict(fitted_on or {}), rates=rates, guarantee=guarantee,
-    )  # fmt: skip
+    )
     return CalibrationFit(config, float(boundary), details)
 
 

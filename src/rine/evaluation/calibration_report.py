@@ -40,7 +40,7 @@ def report_markdown(
     on = cal.fitted_on
     lines = [f"# Calibration of {model}", ""]
     what = {"threshold": "a new cut (probabilities unchanged)", "temperature": "temperature scaling",
-            "platt": "Platt scaling", "prior-shift": "an unsupervised logit offset (prior shift)"}[cal.method]  # fmt: skip
+            "platt": "Platt scaling", "prior-shift": "an unsupervised logit offset (prior shift)"}[cal.method]
     lines.append(f"- method: **{cal.method}**, {what}: calibrated logit = {cal.scale:.6g} * logit + {cal.offset:.6g}")
     lines.append(
         f"- decision: synthetic when the calibrated probability is above **{cal.threshold:.6g}** "
@@ -48,27 +48,27 @@ def report_markdown(
     )
     if cal.target:
         lines.append("- target: " + ", ".join(f"{k} {v:.6g}" if isinstance(v, float) else f"{k} {v}"
-                                              for k, v in cal.target.items()))  # fmt: skip
+                                              for k, v in cal.target.items()))
     if cal.uncertain_low is not None:
         lines.append(f"- uncertain: probabilities in [{cal.uncertain_low:.6g}, {cal.uncertain_high:.6g}] get the verdict "
-                     "`uncertain`")  # fmt: skip
+                     "`uncertain`")
     counts = f"{on.get('n', z.size)} images"
     if on.get("n_real") is not None:
         counts += f" ({on['n_real']} real, {on.get('n_fake', 0)} fake)"
     sets = on.get("sets")
     lines.append(f"- fitted on: {counts}" + (f" from {', '.join(sets)}" if sets else "")
-                 + (f", file list {on['fingerprint']}" if on.get("fingerprint") else ""))  # fmt: skip
+                 + (f", file list {on['fingerprint']}" if on.get("fingerprint") else ""))
     if cal.guarantee:
         lines += ["", f"**Guarantee.** {cal.guarantee} This holds for images drawn like the calibration "
-                  "images (same source, same processing); it says nothing about other sources.", ""]  # fmt: skip
+                  "images (same source, same processing); it says nothing about other sources.", ""]
     rates = cal.rates
     rows = [(name, rates.get(key)) for name, key in (("false-positive rate (reals flagged)", "fpr"),
-            ("true-positive rate (fakes flagged)", "tpr"), ("accuracy", "accuracy"), ("flagged", "flagged_rate"))]  # fmt: skip
+            ("true-positive rate (fakes flagged)", "tpr"), ("accuracy", "accuracy"), ("flagged", "flagged_rate"))]
     rows = [r for r in rows if r[1]]
     if rows:
         conf = rates.get("confidence", 0.95)
         lines += ["", f"On the calibration images (in-sample; {conf:.0%} exact binomial intervals):", "",
-                  "| rate | value | interval | images |", "|---|---|---|---|"]  # fmt: skip
+                  "| rate | value | interval | images |", "|---|---|---|---|"]
         lines += [f"| {name} | {_pct(r)} |" for name, r in rows]
     if labels is not None and np.any(labels == 0) and np.any(labels == 1):
         before, after = expit(z), expit(cal.scale * z + cal.offset)
@@ -80,7 +80,7 @@ def report_markdown(
         p = expit(cal.scale * np.array([lo, hi]) + cal.offset)
         lines += ["", f"Stability: refitted on {spread.size} bootstrap resamples of these images, the cut "
                   f"(head logit) falls in [{lo:.4g}, {hi:.4g}] (95 %), probabilities [{p[0]:.4g}, {p[1]:.4g}]; "
-                  "more calibration images narrow it (docs/calibration.md)."]  # fmt: skip
+                  "more calibration images narrow it (docs/calibration.md)."]
     if files:
         lines += ["", "Plots: " + ", ".join(files)]
     return "\n".join(lines) + "\n"
@@ -103,14 +103,14 @@ def plot_histograms(path: Path, fit: CalibrationFit, logits: np.ndarray, labels:
     bins = np.linspace(z.min(), z.max(), 41) if z.max() > z.min() else 10
     groups = [("all images", z, "tab:gray")] if labels is None else [
         (name, z[labels == c], color) for name, c, color in (("real", 0, "tab:blue"), ("fake", 1, "tab:red"))
-        if np.any(labels == c)]  # fmt: skip
+        if np.any(labels == c)]
     for name, vals, color in groups:
         ax.hist(vals, bins=bins, alpha=0.55, color=color, label=f"{name} ({vals.size})")
     ax.axvline(fit.boundary, color="black", linestyle="--", label="cut")
     cal = fit.config
     if cal.uncertain_low is not None:
         lo, hi = (np.log(np.clip([cal.uncertain_low, cal.uncertain_high], 1e-15, 1 - 1e-15))
-                  - np.log1p(-np.clip([cal.uncertain_low, cal.uncertain_high], 1e-15, 1 - 1e-15)))  # fmt: skip
+                  - np.log1p(-np.clip([cal.uncertain_low, cal.uncertain_high], 1e-15, 1 - 1e-15)))
         ax.axvspan((lo - cal.offset) / cal.scale, (hi - cal.offset) / cal.scale, color="gold", alpha=0.3, label="uncertain")
     ax.set_xlabel("head logit")
     ax.set_ylabel("images")

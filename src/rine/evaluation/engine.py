@@ -75,7 +75,7 @@ def evaluate(
     # limits the options leave open are the detector's own
     decode = replace(decode, max_pixels=getattr(detector, "max_pixels", None) if decode.max_pixels is None
                      else decode.max_pixels, max_bytes=getattr(detector, "max_bytes", DEFAULT_MAX_BYTES)
-                     if decode.max_bytes is None else decode.max_bytes)  # fmt: skip
+                     if decode.max_bytes is None else decode.max_bytes)
     heads = (
         list(heads)
         if heads
@@ -101,7 +101,7 @@ def evaluate(
     for ts in sets:
         if cache_dir is not None:
             recs = score_set_cached(detector, heads, conditions, ts, root, batch_size, decode, progress,
-                                     Path(cache_dir).expanduser(), cache_dtype)  # fmt: skip
+                                     Path(cache_dir).expanduser(), cache_dtype)
         else:
             recs = score_set_live(detector, heads, conditions, ts, root, batch_size, decode, progress)
         for ci in range(len(conditions)):

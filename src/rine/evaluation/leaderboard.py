@@ -76,7 +76,7 @@ def opensdi_table_markdown(runs: Sequence[RunResult], splits: Sequence[str], lab
 
 def balanced_table_markdown(runs: Sequence[RunResult], sets: Sequence[str], threshold: float = 0.5) -> str:
     lines = ["| Method | Set | Real | Fake | Balanced Acc | Acc | Real Acc | Fake Acc |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
     for run in runs:
         for s in sets:
             if s not in run.records:
@@ -85,12 +85,12 @@ def balanced_table_markdown(runs: Sequence[RunResult], sets: Sequence[str], thre
             sc = split_scores(recs, threshold)
             n_real = sum(1 for r in recs if r["label"] == 0)
             lines.append(f"| {run.name} | {s} | {n_real} | {len(recs) - n_real} | {_f(sc['balanced_acc'])} | "
-                         f"{_f(sc['acc'])} | {_f(sc['acc_real'])} | {_f(sc['acc_fake'])} |")  # fmt: skip
+                         f"{_f(sc['acc'])} | {_f(sc['acc_real'])} | {_f(sc['acc_fake'])} |")
     return "\n".join(lines) + "\n"
 
 
 def write_suite_table(runs: Sequence[RunResult], sets: Sequence[str], table: str, out_dir: str | Path,
-                      labels: dict[str, str] | None = None, threshold: float = 0.5) -> Path | None:  # fmt: skip
+                      labels: dict[str, str] | None = None, threshold: float = 0.5) -> Path | None:
     """Write `leaderboard.md` (table "opensdi") or `balanced.md` (table "balanced") into
     `out_dir`; other tables ("paper") are the engine's own table.md. Returns the file."""
     if table == "opensdi":

@@ -26,7 +26,7 @@ def _pct(v: float | None) -> str:
 def _partial_note(means: Sequence[dict[str, Any]], keys: Sequence[str]) -> str:
     """A line saying which means are over fewer sets than there are ("" if none)."""
     parts = sorted({f"{k} over {sets_counted(m, k)} of {m['n_sets']}" for m in means for k in keys
-                    if m.get(k) is not None and sets_counted(m, k) != m.get("n_sets")})  # fmt: skip
+                    if m.get(k) is not None and sets_counted(m, k) != m.get("n_sets")})
     if not parts:
         return ""
     return ("Partial means: " + ", ".join(parts) + " sets (the metric is undefined on the others, "
@@ -47,7 +47,7 @@ def paper_table_markdown(runs: Sequence[RunResult], sets: Sequence[str]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     note = _partial_note([run.metrics["mean"] for run in runs], ("acc", "ap"))
     return ("\n".join(lines) + "\n\nCells: ACC / AP in % (accuracy at 0.5, average precision); n/a: undefined.\n"
-            + note)  # fmt: skip
+            + note)
 
 
 def detail_table_markdown(run: RunResult) -> str:
@@ -71,7 +71,7 @@ def detail_table_markdown(run: RunResult) -> str:
     ]
     note = _partial_note([run.metrics["mean"]], TABLE_METRICS)
     return ("\n".join(lines) + "\n" + ("\n" + note if note else "")
-            + ("\nNotes:\n" + "\n".join(notes) + "\n" if notes else ""))  # fmt: skip
+            + ("\nNotes:\n" + "\n".join(notes) + "\n" if notes else ""))
 
 
 def write_paper_csv(path: Path, runs: Sequence[RunResult], sets: Sequence[str]) -> None:
@@ -167,7 +167,7 @@ def _write_stability(result: EvalResult, out: Path) -> list[Path]:
 
     (out / "stability.md").write_text(stability_markdown(result.stability), encoding="utf-8")
     (out / "stability.json").write_text(json.dumps(result.stability, indent=2, ensure_ascii=False) + "\n",
-                                        encoding="utf-8")  # fmt: skip
+                                        encoding="utf-8")
     return [out / "stability.md", out / "stability.json"]
 
 

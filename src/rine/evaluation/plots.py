@@ -49,7 +49,7 @@ def _acc_ap_bars(ax, labels: list[str], metrics: list[dict], legend: tuple[str, 
 def _mean_label(mean: dict) -> str:
     """ "mean", or "mean\n(AP: 6 of 9 sets)" when a mean is over fewer sets than the run has."""
     partial = [f"{k.upper()}: {sets_counted(mean, k)} of {mean['n_sets']} sets" for k in ("acc", "ap")
-               if mean.get(k) is not None and sets_counted(mean, k) != mean.get("n_sets")]  # fmt: skip
+               if mean.get(k) is not None and sets_counted(mean, k) != mean.get("n_sets")]
     return "mean" + (f"\n({', '.join(partial)})" if partial else "")
 
 
@@ -99,7 +99,7 @@ def roc_figure(run: RunResult):
         ax.legend(fontsize=6, loc="lower right", ncol=1 + len(run.records) // 12)
     if left_out:
         fig.text(0.01, 0.005, f"left out (one class only, no ROC): {', '.join(left_out)}", fontsize=7,
-                 ha="left", va="bottom", wrap=True)  # fmt: skip
+                 ha="left", va="bottom", wrap=True)
     fig.tight_layout(rect=(0, 0.04 if left_out else 0, 1, 1))
     return fig
 

@@ -190,9 +190,9 @@ def score_set_live(
     bar = tqdm(total=len(ts.items), desc=ts.name, unit="img", disable=not progress, dynamic_ncols=True)
     keys = set_keys(ts, root)
     jobs = ((idx, (src, keys[idx], conditions, pre, decode.max_pixels, decode.max_bytes))
-            for idx, src in enumerate(item_sources(ts)))  # fmt: skip
+            for idx, src in enumerate(item_sources(ts)))
     batches = decode_batches(prepare_item, jobs, decode, batch_size=batch_size, device=detector.device,
-                             preload=("rine.evaluation.scoring",))  # fmt: skip
+                             preload=("rine.evaluation.scoring",))
     try:
         for batch in batches:
             for idx, _, error in batch:
@@ -244,7 +244,7 @@ def _store_dir(
     bb = detector.model.backbone
     pre = detector.config.preprocess
     ident = json.dumps([str(bb.source), bb.revision, pre.crop, pre.image_size, list(pre.mean), list(pre.std),
-                        detector.precision, condition.id, items_sha])  # fmt: skip
+                        detector.precision, condition.id, items_sha])
     digest = hashlib.sha1(ident.encode()).hexdigest()[:12]
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", ts.name).strip("_") or "set"
     return cache_dir / f"{safe}-{condition.id}-{digest}"
@@ -270,7 +270,7 @@ def score_set_cached(
     pre = detector.config.preprocess
     bb = detector.model.backbone
     backbone_meta = {"backbone": str(bb.source), "revision": bb.revision, "blocks": int(bb.n_blocks),
-                     "width": int(bb.width), "image_size": int(bb.image_size)}  # fmt: skip
+                     "width": int(bb.width), "image_size": int(bb.image_size)}
 
     def encode(views: np.ndarray) -> np.ndarray:  # uint8 [n, S, S, 3] -> [n, blocks, width]
         return encode_views(detector, views, batch_size).numpy()
@@ -289,7 +289,7 @@ def score_set_cached(
             dtype=cache_dtype, batch_size=batch_size, decode=decode, progress=progress,
             extra_meta={"precision": str(getattr(detector, "precision", "fp32"))},
             sources=None if ts.source is None else ts.source.iter_images,
-        )  # fmt: skip
+        )
         errors = dict(store.errors)
         sums = np.zeros((len(heads), len(items)))
         cnt = np.bincount(store.items, minlength=len(items))

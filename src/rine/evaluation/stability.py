@@ -47,7 +47,7 @@ def set_stability(
     labels = np.asarray([clean[i]["label"] for i in ok], dtype=bool)
     calls = rule.flags(np.asarray([clean[i]["logit"] for i in ok], dtype=np.float64)) if ok else np.zeros(0, bool)
     flipped = {name: rule.flags(np.asarray([u[i]["logit"] for i in ok], dtype=np.float64)) != calls if ok
-               else np.zeros(0, bool) for name, u in under.items()}  # fmt: skip
+               else np.zeros(0, bool) for name, u in under.items()}
     unstable = np.logical_or.reduce(list(flipped.values())) if flipped else np.zeros(len(ok), bool)
     n = len(ok)
     return {
@@ -75,13 +75,13 @@ def stability_report(
     out: dict[str, Any] = {"conditions": list(under), "rules": {}}
     for rname, rule in rules.items():
         sets = {s: set_stability(recs, {c: r.records[s] for c, r in under.items()}, rule)
-                for s, recs in clean.records.items()}  # fmt: skip
+                for s, recs in clean.records.items()}
         mean: dict[str, Any] = {f: _mean([m[f] for m in sets.values()]) for f in FIELDS}
         mean["flip_rate"] = {c: _mean([m["flip_rate"][c] for m in sets.values()]) for c in under}
         mean["n"] = sum(m["n"] for m in sets.values())
         mean["n_stable"] = sum(m["n_stable"] for m in sets.values())
         out["rules"][rname] = {"threshold": rule.threshold, "calibrated": rule.calibration is not None,
-                               "sets": sets, "mean": mean}  # fmt: skip
+                               "sets": sets, "mean": mean}
     return out
 
 
@@ -115,12 +115,12 @@ def stability_markdown(report: Mapping[str, Any]) -> str:
     for head, rep in report.items():
         conds = rep["conditions"]
         cols = ["set", "n", *[f"flips {c}" for c in conds], "any flip", "coverage", "acc stable", "acc all",
-                "acc abstained"]  # fmt: skip
+                "acc abstained"]
         for rname, r in rep["rules"].items():
             label = "paper, p > 0.5" if rname == "paper" else (
                 f"model's own, p > {r['threshold']:.4g}" + (" (calibrated)" if r["calibrated"] else ""))
             lines = [f"### {head}: stability at the {label}", "",
-                     "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]  # fmt: skip
+                     "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
             for name, m in [*r["sets"].items(), ("mean", r["mean"])]:
                 cells = [name, str(m["n"]), *[_pct(m["flip_rate"][c]) for c in conds],
                          *[_pct(m[f]) for f in ("any_flip", "coverage", "acc_stable", "acc_all", "acc_unstable")]]

@@ -103,12 +103,12 @@ def check_precision(precision: str, opset: int) -> None:
     if precision == "bf16":
         raise ExportError("bf16 cannot be exported: ONNX Runtime's CPU provider has no bfloat16 kernel for "
                           "Conv (the patch embedding), so the file would not load; export fp32 (the default) "
-                          "or --fp16")  # fmt: skip
+                          "or --fp16")
     if precision not in ("fp32", "fp16"):
         raise ExportError(f"precision {precision!r}: export fp32 or fp16")
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise ExportError(f"--opset {opset}: torch's exporter writes opsets {MIN_OPSET} to {MAX_OPSET} for this "
-                          f"graph; the default, {DEFAULT_OPSET}, runs on every ONNX Runtime since 1.17")  # fmt: skip
+                          f"graph; the default, {DEFAULT_OPSET}, runs on every ONNX Runtime since 1.17")
 
 
 def check_exportable(model: RINEModel, *, opset: int, precision: str) -> None:
@@ -119,12 +119,12 @@ def check_exportable(model: RINEModel, *, opset: int, precision: str) -> None:
         raise ExportError(f"only CLIP vision backbones (rine.model.backbones) export, not {type(backbone).__name__}")
     if backbone.released:
         raise ExportError("this detector freed its reference block weights (keep_reference=False); load it with "
-                          "keep_reference=True to export it")  # fmt: skip
+                          "keep_reference=True to export it")
     size = graph_bytes(model)
     if size > MAX_SINGLE_FILE_BYTES:
         raise ExportError(f"the float32 graph would hold {size / 2**30:.2f} GB of weights: a single ONNX file must "
                           "stay below 2 GB (protobuf's limit), and rine does not write external-data side files "
-                          "(onnxruntime-web and most serving setups need one file)")  # fmt: skip
+                          "(onnxruntime-web and most serving setups need one file)")
 
 
 def check_crops(config: RINEConfig, n: int = 4, seed: int = 0) -> np.ndarray:
@@ -160,11 +160,11 @@ def compare(backend: OnnxRuntimeBackend, graph: ExportGraph, crops: np.ndarray) 
             prob = 1 / (1 + np.exp(-got["logit"].astype(np.float64)))
             worst["prob_fake"] = max(worst["prob_fake"], float(np.abs(prob - ref_prob[sl]).max()))
             worst["block_contribution"] = max(worst["block_contribution"],
-                                              float(np.abs(got["block_contribution"] - ref_contrib[sl]).max()))  # fmt: skip
+                                              float(np.abs(got["block_contribution"] - ref_contrib[sl]).max()))
             if "taps" in got:
                 worst["taps"] = max(worst["taps"], float(np.abs(got["taps"] - ref[2][sl].numpy()).max()))
     return {"n_crops": len(crops), "batch_sizes": sizes, "max_abs_diff": worst,
-            "logit_range": [float(ref_logit.min()), float(ref_logit.max())]}  # fmt: skip
+            "logit_range": [float(ref_logit.min()), float(ref_logit.max())]}
 
 
 @dataclass
@@ -180,7 +180,7 @@ class ExportResult:
                 f"outputs {', '.join(m.outputs)}\n"
                 f"check: ONNX Runtime ({m.precision}, CPU) against torch fp32 on {c['n_crops']} crops "
                 f"({c.get('source', 'test patterns')}), batch sizes {', '.join(map(str, c['batch_sizes']))}: "
-                f"largest differences {diffs}")  # fmt: skip
+                f"largest differences {diffs}")
 
 
 def export_onnx(
@@ -218,7 +218,7 @@ def export_onnx(
             _to_fp16(work / ONNX_NAME)
         manifest = OnnxManifest(opset=opset, precision=precision, image_size=s, n_blocks=model.head.config.n_blocks,
                                 width=model.backbone.width, outputs=list(OUTPUTS if taps else OUTPUTS[:2]),
-                                onnx_bytes=(work / ONNX_NAME).stat().st_size, versions=onnx_versions())  # fmt: skip
+                                onnx_bytes=(work / ONNX_NAME).stat().st_size, versions=onnx_versions())
         manifest.save(work)  # what the backend reads
         backend = OnnxRuntimeBackend(work)
         crops = check_views if check_views is not None else check_crops(config)
@@ -227,11 +227,11 @@ def export_onnx(
         worst = manifest.check["max_abs_diff"]["logit"]
         if precision == "fp32" and not worst <= FP32_LOGIT_TOLERANCE:
             raise ExportError(f"ONNX Runtime's logits differ from torch's by {worst:.3g} (more than "
-                              f"{FP32_LOGIT_TOLERANCE:g}): this export would not be faithful; try another --opset")  # fmt: skip
+                              f"{FP32_LOGIT_TOLERANCE:g}): this export would not be faithful; try another --opset")
         worst_p = manifest.check["max_abs_diff"]["prob_fake"]
         if precision == "fp16" and not worst_p <= FP16_PROB_TOLERANCE:
             raise ExportError(f"in fp16 the probabilities move by up to {worst_p:.3g} (more than "
-                              f"{FP16_PROB_TOLERANCE:g}; values beyond fp16's range?): export fp32")  # fmt: skip
+                              f"{FP16_PROB_TOLERANCE:g}; values beyond fp16's range?): export fp32")
         (out / MANIFEST_NAME).unlink(missing_ok=True)  # never a manifest beside another graph
         os.replace(work / ONNX_NAME, out / ONNX_NAME)
         save_pretrained(model.head, config, out)
@@ -257,7 +257,7 @@ def _export(graph: ExportGraph, path: Path, size: int, opset: int, taps: bool) -
                 graph, (example,), str(path), input_names=[INPUT_NAME],
                 output_names=list(OUTPUTS if taps else OUTPUTS[:2]), dynamic_shapes={"crops": {0: batch}},
                 opset_version=opset, external_data=False, dynamo=True, verbose=False,
-            )  # fmt: skip
+            )
     finally:
         exporter_log.setLevel(level)
     if not path.is_file():

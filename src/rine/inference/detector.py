@@ -112,12 +112,12 @@ def resolve_device(device: str | None) -> torch.device:
 
 
 def official_head_config(head: RINEHead, source: str | Path, backbone: str, revision: str | None, image_size: int,
-                         crop: str | None = None) -> RINEConfig:  # fmt: skip
+                         crop: str | None = None) -> RINEConfig:
     """The config of an official `*_trainable.pth` head (which records none): the backbone's
     image size and, unless `crop` says otherwise, the paper's centre crop."""
     return RINEConfig(backbone=backbone, backbone_revision=revision, head=head.config,
                       preprocess=PreprocessConfig(image_size=image_size, crop=crop or "center"),
-                      name=Path(source).stem, meta={"head_source": str(source)})  # fmt: skip
+                      name=Path(source).stem, meta={"head_source": str(source)})
 
 
 def default_batch_size(device: torch.device) -> int:
@@ -303,10 +303,10 @@ class Detector:
         )
 
         if not Path(name_or_path).expanduser().is_dir() and name_or_path not in PRETRAINED \
-                and not is_hub_model_id(name_or_path):  # fmt: skip
+                and not is_hub_model_id(name_or_path):
             raise UnknownNameError("model", name_or_path, sorted(PRETRAINED), message=(
                 f"{name_or_path!r} is neither a checkpoint folder, a known model "
-                f"({', '.join(sorted(PRETRAINED))}) nor a Hub model id (user/repo)"))  # fmt: skip
+                f"({', '.join(sorted(PRETRAINED))}) nor a Hub model id (user/repo)"))
         folder = resolve_model(name_or_path, revision, backbone_given=str(backbone) if backbone else None)
         head, config = load_pretrained(folder)
         source = backbone or config.backbone
@@ -363,7 +363,7 @@ class Detector:
         extra = self.decision.reports_threshold
         return Prediction(path=name, prob_fake=d.prob_fake, logit=float(logit), is_fake=d.is_fake,
                           block_contribution=block_contribution,
-                          threshold=d.threshold if extra else None, verdict=d.verdict if extra else None)  # fmt: skip
+                          threshold=d.threshold if extra else None, verdict=d.verdict if extra else None)
 
     def block_importance(self) -> list[float]:
         """The TIE's learned importance of each block (mean over channels) -> [blocks]."""
@@ -432,10 +432,10 @@ class Detector:
         decode = decode or DecodeOptions()
         # limits the options leave open are the detector's own
         decode = replace(decode, max_pixels=self.max_pixels if decode.max_pixels is None else decode.max_pixels,
-                         max_bytes=self.max_bytes if decode.max_bytes is None else decode.max_bytes)  # fmt: skip
+                         max_bytes=self.max_bytes if decode.max_bytes is None else decode.max_bytes)
         batch_size = batch_size or default_batch_size(self.device)
         conditions = resolve_conditions(None if stability is True else [stability] if isinstance(stability, str)
-                                        else stability) if stability else ()  # fmt: skip
+                                        else stability) if stability else ()
         self._plan_batch(batch_size * self.config.preprocess.n_views * (1 + len(conditions)))
         bar = tqdm(total=total, unit="img", disable=not progress, dynamic_ncols=True)
         pre, limits = self.config.preprocess, (decode.max_pixels, decode.max_bytes)
@@ -443,7 +443,7 @@ class Detector:
         if conditions:  # the whole image decoded once, then re-encoded: stability_views
             fn, jobs = stability_views, ((_name_of(s, i), (s, pre, conditions, *limits)) for i, s in enumerate(sources))
         batches = decode_batches(fn, jobs, decode, batch_size=batch_size, device=self.device,
-                                 preload=("rine.inference.detector",))  # fmt: skip
+                                 preload=("rine.inference.detector",))
         try:
             for batch in batches:
                 ok = [(name, views) for name, views, error in batch if error is None]

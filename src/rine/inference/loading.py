@@ -78,7 +78,7 @@ def resolve_backend(options: ModelOptions) -> str:
         given = ("{model} is not an export folder" if options.model else "no {model} export folder was given")
         values = {"model": options.model} if options.model else {}
         raise OptionError("{backend}: " + given + "; make one with `rine export --format onnx --model NAME "
-                          "--out DIR` and pass it as {model}", backend="onnxruntime", **values)  # fmt: skip
+                          "--out DIR` and pass it as {model}", backend="onnxruntime", **values)
     if backend == "torch" and options.providers:
         raise OptionError("{providers} is for {backend}", backend="onnxruntime")
     return backend
@@ -90,16 +90,16 @@ def check_device(device: str) -> None:
 
     try:
         dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                           "cpu" if device == "auto" else device)  # fmt: skip
+                           "cpu" if device == "auto" else device)
     except RuntimeError:
         raise OptionError("{device}: not a device; use auto, cpu, cuda or cuda:N", device=device) from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise OptionError(f"{{device}}: torch sees no CUDA GPU here (torch {torch.__version__}); use "
-                              "{device=cpu}", device=device)  # fmt: skip
+                              "{device=cpu}", device=device)
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise OptionError(f"{{device}}: there are {torch.cuda.device_count()} CUDA GPU(s), numbered from 0",
-                              device=device)  # fmt: skip
+                              device=device)
     elif dev.type not in ("cpu", "mps", "xpu"):
         raise OptionError("{device}: rine runs on cpu or cuda", device=device)
 
@@ -134,12 +134,12 @@ def load_detector(
     if not progress:
         _quiet_loading_bars()
     kwargs = dict(device=options.device, precision=options.precision, keep_reference=keep_reference,
-                  compile=options.compile, **limits)  # fmt: skip
+                  compile=options.compile, **limits)
     if options.head:
         return Detector.from_files(options.backbone, options.head, revision=options.revision, crop=options.crop,
-                                   **kwargs)  # fmt: skip
+                                   **kwargs)
     return Detector.from_pretrained(options.model or DEFAULT_MODEL, backbone=options.backbone, crop=options.crop,
-                                    revision=options.model_revision, **kwargs)  # fmt: skip
+                                    revision=options.model_revision, **kwargs)
 
 
 def _load_onnx(options: ModelOptions, **limits) -> Detector:
@@ -156,10 +156,10 @@ def _load_onnx(options: ModelOptions, **limits) -> Detector:
     precision = OnnxManifest.load(options.model).precision
     if options.precision not in ("auto", precision):
         raise OptionError(f"{{precision}}: this export is {precision} (fixed at export: `rine export --fp16` makes "
-                          "an fp16 one); leave {precision} out", precision=options.precision)  # fmt: skip
+                          "an fp16 one); leave {precision} out", precision=options.precision)
     return load_onnx_detector(options.model, providers=options.providers,
                               device=None if options.device == "auto" else options.device, crop=options.crop,
-                              threads=options.threads, **limits)  # fmt: skip
+                              threads=options.threads, **limits)
 
 
 def model_config(options: ModelOptions) -> RINEConfig:

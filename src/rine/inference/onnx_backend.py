@@ -161,7 +161,7 @@ class OnnxRuntimeBackend:
         self.n_blocks, self.width = self.manifest.n_blocks, self.manifest.width
         self.image_size = self.manifest.image_size
         logger.info("ONNX Runtime %s: %s (%s, opset %d) on %s", ort.__version__, path, self.precision,
-                    self.manifest.opset, ", ".join(self.session.get_providers()))  # fmt: skip
+                    self.manifest.opset, ", ".join(self.session.get_providers()))
 
     @property
     def has_taps(self) -> bool:
@@ -172,7 +172,7 @@ class OnnxRuntimeBackend:
 
     def _run(self, views_uint8: np.ndarray | torch.Tensor, names: list[str]) -> list[np.ndarray]:
         x = np.ascontiguousarray(torch.as_tensor(views_uint8).numpy() if isinstance(views_uint8, torch.Tensor)
-                                 else views_uint8, dtype=np.uint8)  # fmt: skip
+                                 else views_uint8, dtype=np.uint8)
         s = self.image_size
         if x.ndim != 4 or x.shape[1:] != (s, s, 3):
             raise ValueError(f"expected uint8 views [N, {s}, {s}, 3], got {tuple(x.shape)}")
@@ -189,9 +189,9 @@ class OnnxRuntimeBackend:
         """uint8 views [N, S, S, 3] -> taps [N, blocks, width] float32 on CPU (needs an export with taps)."""
         if not self.has_taps:
             raise OnnxBackendError(f"{self.folder} was exported without the taps output, which `rine eval` "
-                                   "needs; export it again without --no-taps")  # fmt: skip
+                                   "needs; export it again without --no-taps")
         out = [torch.from_numpy(self._run(views_uint8[i : i + batch_size], ["taps"])[0].astype(np.float32))
-               for i in range(0, len(views_uint8), batch_size)]  # fmt: skip
+               for i in range(0, len(views_uint8), batch_size)]
         return torch.cat(out) if out else torch.empty(0, self.n_blocks, self.width)
 
 
@@ -226,7 +226,7 @@ def load_onnx_detector(
         head, config = None, RINEConfig.load(path / CONFIG_NAME)
     if config.preprocess.image_size != manifest.image_size:
         raise OnnxBackendError(f"{path}: config.json says {config.preprocess.image_size}-pixel crops but the "
-                               f"graph takes {manifest.image_size}; export again")  # fmt: skip
+                               f"graph takes {manifest.image_size}; export again")
     if crop:
         config = replace(config, preprocess=replace(config.preprocess, crop=crop))
     backend = OnnxRuntimeBackend(path, resolve_providers(providers, device), threads=threads)

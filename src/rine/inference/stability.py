@@ -59,7 +59,7 @@ class Stability:
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"conditions": dict(self.conditions), "spread": self.spread, "flips": self.flips,
-                             "flipped": list(self.flipped), "reason": self.reason}  # fmt: skip
+                             "flipped": list(self.flipped), "reason": self.reason}
         if self.skipped:
             d["skipped"] = dict(self.skipped)
         return d

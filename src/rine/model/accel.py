@@ -274,7 +274,7 @@ class FastTapEncoder(nn.Module):
         self._graph_built = False
 
     def _int8_block(self, i: int, plan: smooth.Int8Plan, maxima, kept: torch.dtype, qkv_w, qkv_b, out_w, out_b,
-                    fc1_w, fc1_b, fc2_w, fc2_b) -> tuple:  # fmt: skip
+                    fc1_w, fc1_b, fc2_w, fc2_b) -> tuple:
         """Block i's four GEMMs under `plan`: int8 (`quant.Int8Linear`) or `kept` (oneDNN
         bf16/fp32), with SmoothQuant's s folded into the weights and 1 / s into the LayerNorm
         before them. As in bf16, QuickGELU is oneDNN's fused swish; per-channel weight scales

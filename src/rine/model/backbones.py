@@ -250,7 +250,7 @@ def openai_to_hf_vision(state: dict[str, torch.Tensor]) -> tuple[dict, dict[str,
                 dst + "mlp.fc2.weight": vis[src + "mlp.c_proj.weight"],
                 dst + "mlp.fc2.bias": vis[src + "mlp.c_proj.bias"],
             }
-        )  # fmt: skip
+        )
     return config, {k: v.contiguous() for k, v in out.items()}
 
 

@@ -50,7 +50,7 @@ class RINEHead(nn.Module):
             nn.Linear(p, p), nn.ReLU(), nn.Dropout(config.dropout),
             nn.Linear(p, p), nn.ReLU(), nn.Dropout(config.dropout),
             nn.Linear(p, 1),
-        )  # fmt: skip
+        )
 
     def block_weights(self) -> torch.Tensor:
         """softmax(alpha) over blocks -> [1, blocks, proj_dim]; uniform without TIE."""

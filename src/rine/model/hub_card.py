@@ -19,7 +19,7 @@ from ..config import RINEConfig
 # The licences of the backbones of the registry (the weights' own, from their model cards).
 BACKBONE_LICENSES = {"openai/clip-vit-large-patch14": "MIT (OpenAI CLIP)",
                      "openai/clip-vit-base-patch32": "MIT (OpenAI CLIP)",
-                     "openai/clip-vit-base-patch16": "MIT (OpenAI CLIP)"}  # fmt: skip
+                     "openai/clip-vit-base-patch16": "MIT (OpenAI CLIP)"}
 EVAL_TABLES = ("leaderboard.md", "balanced.md", "table.md", "summary.md")
 
 
@@ -51,7 +51,7 @@ def eval_section(eval_dir: Path) -> str:
     data = (where.get("dataset") if isinstance(where, dict) else None) or meta.get("root", "?")
     lines = ["## Evaluation", "",
              f"`rine eval --suite {meta.get('suite', '?')}` on `{data}` (threshold {meta.get('threshold', 0.5)}, "
-             f"rine {meta.get('rine_version', '?')}, precision {meta.get('precision', '?')}):", ""]  # fmt: skip
+             f"rine {meta.get('rine_version', '?')}, precision {meta.get('precision', '?')}):", ""]
     for t in tables[:2]:  # the headline table, then the engine's own
         lines += [t.read_text(encoding="utf-8").strip(), ""]
     return "\n".join(lines)
@@ -64,7 +64,7 @@ def model_card(config: RINEConfig, repo_id: str, eval_dir: Path | None = None, l
     training = {k: v for k, v in config.meta.items() if k not in ("description",)}
     head = config.head
     header = ["---", "library_name: rine", f"license: {license}", "pipeline_tag: image-classification",
-              "tags:", "- ai-generated-image-detection", "- synthetic-image-detection", "- rine", "- clip"]  # fmt: skip
+              "tags:", "- ai-generated-image-detection", "- synthetic-image-detection", "- rine", "- clip"]
     if not is_local_backbone(config):
         header += ["base_model:", f"- {bb_id}"]
     header.append("---")
@@ -77,7 +77,7 @@ def model_card(config: RINEConfig, repo_id: str, eval_dir: Path | None = None, l
              f"| backbone | `{config.backbone}` ({bb_id}) at revision `{config.backbone_revision or 'as recorded'}` |",
              f"| head | {head.n_blocks} blocks x {head.in_dim}, nproj {head.nproj}, proj_dim {head.proj_dim} |",
              f"| preprocessing | {config.preprocess.crop} crop, {config.preprocess.image_size} px |",
-             f"| decision threshold | {config.threshold} |", ""]  # fmt: skip
+             f"| decision threshold | {config.threshold} |", ""]
     if config.meta.get("description"):
         lines += [str(config.meta["description"]), ""]
     lines += ["## Training", ""]
@@ -89,13 +89,13 @@ def model_card(config: RINEConfig, repo_id: str, eval_dir: Path | None = None, l
         lines += [eval_section(Path(eval_dir)), ""]
     lines += ["## Licences", "",
               f"- head (this repository): {license}",
-              f"- backbone `{bb_id}`: {bb_license}; it is downloaded from its own repository, not from this one", ""]  # fmt: skip
+              f"- backbone `{bb_id}`: {bb_license}; it is downloaded from its own repository, not from this one", ""]
     if is_local_backbone(config):
         lines += ["> The backbone was recorded as a local path on the machine that trained the head; pass the same "
-                  "CLIP weights with `--backbone` (or `backbone=`) to load it.", ""]  # fmt: skip
+                  "CLIP weights with `--backbone` (or `backbone=`) to load it.", ""]
     lines += ["## Usage", "", "```bash", "pip install rine",
               f"rine detect --model {repo_id} image.jpg", "```", "", "```python",
               "from rine.inference.detector import Detector", "",
               f'detector = Detector.from_pretrained("{repo_id}")  # revision="..." pins a commit',
-              'print(detector.predict(["image.jpg"]))', "```", ""]  # fmt: skip
+              'print(detector.predict(["image.jpg"]))', "```", ""]
     return "\n".join(lines)

@@ -75,7 +75,7 @@ PRETRAINED: dict[str, PretrainedSpec] = {
             training={"dataset": "ldm"},
         ),
     ]
-}  # fmt: skip
+}
 
 DEFAULT_MODEL = "rine-vitl14-4class"
 
@@ -161,14 +161,14 @@ def looks_like_path(source: str) -> bool:
     with /, ./, ../ or ~, has a backslash or more than one /, or ends like a weights file.
     Such a value that does not exist is a missing file, never a Hub repo id to ask for."""
     return (source.startswith(("/", "./", "../", "~", ".\\")) or source in (".", "..") or "\\" in source
-            or source.count("/") > 1 or source.lower().endswith(WEIGHT_SUFFIXES))  # fmt: skip
+            or source.count("/") > 1 or source.lower().endswith(WEIGHT_SUFFIXES))
 
 
 def missing_path_piece(kind: str, source: str) -> MissingPiece:
     """A --backbone (`kind`) path that does not exist."""
     return MissingPiece(f"{kind} {source}", f"no such file or folder ({Path(source).expanduser().absolute()})",
                         "check the path: a save_pretrained folder of a CLIP model, or an OpenAI-format CLIP file "
-                        "(.pt, .safetensors)")  # fmt: skip
+                        "(.pt, .safetensors)")
 
 
 # One attempt, a few seconds: offline, the Hub's own retries took 30 s before failing.
@@ -203,7 +203,7 @@ def backbone_fix(hub_id: str, revision: str | None) -> str:
     at = f" --revision {revision}" if revision else ""
     return (f"run once with the network (or `hf download {hub_id}{at}` on a connected machine and copy HF_HOME "
             f"over), or pass --backbone /path/to/{hub_id.split('/')[-1]}: a save_pretrained folder of {hub_id} "
-            "or OpenAI's CLIP .pt file")  # fmt: skip
+            "or OpenAI's CLIP .pt file")
 
 
 def backbone_problem(hub_id: str, revision: str | None) -> MissingPiece | None:
@@ -275,7 +275,7 @@ def _head_piece(spec: PretrainedSpec, reason: str, backbone_given: str | None) -
         f"put {spec.head_file} (github.com/mever-team/rine/tree/main/ckpt) at {home / 'heads' / spec.head_file} "
         f"(RINE_HOME={home}), or pass it: rine detect --backbone {with_backbone} --head /path/to/{spec.head_file} "
         "IMAGES...; RINE_HEAD_BASE_URL points at a mirror",
-    )  # fmt: skip
+    )
 
 
 def resolve_pretrained(name: str, backbone_given: str | None = None, *, check_backbone: bool = True) -> Path:
@@ -313,7 +313,7 @@ def resolve_pretrained(name: str, backbone_given: str | None = None, *, check_ba
     if not converted and not head_path.is_file():
         if is_offline():
             missing.insert(0, _head_piece(spec, f"offline mode is on (RINE_OFFLINE/HF_HUB_OFFLINE); source {url}",
-                                          backbone_given))  # fmt: skip
+                                          backbone_given))
         else:
             failures = []
             for source in (url, f"{_sidbench_base_url()}/{spec.head_file}"):
@@ -370,7 +370,7 @@ def backbone_missing_message(name: str, backbone: str, error: BaseException) -> 
     spec = BACKBONES.get(backbone)
     hub_id = spec.hub_id if spec else backbone
     fix = backbone_fix(hub_id, spec.revision if spec else None) if spec or "/" in backbone else (
-        "pass --backbone with a local save_pretrained folder or an OpenAI-format CLIP file")  # fmt: skip
+        "pass --backbone with a local save_pretrained folder or an OpenAI-format CLIP file")
     return missing_message(f"model {name!r}", [MissingPiece(f"backbone {backbone}", reason, fix)])
 
 
@@ -388,14 +388,14 @@ def resolve_hub_model(repo_id: str, revision: str | None = None) -> Path:
     except Exception as e:  # noqa: BLE001 - hub errors have many types (offline, not found, network)
         at = f" at revision {revision}" if revision else ""
         reason = ("offline mode (RINE_OFFLINE/HF_HUB_OFFLINE set) and not in the Hugging Face cache (HF_HOME)"
-                  if offline else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")  # fmt: skip
+                  if offline else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
         raise WeightsUnavailableError("\n".join([
             f"Hub model {repo_id!r}{at} could not be loaded; missing:",
             f"  - {CONFIG_NAME} + {WEIGHTS_NAME} of {repo_id}: {reason}",
             "To use a local copy instead: on a connected machine run",
             f"  hf download {repo_id} {CONFIG_NAME} {WEIGHTS_NAME} --local-dir DIR",
             "then pass --model DIR (or run once online so that the files land in HF_HOME).",
-        ])) from None  # fmt: skip
+        ])) from None
     assert folder is not None
     return folder
 
@@ -404,7 +404,7 @@ def is_hub_model_id(name: str) -> bool:
     """`owner/name` that is neither a folder here, a path (`looks_like_path`) nor a named model."""
     return (name not in PRETRAINED and not Path(name).expanduser().exists() and not looks_like_path(name)
             and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*", name) is not None
-            and ".." not in name)  # fmt: skip
+            and ".." not in name)
 
 
 def resolve_model(name_or_path: str, revision: str | None = None, backbone_given: str | None = None) -> Path:

@@ -192,7 +192,7 @@ class Int8Linear:
         return torch.ops.onednn.qlinear_pointwise(
             xq, scale, zp, self.weight, self.w_scale, self.w_zero, self.bias,
             1.0, 0, self.out_dtype, self.post, [], "",
-        )  # fmt: skip
+        )
 
     def add_to(self, x: torch.Tensor, acc: torch.Tensor) -> torch.Tensor:
         if self.post != "none" or acc.dtype != torch.float32 or not acc.is_contiguous():
@@ -202,4 +202,4 @@ class Int8Linear:
         return torch.ops.onednn.qlinear_pointwise.binary(
             xq, scale, zp, self.weight, self.w_scale, self.w_zero, acc, self.bias,
             1.0, 0, torch.float32, 1.0, 0, "sum", 1.0, "none", [], "",
-        )  # fmt: skip
+        )

@@ -50,7 +50,7 @@ PNG_TEXT: tuple[PngTextSignature, ...] = (
                      source="github.com/NovelAI/novelai-image-metadata (tEXt Software 'NovelAI', Source, Comment JSON)"),
     PngTextSignature("Comment", "NovelAI", json=True, marker="Software=NovelAI",
                      source="github.com/NovelAI/novelai-image-metadata (tEXt Software 'NovelAI', Source, Comment JSON)"),
-)  # fmt: skip
+)
 
 
 
@@ -67,7 +67,7 @@ class SoftwareSignature:
 SOFTWARE: tuple[SoftwareSignature, ...] = (
     SoftwareSignature("NovelAI", "NovelAI",
                       source="github.com/NovelAI/novelai-image-metadata (Software 'NovelAI')"),
-)  # fmt: skip
+)
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,7 @@ WATERMARKS: tuple[WatermarkSignature, ...] = (
     WatermarkSignature("sd2", "Stable Diffusion 2.x (Stability AI scripts)", _bytes_bits(b"SDV2"),
                        source="github.com/Stability-AI/stablediffusion scripts/txt2img.py (wm = 'SDV2')",
                        min_match=0.97),  # 32 bits: >= 31 agree, ~8e-9 by chance
-)  # fmt: skip
+)
 
 
 def software_generator(text: str | None) -> str | None:

@@ -118,7 +118,7 @@ def _walk_jpeg(data: bytes, pieces: Pieces, max_segments: int) -> None:
         body = data[pos + 4 : pos + 2 + length]
         if length < 2 or len(body) < length - 2:
             pieces.errors.append((f"jpeg:APP{marker - 0xE0}" if 0xE0 <= marker <= 0xEF else "jpeg",
-                                  f"segment truncated ({len(body)} of {max(length - 2, 0)} bytes)"))  # fmt: skip
+                                  f"segment truncated ({len(body)} of {max(length - 2, 0)} bytes)"))
             return
         if marker == 0xE1 and body.startswith(XMP_JPEG_HEADER):
             pieces.xmp.append(("jpeg:APP1", body[len(XMP_JPEG_HEADER) :]))

@@ -99,7 +99,7 @@ def read(data: bytes, mime: str, trust: TrustConfig, limits: ProvenanceLimits, e
         generator=cap(claim_gen, 120) or None, source_type=term, verified=state == "Trusted" and not failures,
         signer=cap(signer, 160), claim_generator=cap(claim_gen, 160) or None, actions=actions,
         validation_state=state, failed_codes=failures,
-    )  # fmt: skip
+    )
 
 
 def _actions(manifest: dict, limits: ProvenanceLimits) -> list[dict]:
@@ -116,7 +116,7 @@ def _actions(manifest: dict, limits: ProvenanceLimits) -> list[dict]:
                 "action": cap(act.get("action"), 80),
                 "digitalSourceType": short_source_type(act.get("digitalSourceType")),
                 "softwareAgent": cap(agent, limits.max_value_chars),
-            }.items() if v})  # fmt: skip
+            }.items() if v})
     return out
 
 

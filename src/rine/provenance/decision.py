@@ -19,10 +19,10 @@ def combine(provenance: Provenance | None, detector_verdict: str | None) -> dict
     term = provenance.digital_source_type if provenance else None
     if provenance and provenance.verified and term in GENERATED:
         return {"decision": "synthetic", "basis": f"verified C2PA declaration: {term} ({provenance.signer})",
-                "declared": term}  # fmt: skip
+                "declared": term}
     if provenance and provenance.verified and term in CAPTURED and not _generative_action(provenance):
         return {"decision": "real", "basis": f"verified C2PA declaration: {term} ({provenance.signer})",
-                "declared": term}  # fmt: skip
+                "declared": term}
     basis = "detector" if detector_verdict is not None else "none: the file was not scored"
     if term:
         basis += f"; unverified declaration beside it: {term} ({provenance.basis})"
@@ -31,4 +31,4 @@ def combine(provenance: Provenance | None, detector_verdict: str | None) -> dict
 
 def _generative_action(provenance: Provenance) -> bool:
     return any(a.get("digitalSourceType") in GENERATED
-               for s in provenance.signals if s.kind == "c2pa" for a in s.actions or [])  # fmt: skip
+               for s in provenance.signals if s.kind == "c2pa" for a in s.actions or [])

@@ -55,7 +55,7 @@ def read(blocks: list[tuple[str, bytes]], limits: ProvenanceLimits) -> list[Sign
         if isinstance(software, str) and software.strip():
             gen = software_generator(software)
             signals.append(Signal("exif", "exif:Software", value=cap(software, limits.max_value_chars),
-                                  generator=gen, source_type="trainedAlgorithmicMedia" if gen else None))  # fmt: skip
+                                  generator=gen, source_type="trainedAlgorithmicMedia" if gen else None))
         camera = " ".join(str(exif.get(t, "")).strip() for t in (MAKE, MODEL)).strip()
         if camera:
             # a camera name is not a capture claim: any editor keeps or writes it
@@ -64,5 +64,5 @@ def read(blocks: list[tuple[str, bytes]], limits: ProvenanceLimits) -> list[Sign
         if comment and "Steps:" in comment and "Sampler:" in comment:
             signals.append(Signal("exif", "exif:UserComment", value=cap(comment, limits.max_value_chars),
                                   generator=A1111_SOURCE, source_type="trainedAlgorithmicMedia",
-                                  parameters=a1111_parameters(comment[: limits.max_text_bytes], limits.max_value_chars)))  # fmt: skip
+                                  parameters=a1111_parameters(comment[: limits.max_text_bytes], limits.max_value_chars)))
     return signals

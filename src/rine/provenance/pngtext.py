@@ -174,5 +174,5 @@ def _signal(key: str, text: str, error: str | None, texts: dict[str, str], limit
         signal.parameters = comfy_parameters(parsed, limits.max_value_chars)
     elif isinstance(parsed, dict):
         signal.parameters = {str(k)[:40]: cap(v, limits.max_value_chars) for k, v in list(parsed.items())[:40]
-                             if isinstance(v, str | int | float | bool)}  # fmt: skip
+                             if isinstance(v, str | int | float | bool)}
     return signal

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     import numpy as np
 
 NOTHING_FOUND = ("no provenance metadata found; absence proves nothing (most platforms and editors "
-                 "strip metadata)")  # fmt: skip
+                 "strip metadata)")
 
 
 def rank(signal: Signal) -> int:
@@ -56,7 +56,7 @@ def missing_readers() -> list[str]:
 
 
 def read_provenance(data: bytes, *, filename: str | None = None, trust: TrustConfig | None = None,
-                    limits: ProvenanceLimits = ProvenanceLimits(), pixels: np.ndarray | None = None) -> Provenance:  # fmt: skip
+                    limits: ProvenanceLimits = ProvenanceLimits(), pixels: np.ndarray | None = None) -> Provenance:
     """What `data` (one image file's bytes) declares about its origin, verified where possible.
     `filename` helps only where the content names no format; `pixels`: the file's decoded RGB
     pixels ([H, W, 3] uint8, as the detector's decoder gives them), so that the watermark check
@@ -97,12 +97,12 @@ def read_provenance(data: bytes, *, filename: str | None = None, trust: TrustCon
     if len(signals) > limits.max_signals:
         dropped = len(signals) - limits.max_signals + 1
         signals = [*signals[: limits.max_signals - 1],
-                   Signal("container", "signals", error=f"{dropped} more signals not listed")]  # fmt: skip
+                   Signal("container", "signals", error=f"{dropped} more signals not listed")]
     return _summarise(signals, c2pa_signal, trust, missing)
 
 
 def _summarise(signals: list[Signal], c2pa_signal: Signal | None, trust: TrustConfig,
-               missing: list[str]) -> Provenance:  # fmt: skip
+               missing: list[str]) -> Provenance:
     declaring = sorted((s for s in signals if s.source_type and not s.error), key=rank)
     top = declaring[0] if declaring else None
     generator = (top.generator if top else None) or next((s.generator for s in signals if s.generator), None)

@@ -26,18 +26,18 @@ def with_provenance(record: dict, provenance: Provenance | None) -> dict:
     """`record` plus `provenance` (its dict, or None when it was not read) and `decision`
     ({"decision", "basis", "declared"}). The detector's fields are copied unchanged."""
     return {**record, "provenance": provenance.to_dict() if provenance else None,
-            "decision": combine(provenance, detector_verdict(record))}  # fmt: skip
+            "decision": combine(provenance, detector_verdict(record))}
 
 
 def flat_columns(record: dict, provenance: Provenance | None) -> dict:
     """The CSV columns for `record`: the flat provenance fields, `decision`, `decision_basis`."""
     d = combine(provenance, detector_verdict(record))
     return {**(provenance.flat() if provenance else dict.fromkeys(FLAT_FIELDS, "")),
-            "decision": d["decision"] or "", "decision_basis": d["basis"]}  # fmt: skip
+            "decision": d["decision"] or "", "decision_basis": d["basis"]}
 
 
 def read_files(paths: Iterable[str], trust: TrustConfig | None = None, limits: ProvenanceLimits = ProvenanceLimits(),
-               max_bytes: int | None = None, ahead: int = 8) -> Iterator[Provenance | None]:  # fmt: skip
+               max_bytes: int | None = None, ahead: int = 8) -> Iterator[Provenance | None]:
     """The provenance of each path, in order, read by one background thread up to `ahead`
     files before the consumer (so it overlaps the detector's scoring); None for a file that
     cannot be read or is over `max_bytes` (the detector's record says why)."""

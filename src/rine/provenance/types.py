@@ -12,7 +12,7 @@ TRUST_ENV = "RINE_TRUST_ANCHORS"
 
 # IPTC NewsCodes digital source types (https://cv.iptc.org/newscodes/digitalsourcetype/)
 GENERATED = frozenset({"trainedAlgorithmicMedia", "compositeWithTrainedAlgorithmicMedia",
-                       "algorithmicMedia", "compositeSynthetic"})  # fmt: skip
+                       "algorithmicMedia", "compositeSynthetic"})
 CAPTURED = frozenset({"digitalCapture", "computationalCapture", "negativeFilm", "positiveFilm", "print"})
 
 

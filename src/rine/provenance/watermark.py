@@ -101,7 +101,7 @@ def read(data: bytes, limits: ProvenanceLimits, pixels: np.ndarray | None = None
         with Image.open(io.BytesIO(data)) as im:  # reads the header only: the size is known before decoding
             if im.width * im.height > limits.watermark_max_pixels:
                 return Signal("watermark", "watermark:dwtDct",
-                              error=f"not read: {im.width}x{im.height} is over the {limits.watermark_max_pixels}-pixel cap")  # fmt: skip
+                              error=f"not read: {im.width}x{im.height} is over the {limits.watermark_max_pixels}-pixel cap")
             if not plausible(im.width, im.height):
                 return None
             rgb = np.asarray(im.convert("RGB"))
@@ -126,4 +126,4 @@ def _find(rgb: np.ndarray, limits: ProvenanceLimits) -> Signal | None:
     match, sig, _ = best
     n = len(sig.bits)  # type: ignore[union-attr]
     return Signal("watermark", f"watermark:dwtDct:{sig.name}", generator=sig.generator,  # type: ignore[union-attr]
-                  value=f"{round(match * n)}/{n} bits match", source_type="trainedAlgorithmicMedia")  # fmt: skip
+                  value=f"{round(match * n)}/{n} bits match", source_type="trainedAlgorithmicMedia")

@@ -80,9 +80,9 @@ def read(packets: list[tuple[str, bytes | str]], limits: ProvenanceLimits) -> li
                 "xmp", f"xmp:Iptc4xmpExt:DigitalSourceType@{where}", value=cap(value, limits.max_value_chars),
                 source_type=term, generator=software_generator(tool) or cap(tool, 80),
                 error=None if term else "not an IPTC digital source type term",
-            ))  # fmt: skip
+            ))
         if tool:
             gen = software_generator(tool)
             signals.append(Signal("xmp", f"xmp:CreatorTool@{where}", value=cap(tool, limits.max_value_chars),
-                                  generator=gen, source_type="trainedAlgorithmicMedia" if gen else None))  # fmt: skip
+                                  generator=gen, source_type="trainedAlgorithmicMedia" if gen else None))
     return signals

@@ -127,7 +127,7 @@ class AccessLog:
                     extra.append((b"connection", b"close"))
                 message = {**message, "headers": [*message.get("headers", []), *extra]}
             elif (message["type"] == "http.response.body" and not message.get("more_body", False)
-                  and early and not body.done):  # fmt: skip
+                  and early and not body.done):
                 # A client waiting for 100 Continue sends nothing more: there is nothing to drain;
                 # one too slow to send its body in time (408) is not waited for a second time.
                 if not (body.expects_continue and body.received == 0) and status[0] != 408:
@@ -159,4 +159,4 @@ class AccessLog:
         ms = round(1000 * seconds, 1)
         logger.info("%s %s %s %d%s %.1f ms", host, method, path, code, images, ms,
                     extra={"request_id": rid, "method": method, "route": route, "path": path, "status": code,
-                           "images": n, "ms": ms, "client": host})  # fmt: skip
+                           "images": n, "ms": ms, "client": host})

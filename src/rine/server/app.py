@@ -201,7 +201,7 @@ def create_app(
     # What the answers can be, declared for generated clients and fuzzers: 401 only with a key,
     # 421 only with a Host allow-list (both are this server's settings).
     guarded = {421: _error("the Host header names a host this server does not answer to (--allowed-host)")} \
-        if settings.allowed_hosts is not None else {}  # fmt: skip
+        if settings.allowed_hosts is not None else {}
     keyed = {401: _error("missing or wrong X-API-Key")} if settings.api_key else {}
     unready = {503: _error("not ready (reason: loading, failed, busy, timeout or stopping); see Retry-After")}
     errors = {**guarded, **keyed, **unready}

@@ -43,7 +43,7 @@ def missing_vendor_files() -> list[str]:
 def vendor_missing_message() -> str:
     return (f"onnxruntime-web {ORT_WEB_VERSION} is not installed in {VENDOR_DIR} (missing: "
             f"{', '.join(missing_vendor_files())}); fetch it from the npm registry with "
-            "`bash scripts/vendor_onnxruntime_web.sh` (needs npm), then start rine serve again")  # fmt: skip
+            "`bash scripts/vendor_onnxruntime_web.sh` (needs npm), then start rine serve again")
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ def check_client_side(folder: str | Path, crop: str) -> ClientSide:
     folder = Path(folder).expanduser().resolve()
     if not is_onnx_export(folder):
         raise ClientSideError("--client-side scores with an ONNX export: make one with `rine export --format onnx "
-                              "--model NAME --out DIR` and start rine serve with --model DIR")  # fmt: skip
+                              "--model NAME --out DIR` and start rine serve with --model DIR")
     manifest = OnnxManifest.load(folder)
     path = folder / manifest.onnx_file
     size = path.stat().st_size
@@ -75,7 +75,7 @@ def check_client_side(folder: str | Path, crop: str) -> ClientSide:
         )
     if crop == "resize":
         raise ClientSideError("--client-side cannot use the resize crop: a browser cannot resize exactly as Pillow's "
-                              "bicubic filter does; use --crop center or ten")  # fmt: skip
+                              "bicubic filter does; use --crop center or ten")
     if missing_vendor_files():
         raise ClientSideError(vendor_missing_message())
     return ClientSide(folder, path, size)

@@ -62,7 +62,7 @@ class AllowedHosts:
             host = dict(scope.get("headers") or []).get(b"host", b"").decode("latin-1")
             if not self.allowed(host):
                 detail = ("this server does not answer to the host name in the request; start it with "
-                          "--allowed-host NAME to add one")  # fmt: skip
+                          "--allowed-host NAME to add one")
                 return await JSONResponse({"detail": detail}, status_code=421)(scope, receive, send)
         await self.app(scope, receive, send)
 

@@ -84,7 +84,7 @@ class ServerSettings:
         """The uploads' decoding as `DecodeOptions`: the per-image limits and the pool's threads
         (no per-image timeout: the request's `score_timeout_s` bounds decoding and scoring)."""
         return DecodeOptions(max_pixels=self.max_pixels, max_bytes=self.max_file_bytes, workers=self.decode_workers,
-                             decoder="threads", timeout=None)  # fmt: skip
+                             decoder="threads", timeout=None)
 
 
 class HTTPError(Exception):

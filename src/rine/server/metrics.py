@@ -26,7 +26,7 @@ REQUEST_REFUSAL_KINDS = frozenset({
     "loading", "failed", "busy", "timeout", "stopping",  # 503
     "request_too_large", "bad_request", "read_timeout", "unauthorized", "cross_origin", "not_multipart",
     "no_images",
-})  # fmt: skip
+})
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 QUEUE_WAIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -40,24 +40,24 @@ class ServiceMetrics:
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry(auto_describe=True)
         self.requests = Counter("rine_http_requests", "HTTP requests answered, by route template, method and status",
-                                ["route", "method", "status"], registry=r)  # fmt: skip
+                                ["route", "method", "status"], registry=r)
         self.latency = Histogram("rine_http_request_duration_seconds", "time to the end of the answer, by route",
-                                 ["route"], buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
+                                 ["route"], buckets=LATENCY_BUCKETS, registry=r)
         self.images_scored = Counter("rine_images_scored", "images scored (status 200 in their record)", registry=r)
         self.images_per_request = Histogram("rine_detect_images_per_request", "images uploaded per /v1/detect request",
-                                            buckets=IMAGES_BUCKETS, registry=r)  # fmt: skip
+                                            buckets=IMAGES_BUCKETS, registry=r)
         self.image_refusals = Counter("rine_image_refusals", "uploaded images that got an error record, by kind",
-                                      ["kind"], registry=r)  # fmt: skip
+                                      ["kind"], registry=r)
         self.request_refusals = Counter("rine_request_refusals", "requests refused as a whole, by kind "
                                         "(503 reasons: loading, failed, busy, timeout, stopping)", ["kind"], registry=r)
         self.batch_views = Histogram("rine_batch_views", "views per encoder batch (the cross-request batcher)",
-                                     buckets=BATCH_VIEW_BUCKETS, registry=r)  # fmt: skip
+                                     buckets=BATCH_VIEW_BUCKETS, registry=r)
         self.queue_wait = Histogram("rine_queue_wait_seconds", "time an image waited in the batcher's queue "
                                     "before its encoder batch started", buckets=QUEUE_WAIT_BUCKETS, registry=r)
         self.in_flight = Gauge("rine_detect_in_flight", "/v1/detect requests being read, decoded or scored", registry=r)
         self.budget_used = Gauge("rine_upload_memory_bytes", "upload bytes held in memory by all requests", registry=r)
         self.budget_limit = Gauge("rine_upload_memory_limit_bytes", "the upload memory budget (--memory-budget-mb)",
-                                  registry=r)  # fmt: skip
+                                  registry=r)
         self.queue_depth = Gauge("rine_queue_images", "images waiting for the encoder", registry=r)
         self.ready = Gauge("rine_ready", "1 once the model is loaded and the encoder runs, else 0", registry=r)
         self.load_seconds = Gauge("rine_model_load_seconds", "how long the model took to load", registry=r)
@@ -116,7 +116,7 @@ class ServiceMetrics:
         calibration = (public or {}).get("method") or ("threshold" if public else "none")
         self.model.info({"name": str(detector.config.name), "head_digest": digest,
                          "precision": str(getattr(detector, "precision", "unknown")),
-                         "calibration": str(calibration), "threshold": f"{rule.threshold:g}"})  # fmt: skip
+                         "calibration": str(calibration), "threshold": f"{rule.threshold:g}"})
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -128,7 +128,7 @@ class Service:
         if stability:
             return stability_views(data, self.detector.config.preprocess, resolve_conditions(),
                                    max_pixels=decode.max_pixels, max_bytes=decode.max_bytes,
-                                   reserve_pixels=reserve)  # fmt: skip
+                                   reserve_pixels=reserve)
         # crop-aware for baseline JPEGs, the same bytes as load_image + crop_views otherwise
         return decode_views(data, self.detector.config.preprocess, max_pixels=decode.max_pixels,
                             max_bytes=decode.max_bytes, reserve_pixels=reserve)

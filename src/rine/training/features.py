@@ -54,10 +54,10 @@ def extract_features(
         return backbone(pixels).float().cpu().numpy()
 
     backbone_meta = {"backbone": str(backbone.source), "revision": backbone.revision, "blocks": int(backbone.n_blocks),
-                     "width": int(backbone.width), "image_size": int(backbone.image_size)}  # fmt: skip
+                     "width": int(backbone.width), "image_size": int(backbone.image_size)}
     return extract_taps(encode, backbone_meta, items, out_dir, make_views, transform_id=transform_id, views=views,
                         seed=seed, dtype=dtype, batch_size=batch_size, shard_size=shard_size, decode=decode,
-                        progress=progress, extra_meta=extra_meta, sources=sources)  # fmt: skip
+                        progress=progress, extra_meta=extra_meta, sources=sources)
 
 
 def backbone_mean(backbone) -> tuple[float, float, float]:

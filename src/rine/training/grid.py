@@ -106,7 +106,7 @@ class GridRun:
         c = self.config
         return {"factor": c.factor, "nproj": c.nproj, "proj_dim": c.proj_dim, "epochs": c.epochs, "seed": c.seed,
                 "mean_acc": self.mean_acc, "mean_ap": self.mean_ap, "score": self.score,
-                "best_epoch": self.best_epoch, "seconds": round(self.seconds, 3)}  # fmt: skip
+                "best_epoch": self.best_epoch, "seconds": round(self.seconds, 3)}
 
 
 def run_grid(
@@ -132,7 +132,7 @@ def run_grid(
             metrics = evaluate_sets(res.head, sets)
             run = GridRun(cfg, metrics, float(np.mean([m["acc"] for m in metrics.values()])),
                           float(np.nanmean([m["ap"] for m in metrics.values()])),
-                          time.perf_counter() - t0, res.best_epoch)  # fmt: skip
+                          time.perf_counter() - t0, res.best_epoch)
             runs.append(run)
             if best is None or run.rank_key > best[0].rank_key:
                 best = (run, res)

@@ -100,7 +100,7 @@ class StoreTaps:
             preload = _fits_in_memory(store.taps.nbytes)
             if not preload:
                 logger.info("%s: %.1f GB of taps, more than half the free memory: reading them from disk",
-                            store.root, store.taps.nbytes / 1e9)  # fmt: skip
+                            store.root, store.taps.nbytes / 1e9)
         self.cache = torch.from_numpy(np.ascontiguousarray(store.taps[:])) if preload else None
 
     def __len__(self) -> int:
@@ -203,7 +203,7 @@ def probabilities(logits: np.ndarray) -> np.ndarray:
 
 
 def evaluate_store(head: RINEHead, store: FeatureStore | StoreTaps, factor: float = 0.2,
-                   contrastive: bool = True, batch_size: int = 1024) -> dict[str, float]:  # fmt: skip
+                   contrastive: bool = True, batch_size: int = 1024) -> dict[str, float]:
     """acc (threshold 0.5), ap and loss (per sample) of `head` on a store's view-0 rows.
 
     Items of stores made with several views are scored as the mean of their view logits
@@ -222,7 +222,7 @@ def evaluate_store(head: RINEHead, store: FeatureStore | StoreTaps, factor: floa
             loss += float(total)
     prob = probabilities(per_item)
     return {"acc": float(np.mean((prob > 0.5) == (y == 1))), "ap": average_precision(y, prob),
-            "loss": loss / max(1, len(y)), "n": int(len(y))}  # fmt: skip
+            "loss": loss / max(1, len(y)), "n": int(len(y))}
 
 
 # --------------------------------------------------------------------------- the loop
@@ -250,7 +250,7 @@ def subset(n: int, seed: int, fraction: float) -> np.ndarray:
 def build_head(config: TrainConfig, width: int, blocks: int) -> RINEHead:
     """A fresh head for taps [*, blocks, width] (`HeadConfig.for_backbone`: all blocks, or the last)."""
     hc = HeadConfig.for_backbone(width, blocks, config.blocks, nproj=config.nproj, proj_dim=config.proj_dim,
-                                 dropout=config.dropout, use_tie=config.use_tie)  # fmt: skip
+                                 dropout=config.dropout, use_tie=config.use_tie)
     return RINEHead(hc)
 
 
@@ -279,7 +279,7 @@ def train_head(
             head = build_head(config, train.width, train.blocks).to(device)
             if val_src is not None and (val_src.width != train.width or not head.config.takes(val_src.blocks)):
                 raise ValueError(f"validation taps [*, {val_src.blocks}, {val_src.width}] do not fit a head trained "
-                                 f"on [*, {train.blocks}, {train.width}]: extract both with the same backbone")  # fmt: skip
+                                 f"on [*, {train.blocks}, {train.width}]: extract both with the same backbone")
             opt = torch.optim.Adam(head.parameters(), lr=config.lr)
             for epoch in range(config.epochs):
                 t0 = time.perf_counter()
@@ -306,11 +306,11 @@ def train_head(
                     sums += [float(loss.detach()), float(bce), float(sc)]
                 n_batches = max(1, len(steps))
                 record = {"event": "epoch", "epoch": epoch + 1, "lr": lr, "loss": sums[0] / n_batches,
-                          "bce": sums[1] / n_batches, "supcon": sums[2] / n_batches}  # fmt: skip
+                          "bce": sums[1] / n_batches, "supcon": sums[2] / n_batches}
                 if val_src is not None:
                     with torch.random.fork_rng(devices=devices):  # validation leaves dropout's stream alone
                         m = evaluate_store(head.cpu() if device.type != "cpu" else head, val_src,
-                                           config.factor, config.contrastive)  # fmt: skip
+                                           config.factor, config.contrastive)
                         head.to(device)
                     record.update(val_acc=m["acc"], val_ap=m["ap"], val_loss=m["loss"])
                     key = (m["acc"], -m["loss"])
@@ -342,7 +342,7 @@ def _write(log, record: dict) -> None:
 
 def save_run(result: TrainResult, config: TrainConfig, out_dir: str | Path, backbone: str,
              revision: str | None = None, name: str | None = None, meta: dict | None = None,
-             plot: bool = True) -> Path:  # fmt: skip
+             plot: bool = True) -> Path:
     """Write the checkpoint (config.json + model.safetensors, loadable by `rine detect
     --model OUT`), the resolved training config and the block-importance plot."""
     from ..model.checkpoints import save_pretrained
@@ -351,7 +351,7 @@ def save_run(result: TrainResult, config: TrainConfig, out_dir: str | Path, back
     rcfg = RINEConfig(backbone=backbone, head=result.head.config, backbone_revision=revision,
                       preprocess=PreprocessConfig(), name=name,
                       meta={"trained_with": "rine train", "best_epoch": result.best_epoch,
-                            "train_config": asdict(config), **(meta or {})})  # fmt: skip
+                            "train_config": asdict(config), **(meta or {})})
     save_pretrained(result.head, rcfg, out)
     (out / "train_config.json").write_text(json.dumps({"train": asdict(config), **(meta or {})}, indent=2) + "\n")
     if plot:
