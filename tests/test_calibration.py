@@ -398,7 +398,9 @@ def test_calibrated_checkpoint_round_trips_through_detector_detect_and_serve(cap
     det = Detector.from_pretrained(str(out), precision="fp32")
     assert det.config.calibration.method == "platt"
     api = [p.to_dict() for p in det.predict(files, batch_size=1)]
-    code, o, _ = run_cli(capsys, "detect", *files, "--model", out, "--format", "jsonl", "--precision", "fp32", "--batch-size", 1)
+    # --no-provenance: the detector's records alone (rine detect adds provenance by default)
+    code, o, _ = run_cli(capsys, "detect", *files, "--model", out, "--format", "jsonl", "--precision", "fp32", "--batch-size", 1,
+                         "--no-provenance")
     assert _jsonl(o) == api
     cal = det.config.calibration
     for r in api:
@@ -424,7 +426,8 @@ def test_uncalibrated_head_records_stay_as_today(capsys, tmp_path, tiny_checkpoi
 
     assert "calibration" not in json.loads((tiny_checkpoint_dir / "config.json").read_text())
     files = sorted(str(p) for p in (image_data / "heldout").rglob("*.png"))[:3]
-    code, o, _ = run_cli(capsys, "detect", *files, "--model", tiny_checkpoint_dir, "--format", "jsonl", "--precision", "fp32")
+    code, o, _ = run_cli(capsys, "detect", *files, "--model", tiny_checkpoint_dir, "--format", "jsonl", "--precision", "fp32",
+                         "--no-provenance")
     recs = _jsonl(o)
     assert all(set(r) == {"path", "prob_fake", "logit", "is_fake", "error"} for r in recs)
     for r in recs:
@@ -434,8 +437,10 @@ def test_uncalibrated_head_records_stay_as_today(capsys, tmp_path, tiny_checkpoi
     with TestClient(create_app(det)) as client:
         assert client.get("/v1/model").json()["calibration"] is None
         got = client.post("/v1/detect", files=[("files", ("a.png", Path(files[0]).read_bytes(), "image/png"))]).json()
+        # no threshold (nothing calibrated or overridden); provenance, decision and error_kind
+        # are this round's fields of every result
         assert set(got["results"][0]) == {"name", "status", "prob_fake", "logit", "is_fake", "verdict",
-                                          "block_importance", "error"}
+                                          "block_importance", "error", "error_kind", "provenance", "decision"}
     # --threshold overrides and the records then say which cut made is_fake
     code, o, _ = run_cli(capsys, "detect", files[0], "--model", tiny_checkpoint_dir, "--format", "jsonl",
                          "--threshold", 0.99, "--precision", "fp32")
