@@ -9,6 +9,7 @@ that hold on hostile files. No pixel data is decoded.
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -71,19 +72,32 @@ def walk(data: bytes, max_segments: int) -> Pieces:
     return pieces
 
 
-def _walk_png(data: bytes, pieces: Pieces, max_segments: int) -> None:
-    pieces.lossless = True
-    pos, n = len(PNG_SIGNATURE), 0
+def _chunks(data: bytes, pos: int, container: str, little_endian: bool, pieces: Pieces,
+            max_segments: int) -> Iterator[tuple[bytes, bytes]]:
+    """(kind, body) of each chunk of a PNG (big-endian length, then kind, then a 4-byte CRC) or
+    a WebP RIFF (kind, then little-endian size, bodies padded to even): the same bounded walk,
+    a truncated chunk or too many of them an error in `pieces`."""
+    n = 0
     while pos + 8 <= len(data):
         n += 1
         if n > max_segments:
-            pieces.errors.append(("png", f"more than {max_segments} chunks; the rest was not read"))
+            pieces.errors.append((container, f"more than {max_segments} chunks; the rest was not read"))
             return
-        length, kind = struct.unpack(">I4s", data[pos : pos + 8])
-        body = data[pos + 8 : pos + 8 + length]
-        if len(body) < length:
-            pieces.errors.append((f"png:{_name(kind)}", f"chunk truncated ({len(body)} of {length} bytes)"))
+        if little_endian:
+            kind, size = struct.unpack("<4sI", data[pos : pos + 8])
+        else:
+            size, kind = struct.unpack(">I4s", data[pos : pos + 8])
+        body = data[pos + 8 : pos + 8 + size]
+        if len(body) < size:
+            pieces.errors.append((f"{container}:{_name(kind)}", f"chunk truncated ({len(body)} of {size} bytes)"))
             return
+        yield kind, body
+        pos += 8 + size + ((size & 1) if little_endian else 4)
+
+
+def _walk_png(data: bytes, pieces: Pieces, max_segments: int) -> None:
+    pieces.lossless = True
+    for kind, body in _chunks(data, len(PNG_SIGNATURE), "png", False, pieces, max_segments):
         if kind in (b"tEXt", b"zTXt", b"iTXt"):
             pieces.text_chunks.append((kind, body))
         elif kind == b"eXIf":
@@ -92,7 +106,6 @@ def _walk_png(data: bytes, pieces: Pieces, max_segments: int) -> None:
             pieces.has_jumbf = pieces.jumbf_box = True
         elif kind == b"IEND":
             return
-        pos += 12 + length
 
 
 def _walk_jpeg(data: bytes, pieces: Pieces, max_segments: int) -> None:
@@ -132,17 +145,7 @@ def _walk_jpeg(data: bytes, pieces: Pieces, max_segments: int) -> None:
 
 
 def _walk_webp(data: bytes, pieces: Pieces, max_segments: int) -> None:
-    pos, n = 12, 0
-    while pos + 8 <= len(data):
-        n += 1
-        if n > max_segments:
-            pieces.errors.append(("webp", f"more than {max_segments} chunks; the rest was not read"))
-            return
-        kind, size = struct.unpack("<4sI", data[pos : pos + 8])
-        body = data[pos + 8 : pos + 8 + size]
-        if len(body) < size:
-            pieces.errors.append((f"webp:{_name(kind)}", f"chunk truncated ({len(body)} of {size} bytes)"))
-            return
+    for kind, body in _chunks(data, 12, "webp", True, pieces, max_segments):
         if kind == b"VP8L":
             pieces.lossless = True
         elif kind == b"XMP ":
@@ -151,7 +154,6 @@ def _walk_webp(data: bytes, pieces: Pieces, max_segments: int) -> None:
             pieces.exif.append(("webp:EXIF", body[6:] if body.startswith(EXIF_HEADER) else body))
         elif kind == b"C2PA":
             pieces.has_jumbf = pieces.jumbf_box = True
-        pos += 8 + size + (size & 1)
 
 
 def _name(kind: bytes) -> str:
