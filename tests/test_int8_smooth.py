@@ -14,7 +14,7 @@ from rine.model import accel, quant, smooth
 from rine.model.accel import FastTapEncoder, resolve_precision
 from rine.model.head import RINEHead
 
-from conftest import make_openai_visual_state
+from support.int8_models import outlier_backbone
 
 needs_int8 = pytest.mark.skipif(
     quant.int8_unavailable(torch.device("cpu")) is not None,
@@ -31,32 +31,10 @@ MAX_DP, MEAN_DP = 0.02, 0.002  # the project's tolerance for a fast mode (offici
 MEAN_VS_BF16 = 1.5
 
 
-def _outlier_backbone():
-    """A small random CLIP whose two LayerNorms per block have two channels 20x larger (their
-    GEMM input columns divided by sqrt(20)): a per-tensor input range is then set by those
-    channels, as in real CLIP and LLMs, and the rest of the channels get a coarse step."""
-    from transformers import CLIPVisionConfig, CLIPVisionModel
-
-    from rine.model.backbones import TappedCLIPVision, openai_to_hf_vision
-
-    sd = make_openai_visual_state(width=WIDTH, layers=LAYERS, patch=32)
-    for i in range(LAYERS):
-        p = f"visual.transformer.resblocks.{i}."
-        for ln, w in (("ln_1", "attn.in_proj_weight"), ("ln_2", "mlp.c_fc.weight")):
-            sd[p + ln + ".weight"][OUTLIER_CHANNELS] = OUTLIER
-            sd[p + w][:, OUTLIER_CHANNELS] /= OUTLIER**0.5
-    kwargs, hf_state = openai_to_hf_vision(sd)
-    cfg = CLIPVisionConfig(**kwargs)
-    cfg._attn_implementation = "sdpa"
-    clip = CLIPVisionModel(cfg)
-    clip.load_state_dict(hf_state, strict=False)
-    return TappedCLIPVision(clip).eval()
-
-
 @pytest.fixture(scope="module")
 def outliers():
     """(backbone, images, fp32 taps, a head whose fp32 logits have std 3 on the images)."""
-    backbone = _outlier_backbone()
+    backbone = outlier_backbone(LAYERS, WIDTH, OUTLIER_CHANNELS, OUTLIER)
     pixels = smooth.calibration_pixels(24, seed=7)  # not the calibration's images (seed 0)
     exact = FastTapEncoder(backbone, "fp32")(pixels)
     torch.manual_seed(0)

@@ -32,13 +32,14 @@ import threading
 import warnings
 from contextlib import contextmanager, nullcontext
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..config import PRECISIONS
-from . import quant, smooth
+from . import int8_cache, quant, smooth
 from .cpu_features import cpu_flags as _cpu_flags  # a module name, so tests can patch it
 
 logger = logging.getLogger(__name__)
@@ -171,6 +172,16 @@ def _quick_gelu(x: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(QUICK_GELU * x)
 
 
+def _gemm_weight(layer: nn.Module, gemm: str) -> torch.Tensor:
+    """One of a HF CLIP encoder layer's four GEMM weights [out, in] as the int8 encoder runs
+    it: QKV fused, and QuickGELU's 1.702 moved into the MLP (fc1 * 1.702, fc2 / 1.702)."""
+    attn = layer.self_attn
+    if gemm == "qkv":
+        return torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
+    return {"out": lambda: attn.out_proj.weight, "fc1": lambda: layer.mlp.fc1.weight * QUICK_GELU,
+            "fc2": lambda: layer.mlp.fc2.weight / QUICK_GELU}[gemm]()
+
+
 # A batch below this share of the compiled graph's batch size runs uncompiled instead of padded.
 PAD_WORTH = 0.85
 
@@ -188,7 +199,10 @@ class FastTapEncoder(nn.Module):
         device: torch.device | str = "cpu",
         onednn: bool | None = None,
         compile: bool = False,
+        calibration_cache: str | Path | None = None,
     ):
+        """calibration_cache: a directory that keeps int8-smooth's load-time calibration
+        across runs (`rine.model.int8_cache`); None calibrates every time."""
         super().__init__()
         if precision not in DTYPES and precision not in smooth.PLANS:
             raise ValueError(f"FastTapEncoder needs a concrete precision ({', '.join(ENCODER_PRECISIONS)}), got {precision!r}")
@@ -234,10 +248,9 @@ class FastTapEncoder(nn.Module):
         # int8 GEMMs (None where a block's GEMM is not smoothed; the taps keep norms2).
         self.mlp_norms: list[nn.LayerNorm | None] = [None] * self.n_blocks
         self.smoothed: list[str] = []  # the GEMMs smoothing was applied to ("3.qkv", "3.fc1", ...)
-        maxima = None
+        calibration: smooth.Int8Calibration = {}
         if int8 and (plan.smooth is not None or plan.static is not None):
-            pixels = smooth.calibration_pixels(plan.calibration).to(device)
-            maxima = smooth.ln_inputs(clip, pixels, self.n_blocks)
+            calibration = self._int8_calibration(clip, plan, device, calibration_cache)
         # GEMMs an int8 plan keeps out of int8: bf16 where the CPU multiplies bf16 natively.
         kept = torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else torch.float32
         for i, layer in enumerate(clip.encoder.layers):
@@ -249,7 +262,7 @@ class FastTapEncoder(nn.Module):
             fc2_w, fc2_b = layer.mlp.fc2.weight.to(device), layer.mlp.fc2.bias.to(device)
             out_w, out_b = attn.out_proj.weight.to(device), attn.out_proj.bias.to(device)
             if int8:
-                self.blocks.append(self._int8_block(i, plan, maxima, kept, qkv_w, qkv_b, out_w, out_b, fc1_w, fc1_b, fc2_w, fc2_b))
+                self.blocks.append(self._int8_block(i, plan, calibration, kept, qkv_w, qkv_b, out_w, out_b, fc1_w, fc1_b, fc2_w, fc2_b))
                 continue
             if onednn:
                 # quick_gelu(h) = swish(1.702 h) / 1.702: fc1 scaled by 1.702 with oneDNN's fused
@@ -273,33 +286,48 @@ class FastTapEncoder(nn.Module):
         self._compiled_batch = 0
         self._graph_built = False
 
-    def _int8_block(self, i: int, plan: smooth.Int8Plan, maxima, kept: torch.dtype, qkv_w, qkv_b, out_w, out_b,
-                    fc1_w, fc1_b, fc2_w, fc2_b) -> tuple:
+    def _int8_calibration(self, clip: nn.Module, plan: smooth.Int8Plan, device: torch.device,
+                          cache: str | Path | None) -> smooth.Int8Calibration:
+        """`smooth.calibrate` for this backbone and plan, from `cache` where it holds it."""
+        n, inner = self.n_blocks, clip.config.intermediate_size
+        int8_gemms = {f"{i}.{g}": inner if g == "fc2" else self.width
+                      for i in range(n) for g in smooth.GEMMS if plan.int8(i, g, n)}
+        if cache is not None:
+            key = int8_cache.cache_key(clip, plan)
+            found = int8_cache.load(Path(cache), key, int8_gemms)
+            if found is not None:
+                return found
+        weights = {f"{i}.{g}": _gemm_weight(layer, g).to(device) for i, layer in enumerate(clip.encoder.layers)
+                   for g in smooth.GEMMS if plan.smoothed(i, g, n)}
+        calibration = smooth.calibrate(clip, plan, weights, device)
+        if cache is not None:
+            int8_cache.save(Path(cache), key, calibration)
+        return calibration
+
+    def _int8_block(self, i: int, plan: smooth.Int8Plan, calibration: smooth.Int8Calibration, kept: torch.dtype,
+                    qkv_w, qkv_b, out_w, out_b, fc1_w, fc1_b, fc2_w, fc2_b) -> tuple:
         """Block i's four GEMMs under `plan`: int8 (`quant.Int8Linear`) or `kept` (oneDNN
         bf16/fp32), with SmoothQuant's s folded into the weights and 1 / s into the LayerNorm
         before them. As in bf16, QuickGELU is oneDNN's fused swish; per-channel weight scales
         absorb the 1.702 factors exactly."""
         qkv_dtype = torch.float32 if self.attn_fp32 else torch.bfloat16
         fc1_w, fc1_b, fc2_w = fc1_w * QUICK_GELU, fc1_b * QUICK_GELU, fc2_w / QUICK_GELU
-        s = smooth.choose_smoothing(maxima[i][0], qkv_w, plan.smooth) if plan.smoothed(i, "qkv", self.n_blocks) else None
-        if s is not None:
-            self.norms1[i] = smooth.smoothed_layernorm(self.norms1[i], s)
-            qkv_w = qkv_w * s
+        found = calibration.get(f"{i}.qkv")
+        if found is not None and found.s is not None:
+            self.norms1[i] = smooth.smoothed_layernorm(self.norms1[i], found.s)
+            qkv_w = qkv_w * found.s
             self.smoothed.append(f"{i}.qkv")
-        s_qkv = s
-        s = smooth.choose_smoothing(maxima[i][2], fc1_w, plan.smooth) if plan.smoothed(i, "fc1", self.n_blocks) else None
-        if s is not None:
-            self.mlp_norms[i] = smooth.smoothed_layernorm(self.norms2[i], s)
-            fc1_w = fc1_w * s
+        found = calibration.get(f"{i}.fc1")
+        if found is not None and found.s is not None:
+            self.mlp_norms[i] = smooth.smoothed_layernorm(self.norms2[i], found.s)
+            fc1_w = fc1_w * found.s
             self.smoothed.append(f"{i}.fc1")
-
-        scales = {"qkv": s_qkv, "fc1": s}
 
         def make(gemm: str, w, b, **kw):
             if plan.int8(i, gemm, self.n_blocks):
                 if plan.static is not None:
-                    lo, hi = maxima[i][smooth.GEMMS.index(gemm)].range(scales.get(gemm))
-                    kw["act_range"] = (lo * plan.static, hi * plan.static)
+                    c = calibration[f"{i}.{gemm}"]
+                    kw["act_range"] = (c.lo * plan.static, c.hi * plan.static)
                 return quant.Int8Linear(w, b, **kw)
             kw.pop("out_dtype", None)
             return _Linear(w, b, dtype=kept, onednn=True, **kw)

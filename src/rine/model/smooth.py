@@ -175,6 +175,42 @@ def choose_smoothing(inputs: LnInputs, weight: torch.Tensor, alpha: float) -> to
     return s if smoothed < plain else None
 
 
+@dataclass
+class GemmCalibration:
+    """What an int8 GEMM takes from the calibration: SmoothQuant's s [in] (None: not
+    smoothed) and its input's range (lo, hi) after smoothing, before `Int8Plan.static`'s
+    widening."""
+
+    s: torch.Tensor | None
+    lo: float
+    hi: float
+
+
+# "block.gemm" ("17.qkv") -> its calibration, for every int8 GEMM of a plan.
+Int8Calibration = dict[str, GemmCalibration]
+
+
+@torch.no_grad()
+def calibrate(clip: nn.Module, plan: Int8Plan, weights: dict[str, torch.Tensor], device: torch.device) -> Int8Calibration:
+    """The calibration of every int8 GEMM of `plan` on a HF CLIPVisionTransformer: the
+    float32 pass over `plan.calibration` synthetic images (`ln_inputs`), then per GEMM the
+    smoothing choice (`choose_smoothing`, LayerNorm-fed GEMMs only) and the input range.
+    `weights`: "block.gemm" -> the GEMM's weight [out, in] as the encoder runs it (QKV
+    fused, QuickGELU's 1.702 folded), for the GEMMs `plan.smoothed` names."""
+    n = clip.config.num_hidden_layers
+    maxima = ln_inputs(clip, calibration_pixels(plan.calibration).to(device), n)
+    out: Int8Calibration = {}
+    for i in range(n):
+        for g, gemm in enumerate(GEMMS):
+            if not plan.int8(i, gemm, n):
+                continue
+            key = f"{i}.{gemm}"
+            s = choose_smoothing(maxima[i][g], weights[key], plan.smooth) if plan.smoothed(i, gemm, n) else None
+            lo, hi = maxima[i][g].range(s)
+            out[key] = GemmCalibration(s, lo, hi)
+    return out
+
+
 def smoothed_layernorm(norm: nn.LayerNorm, s: torch.Tensor) -> nn.LayerNorm:
     """A copy of `norm` whose output is norm(x) / s [width]: weight / s and bias / s."""
     out = nn.LayerNorm(norm.normalized_shape, eps=norm.eps).to(norm.weight.device)
