@@ -150,3 +150,28 @@ def test_corrupt_and_oversized_exif(image):
     for data, words in ((corrupt, "corrupt EXIF"), (big, "over the")):
         errors = _errors(_read(data))
         assert len(errors) == 1 and words in errors[0], errors
+
+
+def test_exif_damage_is_read_from_many_threads_without_leaving_warnings_changed(image):
+    """Pillow reports some EXIF damage only as a warning, caught with warnings.catch_warnings,
+    which swaps process-wide state: threads inside it at once restore it out of order, and a
+    recorder left installed swallows every later warning of the process (detect reads
+    provenance ahead in a thread, the server in a pool)."""
+    import threading
+    import warnings
+
+    damaged = pf.insert_png_chunks(pf.encode(image, "PNG"), [pf.png_chunk(b"eXIf", b"MM\x00*\x00\x00\x00\x08\x00\x05" + b"\x01" * 40)])
+    before = (warnings.showwarning, list(warnings.filters))
+    found, start = [], threading.Barrier(6)
+
+    def work():
+        start.wait()
+        found.extend(any("corrupt EXIF" in e for e in _errors(_read(damaged))) for _ in range(150))
+
+    threads = [threading.Thread(target=work) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert (warnings.showwarning, list(warnings.filters)) == before
+    assert len(found) == 900 and all(found)  # every read saw the damage (no warning lost to another thread)

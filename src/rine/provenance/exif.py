@@ -7,6 +7,7 @@ walk found; a corrupt block becomes a signal with an error.
 
 from __future__ import annotations
 
+import threading
 import warnings
 
 from .catalogue import software_generator
@@ -15,6 +16,11 @@ from .types import ProvenanceLimits, Signal, cap
 
 SOFTWARE, MAKE, MODEL, EXIF_IFD, USER_COMMENT = 0x0131, 0x010F, 0x0110, 0x8769, 0x9286
 A1111_SOURCE = "AUTOMATIC1111 Stable Diffusion WebUI"
+# warnings.catch_warnings swaps process-wide state (the filters and showwarning): two threads
+# inside it at once can restore each other's state out of order and leave a recorder
+# installed for good, which then swallows and keeps every later warning of the process.
+# Provenance is read from several threads (detect's read-ahead, the server's pool).
+_WARNINGS_LOCK = threading.Lock()
 
 
 def _user_comment(raw: object) -> str | None:
@@ -41,7 +47,7 @@ def read(blocks: list[tuple[str, bytes]], limits: ProvenanceLimits) -> list[Sign
             continue
         exif = Image.Exif()
         try:
-            with warnings.catch_warnings(record=True) as caught:  # Pillow only warns on some damage
+            with _WARNINGS_LOCK, warnings.catch_warnings(record=True) as caught:  # Pillow only warns on some damage
                 warnings.simplefilter("always")
                 exif.load(raw)
                 sub = exif.get_ifd(EXIF_IFD)
