@@ -274,6 +274,8 @@ def test_host_is_compared_as_a_host_port_token(tiny_detector):
             assert r.status_code == 421, host
         for host in ("localhost", "localhost:8000", "LOCALHOST.", "127.0.0.1:1", "[::1]:80"):
             assert c.post("/v1/detect", files=files(("a.png", img)), headers={"Host": host}).status_code == 200, host
+        # each refusal is counted among the refusal kinds, not only by status
+        assert value(scrape(c, Host="localhost"), "rine_request_refusals_total", kind="wrong_host") == 8
     assert host_port("Example.ORG.:8443") == ("example.org", 8443) and host_port("[::1]") == ("::1", None)
     assert host_port("a@b") == ("", None)
 
@@ -405,7 +407,8 @@ def test_sigterm_finishes_the_upload_in_flight_and_refuses_new_work(tiny_checkpo
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "rine", "serve", "--host", "127.0.0.1", "--port", "0", "--model",
-             str(tiny_checkpoint_dir), "--stop-delay", "4", "--graceful-timeout", "20", "--threads", "1"],
+             str(tiny_checkpoint_dir), "--stop-delay", "4", "--graceful-timeout", "20", "--threads", "1",
+             "--log-format", "json"],
             stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         deadline = time.monotonic() + 180
@@ -437,6 +440,10 @@ def test_sigterm_finishes_the_upload_in_flight_and_refuses_new_work(tiny_checkpo
         held.close()
         assert answer.startswith(b"HTTP/1.1 200 "), answer[:300]
         assert proc.wait(60) == 0, log.read_text()
+        # --log-format json: every line of stdout and stderr is one JSON object, its own too
+        lines = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        messages = [entry["message"] for entry in lines]
+        assert messages[0].startswith("serving on http://127.0.0.1:") and "stopped by SIGTERM" in messages[-1]
     finally:
         if proc.poll() is None:
             proc.kill()

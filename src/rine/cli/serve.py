@@ -273,7 +273,7 @@ def run(args: argparse.Namespace) -> int:
                     "(0: any free one) or stop what uses it")
     port = sockets[0].getsockname()[1]
     shown = _url_host(args.host or "0.0.0.0")
-    print(f"rine: serving on http://{shown}:{port} (model loading in the background)", flush=True)
+    _announce(args.log_format, f"serving on http://{shown}:{port} (model loading in the background)", sys.stdout)
     stopped: list[int] = []
     # SIGTERM is how service managers stop a server: uvicorn answers the requests in flight
     # (up to timeout_graceful_shutdown), then raises the signal again once it is done; this
@@ -290,8 +290,21 @@ def run(args: argparse.Namespace) -> int:
     if load_failure:
         return fail(f"model failed to load: {load_failure[0]}")
     if stopped:
-        print("rine: stopped by SIGTERM, after answering the requests in flight", file=sys.stderr)
+        _announce(args.log_format, "stopped by SIGTERM, after answering the requests in flight", sys.stderr)
     return 0
+
+
+def _announce(log_format: str, message: str, stream) -> None:
+    """A line of the server's own (its address, its stop): in the log's format, so that a
+    collector reading `--log-format json` gets only JSON lines; the address line goes to
+    stdout either way, where scripts read the port of `--port 0` from it."""
+    if log_format == "json":
+        from ..server.logs import JsonFormatter
+
+        record = logging.LogRecord("rine.serve", logging.INFO, __file__, 0, message, None, None)
+        print(JsonFormatter().format(record), file=stream, flush=True)
+    else:
+        print(f"rine: {message}", file=stream, flush=True)
 
 
 def _client_side(args: argparse.Namespace):

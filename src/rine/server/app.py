@@ -337,7 +337,8 @@ def create_app(
     if client_side is not None:
         page_csp = PAGE_CSP.replace("script-src 'self'", f"script-src 'self' {WASM_CSP_SOURCE}")
     if settings.allowed_hosts is not None:  # added first: runs inside the security headers
-        app.add_middleware(AllowedHosts, hosts=settings.allowed_hosts)
+        on_refusal = None if metrics is None else (lambda status: metrics.refused(refusal_kind(status, None)))
+        app.add_middleware(AllowedHosts, hosts=settings.allowed_hosts, on_refusal=on_refusal)
     app.add_middleware(SecurityHeaders, page_csp=page_csp)
     # outermost: every answer is logged, counted and carries a request id, the guards' refusals too
     app.add_middleware(AccessLog, observe=metrics.observe_request if metrics is not None else None,

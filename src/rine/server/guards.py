@@ -39,9 +39,10 @@ class AllowedHosts:
     the token RFC 9110 allows (`host[:port]`), not as a URL: a URL parser finds `localhost`
     in `evil.example@localhost` or `localhost#x`."""
 
-    def __init__(self, app, hosts: tuple[str, ...]):
+    def __init__(self, app, hosts: tuple[str, ...], on_refusal=None):
         self.app = app
         self.hosts = {host_name(h) for h in hosts}
+        self.on_refusal = on_refusal  # called with the refusal's status (the metrics count it)
 
     def allowed(self, host_header: str) -> bool:
         if not host_header.strip():
@@ -63,6 +64,8 @@ class AllowedHosts:
             if not self.allowed(host):
                 detail = ("this server does not answer to the host name in the request; start it with "
                           "--allowed-host NAME to add one")
+                if self.on_refusal is not None:
+                    self.on_refusal(421)
                 return await JSONResponse({"detail": detail}, status_code=421)(scope, receive, send)
         await self.app(scope, receive, send)
 

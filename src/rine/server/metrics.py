@@ -25,7 +25,7 @@ IMAGE_REFUSAL_KINDS = {413: "too_large", 415: "not_image", 422: "corrupt", 500: 
 REQUEST_REFUSAL_KINDS = frozenset({
     "loading", "failed", "busy", "timeout", "stopping",  # 503
     "request_too_large", "bad_request", "read_timeout", "unauthorized", "cross_origin", "not_multipart",
-    "no_images",
+    "no_images", "wrong_host",
 })
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -127,4 +127,4 @@ def refusal_kind(status: int, reason: str | None) -> str:
     if status == 503:
         return reason or "busy"
     return {400: "bad_request", 401: "unauthorized", 403: "cross_origin", 408: "read_timeout",
-            413: "request_too_large", 415: "not_multipart", 422: "no_images"}.get(status, "other")
+            413: "request_too_large", 415: "not_multipart", 421: "wrong_host", 422: "no_images"}.get(status, "other")
