@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from ..fileio import atomic_write
 from ..metrics import brier_score, expected_calibration_error, log_loss
 from ..model.calibration import expit
 from .calibration import CalibrationFit
@@ -168,5 +169,5 @@ def write_report(
             plot_reliability(out / "reliability.png", fit, logits, labels)
             files.append("reliability.png")
     text = report_markdown(fit, logits, labels, model, spread, tuple(files))
-    (out / "calibration.md").write_text(text, encoding="utf-8")
+    atomic_write(out / "calibration.md", text)
     return text

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..fileio import atomic_write
 from ..metrics import accuracy, class_accuracy, f1
 from .results import RunResult
 
@@ -99,5 +100,5 @@ def write_suite_table(runs: Sequence[RunResult], sets: Sequence[str], table: str
         path, text = Path(out_dir) / "balanced.md", balanced_table_markdown(runs, sets, threshold)
     else:
         return None
-    path.write_text(text, encoding="utf-8")
+    atomic_write(path, text)
     return path

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..fileio import atomic_file, atomic_write
 from ..metrics import DEPLOYMENT_KEYS, mean_text, sets_counted
 from .results import EvalResult, RunResult
 
@@ -76,7 +77,7 @@ def detail_table_markdown(run: RunResult) -> str:
 
 def write_paper_csv(path: Path, runs: Sequence[RunResult], sets: Sequence[str]) -> None:
     """CSV of the paper's layout: model, then `<set> ACC`, `<set> AP` per set and the mean (in %)."""
-    with open(path, "w", newline="", encoding="utf-8") as f:
+    with atomic_file(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["model", *[f"{s} {k}" for s in [*sets, "mean"] for k in ("ACC", "AP")]])
         for run in runs:
@@ -96,21 +97,17 @@ def write_run(run: RunResult, folder: Path, meta: dict[str, Any], plots: bool = 
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     metrics = {**run.metrics, "model": run.head, "condition": run.condition.id, "meta": meta}
-    (folder / "metrics.json").write_text(
-        json.dumps(metrics, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
-    )
-    with open(folder / "predictions.jsonl", "w", encoding="utf-8") as f:
+    atomic_write(folder / "metrics.json", json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
+    with atomic_file(folder / "predictions.jsonl") as tmp, open(tmp, "w", encoding="utf-8") as f:
         for recs in run.records.values():
             for r in recs:
                 # `key` (the path relative to the data root) too: rine calibrate --predictions
                 # fingerprints the images by it, as when it scores the folder itself.
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
     sets = list(run.records)
-    (folder / "table.md").write_text(
-        paper_table_markdown([run], sets) + "\n" + detail_table_markdown(run), encoding="utf-8"
-    )
+    atomic_write(folder / "table.md", paper_table_markdown([run], sets) + "\n" + detail_table_markdown(run))
     write_paper_csv(folder / "table.csv", [run], sets)
-    with open(folder / "metrics.csv", "w", newline="", encoding="utf-8") as f:
+    with atomic_file(folder / "metrics.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         cols = ["set", "n_real", "n_fake", "n_errors", *TABLE_METRICS, *DEPLOYMENT_KEYS]
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
         w.writeheader()
@@ -134,24 +131,18 @@ def write_outputs(result: EvalResult, out_dir: str | Path, plots: bool = True) -
     folder per run (`<head>/<condition>`) plus `summary.md`/`summary.csv`/`summary.json`."""
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
-    (out / "eval_config.json").write_text(
-        json.dumps(result.meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
-    )
+    atomic_write(out / "eval_config.json", json.dumps(result.meta, indent=2, ensure_ascii=False) + "\n")
     if len(result.runs) == 1:
         return write_run(result.runs[0], out, result.meta, plots)
     written = _write_stability(result, out)
     for run in result.runs:
         written += write_run(run, out / _safe(run.head) / run.condition.id, result.meta, plots)
-    (out / "summary.md").write_text(
-        paper_table_markdown(result.runs, result.sets), encoding="utf-8"
-    )
+    atomic_write(out / "summary.md", paper_table_markdown(result.runs, result.sets))
     write_paper_csv(out / "summary.csv", result.runs, result.sets)
     summary = {
         run.name: {"mean": run.metrics["mean"], "sets": run.metrics["sets"]} for run in result.runs
     }
-    (out / "summary.json").write_text(
-        json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
-    )
+    atomic_write(out / "summary.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     if plots:
         from .plots import plot_summary
 
@@ -165,9 +156,8 @@ def _write_stability(result: EvalResult, out: Path) -> list[Path]:
         return []
     from .stability import stability_markdown
 
-    (out / "stability.md").write_text(stability_markdown(result.stability), encoding="utf-8")
-    (out / "stability.json").write_text(json.dumps(result.stability, indent=2, ensure_ascii=False) + "\n",
-                                        encoding="utf-8")
+    atomic_write(out / "stability.md", stability_markdown(result.stability))
+    atomic_write(out / "stability.json", json.dumps(result.stability, indent=2, ensure_ascii=False) + "\n")
     return [out / "stability.md", out / "stability.json"]
 
 

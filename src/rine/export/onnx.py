@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from ..config import RINEConfig
-from ..fileio import atomic_file
+from ..fileio import atomic_file, fsync_dir
 from ..inference.onnx_backend import (
     INPUT_NAME,
     MANIFEST_NAME,
@@ -233,7 +233,10 @@ def export_onnx(
             raise ExportError(f"in fp16 the probabilities move by up to {worst_p:.3g} (more than "
                               f"{FP16_PROB_TOLERANCE:g}; values beyond fp16's range?): export fp32")
         (out / MANIFEST_NAME).unlink(missing_ok=True)  # never a manifest beside another graph
+        with open(work / ONNX_NAME, "rb+") as f:  # on disk before it takes the final name
+            os.fsync(f.fileno())
         os.replace(work / ONNX_NAME, out / ONNX_NAME)
+        fsync_dir(out)
         save_pretrained(model.head, config, out)
         manifest.save(out)
     finally:
