@@ -44,10 +44,11 @@ def resolve(name: str) -> Callable[..., Any]:
     return getattr(importlib.import_module(module), attr)
 
 
-def read_source(source: str, max_bytes: int | None) -> str | bytes:
+def read_source(source: str | bytes, max_bytes: int | None) -> str | bytes:
     """A local path as it is (load_image reads it: `rine detect`'s checks and errors); the bytes
-    of a URI, read here through pyarrow's file systems with the same checks and errors."""
-    if not is_uri(source):
+    of a URI, read here through pyarrow's file systems with the same checks and errors (bytes
+    already read, as `with_provenance_of` passes them, as they are)."""
+    if isinstance(source, bytes) or not is_uri(source):
         return source
     import pyarrow.fs
 
@@ -103,15 +104,18 @@ def tap_views_of(source: str, item: int, transform: str, seed: int, size: int, v
         return str(e) or type(e).__name__, error_kind(e)
 
 
-def provenance_of(source: str, trust, max_bytes: int | None) -> str | None:
+def provenance_of(source: str, trust, max_bytes: int | None, data: bytes | None = None) -> str | None:
     """What the file declares about its origin (`rine.provenance`), as the JSON of `rine
     detect`'s `provenance` record; None where the file cannot be read or is over `max_bytes`
-    (as `provenance.records.read_files`: the decoder's error record says why)."""
+    (as `provenance.records.read_files`: the decoder's error record says why). `data`: the
+    file's bytes where they were read already."""
     from ..data.images import ImageLoadError
     from ..provenance.reader import read_provenance
 
     try:
-        if is_uri(source):
+        if data is not None:
+            pass
+        elif is_uri(source):
             data = read_source(source, max_bytes)
         else:
             if max_bytes is not None and os.stat(source).st_size > max_bytes:
@@ -128,9 +132,19 @@ def provenance_of(source: str, trust, max_bytes: int | None) -> str | None:
 def with_provenance_of(fn: Callable[..., Any], args: tuple, trust) -> tuple[Any, str | None]:
     """In a decoding worker process, with provenance: (`fn(*args)`, or the exception it raised,
     returned so that the file's provenance stays beside its error record; the provenance JSON).
-    Read before decoding, from the file `args[0]` names (again: the page cache holds it)."""
+    A local file is read twice (the page cache holds it); a URI once, its bytes given to both,
+    so that object storage is not fetched twice."""
+    from ..data.images import ImageLoadError
+
     source, max_bytes = args[0], args[-1]
-    provenance = provenance_of(source, trust, max_bytes)
+    data = None
+    if is_uri(source):
+        try:
+            data = read_source(source, max_bytes)
+        except ImageLoadError as e:  # the decoder would have raised the same
+            return e, None
+        args = (data, *args[1:])
+    provenance = provenance_of(source, trust, max_bytes, data)
     try:
         return fn(*args), provenance
     except Exception as e:  # noqa: BLE001 - the decoder's own error, reported as without provenance
