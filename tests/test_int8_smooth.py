@@ -135,3 +135,29 @@ def test_int8_smooth_scores_do_not_depend_on_the_batch(outliers):
         alone, among = encoder(pixels[:1]), encoder(pixels[:8])[:1]
         diff = float((alone - among).abs().max() / among.abs().max())
         assert (diff < 1e-5) == same, (precision, diff)
+
+
+@needs_int8
+def test_an_image_beyond_the_static_range_gets_its_own_not_clipped():
+    """Static ranges come from synthetic calibration images: a real image can go beyond them.
+    Clipping would cut its large inputs to the range's end (here 10 -> 1.25); instead that
+    image alone is quantized with its own range, and the others keep the static result
+    bit for bit (so batch independence holds)."""
+    torch.manual_seed(0)
+    weight, bias = torch.randn(64, 32) * 0.1, torch.randn(64) * 0.1
+    lin = quant.Int8Linear(weight, bias, act_range=(-1.25, 1.25))
+    x = torch.rand(3, 17, 32) * 2 - 1  # within the range
+    x[1, 4, 7], x[2, 0, 3] = 10.0, -10.0  # two images with one large input each, one per end
+    exact = x @ weight.T + bias
+    out = lin(x)
+    err = (out - exact).abs().amax(dim=(1, 2))
+    assert err[1] < 0.05 and err[2] < 0.05, err  # clipped: about (10 - 1.25) * |w| ~ 0.9
+    assert lin.beyond == 2
+    assert torch.equal(out[0], lin(x[:1])[0])
+    acc = torch.zeros(3, 17, 64)
+    lin.add_to(x, acc)  # the residual path (oneDNN's fused sum) does the same
+    torch.testing.assert_close(acc, out, rtol=0, atol=1e-6)
+
+    clipping = quant.Int8Linear(weight, bias, act_range=(-1.25, 1.25))
+    clipping._beyond = lambda xq, zp: []  # the broken variant: clip
+    assert (clipping(x)[1:] - exact[1:]).abs().amax(dim=(1, 2)).min() > 0.3
