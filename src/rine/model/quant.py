@@ -210,22 +210,20 @@ class Int8Linear:
         s_lo, s_hi = self.static_range
         return activation_qparams(torch.tensor([min(float(lo), s_lo), max(float(hi), s_hi)]))
 
-    def _per_image(self, x: torch.Tensor, xq: torch.Tensor, beyond: list[int], call) -> list:
-        """call(xq_i, scale, zp, i) for each image: the static rounding where it stayed in
-        range, its own range where it went beyond."""
+    def _per_image(self, x: torch.Tensor, xq: torch.Tensor, beyond: list[int], call):
+        """call(xq_i, scale, zp, i) for each image, yielded one at a time: the static rounding
+        where it stayed in range, its own range where it went beyond."""
         self.beyond += len(beyond)
         if self.beyond == len(beyond):  # once per GEMM
             logger.info("int8: an image's input to a %dx%d GEMM went beyond its calibrated range; "
                         "it was quantized with its own range there (not clipped)", self.in_features, self.out_features)
         scale, zp = self.qparams
-        out = []
         for i in range(xq.shape[0]):
             if i in beyond:
                 own_scale, own_zp = self._own_qparams(x[i])
-                out.append(call(rounding_kernel()(x[i].float().contiguous(), own_scale, own_zp), own_scale, own_zp, i))
+                yield call(rounding_kernel()(x[i].float().contiguous(), own_scale, own_zp), own_scale, own_zp, i)
             else:
-                out.append(call(xq[i], scale, zp, i))
-        return out
+                yield call(xq[i], scale, zp, i)
 
     def _gemm(self, xq: torch.Tensor, scale: float, zp: int) -> torch.Tensor:
         return torch.ops.onednn.qlinear_pointwise(
@@ -243,8 +241,12 @@ class Int8Linear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         xq, scale, zp = self._quantize(x)
         beyond = self._beyond(xq, zp) if self.qparams is not None and x.dim() > 2 else []
-        if beyond:
-            return torch.stack(self._per_image(x, xq, beyond, lambda q, s, z, i: self._gemm(q, s, z)))
+        if beyond:  # into one output, an image at a time (not a list of them, then a copy)
+            out = None
+            for i, y in enumerate(self._per_image(x, xq, beyond, lambda q, s, z, i: self._gemm(q, s, z))):
+                out = y.new_empty((xq.shape[0], *y.shape)) if out is None else out
+                out[i] = y
+            return out
         return self._gemm(xq, scale, zp)
 
     def add_to(self, x: torch.Tensor, acc: torch.Tensor) -> torch.Tensor:
@@ -253,6 +255,7 @@ class Int8Linear:
         xq, scale, zp = self._quantize(x)
         beyond = self._beyond(xq, zp) if self.qparams is not None and x.dim() > 2 else []
         if beyond:  # acc[i] is a contiguous view: each image's product is summed into it in place
-            self._per_image(x, xq, beyond, lambda q, s, z, i: self._gemm_sum(q, s, z, acc[i]))
+            for _ in self._per_image(x, xq, beyond, lambda q, s, z, i: self._gemm_sum(q, s, z, acc[i])):
+                pass
             return acc
         return self._gemm_sum(xq, scale, zp, acc)
