@@ -199,7 +199,7 @@ class Int8Linear:
         lo, hi = torch.aminmax(xq)
         if not ((zp > 0 and int(lo) == 0) or int(hi) == 255):
             return []
-        rows = xq.reshape(xq.shape[0] if xq.dim() > 2 else 1, -1)
+        rows = xq.reshape(xq.shape[0], -1)
         lo, hi = rows.amin(dim=1), rows.amax(dim=1)
         hit = (hi == 255) | ((lo == 0) if zp > 0 else torch.zeros_like(hi, dtype=torch.bool))
         return hit.nonzero().flatten().tolist()

@@ -17,7 +17,8 @@ mode `int8-smooth` (`PLANS["int8-smooth"]`) follows an `Int8Plan`:
     where it makes the calibration tokens' quantized product more accurate
     (`choose_smoothing`): without outlier channels it moves precision the wrong way;
   * static input ranges: each int8 GEMM's uint8 scale and zero point are fixed at load from
-    the calibration's range, widened by `static` (values beyond saturate), instead of each
+    the calibration's range, widened by `static` (an image beyond it gets its own range in
+    that GEMM: `quant.Int8Linear._beyond`), instead of each
     batch's min and max: an image's score does not depend on the rest of its batch, and the
     per-batch range pass is gone. On the benchmark this was also more accurate (the batch's
     range is set by its most extreme image).
